@@ -1,0 +1,84 @@
+/*
+ * internal.h — private declarations shared by the engine's source files.
+ * Nothing outside engine/ (and its unit tests) includes this header.
+ */
+#ifndef MKAD_ENGINE_INTERNAL_H
+#define MKAD_ENGINE_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "engine.h"
+
+/* Writes a formatted message to (err, errlen) when err is non-NULL; returns
+ * `status` so that callers can `return eng__errf(...)`. */
+int eng__errf(char *err, size_t errlen, int status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* A linear layer y = W x + b.  W is row-major (rows = out, cols = in); b is
+ * NULL when the checkpoint has no bias.  Both are views into the model arena. */
+typedef struct eng_linear {
+    const float *w; /* (rows, cols) */
+    const float *b; /* (rows) or NULL */
+    int rows, cols;
+} eng_linear;
+
+typedef struct eng_layer {
+    const float *attn_norm; /* (D) input_layernorm */
+    eng_linear q;           /* (H*d, D) */
+    eng_linear k;           /* (H_kv*d, D) */
+    eng_linear v;           /* (H_kv*d, D) */
+    eng_linear o;           /* (D, H*d) */
+    eng_linear router1;     /* (D/2, H*d); w == NULL when the model has no router */
+    eng_linear router2;     /* (L, D/2) */
+    const float *mlp_norm;  /* (D) post_attention_layernorm */
+    eng_linear gate;        /* (F, D) */
+    eng_linear up;          /* (F, D) */
+    eng_linear down;        /* (D, F) */
+} eng_layer;
+
+struct eng_model {
+    eng_model_info info;
+    float rms_eps;
+    /* RoPE: inv_freq (head_dim/2) already includes linear/llama3/yarn
+     * scaling; rope_attn_scale multiplies cos and sin (yarn mscale, else 1). */
+    float *rope_inv_freq;
+    float rope_attn_scale;
+
+    float *arena;            /* every weight, converted to f32, one allocation */
+    size_t arena_floats;
+    const float *embed;      /* (V, D) */
+    const float *final_norm; /* (D) */
+    const float *lm_head;    /* (V, D); == embed when tied */
+    eng_layer *layers;       /* (n_layers) */
+};
+
+/* ---- CPU threads (engine/cpu/pool.c) ---------------------------------- */
+
+typedef struct eng_pool eng_pool;
+/* fn(ctx, task, thread) is called once for every task in [0, n_tasks),
+ * spread over the pool's threads; returns when all are done. */
+typedef void (*eng_pool_fn)(void *ctx, int task, int thread);
+int eng_pool_create(int n_threads, eng_pool **out);
+void eng_pool_free(eng_pool *p);
+int eng_pool_threads(const eng_pool *p);
+void eng_pool_run(eng_pool *p, int n_tasks, eng_pool_fn fn, void *ctx);
+
+/* ---- CPU kernels (engine/cpu/ops.c) --------------------------------------
+ * Every kernel computes each output element with the same sequence of float
+ * operations whatever the batch size or thread count, so results are
+ * bit-identical between a one-shot prefill, chunked prefill, decode and any
+ * ragged batch (batch invariance). */
+
+/* y (M, rows) = x (M, cols) . W^T + b, spread over the pool by output rows. */
+void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y);
+/* y (M, D) = RMSNorm(x) * w */
+void eng_cpu_rmsnorm(const float *x, const float *w, int M, int D, float eps, float *y);
+float eng_cpu_dot(const float *a, const float *b, int n);
+
+/* ---- 64-bit hashing (engine/util.c) ------------------------------------- */
+uint64_t eng__fnv1a64(uint64_t h, const void *data, size_t n);
+#define ENG_FNV_INIT 0xcbf29ce484222325ULL
+
+#endif /* MKAD_ENGINE_INTERNAL_H */
