@@ -1,0 +1,190 @@
+/*
+ * sample.c — token sampling: repetition penalty, temperature, top-k, top-p,
+ * min-p, and a per-sampler seeded generator (xoshiro256**), so that the same
+ * seed and the same logits give the same tokens on every run.
+ *
+ * Order, as Hugging Face applies its logits processors: repetition penalty,
+ * temperature, top-k, top-p, min-p; then a draw from the renormalised
+ * distribution.  Temperature 0 is greedy (argmax, lowest id on ties) and
+ * ignores the rest but the penalty.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+struct eng_sampler {
+    eng_sampler_params p;
+    int vocab;
+    uint64_t rng[4];
+    int32_t *idx;          /* (vocab) candidate ids */
+    unsigned char *mark;   /* (vocab) repetition-penalty marks */
+};
+
+eng_sampler_params eng_sampler_default_params(void)
+{
+    eng_sampler_params p = { 1.0f, 0, 1.0f, 0.0f, 1.0f, 0 };
+    return p;
+}
+
+int eng_sampler_params_validate(const eng_sampler_params *p, char *err, size_t errlen)
+{
+    if (!(p->temperature >= 0.0f && p->temperature <= 100.0f))
+        return eng__errf(err, errlen, ENG_EINVAL, "temperature must be in [0, 100]");
+    if (p->top_k < 0) return eng__errf(err, errlen, ENG_EINVAL, "top_k must be >= 0");
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f))
+        return eng__errf(err, errlen, ENG_EINVAL, "top_p must be in (0, 1]");
+    if (!(p->min_p >= 0.0f && p->min_p <= 1.0f))
+        return eng__errf(err, errlen, ENG_EINVAL, "min_p must be in [0, 1]");
+    if (!(p->repetition_penalty > 0.0f && p->repetition_penalty <= 100.0f))
+        return eng__errf(err, errlen, ENG_EINVAL, "repetition_penalty must be in (0, 100]");
+    return ENG_OK;
+}
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t next_u64(uint64_t s[4])
+{
+    uint64_t r = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return r;
+}
+
+int eng_sampler_create(int vocab_size, const eng_sampler_params *p, eng_sampler **out)
+{
+    *out = NULL;
+    if (vocab_size <= 0 || !p || eng_sampler_params_validate(p, NULL, 0) != ENG_OK)
+        return ENG_EINVAL;
+    eng_sampler *s = calloc(1, sizeof *s);
+    if (!s) return ENG_ENOMEM;
+    s->p = *p;
+    s->vocab = vocab_size;
+    s->idx = malloc((size_t)vocab_size * sizeof *s->idx);
+    s->mark = calloc((size_t)vocab_size, 1);
+    if (!s->idx || !s->mark) { eng_sampler_free(s); return ENG_ENOMEM; }
+    uint64_t x = p->seed;
+    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    *out = s;
+    return ENG_OK;
+}
+
+void eng_sampler_free(eng_sampler *s)
+{
+    if (!s) return;
+    free(s->idx);
+    free(s->mark);
+    free(s);
+}
+
+/* qsort has no context argument; one sampler runs on one thread at a time. */
+static _Thread_local const float *g_sort_logits;
+
+static int by_logit_desc(const void *a, const void *b)
+{
+    int32_t ia = *(const int32_t *)a, ib = *(const int32_t *)b;
+    float la = g_sort_logits[ia], lb = g_sort_logits[ib];
+    if (la != lb) return la > lb ? -1 : 1;
+    return ia < ib ? -1 : (ia > ib);
+}
+
+/* Moves the k largest candidates (by logit, ties to the lower id) to the
+ * front of idx[0..n) in descending order. */
+static void top_k_select(int32_t *idx, int n, int k, const float *logits)
+{
+    g_sort_logits = logits;
+    if (k < n) {
+        /* Quickselect on the comparator, then sort the k kept. */
+        int lo = 0, hi = n - 1;
+        while (lo < hi) {
+            int32_t pivot = idx[lo + (hi - lo) / 2];
+            int i = lo, j = hi;
+            while (i <= j) {
+                while (by_logit_desc(&idx[i], &pivot) < 0) i++;
+                while (by_logit_desc(&idx[j], &pivot) > 0) j--;
+                if (i <= j) { int32_t t = idx[i]; idx[i] = idx[j]; idx[j] = t; i++; j--; }
+            }
+            if (k - 1 <= j) hi = j;
+            else if (k - 1 >= i) lo = i;
+            else break;
+        }
+    }
+    qsort(idx, (size_t)(k < n ? k : n), sizeof *idx, by_logit_desc);
+}
+
+int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history, int n_history)
+{
+    int V = s->vocab;
+    const eng_sampler_params *p = &s->p;
+
+    if (p->repetition_penalty != 1.0f && history) {
+        for (int i = 0; i < n_history; i++) {
+            int32_t t = history[i];
+            if (t < 0 || t >= V || s->mark[t]) continue;
+            s->mark[t] = 1;
+            logits[t] = logits[t] > 0 ? logits[t] / p->repetition_penalty
+                                      : logits[t] * p->repetition_penalty;
+        }
+        for (int i = 0; i < n_history; i++)
+            if (history[i] >= 0 && history[i] < V) s->mark[history[i]] = 0;
+    }
+
+    int best = 0;
+    for (int i = 1; i < V; i++)
+        if (logits[i] > logits[best]) best = i;
+    if (p->temperature == 0.0f) return best;
+
+    /* Candidates: everything, or the top k. Exclude NaN logits. */
+    float inv_t = 1.0f / p->temperature;
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (logits[i] == logits[i]) { s->idx[n++] = i; logits[i] *= inv_t; }
+    if (n == 0) return best;
+    int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
+    if (k < n || p->top_p < 1.0f) {
+        top_k_select(s->idx, n, k, logits);
+        n = k;
+    }
+    float mx = logits[s->idx[0]];
+    for (int i = 1; i < n; i++) mx = logits[s->idx[i]] > mx ? logits[s->idx[i]] : mx;
+    /* Probabilities in place of the logits of the candidates. */
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) {
+        float e = expf(logits[s->idx[i]] - mx);
+        logits[s->idx[i]] = e;
+        sum += e;
+    }
+    if (p->top_p < 1.0f) { /* candidates are sorted descending here */
+        double cum = 0.0;
+        int keep = n;
+        for (int i = 0; i < n; i++) {
+            cum += logits[s->idx[i]] / sum;
+            if (cum >= p->top_p) { keep = i + 1; break; }
+        }
+        n = keep;
+    }
+    if (p->min_p > 0.0f) { /* the top probability is exp(0) = 1 before normalising */
+        int keep = 0;
+        for (int i = 0; i < n; i++)
+            if (logits[s->idx[i]] >= p->min_p) s->idx[keep++] = s->idx[i];
+        n = keep;
+    }
+    sum = 0.0;
+    for (int i = 0; i < n; i++) sum += logits[s->idx[i]];
+    double u = (double)(next_u64(s->rng) >> 11) * 0x1.0p-53 * sum, cum = 0.0;
+    for (int i = 0; i < n; i++) {
+        cum += logits[s->idx[i]];
+        if (u < cum) return s->idx[i];
+    }
+    return s->idx[n - 1];
+}

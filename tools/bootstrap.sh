@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# bootstrap.sh — from a fresh Debian machine to a built (and tested or running) mkad.
+#
+#   tools/bootstrap.sh check   install dependencies, build, run the whole test suite
+#   tools/bootstrap.sh run     install dependencies, build, run the bundled model
+#   tools/bootstrap.sh deps    only install dependencies
+#   tools/bootstrap.sh build   dependencies + build
+#
+# Environment: SUDO (prefix for apt-get when not root, default sudo),
+# CONFIGURE_FLAGS (extra ./configure flags), JOBS (make -j, default nproc).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS="build-essential autoconf automake pkg-config libjansson-dev libuv1-dev
+      libmicrohttpd-dev librocksdb-dev check libsubunit-dev libsystemd-dev libpcre2-dev
+      python3 python3-pip curl"
+JOBS=${JOBS:-$(nproc)}
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+deps() {
+    local missing=()
+    for p in $DEBS; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo=${SUDO:-sudo}
+        log "installing Debian packages: ${missing[*]}"
+        $sudo apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # Test-side Python: numpy for the FastMKA reference.  The python3 on PATH
+    # may be Debian's (packages from apt) or another one (packages from PyPI).
+    if ! python3 -c 'import numpy' 2>/dev/null; then
+        if [ "$(command -v python3)" = /usr/bin/python3 ]; then
+            log "installing python3-numpy"
+            local sudo=""
+            [ "$(id -u)" -eq 0 ] || sudo=${SUDO:-sudo}
+            DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-numpy >/dev/null
+        else
+            log "installing numpy from PyPI for $(command -v python3)"
+            python3 -m pip install -q numpy
+        fi
+    fi
+}
+
+build() {
+    if [ ! -x configure ] || [ configure.ac -nt configure ] || [ Makefile.am -nt Makefile.in ]; then
+        log "autoreconf"
+        autoreconf -fi >/dev/null
+    fi
+    if [ ! -f Makefile ] || [ configure -nt config.status ]; then
+        log "configure ${CONFIGURE_FLAGS:-}"
+        # shellcheck disable=SC2086
+        ./configure -q ${CONFIGURE_FLAGS:-}
+    fi
+    log "make -j$JOBS"
+    make -s -j"$JOBS"
+}
+
+case "${1:-}" in
+deps) deps ;;
+build) deps; build ;;
+check)
+    deps; build
+    log "make check"
+    make -j"$JOBS" check
+    ;;
+run)
+    deps; build
+    log "running the bundled model (models/mkad-tiny) on a short prompt"
+    ./mkad-cli --model models/mkad-tiny --prompt-ids 1,15,27,300,42,7 --max-tokens 32 \
+        --temperature 0.8 --top-p 0.95 --seed 1 --ignore-eos
+    ;;
+*)
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac

@@ -1,0 +1,302 @@
+/*
+ * mkad-cli — run a model from the command line: prefill a prompt given as
+ * token ids, generate, print the ids and the speed.  Also the parity tool:
+ * --dump-logits writes the logits after the last prompt token.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+        "usage: mkad-cli --model DIR --prompt-ids 1,2,3 [options]\n"
+        "  --model DIR              Hugging Face model directory\n"
+        "  --prompt-ids LIST        comma-separated prompt token ids\n"
+        "  --max-tokens N           tokens to generate (default 16; 0 = only evaluate the prompt)\n"
+        "  --temperature T          0 = greedy (default 0)\n"
+        "  --top-k K                (default 0 = off)\n"
+        "  --top-p P                (default 1 = off)\n"
+        "  --min-p P                (default 0 = off)\n"
+        "  --repetition-penalty R   (default 1 = off)\n"
+        "  --seed S                 sampling seed (default 0)\n"
+        "  --ignore-eos             do not stop at the model's eos token\n"
+        "  --dump-logits FILE       write the logits after the last prompt token (float32 LE)\n"
+        "  --l3-bank FILE           L3 bank: float32 LE (R, n_layers, hidden) chunk values\n"
+        "  --chunk N                prefill chunk size in tokens (default 512)\n"
+        "  --threads N              CPU threads (default: all)\n"
+        "  --block-size N           K/V block size (default 32)\n");
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int parse_int(const char *opt, const char *s, long lo, long hi, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "mkad-cli: %s: '%s' is not an integer in [%ld, %ld]\n", opt, s, lo, hi);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_float(const char *opt, const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    float v = strtof(s, &end);
+    if (errno || end == s || *end) {
+        fprintf(stderr, "mkad-cli: %s: '%s' is not a number\n", opt, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+/* Parses "1,2,3" into a new array; caller frees. */
+static int32_t *parse_ids(const char *s, int *n)
+{
+    int cap = 16, cnt = 0;
+    int32_t *ids = malloc((size_t)cap * sizeof *ids);
+    const char *p = s;
+    while (ids && *p) {
+        char *end;
+        errno = 0;
+        long v = strtol(p, &end, 10);
+        if (errno || end == p || v < 0 || v > INT32_MAX || (*end && *end != ',')) {
+            fprintf(stderr, "mkad-cli: --prompt-ids: bad token id near '%.20s'\n", p);
+            free(ids);
+            return NULL;
+        }
+        if (cnt == cap) {
+            int32_t *n2 = realloc(ids, (size_t)(cap *= 2) * sizeof *ids);
+            if (!n2) { free(ids); return NULL; }
+            ids = n2;
+        }
+        ids[cnt++] = (int32_t)v;
+        p = *end ? end + 1 : end;
+    }
+    if (ids && cnt == 0) {
+        fprintf(stderr, "mkad-cli: --prompt-ids: no ids\n");
+        free(ids);
+        return NULL;
+    }
+    *n = cnt;
+    return ids;
+}
+
+/* Reads a whole file; caller frees. */
+static void *read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    void *buf = NULL;
+    if (fseek(f, 0, SEEK_END) == 0) {
+        long n = ftell(f);
+        if (n >= 0 && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)n + 1)) &&
+            fread(buf, 1, (size_t)n, f) != (size_t)n) {
+            free(buf);
+            buf = NULL;
+        }
+        *len = (size_t)n;
+    }
+    fclose(f);
+    return buf;
+}
+
+int main(int argc, char **argv)
+{
+    const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL;
+    int max_tokens = 16, chunk = 512, ignore_eos = 0;
+    eng_params ep = eng_default_params();
+    eng_sampler_params sp = eng_sampler_default_params();
+    sp.temperature = 0.0f;
+
+    enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
+           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP };
+    static const struct option opts[] = {
+        { "model", required_argument, 0, O_MODEL },
+        { "prompt-ids", required_argument, 0, O_IDS },
+        { "max-tokens", required_argument, 0, O_MAX },
+        { "temperature", required_argument, 0, O_TEMP },
+        { "top-k", required_argument, 0, O_TOPK },
+        { "top-p", required_argument, 0, O_TOPP },
+        { "min-p", required_argument, 0, O_MINP },
+        { "repetition-penalty", required_argument, 0, O_REP },
+        { "seed", required_argument, 0, O_SEED },
+        { "ignore-eos", no_argument, 0, O_EOS },
+        { "dump-logits", required_argument, 0, O_DUMP },
+        { "l3-bank", required_argument, 0, O_BANK },
+        { "chunk", required_argument, 0, O_CHUNK },
+        { "threads", required_argument, 0, O_THREADS },
+        { "block-size", required_argument, 0, O_BLOCK },
+        { "help", no_argument, 0, O_HELP },
+        { 0, 0, 0, 0 }
+    };
+    int c, bad = 0;
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case O_MODEL: model_dir = optarg; break;
+        case O_IDS: ids_arg = optarg; break;
+        case O_MAX: bad |= parse_int("--max-tokens", optarg, 0, 1 << 24, &max_tokens); break;
+        case O_TEMP: bad |= parse_float("--temperature", optarg, &sp.temperature); break;
+        case O_TOPK: bad |= parse_int("--top-k", optarg, 0, INT_MAX, &sp.top_k); break;
+        case O_TOPP: bad |= parse_float("--top-p", optarg, &sp.top_p); break;
+        case O_MINP: bad |= parse_float("--min-p", optarg, &sp.min_p); break;
+        case O_REP: bad |= parse_float("--repetition-penalty", optarg, &sp.repetition_penalty); break;
+        case O_SEED: {
+            char *end;
+            errno = 0;
+            sp.seed = strtoull(optarg, &end, 10);
+            if (errno || *end || end == optarg) {
+                fprintf(stderr, "mkad-cli: --seed: '%s' is not an unsigned integer\n", optarg);
+                bad = 1;
+            }
+            break;
+        }
+        case O_EOS: ignore_eos = 1; break;
+        case O_DUMP: dump = optarg; break;
+        case O_BANK: bank_path = optarg; break;
+        case O_CHUNK: bad |= parse_int("--chunk", optarg, 1, 1 << 20, &chunk); break;
+        case O_THREADS: bad |= parse_int("--threads", optarg, 1, 256, &ep.n_threads); break;
+        case O_BLOCK: bad |= parse_int("--block-size", optarg, 1, 4096, &ep.block_size); break;
+        case O_HELP: usage(stdout); return 0;
+        default: bad = 1;
+        }
+    }
+    if (bad || optind != argc || !model_dir || !ids_arg) {
+        if (!bad) fprintf(stderr, "mkad-cli: --model and --prompt-ids are required\n");
+        usage(stderr);
+        return 2;
+    }
+    char err[512];
+    if (eng_sampler_params_validate(&sp, err, sizeof err) != ENG_OK) {
+        fprintf(stderr, "mkad-cli: %s\n", err);
+        return 2;
+    }
+    int n_prompt = 0;
+    int32_t *prompt = parse_ids(ids_arg, &n_prompt);
+    if (!prompt) return 2;
+
+    double t0 = now_s();
+    eng_model *model = NULL;
+    int rc = eng_model_load(model_dir, &model, err, sizeof err);
+    if (rc != ENG_OK) {
+        fprintf(stderr, "mkad-cli: cannot load model: %s\n", err);
+        free(prompt);
+        return 1;
+    }
+    const eng_model_info *mi = eng_model_get_info(model);
+    fprintf(stderr, "event=model_loaded arch=%s layers=%d hidden=%d heads=%d kv_heads=%d vocab=%d "
+            "mka_levels=%d dtype=%s fingerprint=%s load_s=%.3f\n", mi->arch, mi->n_layers,
+            mi->d_model, mi->n_heads, mi->n_kv_heads, mi->vocab_size, mi->mka_levels, mi->dtype,
+            mi->fingerprint, now_s() - t0);
+
+    int total = n_prompt + max_tokens;
+    ep.max_seqs = 1;
+    ep.max_ctx = total;
+    ep.max_batch_tokens = chunk < n_prompt ? chunk : n_prompt;
+    eng_engine *eng = NULL;
+    eng_sampler *smp = NULL;
+    float *logits = malloc((size_t)mi->vocab_size * sizeof *logits);
+    int32_t *out_ids = malloc(((size_t)max_tokens + 1) * sizeof *out_ids);
+    void *bank = NULL;
+    int seq = -1, status = 1;
+    if (!logits || !out_ids) { fprintf(stderr, "mkad-cli: out of memory\n"); goto done; }
+    if (total > mi->max_position)
+        fprintf(stderr, "mkad-cli: warning: %d tokens exceed max_position_embeddings %d\n", total,
+                mi->max_position);
+    if ((rc = eng_create(model, &ep, &eng, err, sizeof err)) != ENG_OK) {
+        fprintf(stderr, "mkad-cli: %s\n", err);
+        goto done;
+    }
+    if ((rc = eng_seq_create(eng, &seq)) != ENG_OK) {
+        fprintf(stderr, "mkad-cli: %s\n", eng_strerror(rc));
+        goto done;
+    }
+    if (bank_path) {
+        size_t len = 0;
+        size_t per = (size_t)mi->n_layers * mi->d_model * sizeof(float);
+        bank = read_file(bank_path, &len);
+        if (!bank) { fprintf(stderr, "mkad-cli: --l3-bank: cannot read %s\n", bank_path); goto done; }
+        if (len % per != 0) {
+            fprintf(stderr, "mkad-cli: --l3-bank: %s: %zu bytes is not a multiple of n_layers*hidden*4 = %zu\n",
+                    bank_path, len, per);
+            goto done;
+        }
+        if ((rc = eng_seq_set_l3_bank(eng, seq, (int)(len / per), bank)) != ENG_OK) {
+            fprintf(stderr, "mkad-cli: --l3-bank: %s (model mka_levels=%d, bank of %zu chunks)\n",
+                    eng_strerror(rc), mi->mka_levels, len / per);
+            goto done;
+        }
+    }
+    if ((rc = eng_sampler_create(mi->vocab_size, &sp, &smp)) != ENG_OK) {
+        fprintf(stderr, "mkad-cli: sampler: %s\n", eng_strerror(rc));
+        goto done;
+    }
+
+    double tp = now_s();
+    for (int off = 0; off < n_prompt; off += chunk) {
+        int n = n_prompt - off < chunk ? n_prompt - off : chunk;
+        eng_batch_item it = { seq, prompt + off, n, off + n == n_prompt ? logits : NULL };
+        if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
+            fprintf(stderr, "mkad-cli: prefill: %s\n", err);
+            goto done;
+        }
+    }
+    double prefill_s = now_s() - tp;
+    if (dump) {
+        FILE *f = fopen(dump, "wb");
+        if (!f || fwrite(logits, sizeof(float), (size_t)mi->vocab_size, f) != (size_t)mi->vocab_size ||
+            fclose(f) != 0) {
+            fprintf(stderr, "mkad-cli: --dump-logits: cannot write %s\n", dump);
+            goto done;
+        }
+    }
+
+    double td = now_s();
+    int n_out = 0;
+    for (; n_out < max_tokens; n_out++) {
+        int32_t tok = eng_sampler_sample(smp, logits, eng_seq_tokens(eng, seq), eng_seq_len(eng, seq));
+        out_ids[n_out] = tok;
+        if (!ignore_eos && tok == mi->eos_token_id) { n_out++; break; }
+        if (n_out + 1 == max_tokens) { n_out++; break; }
+        eng_batch_item it = { seq, &tok, 1, logits };
+        if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
+            fprintf(stderr, "mkad-cli: decode: %s\n", err);
+            goto done;
+        }
+    }
+    double decode_s = now_s() - td;
+    for (int i = 0; i < n_out; i++) printf(i ? " %d" : "%d", (int)out_ids[i]);
+    printf("\n");
+    fprintf(stderr, "event=done prompt_tokens=%d prefill_s=%.4f prefill_tok_s=%.1f generated=%d "
+            "decode_s=%.4f decode_tok_s=%.2f threads=%d\n", n_prompt, prefill_s,
+            prefill_s > 0 ? n_prompt / prefill_s : 0.0, n_out, decode_s,
+            /* the first generated token came from the prefill logits */
+            n_out > 1 && decode_s > 0 ? (n_out - 1) / decode_s : 0.0, eng_get_params(eng)->n_threads);
+    status = 0;
+done:
+    eng_sampler_free(smp);
+    eng_free(eng);
+    eng_model_free(model);
+    free(bank);
+    free(logits);
+    free(out_ids);
+    free(prompt);
+    return status;
+}
