@@ -11,11 +11,11 @@
 /* Directory for test artefacts: $top_builddir/tests/tmp (made on demand). */
 static inline const char *tu_tmpdir(void)
 {
-    static char dir[4096];
+    static char dir[2048];
     if (!dir[0]) {
         const char *b = getenv("top_builddir");
-        snprintf(dir, sizeof dir, "%s/tests/tmp", b ? b : ".");
-        char cmd[4200];
+        snprintf(dir, sizeof dir, "%.2000s/tests/tmp", b ? b : ".");
+        char cmd[2100];
         snprintf(cmd, sizeof cmd, "mkdir -p '%s'", dir);
         if (system(cmd) != 0) abort();
     }
@@ -28,8 +28,8 @@ static inline int tu_genmodel(const char *name, const char *args, char *out, siz
 {
     const char *b = getenv("top_builddir");
     snprintf(out, outlen, "%s/%s", tu_tmpdir(), name);
-    char cmd[8192];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s' && '%s/mkad-genmodel' --out '%s' %s >/dev/null",
+    char cmd[16384];
+    snprintf(cmd, sizeof cmd, "rm -rf '%.4000s' && '%.2000s/mkad-genmodel' --out '%.4000s' %.4000s >/dev/null",
              out, b ? b : ".", out, args);
     return system(cmd) == 0 ? 0 : -1;
 }

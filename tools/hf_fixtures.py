@@ -34,6 +34,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOP = os.path.dirname(HERE)
+sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.join(TOP, "tests", "ref"))
 
 # name -> (description, genmodel args).  Every case: levels 0.

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# parity_mka.sh — mkad-cli's FastMKA logits against the independent numpy
+# reference tests/ref/fastmka_ref.py (shared/FASTMKA.md), on random models from
+# mkad-genmodel: levels 2 and 3, qwen2 and llama, f32/bf16/f16 storage, GQA,
+# an L3 bank and none, a 100-token prompt that crosses several 32-token K/V
+# blocks, chunked prefill (EMA state carried across chunks).
+#
+# Run by `make check` with top_srcdir, top_builddir and PYTHON set; by hand:
+#   top_srcdir=. top_builddir=. tests/parity_mka.sh
+# Exit: 0 pass, 1 fail, 77 skip (only when numpy is missing).
+set -u
+
+top_srcdir=${top_srcdir:-$(cd "$(dirname "$0")/.." && pwd)}
+top_builddir=${top_builddir:-$top_srcdir}
+PYTHON=${PYTHON:-python3}
+TOL=${PARITY_TOL:-1e-4}
+export PYTHONDONTWRITEBYTECODE=1 # keep tests/ref/ free of __pycache__ (srcdir may be read-only)
+name=parity_mka
+
+if [ "$PYTHON" = no ] || ! "$PYTHON" -c 'import numpy' >/dev/null 2>&1; then
+    echo "$name: SKIP: numpy is not importable by PYTHON='$PYTHON' (pip install numpy)"
+    exit 77
+fi
+
+GEN=$top_builddir/mkad-genmodel
+CLI=$top_builddir/mkad-cli
+REF=$top_srcdir/tests/ref/fastmka_ref.py
+CMP=$top_srcdir/tests/ref/compare.py
+for b in "$GEN" "$CLI"; do
+    if [ ! -x "$b" ]; then
+        echo "$name: FAIL: $b not built"
+        exit 1
+    fi
+done
+
+W=$top_builddir/tests/tmp/$name
+rm -rf "$W"
+mkdir -p "$W" || exit 1
+fails=0
+cases=0
+
+# gen MODEL genmodel-args...
+gen() {
+    local m=$1
+    shift
+    if ! "$GEN" --out "$W/$m" "$@" >"$W/$m.gen.log" 2>&1; then
+        echo "FAIL $m: mkad-genmodel $*"
+        sed 's/^/    /' "$W/$m.gen.log"
+        fails=$((fails + 1))
+        return 1
+    fi
+}
+
+# run LABEL MODEL T BANK_R [mkad-cli args...]   (BANK_R 0: no bank)
+run() {
+    local label=$1 m=$2 T=$3 R=$4
+    shift 4
+    local dir=$W/$m ids bankargs=()
+    cases=$((cases + 1))
+    if [ ! -d "$dir" ]; then
+        echo "FAIL $label: model $m was not generated"
+        fails=$((fails + 1))
+        return
+    fi
+    ids=$("$PYTHON" "$CMP" ids "$T" "$dir" "$cases") || { fails=$((fails + 1)); return; }
+    if [ "$R" -gt 0 ]; then
+        if ! "$PYTHON" "$REF" --model "$dir" --make-bank "$R" --seed "$cases" --out-bank "$W/$label.bank"; then
+            echo "FAIL $label: could not make the L3 bank"
+            fails=$((fails + 1))
+            return
+        fi
+        bankargs=(--l3-bank "$W/$label.bank")
+    fi
+    local rc=0
+    "$CLI" --model "$dir" --prompt-ids "$ids" --max-tokens 0 --dump-logits "$W/$label.cli" \
+        ${bankargs[@]+"${bankargs[@]}"} "$@" >"$W/$label.cli.log" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        echo "FAIL $label: mkad-cli exited with status $rc"
+        tail -n 5 "$W/$label.cli.log" | sed 's/^/    /'
+        fails=$((fails + 1))
+        return
+    fi
+    if ! "$PYTHON" "$REF" --model "$dir" --ids "$ids" ${bankargs[@]+"${bankargs[@]}"} --out "$W/$label.ref" \
+        2>"$W/$label.ref.log"; then
+        echo "FAIL $label: fastmka_ref.py failed"
+        tail -n 5 "$W/$label.ref.log" | sed 's/^/    /'
+        fails=$((fails + 1))
+        return
+    fi
+    "$PYTHON" "$CMP" logits "$W/$label.cli" "$W/$label.ref" --tol "$TOL" \
+        --label "$(printf '%-28s T=%-3s bank=%-2s' "$label" "$T" "$R")" || fails=$((fails + 1))
+}
+
+tiny="--hidden 64 --layers 2 --heads 4 --kv-heads 2 --ffn 128 --vocab 256"
+gqa8="--hidden 128 --layers 2 --heads 8 --kv-heads 2 --ffn 256 --vocab 320"
+
+gen q_l3_f32 --arch qwen2 $tiny --levels 3 --dtype f32 --seed 21
+gen q_l2_bf16 --arch qwen2 $tiny --levels 2 --dtype bf16 --seed 22
+gen l_l2_f32 --arch llama $gqa8 --levels 2 --dtype f32 --seed 23
+gen l_l3_bf16 --arch llama $tiny --kv-heads 1 --layers 3 --levels 3 --dtype bf16 --tied 1 --attn-bias 1 \
+    --max-pos 512 --rope-theta 500000 --rope-scaling llama3:8 --seed 24
+gen q_l3_long --arch qwen2 --hidden 96 --layers 3 --heads 6 --kv-heads 2 --ffn 192 --vocab 288 \
+    --levels 3 --dtype bf16 --ema-beta 0.8 --max-pos 1024 --rope-scaling yarn:4 --seed 25
+gen q_l3_orig_shard --arch qwen2 $tiny --levels 3 --dtype f16 --original-attn --shards 2 \
+    --rope-scaling linear:2 --seed 26
+gen q_l3_headdim --arch qwen2 $tiny --head-dim 32 --levels 3 --dtype f32 --seed 27
+gen l_l0_f32 --arch llama $gqa8 --levels 0 --dtype f32 --seed 28
+
+run qwen2-L3-f32-bank q_l3_f32 20 5
+run qwen2-L3-f32-nobank q_l3_f32 20 0
+run qwen2-L3-f32-1token q_l3_f32 1 3
+run qwen2-L2-bf16 q_l2_bf16 33 0
+run llama-L2-f32-gqa8:2 l_l2_f32 24 0
+run llama-L3-bf16-tied-llama3 l_l3_bf16 40 8
+run qwen2-L3-long-yarn q_l3_long 100 4
+run qwen2-L3-long-chunk7 q_l3_long 100 4 --chunk 7
+run qwen2-L3-long-block16-t3 q_l3_long 100 4 --block-size 16 --threads 3
+run qwen2-L3-long-nobank q_l3_long 100 0 --chunk 32
+run qwen2-L3-origattn-shards q_l3_orig_shard 12 2
+run qwen2-L3-headdim32 q_l3_headdim 10 1
+run llama-L0-f32 l_l0_f32 16 0
+
+if [ "$fails" -ne 0 ]; then
+    echo "$name: FAIL ($fails failure(s) in $cases cases; files in $W)"
+    exit 1
+fi
+echo "$name: PASS ($cases cases)"
+exit 0
