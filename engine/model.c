@@ -435,9 +435,13 @@ static int cfg_parse(json_t *root, model_cfg *c, char *err, size_t errlen)
     if ((rc = cfg_token(root, "bos_token_id", &c->bos, err, errlen)) ||
         (rc = cfg_token(root, "eos_token_id", &c->eos, err, errlen)))
         return rc;
-    json_t *dt = cfg_get(root, "torch_dtype");
-    if (!dt) dt = cfg_get(root, "dtype");
-    (void)dt; /* informational only: the loader uses the tensors' own dtypes */
+    if (c->bos >= c->vocab || c->eos >= c->vocab)
+        return eng__errf(err, errlen, ENG_EFORMAT,
+                         CFG ": field '%s' (%d) must be below 'vocab_size' (%lld)",
+                         c->bos >= c->vocab ? "bos_token_id" : "eos_token_id",
+                         c->bos >= c->vocab ? c->bos : c->eos, (long long)c->vocab);
+    /* "torch_dtype" (v4) / "dtype" (v5) are informational: the loader goes
+     * by each tensor's own dtype. */
 
     if ((rc = cfg_rope(root, c, err, errlen))) return rc;
     return cfg_mka(root, c, err, errlen);
@@ -445,20 +449,33 @@ static int cfg_parse(json_t *root, model_cfg *c, char *err, size_t errlen)
 
 /* ---- RoPE frequencies ---------------------------------------------------------
  * Each function repeats, operation for operation, the float32 tensor code of
- * transformers' modeling_rope_utils (v5), so that inv_freq is bit-identical
- * with what Hugging Face computes on the CPU:
- *   base ** (arange(0, dim, 2).float() / dim)   -> powf((float)base, (float)i / (float)dim)
+ * transformers' modeling_rope_utils (v5) on the CPU:
+ *   base ** (arange(0, dim, 2).float() / dim)   -> rope_pow(base, i, dim)
  *   1.0 / t                                     -> reciprocal(t) * 1.0 = 1.0f / t
  *   scalar / t  (Tensor.__rtruediv__)           -> (1.0f / t) * (float)scalar
  *   t op python-float                           -> float32 op (float)scalar
- * Python scalars combined with each other stay in double. */
+ * Python scalars combined with each other stay in double.
+ *
+ * The one operation that cannot be repeated exactly is the float32 pow:
+ * torch evaluates it with SLEEF (1-ULP, vectorised) and glibc's powf is not
+ * correctly rounded either.  rope_pow rounds the double-precision pow, i.e.
+ * it is correctly rounded and the same on every host.  Against transformers
+ * 5.x on x86-64 (AVX-512) 5220 of 5248 entries are bit-identical and 28
+ * differ by one ULP (theta in {1e4, 3.7e4, 5e5, 1e6} x head_dim in {32, 64,
+ * 80, 96, 128, 256} x the four rope types; e.g. one of 64 entries for theta
+ * 1e6, head_dim 128; none for 5e5/128).  The angle error that causes is
+ * below 1e-7 relative, far under the float noise of the forward pass. */
+
+/* (float)base ** ((float)(2i) / (float)dim), correctly rounded to float. */
+static float rope_pow(double base, int i, int dim)
+{
+    float e = (float)(2 * i) / (float)dim;
+    return (float)pow((double)(float)base, (double)e);
+}
 
 static void rope_base(float *inv, int dim, double base)
 {
-    for (int i = 0; i < dim / 2; i++) {
-        float e = (float)(2 * i) / (float)dim;
-        inv[i] = 1.0f / (float)pow((double)(float)base, (double)e);
-    }
+    for (int i = 0; i < dim / 2; i++) inv[i] = 1.0f / rope_pow(base, i, dim);
 }
 
 /* _compute_llama3_parameters */
@@ -515,7 +532,7 @@ static double rope_yarn(float *inv, int dim, const model_cfg *c)
     const float flow = (float)low, fspan = (float)(high - low), ffac = (float)factor;
 
     for (int i = 0; i < dim / 2; i++) {
-        float pos = (float)pow((double)(float)c->theta, (double)((float)(2 * i) / (float)dim));
+        float pos = rope_pow(c->theta, i, dim);
         float extra = 1.0f / pos;
         float inter = 1.0f / (ffac * pos);
         float ramp = ((float)i - flow) / fspan;

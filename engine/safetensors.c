@@ -543,14 +543,14 @@ static int st_set_sharded(const char *dir, eng_st_set *s, char *err, size_t errl
     json_object_foreach(wm, key, v) {
         if (!json_is_string(v)) {
             rc = eng__errf(err, errlen, ENG_EFORMAT,
-                           "%s: field 'weight_map.%s' must be a file name string", ST_INDEX, key);
+                           "%s: field 'weight_map[\"%s\"]' must be a file name string", ST_INDEX, key);
             goto done;
         }
         const char *shard = json_string_value(v);
         /* Shards live in the model directory itself: no paths. */
         if (!shard[0] || strchr(shard, '/') || strcmp(shard, ".") == 0 || strcmp(shard, "..") == 0) {
             rc = eng__errf(err, errlen, ENG_EFORMAT,
-                           "%s: field 'weight_map.%s' names '%s', which is not a plain file name",
+                           "%s: field 'weight_map[\"%s\"]' names '%s', which is not a plain file name",
                            ST_INDEX, key, shard);
             goto done;
         }
