@@ -546,8 +546,7 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
         for (int j = 0; j < it->n_tokens; j++, T++) {
             e->tok_item[T] = i;
             e->tok_pos[T] = sq->n_tokens + j;
-            memcpy(e->h + (size_t)T * D, e->m->embed + (size_t)it->tokens[j] * D,
-                   (size_t)D * sizeof(float));
+            eng__linear_row(&e->m->embed, it->tokens[j], e->h + (size_t)T * D);
         }
     }
     step_ctx c = { e, items, n_items, T, 0, NULL };
@@ -570,8 +569,7 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
         n_sel++;
     }
     if (n_sel > 0) {
-        eng_linear head = { e->m->lm_head, NULL, e->V, D };
-        eng_cpu_linear(e->pool, &head, e->sel_x, n_sel, e->sel_logits);
+        eng_cpu_linear(e->pool, &e->m->lm_head, e->sel_x, n_sel, e->sel_logits);
         for (int i = 0, r = 0; i < n_items; i++) {
             if (!items[i].logits) continue;
             memcpy(items[i].logits, e->sel_logits + (size_t)r * e->V, (size_t)e->V * sizeof(float));

@@ -16,13 +16,35 @@
 int eng__errf(char *err, size_t errlen, int status, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-/* A linear layer y = W x + b.  W is row-major (rows = out, cols = in); b is
- * NULL when the checkpoint has no bias.  Both are views into the model arena. */
+/* A linear layer y = W x + b.  W is row-major (rows = out, cols = in), held
+ * either as f32 (w) or, when the checkpoint stores it so, as bf16 bits (w16;
+ * then w is NULL): bf16 weights stay bf16 in memory, which halves the bytes a
+ * decode step reads, and widen exactly to f32 in the kernels.  b is NULL when
+ * the checkpoint has no bias.  All are views into the model arena. */
 typedef struct eng_linear {
-    const float *w; /* (rows, cols) */
-    const float *b; /* (rows) or NULL */
+    const float *w;      /* (rows, cols) f32, or NULL */
+    const uint16_t *w16; /* (rows, cols) bf16, or NULL */
+    const float *b;      /* (rows) or NULL */
     int rows, cols;
 } eng_linear;
+
+static inline float eng__bf16_to_f32(uint16_t h)
+{
+    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+    return v.f;
+}
+
+/* Row r of a matrix (as a linear's weight) widened to f32 into dst (cols). */
+static inline void eng__linear_row(const eng_linear *l, int r, float *dst)
+{
+    if (l->w16) {
+        const uint16_t *s = l->w16 + (size_t)r * l->cols;
+        for (int i = 0; i < l->cols; i++) dst[i] = eng__bf16_to_f32(s[i]);
+    } else {
+        const float *s = l->w + (size_t)r * l->cols;
+        for (int i = 0; i < l->cols; i++) dst[i] = s[i];
+    }
+}
 
 typedef struct eng_layer {
     const float *attn_norm; /* (D) input_layernorm */
@@ -46,11 +68,12 @@ struct eng_model {
     float *rope_inv_freq;
     float rope_attn_scale;
 
-    float *arena;            /* every weight, converted to f32, one allocation */
-    size_t arena_floats;
-    const float *embed;      /* (V, D) */
+    unsigned char *arena;    /* every weight, one allocation: matrices stored as
+                                bf16 stay bf16, everything else is f32 */
+    size_t arena_bytes;
+    eng_linear embed;        /* (V, D) token embeddings, read row by row */
     const float *final_norm; /* (D) */
-    const float *lm_head;    /* (V, D); == embed when tied */
+    eng_linear lm_head;      /* (V, D); the same view as embed when tied */
     eng_layer *layers;       /* (n_layers) */
 };
 

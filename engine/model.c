@@ -2,7 +2,8 @@
  * model.c — loads a Hugging Face model directory (config.json plus
  * safetensors) into a struct eng_model: validates the configuration, resolves
  * RoPE scaling the way transformers does, checks every tensor's shape against
- * the configuration, converts all weights to f32 in one arena and computes
+ * the configuration, copies all weights into one arena (BF16 matrices stay
+ * bf16, everything else becomes f32) and computes
  * the model fingerprint.  docs/model-format.md describes what is accepted.
  *
  * Every failure returns a status with one line in err that names the file and
@@ -24,7 +25,7 @@
 #define CFG "config.json"
 #define CFG_MAX_BYTES (16u * 1024u * 1024u)
 /* Tensors start on 64-byte boundaries inside the arena. */
-#define ARENA_ALIGN_FLOATS 16
+#define ARENA_ALIGN 64
 /* The fingerprint hashes at most this many bytes at each end of a tensor. */
 #define FP_EDGE_BYTES (64u * 1024u)
 
@@ -563,8 +564,9 @@ static void rope_compute(const model_cfg *c, float *inv, float *attn_scale)
 /* One tensor the model uses: where it comes from and where its view goes. */
 typedef struct wslot {
     const eng_st_tensor *t;
-    const float **dst;
-    size_t off; /* offset in the arena, floats */
+    const float **dst;      /* f32 view, or */
+    const uint16_t **dst16; /* bf16 view (matrices stored as BF16) */
+    size_t off;             /* offset in the arena, bytes */
 } wslot;
 
 typedef struct loader {
@@ -572,7 +574,7 @@ typedef struct loader {
     eng_st_set *st;
     wslot *slots;
     size_t n_slots, cap_slots;
-    size_t arena_floats;
+    size_t arena_bytes;
     char *err;
     size_t errlen;
 } loader;
@@ -582,10 +584,12 @@ static const eng_st_tensor *ld_find(loader *L, const char *name)
     return eng_st_set_find(L->st, name);
 }
 
-/* Records tensor `name` with the expected shape (ndim 1 or 2) for *dst.
- * Missing: an error when required, else returns 1 and leaves *dst alone. */
+/* Records tensor `name` with the expected shape (ndim 1 or 2) for *dst, or
+ * for *dst16 when dst16 is given and the tensor is stored as BF16 (it then
+ * stays bf16 in the arena).  Missing: an error when required, else returns 1
+ * and leaves the views alone. */
 static int ld_bind(loader *L, const char *name, int ndim, int64_t d0, int64_t d1, int required,
-                   const float **dst)
+                   const float **dst, const uint16_t **dst16)
 {
     const eng_st_tensor *t = ld_find(L, name);
     if (!t) {
@@ -614,12 +618,15 @@ static int ld_bind(loader *L, const char *name, int ndim, int64_t d0, int64_t d1
         L->slots = s;
         L->cap_slots = cap;
     }
-    size_t n = (size_t)t->numel;
-    size_t padded = (n + ARENA_ALIGN_FLOATS - 1) / ARENA_ALIGN_FLOATS * ARENA_ALIGN_FLOATS;
-    if (padded < n || L->arena_floats > SIZE_MAX / sizeof(float) - padded)
+    int keep16 = dst16 && t->dtype == ENG_ST_BF16;
+    size_t n = (size_t)t->numel, el = keep16 ? 2 : 4;
+    if (n > SIZE_MAX / el - ARENA_ALIGN)
         return eng__errf(L->err, L->errlen, ENG_ENOMEM, "%s: weights too large", name);
-    L->slots[L->n_slots++] = (wslot){t, dst, L->arena_floats};
-    L->arena_floats += padded;
+    size_t padded = (n * el + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+    if (L->arena_bytes > SIZE_MAX - padded)
+        return eng__errf(L->err, L->errlen, ENG_ENOMEM, "%s: weights too large", name);
+    L->slots[L->n_slots++] = (wslot){t, keep16 ? NULL : dst, keep16 ? dst16 : NULL, L->arena_bytes};
+    L->arena_bytes += padded;
     return ENG_OK;
 }
 
@@ -629,12 +636,14 @@ static int ld_bind(loader *L, const char *name, int ndim, int64_t d0, int64_t d1
 static int ld_linear(loader *L, const char *wname, const char *bname, int64_t rows, int64_t cols,
                      int want_bias, eng_linear *lin)
 {
-    int rc = ld_bind(L, wname, 2, rows, cols, 1, &lin->w);
+    lin->w = NULL;
+    lin->w16 = NULL;
+    lin->b = NULL;
+    int rc = ld_bind(L, wname, 2, rows, cols, 1, &lin->w, &lin->w16);
     if (rc) return rc;
     lin->rows = (int)rows;
     lin->cols = (int)cols;
-    lin->b = NULL;
-    if (want_bias && (rc = ld_bind(L, bname, 1, rows, 0, 1, &lin->b))) return rc;
+    if (want_bias && (rc = ld_bind(L, bname, 1, rows, 0, 1, &lin->b, NULL))) return rc;
     return ENG_OK;
 }
 
@@ -721,11 +730,11 @@ static int ld_bind_all(loader *L, eng_model *m)
     }
     m->info.mka_levels = levels;
 
-    if ((rc = ld_bind(L, "model.embed_tokens.weight", 2, V, D, 1, &m->embed))) return rc;
+    if ((rc = ld_linear(L, "model.embed_tokens.weight", NULL, V, D, 0, &m->embed))) return rc;
     for (int i = 0; i < nl; i++) {
         eng_layer *ly = &m->layers[i];
         snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", i);
-        if ((rc = ld_bind(L, name, 1, D, 0, 1, &ly->attn_norm))) return rc;
+        if ((rc = ld_bind(L, name, 1, D, 0, 1, &ly->attn_norm, NULL))) return rc;
         if ((rc = ld_attn_proj(L, i, "q", Hd, D, c->qkv_bias, &ly->q)) ||
             (rc = ld_attn_proj(L, i, "k", KVd, D, c->qkv_bias, &ly->k)) ||
             (rc = ld_attn_proj(L, i, "v", KVd, D, c->qkv_bias, &ly->v)) ||
@@ -741,7 +750,7 @@ static int ld_bind_all(loader *L, eng_model *m)
             if ((rc = ld_linear(L, w, b, levels, D / 2, 1, &ly->router2))) return rc;
         }
         snprintf(name, sizeof name, "model.layers.%d.post_attention_layernorm.weight", i);
-        if ((rc = ld_bind(L, name, 1, D, 0, 1, &ly->mlp_norm))) return rc;
+        if ((rc = ld_bind(L, name, 1, D, 0, 1, &ly->mlp_norm, NULL))) return rc;
         char g[160], u[160], dn[160];
         snprintf(g, sizeof g, "model.layers.%d.mlp.gate_proj.weight", i);
         snprintf(u, sizeof u, "model.layers.%d.mlp.up_proj.weight", i);
@@ -751,14 +760,14 @@ static int ld_bind_all(loader *L, eng_model *m)
             (rc = ld_linear(L, dn, NULL, D, F, 0, &ly->down)))
             return rc;
     }
-    if ((rc = ld_bind(L, "model.norm.weight", 1, D, 0, 1, &m->final_norm))) return rc;
+    if ((rc = ld_bind(L, "model.norm.weight", 1, D, 0, 1, &m->final_norm, NULL))) return rc;
     if (!c->tied) {
         if (!ld_find(L, "lm_head.weight"))
             return eng__errf(L->err, L->errlen, ENG_EFORMAT,
                              "%s: tensor 'lm_head.weight' is missing and " CFG
                              " has tie_word_embeddings false",
                              L->st->where);
-        if ((rc = ld_bind(L, "lm_head.weight", 2, V, D, 1, &m->lm_head))) return rc;
+        if ((rc = ld_linear(L, "lm_head.weight", NULL, V, D, 0, &m->lm_head))) return rc;
     }
     return ENG_OK;
 }
@@ -876,21 +885,30 @@ int eng_model_load(const char *dir, eng_model **out, char *err, size_t errlen)
     }
 
     void *arena = NULL;
-    size_t bytes = (L.arena_floats ? L.arena_floats : 1) * sizeof(float);
-    if (posix_memalign(&arena, 64, bytes) != 0) {
+    size_t bytes = L.arena_bytes ? L.arena_bytes : 1;
+    if (posix_memalign(&arena, ARENA_ALIGN, bytes) != 0) {
         rc = eng__errf(err, errlen, ENG_ENOMEM, "%s: out of memory allocating %zu bytes of weights",
                        dir, bytes);
         goto done;
     }
     m->arena = arena;
-    m->arena_floats = L.arena_floats;
+    m->arena_bytes = L.arena_bytes;
     for (size_t i = 0; i < L.n_slots; i++) {
-        float *dst = m->arena + L.slots[i].off;
-        eng_st_to_f32(L.slots[i].t, dst);
+        const wslot *w = &L.slots[i];
+        unsigned char *dst = m->arena + w->off;
+        size_t used;
+        if (w->dst16) {
+            eng_st_to_bf16(w->t, (uint16_t *)(void *)dst);
+            *w->dst16 = (const uint16_t *)(void *)dst;
+            used = (size_t)w->t->numel * 2;
+        } else {
+            eng_st_to_f32(w->t, (float *)(void *)dst);
+            *w->dst = (const float *)(void *)dst;
+            used = (size_t)w->t->numel * 4;
+        }
         /* zero the padding so that the arena holds no uninitialised bytes */
-        size_t end = i + 1 < L.n_slots ? L.slots[i + 1].off : L.arena_floats;
-        for (size_t j = L.slots[i].off + (size_t)L.slots[i].t->numel; j < end; j++) m->arena[j] = 0;
-        *L.slots[i].dst = dst;
+        size_t end = i + 1 < L.n_slots ? L.slots[i + 1].off : L.arena_bytes;
+        memset(dst + used, 0, end - w->off - used);
     }
     if (c.tied) m->lm_head = m->embed;
 

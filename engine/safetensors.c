@@ -205,6 +205,12 @@ void eng_st_to_f32(const eng_st_tensor *t, float *dst)
     }
 }
 
+void eng_st_to_bf16(const eng_st_tensor *t, uint16_t *dst)
+{
+    const unsigned char *p = t->data;
+    for (size_t i = 0; i < (size_t)t->numel; i++, p += 2) dst[i] = (uint16_t)(p[0] | p[1] << 8);
+}
+
 /* ---- one file ------------------------------------------------------------ */
 
 static int st_cmp_name(const void *a, const void *b)

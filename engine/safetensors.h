@@ -94,6 +94,8 @@ float eng_st_f16_to_f32(uint16_t h);
 float eng_st_bf16_to_f32(uint16_t b);
 /* Converts all numel elements of t (F32, F16 or BF16) into dst (numel). */
 void eng_st_to_f32(const eng_st_tensor *t, float *dst);
+/* Copies a BF16 tensor's raw values (numel, host order). */
+void eng_st_to_bf16(const eng_st_tensor *t, uint16_t *dst);
 /* "f32", "f16", "bf16" for the convertible dtypes, else "other". */
 const char *eng_st_dtype_lower(int dtype);
 

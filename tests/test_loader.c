@@ -422,14 +422,24 @@ static float ref_elem(const tm_tensor *t, size_t i)
     return s ? -v : v;
 }
 
-/* The model's view of tensor `name`, NULL when it has none. */
-static const float *view_of(const eng_model *m, const char *name)
+/* A view of one tensor in the arena: f32 (f) or, for matrices stored as
+ * BF16, bf16 bits (h). */
+typedef struct view { const float *f; const uint16_t *h; } view;
+
+static view lin_view(const eng_linear *l) { return (view){l->w, l->w16}; }
+static view vec_view(const float *p) { return (view){p, NULL}; }
+static float view_elem(view v, size_t i) { return v.f ? v.f[i] : eng__bf16_to_f32(v.h[i]); }
+static float emb(const eng_model *m, size_t i) { return view_elem(lin_view(&m->embed), i); }
+
+/* The model's view of tensor `name`, {NULL, NULL} when it has none. */
+static view view_of(const eng_model *m, const char *name)
 {
-    if (!strcmp(name, "model.embed_tokens.weight")) return m->embed;
-    if (!strcmp(name, "model.norm.weight")) return m->final_norm;
-    if (!strcmp(name, "lm_head.weight")) return m->lm_head;
+    view none = {NULL, NULL};
+    if (!strcmp(name, "model.embed_tokens.weight")) return lin_view(&m->embed);
+    if (!strcmp(name, "model.norm.weight")) return vec_view(m->final_norm);
+    if (!strcmp(name, "lm_head.weight")) return lin_view(&m->lm_head);
     int i, n = 0;
-    if (sscanf(name, "model.layers.%d.%n", &i, &n) != 1 || n == 0) return NULL;
+    if (sscanf(name, "model.layers.%d.%n", &i, &n) != 1 || n == 0) return none;
     ck_assert_int_lt(i, m->info.n_layers);
     const eng_layer *l = &m->layers[i];
     char rest[160];
@@ -447,32 +457,41 @@ static const float *view_of(const eng_model *m, const char *name)
                                   "self_attn.router.2.weight", "self_attn.router.2.bias",
                                   "mlp.gate_proj.weight", "mlp.up_proj.weight",
                                   "mlp.down_proj.weight"};
-    const float *views[] = {l->attn_norm, l->mlp_norm, l->q.w, l->q.b, l->k.w, l->k.b, l->v.w,
-                            l->v.b, l->o.w, l->o.b, l->router1.w, l->router1.b, l->router2.w,
-                            l->router2.b, l->gate.w, l->up.w, l->down.w};
+    const view views[] = {vec_view(l->attn_norm), vec_view(l->mlp_norm), lin_view(&l->q),
+                          vec_view(l->q.b), lin_view(&l->k), vec_view(l->k.b), lin_view(&l->v),
+                          vec_view(l->v.b), lin_view(&l->o), vec_view(l->o.b),
+                          lin_view(&l->router1), vec_view(l->router1.b), lin_view(&l->router2),
+                          vec_view(l->router2.b), lin_view(&l->gate), lin_view(&l->up),
+                          lin_view(&l->down)};
     for (size_t k = 0; k < sizeof names / sizeof names[0]; k++)
         if (!strcmp(r, names[k])) return views[k];
-    return NULL;
+    return none;
 }
 
-/* Every tensor the model uses must appear, converted exactly, inside the arena. */
+/* Every tensor the model uses must appear, converted exactly, inside the
+ * arena; BF16 matrices stay bf16 (half the memory), everything else is f32. */
 static void check_views(const tm_model *tm, const eng_model *m)
 {
     for (int k = 0; k < tm->n; k++) {
         const tm_tensor *t = &tm->t[k];
         if (t->unused) continue;
-        const float *v = view_of(m, t->name);
-        ck_assert_msg(v != NULL, "model has no view of %s", t->name);
-        size_t n = tm_numel(t);
-        ck_assert_msg(v >= m->arena && v + n <= m->arena + m->arena_floats, "%s outside the arena",
+        view v = view_of(m, t->name);
+        ck_assert_msg(v.f || v.h, "model has no view of %s", t->name);
+        ck_assert_msg(!v.f || !v.h, "%s has two views", t->name);
+        int want16 = !strcmp(t->dtype, "BF16") && t->ndim == 2;
+        ck_assert_msg(want16 == (v.h != NULL), "%s: bf16 matrices stay bf16, the rest is f32",
                       t->name);
-        ck_assert_msg(((uintptr_t)v & 63) == 0, "%s not 64-byte aligned", t->name);
+        size_t n = tm_numel(t);
+        const unsigned char *p = v.f ? (const void *)v.f : (const void *)v.h;
+        ck_assert_msg(p >= m->arena && p + n * (v.f ? 4 : 2) <= m->arena + m->arena_bytes,
+                      "%s outside the arena", t->name);
+        ck_assert_msg(((uintptr_t)p & 63) == 0, "%s not 64-byte aligned", t->name);
         for (size_t i = 0; i < n; i++) {
-            float want = ref_elem(t, i);
-            if (isnan(want)) ck_assert_msg(isnan(v[i]), "%s[%zu]", t->name, i);
+            float want = ref_elem(t, i), got = view_elem(v, i);
+            if (isnan(want)) ck_assert_msg(isnan(got), "%s[%zu]", t->name, i);
             else
-                ck_assert_msg(v[i] == want && signbit(v[i]) == signbit(want),
-                              "%s[%zu] = %a, expected %a", t->name, i, (double)v[i], (double)want);
+                ck_assert_msg(got == want && signbit(got) == signbit(want),
+                              "%s[%zu] = %a, expected %a", t->name, i, (double)got, (double)want);
         }
     }
 }
@@ -544,7 +563,7 @@ START_TEST(test_qwen2_f32)
         ck_assert_ptr_null(l->o.b);
         ck_assert_ptr_null(l->router1.w);
     }
-    ck_assert_ptr_ne(m->lm_head, m->embed);
+    ck_assert_ptr_ne(lin_view(&m->lm_head).f, lin_view(&m->embed).f);
     check_views(&tm, m);
     eng_model_free(m);
     tm_free(&tm);
@@ -567,11 +586,12 @@ START_TEST(test_qwen2_bf16)
     eng_model *m = load_ok(dir);
     check_common_info(m, &p);
     ck_assert_str_eq(m->info.dtype, "bf16");
-    ck_assert(m->embed[0] == 1.0f);
-    ck_assert(m->embed[1] == -3.0f);
-    ck_assert(m->embed[2] == ldexpf(1.0f, -133));
-    ck_assert(isinf(m->embed[3]) && m->embed[3] > 0);
-    ck_assert(m->embed[4] == 0.0f && signbit(m->embed[4]));
+    ck_assert_ptr_nonnull(m->embed.w16); /* bf16 matrices stay bf16 */
+    ck_assert(emb(m, 0) == 1.0f);
+    ck_assert(emb(m, 1) == -3.0f);
+    ck_assert(emb(m, 2) == ldexpf(1.0f, -133));
+    ck_assert(isinf(emb(m, 3)) && emb(m, 3) > 0);
+    ck_assert(emb(m, 4) == 0.0f && signbit(emb(m, 4)));
     check_views(&tm, m);
     eng_model_free(m);
     tm_free(&tm);
@@ -595,7 +615,8 @@ START_TEST(test_qwen2_f16)
     eng_model *m = load_ok(dir);
     check_common_info(m, &p);
     ck_assert_str_eq(m->info.dtype, "f16");
-    const float *v = m->embed;
+    const float *v = m->embed.w;
+    ck_assert_ptr_nonnull(v); /* f16 is widened to f32 at load */
     ck_assert(v[0] == 5.9604644775390625e-08f);      /* 2^-24, smallest subnormal */
     ck_assert(v[1] == 6.09755516052246094e-05f);      /* 1023 * 2^-24, largest subnormal */
     ck_assert(v[2] == -5.9604644775390625e-08f);
@@ -640,7 +661,7 @@ START_TEST(test_llama_untied)
     check_common_info(m, &p);
     ck_assert_str_eq(m->info.arch, "llama");
     ck_assert_int_eq(m->info.tied_embeddings, 0);
-    ck_assert_ptr_ne(m->lm_head, m->embed);
+    ck_assert_ptr_ne(lin_view(&m->lm_head).f, lin_view(&m->embed).f);
     ck_assert_ptr_null(m->layers[0].q.b);
     ck_assert_ptr_null(m->layers[1].o.b);
     check_views(&tm, m);
@@ -660,7 +681,7 @@ START_TEST(test_llama_tied)
     make_model(dir, &p, &tm);
     eng_model *m = load_ok(dir);
     ck_assert_int_eq(m->info.tied_embeddings, 1);
-    ck_assert_ptr_eq(m->lm_head, m->embed);
+    ck_assert_ptr_eq(lin_view(&m->lm_head).f, lin_view(&m->embed).f);
     check_views(&tm, m);
     eng_model_free(m);
     tm_free(&tm);
@@ -669,7 +690,7 @@ START_TEST(test_llama_tied)
     p.write_lm_head = 1;
     make_model(dir, &p, &tm);
     m = load_ok(dir);
-    ck_assert_ptr_eq(m->lm_head, m->embed);
+    ck_assert_ptr_eq(lin_view(&m->lm_head).f, lin_view(&m->embed).f);
     check_views(&tm, m);
     eng_model_free(m);
     tm_free(&tm);

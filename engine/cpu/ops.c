@@ -1,6 +1,9 @@
 /*
  * ops.c — dense kernels of the CPU reference backend.
  *
+ * Weights are f32 or bf16 (widened exactly to f32 in registers); activations
+ * and accumulation are f32.
+ *
  * Batch invariance: every output element of eng_cpu_linear is computed as
  * eight lane-wise partial sums over k (stride 8), summed in one fixed order,
  * plus a scalar tail, plus the bias — the same operations whichever tile shape
@@ -32,17 +35,34 @@ static inline v8 load8(const float *p)
     return v;
 }
 
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+
+/* Eight bf16 values widened exactly to f32 (the bits move up 16 places). */
+static inline v8 load8_bf16(const uint16_t *p)
+{
+    u16x8 h;
+    memcpy(&h, p, sizeof h);
+    u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+    v8 v;
+    memcpy(&v, &w, sizeof v);
+    return v;
+}
+
 static inline float hsum8(v8 a)
 {
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
-/* out[i][j] = x_i . w_j (+ b_j) for an MR x NR tile; MR and NR are constants
- * after inlining, so each specialisation keeps its accumulators in registers. */
+/* out[i][j] = x_i . w_j (+ b_j) for an MR x NR tile; MR, NR and W16 (weights
+ * are bf16) are constants after inlining, so each specialisation keeps its
+ * accumulators in registers.  w points at row 0 of the tile (float or uint16). */
 static inline __attribute__((always_inline)) void
-tile(int MR, int NR, const float *x, int ldx, const float *w, const float *b, int K,
+tile(int MR, int NR, int W16, const float *x, int ldx, const void *w, const float *b, int K,
      float *y, int ldy)
 {
+    const float *wf = w;
+    const uint16_t *wh = w;
     v8 acc[4][4];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = (v8){0};
@@ -51,7 +71,7 @@ tile(int MR, int NR, const float *x, int ldx, const float *w, const float *b, in
         v8 xv[4];
         for (int i = 0; i < MR; i++) xv[i] = load8(x + (size_t)i * ldx + k);
         for (int j = 0; j < NR; j++) {
-            v8 wv = load8(w + (size_t)j * K + k);
+            v8 wv = W16 ? load8_bf16(wh + (size_t)j * K + k) : load8(wf + (size_t)j * K + k);
             for (int i = 0; i < MR; i++) acc[i][j] += xv[i] * wv;
         }
     }
@@ -59,7 +79,9 @@ tile(int MR, int NR, const float *x, int ldx, const float *w, const float *b, in
         for (int j = 0; j < NR; j++) {
             float s = hsum8(acc[i][j]);
             float t = 0.0f;
-            for (int kk = k; kk < K; kk++) t += x[(size_t)i * ldx + kk] * w[(size_t)j * K + kk];
+            for (int kk = k; kk < K; kk++)
+                t += x[(size_t)i * ldx + kk] *
+                     (W16 ? eng__bf16_to_f32(wh[(size_t)j * K + kk]) : wf[(size_t)j * K + kk]);
             s += t;
             if (b) s += b[j];
             y[(size_t)i * ldy + j] = s;
@@ -67,30 +89,42 @@ tile(int MR, int NR, const float *x, int ldx, const float *w, const float *b, in
     }
 }
 
-/* y (M, N) = x (M, K) . w (N, K)^T + b, for rows [m0, m1) and columns [n0, n1). */
-ENG_CLONES static void
-linear_block(const float *x, const float *w, const float *b, int K, int N, float *y,
+/* y (M, N) = x (M, K) . w (N, K)^T + b, for rows [m0, m1) and columns [n0, n1);
+ * W16: w holds bf16. */
+#define WROW(n) (W16 ? (const void *)((const uint16_t *)w + (size_t)(n) * K) \
+                     : (const void *)((const float *)w + (size_t)(n) * K))
+static inline __attribute__((always_inline)) void
+linear_block(int W16, const float *x, const void *w, const float *b, int K, int N, float *y,
              int m0, int m1, int n0, int n1)
 {
     int m = m0;
     for (; m + 4 <= m1; m += 4) {
         int n = n0;
         for (; n + 2 <= n1; n += 2)
-            tile(4, 2, x + (size_t)m * K, K, w + (size_t)n * K, b ? b + n : NULL, K,
-                 y + (size_t)m * N + n, N);
+            tile(4, 2, W16, x + (size_t)m * K, K, WROW(n), b ? b + n : NULL, K, y + (size_t)m * N + n, N);
         for (; n < n1; n++)
-            tile(4, 1, x + (size_t)m * K, K, w + (size_t)n * K, b ? b + n : NULL, K,
-                 y + (size_t)m * N + n, N);
+            tile(4, 1, W16, x + (size_t)m * K, K, WROW(n), b ? b + n : NULL, K, y + (size_t)m * N + n, N);
     }
     for (; m < m1; m++) {
         int n = n0;
         for (; n + 4 <= n1; n += 4)
-            tile(1, 4, x + (size_t)m * K, K, w + (size_t)n * K, b ? b + n : NULL, K,
-                 y + (size_t)m * N + n, N);
+            tile(1, 4, W16, x + (size_t)m * K, K, WROW(n), b ? b + n : NULL, K, y + (size_t)m * N + n, N);
         for (; n < n1; n++)
-            tile(1, 1, x + (size_t)m * K, K, w + (size_t)n * K, b ? b + n : NULL, K,
-                 y + (size_t)m * N + n, N);
+            tile(1, 1, W16, x + (size_t)m * K, K, WROW(n), b ? b + n : NULL, K, y + (size_t)m * N + n, N);
     }
+}
+#undef WROW
+
+ENG_CLONES static void linear_block_f32(const float *x, const float *w, const float *b, int K,
+                                        int N, float *y, int m0, int m1, int n0, int n1)
+{
+    linear_block(0, x, w, b, K, N, y, m0, m1, n0, n1);
+}
+
+ENG_CLONES static void linear_block_bf16(const float *x, const uint16_t *w, const float *b, int K,
+                                         int N, float *y, int m0, int m1, int n0, int n1)
+{
+    linear_block(1, x, w, b, K, N, y, m0, m1, n0, n1);
 }
 
 #define LIN_NB 32 /* output columns (weight rows) per task */
@@ -110,7 +144,10 @@ static void linear_task(void *vctx, int task, int thread)
     int nb = task % c->n_nb, mb = task / c->n_nb;
     int n0 = nb * LIN_NB, n1 = n0 + LIN_NB < c->l->rows ? n0 + LIN_NB : c->l->rows;
     int m0 = mb * LIN_MB, m1 = m0 + LIN_MB < c->M ? m0 + LIN_MB : c->M;
-    linear_block(c->x, c->l->w, c->l->b, c->l->cols, c->l->rows, c->y, m0, m1, n0, n1);
+    if (c->l->w16)
+        linear_block_bf16(c->x, c->l->w16, c->l->b, c->l->cols, c->l->rows, c->y, m0, m1, n0, n1);
+    else
+        linear_block_f32(c->x, c->l->w, c->l->b, c->l->cols, c->l->rows, c->y, m0, m1, n0, n1);
 }
 
 void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y)
