@@ -10,32 +10,9 @@
 # Exit: 0 pass, 1 fail, 77 skip (only when numpy is missing).
 set -u
 
-top_srcdir=${top_srcdir:-$(cd "$(dirname "$0")/.." && pwd)}
-top_builddir=${top_builddir:-$top_srcdir}
-PYTHON=${PYTHON:-python3}
-TOL=${PARITY_TOL:-1e-4}
-export PYTHONDONTWRITEBYTECODE=1 # keep tests/ref/ free of __pycache__ (srcdir may be read-only)
 name=parity_mka
-
-if [ "$PYTHON" = no ] || ! "$PYTHON" -c 'import numpy' >/dev/null 2>&1; then
-    echo "$name: SKIP: numpy is not importable by PYTHON='$PYTHON' (pip install numpy)"
-    exit 77
-fi
-
-GEN=$top_builddir/mkad-genmodel
-CLI=$top_builddir/mkad-cli
+. "$(dirname "$0")/parity_common.sh"
 REF=$top_srcdir/tests/ref/fastmka_ref.py
-CMP=$top_srcdir/tests/ref/compare.py
-for b in "$GEN" "$CLI"; do
-    if [ ! -x "$b" ]; then
-        echo "$name: FAIL: $b not built"
-        exit 1
-    fi
-done
-
-W=$top_builddir/tests/tmp/$name
-rm -rf "$W"
-mkdir -p "$W" || exit 1
 fails=0
 cases=0
 
