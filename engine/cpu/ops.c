@@ -63,15 +63,21 @@ tile(int MR, int NR, int W16, const float *x, int ldx, const void *w, const floa
 {
     const float *wf = w;
     const uint16_t *wh = w;
+    /* Fully unrolled so that the accumulators live in registers. */
     v8 acc[4][4];
+#pragma GCC unroll 4
     for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
         for (int j = 0; j < NR; j++) acc[i][j] = (v8){0};
     int k = 0;
     for (; k + 8 <= K; k += 8) {
         v8 xv[4];
+#pragma GCC unroll 4
         for (int i = 0; i < MR; i++) xv[i] = load8(x + (size_t)i * ldx + k);
+#pragma GCC unroll 4
         for (int j = 0; j < NR; j++) {
             v8 wv = W16 ? load8_bf16(wh + (size_t)j * K + k) : load8(wf + (size_t)j * K + k);
+#pragma GCC unroll 4
             for (int i = 0; i < MR; i++) acc[i][j] += xv[i] * wv;
         }
     }
