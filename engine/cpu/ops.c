@@ -49,8 +49,10 @@ static inline v8 load8_bf16(const uint16_t *p)
     return v;
 }
 
-static inline float hsum8(v8 a)
+/* By pointer: a v8 passed by value draws a -Wpsabi note from gcc. */
+static inline float hsum8(const v8 *v)
 {
+    const v8 a = *v;
     return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
@@ -83,7 +85,7 @@ tile(int MR, int NR, int W16, const float *x, int ldx, const void *w, const floa
     }
     for (int i = 0; i < MR; i++) {
         for (int j = 0; j < NR; j++) {
-            float s = hsum8(acc[i][j]);
+            float s = hsum8(&acc[i][j]);
             float t = 0.0f;
             for (int kk = k; kk < K; kk++)
                 t += x[(size_t)i * ldx + kk] *
@@ -169,7 +171,7 @@ ENG_CLONES float eng_cpu_dot(const float *a, const float *b, int n)
     v8 acc = {0};
     int k = 0;
     for (; k + 8 <= n; k += 8) acc += load8(a + k) * load8(b + k);
-    float s = hsum8(acc), t = 0.0f;
+    float s = hsum8(&acc), t = 0.0f;
     for (; k < n; k++) t += a[k] * b[k];
     return s + t;
 }
