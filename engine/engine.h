@@ -186,6 +186,131 @@ void eng_sampler_free(eng_sampler *s);
  * history (n_history ids, may be NULL) feeds the repetition penalty. */
 int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history, int n_history);
 
+/* ---- tokenizer ---------------------------------------------------------- */
+
+/* A Hugging Face tokenizer.json byte-level BPE (Qwen2/Qwen2.5/Llama-3 style),
+ * ids equal to those of the `tokenizers` library (docs/tokenizer.md lists the
+ * supported subset; anything else is refused at load, naming the field).
+ * A loaded eng_tok is read-only: any number of threads may encode and decode
+ * with it at once.  Text is UTF-8; invalid sequences in input are replaced by
+ * U+FFFD (one per maximal invalid subpart) before encoding. */
+typedef struct eng_tok eng_tok;
+
+typedef struct eng_tok_info {
+    int vocab_size;   /* largest id + 1 over the vocabulary and added tokens */
+    int n_merges;
+    int n_added;      /* added tokens (special or not) */
+    int32_t bos_id;   /* from tokenizer_config.json bos_token/eos_token/pad_token; -1 when absent */
+    int32_t eos_id;
+    int32_t pad_id;
+} eng_tok_info;
+
+/* Flags for encode and decode. */
+enum {
+    ENG_TOK_ALLOW_SPECIAL = 1, /* encode: special added tokens written in the text become their
+                                  ids; without it "<|im_end|>" in a user's text is plain text */
+    ENG_TOK_ADD_SPECIAL = 2,   /* encode: apply the post-processor (e.g. Llama-3's BOS) */
+    ENG_TOK_SKIP_SPECIAL = 4   /* decode: leave special tokens out */
+};
+
+/* Loads `path`: a model directory (tokenizer.json, plus tokenizer_config.json
+ * and chat_template.jinja when present) or a tokenizer.json file (its
+ * directory is searched for the others).  *out owns the tokenizer; free it
+ * with eng_tok_free. */
+int eng_tok_load(const char *path, eng_tok **out, char *err, size_t errlen);
+void eng_tok_free(eng_tok *tok);
+/* Borrowed; valid until eng_tok_free. */
+const eng_tok_info *eng_tok_get_info(const eng_tok *tok);
+/* Id of an added token with exactly this content, else of the vocabulary
+ * token whose bytes are exactly `text`; -1 when none. */
+int32_t eng_tok_token_id(const eng_tok *tok, const char *text);
+/* 1 when id is a special added token. */
+int eng_tok_is_special(const eng_tok *tok, int32_t id);
+/* The bytes an id decodes to (borrowed until eng_tok_free; may be part of a
+ * UTF-8 character).  ENG_EINVAL for an unknown id. */
+int eng_tok_id_to_bytes(const eng_tok *tok, int32_t id, const char **bytes, size_t *len);
+/* "bos", "eos" or "pad" token text from tokenizer_config.json; borrowed, NULL when absent. */
+const char *eng_tok_special_text(const eng_tok *tok, const char *which);
+
+/* Encodes len bytes of text.  *ids (caller frees with free()) receives
+ * *n_ids ids. */
+int eng_tok_encode(const eng_tok *tok, const char *text, size_t len, unsigned flags,
+                   int32_t **ids, size_t *n_ids, char *err, size_t errlen);
+
+/* Encodes the concatenation of segments as one text (pre-tokenization runs
+ * across segment borders exactly as over the joined string); special tokens
+ * are recognised only inside segments with allow_special set (or everywhere
+ * with ENG_TOK_ALLOW_SPECIAL).  The joined text must be valid UTF-8. */
+typedef struct eng_tok_segment {
+    const char *text;
+    size_t len;
+    int allow_special;
+} eng_tok_segment;
+int eng_tok_encode_segments(const eng_tok *tok, const eng_tok_segment *segs, size_t n_segs, unsigned flags,
+                            int32_t **ids, size_t *n_ids, char *err, size_t errlen);
+
+/* The tokenizer's normalizer (NFC for Qwen2) over text, after U+FFFD
+ * replacement of invalid UTF-8.  *out (NUL-terminated, caller frees) */
+int eng_tok_normalize(const eng_tok *tok, const char *text, size_t len, char **out, size_t *out_len);
+
+/* Decodes ids to UTF-8 text (invalid byte sequences become U+FFFD, as in
+ * tokenizers).  Unknown ids are skipped.  *text is NUL-terminated; caller
+ * frees it with free(). */
+int eng_tok_decode(const eng_tok *tok, const int32_t *ids, size_t n, unsigned flags,
+                   char **text, size_t *len, char *err, size_t errlen);
+
+/* Incremental decoder for streaming: push ids one at a time; each call gives
+ * the text that became complete (never half a UTF-8 character: a token that
+ * ends inside a character is held until the rest arrives).  The pieces of
+ * all pushes plus the flush equal eng_tok_decode of the same ids.  `tok` is
+ * borrowed and must outlive the stream; one stream per sequence. */
+typedef struct eng_tok_stream eng_tok_stream;
+int eng_tok_stream_create(const eng_tok *tok, unsigned flags, eng_tok_stream **out);
+void eng_tok_stream_free(eng_tok_stream *s);
+/* *text is borrowed until the next call on this stream (may be empty). */
+int eng_tok_stream_push(eng_tok_stream *s, int32_t id, const char **text, size_t *len);
+/* Ends the stream: held bytes of an unfinished character come out as U+FFFD. */
+int eng_tok_stream_flush(eng_tok_stream *s, const char **text, size_t *len);
+/* Drops held bytes and starts over. */
+void eng_tok_stream_reset(eng_tok_stream *s);
+
+/* Chat templates (engine/chat.c). */
+
+/* The chat_template text from the model directory; borrowed, NULL if none. */
+const char *eng_tok_chat_template_source(const eng_tok *tok);
+
+typedef struct eng_tok_message {
+    const char *role;    /* "system", "user", "assistant", "tool" (NUL-terminated) */
+    const char *content; /* UTF-8, content_len bytes */
+    size_t content_len;
+} eng_tok_message;
+
+typedef struct eng_tok_chat_params {
+    const char *template_name; /* NULL: recognise the directory's chat_template; else one of
+                                  "chatml", "qwen2", "qwen2.5", "llama3", "llama3.1", "llama3.2" */
+    const char *date_string;   /* Llama 3.1/3.2 "Today Date"; NULL: the family default
+                                  ("26 Jul 2024" for 3.1, today for 3.2) */
+} eng_tok_chat_params;
+
+/* Resolves the template: *name receives a static string ("qwen2.5", ...).
+ * ENG_EUNSUPPORTED with a message when the directory's template is not one
+ * we know (we never guess a prompt format). */
+int eng_tok_chat_template_name(const eng_tok *tok, const eng_tok_chat_params *p, const char **name,
+                               char *err, size_t errlen);
+/* Renders messages as the template does (what transformers'
+ * apply_chat_template(tokenize=False) gives).  *text NUL-terminated, caller frees. */
+int eng_tok_chat_apply(const eng_tok *tok, const eng_tok_message *msgs, size_t n, int add_generation_prompt,
+                       const eng_tok_chat_params *p, char **text, size_t *len, char *err, size_t errlen);
+/* Renders and encodes: special tokens come only from the template, never
+ * from message content (so a user cannot inject <|im_end|>).  Equal to
+ * apply_chat_template(tokenize=True) when no content contains a special token. */
+int eng_tok_chat_encode(const eng_tok *tok, const eng_tok_message *msgs, size_t n, int add_generation_prompt,
+                        const eng_tok_chat_params *p, int32_t **ids, size_t *n_ids, char *err, size_t errlen);
+/* The ids that end an assistant turn for this template (e.g. <|im_end|>,
+ * <|endoftext|>; <|eot_id|>, <|end_of_text|>, <|eom_id|>): up to max ids into
+ * out; returns the count, or a negative status. */
+int eng_tok_chat_stop_ids(const eng_tok *tok, const eng_tok_chat_params *p, int32_t *out, int max);
+
 #ifdef __cplusplus
 }
 #endif

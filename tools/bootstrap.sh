@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS="build-essential autoconf automake pkg-config libjansson-dev libuv1-dev
-      libmicrohttpd-dev librocksdb-dev check libsubunit-dev libsystemd-dev libpcre2-dev
+      libmicrohttpd-dev librocksdb-dev check libsubunit-dev libsystemd-dev libpcre2-dev libinih-dev
       python3 python3-pip curl"
 JOBS=${JOBS:-$(nproc)}
 
@@ -42,6 +42,11 @@ deps() {
             log "installing numpy from PyPI for $(command -v python3)"
             python3 -m pip install -q numpy
         fi
+    fi
+    # Server black-box tests: the official openai client (PyPI).
+    if ! python3 -c 'import openai' 2>/dev/null; then
+        log "installing openai from PyPI for $(command -v python3)"
+        python3 -m pip install -q openai || python3 -m pip install -q --break-system-packages openai
     fi
 }
 

@@ -16,8 +16,10 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-        "usage: mkad-cli --model DIR --prompt-ids 1,2,3 [options]\n"
+        "usage: mkad-cli --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [options]\n"
         "  --model DIR              Hugging Face model directory\n"
+        "  --prompt TEXT            prompt text, encoded with DIR's tokenizer.json\n"
+        "  --chat                   wrap --prompt as one user message in DIR's chat template\n"
         "  --prompt-ids LIST        comma-separated prompt token ids\n"
         "  --max-tokens N           tokens to generate (default 16; 0 = only evaluate the prompt)\n"
         "  --temperature T          0 = greedy (default 0)\n"
@@ -120,17 +122,20 @@ static void *read_file(const char *path, size_t *len)
 
 int main(int argc, char **argv)
 {
-    const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL;
-    int max_tokens = 16, chunk = 512, ignore_eos = 0;
+    const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL, *text_arg = NULL;
+    int max_tokens = 16, chunk = 512, ignore_eos = 0, chat = 0;
+    eng_tok *tkz = NULL;
     eng_params ep = eng_default_params();
     eng_sampler_params sp = eng_sampler_default_params();
     sp.temperature = 0.0f;
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
-           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP };
+           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
         { "prompt-ids", required_argument, 0, O_IDS },
+        { "prompt", required_argument, 0, O_PROMPT },
+        { "chat", no_argument, 0, O_CHAT },
         { "max-tokens", required_argument, 0, O_MAX },
         { "temperature", required_argument, 0, O_TEMP },
         { "top-k", required_argument, 0, O_TOPK },
@@ -152,6 +157,8 @@ int main(int argc, char **argv)
         switch (c) {
         case O_MODEL: model_dir = optarg; break;
         case O_IDS: ids_arg = optarg; break;
+        case O_PROMPT: text_arg = optarg; break;
+        case O_CHAT: chat = 1; break;
         case O_MAX: bad |= parse_int("--max-tokens", optarg, 0, 1 << 24, &max_tokens); break;
         case O_TEMP: bad |= parse_float("--temperature", optarg, &sp.temperature); break;
         case O_TOPK: bad |= parse_int("--top-k", optarg, 0, INT_MAX, &sp.top_k); break;
@@ -178,8 +185,8 @@ int main(int argc, char **argv)
         default: bad = 1;
         }
     }
-    if (bad || optind != argc || !model_dir || !ids_arg) {
-        if (!bad) fprintf(stderr, "mkad-cli: --model and --prompt-ids are required\n");
+    if (bad || optind != argc || !model_dir || !ids_arg == !text_arg || (chat && !text_arg)) {
+        if (!bad) fprintf(stderr, "mkad-cli: --model and one of --prompt or --prompt-ids are required (--chat needs --prompt)\n");
         usage(stderr);
         return 2;
     }
@@ -189,8 +196,32 @@ int main(int argc, char **argv)
         return 2;
     }
     int n_prompt = 0;
-    int32_t *prompt = parse_ids(ids_arg, &n_prompt);
-    if (!prompt) return 2;
+    int32_t *prompt = NULL;
+    if (text_arg) {
+        /* the user's text: special tokens in it stay text */
+        size_t n_ids = 0;
+        int trc;
+        if ((trc = eng_tok_load(model_dir, &tkz, err, sizeof err)) != ENG_OK) {
+            fprintf(stderr, "mkad-cli: tokenizer: %s\n", err);
+            return 1;
+        }
+        if (chat) {
+            eng_tok_message m = { "user", text_arg, strlen(text_arg) };
+            trc = eng_tok_chat_encode(tkz, &m, 1, 1, NULL, &prompt, &n_ids, err, sizeof err);
+        } else {
+            trc = eng_tok_encode(tkz, text_arg, strlen(text_arg), 0, &prompt, &n_ids, err, sizeof err);
+        }
+        if (trc != ENG_OK || n_ids == 0 || n_ids > INT_MAX / 2) {
+            fprintf(stderr, "mkad-cli: --prompt: %s\n", trc != ENG_OK ? err : "no tokens");
+            free(prompt);
+            eng_tok_free(tkz);
+            return trc != ENG_OK ? 1 : 2;
+        }
+        n_prompt = (int)n_ids;
+        fprintf(stderr, "event=prompt_encoded tokens=%d\n", n_prompt);
+    } else if (!(prompt = parse_ids(ids_arg, &n_prompt))) {
+        return 2;
+    }
 
     double t0 = now_s();
     eng_model *model = NULL;
@@ -198,6 +229,7 @@ int main(int argc, char **argv)
     if (rc != ENG_OK) {
         fprintf(stderr, "mkad-cli: cannot load model: %s\n", err);
         free(prompt);
+        eng_tok_free(tkz);
         return 1;
     }
     const eng_model_info *mi = eng_model_get_info(model);
@@ -284,6 +316,15 @@ int main(int argc, char **argv)
     double decode_s = now_s() - td;
     for (int i = 0; i < n_out; i++) printf(i ? " %d" : "%d", (int)out_ids[i]);
     printf("\n");
+    if (tkz) { /* the generated text, special tokens left out */
+        char *text = NULL;
+        size_t tl = 0;
+        if (eng_tok_decode(tkz, out_ids, (size_t)n_out, ENG_TOK_SKIP_SPECIAL, &text, &tl, err, sizeof err) == ENG_OK) {
+            fwrite(text, 1, tl, stdout);
+            printf("\n");
+        }
+        free(text);
+    }
     fprintf(stderr, "event=done prompt_tokens=%d prefill_s=%.4f prefill_tok_s=%.1f generated=%d "
             "decode_s=%.4f decode_tok_s=%.2f threads=%d\n", n_prompt, prefill_s,
             prefill_s > 0 ? n_prompt / prefill_s : 0.0, n_out, decode_s,
@@ -298,5 +339,6 @@ done:
     free(logits);
     free(out_ids);
     free(prompt);
+    eng_tok_free(tkz);
     return status;
 }

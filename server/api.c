@@ -1,0 +1,739 @@
+/*
+ * api.c — the OpenAI-compatible request and response shapes.
+ *
+ * srv_genreq_parse turns a JSON body into a validated srv_genreq or an
+ * srv_error naming the offending field; the builders produce the JSON bodies
+ * and the Server-Sent Events of /v1/completions and /v1/chat/completions.
+ * Everything here is a pure function of its arguments (no I/O, no globals),
+ * so tests/test_server.c exercises it directly.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "srv_internal.h"
+
+/* ---- errors --------------------------------------------------------------- */
+
+void srv_error_set(srv_error *e, int status, const char *type, const char *param,
+                   const char *code, const char *fmt, ...)
+{
+    e->status = status;
+    e->type = type;
+    e->code = code;
+    snprintf(e->param, sizeof e->param, "%s", param ? param : "");
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    va_end(ap);
+}
+
+/* A JSON string from arbitrary bytes: invalid UTF-8 becomes U+FFFD. */
+static json_t *json_text(const char *s, size_t n)
+{
+    json_t *j = json_stringn(s ? s : "", s ? n : 0);
+    if (j) return j;
+    srv_buf b = { 0 };
+    for (size_t i = 0; i < n;) {
+        unsigned char c = (unsigned char)s[i];
+        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+        int ok = len > 0 && i + len <= n && c != 0;
+        for (size_t k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + k] >> 6) == 2;
+        if (ok && len > 1) {
+            /* let jansson judge overlongs and surrogates on the one sequence */
+            json_t *t = json_stringn(s + i, len);
+            ok = t != NULL;
+            json_decref(t);
+        }
+        if (ok) {
+            srv_buf_append(&b, s + i, len);
+            i += len;
+        } else {
+            srv_buf_append(&b, "\xef\xbf\xbd", 3);
+            i++;
+        }
+    }
+    j = json_stringn(b.data ? b.data : "", b.len);
+    srv_buf_free(&b);
+    return j;
+}
+
+char *srv_error_json(const srv_error *e)
+{
+    json_t *o = json_pack("{s:{s:s, s:s, s:o, s:o}}", "error", "message", e->message, "type",
+                          e->type ? e->type : "invalid_request_error", "param",
+                          e->param[0] ? json_string(e->param) : json_null(), "code",
+                          e->code ? json_string(e->code) : json_null());
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (!s) s = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\","
+                       "\"param\":null,\"code\":null}}");
+    return s;
+}
+
+/* ---- request parsing -------------------------------------------------------- */
+
+#define BAD(param, ...) \
+    do { srv_error_set(err, 400, "invalid_request_error", param, NULL, __VA_ARGS__); goto fail; } while (0)
+#define BADC(code, param, ...) \
+    do { srv_error_set(err, 400, "invalid_request_error", param, code, __VA_ARGS__); goto fail; } while (0)
+
+/* Field getters: absent and null mean "not given" (return 0); a present
+ * field of the wrong type or range fills err and returns -1; 1 = got it. */
+static int get_int(json_t *o, const char *k, long long lo, long long hi, long long *out,
+                   srv_error *err)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_integer(v)) {
+        srv_error_set(err, 400, "invalid_request_error", k, NULL,
+                      "'%s' must be an integer", k);
+        return -1;
+    }
+    long long x = json_integer_value(v);
+    if (x < lo || x > hi) {
+        srv_error_set(err, 400, "invalid_request_error", k, NULL,
+                      "'%s' must be between %lld and %lld, got %lld", k, lo, hi, x);
+        return -1;
+    }
+    *out = x;
+    return 1;
+}
+
+static int get_num(json_t *o, const char *k, double lo, double hi, int lo_open, double *out,
+                   srv_error *err)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_number(v)) {
+        srv_error_set(err, 400, "invalid_request_error", k, NULL, "'%s' must be a number", k);
+        return -1;
+    }
+    double x = json_number_value(v);
+    if (!isfinite(x) || x < lo || x > hi || (lo_open && x <= lo)) {
+        srv_error_set(err, 400, "invalid_request_error", k, NULL,
+                      "'%s' must be in %s%g, %g], got %g", k, lo_open ? "(" : "[", lo, hi, x);
+        return -1;
+    }
+    *out = x;
+    return 1;
+}
+
+static int get_bool(json_t *o, const char *k, int *out, srv_error *err)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_boolean(v)) {
+        srv_error_set(err, 400, "invalid_request_error", k, NULL, "'%s' must be a boolean", k);
+        return -1;
+    }
+    *out = json_is_true(v);
+    return 1;
+}
+
+/* Token ids from a JSON array of integers.  Returns a new array or NULL with
+ * err filled. */
+static int32_t *parse_ids(json_t *a, const char *param, int vocab, int *n_out, srv_error *err)
+{
+    size_t n = json_array_size(a);
+    if (n == 0) {
+        srv_error_set(err, 400, "invalid_request_error", param, NULL, "'%s' must not be empty", param);
+        return NULL;
+    }
+    if (n > (1u << 24)) {
+        srv_error_set(err, 400, "invalid_request_error", param, "context_length_exceeded",
+                      "'%s' has too many tokens (%zu)", param, n);
+        return NULL;
+    }
+    int32_t *ids = malloc(n * sizeof *ids);
+    if (!ids) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_array_get(a, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) >= vocab) {
+            srv_error_set(err, 400, "invalid_request_error", param, NULL,
+                          "'%s'[%zu] must be a token id in [0, %d)", param, i, vocab);
+            free(ids);
+            return NULL;
+        }
+        ids[i] = (int32_t)json_integer_value(v);
+    }
+    *n_out = (int)n;
+    return ids;
+}
+
+/* Ids from a tokenizer must still be in the model's vocabulary. */
+static int check_ids(const srv_genreq *r, const srv_model_desc *md, const char *param, srv_error *err)
+{
+    for (int i = 0; i < r->n_prompt; i++)
+        if (r->prompt[i] < 0 || r->prompt[i] >= md->vocab_size) {
+            srv_error_set(err, 500, "server_error", param, NULL,
+                          "the tokenizer produced id %d outside the model's vocabulary (%d)",
+                          (int)r->prompt[i], md->vocab_size);
+            return -1;
+        }
+    return 0;
+}
+
+static const char *no_tokenizer_msg =
+    "this model directory has no tokenizer.json, so text prompts cannot be tokenized; send "
+    "'prompt' as an array of token ids (/v1/completions) or 'prompt_token_ids' "
+    "(/v1/chat/completions)";
+
+/* The completions 'prompt': token ids, [[ids]] or a single string. */
+static int parse_prompt(json_t *root, srv_genreq *r, const srv_model_desc *md, srv_error *err)
+{
+    json_t *p = json_object_get(root, "prompt");
+    if (!p || json_is_null(p)) BAD("prompt", "'prompt' is required");
+    if (json_is_array(p) && json_array_size(p) > 0) {
+        json_t *first = json_array_get(p, 0);
+        if (json_is_array(first) || json_is_string(first)) {
+            if (json_array_size(p) > 1)
+                BAD("prompt", "batched prompts (a list of %zu prompts) are not supported; send "
+                    "one prompt per request", json_array_size(p));
+            p = first;
+        }
+    }
+    if (json_is_string(p)) {
+        if (!md->codec) {
+            srv_error_set(err, 400, "invalid_request_error", "prompt", "no_tokenizer", "%s",
+                          no_tokenizer_msg);
+            return -1;
+        }
+        char msg[256] = "";
+        if (json_string_length(p) == 0) BAD("prompt", "'prompt' must not be empty");
+        if (md->codec->encode(md->codec->ctx, json_string_value(p), json_string_length(p),
+                              &r->prompt, &r->n_prompt, msg, sizeof msg) != 0)
+            BAD("prompt", "'prompt' cannot be tokenized: %s", msg);
+        if (r->n_prompt == 0) BAD("prompt", "'prompt' has no tokens");
+        return check_ids(r, md, "prompt", err);
+    }
+    if (!json_is_array(p))
+        BAD("prompt", "'prompt' must be a string or an array of token ids");
+    r->prompt = parse_ids(p, "prompt", md->vocab_size, &r->n_prompt, err);
+    return r->prompt ? 0 : -1;
+fail:
+    return -1;
+}
+
+/* Chat: validates 'messages'; the prompt comes from the tokenizer's chat
+ * template or, as an extension, from 'prompt_token_ids'. */
+static int parse_messages(json_t *root, srv_genreq *r, const srv_model_desc *md, srv_error *err)
+{
+    static const char *const roles[] = { "system", "developer", "user", "assistant", "tool" };
+    json_t *msgs = json_object_get(root, "messages");
+    if (!msgs || json_is_null(msgs)) BAD("messages", "'messages' is required");
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0)
+        BAD("messages", "'messages' must be a non-empty array");
+    for (size_t i = 0; i < json_array_size(msgs); i++) {
+        json_t *m = json_array_get(msgs, i);
+        char param[48];
+        snprintf(param, sizeof param, "messages[%zu]", i);
+        if (!json_is_object(m)) BAD(param, "'%s' must be an object", param);
+        json_t *role = json_object_get(m, "role");
+        if (!json_is_string(role)) BAD(param, "'%s.role' must be a string", param);
+        int ok = 0;
+        for (size_t k = 0; k < sizeof roles / sizeof *roles; k++)
+            ok |= strcmp(json_string_value(role), roles[k]) == 0;
+        if (!ok)
+            BAD(param, "'%s.role' must be one of system, developer, user, assistant, tool", param);
+        json_t *c = json_object_get(m, "content");
+        if (json_is_array(c)) {
+            for (size_t k = 0; k < json_array_size(c); k++) {
+                json_t *part = json_array_get(c, k);
+                json_t *type = json_object_get(part, "type");
+                if (!json_is_object(part) || !json_is_string(type) ||
+                    strcmp(json_string_value(type), "text") != 0 ||
+                    !json_is_string(json_object_get(part, "text")))
+                    BAD(param, "'%s.content' parts must be {\"type\": \"text\", \"text\": ...}", param);
+            }
+        } else if (!json_is_string(c) &&
+                   !(json_is_null(c) && strcmp(json_string_value(role), "assistant") == 0)) {
+            BAD(param, "'%s.content' must be a string or an array of text parts", param);
+        }
+    }
+    json_t *ids = json_object_get(root, "prompt_token_ids");
+    if (ids && !json_is_null(ids)) {
+        if (!json_is_array(ids)) BAD("prompt_token_ids", "'prompt_token_ids' must be an array of token ids");
+        r->prompt = parse_ids(ids, "prompt_token_ids", md->vocab_size, &r->n_prompt, err);
+        return r->prompt ? 0 : -1;
+    }
+    if (!md->codec) {
+        srv_error_set(err, 400, "invalid_request_error", "messages", "no_tokenizer", "%s",
+                      no_tokenizer_msg);
+        return -1;
+    }
+    char msg[256] = "";
+    if (md->codec->chat(md->codec->ctx, msgs, &r->prompt, &r->n_prompt, msg, sizeof msg) != 0)
+        BAD("messages", "'messages' cannot be rendered with the chat template: %s", msg);
+    if (r->n_prompt == 0) BAD("messages", "'messages' gave no tokens");
+    return check_ids(r, md, "messages", err);
+fail:
+    return -1;
+}
+
+static int parse_stop(json_t *root, srv_genreq *r, srv_error *err)
+{
+    json_t *s = json_object_get(root, "stop");
+    if (!s || json_is_null(s)) return 0;
+    json_t *one[1] = { s };
+    json_t **items = one;
+    size_t n = 1;
+    json_t *arr[SRV_MAX_STOP];
+    if (json_is_array(s)) {
+        n = json_array_size(s);
+        if (n > SRV_MAX_STOP) BAD("stop", "'stop' may hold at most %d strings", SRV_MAX_STOP);
+        for (size_t i = 0; i < n; i++) arr[i] = json_array_get(s, i);
+        items = arr;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (!json_is_string(items[i])) BAD("stop", "'stop' must be a string or an array of strings");
+        size_t len = json_string_length(items[i]);
+        if (len > SRV_MAX_STOP_LEN) BAD("stop", "stop strings may be at most %d bytes", SRV_MAX_STOP_LEN);
+        if (len == 0 || memchr(json_string_value(items[i]), 0, len)) continue;
+        if (!(r->stop[r->n_stop] = strdup(json_string_value(items[i])))) {
+            srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+            return -1;
+        }
+        r->n_stop++;
+    }
+    return 0;
+fail:
+    return -1;
+}
+
+static int valid_session_id(const char *s, size_t n)
+{
+    if (n == 0 || n > SRV_SESSION_ID_MAX) return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '-' || c == '_' || c == '.' || c == ':'))
+            return 0;
+    }
+    return 1;
+}
+
+int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_desc *md,
+                     const char *session_hdr, srv_genreq **out, srv_error *err)
+{
+    *out = NULL;
+    json_error_t jerr;
+    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES, &jerr);
+    srv_genreq *r = calloc(1, sizeof *r);
+    long long iv;
+    double dv;
+    int bv, got;
+    if (!r) {
+        json_decref(root);
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    r->chat = chat;
+    /* Raw NUL bytes are never valid JSON, but jansson's lexer skips some. */
+    if (body && memchr(body, 0, len))
+        BADC("invalid_json", NULL, "the request body contains a NUL byte");
+    if (!root)
+        BADC("invalid_json", NULL, "We could not parse the JSON body of your request: %s "
+             "(line %d, column %d)", jerr.text, jerr.line, jerr.column);
+    if (!json_is_object(root)) BADC("invalid_json", NULL, "the request body must be a JSON object");
+
+    json_t *model = json_object_get(root, "model");
+    if (!model || json_is_null(model)) BAD("model", "'model' is required");
+    if (!json_is_string(model)) BAD("model", "'model' must be a string");
+    if (strcmp(json_string_value(model), md->name) != 0) {
+        char q[80];
+        snprintf(q, sizeof q, "%.64s", json_string_value(model));
+        srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
+                      "The model '%s' does not exist; this server serves '%s'", q, md->name);
+        goto fail;
+    }
+    if (!(r->model = strdup(json_string_value(model)))) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        goto fail;
+    }
+
+    /* Sampling.  OpenAI's defaults: temperature 1, top_p 1. */
+    r->sp = eng_sampler_default_params();
+    r->sp.temperature = 1.0f;
+    if ((got = get_num(root, "temperature", 0, 2, 0, &dv, err)) < 0) goto fail;
+    if (got) r->sp.temperature = (float)dv;
+    if ((got = get_num(root, "top_p", 0, 1, 1, &dv, err)) < 0) goto fail;
+    if (got) r->sp.top_p = (float)dv;
+    if ((got = get_int(root, "top_k", -1, 1 << 30, &iv, err)) < 0) goto fail;
+    if (got) r->sp.top_k = iv < 0 ? 0 : (int)iv;
+    if ((got = get_num(root, "min_p", 0, 1, 0, &dv, err)) < 0) goto fail;
+    if (got) r->sp.min_p = (float)dv;
+    if ((got = get_num(root, "repetition_penalty", 0, 10, 1, &dv, err)) < 0) goto fail;
+    if (got) r->sp.repetition_penalty = (float)dv;
+    if ((got = get_int(root, "seed", INT64_MIN, INT64_MAX, &iv, err)) < 0) goto fail;
+    if (got) {
+        r->sp.seed = (uint64_t)iv;
+        r->has_seed = 1;
+    }
+    char emsg[256];
+    if (eng_sampler_params_validate(&r->sp, emsg, sizeof emsg) != ENG_OK) BAD(NULL, "%s", emsg);
+
+    /* Unsupported features: refuse non-default values rather than ignore them. */
+    if ((got = get_int(root, "n", 1, 128, &iv, err)) < 0) goto fail;
+    if (got && iv != 1) BAD("n", "'n' > 1 is not supported; send %lld requests with different seeds", iv);
+    if ((got = get_int(root, "best_of", 1, 128, &iv, err)) < 0) goto fail;
+    if (got && iv != 1) BAD("best_of", "'best_of' > 1 is not supported");
+    if ((got = get_bool(root, "echo", &bv, err)) < 0) goto fail;
+    if (got && bv) BAD("echo", "'echo' is not supported");
+    if ((got = get_num(root, "presence_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
+    if (got && dv != 0) BAD("presence_penalty", "'presence_penalty' is not supported (use the 'repetition_penalty' extension)");
+    if ((got = get_num(root, "frequency_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
+    if (got && dv != 0) BAD("frequency_penalty", "'frequency_penalty' is not supported (use the 'repetition_penalty' extension)");
+    json_t *v = json_object_get(root, "suffix");
+    if (v && !json_is_null(v)) BAD("suffix", "'suffix' is not supported");
+    v = json_object_get(root, "logit_bias");
+    if (v && !json_is_null(v) && !(json_is_object(v) && json_object_size(v) == 0))
+        BAD("logit_bias", "'logit_bias' is not supported");
+    v = json_object_get(root, "tools");
+    if (v && !json_is_null(v) && !(json_is_array(v) && json_array_size(v) == 0))
+        BAD("tools", "'tools' is not supported");
+    v = json_object_get(root, "functions");
+    if (v && !json_is_null(v)) BAD("functions", "'functions' is not supported");
+    v = json_object_get(root, "response_format");
+    if (v && !json_is_null(v)) {
+        json_t *t = json_object_get(v, "type");
+        if (!json_is_object(v) || !json_is_string(t) || strcmp(json_string_value(t), "text") != 0)
+            BAD("response_format", "only response_format {\"type\": \"text\"} is supported");
+    }
+    v = json_object_get(root, "user");
+    if (v && !json_is_null(v) && !json_is_string(v)) BAD("user", "'user' must be a string");
+
+    /* Streaming. */
+    if (get_bool(root, "stream", &r->stream, err) < 0) goto fail;
+    v = json_object_get(root, "stream_options");
+    if (v && !json_is_null(v)) {
+        if (!json_is_object(v)) BAD("stream_options", "'stream_options' must be an object");
+        if (!r->stream)
+            BAD("stream_options", "'stream_options' is only allowed when 'stream' is true");
+        json_t *iu = json_object_get(v, "include_usage");
+        if (iu && !json_is_null(iu)) {
+            if (!json_is_boolean(iu))
+                BAD("stream_options.include_usage", "'stream_options.include_usage' must be a boolean");
+            r->include_usage = json_is_true(iu);
+        }
+    }
+
+    /* Log-probabilities. */
+    if (chat) {
+        if (get_bool(root, "logprobs", &r->logprobs, err) < 0) goto fail;
+        if ((got = get_int(root, "top_logprobs", 0, SRV_MAX_TOP_LOGPROBS, &iv, err)) < 0) goto fail;
+        if (got) {
+            if (!r->logprobs) BAD("top_logprobs", "'top_logprobs' requires 'logprobs': true");
+            r->top_logprobs = (int)iv;
+        }
+    } else {
+        json_t *lp = json_object_get(root, "logprobs");
+        if (json_is_boolean(lp)) {
+            r->logprobs = json_is_true(lp);
+        } else {
+            if ((got = get_int(root, "logprobs", 0, 5, &iv, err)) < 0) goto fail;
+            if (got) {
+                r->logprobs = 1;
+                r->top_logprobs = (int)iv;
+            }
+        }
+    }
+
+    /* Extensions. */
+    if (get_bool(root, "ignore_eos", &r->ignore_eos, err) < 0) goto fail;
+    r->codec = md->codec;
+    r->return_token_ids = md->codec == NULL;
+    if ((got = get_bool(root, "return_token_ids", &bv, err)) < 0) goto fail;
+    if (got) r->return_token_ids = bv;
+    v = json_object_get(root, "session_id");
+    if (v && !json_is_null(v)) {
+        if (!json_is_string(v) || !valid_session_id(json_string_value(v), json_string_length(v)))
+            BAD("session_id", "'session_id' must be 1-%d characters of [A-Za-z0-9._:-]",
+                SRV_SESSION_ID_MAX);
+        strcpy(r->session_id, json_string_value(v));
+    } else if (session_hdr && *session_hdr) {
+        if (!valid_session_id(session_hdr, strlen(session_hdr)))
+            BAD("X-Session-Id", "the X-Session-Id header must be 1-%d characters of [A-Za-z0-9._:-]",
+                SRV_SESSION_ID_MAX);
+        strcpy(r->session_id, session_hdr);
+    }
+
+    if (parse_stop(root, r, err) < 0) goto fail;
+    if ((chat ? parse_messages(root, r, md, err) : parse_prompt(root, r, md, err)) < 0) goto fail;
+
+    /* Lengths: prompt + completion must fit the context. */
+    long long max_tokens = -1;
+    const char *mt_name = "max_tokens";
+    if ((got = get_int(root, "max_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
+    if (got) max_tokens = iv;
+    if (chat) {
+        if ((got = get_int(root, "max_completion_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
+        if (got) {
+            max_tokens = iv;
+            mt_name = "max_completion_tokens";
+        }
+    }
+    if (r->n_prompt >= md->max_ctx)
+        BADC("context_length_exceeded", chat ? "messages" : "prompt",
+             "This model's maximum context length is %d tokens, but the prompt has %d tokens",
+             md->max_ctx, r->n_prompt);
+    if (max_tokens < 0) {
+        int room = md->max_ctx - r->n_prompt;
+        max_tokens = chat || md->default_max_tokens <= 0 ? room
+                     : (md->default_max_tokens < room ? md->default_max_tokens : room);
+    } else if (r->n_prompt + max_tokens > md->max_ctx) {
+        BADC("context_length_exceeded", mt_name,
+             "This model's maximum context length is %d tokens. However, you requested %lld "
+             "tokens (%d in the prompt, %lld for the completion)", md->max_ctx,
+             r->n_prompt + max_tokens, r->n_prompt, max_tokens);
+    }
+    r->max_tokens = (int)max_tokens;
+
+    json_decref(root);
+    *out = r;
+    return 0;
+fail:
+    json_decref(root);
+    srv_genreq_free(r);
+    return -1;
+}
+
+void srv_genreq_free(srv_genreq *r)
+{
+    if (!r) return;
+    free(r->model);
+    free(r->prompt);
+    for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
+    free(r);
+}
+
+/* ---- text ------------------------------------------------------------------- */
+
+size_t srv_token_piece(const srv_codec *c, int32_t tok, int first, char *buf)
+{
+    if (c) {
+        int n = c->token_bytes(c->ctx, tok, buf, SRV_PIECE_MAX);
+        return n < 0 ? 0 : (size_t)n;
+    }
+    int n = snprintf(buf, SRV_PIECE_MAX, first ? "%d" : " %d", (int)tok);
+    return n < 0 ? 0 : (size_t)n;
+}
+
+/* Backs `end` up so that text[0, end) does not end inside a UTF-8 sequence
+ * (the rest follows with the next token). */
+static size_t utf8_boundary(const char *t, size_t len, size_t end)
+{
+    if (end > len) end = len;
+    size_t p = end;
+    while (p > 0 && end - p < 4 && ((unsigned char)t[p - 1] & 0xc0) == 0x80) p--;
+    if (p == 0) return end;
+    unsigned char lead = (unsigned char)t[p - 1];
+    size_t need = lead < 0x80 ? 1 : (lead >> 5) == 6 ? 2 : (lead >> 4) == 14 ? 3 : (lead >> 3) == 30 ? 4 : 1;
+    return (p - 1) + need > end ? p - 1 : end;
+}
+
+size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop, int n_stop,
+                     int *stopped)
+{
+    *stopped = 0;
+    if (n_stop == 0) return utf8_boundary(text, len, len);
+    size_t maxlen = 0;
+    for (int i = 0; i < n_stop; i++)
+        if (strlen(stop[i]) > maxlen) maxlen = strlen(stop[i]);
+    /* A match must end after `emitted` (earlier text was checked before). */
+    size_t from = emitted >= maxlen ? emitted - maxlen + 1 : 0;
+    size_t best = (size_t)-1;
+    for (int i = 0; i < n_stop; i++) {
+        size_t sl = strlen(stop[i]);
+        for (size_t p = from; p + sl <= len; p++) {
+            if (memcmp(text + p, stop[i], sl) == 0) {
+                if (p < best) best = p;
+                break;
+            }
+        }
+    }
+    if (best != (size_t)-1) {
+        *stopped = 1;
+        return best < emitted ? emitted : best;
+    }
+    /* Hold back the longest tail that is a proper prefix of a stop string. */
+    size_t hold = 0;
+    for (int i = 0; i < n_stop; i++) {
+        size_t sl = strlen(stop[i]);
+        for (size_t k = sl - 1; k > hold; k--) {
+            if (k <= len && memcmp(text + len - k, stop[i], k) == 0) {
+                hold = k;
+                break;
+            }
+        }
+    }
+    size_t end = len - hold;
+    if (end < emitted) end = emitted;
+    return utf8_boundary(text, len, end);
+}
+
+/* ---- responses ---------------------------------------------------------------- */
+
+static json_t *usage_json(const srv_usage *u)
+{
+    return json_pack("{s:i, s:i, s:i, s:{s:i}}", "prompt_tokens", u->prompt_tokens,
+                     "completion_tokens", u->completion_tokens, "total_tokens",
+                     u->prompt_tokens + u->completion_tokens, "prompt_tokens_details",
+                     "cached_tokens", u->cached_tokens);
+}
+
+static json_t *ids_json(const int32_t *ids, int n)
+{
+    json_t *a = json_array();
+    for (int i = 0; a && i < n; i++) json_array_append_new(a, json_integer(ids[i]));
+    return a;
+}
+
+/* A logprobs entry's token text (as the lone token: no separator). */
+static json_t *tok_str(const srv_codec *c, int32_t tok)
+{
+    char b[SRV_PIECE_MAX];
+    size_t n = srv_token_piece(c, tok, 1, b);
+    return json_text(b, n);
+}
+
+static json_t *bytes_json(const srv_codec *c, int32_t tok)
+{
+    char b[SRV_PIECE_MAX];
+    size_t n = srv_token_piece(c, tok, 1, b);
+    json_t *a = json_array();
+    for (size_t i = 0; a && i < n; i++) json_array_append_new(a, json_integer((unsigned char)b[i]));
+    return a;
+}
+
+/* logprobs object: chat {"content": [...]}, completions {tokens, token_logprobs,
+ * top_logprobs, text_offset}.  text_base: byte offset of the first token. */
+static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *lp, int n, size_t text_base)
+{
+    if (!r->logprobs || n == 0) return json_null();
+    if (r->chat) {
+        json_t *content = json_array();
+        for (int i = 0; content && i < n; i++) {
+            json_t *top = json_array();
+            for (int k = 0; top && k < lp[i].n_top; k++)
+                json_array_append_new(top, json_pack("{s:o, s:f, s:o}", "token",
+                                                     tok_str(r->codec, lp[i].top_tokens[k]), "logprob",
+                                                     (double)lp[i].top_logprobs[k], "bytes",
+                                                     bytes_json(r->codec, lp[i].top_tokens[k])));
+            json_array_append_new(content, json_pack("{s:o, s:f, s:o, s:o}", "token",
+                                                     tok_str(r->codec, lp[i].token), "logprob",
+                                                     (double)lp[i].logprob, "bytes",
+                                                     bytes_json(r->codec, lp[i].token), "top_logprobs", top));
+        }
+        return json_pack("{s:o}", "content", content);
+    }
+    json_t *tokens = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
+    size_t pos = text_base;
+    for (int i = 0; i < n; i++) {
+        char piece[SRV_PIECE_MAX];
+        size_t pl = srv_token_piece(r->codec, lp[i].token, pos == 0, piece);
+        json_array_append_new(tokens, json_text(piece, pl));
+        json_array_append_new(tlp, json_real(lp[i].logprob));
+        json_t *alt = json_object();
+        for (int k = 0; alt && k < lp[i].n_top; k++) {
+            json_t *key = tok_str(r->codec, lp[i].top_tokens[k]);
+            if (key) json_object_set_new(alt, json_string_value(key), json_real(lp[i].top_logprobs[k]));
+            json_decref(key);
+        }
+        json_array_append_new(top, alt);
+        json_array_append_new(off, json_integer((json_int_t)pos));
+        pos += pl;
+    }
+    return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", tlp,
+                     "top_logprobs", top, "text_offset", off);
+}
+
+static char *dump_free(json_t *o)
+{
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    return s;
+}
+
+char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
+                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *lp,
+                           int n_lp, const char *finish, const srv_usage *u)
+{
+    json_t *choice;
+    if (r->chat)
+        choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
+                           "assistant", "content", json_text(text, text_len), "logprobs",
+                           logprobs_json(r, lp, n_lp, 0), "finish_reason", finish);
+    else
+        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", json_text(text, text_len),
+                           "logprobs", logprobs_json(r, lp, n_lp, 0), "finish_reason", finish);
+    if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
+    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o}", "id", id, "object",
+                          r->chat ? "chat.completion" : "text_completion", "created",
+                          (json_int_t)created, "model", r->model, "choices", choice, "usage",
+                          usage_json(u));
+    return dump_free(o);
+}
+
+static int sse_data(srv_buf *out, json_t *o)
+{
+    char *s = dump_free(o);
+    if (!s) return -1;
+    int rc = srv_buf_puts(out, "data: ") | srv_buf_puts(out, s) | srv_buf_puts(out, "\n\n");
+    free(s);
+    return rc ? -1 : 0;
+}
+
+int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                  const char *text, size_t text_len, const int32_t *ids, int n_ids,
+                  const srv_logprob *lp, int n_lp, const char *finish, int first)
+{
+    json_t *choice;
+    json_t *fin = finish ? json_string(finish) : json_null();
+    if (r->chat) {
+        json_t *delta = json_object();
+        if (first) json_object_set_new(delta, "role", json_string("assistant"));
+        if (text_len || (first && !finish)) json_object_set_new(delta, "content", json_text(text, text_len));
+        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs",
+                           logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
+    } else {
+        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", json_text(text, text_len),
+                           "logprobs", logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
+    }
+    if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
+    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", id, "object",
+                          r->chat ? "chat.completion.chunk" : "text_completion", "created",
+                          (json_int_t)created, "model", r->model, "choices", choice);
+    if (o && r->include_usage) json_object_set_new(o, "usage", json_null());
+    return sse_data(out, o);
+}
+
+int srv_sse_usage(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                  const srv_usage *u)
+{
+    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[], s:o}", "id", id, "object",
+                          r->chat ? "chat.completion.chunk" : "text_completion", "created",
+                          (json_int_t)created, "model", r->model, "choices", "usage", usage_json(u));
+    return sse_data(out, o);
+}
+
+int srv_sse_error(srv_buf *out, const srv_error *e)
+{
+    char *s = srv_error_json(e);
+    if (!s) return -1;
+    int rc = srv_buf_puts(out, "event: error\ndata: ") | srv_buf_puts(out, s) |
+             srv_buf_puts(out, "\n\n");
+    free(s);
+    return rc ? -1 : 0;
+}
+
+int srv_sse_done(srv_buf *out)
+{
+    return srv_buf_puts(out, "data: [DONE]\n\n");
+}

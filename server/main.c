@@ -1,0 +1,321 @@
+/*
+ * main.c — mkad's entry point: the option table, the INI file (inih) and the
+ * command line, then srv_run.
+ *
+ * Every option is one row of `options` below: its INI section and key, its
+ * type, default, bounds and help.  The --help text, the flag parser, the INI
+ * parser and validation are all driven by that table, so an option exists in
+ * all three or in none.  Precedence: built-in default < INI file < flag.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <ini.h>
+
+#include "server.h"
+
+enum opt_type { OPT_STR, OPT_INT, OPT_BOOL };
+
+typedef struct option_def {
+    const char *section;
+    const char *name;     /* INI key; the flag is --name with '_' -> '-' */
+    enum opt_type type;
+    size_t offset;        /* into srv_config */
+    const char *def;      /* default, as text */
+    long lo, hi;          /* bounds for OPT_INT */
+    const char *help;
+} option_def;
+
+#define O(f) offsetof(srv_config, f)
+
+static const option_def options[] = {
+    { "model", "model", OPT_STR, O(model), NULL, 0, 0,
+      "model directory (config.json, model.safetensors, tokenizer.json); required" },
+    { "model", "model_name", OPT_STR, O(model_name), "", 0, 0,
+      "model id served in /v1/models and expected in requests (default: the directory name)" },
+    { "engine", "threads", OPT_INT, O(threads), "0", 0, 256, "CPU threads of the engine, 0 = all online CPUs" },
+    { "engine", "max_seqs", OPT_INT, O(max_seqs), "64", 1, 4096,
+      "sequence slots: running requests plus resident sessions" },
+    { "engine", "max_ctx", OPT_INT, O(max_ctx), "0", 0, 1 << 20,
+      "max tokens per sequence (prompt + completion), 0 = the model's max_position (capped 8192)" },
+    { "engine", "max_batch_tokens", OPT_INT, O(max_batch_tokens), "512", 16, 1 << 16,
+      "token budget of one engine step (decodes + prefill chunks)" },
+    { "engine", "prefill_chunk", OPT_INT, O(prefill_chunk), "256", 1, 1 << 16,
+      "max prompt tokens one sequence prefills per step" },
+    { "engine", "block_size", OPT_INT, O(block_size), "32", 1, 4096, "K/V block size in tokens" },
+    { "engine", "kv_mem_mb", OPT_INT, O(kv_mem_mb), "1024", 1, 1 << 22, "cap on the K/V pool size in MiB" },
+    { "http", "host", OPT_STR, O(host), "127.0.0.1", 0, 0, "address to listen on" },
+    { "http", "port", OPT_INT, O(port), "8080", 0, 65535, "TCP port, 0 = an ephemeral port (logged)" },
+    { "http", "max_connections", OPT_INT, O(max_connections), "1024", 1, 1 << 20,
+      "simultaneous HTTP connections" },
+    { "http", "max_body_kb", OPT_INT, O(max_body_kb), "4096", 1, 1 << 20,
+      "request body limit in KiB (413 above it)" },
+    { "http", "http_timeout", OPT_INT, O(http_timeout_s), "30", 1, 86400,
+      "seconds an idle or slow connection may stay open" },
+    { "http", "request_timeout", OPT_INT, O(request_timeout_s), "600", 1, 86400,
+      "seconds one generation request may take before it is cancelled" },
+    { "http", "shutdown_timeout", OPT_INT, O(shutdown_timeout_s), "30", 0, 3600,
+      "after SIGTERM, seconds running requests get to finish" },
+    { "http", "log_requests", OPT_BOOL, O(log_requests), "true", 0, 1, "log one line per request" },
+    { "scheduler", "max_queue", OPT_INT, O(max_queue), "256", 0, 1 << 20,
+      "requests that may wait beyond max_seqs; more get 429" },
+    { "scheduler", "max_sessions", OPT_INT, O(max_sessions), "32", 0, 4096,
+      "sessions kept resident between requests (LRU-evicted when slots or blocks run short)" },
+    { "scheduler", "default_max_tokens", OPT_INT, O(default_max_tokens), "16", 0, 1 << 20,
+      "max_tokens of /v1/completions when the request has none (OpenAI: 16; 0 = until the context is full)" },
+    { "auth", "api_keys", OPT_STR, O(api_keys), "", 0, 0,
+      "comma-separated bearer keys; empty (and no keys file) = no authentication" },
+    { "auth", "api_keys_file", OPT_STR, O(api_keys_file), "", 0, 0,
+      "file with one API key per line ('#' starts a comment)" },
+    { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,
+      "directory for persistent state (created if missing; systemd: /var/lib/mkad)" },
+};
+#define N_OPTIONS (sizeof options / sizeof *options)
+
+static char **str_field(srv_config *c, const option_def *o)
+{
+    return (char **)((char *)c + o->offset);
+}
+
+static int *int_field(srv_config *c, const option_def *o)
+{
+    return (int *)((char *)c + o->offset);
+}
+
+/* Sets one option from text; `where` names the source for messages. */
+static int set_option(srv_config *c, const option_def *o, const char *val, const char *where)
+{
+    if (o->type == OPT_STR) {
+        char *d = strdup(val);
+        if (!d) return -1;
+        free(*str_field(c, o));
+        *str_field(c, o) = d;
+        return 0;
+    }
+    if (o->type == OPT_BOOL) {
+        if (!strcasecmp(val, "true") || !strcasecmp(val, "yes") || !strcasecmp(val, "on") || !strcmp(val, "1"))
+            *int_field(c, o) = 1;
+        else if (!strcasecmp(val, "false") || !strcasecmp(val, "no") || !strcasecmp(val, "off") || !strcmp(val, "0"))
+            *int_field(c, o) = 0;
+        else {
+            fprintf(stderr, "mkad: %s%s: '%s' is not a boolean (true/false)\n", where, o->name, val);
+            return -1;
+        }
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    long v = strtol(val, &end, 10);
+    if (errno || end == val || *end) {
+        fprintf(stderr, "mkad: %s%s: '%s' is not an integer\n", where, o->name, val);
+        return -1;
+    }
+    if (v < o->lo || v > o->hi) {
+        fprintf(stderr, "mkad: %s%s: %ld is out of range [%ld, %ld]\n", where, o->name, v, o->lo, o->hi);
+        return -1;
+    }
+    *int_field(c, o) = (int)v;
+    return 0;
+}
+
+static const option_def *find_flag(const char *name, size_t n)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const char *k = options[i].name;
+        if (strlen(k) != n) continue;
+        size_t j = 0;
+        for (; j < n; j++) {
+            char a = k[j] == '_' ? '-' : k[j];
+            char b = name[j] == '_' ? '-' : name[j];
+            if (a != b) break;
+        }
+        if (j == n) return &options[i];
+    }
+    return NULL;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: mkad [--config FILE] [--OPTION VALUE ...]\n\n"
+               "mkad serves a FastMKA model over an OpenAI-compatible HTTP API.\n"
+               "Options come from built-in defaults, then the INI file, then flags.\n\n"
+               "  --config FILE            INI file (sections and keys as below)\n"
+               "  --print-config           print the effective configuration as INI and exit\n"
+               "  --help                   this text\n");
+    const char *sec = NULL;
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const option_def *o = &options[i];
+        if (!sec || strcmp(sec, o->section) != 0) {
+            sec = o->section;
+            fprintf(f, "\n[%s]\n", sec);
+        }
+        char flag[64];
+        int n = snprintf(flag, sizeof flag, "--%s", o->name);
+        for (int k = 2; k < n; k++) if (flag[k] == '_') flag[k] = '-';
+        const char *arg = o->type == OPT_INT ? " N" : o->type == OPT_BOOL ? "[=BOOL]" : " VALUE";
+        char lhs[96];
+        snprintf(lhs, sizeof lhs, "%s%s", flag, arg);
+        fprintf(f, "  %-24s %s", lhs, o->help);
+        if (o->type == OPT_INT) fprintf(f, " [%ld..%ld, default %s]", o->lo, o->hi, o->def);
+        else if (o->def && *o->def) fprintf(f, " [default %s]", o->def);
+        fputc('\n', f);
+    }
+}
+
+typedef struct ini_ctx {
+    srv_config *c;
+    const char *path;
+    FILE *f;
+    int lineno;           /* lines read so far: the handler's line */
+    int bad;
+} ini_ctx;
+
+/* ini_parse_stream reader that counts lines, so that messages can name them
+ * (Debian's inih is built without INI_HANDLER_LINENO). */
+static char *conf_reader(char *str, int num, void *stream)
+{
+    ini_ctx *x = stream;
+    char *r = fgets(str, num, x->f);
+    if (r) x->lineno++;
+    return r;
+}
+
+static int ini_cb(void *user, const char *section, const char *name, const char *value)
+{
+    ini_ctx *x = user;
+    int lineno = x->lineno;
+    char where[512];
+    snprintf(where, sizeof where, "%s:%d: ", x->path, lineno);
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        if (strcmp(options[i].name, name) != 0) continue;
+        if (strcmp(options[i].section, section) != 0) {
+            fprintf(stderr, "mkad: %s'%s' belongs in section [%s], not [%s]\n", where, name,
+                    options[i].section, section);
+            x->bad = 1;
+            return 1;
+        }
+        if (set_option(x->c, &options[i], value, where) != 0) x->bad = 1;
+        return 1;
+    }
+    fprintf(stderr, "mkad: %sunknown option '%s' in [%s] (see mkad --help)\n", where, name, section);
+    x->bad = 1;
+    return 1; /* keep going: report every bad line at once */
+}
+
+static void config_free(srv_config *c)
+{
+    for (size_t i = 0; i < N_OPTIONS; i++)
+        if (options[i].type == OPT_STR) free(*str_field(c, &options[i]));
+}
+
+static void print_config(srv_config *c)
+{
+    const char *sec = NULL;
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const option_def *o = &options[i];
+        if (!sec || strcmp(sec, o->section) != 0) {
+            printf("%s[%s]\n", sec ? "\n" : "", o->section);
+            sec = o->section;
+        }
+        if (o->type == OPT_STR) printf("%s = %s\n", o->name, *str_field(c, o) ? *str_field(c, o) : "");
+        else if (o->type == OPT_BOOL) printf("%s = %s\n", o->name, *int_field(c, o) ? "true" : "false");
+        else printf("%s = %d\n", o->name, *int_field(c, o));
+    }
+}
+
+int main(int argc, char **argv)
+{
+    srv_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    int status = 2, print = 0;
+    for (size_t i = 0; i < N_OPTIONS; i++)
+        if (options[i].def && set_option(&cfg, &options[i], options[i].def, "default ") != 0) goto out;
+
+    /* Pass 1: --help, --config, --print-config. */
+    const char *conf = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            status = 0;
+            goto out;
+        }
+        if (!strcmp(argv[i], "--print-config")) print = 1;
+        if (!strcmp(argv[i], "--config")) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "mkad: --config needs a file name\n");
+                goto out;
+            }
+            conf = argv[++i];
+        } else if (!strncmp(argv[i], "--config=", 9)) {
+            conf = argv[i] + 9;
+        }
+    }
+    if (conf) {
+        ini_ctx x = { &cfg, conf, fopen(conf, "r"), 0, 0 };
+        if (!x.f) {
+            fprintf(stderr, "mkad: --config: cannot read %s: %s\n", conf, strerror(errno));
+            goto out;
+        }
+        int rc = ini_parse_stream(conf_reader, &x, ini_cb, &x);
+        fclose(x.f);
+        if (rc > 0) {
+            fprintf(stderr, "mkad: %s:%d: syntax error (expected [section] or key = value)\n", conf, rc);
+            goto out;
+        }
+        if (x.bad) goto out;
+    }
+    /* Pass 2: every other flag, in order (later wins). */
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (!strcmp(a, "--print-config")) continue;
+        if (!strcmp(a, "--config")) { i++; continue; }
+        if (!strncmp(a, "--config=", 9)) continue;
+        if (strncmp(a, "--", 2) != 0) {
+            fprintf(stderr, "mkad: unexpected argument '%s' (options start with --; see --help)\n", a);
+            goto out;
+        }
+        const char *name = a + 2, *eq = strchr(name, '=');
+        size_t n = eq ? (size_t)(eq - name) : strlen(name);
+        const option_def *o = find_flag(name, n);
+        if (!o) {
+            fprintf(stderr, "mkad: unknown option '--%.*s' (see mkad --help)\n", (int)n, name);
+            goto out;
+        }
+        const char *val = eq ? eq + 1 : NULL;
+        if (!val && o->type == OPT_BOOL) val = "true";
+        if (!val) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "mkad: --%.*s needs a value\n", (int)n, name);
+                goto out;
+            }
+            val = argv[++i];
+        }
+        char where[80];
+        snprintf(where, sizeof where, "--");
+        if (set_option(&cfg, o, val, where) != 0) goto out;
+    }
+    if (print) {
+        print_config(&cfg);
+        status = 0;
+        goto out;
+    }
+    if (!cfg.model || !*cfg.model) {
+        fprintf(stderr, "mkad: model: no model directory given (--model DIR or [model] model = DIR)\n");
+        goto out;
+    }
+    if (!cfg.host || !*cfg.host) {
+        fprintf(stderr, "mkad: host: must not be empty\n");
+        goto out;
+    }
+    status = srv_run(&cfg);
+out:
+    config_free(&cfg);
+    return status;
+}

@@ -1,0 +1,695 @@
+/*
+ * sched.c — continuous batching.
+ *
+ * Two parts.  srv_plan_step and srv_reuse_len are pure functions (unit-tested
+ * in tests/test_server.c): given the running sequences and the per-step token
+ * budget they decide who runs how many tokens in the next step.  The rest is
+ * the engine thread, the only thread that touches the eng_engine:
+ *
+ *   loop:  take new jobs from the inbox (loop thread -> here, under mu/cv)
+ *          drop cancelled jobs (client gone, stop string, timeout, shutdown)
+ *          admit waiting jobs FIFO while a sequence slot and enough K/V
+ *          blocks for prompt + max_tokens are free (idle sessions are
+ *          evicted LRU to make room); resolve the job's session
+ *          plan a step: every decoder one token, prefills chunked into what
+ *          is left of the budget; eng_step; sample per sequence
+ *          post START/TOKEN/FINAL events to the loop (post callback)
+ *
+ * Sessions (in memory for now): a session id maps to an engine sequence that
+ * stays resident after its request ends.  A new request on the session keeps
+ * the longest common token prefix (block-aligned) and prefills the rest.
+ * Session resolution is a separate step (session_resolve) so that a later
+ * tier can make it asynchronous: a job whose state is still loading simply
+ * stays in the waiting list.
+ */
+#include "config.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "srv_internal.h"
+
+/* ---- the planner (pure) ------------------------------------------------------ */
+
+int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
+                  srv_plan_item *out)
+{
+    int n = 0;
+    if (budget <= 0 || n_seqs <= 0) return 0;
+    if (chunk <= 0) chunk = budget;
+    /* Decoders first: one token each.  With more decoders than budget, the
+     * ones that waited longest (oldest last_step, then oldest order) go. */
+    int n_dec = 0;
+    for (int i = 0; i < n_seqs; i++) n_dec += seqs[i].prefill_left == 0;
+    if (n_dec <= budget) {
+        for (int i = 0; i < n_seqs; i++)
+            if (seqs[i].prefill_left == 0) out[n++] = (srv_plan_item){ i, 1 };
+    } else {
+        /* Selection by (last_step, order) without allocating: repeated scans
+         * are fine for the sizes involved (max_seqs). */
+        int last_step = -1;
+        uint64_t last_order = 0;
+        for (int k = 0; k < budget; k++) {
+            int best = -1;
+            for (int i = 0; i < n_seqs; i++) {
+                if (seqs[i].prefill_left != 0) continue;
+                /* strictly after the previous pick in (last_step, order) */
+                if (k > 0 && (seqs[i].last_step < last_step ||
+                              (seqs[i].last_step == last_step && seqs[i].order <= last_order)))
+                    continue;
+                if (best < 0 || seqs[i].last_step < seqs[best].last_step ||
+                    (seqs[i].last_step == seqs[best].last_step && seqs[i].order < seqs[best].order))
+                    best = i;
+            }
+            if (best < 0) break;
+            out[n++] = (srv_plan_item){ best, 1 };
+            last_step = seqs[best].last_step;
+            last_order = seqs[best].order;
+        }
+        return n;
+    }
+    int left = budget - n;
+    /* Prefills in arrival order, each at most `chunk` tokens. */
+    uint64_t prev = 0;
+    int have_prev = 0;
+    while (left > 0) {
+        int best = -1;
+        for (int i = 0; i < n_seqs; i++) {
+            if (seqs[i].prefill_left == 0) continue;
+            if (have_prev && seqs[i].order <= prev) continue;
+            if (best < 0 || seqs[i].order < seqs[best].order) best = i;
+        }
+        if (best < 0) break;
+        int t = seqs[best].prefill_left;
+        if (t > chunk) t = chunk;
+        if (t > left) t = left;
+        out[n++] = (srv_plan_item){ best, t };
+        left -= t;
+        prev = seqs[best].order;
+        have_prev = 1;
+    }
+    return n;
+}
+
+int srv_reuse_len(const int32_t *have, int n_have, const int32_t *prompt, int n_prompt,
+                  int block_size)
+{
+    int k = 0;
+    while (k < n_have && k < n_prompt && have[k] == prompt[k]) k++;
+    if (k > n_prompt - 1) k = n_prompt - 1; /* the last prompt token must run for logits */
+    if (k < 0) k = 0;
+    if (k == n_have) return k;
+    return block_size > 0 ? k / block_size * block_size : 0;
+}
+
+/* ---- the engine thread -------------------------------------------------------- */
+
+typedef struct session {
+    char id[SRV_SESSION_ID_MAX + 1];
+    int seq;              /* resident engine sequence */
+    int busy;             /* a running job uses it */
+    uint64_t last_used;
+} session;
+
+typedef struct eseq {
+    srv_job *job;         /* borrowed until its FINAL event */
+    int seq;
+    int n_past;           /* prompt tokens in the engine */
+    int n_gen;            /* tokens sampled */
+    int32_t next_tok;     /* sampled, fed in the next step */
+    int cached;
+    int reserve;          /* K/V blocks reserved */
+    eng_sampler *smp;
+    uint64_t order;
+    int last_step;
+    session *sess;
+} eseq;
+
+struct srv_engine {
+    const srv_config *cfg;
+    srv_metrics *met;
+    srv_post_fn post;
+    void *post_arg;
+    pthread_t th;
+    int started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    srv_job **inbox;      /* guarded by mu */
+    int n_inbox, cap_inbox;
+    int stop;             /* guarded by mu */
+    srv_engine_info info;
+    /* engine thread only */
+    eng_model *model;
+    eng_engine *eng;
+    eseq *run;            /* (max_seqs) */
+    int n_run;
+    srv_job **wait;       /* FIFO */
+    int n_wait, cap_wait;
+    session *sess;        /* (max_sessions) */
+    int n_sess;
+    float *logits;        /* (max_seqs, vocab) */
+    float *scratch;       /* (vocab) raw logits for logprobs */
+    eng_batch_item *items;
+    srv_plan_seq *pseqs;
+    srv_plan_item *plan;
+    srv_event *evs;
+    int n_evs, cap_evs;
+    int reserved;         /* blocks reserved by running jobs */
+    int step_no;
+    uint64_t order, clock;
+};
+
+static srv_event *ev_new(srv_engine *se, int type, srv_job *job)
+{
+    if (se->n_evs == se->cap_evs) {
+        int cap = se->cap_evs ? se->cap_evs * 2 : 64;
+        srv_event *e = realloc(se->evs, (size_t)cap * sizeof *e);
+        if (!e) return NULL;
+        se->evs = e;
+        se->cap_evs = cap;
+    }
+    srv_event *e = &se->evs[se->n_evs++];
+    memset(e, 0, sizeof *e);
+    e->type = type;
+    e->job = job;
+    return e;
+}
+
+static void flush_events(srv_engine *se)
+{
+    if (se->n_evs) se->post(se->evs, se->n_evs, se->post_arg);
+    se->n_evs = 0;
+}
+
+/* A FINAL event must never be lost (the loop frees the job on it): when the
+ * event vector cannot grow, flush what is there and retry. */
+static void post_final(srv_engine *se, srv_job *job, int finish, int status, const char *msg,
+                       const srv_usage *u)
+{
+    srv_event *e = ev_new(se, SRV_EV_FINAL, job);
+    if (!e) {
+        flush_events(se);
+        e = ev_new(se, SRV_EV_FINAL, job);
+        if (!e) {
+            srv_event tmp = { .type = SRV_EV_FINAL, .job = job };
+            e = &tmp;
+            e->finish = finish;
+            e->status = status;
+            if (u) e->usage = *u;
+            if (msg) snprintf(e->msg, sizeof e->msg, "%s", msg);
+            se->post(e, 1, se->post_arg);
+            return;
+        }
+    }
+    e->finish = finish;
+    e->status = status;
+    if (u) e->usage = *u;
+    if (msg) snprintf(e->msg, sizeof e->msg, "%s", msg);
+}
+
+static int blocks_for(const srv_engine *se, int tokens)
+{
+    return (tokens + se->info.block_size - 1) / se->info.block_size;
+}
+
+static int idle_session_blocks(const srv_engine *se, const session *except)
+{
+    int n = 0;
+    for (int i = 0; i < se->n_sess; i++)
+        if (!se->sess[i].busy && &se->sess[i] != except)
+            n += blocks_for(se, eng_seq_len(se->eng, se->sess[i].seq));
+    return n;
+}
+
+static void session_drop(srv_engine *se, session *s)
+{
+    eng_seq_free(se->eng, s->seq);
+    int i = (int)(s - se->sess);
+    /* keep the array dense; fix the eseq pointers into it */
+    if (i != se->n_sess - 1) {
+        session *last = &se->sess[se->n_sess - 1];
+        for (int r = 0; r < se->n_run; r++)
+            if (se->run[r].sess == last) se->run[r].sess = s;
+        *s = *last;
+    }
+    se->n_sess--;
+}
+
+/* Evicts the least recently used idle session other than `except`; 0 if none. */
+static int evict_lru(srv_engine *se, const session *except)
+{
+    session *best = NULL;
+    for (int i = 0; i < se->n_sess; i++) {
+        session *s = &se->sess[i];
+        if (s->busy || s == except) continue;
+        if (!best || s->last_used < best->last_used) best = s;
+    }
+    if (!best) return 0;
+    srv_log("debug", "session_evicted", " session=%s tokens=%d", best->id,
+            eng_seq_len(se->eng, best->seq));
+    session_drop(se, best);
+    return 1;
+}
+
+static session *session_find(srv_engine *se, const char *id)
+{
+    for (int i = 0; i < se->n_sess; i++)
+        if (strcmp(se->sess[i].id, id) == 0) return &se->sess[i];
+    return NULL;
+}
+
+static void finish_seq(srv_engine *se, int r, int finish, int status, const char *msg)
+{
+    eseq *es = &se->run[r];
+    srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
+    if (es->sess && finish != SRV_FINISH_ERROR) {
+        es->sess->busy = 0;
+        es->sess->last_used = ++se->clock;
+    } else if (es->sess) {
+        es->sess->busy = 0;
+        session_drop(se, es->sess); /* frees the sequence */
+        es = &se->run[r];
+    } else {
+        eng_seq_free(se->eng, es->seq);
+    }
+    eng_sampler_free(es->smp);
+    se->reserved -= es->reserve;
+    post_final(se, es->job, finish, status, msg, &u);
+    se->run[r] = se->run[--se->n_run];
+}
+
+static void fail_job(srv_engine *se, srv_job *job, int status, const char *msg)
+{
+    srv_usage u = { job->req->n_prompt, 0, 0 };
+    post_final(se, job, SRV_FINISH_ERROR, status, msg, &u);
+}
+
+/* Session resolution: 1 = ready (sequence attached to es), 0 = not now (the
+ * session is busy; a slower tier would also answer 0 while it loads).
+ * Returns -1 when no sequence slot can be had. */
+static int session_resolve(srv_engine *se, eseq *es, session *s)
+{
+    const srv_genreq *rq = es->job->req;
+    es->seq = s->seq;
+    int have = eng_seq_len(se->eng, s->seq);
+    int keep = srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
+                             se->info.block_size);
+    if (keep != have && eng_seq_truncate(se->eng, s->seq, keep) != ENG_OK) keep = 0,
+        eng_seq_truncate(se->eng, s->seq, 0);
+    es->cached = keep;
+    es->n_past = keep;
+    s->busy = 1;
+    s->last_used = ++se->clock;
+    es->sess = s;
+    return 1;
+}
+
+/* Admits waiting jobs, FIFO, while resources last. */
+static void admit(srv_engine *se)
+{
+    int max_seqs = se->info.max_seqs;
+    int i = 0;
+    while (i < se->n_wait && se->n_run < max_seqs) {
+        srv_job *job = se->wait[i];
+        const srv_genreq *rq = job->req;
+        session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
+        if (s && s->busy) { i++; continue; } /* same session in flight: let others pass */
+        int need = blocks_for(se, rq->n_prompt + rq->max_tokens);
+        if (need > se->info.n_blocks) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
+                     "lower max_tokens", need, se->info.n_blocks);
+            fail_job(se, job, 400, msg);
+            memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
+            se->n_wait--;
+            continue;
+        }
+        while (se->reserved + idle_session_blocks(se, s) + need > se->info.n_blocks &&
+               evict_lru(se, s))
+            s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
+        if (se->reserved + idle_session_blocks(se, s) + need > se->info.n_blocks) break;
+        eseq es = { .job = job, .seq = -1, .reserve = need, .order = ++se->order,
+                    .last_step = se->step_no };
+        if (s) {
+            if (session_resolve(se, &es, s) != 1) { i++; continue; }
+        } else {
+            int seq, rc;
+            while ((rc = eng_seq_create(se->eng, &seq)) == ENG_ENOSPC && evict_lru(se, NULL)) {}
+            if (rc != ENG_OK) break;
+            es.seq = seq;
+            if (rq->session_id[0]) {
+                if (se->n_sess == se->cfg->max_sessions) evict_lru(se, NULL);
+                if (se->n_sess < se->cfg->max_sessions) {
+                    session *ns = &se->sess[se->n_sess++];
+                    snprintf(ns->id, sizeof ns->id, "%s", rq->session_id);
+                    ns->seq = seq;
+                    ns->busy = 1;
+                    ns->last_used = ++se->clock;
+                    es.sess = ns;
+                }
+            }
+        }
+        if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK) {
+            if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
+            else eng_seq_free(se->eng, es.seq);
+            fail_job(se, job, 500, "out of memory (sampler)");
+        } else {
+            se->reserved += need;
+            se->run[se->n_run++] = es;
+            srv_event *e = ev_new(se, SRV_EV_START, job);
+            if (e) e->usage = (srv_usage){ rq->n_prompt, 0, es.cached };
+        }
+        memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
+        se->n_wait--;
+    }
+}
+
+/* log-softmax facts of the raw logits for the logprobs field. */
+static void fill_logprob(const float *raw, int V, int32_t tok, int n_top, srv_logprob *lp)
+{
+    float mx = raw[0];
+    for (int v = 1; v < V; v++) if (raw[v] > mx) mx = raw[v];
+    double sum = 0;
+    for (int v = 0; v < V; v++) sum += exp((double)(raw[v] - mx));
+    float lse = mx + (float)log(sum);
+    lp->token = tok;
+    lp->logprob = raw[tok] - lse;
+    lp->n_top = 0;
+    for (int v = 0; v < V; v++) {
+        /* insertion into the small sorted top list */
+        int k = lp->n_top;
+        if (k == n_top && (k == 0 || raw[v] <= lp->top_logprobs[k - 1])) continue;
+        if (k < n_top) lp->n_top++;
+        else k--;
+        while (k > 0 && lp->top_logprobs[k - 1] < raw[v]) {
+            lp->top_logprobs[k] = lp->top_logprobs[k - 1];
+            lp->top_tokens[k] = lp->top_tokens[k - 1];
+            k--;
+        }
+        lp->top_logprobs[k] = raw[v];
+        lp->top_tokens[k] = v;
+    }
+    for (int k = 0; k < lp->n_top; k++) lp->top_logprobs[k] -= lse;
+}
+
+static void publish_state(srv_engine *se)
+{
+    eng_stats st;
+    eng_get_stats(se->eng, &st);
+    srv_metrics_state(se->met, se->n_run, se->n_wait, st.blocks_used, st.blocks_total, se->n_sess);
+}
+
+static void run_step(srv_engine *se)
+{
+    int V = se->info.mi.vocab_size;
+    for (int r = 0; r < se->n_run; r++) {
+        eseq *es = &se->run[r];
+        se->pseqs[r] = (srv_plan_seq){ es->job->req->n_prompt - es->n_past, es->order,
+                                       es->last_step };
+    }
+    int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
+                          se->cfg->prefill_chunk, se->plan);
+    if (n == 0) return;
+    int n_tok = 0;
+    for (int k = 0; k < n; k++) {
+        eseq *es = &se->run[se->plan[k].idx];
+        int t = se->plan[k].n_tokens;
+        int prefill = es->n_past < es->job->req->n_prompt;
+        se->items[k] = (eng_batch_item){
+            .seq = es->seq,
+            .tokens = prefill ? es->job->req->prompt + es->n_past : &es->next_tok,
+            .n_tokens = t,
+            .logits = !prefill || es->n_past + t == es->job->req->n_prompt
+                          ? se->logits + (size_t)k * V : NULL,
+        };
+        n_tok += t;
+    }
+    char err[256];
+    double t0 = srv_now();
+    int rc = eng_step(se->eng, se->items, n, err, sizeof err);
+    double dt = srv_now() - t0;
+    se->step_no++;
+    if (rc != ENG_OK) {
+        srv_log("error", "step_failed", " status=%d items=%d tokens=%d error=%s", rc, n, n_tok,
+                eng_strerror(rc));
+        /* Fail every job in the step; indices shift on removal, so mark first. */
+        for (int k = 0; k < n; k++) se->run[se->plan[k].idx].last_step = -1;
+        for (int r = se->n_run - 1; r >= 0; r--)
+            if (se->run[r].last_step == -1)
+                finish_seq(se, r, SRV_FINISH_ERROR, 500, "the engine step failed");
+        return;
+    }
+    srv_metrics_step(se->met, n, n_tok, dt);
+    /* Sample; collect finished indices, then remove from the highest down. */
+    int done[n];
+    int done_fin[n];
+    int n_done = 0;
+    int eos = se->info.mi.eos_token_id;
+    for (int k = 0; k < n; k++) {
+        int r = se->plan[k].idx;
+        eseq *es = &se->run[r];
+        const srv_genreq *rq = es->job->req;
+        es->last_step = se->step_no;
+        int prefill = es->n_past < rq->n_prompt;
+        if (prefill) es->n_past += se->plan[k].n_tokens;
+        if (!se->items[k].logits) continue;
+        float *lg = se->items[k].logits;
+        srv_logprob *lp = NULL;
+        if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
+        int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
+                                         eng_seq_len(se->eng, es->seq));
+        es->n_gen++;
+        if (rq->logprobs && (lp = malloc(sizeof *lp)))
+            fill_logprob(se->scratch, V, tok, rq->top_logprobs, lp);
+        int fin = SRV_FINISH_NONE;
+        if (tok == eos && !rq->ignore_eos) {
+            fin = SRV_FINISH_STOP;
+            free(lp);
+        } else {
+            srv_event *e = ev_new(se, SRV_EV_TOKEN, es->job);
+            if (e) { e->token = tok; e->lp = lp; }
+            else free(lp);
+            if (es->n_gen >= rq->max_tokens ||
+                eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
+                fin = SRV_FINISH_LENGTH;
+            es->next_tok = tok;
+        }
+        if (fin) { done[n_done] = r; done_fin[n_done++] = fin; }
+    }
+    /* remove finished ones from the highest index down so indices stay valid */
+    for (int a = 0; a < n_done; a++)
+        for (int b = a + 1; b < n_done; b++)
+            if (done[b] > done[a]) {
+                int t = done[a]; done[a] = done[b]; done[b] = t;
+                t = done_fin[a]; done_fin[a] = done_fin[b]; done_fin[b] = t;
+            }
+    for (int a = 0; a < n_done; a++) finish_seq(se, done[a], done_fin[a], 0, NULL);
+}
+
+static void drop_cancelled(srv_engine *se)
+{
+    for (int i = 0; i < se->n_wait;) {
+        srv_job *job = se->wait[i];
+        int c = atomic_load(&job->cancel);
+        if (c == SRV_CANCEL_NONE) { i++; continue; }
+        srv_usage u = { job->req->n_prompt, 0, 0 };
+        post_final(se, job, SRV_FINISH_CANCELLED, 0, NULL, &u);
+        srv_metrics_cancelled(se->met, c);
+        memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
+        se->n_wait--;
+    }
+    for (int r = se->n_run - 1; r >= 0; r--) {
+        int c = atomic_load(&se->run[r].job->cancel);
+        if (c == SRV_CANCEL_NONE) continue;
+        if (c != SRV_CANCEL_STOP) srv_metrics_cancelled(se->met, c);
+        finish_seq(se, r, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0, NULL);
+    }
+}
+
+static int load(srv_engine *se)
+{
+    char err[512];
+    double t0 = srv_now();
+    srv_log("info", "model_loading", " dir=%s", se->cfg->model);
+    int rc = eng_model_load(se->cfg->model, &se->model, err, sizeof err);
+    if (rc != ENG_OK) goto fail;
+    eng_params p = eng_default_params();
+    p.n_threads = se->cfg->threads;
+    p.block_size = se->cfg->block_size;
+    p.max_seqs = se->cfg->max_seqs;
+    p.max_ctx = se->cfg->max_ctx;
+    p.max_batch_tokens = se->cfg->max_batch_tokens;
+    p.kv_mem_mb = se->cfg->kv_mem_mb;
+    if ((rc = eng_create(se->model, &p, &se->eng, err, sizeof err)) != ENG_OK) goto fail;
+    const eng_params *ep = eng_get_params(se->eng);
+    eng_stats st;
+    eng_get_stats(se->eng, &st);
+    srv_engine_info info = { .mi = *eng_model_get_info(se->model), .max_ctx = ep->max_ctx,
+                             .block_size = ep->block_size, .n_blocks = st.blocks_total,
+                             .max_seqs = ep->max_seqs, .max_batch_tokens = ep->max_batch_tokens };
+    int V = info.mi.vocab_size;
+    se->run = calloc((size_t)ep->max_seqs, sizeof *se->run);
+    se->sess = calloc((size_t)(se->cfg->max_sessions > 0 ? se->cfg->max_sessions : 1), sizeof *se->sess);
+    se->logits = malloc((size_t)ep->max_seqs * V * sizeof *se->logits);
+    se->scratch = malloc((size_t)V * sizeof *se->scratch);
+    se->items = calloc((size_t)ep->max_seqs, sizeof *se->items);
+    se->pseqs = calloc((size_t)ep->max_seqs, sizeof *se->pseqs);
+    se->plan = calloc((size_t)ep->max_seqs, sizeof *se->plan);
+    if (!se->run || !se->sess || !se->logits || !se->scratch || !se->items || !se->pseqs || !se->plan) {
+        snprintf(err, sizeof err, "out of memory for the scheduler tables");
+        rc = ENG_ENOMEM;
+        goto fail;
+    }
+    pthread_mutex_lock(&se->mu);
+    se->info = info;
+    pthread_mutex_unlock(&se->mu);
+    srv_log("info", "model_loaded", " dir=%s arch=%s layers=%d hidden=%d vocab=%d mka_levels=%d "
+            "dtype=%s fingerprint=%s max_ctx=%d max_seqs=%d kv_blocks=%d block_size=%d threads=%d "
+            "load_s=%.3f", se->cfg->model, info.mi.arch, info.mi.n_layers, info.mi.d_model,
+            info.mi.vocab_size, info.mi.mka_levels, info.mi.dtype, info.mi.fingerprint,
+            info.max_ctx, info.max_seqs, info.n_blocks, info.block_size, ep->n_threads,
+            srv_now() - t0);
+    ev_new(se, SRV_EV_READY, NULL);
+    flush_events(se);
+    publish_state(se);
+    return 0;
+fail:
+    srv_log("error", "model_load_failed", " dir=%s status=%d error=\"%s\"", se->cfg->model, rc, err);
+    srv_event *e = ev_new(se, SRV_EV_LOAD_FAILED, NULL);
+    if (e) snprintf(e->msg, sizeof e->msg, "%.150s", err);
+    flush_events(se);
+    return -1;
+}
+
+static void *engine_main(void *arg)
+{
+    srv_engine *se = arg;
+    if (load(se) != 0) return NULL;
+    for (;;) {
+        pthread_mutex_lock(&se->mu);
+        while (!se->stop && se->n_inbox == 0 && se->n_run == 0 && se->n_wait == 0)
+            pthread_cond_wait(&se->cv, &se->mu);
+        if (se->stop) {
+            pthread_mutex_unlock(&se->mu);
+            break;
+        }
+        if (se->n_inbox) {
+            if (se->n_wait + se->n_inbox > se->cap_wait) {
+                int cap = (se->n_wait + se->n_inbox) * 2;
+                srv_job **w = realloc(se->wait, (size_t)cap * sizeof *w);
+                if (w) { se->wait = w; se->cap_wait = cap; }
+            }
+            int n = se->n_inbox;
+            if (se->n_wait + n > se->cap_wait) n = se->cap_wait - se->n_wait;
+            memcpy(se->wait + se->n_wait, se->inbox, (size_t)n * sizeof *se->inbox);
+            se->n_wait += n;
+            memmove(se->inbox, se->inbox + n, (size_t)(se->n_inbox - n) * sizeof *se->inbox);
+            se->n_inbox -= n;
+        }
+        pthread_mutex_unlock(&se->mu);
+
+        drop_cancelled(se);
+        admit(se);
+        if (se->n_run == 0 && se->n_wait > 0) {
+            /* Nothing runs and nothing could be admitted: only busy sessions
+             * block the head, which cannot happen with n_run == 0, or the
+             * pool is exhausted by idle sessions, which admit evicts.  Fail
+             * the head rather than spin. */
+            fail_job(se, se->wait[0], 503, "no sequence slot or K/V memory available");
+            memmove(se->wait, se->wait + 1, (size_t)(se->n_wait - 1) * sizeof *se->wait);
+            se->n_wait--;
+        }
+        run_step(se);
+        flush_events(se);
+        publish_state(se);
+    }
+    return NULL;
+}
+
+int srv_engine_start(const srv_config *cfg, srv_metrics *m, srv_post_fn post, void *arg,
+                     srv_engine **out)
+{
+    srv_engine *se = calloc(1, sizeof *se);
+    if (!se) return -1;
+    se->cfg = cfg;
+    se->met = m;
+    se->post = post;
+    se->post_arg = arg;
+    pthread_mutex_init(&se->mu, NULL);
+    pthread_cond_init(&se->cv, NULL);
+    if (pthread_create(&se->th, NULL, engine_main, se) != 0) {
+        pthread_mutex_destroy(&se->mu);
+        pthread_cond_destroy(&se->cv);
+        free(se);
+        return -1;
+    }
+    se->started = 1;
+    *out = se;
+    return 0;
+}
+
+const srv_engine_info *srv_engine_get_info(const srv_engine *se)
+{
+    return &se->info;
+}
+
+void srv_engine_submit(srv_engine *se, srv_job *job)
+{
+    pthread_mutex_lock(&se->mu);
+    if (se->n_inbox == se->cap_inbox) {
+        int cap = se->cap_inbox ? se->cap_inbox * 2 : 64;
+        srv_job **in = realloc(se->inbox, (size_t)cap * sizeof *in);
+        if (!in) {
+            /* The caller bounds in-flight jobs, so this is a real OOM. */
+            pthread_mutex_unlock(&se->mu);
+            srv_event e = { .type = SRV_EV_FINAL, .job = job, .finish = SRV_FINISH_ERROR,
+                            .status = 503 };
+            snprintf(e.msg, sizeof e.msg, "out of memory");
+            se->post(&e, 1, se->post_arg);
+            return;
+        }
+        se->inbox = in;
+        se->cap_inbox = cap;
+    }
+    se->inbox[se->n_inbox++] = job;
+    pthread_cond_signal(&se->cv);
+    pthread_mutex_unlock(&se->mu);
+}
+
+void srv_engine_wake(srv_engine *se)
+{
+    if (!se) return;
+    pthread_mutex_lock(&se->mu);
+    pthread_cond_signal(&se->cv);
+    pthread_mutex_unlock(&se->mu);
+}
+
+void srv_engine_stop(srv_engine *se)
+{
+    if (!se) return;
+    pthread_mutex_lock(&se->mu);
+    se->stop = 1;
+    pthread_cond_signal(&se->cv);
+    pthread_mutex_unlock(&se->mu);
+    if (se->started) pthread_join(se->th, NULL);
+    for (int r = 0; r < se->n_run; r++) eng_sampler_free(se->run[r].smp);
+    eng_free(se->eng);
+    eng_model_free(se->model);
+    free(se->run);
+    free(se->sess);
+    free(se->logits);
+    free(se->scratch);
+    free(se->items);
+    free(se->pseqs);
+    free(se->plan);
+    free(se->wait);
+    free(se->inbox);
+    for (int i = 0; i < se->n_evs; i++) free(se->evs[i].lp);
+    free(se->evs);
+    pthread_mutex_destroy(&se->mu);
+    pthread_cond_destroy(&se->cv);
+    free(se);
+}

@@ -1,0 +1,49 @@
+/*
+ * server.h — the public face of the server module (prefix srv_): the daemon's
+ * configuration and the function that runs it.  main.c fills an srv_config
+ * from its option table (INI file + flags) and calls srv_run.  Everything
+ * else in server/ is private (srv_internal.h).
+ */
+#ifndef MKAD_SERVER_H
+#define MKAD_SERVER_H
+
+#include <stddef.h>
+
+/* Every tunable of the daemon.  Strings are owned by the config and freed by
+ * srv_config_free; main.c's option table is the one place that names,
+ * bounds and documents each field. */
+typedef struct srv_config {
+    /* model and engine */
+    char *model;            /* model directory (required) */
+    char *model_name;       /* id served in /v1/models; NULL: the directory's basename */
+    int threads;            /* engine CPU threads, 0 = all online CPUs */
+    int max_seqs;           /* engine sequence slots (running requests + resident sessions) */
+    int max_ctx;            /* tokens per sequence, 0 = model max_position (capped 8192) */
+    int max_batch_tokens;   /* per-step token budget */
+    int prefill_chunk;      /* max prompt tokens one sequence prefills in one step */
+    int block_size;         /* K/V block size in tokens */
+    int kv_mem_mb;          /* K/V pool size cap */
+    /* http */
+    char *host;
+    int port;               /* 0 = an ephemeral port (logged as event=listening) */
+    int max_connections;
+    int max_body_kb;        /* request body limit (413 above it) */
+    int http_timeout_s;     /* idle connection timeout (slow clients) */
+    int request_timeout_s;  /* whole-request deadline, then cancelled */
+    int shutdown_timeout_s; /* SIGTERM: running requests get this long to finish */
+    /* scheduling */
+    int max_queue;          /* admitted-but-waiting requests beyond max_seqs; then 429 */
+    int max_sessions;       /* idle sessions kept resident */
+    int default_max_tokens; /* /v1/completions without max_tokens (OpenAI: 16) */
+    /* auth and state */
+    char *api_keys;         /* comma-separated bearer keys; empty = no auth */
+    char *api_keys_file;    /* one key per line ('#' comments); merged with api_keys */
+    char *state_dir;        /* directory for persistent state (created if missing) */
+    int log_requests;       /* one access line per request */
+} srv_config;
+
+/* Runs the daemon until SIGTERM/SIGINT.  Returns the process exit status
+ * (0 after a clean shutdown).  The config is borrowed for the call. */
+int srv_run(const srv_config *cfg);
+
+#endif /* MKAD_SERVER_H */

@@ -1,0 +1,677 @@
+#!/usr/bin/env python3
+"""Black-box tests of mkad: the real daemon on 127.0.0.1 (ephemeral port) with
+the bundled model, driven by the official openai client, curl and raw sockets.
+
+Run by tests/server_blackbox.sh under `make check`; standalone:
+    python3 tests/server_blackbox.py [--mkad ./mkad] [--model models/mkad-tiny] [-k NAME]
+Each test_* function is one test; the summary line counts them.
+"""
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+import openai
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.environ.get("top_srcdir", os.path.dirname(HERE))
+BUILD = os.environ.get("top_builddir", SRC)
+MODEL_NAME = "mkad-tiny"
+PROMPT = [1, 15, 27, 300, 42, 7]
+
+
+class Daemon:
+    """One mkad process; stderr is collected in a thread."""
+
+    def __init__(self, *args, wait_ready=True, env=None):
+        self.state = tempfile.mkdtemp(prefix="mkad-bb-")
+        cmd = [ARGS.mkad, "--model", ARGS.model, "--host", "127.0.0.1", "--port", "0",
+               "--state-dir", self.state] + list(args)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, **(env or {})))
+        self.lines = []
+        self.port = None
+        self.cv = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        with self.cv:
+            self.cv.wait_for(lambda: self.port is not None or self.proc.poll() is not None, 10)
+        assert self.port, "daemon did not start:\n" + "\n".join(self.lines)
+        self.base = f"http://127.0.0.1:{self.port}"
+        if wait_ready:
+            deadline = time.time() + 10
+            while time.time() < deadline:
+                if http("GET", self.base + "/health")[0] == 200:
+                    break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("not healthy")
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self.cv:
+                self.lines.append(line.rstrip("\n"))
+                m = re.search(r"event=listening .*port=(\d+)", line)
+                if m:
+                    self.port = int(m.group(1))
+                self.cv.notify_all()
+
+    def client(self, key="none", **kw):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+    def stop(self, sig=signal.SIGTERM, timeout=20):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("daemon did not exit after SIGTERM")
+        time.sleep(0.05)  # let the reader thread take the last lines
+        with self.cv:
+            bad = [l for l in self.lines if "Sanitizer" in l or "runtime error:" in l]
+        assert not bad, "sanitizer report:\n" + "\n".join(self.lines[-60:])
+        return rc
+
+
+def http(method, url, body=None, headers=None, timeout=30):
+    """(status, headers, body bytes) without raising on 4xx/5xx."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    h = {"Content-Type": "application/json"} if data is not None else {}
+    h.update(headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+    except (ConnectionError, urllib.error.URLError):
+        return 0, {}, b""
+
+
+def curl(*args):
+    """curl's (status, body) for raw HTTP cases."""
+    out = subprocess.run(["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "30", *args],
+                         capture_output=True)
+    body, _, code = out.stdout.rpartition(b"\n")
+    return int(code or 0), body
+
+
+def metrics(d):
+    st, _, body = http("GET", d.base + "/metrics")
+    assert st == 200
+    vals = {}
+    for line in body.decode().splitlines():
+        if line and not line.startswith("#"):
+            k, v = line.rsplit(" ", 1)
+            vals[k] = float(v)
+    return vals
+
+
+def assert_error(status, body, want_status, param=None):
+    assert status == want_status, (status, body)
+    err = json.loads(body)["error"]
+    assert set(err) >= {"message", "type", "param", "code"}, err
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_health_models_metrics():
+    st, _, body = http("GET", D.base + "/health")
+    assert st == 200 and json.loads(body)["status"] == "ok"
+    models = D.client().models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    st, _, body = http("GET", D.base + "/v1/models/" + MODEL_NAME)
+    assert st == 200 and json.loads(body)["id"] == MODEL_NAME
+    assert_error(*http("GET", D.base + "/v1/models/nope")[::2], 404)
+    m = metrics(D)
+    for name in ("mkad_kv_blocks_total", "mkad_sequences_running", "mkad_sequences_waiting",
+                 "mkad_time_to_first_token_seconds_count", "mkad_inter_token_latency_seconds_count",
+                 "mkad_batch_tokens_count", "mkad_kv_blocks_used", "mkad_prompt_tokens_total",
+                 "mkad_generation_tokens_total", "mkad_cached_tokens_total"):
+        assert name in m, name
+    assert m["mkad_kv_blocks_total"] > 0
+
+
+def completion(c, seed, max_tokens=16, prompt=PROMPT, **kw):
+    return c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
+                                temperature=1.0, seed=seed, **kw)
+
+
+def test_completions_nonstream():
+    r = completion(D.client(), seed=1, max_tokens=8, extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL_NAME
+    ch = r.choices[0]
+    ids = ch.model_extra["token_ids"]
+    assert len(ids) == 8 and ch.finish_reason == "length"
+    assert ch.text == " ".join(map(str, ids))
+    assert r.usage.prompt_tokens == len(PROMPT) and r.usage.completion_tokens == 8
+    assert r.usage.total_tokens == len(PROMPT) + 8
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # same seed, same text
+    r2 = completion(D.client(), seed=1, max_tokens=8, extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == ch.text
+
+
+def test_completions_stream_include_usage():
+    c = D.client()
+    full = completion(c, seed=5, max_tokens=12, extra_body={"ignore_eos": True})
+    chunks = list(completion(c, seed=5, max_tokens=12, stream=True,
+                             stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == full.choices[0].text, (text, full.choices[0].text)
+    fins = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert fins == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(ch.usage is None for ch in chunks[:-1])
+    # without include_usage: no usage chunk
+    chunks = list(completion(c, seed=5, max_tokens=3, stream=True))
+    assert all(ch.choices for ch in chunks)
+
+
+def test_chat_stream_and_not():
+    c = D.client()
+    msgs = [{"role": "user", "content": "hello"}]
+    eb = {"prompt_token_ids": PROMPT, "ignore_eos": True}
+    r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=10, seed=3,
+                                  extra_body=eb)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and len(msg.content.split()) == 10
+    assert r.choices[0].finish_reason == "length"
+    stream = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_completion_tokens=10,
+                                       seed=3, stream=True, stream_options={"include_usage": True},
+                                       extra_body=eb)
+    chunks = list(stream)
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == msg.content
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(PROMPT)
+    # without a tokenizer a text chat is a clear 400
+    try:
+        c.chat.completions.create(model=MODEL_NAME, messages=msgs)
+        raise AssertionError("accepted a text chat without tokenizer")
+    except openai.BadRequestError as e:
+        assert "tokenizer.json" in str(e)
+
+
+def test_stop_strings():
+    c = D.client()
+    base = completion(c, seed=11, max_tokens=20, extra_body={"ignore_eos": True}).choices[0].text
+    words = base.split(" ")
+    assert len(words) == 20
+    stop = " " + " ".join(words[5:7])   # occurs at the 6th token at the latest
+    cut = base.index(stop)
+    r = completion(c, seed=11, max_tokens=20, stop=[stop, "zzz"], extra_body={"ignore_eos": True})
+    assert r.choices[0].text == base[:cut] and r.choices[0].finish_reason == "stop", r
+    chunks = list(completion(c, seed=11, max_tokens=20, stop=stop, stream=True,
+                             extra_body={"ignore_eos": True}))
+    assert "".join(ch.choices[0].text for ch in chunks) == base[:cut]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs():
+    r = completion(D.client(), seed=2, max_tokens=4, logprobs=3, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and len(lp.top_logprobs) == 4
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert all(len(t) == 3 for t in lp.top_logprobs)
+    r = D.client().chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=3, logprobs=True, top_logprobs=2, seed=2,
+                                           extra_body={"prompt_token_ids": PROMPT, "ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_concurrent_streams_independent():
+    """64 concurrent streaming clients; each text equals its solo run (same seed)."""
+    n = 64
+    c = D.client()
+    solo = {}
+    for i in range(n):
+        solo[i] = completion(c, seed=1000 + i, max_tokens=24, prompt=PROMPT + [i + 100],
+                             extra_body={"ignore_eos": True}).choices[0].text
+    barrier = threading.Barrier(n)
+
+    def run(i):
+        cl = D.client()
+        barrier.wait(30)
+        s = completion(cl, seed=1000 + i, max_tokens=24, prompt=PROMPT + [i + 100], stream=True,
+                       extra_body={"ignore_eos": True})
+        return i, "".join(ch.choices[0].text for ch in s if ch.choices)
+
+    before = metrics(D)
+    with cf.ThreadPoolExecutor(n) as ex:
+        results = list(ex.map(run, range(n)))
+    for i, text in results:
+        assert text == solo[i], (i, text, solo[i])
+    after = metrics(D)
+    # the engine really batched: some step carried more than one sequence
+    big = after['mkad_batch_sequences_bucket{le="1"}'] - before['mkad_batch_sequences_bucket{le="1"}']
+    total = after["mkad_batch_sequences_count"] - before["mkad_batch_sequences_count"]
+    assert total > big, (total, big)
+
+
+def wait_metric(pred, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = metrics(D)
+        if pred(m):
+            return m
+        time.sleep(0.05)
+    raise AssertionError("metric condition not reached: %s" % m)
+
+
+def test_disconnect_frees_sequence():
+    wait_metric(lambda m: m["mkad_sequences_running"] == 0)
+    base = metrics(D)
+    blocks0 = base["mkad_kv_blocks_used"]
+    cancelled0 = base.get('mkad_requests_cancelled_total{reason="client"}', 0)
+    body = json.dumps({"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 3000, "stream": True,
+                       "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", D.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data: ") < 3:
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    wait_metric(lambda m: m["mkad_sequences_running"] >= 1)
+    s.close()
+    m = wait_metric(lambda m: m["mkad_sequences_running"] == 0 and
+                    m.get('mkad_requests_cancelled_total{reason="client"}', 0) >= cancelled0 + 1)
+    assert m["mkad_kv_blocks_used"] == blocks0, (m["mkad_kv_blocks_used"], blocks0)
+    # the generated count stayed far below 3000
+    assert m["mkad_generation_tokens_total"] - base["mkad_generation_tokens_total"] < 2900
+
+
+def test_disconnect_nonstream():
+    wait_metric(lambda m: m["mkad_sequences_running"] == 0)
+    body = json.dumps({"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 3000,
+                       "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", D.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    wait_metric(lambda m: m["mkad_sequences_running"] >= 1)
+    s.close()
+    wait_metric(lambda m: m["mkad_sequences_running"] == 0)
+
+
+def test_sessions_reuse_prefix():
+    c = D.client()
+    p1 = list(range(1, 101))
+    eb = {"ignore_eos": True}
+    r1 = completion(c, seed=7, max_tokens=10, prompt=p1, extra_body=dict(eb, session_id="bb-s1"))
+    assert r1.usage.prompt_tokens_details.cached_tokens == 0
+    p2 = p1 + r1.choices[0].model_extra["token_ids"] + [5, 6, 7, 8]
+    r2 = completion(c, seed=9, max_tokens=10, prompt=p2, extra_body=dict(eb, session_id="bb-s1"))
+    cached = r2.usage.prompt_tokens_details.cached_tokens
+    assert cached == 100 + 10 - 1, cached  # everything the session held
+    # same result as without a session (the engine is exact)
+    r3 = completion(c, seed=9, max_tokens=10, prompt=p2, extra_body=eb)
+    assert r3.choices[0].text == r2.choices[0].text
+    assert r3.usage.prompt_tokens_details.cached_tokens == 0
+    # a diverging prompt keeps only the block-aligned common prefix
+    p4 = p1[:50] + [9, 9, 9]
+    st, _, body = http("POST", D.base + "/v1/completions",
+                       {"model": MODEL_NAME, "prompt": p4, "max_tokens": 2},
+                       {"X-Session-Id": "bb-s1"})
+    assert st == 200, body
+    assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    m = metrics(D)
+    assert m["mkad_sessions_resident"] >= 1 and m["mkad_cached_tokens_total"] >= cached + 32
+
+
+def test_session_concurrent_requests_serialize():
+    """Two requests of one session at once: both complete (the second waits)."""
+    c = D.client()
+    eb = {"ignore_eos": True, "session_id": "bb-par"}
+    with cf.ThreadPoolExecutor(2) as ex:
+        futs = [ex.submit(completion, c, 20 + i, 30, PROMPT + [i], extra_body=eb) for i in range(2)]
+        rs = [f.result() for f in futs]
+    assert all(r.usage.completion_tokens == 30 for r in rs)
+
+
+def test_long_prompt_does_not_starve_decoders():
+    """A stream keeps getting tokens while a 1200-token prompt is prefilled."""
+    c = D.client()
+    sobj = completion(c, seed=1, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+    stream = iter(sobj)
+    next(stream)
+    arrivals = []
+    stop = threading.Event()
+
+    def reader():
+        for _ in stream:
+            arrivals.append(time.time())
+            if stop.is_set():
+                break
+        sobj.close()
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    time.sleep(0.1)
+    t0 = time.time()
+    long_prompt = [(i * 7) % 4000 + 3 for i in range(1200)]
+    first = None
+    for ch in completion(c, seed=2, max_tokens=2, prompt=long_prompt, stream=True):
+        first = first or time.time()
+    stop.set()
+    during = [t for t in arrivals if t0 <= t <= first]
+    # prefill takes several steps of prefill_chunk tokens; the stream decodes in each
+    assert len(during) >= 3, (len(during), first - t0)
+    th.join(10)
+
+
+def test_request_timeout():
+    d = Daemon("--request-timeout", "1")
+    try:
+        t0 = time.time()
+        try:
+            for _ in completion(d.client(), seed=1, max_tokens=4000, stream=True,
+                                extra_body={"ignore_eos": True}):
+                pass
+            raise AssertionError("no timeout")
+        except openai.APIError as e:
+            assert "request_timeout" in str(e), e
+        assert time.time() - t0 < 4
+        st, _, body = http("POST", d.base + "/v1/completions",
+                           {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4000, "ignore_eos": True})
+        assert_error(st, body, 503)
+        assert json.loads(body)["error"]["code"] == "timeout"
+        m = metrics(d)
+        assert m['mkad_requests_cancelled_total{reason="timeout"}'] == 2
+        assert m["mkad_sequences_running"] == 0
+    finally:
+        assert d.stop() == 0
+
+
+def test_malformed_corpus():
+    url = D.base + "/v1/completions"
+    ok = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2}
+    J = ["-H", "Content-Type: application/json"]
+    cases = [
+        (400, ["-d", "{not json", *J]),
+        (400, ["-d", "[1,2,3]", *J]),
+        (400, ["-d", "", *J]),
+        (400, ["-d", json.dumps(dict(ok, max_tokens=-5)), *J]),
+        (400, ["-d", json.dumps(dict(ok, max_tokens="12")), *J]),
+        (400, ["-d", '{"model":"mkad-tiny","prompt":[1],"max_tokens":1e400}', *J]),
+        (400, ["-d", '{"model":"mkad-tiny","prompt":[1],"max_tokens":123456789012345678901234567890}', *J]),
+        (400, ["-d", json.dumps(dict(ok, temperature=[1])), *J]),
+        (400, ["-d", json.dumps(dict(ok, temperature=1e308)), *J]),
+        (400, ["-d", json.dumps(dict(ok, prompt=[1, 99999999])), *J]),
+        (400, ["-d", json.dumps(dict(ok, prompt=[[1], [2]])), *J]),
+        (400, ["-d", json.dumps(dict(ok, n=3)), *J]),
+        (400, ["-d", json.dumps(dict(ok, stop={"a": 1})), *J]),
+        (400, ["-d", json.dumps(dict(ok, max_tokens=5000)), *J]),
+        (400, [b'{"model":"mkad-tiny","prompt":[1],"user":"\xc3\x28"}', *J]),
+        (400, [b'{"model":"mkad-tiny","prompt":[1\x00,2]}', *J]),
+        (400, [b"\x00\x01\x02\xff", *J]),
+        (400, ["-d", "[" * 100000, *J]),
+        (404, ["-d", json.dumps(dict(ok, model="gpt-4")), *J]),
+        (415, ["-d", json.dumps(ok), "-H", "Content-Type: text/plain"]),
+        (405, ["-X", "GET"]),
+        (405, ["-X", "DELETE"]),
+    ]
+    for want, args in cases:
+        if isinstance(args[0], bytes):  # raw bytes go through a file
+            with tempfile.NamedTemporaryFile() as f:
+                f.write(args[0])
+                f.flush()
+                st, body = curl(url, "--data-binary", "@" + f.name, *args[1:])
+        else:
+            st, body = curl(url, *args)
+        assert_error(st, body, want)
+    st, body = curl(D.base + "/nope")
+    assert_error(st, body, 404)
+    st, body = curl("-X", "POST", D.base + "/health", "-d", "{}", *J)
+    assert_error(st, body, 405)
+    # 10 MB body: 413 whether announced by Content-Length or sent chunked
+    big = b'{"model":"mkad-tiny","prompt":[1],"user":"' + b"a" * (10 << 20) + b'"}'
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(big)
+        f.flush()
+        st, body = curl(url, "--data-binary", "@" + f.name, *J)
+        assert_error(st, body, 413)
+        st, body = curl(url, "--data-binary", "@" + f.name, *J, "-H", "Transfer-Encoding: chunked")
+        assert_error(st, body, 413)
+    # invalid UTF-8 in the body (raw bytes)
+    st, _, body = http("POST", url, b'{"model":"mkad-tiny","prompt":[1],"user":"\xff\xfe"}')
+    assert_error(st, body, 400)
+    # a mid-body disconnect and a garbage request line
+    s = socket.create_connection(("127.0.0.1", D.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 500\r\n\r\n{\"model\":")
+    s.close()
+    s = socket.create_connection(("127.0.0.1", D.port))
+    s.sendall(b"\x16\x03\x01garbage\r\n\r\n")
+    s.recv(4096)
+    s.close()
+    assert http("GET", D.base + "/health")[0] == 200
+    assert completion(D.client(), seed=1, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_slowloris():
+    """Partial bodies do not block others and are closed after http_timeout."""
+    socks = []
+    for _ in range(20):
+        s = socket.create_connection(("127.0.0.1", D.port))
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{\"model\": \"mkad-")
+        socks.append(s)
+    t0 = time.time()
+    r = completion(D.client(), seed=1, max_tokens=4)
+    assert r.usage.completion_tokens >= 1 and time.time() - t0 < 5
+    s = socks[0]
+    s.settimeout(10)
+    data = s.recv(4096)  # closed by the server (idle timeout 2 s)
+    assert time.time() - t0 < 9, "slow connection was not timed out"
+    assert data == b"" or data.startswith(b"HTTP/1.1"), data
+    for s in socks:
+        s.close()
+    assert http("GET", D.base + "/health")[0] == 200
+
+
+def test_auth():
+    d = Daemon("--api-keys", "k1,k2")
+    try:
+        url = d.base + "/v1/completions"
+        body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2}
+        assert_error(*http("POST", url, body)[::2], 401)
+        assert_error(*http("POST", url, body, {"Authorization": "Bearer nope"})[::2], 401)
+        assert_error(*http("GET", d.base + "/v1/models")[::2], 401)
+        assert http("GET", d.base + "/health")[0] == 200
+        try:
+            completion(d.client(key="bad"), seed=1, max_tokens=2)
+            raise AssertionError("bad key accepted")
+        except openai.AuthenticationError:
+            pass
+        r = completion(d.client(key="k2"), seed=1, max_tokens=2)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        assert d.stop() == 0
+
+
+def test_sighup_reloads_keys():
+    with tempfile.NamedTemporaryFile("w", suffix=".keys") as f:
+        f.write("# keys\nold-key\n")
+        f.flush()
+        d = Daemon("--api-keys-file", f.name)
+        try:
+            body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1}
+            url = d.base + "/v1/completions"
+            assert http("POST", url, body, {"Authorization": "Bearer old-key"})[0] == 200
+            with open(f.name, "w") as g:
+                g.write("new-key\n")
+            d.proc.send_signal(signal.SIGHUP)
+            deadline = time.time() + 5
+            while http("POST", url, body, {"Authorization": "Bearer new-key"})[0] != 200:
+                assert time.time() < deadline, "SIGHUP did not reload the keys file"
+                time.sleep(0.05)
+            assert http("POST", url, body, {"Authorization": "Bearer old-key"})[0] == 401
+        finally:
+            assert d.stop() == 0
+
+
+def test_queue_full_and_sigterm():
+    d = Daemon("--max-seqs", "1", "--max-queue", "0", "--shutdown-timeout", "20")
+    try:
+        c = d.client()
+        stream = completion(c, seed=1, max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        it = iter(stream)
+        first = next(it)
+        assert first.choices[0].text
+        st, hdr, body = http("POST", d.base + "/v1/completions",
+                             {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 2})
+        assert_error(st, body, 429)
+        assert int(hdr.get("Retry-After", "0")) >= 1
+        # SIGTERM: the running stream finishes, new connections are refused, exit 0
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert http("GET", d.base + "/health", timeout=2)[0] in (0, 503)
+        rest = list(it)
+        assert rest[-1].choices[0].finish_reason == "length"
+        n = 1 + sum(1 for ch in rest if ch.choices and ch.choices[0].text)
+        assert n == 400, n
+        assert d.proc.wait(20) == 0
+        assert any("event=shutdown" in l for l in d.lines)
+    finally:
+        d.stop()
+
+
+def test_sigterm_deadline():
+    d = Daemon("--shutdown-timeout", "1")
+    stream = completion(d.client(), seed=1, max_tokens=4000, stream=True,
+                        extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    t0 = time.time()
+    d.proc.send_signal(signal.SIGTERM)
+    try:
+        for _ in it:
+            pass
+        raise AssertionError("stream ended without an error event")
+    except openai.APIError as e:
+        assert "shutting down" in str(e), e
+    assert d.proc.wait(10) == 0 and time.time() - t0 < 5
+
+
+def test_systemd_notify():
+    """READY=1 once loaded, STATUS= lines, WATCHDOG=1 pings, STOPPING=1 on SIGTERM."""
+    path = os.path.join(tempfile.mkdtemp(prefix="mkad-notify-"), "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}
+    os.environ.pop("WATCHDOG_PID", None)
+    d = Daemon(env=env)
+    msgs = []
+    try:
+        deadline = time.time() + 5
+        while time.time() < deadline and sum("WATCHDOG=1" in m for m in msgs) < 2:
+            msgs.append(sock.recv(4096).decode())
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
+        sock.settimeout(0.5)
+        try:
+            while True:
+                msgs.append(sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+    finally:
+        d.stop()
+        sock.close()
+    text = "\n".join(msgs)
+    assert "READY=1" in text and "STATUS=serving mkad-tiny" in text, text
+    assert "STATUS=loading model" in text and "STOPPING=1" in text, text
+    assert text.count("WATCHDOG=1") >= 2, text
+
+
+def test_config_and_flags():
+    r = subprocess.run([ARGS.mkad, "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--max-batch-tokens" in r.stdout and "[scheduler]" in r.stdout
+    r = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "70000"], capture_output=True, text=True)
+    assert r.returncode == 2 and "port" in r.stderr and "70000" in r.stderr, r.stderr
+    r = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--bogus", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--bogus" in r.stderr
+    r = subprocess.run([ARGS.mkad, "--port", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and "model" in r.stderr
+    with tempfile.NamedTemporaryFile("w", suffix=".conf") as f:
+        f.write("[model]\nmodel = %s\n\n[http]\nport = 9\nmax_seqs = 3\n" % ARGS.model)
+        f.flush()
+        r = subprocess.run([ARGS.mkad, "--config", f.name], capture_output=True, text=True)
+        assert r.returncode == 2 and ":6:" in r.stderr and "[engine]" in r.stderr, r.stderr
+    conf = os.path.join(SRC, "conf", "mkad.conf")
+    r = subprocess.run([ARGS.mkad, "--config", conf, "--port", "1234", "--print-config"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "port = 1234" in r.stdout and "host = 127.0.0.1" in r.stdout
+    # a model directory that does not load: the daemon exits non-zero
+    d = Daemon(wait_ready=False)
+    d.stop()
+    bad = subprocess.run([ARGS.mkad, "--model", "/nonexistent", "--port", "0"], capture_output=True,
+                         text=True, timeout=20)
+    assert bad.returncode == 1 and "model_load_failed" in bad.stderr
+
+
+def test_still_healthy():
+    st, _, body = http("GET", D.base + "/health")
+    assert st == 200
+    m = metrics(D)
+    assert m['mkad_http_requests_total{route="/v1/completions",status="200"}'] > 64
+    assert any(k.startswith('mkad_http_requests_total{route="/v1/completions",status="400"') for k in m)
+    assert D.proc.poll() is None
+
+
+def main():
+    global ARGS, D
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mkad", default=os.path.join(BUILD, "mkad"))
+    ap.add_argument("--model", default=os.path.join(SRC, "models", "mkad-tiny"))
+    ap.add_argument("-k", default="")
+    ARGS = ap.parse_args()
+    tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and ARGS.k in n]
+    D = Daemon("--http-timeout", "2", "--log-requests=false")
+    failed = 0
+    t_all = time.time()
+    try:
+        for name, fn in tests:
+            t0 = time.time()
+            try:
+                fn()
+                print(f"PASS {name} ({time.time() - t0:.1f}s)", flush=True)
+            except Exception as e:  # noqa: BLE001 - report every failure
+                failed += 1
+                import traceback
+                traceback.print_exc()
+                print(f"FAIL {name}: {e!r}"[:2000], flush=True)
+                if D.proc.poll() is not None:
+                    print("daemon died; last log lines:\n" + "\n".join(D.lines[-30:]))
+                    break
+    finally:
+        rc = D.stop()
+        if rc != 0:
+            failed += 1
+            print(f"FAIL main daemon exit status {rc}")
+            print("\n".join(D.lines[-30:]))
+    print(f"server black-box: {len(tests) - failed}/{len(tests)} passed in {time.time() - t_all:.1f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

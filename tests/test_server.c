@@ -1,0 +1,869 @@
+/*
+ * test_server.c — Check unit tests for the server's pure parts: request
+ * validation (api.c), JSON and SSE building, the stop-string scanner, the
+ * step planner and session prefix reuse (sched.c).  No sockets, no threads.
+ */
+#include "config.h"
+
+#include <check.h>
+#include <time.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "srv_internal.h"
+
+static const srv_model_desc MD = { "tiny", 4096, 128, NULL, 16 };
+
+static srv_genreq *parse_ok(const char *body, int chat)
+{
+    srv_genreq *r = NULL;
+    srv_error e;
+    int rc = srv_genreq_parse(body, strlen(body), chat, &MD, NULL, &r, &e);
+    ck_assert_msg(rc == 0, "parse failed: %s (%s)", e.message, body);
+    ck_assert_ptr_nonnull(r);
+    return r;
+}
+
+/* Expects a failure with `status` naming `param` ("" = null). */
+static void parse_bad(const char *body, int chat, int status, const char *param)
+{
+    srv_genreq *r = NULL;
+    srv_error e;
+    memset(&e, 0, sizeof e);
+    int rc = srv_genreq_parse(body, strlen(body), chat, &MD, NULL, &r, &e);
+    ck_assert_msg(rc == -1, "accepted: %s", body);
+    ck_assert_ptr_null(r);
+    ck_assert_msg(e.status == status, "status %d != %d for %s (%s)", e.status, status, body, e.message);
+    ck_assert_msg(strcmp(e.param, param) == 0, "param '%s' != '%s' for %s", e.param, param, body);
+    ck_assert_msg(e.message[0] != '\0', "empty message");
+}
+
+START_TEST(parse_completion_valid)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1,2,3],\"max_tokens\":5,\"temperature\":0.5,"
+                             "\"top_p\":0.9,\"top_k\":40,\"seed\":-7,\"stop\":[\"a\",\"bc\"],\"stream\":true,"
+                             "\"stream_options\":{\"include_usage\":true},\"logprobs\":2,\"n\":1,"
+                             "\"session_id\":\"s-1\"}", 0);
+    ck_assert_int_eq(r->n_prompt, 3);
+    ck_assert_int_eq(r->prompt[2], 3);
+    ck_assert_int_eq(r->max_tokens, 5);
+    ck_assert(r->sp.temperature == 0.5f);
+    ck_assert(r->sp.top_p == 0.9f);
+    ck_assert_int_eq(r->sp.top_k, 40);
+    ck_assert(r->has_seed && r->sp.seed == (uint64_t)-7);
+    ck_assert_int_eq(r->n_stop, 2);
+    ck_assert_str_eq(r->stop[1], "bc");
+    ck_assert(r->stream && r->include_usage);
+    ck_assert(r->logprobs && r->top_logprobs == 2);
+    ck_assert_str_eq(r->session_id, "s-1");
+    ck_assert(r->return_token_ids); /* no tokenizer: ids are returned */
+    ck_assert(!r->chat);
+    srv_genreq_free(r);
+}
+END_TEST
+
+START_TEST(parse_defaults)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[[5,6]]}", 0);
+    ck_assert_int_eq(r->max_tokens, 16);      /* completions default */
+    ck_assert(r->sp.temperature == 1.0f);     /* OpenAI default */
+    ck_assert(!r->has_seed && !r->stream && !r->logprobs);
+    srv_genreq_free(r);
+    /* The default is capped by the context (128). */
+    char body[2048] = "{\"model\":\"tiny\",\"prompt\":[";
+    for (int i = 0; i < 120; i++) strcat(body, i ? ",1" : "1");
+    strcat(body, "]}");
+    r = parse_ok(body, 0);
+    ck_assert_int_eq(r->max_tokens, 8);
+    srv_genreq_free(r);
+    /* chat: until the context is full */
+    r = parse_ok("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+                 "\"prompt_token_ids\":[1,2,3,4]}", 1);
+    ck_assert_int_eq(r->max_tokens, 124);
+    ck_assert(r->chat);
+    srv_genreq_free(r);
+    /* max_completion_tokens wins in chat */
+    r = parse_ok("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"x\"}]}],"
+                 "\"prompt_token_ids\":[1],\"max_tokens\":9,\"max_completion_tokens\":3,\"logprobs\":true,"
+                 "\"top_logprobs\":5}", 1);
+    ck_assert_int_eq(r->max_tokens, 3);
+    ck_assert(r->logprobs && r->top_logprobs == 5);
+    srv_genreq_free(r);
+}
+END_TEST
+
+START_TEST(parse_session_header)
+{
+    srv_genreq *r = NULL;
+    srv_error e;
+    const char *b = "{\"model\":\"tiny\",\"prompt\":[1]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &MD, "hdr.1", &r, &e), 0);
+    ck_assert_str_eq(r->session_id, "hdr.1");
+    srv_genreq_free(r);
+    const char *b2 = "{\"model\":\"tiny\",\"prompt\":[1],\"session_id\":\"body\"}";
+    ck_assert_int_eq(srv_genreq_parse(b2, strlen(b2), 0, &MD, "hdr", &r, &e), 0);
+    ck_assert_str_eq(r->session_id, "body"); /* the body wins */
+    srv_genreq_free(r);
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &MD, "bad id!", &r, &e), -1);
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.param, "X-Session-Id");
+}
+END_TEST
+
+START_TEST(parse_rejects)
+{
+    parse_bad("", 0, 400, "");
+    parse_bad("{", 0, 400, "");
+    parse_bad("[1,2]", 0, 400, "");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"x\":1,\"x\":2}", 0, 400, "");
+    parse_bad("{\"prompt\":[1]}", 0, 400, "model");
+    parse_bad("{\"model\":7,\"prompt\":[1]}", 0, 400, "model");
+    parse_bad("{\"model\":\"other\",\"prompt\":[1]}", 0, 404, "model");
+    parse_bad("{\"model\":\"tiny\"}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[]}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":\"hello\"}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1,4096]}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1,-1]}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1,2.5]}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[[1],[2]]}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":{}}", 0, 400, "prompt");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"temperature\":\"hot\"}", 0, 400, "temperature");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"temperature\":2.5}", 0, 400, "temperature");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"top_p\":0}", 0, 400, "top_p");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"top_k\":-5}", 0, 400, "top_k");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":-1}", 0, 400, "max_tokens");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":0}", 0, 400, "max_tokens");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":1e30}", 0, 400, "max_tokens");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":99999999999999}", 0, 400, "max_tokens");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":\"5\"}", 0, 400, "max_tokens");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":128}", 0, 400, "max_tokens");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":2}", 0, 400, "n");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":0}", 0, 400, "n");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"echo\":true}", 0, 400, "echo");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"best_of\":3}", 0, 400, "best_of");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":1}", 0, 400, "presence_penalty");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":\"yes\"}", 0, 400, "stream");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream_options\":{\"include_usage\":true}}", 0, 400, "stream_options");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":true,\"stream_options\":{\"include_usage\":1}}", 0, 400,
+              "stream_options.include_usage");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stop\":5}", 0, 400, "stop");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stop\":[\"a\",\"b\",\"c\",\"d\",\"e\"]}", 0, 400, "stop");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logprobs\":6}", 0, 400, "logprobs");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"session_id\":\"\"}", 0, 400, "session_id");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"session_id\":\"a b\"}", 0, 400, "session_id");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"seed\":1.5}", 0, 400, "seed");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"ignore_eos\":1}", 0, 400, "ignore_eos");
+    {
+        srv_genreq *r = NULL;
+        srv_error e;
+        const char nul[] = "{\"model\":\"tiny\",\"prompt\":[1\0,2]}";
+        ck_assert_int_eq(srv_genreq_parse(nul, sizeof nul - 1, 0, &MD, NULL, &r, &e), -1);
+        ck_assert_int_eq(e.status, 400);
+    }
+    /* invalid UTF-8 inside a string */
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"user\":\"\xff\xfe\"}", 0, 400, "");
+    /* chat */
+    parse_bad("{\"model\":\"tiny\"}", 1, 400, "messages");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[]}", 1, 400, "messages");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[5]}", 1, 400, "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"wizard\",\"content\":\"x\"}]}", 1, 400, "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":5}]}", 1, 400, "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1, 400, "messages");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"prompt_token_ids\":[1],"
+              "\"top_logprobs\":2}", 1, 400, "top_logprobs");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"prompt_token_ids\":[1],"
+              "\"max_completion_tokens\":-3}", 1, 400, "max_completion_tokens");
+}
+END_TEST
+
+START_TEST(parse_no_tokenizer_message)
+{
+    srv_genreq *r = NULL;
+    srv_error e;
+    const char *b = "{\"model\":\"tiny\",\"prompt\":\"Once upon a time\"}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &MD, NULL, &r, &e), -1);
+    ck_assert_ptr_nonnull(strstr(e.message, "tokenizer.json"));
+    ck_assert_str_eq(e.code, "no_tokenizer");
+}
+END_TEST
+
+START_TEST(error_object)
+{
+    srv_error e;
+    srv_error_set(&e, 400, "invalid_request_error", "temperature", NULL, "bad \"x\" %d", 3);
+    char *s = srv_error_json(&e);
+    json_error_t je;
+    json_t *o = json_loads(s, 0, &je);
+    ck_assert_ptr_nonnull(o);
+    json_t *err = json_object_get(o, "error");
+    ck_assert_str_eq(json_string_value(json_object_get(err, "message")), "bad \"x\" 3");
+    ck_assert_str_eq(json_string_value(json_object_get(err, "type")), "invalid_request_error");
+    ck_assert_str_eq(json_string_value(json_object_get(err, "param")), "temperature");
+    ck_assert(json_is_null(json_object_get(err, "code")));
+    json_decref(o);
+    free(s);
+}
+END_TEST
+
+static json_t *load(const char *s)
+{
+    json_error_t je;
+    json_t *o = json_loads(s, 0, &je);
+    ck_assert_msg(o != NULL, "invalid JSON: %s: %s", je.text, s);
+    return o;
+}
+
+START_TEST(build_completion_json)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1,2]}", 0);
+    int32_t ids[3] = { 7, 8, 9 };
+    srv_usage u = { 2, 3, 1 };
+    char *s = srv_build_completion(r, "cmpl-1", 123, "7 8 9", 5, ids, 3, NULL, 0, "length", &u);
+    json_t *o = load(s);
+    ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "text_completion");
+    ck_assert_str_eq(json_string_value(json_object_get(o, "id")), "cmpl-1");
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "created")), 123);
+    json_t *c = json_array_get(json_object_get(o, "choices"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(c, "text")), "7 8 9");
+    ck_assert_str_eq(json_string_value(json_object_get(c, "finish_reason")), "length");
+    ck_assert_int_eq(json_array_size(json_object_get(c, "token_ids")), 3);
+    json_t *us = json_object_get(o, "usage");
+    ck_assert_int_eq(json_integer_value(json_object_get(us, "total_tokens")), 5);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(us, "prompt_tokens_details"),
+                                                        "cached_tokens")), 1);
+    json_decref(o);
+    free(s);
+    srv_genreq_free(r);
+
+    r = parse_ok("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                 "\"prompt_token_ids\":[1],\"logprobs\":true,\"top_logprobs\":1}", 1);
+    srv_logprob lp = { .token = 7, .logprob = -0.5f, .n_top = 1, .top_tokens = { 7 },
+                       .top_logprobs = { -0.5f } };
+    /* invalid UTF-8 in generated text must still give valid JSON */
+    s = srv_build_completion(r, "chatcmpl-1", 1, "a\xff" "b", 3, ids, 1, &lp, 1, "stop", &u);
+    o = load(s);
+    ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "chat.completion");
+    c = json_array_get(json_object_get(o, "choices"), 0);
+    json_t *msg = json_object_get(c, "message");
+    ck_assert_str_eq(json_string_value(json_object_get(msg, "role")), "assistant");
+    ck_assert_str_eq(json_string_value(json_object_get(msg, "content")), "a\xef\xbf\xbd" "b");
+    json_t *content = json_object_get(json_object_get(c, "logprobs"), "content");
+    ck_assert_int_eq(json_array_size(content), 1);
+    ck_assert(json_real_value(json_object_get(json_array_get(content, 0), "logprob")) == -0.5);
+    json_decref(o);
+    free(s);
+    srv_genreq_free(r);
+}
+END_TEST
+
+/* Splits an SSE buffer into its events; checks the framing of each. */
+static int sse_events(const char *buf, char out[][2048], int max)
+{
+    int n = 0;
+    const char *p = buf;
+    while (*p && n < max) {
+        const char *end = strstr(p, "\n\n");
+        ck_assert_msg(end != NULL, "event without blank line: %s", p);
+        snprintf(out[n++], 2048, "%.*s", (int)(end - p), p);
+        p = end + 2;
+    }
+    return n;
+}
+
+START_TEST(sse_framing)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+                             "\"prompt_token_ids\":[1],\"stream\":true,\"stream_options\":{\"include_usage\":true}}", 1);
+    srv_buf b = { 0 };
+    int32_t t = 5;
+    srv_usage u = { 1, 2, 0 };
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "5", 1, &t, 1, NULL, 0, NULL, 1), 0);
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, " 6", 2, &t, 1, NULL, 0, NULL, 0), 0);
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "", 0, NULL, 0, NULL, 0, "stop", 0), 0);
+    ck_assert_int_eq(srv_sse_usage(&b, r, "c1", 9, &u), 0);
+    ck_assert_int_eq(srv_sse_done(&b), 0);
+    char ev[8][2048];
+    int n = sse_events(b.data, ev, 8);
+    ck_assert_int_eq(n, 5);
+    for (int i = 0; i < 4; i++) ck_assert_msg(strncmp(ev[i], "data: {", 7) == 0, "%s", ev[i]);
+    ck_assert_str_eq(ev[4], "data: [DONE]");
+    json_t *o = load(ev[0] + 6);
+    ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "chat.completion.chunk");
+    json_t *d = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "delta");
+    ck_assert_str_eq(json_string_value(json_object_get(d, "role")), "assistant");
+    ck_assert_str_eq(json_string_value(json_object_get(d, "content")), "5");
+    ck_assert(json_is_null(json_object_get(o, "usage")));
+    json_decref(o);
+    o = load(ev[1] + 6);
+    d = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "delta");
+    ck_assert_ptr_null(json_object_get(d, "role"));
+    ck_assert_str_eq(json_string_value(json_object_get(d, "content")), " 6");
+    json_decref(o);
+    o = load(ev[2] + 6);
+    json_t *c = json_array_get(json_object_get(o, "choices"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(c, "finish_reason")), "stop");
+    ck_assert_int_eq(json_object_size(json_object_get(c, "delta")), 0);
+    json_decref(o);
+    o = load(ev[3] + 6);
+    ck_assert_int_eq(json_array_size(json_object_get(o, "choices")), 0);
+    ck_assert_int_eq(json_integer_value(json_object_get(json_object_get(o, "usage"), "completion_tokens")), 2);
+    json_decref(o);
+
+    srv_buf_reset(&b);
+    srv_error e;
+    srv_error_set(&e, 500, "server_error", NULL, NULL, "boom\nline");
+    ck_assert_int_eq(srv_sse_error(&b, &e), 0);
+    n = sse_events(b.data, ev, 8);
+    ck_assert_int_eq(n, 1);
+    ck_assert(strncmp(ev[0], "event: error\ndata: {\"error\":", 28) == 0);
+    ck_assert_ptr_null(strchr(ev[0] + 13, '\n')); /* the newline is escaped inside JSON */
+    srv_buf_free(&b);
+    srv_genreq_free(r);
+}
+END_TEST
+
+START_TEST(stop_scan)
+{
+    char *stops[] = { "END", "xy" };
+    int st;
+    /* no stop strings: everything goes */
+    ck_assert_uint_eq(srv_stop_scan("abc", 3, 0, stops, 0, &st), 3);
+    ck_assert(!st);
+    /* a tail that may start a stop string is held back */
+    ck_assert_uint_eq(srv_stop_scan("abcEN", 5, 0, stops, 2, &st), 3);
+    ck_assert(!st);
+    ck_assert_uint_eq(srv_stop_scan("abcx", 4, 0, stops, 2, &st), 3);
+    /* then released when it turns out not to be one */
+    ck_assert_uint_eq(srv_stop_scan("abcENq", 6, 3, stops, 2, &st), 6);
+    ck_assert(!st);
+    /* a match ends the text where the stop string begins */
+    ck_assert_uint_eq(srv_stop_scan("abcEND tail", 11, 3, stops, 2, &st), 3);
+    ck_assert(st);
+    ck_assert_uint_eq(srv_stop_scan("1 xy 2", 6, 0, stops, 2, &st), 2);
+    ck_assert(st);
+    /* the earliest match wins */
+    ck_assert_uint_eq(srv_stop_scan("xyEND", 5, 0, stops, 2, &st), 0);
+    ck_assert(st);
+    /* never splits a UTF-8 sequence */
+    ck_assert_uint_eq(srv_stop_scan("a\xc3", 2, 0, stops, 0, &st), 1);
+    ck_assert_uint_eq(srv_stop_scan("a\xc3\xa9", 3, 0, stops, 0, &st), 3);
+}
+END_TEST
+
+START_TEST(token_text)
+{
+    char b[SRV_PIECE_MAX];
+    ck_assert_uint_eq(srv_token_piece(NULL, 42, 1, b), 2);
+    ck_assert_str_eq(b, "42");
+    ck_assert_uint_eq(srv_token_piece(NULL, 7, 0, b), 2);
+    ck_assert_str_eq(b, " 7");
+}
+END_TEST
+
+/* A fake byte-level tokenizer: byte b is token b + 3; the chat template is
+ * "role: content\n" per message, then "assistant: ". */
+static int fake_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
+                       size_t errlen)
+{
+    (void)ctx;
+    if (len >= 5 && memcmp(text, "BOOM!", 5) == 0) {
+        snprintf(err, errlen, "fake failure");
+        return -1;
+    }
+    *ids = malloc((len ? len : 1) * sizeof **ids);
+    for (size_t i = 0; i < len; i++) (*ids)[i] = (unsigned char)text[i] + 3;
+    *n = (int)len;
+    return 0;
+}
+
+static int fake_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, size_t errlen)
+{
+    srv_buf b = { 0 };
+    for (size_t i = 0; i < json_array_size(msgs); i++) {
+        json_t *m = json_array_get(msgs, i);
+        json_t *c = json_object_get(m, "content");
+        srv_buf_printf(&b, "%s: %s\n", json_string_value(json_object_get(m, "role")),
+                       json_is_string(c) ? json_string_value(c) : "");
+    }
+    srv_buf_puts(&b, "assistant: ");
+    int rc = fake_encode(ctx, b.data, b.len, ids, n, err, errlen);
+    srv_buf_free(&b);
+    return rc;
+}
+
+static int fake_bytes(void *ctx, int32_t tok, char *buf, size_t cap)
+{
+    (void)ctx;
+    if (tok >= 3 && tok < 259) {
+        buf[0] = (char)(tok - 3);
+        return 1;
+    }
+    return snprintf(buf, cap, "<%d>", (int)tok);
+}
+
+static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_bytes };
+
+START_TEST(parse_with_tokenizer)
+{
+    srv_model_desc md = { "tiny", 4096, 128, &FAKE, 16 };
+    srv_genreq *r = NULL;
+    srv_error e;
+    const char *b = "{\"model\":\"tiny\",\"prompt\":\"AB\"}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), 0);
+    ck_assert_int_eq(r->n_prompt, 2);
+    ck_assert_int_eq(r->prompt[0], 'A' + 3);
+    ck_assert(!r->return_token_ids); /* text is real now */
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\",\"prompt\":[\"AB\"]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), 0);
+    ck_assert_int_eq(r->n_prompt, 2);
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), 0);
+    ck_assert_int_eq(r->n_prompt, (int)strlen("user: hi\nassistant: "));
+    ck_assert_int_eq(r->max_tokens, 128 - r->n_prompt);
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\",\"prompt\":\"BOOM!\"}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
+    ck_assert_str_eq(e.param, "prompt");
+    ck_assert_ptr_nonnull(strstr(e.message, "fake failure"));
+    b = "{\"model\":\"tiny\",\"prompt\":\"\"}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
+    /* a long text prompt is measured in tokens */
+    char big[400] = "{\"model\":\"tiny\",\"max_tokens\":10,\"prompt\":\"";
+    for (int i = 0; i < 120; i++) strcat(big, "x");
+    strcat(big, "\"}");
+    ck_assert_int_eq(srv_genreq_parse(big, strlen(big), 0, &md, NULL, &r, &e), -1);
+    ck_assert_str_eq(e.code, "context_length_exceeded");
+    /* pieces and logprobs use the tokenizer's bytes */
+    char p[SRV_PIECE_MAX];
+    ck_assert_uint_eq(srv_token_piece(&FAKE, 'z' + 3, 0, p), 1);
+    ck_assert_int_eq(p[0], 'z');
+    b = "{\"model\":\"tiny\",\"prompt\":\"A\",\"logprobs\":1}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), 0);
+    srv_logprob lp = { .token = 'q' + 3, .logprob = -1, .n_top = 1, .top_tokens = { 'q' + 3 },
+                       .top_logprobs = { -1 } };
+    srv_usage u = { 1, 1, 0 };
+    char *s = srv_build_completion(r, "c", 1, "q", 1, NULL, 0, &lp, 1, "length", &u);
+    json_t *o = json_loads(s, 0, NULL);
+    json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
+    ck_assert_str_eq(json_string_value(json_array_get(json_object_get(l, "tokens"), 0)), "q");
+    ck_assert_ptr_nonnull(json_object_get(json_array_get(json_object_get(l, "top_logprobs"), 0), "q"));
+    ck_assert_ptr_null(json_object_get(json_array_get(json_object_get(o, "choices"), 0), "token_ids"));
+    json_decref(o);
+    free(s);
+    srv_genreq_free(r);
+}
+END_TEST
+
+START_TEST(plan_decoders_and_chunks)
+{
+    /* 3 decoders, 2 prefills (one huge) under a budget of 64, chunk 32. */
+    srv_plan_seq s[5] = {
+        { 0, 1, 0 }, { 1000, 2, 0 }, { 0, 3, 0 }, { 10, 4, 0 }, { 0, 5, 0 },
+    };
+    srv_plan_item it[5];
+    int n = srv_plan_step(s, 5, 64, 32, it);
+    int tok = 0, dec = 0;
+    int got[5] = { 0 };
+    for (int i = 0; i < n; i++) {
+        tok += it[i].n_tokens;
+        got[it[i].idx] = it[i].n_tokens;
+        dec += s[it[i].idx].prefill_left == 0;
+    }
+    ck_assert_int_eq(dec, 3);              /* every decoder runs */
+    ck_assert_int_eq(got[0], 1);
+    ck_assert_int_eq(got[2], 1);
+    ck_assert_int_eq(got[4], 1);
+    ck_assert_int_eq(got[1], 32);          /* the huge prompt gets one chunk */
+    ck_assert_int_eq(got[3], 10);          /* the later prompt still fits */
+    ck_assert_int_le(tok, 64);
+    /* budget exhausted by the oldest prefill: the younger waits, decoders still run */
+    n = srv_plan_step(s, 5, 20, 32, it);
+    memset(got, 0, sizeof got);
+    for (int i = 0; i < n; i++) got[it[i].idx] = it[i].n_tokens;
+    ck_assert_int_eq(got[0] + got[2] + got[4], 3);
+    ck_assert_int_eq(got[1], 17);
+    ck_assert_int_eq(got[3], 0);
+}
+END_TEST
+
+START_TEST(plan_fifo_prefill)
+{
+    /* Arrival order, not array order, decides who prefills first. */
+    srv_plan_seq s[3] = { { 100, 9, 0 }, { 100, 3, 0 }, { 100, 5, 0 } };
+    srv_plan_item it[3];
+    int n = srv_plan_step(s, 3, 150, 100, it);
+    ck_assert_int_eq(n, 2);
+    ck_assert_int_eq(it[0].idx, 1);
+    ck_assert_int_eq(it[0].n_tokens, 100);
+    ck_assert_int_eq(it[1].idx, 2);
+    ck_assert_int_eq(it[1].n_tokens, 50);
+}
+END_TEST
+
+START_TEST(plan_more_decoders_than_budget)
+{
+    /* 6 decoders, budget 4: the ones that ran longest ago go first; over
+     * two steps everyone runs. */
+    srv_plan_seq s[6];
+    for (int i = 0; i < 6; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0 };
+    srv_plan_item it[6];
+    int ran[6] = { 0 };
+    for (int step = 1; step <= 2; step++) {
+        int n = srv_plan_step(s, 6, 4, 8, it);
+        ck_assert_int_eq(n, 4);
+        for (int i = 0; i < n; i++) {
+            ck_assert_int_eq(it[i].n_tokens, 1);
+            ran[it[i].idx]++;
+            s[it[i].idx].last_step = step;
+        }
+    }
+    for (int i = 0; i < 6; i++) ck_assert_int_ge(ran[i], 1);
+    ck_assert_int_eq(srv_plan_step(s, 0, 4, 8, it), 0);
+    ck_assert_int_eq(srv_plan_step(s, 6, 0, 8, it), 0);
+}
+END_TEST
+
+START_TEST(reuse_prefix)
+{
+    int32_t have[70], p[80];
+    for (int i = 0; i < 70; i++) have[i] = i;
+    for (int i = 0; i < 80; i++) p[i] = i;
+    /* the whole resident sequence is a prefix: keep all of it */
+    ck_assert_int_eq(srv_reuse_len(have, 70, p, 80, 32), 70);
+    /* divergence at 50: round down to a block boundary */
+    p[50] = 999;
+    ck_assert_int_eq(srv_reuse_len(have, 70, p, 80, 32), 32);
+    /* the prompt is a prefix of what is resident: leave one token to run */
+    for (int i = 0; i < 80; i++) p[i] = i;
+    ck_assert_int_eq(srv_reuse_len(have, 70, p, 65, 32), 64);
+    ck_assert_int_eq(srv_reuse_len(have, 70, p, 70, 32), 64);
+    ck_assert_int_eq(srv_reuse_len(have, 70, p, 10, 32), 0);
+    /* nothing in common */
+    p[0] = 5;
+    ck_assert_int_eq(srv_reuse_len(have, 70, p, 80, 32), 0);
+    ck_assert_int_eq(srv_reuse_len(have, 0, p, 80, 32), 0);
+}
+END_TEST
+
+
+/* ---- the engine thread with the bundled model (no HTTP) ------------------------ */
+
+#include <pthread.h>
+#include <unistd.h>
+
+/* Events posted by the engine thread, collected under a lock. */
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    srv_event ev[4096];
+    int n;
+} EV = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, { { 0 } }, 0 };
+
+static void collect(const srv_event *ev, int n, void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&EV.mu);
+    for (int i = 0; i < n; i++) {
+        if (EV.n < 4096) EV.ev[EV.n++] = ev[i];
+        else free(ev[i].lp);
+    }
+    pthread_cond_broadcast(&EV.cv);
+    pthread_mutex_unlock(&EV.mu);
+}
+
+/* Index of the first event of `type` for `job` at or after *from; waits up
+ * to 20 s. */
+static int wait_event(int type, srv_job *job)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += 20;
+    pthread_mutex_lock(&EV.mu);
+    for (;;) {
+        for (int i = 0; i < EV.n; i++)
+            if (EV.ev[i].type == type && EV.ev[i].job == job) {
+                pthread_mutex_unlock(&EV.mu);
+                return i;
+            }
+        if (pthread_cond_timedwait(&EV.cv, &EV.mu, &dl) != 0) break;
+    }
+    pthread_mutex_unlock(&EV.mu);
+    ck_abort_msg("timed out waiting for event %d", type);
+    return -1;
+}
+
+static int count_tokens(srv_job *job, int32_t *ids, int cap)
+{
+    int n = 0;
+    pthread_mutex_lock(&EV.mu);
+    for (int i = 0; i < EV.n; i++)
+        if (EV.ev[i].type == SRV_EV_TOKEN && EV.ev[i].job == job) {
+            if (n < cap) ids[n] = EV.ev[i].token;
+            n++;
+        }
+    pthread_mutex_unlock(&EV.mu);
+    return n;
+}
+
+static const char *model_dir(void)
+{
+    static char path[4096];
+    const char *top = getenv("top_srcdir");
+    snprintf(path, sizeof path, "%s/models/mkad-tiny", top ? top : ".");
+    return path;
+}
+
+static srv_config test_cfg(void)
+{
+    srv_config c;
+    memset(&c, 0, sizeof c);
+    c.model = (char *)model_dir();
+    c.threads = 1;
+    c.max_seqs = 4;
+    c.max_batch_tokens = 64;
+    c.prefill_chunk = 16;
+    c.block_size = 8;
+    c.kv_mem_mb = 64;
+    c.max_sessions = 4;
+    c.max_ctx = 256;
+    return c;
+}
+
+static srv_engine *start_engine(const srv_config *c, srv_metrics *m)
+{
+    pthread_mutex_lock(&EV.mu);
+    for (int i = 0; i < EV.n; i++) free(EV.ev[i].lp);
+    EV.n = 0;
+    pthread_mutex_unlock(&EV.mu);
+    srv_engine *se = NULL;
+    ck_assert_int_eq(srv_engine_start(c, m, collect, NULL, &se), 0);
+    wait_event(SRV_EV_READY, NULL);
+    return se;
+}
+
+static srv_job *new_job(const char *body)
+{
+    srv_model_desc md = { "mkad-tiny", 4096, 256, NULL, 16 };
+    srv_job *j = calloc(1, sizeof *j);
+    srv_error e;
+    ck_assert_msg(srv_genreq_parse(body, strlen(body), 0, &md, NULL, &j->req, &e) == 0, "%s", e.message);
+    atomic_init(&j->cancel, SRV_CANCEL_NONE);
+    return j;
+}
+
+static void free_job(srv_job *j)
+{
+    srv_genreq_free(j->req);
+    free(j);
+}
+
+static long metric(srv_metrics *m, const char *name)
+{
+    srv_buf b = { 0 };
+    srv_metrics_render(m, &b);
+    char key[128];
+    snprintf(key, sizeof key, "\n%s ", name);
+    const char *p = strstr(b.data, key);
+    long v = p ? strtol(p + strlen(key), NULL, 10) : -1;
+    srv_buf_free(&b);
+    return v;
+}
+
+START_TEST(engine_generate_and_sessions)
+{
+    srv_config c = test_cfg();
+    c.max_seqs = 2;
+    srv_metrics *m = srv_metrics_create();
+    srv_engine *se = start_engine(&c, m);
+    ck_assert_int_eq(srv_engine_get_info(se)->max_ctx, 256);
+
+    /* plain generation: START, max_tokens TOKENs, FINAL length */
+    const char *body = "{\"model\":\"mkad-tiny\",\"prompt\":[1,15,27,300,42,7,9,9,9,9],\"max_tokens\":6,"
+                       "\"seed\":3,\"ignore_eos\":true,\"session_id\":\"a\"}";
+    srv_job *a1 = new_job(body);
+    srv_engine_submit(se, a1);
+    int i = wait_event(SRV_EV_FINAL, a1);
+    ck_assert_int_eq(EV.ev[i].finish, SRV_FINISH_LENGTH);
+    ck_assert_int_eq(EV.ev[i].usage.completion_tokens, 6);
+    ck_assert_int_eq(EV.ev[i].usage.cached_tokens, 0);
+    int32_t ids[8];
+    ck_assert_int_eq(count_tokens(a1, ids, 8), 6);
+
+    /* same session, prompt extended by the completion: everything resident is reused */
+    char body2[512];
+    snprintf(body2, sizeof body2, "{\"model\":\"mkad-tiny\",\"prompt\":[1,15,27,300,42,7,9,9,9,9,%d,%d,%d,%d,%d,%d,5],"
+             "\"max_tokens\":4,\"seed\":4,\"ignore_eos\":true,\"session_id\":\"a\"}",
+             ids[0], ids[1], ids[2], ids[3], ids[4], ids[5]);
+    srv_job *a2 = new_job(body2);
+    srv_engine_submit(se, a2);
+    i = wait_event(SRV_EV_FINAL, a2);
+    ck_assert_int_eq(EV.ev[i].usage.cached_tokens, 15); /* 10 prompt + 5 fed completion tokens */
+    int32_t with_cache[4], without[4];
+    count_tokens(a2, with_cache, 4);
+
+    /* the same prompt without a session gives the same tokens */
+    char body3[512];
+    snprintf(body3, sizeof body3, "%.*s}", (int)(strstr(body2, ",\"session_id\"") - body2), body2);
+    srv_job *n1 = new_job(body3);
+    srv_engine_submit(se, n1);
+    i = wait_event(SRV_EV_FINAL, n1);
+    ck_assert_int_eq(EV.ev[i].usage.cached_tokens, 0);
+    count_tokens(n1, without, 4);
+    ck_assert_mem_eq(with_cache, without, sizeof without);
+
+    /* two slots: session b takes the second; session c evicts the LRU (a) */
+    srv_job *b1 = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[3,4,5],\"max_tokens\":2,\"session_id\":\"b\"}");
+    srv_engine_submit(se, b1);
+    wait_event(SRV_EV_FINAL, b1);
+    ck_assert_int_eq(metric(m, "mkad_sessions_resident"), 2);
+    srv_job *c1 = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[3,4,6],\"max_tokens\":2,\"session_id\":\"c\"}");
+    srv_engine_submit(se, c1);
+    wait_event(SRV_EV_FINAL, c1);
+    srv_job *a3 = new_job(body2);
+    srv_engine_submit(se, a3);
+    i = wait_event(SRV_EV_FINAL, a3);
+    ck_assert_int_eq(EV.ev[i].usage.cached_tokens, 0); /* a was evicted */
+    /* c stayed resident: its 3 prompt tokens and the first (fed) completion token */
+    int32_t g[2];
+    ck_assert_int_eq(count_tokens(c1, g, 2), 2);
+    char bc2[256];
+    snprintf(bc2, sizeof bc2, "{\"model\":\"mkad-tiny\",\"prompt\":[3,4,6,%d,7],\"max_tokens\":2,"
+             "\"session_id\":\"c\"}", g[0]);
+    srv_job *c2 = new_job(bc2);
+    srv_engine_submit(se, c2);
+    i = wait_event(SRV_EV_FINAL, c2);
+    ck_assert_int_eq(EV.ev[i].usage.cached_tokens, 4);
+
+    srv_engine_stop(se);
+    srv_job *all[] = { a1, a2, n1, b1, c1, a3, c2 };
+    for (size_t k = 0; k < sizeof all / sizeof *all; k++) free_job(all[k]);
+    srv_metrics_free(m);
+}
+END_TEST
+
+START_TEST(engine_cancel_frees_blocks)
+{
+    srv_config c = test_cfg();
+    srv_metrics *m = srv_metrics_create();
+    srv_engine *se = start_engine(&c, m);
+    srv_job *j = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":250,\"ignore_eos\":true}");
+    srv_engine_submit(se, j);
+    wait_event(SRV_EV_TOKEN, j);
+    atomic_store(&j->cancel, SRV_CANCEL_CLIENT);
+    srv_engine_wake(se);
+    int i = wait_event(SRV_EV_FINAL, j);
+    ck_assert_int_eq(EV.ev[i].finish, SRV_FINISH_CANCELLED);
+    ck_assert_int_lt(EV.ev[i].usage.completion_tokens, 250);
+    /* the engine publishes its state after the step that dropped the job */
+    for (int k = 0; k < 200 && metric(m, "mkad_kv_blocks_used") != 0; k++) usleep(5000);
+    ck_assert_int_eq(metric(m, "mkad_kv_blocks_used"), 0);
+    ck_assert_int_eq(metric(m, "mkad_sequences_running"), 0);
+    srv_engine_stop(se);
+    free_job(j);
+    srv_metrics_free(m);
+}
+END_TEST
+
+START_TEST(engine_block_reservation)
+{
+    /* A small pool (1 MiB = tens of 8-token blocks): two jobs that each
+     * reserve just over half of it run one after the other. */
+    srv_config c = test_cfg();
+    c.kv_mem_mb = 1;
+    c.max_ctx = 1024;
+    srv_metrics *m = srv_metrics_create();
+    srv_engine *se = start_engine(&c, m);
+    int nb = srv_engine_get_info(se)->n_blocks;
+    ck_assert_int_ge(nb, 8);
+    ck_assert_int_lt(nb, 120);
+    int mt = (nb / 2 + 1) * 8 - 3; /* 3 prompt tokens: ceil((3 + mt) / 8) = nb/2 + 1 blocks */
+    char b1[256], b2[256];
+    snprintf(b1, sizeof b1, "{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":%d,\"ignore_eos\":true}", mt);
+    snprintf(b2, sizeof b2, "{\"model\":\"mkad-tiny\",\"prompt\":[1,2,4],\"max_tokens\":%d,\"ignore_eos\":true}", mt);
+    srv_model_desc md = { "mkad-tiny", 4096, 1024, NULL, 16 };
+    srv_error e;
+    srv_job *j1 = calloc(1, sizeof *j1), *j2 = calloc(1, sizeof *j2), *big = calloc(1, sizeof *big);
+    ck_assert_int_eq(srv_genreq_parse(b1, strlen(b1), 0, &md, NULL, &j1->req, &e), 0);
+    ck_assert_int_eq(srv_genreq_parse(b2, strlen(b2), 0, &md, NULL, &j2->req, &e), 0);
+    srv_engine_submit(se, j1);
+    srv_engine_submit(se, j2);
+    int f1 = wait_event(SRV_EV_FINAL, j1);
+    int s2 = wait_event(SRV_EV_START, j2);
+    ck_assert_int_gt(s2, f1);
+    wait_event(SRV_EV_FINAL, j2);
+    /* a request that can never fit is refused, not queued forever */
+    char bb[256];
+    snprintf(bb, sizeof bb, "{\"model\":\"mkad-tiny\",\"prompt\":[1],\"max_tokens\":%d}", nb * 8 + 8);
+    ck_assert_int_eq(srv_genreq_parse(bb, strlen(bb), 0, &md, NULL, &big->req, &e), 0);
+    srv_engine_submit(se, big);
+    int fb = wait_event(SRV_EV_FINAL, big);
+    ck_assert_int_eq(EV.ev[fb].finish, SRV_FINISH_ERROR);
+    ck_assert_int_eq(EV.ev[fb].status, 400);
+    srv_engine_stop(se);
+    free_job(j1);
+    free_job(j2);
+    free_job(big);
+    srv_metrics_free(m);
+}
+END_TEST
+
+START_TEST(engine_load_failure)
+{
+    srv_config c = test_cfg();
+    c.model = "/nonexistent/model";
+    srv_metrics *m = srv_metrics_create();
+    pthread_mutex_lock(&EV.mu);
+    EV.n = 0;
+    pthread_mutex_unlock(&EV.mu);
+    srv_engine *se = NULL;
+    ck_assert_int_eq(srv_engine_start(&c, m, collect, NULL, &se), 0);
+    int i = wait_event(SRV_EV_LOAD_FAILED, NULL);
+    ck_assert(EV.ev[i].msg[0] != '\0');
+    srv_engine_stop(se);
+    srv_metrics_free(m);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("server");
+    TCase *api = tcase_create("api");
+    tcase_add_test(api, parse_completion_valid);
+    tcase_add_test(api, parse_defaults);
+    tcase_add_test(api, parse_session_header);
+    tcase_add_test(api, parse_rejects);
+    tcase_add_test(api, parse_no_tokenizer_message);
+    tcase_add_test(api, error_object);
+    tcase_add_test(api, build_completion_json);
+    tcase_add_test(api, sse_framing);
+    tcase_add_test(api, stop_scan);
+    tcase_add_test(api, token_text);
+    tcase_add_test(api, parse_with_tokenizer);
+    suite_add_tcase(s, api);
+    TCase *sched = tcase_create("sched");
+    tcase_add_test(sched, plan_decoders_and_chunks);
+    tcase_add_test(sched, plan_fifo_prefill);
+    tcase_add_test(sched, plan_more_decoders_than_budget);
+    tcase_add_test(sched, reuse_prefix);
+    suite_add_tcase(s, sched);
+    TCase *eng = tcase_create("engine_thread");
+    tcase_set_timeout(eng, 120);
+    tcase_add_test(eng, engine_generate_and_sessions);
+    tcase_add_test(eng, engine_cancel_frees_blocks);
+    tcase_add_test(eng, engine_block_reservation);
+    tcase_add_test(eng, engine_load_failure);
+    suite_add_tcase(s, eng);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
