@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # bootstrap.sh — from a fresh Debian machine to a built (and tested or running) mkad.
 #
+#   tools/bootstrap.sh serve   install dependencies, build, serve the bundled model
+#                              (mkad on 127.0.0.1:8080; PORT=... to change; Ctrl-C stops)
 #   tools/bootstrap.sh check   install dependencies, build, run the whole test suite
-#   tools/bootstrap.sh run     install dependencies, build, run the bundled model
+#   tools/bootstrap.sh run     install dependencies, build, one generation with mkad-cli
 #   tools/bootstrap.sh deps    only install dependencies
 #   tools/bootstrap.sh build   dependencies + build
 #
@@ -72,11 +74,19 @@ check)
     log "make check"
     make -j"$JOBS" check
     ;;
+serve)
+    deps; build
+    port=${PORT:-8080}
+    log "serving models/mkad-tiny on http://127.0.0.1:$port (Ctrl-C to stop). Try:"
+    log "  curl -s 127.0.0.1:$port/v1/chat/completions -H 'Content-Type: application/json' \\"
+    log "       -d '{\"model\":\"mkad-tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"max_tokens\":32}'"
+    exec ./mkad --model models/mkad-tiny --port "$port" --state-dir "${STATE_DIR:-$PWD/state}"
+    ;;
 run)
     deps; build
-    log "running the bundled model (models/mkad-tiny) on a short prompt"
-    ./mkad-cli --model models/mkad-tiny --prompt-ids 1,15,27,300,42,7 --max-tokens 32 \
-        --temperature 0.8 --top-p 0.95 --seed 1 --ignore-eos
+    log "one generation with the bundled model (models/mkad-tiny)"
+    ./mkad-cli --model models/mkad-tiny --prompt "It is a truth universally acknowledged" --chat \
+        --max-tokens 32 --temperature 0.8 --top-p 0.95 --seed 1
     ;;
 *)
     sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
