@@ -9,6 +9,7 @@
  * bits as running it alone.  Everything the step touches is allocated in
  * eng_create; the token loop allocates nothing.
  */
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -85,7 +86,8 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
         size_t cap = ((size_t)p.kv_mem_mb << 20) / (e->block_floats * sizeof(float) +
                                                    (size_t)e->n_layers * e->D * sizeof(float));
         if (cap < 1) cap = 1;
-        p.n_blocks = (int)(want < cap ? want : cap);
+        size_t n = want < cap ? want : cap;
+        p.n_blocks = n < (size_t)INT_MAX ? (int)n : INT_MAX;
     }
     e->prm = p;
 

@@ -139,16 +139,18 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
             if (history[i] >= 0 && history[i] < V) s->mark[history[i]] = 0;
     }
 
-    int best = 0;
-    for (int i = 1; i < V; i++)
+    int best = 0; /* argmax over the non-NaN logits, lowest id on ties */
+    while (best < V - 1 && logits[best] != logits[best]) best++;
+    for (int i = best + 1; i < V; i++)
         if (logits[i] > logits[best]) best = i;
     if (p->temperature == 0.0f) return best;
 
     /* Candidates: everything, or the top k. Exclude NaN logits. */
-    float inv_t = 1.0f / p->temperature;
+    float top = logits[best];
+    if (!isfinite(top)) return best;
     int n = 0;
     for (int i = 0; i < V; i++)
-        if (logits[i] == logits[i]) { s->idx[n++] = i; logits[i] *= inv_t; }
+        if (logits[i] == logits[i]) { s->idx[n++] = i; logits[i] = (logits[i] - top) / p->temperature; }
     if (n == 0) return best;
     int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
     if (k < n || p->top_p < 1.0f) {

@@ -888,6 +888,12 @@ static int cmp_u32(const void *x, const void *y)
     return a < b ? -1 : a > b;
 }
 
+static int cmp_u64(const void *x, const void *y)
+{
+    uint64_t a = *(const uint64_t *)x, b = *(const uint64_t *)y;
+    return a < b ? -1 : a > b;
+}
+
 static void nfc_mark(uint32_t c)
 {
     if (c < 0x10000) nfc_tab.bmp[c >> 3] |= (uint8_t)(1u << (c & 7));
@@ -1035,19 +1041,22 @@ static int nfc_apply(const char *s, size_t n, tbuf *out)
         i += (size_t)l;
         if (decompose(&v, c)) goto done;
     }
-    /* canonical ordering: stable sort of each run of non-starters by class */
-    for (size_t i = 1; i < v.n; i++) {
-        int k = ccc_of(v.p[i]);
-        if (!k) continue;
-        size_t j = i;
-        uint32_t c = v.p[i];
-        while (j > 0) {
-            int kp = ccc_of(v.p[j - 1]);
-            if (kp <= k) break;
-            v.p[j] = v.p[j - 1];
-            j--;
+    /* canonical ordering: stable sort of each run of non-starters by class;
+     * key = class << 56 | index << 21 | code point keeps qsort stable */
+    for (size_t i = 0; i < v.n;) {
+        if (!ccc_of(v.p[i])) { i++; continue; }
+        size_t j = i + 1;
+        while (j < v.n && ccc_of(v.p[j])) j++;
+        if (j - i > 1) {
+            uint64_t *key = malloc((j - i) * sizeof *key);
+            if (!key) goto done;
+            for (size_t x = i; x < j; x++)
+                key[x - i] = (uint64_t)ccc_of(v.p[x]) << 56 | (uint64_t)(x - i) << 21 | v.p[x];
+            qsort(key, j - i, sizeof *key, cmp_u64);
+            for (size_t x = i; x < j; x++) v.p[x] = (uint32_t)(key[x - i] & 0x1FFFFFu);
+            free(key);
         }
-        v.p[j] = c;
+        i = j;
     }
     /* canonical composition */
     if (v.n) {
@@ -1614,6 +1623,13 @@ static int load_model(eng_tok *t, json_t *m, json_t *added, char *err, size_t er
         if (v > max_id) max_id = v;
     }
     if (max_id < 0) return eng__errf(err, errlen, ENG_EFORMAT, "tokenizer.json: model.vocab is empty");
+    /* Tables are sized by the largest id: refuse an id space that is mostly
+     * holes, so a few bytes of JSON cannot ask for gigabytes. */
+    if (max_id >= (int64_t)(json_object_size(vocab) + json_array_size(added)) * 2 + 4096)
+        return eng__errf(err, errlen, ENG_EFORMAT,
+                         "tokenizer.json: ids go up to %lld for %zu tokens (model.vocab and added_tokens "
+                         "must number the tokens without large gaps)",
+                         (long long)max_id, json_object_size(vocab) + json_array_size(added));
     t->n_ids = (int32_t)(max_id + 1);
     t->flags = calloc((size_t)t->n_ids, 1);
     t->piece_off = calloc((size_t)t->n_ids + 1, sizeof *t->piece_off);
@@ -2220,9 +2236,13 @@ typedef struct allow {
 static int allowed_at(const allow *al, size_t a, size_t b)
 {
     if (al->all) return 1;
-    for (size_t i = 0; i < al->n; i++)
-        if (al->spans[i].a <= a && b <= al->spans[i].b) return 1;
-    return 0;
+    size_t lo = 0, hi = al->n; /* first span that ends after a */
+    while (lo < hi) {
+        size_t m = lo + (hi - lo) / 2;
+        if (al->spans[m].b <= a) lo = m + 1;
+        else hi = m;
+    }
+    return lo < al->n && al->spans[lo].a <= a && b <= al->spans[lo].b;
 }
 
 static int is_word_char(uint32_t c)

@@ -132,6 +132,33 @@ START_TEST(repetition_penalty_follows_hf)
 }
 END_TEST
 
+START_TEST(extreme_logits_and_temperatures)
+{
+    /* A temperature so small that logit/T overflows still picks the top
+     * token; NaN logits are never chosen; +inf wins. */
+    eng_sampler *s = mk(1e-39f, 0, 1.0f, 0.0f, 1.0f, 3);
+    for (int r = 0; r < 20; r++) {
+        float l[V];
+        for (int i = 0; i < V; i++) l[i] = -2.0f;
+        l[7] = 5.0f;
+        l[8] = 4.0f;
+        ck_assert_int_eq(eng_sampler_sample(s, l, NULL, 0), 7);
+    }
+    eng_sampler_free(s);
+    eng_sampler *g = mk(0.0f, 0, 1.0f, 0.0f, 1.0f, 3), *h = mk(1.0f, 0, 1.0f, 0.0f, 1.0f, 3);
+    float l[V];
+    for (int i = 0; i < V; i++) l[i] = 0.0f;
+    l[0] = NAN;
+    l[5] = 1.0f;
+    ck_assert_int_eq(eng_sampler_sample(g, l, NULL, 0), 5);
+    for (int i = 0; i < V; i++) l[i] = (float)i;
+    l[2] = INFINITY;
+    ck_assert_int_eq(eng_sampler_sample(h, l, NULL, 0), 2);
+    eng_sampler_free(g);
+    eng_sampler_free(h);
+}
+END_TEST
+
 START_TEST(validation_names_the_field)
 {
     char err[128];
@@ -165,6 +192,7 @@ int main(void)
     tcase_add_test(tc, frequencies_follow_softmax);
     tcase_add_test(tc, top_k_and_top_p_restrict_candidates);
     tcase_add_test(tc, repetition_penalty_follows_hf);
+    tcase_add_test(tc, extreme_logits_and_temperatures);
     tcase_add_test(tc, validation_names_the_field);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
