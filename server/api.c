@@ -205,13 +205,9 @@ static int parse_prompt(json_t *root, srv_genreq *r, const srv_model_desc *md, s
                           no_tokenizer_msg);
             return -1;
         }
-        char msg[256] = "";
         if (json_string_length(p) == 0) BAD("prompt", "'prompt' must not be empty");
-        if (md->codec->encode(md->codec->ctx, json_string_value(p), json_string_length(p),
-                              &r->prompt, &r->n_prompt, msg, sizeof msg) != 0)
-            BAD("prompt", "'prompt' cannot be tokenized: %s", msg);
-        if (r->n_prompt == 0) BAD("prompt", "'prompt' has no tokens");
-        return check_ids(r, md, "prompt", err);
+        r->pending = json_incref(p); /* tokenized by srv_genreq_tokenize */
+        return 0;
     }
     if (!json_is_array(p))
         BAD("prompt", "'prompt' must be a string or an array of token ids");
@@ -268,11 +264,8 @@ static int parse_messages(json_t *root, srv_genreq *r, const srv_model_desc *md,
                       no_tokenizer_msg);
         return -1;
     }
-    char msg[256] = "";
-    if (md->codec->chat(md->codec->ctx, msgs, &r->prompt, &r->n_prompt, msg, sizeof msg) != 0)
-        BAD("messages", "'messages' cannot be rendered with the chat template: %s", msg);
-    if (r->n_prompt == 0) BAD("messages", "'messages' gave no tokens");
-    return check_ids(r, md, "messages", err);
+    r->pending = json_incref(msgs); /* rendered by srv_genreq_tokenize */
+    return 0;
 fail:
     return -1;
 }
@@ -318,6 +311,8 @@ static int valid_session_id(const char *s, size_t n)
     }
     return 1;
 }
+
+static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err);
 
 int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_desc *md,
                      const char *session_hdr, srv_genreq **out, srv_error *err)
@@ -467,18 +462,60 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (parse_stop(root, r, err) < 0) goto fail;
     if ((chat ? parse_messages(root, r, md, err) : parse_prompt(root, r, md, err)) < 0) goto fail;
 
-    /* Lengths: prompt + completion must fit the context. */
-    long long max_tokens = -1;
-    const char *mt_name = "max_tokens";
+    if (md->codec && md->codec->stop_ids)
+        r->n_stop_ids = md->codec->stop_ids(md->codec->ctx, chat, r->stop_ids, 8);
+
+    r->max_tokens_req = -1;
     if ((got = get_int(root, "max_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
-    if (got) max_tokens = iv;
+    if (got) r->max_tokens_req = iv;
     if (chat) {
         if ((got = get_int(root, "max_completion_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
         if (got) {
-            max_tokens = iv;
-            mt_name = "max_completion_tokens";
+            r->max_tokens_req = iv;
+            r->max_tokens_is_mct = 1;
         }
     }
+    json_decref(root);
+    root = NULL;
+    if (finish_request(r, md, err) != 0) goto fail;
+    *out = r;
+    return 0;
+fail:
+    json_decref(root);
+    srv_genreq_free(r);
+    return -1;
+}
+
+/* Tokenizes the text prompt or renders the messages (r->pending), then
+ * checks the lengths against the context. */
+static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err)
+{
+    int chat = r->chat;
+    if (r->pending) {
+        char msg[256] = "";
+        const char *param = chat ? "messages" : "prompt";
+        int rc = chat ? md->codec->chat(md->codec->ctx, r->pending, &r->prompt, &r->n_prompt, msg,
+                                        sizeof msg)
+                      : md->codec->encode(md->codec->ctx, json_string_value(r->pending),
+                                          json_string_length(r->pending), &r->prompt, &r->n_prompt,
+                                          msg, sizeof msg);
+        json_decref(r->pending);
+        r->pending = NULL;
+        if (rc != 0) {
+            srv_error_set(err, 400, "invalid_request_error", param, NULL, chat
+                          ? "'messages' cannot be rendered with the chat template: %s"
+                          : "'prompt' cannot be tokenized: %s", msg);
+            return -1;
+        }
+        if (r->n_prompt == 0) {
+            srv_error_set(err, 400, "invalid_request_error", param, NULL, "'%s' gave no tokens", param);
+            return -1;
+        }
+        if (check_ids(r, md, param, err) != 0) return -1;
+    }
+    /* Lengths: prompt + completion must fit the context. */
+    long long max_tokens = r->max_tokens_req;
+    const char *mt_name = r->max_tokens_is_mct ? "max_completion_tokens" : "max_tokens";
     if (r->n_prompt >= md->max_ctx)
         BADC("context_length_exceeded", chat ? "messages" : "prompt",
              "This model's maximum context length is %d tokens, but the prompt has %d tokens",
@@ -494,13 +531,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
              r->n_prompt + max_tokens, r->n_prompt, max_tokens);
     }
     r->max_tokens = (int)max_tokens;
-
-    json_decref(root);
-    *out = r;
     return 0;
 fail:
-    json_decref(root);
-    srv_genreq_free(r);
     return -1;
 }
 
@@ -509,6 +541,7 @@ void srv_genreq_free(srv_genreq *r)
     if (!r) return;
     free(r->model);
     free(r->prompt);
+    json_decref(r->pending);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r);
 }

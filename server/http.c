@@ -63,6 +63,7 @@ typedef struct srv_conn {
     int suspended;
     watch *w;
     srv_job *job;
+    struct tok_work *tok; /* tokenization in flight on the thread pool */
     int status;           /* status of the queued response, 0 = none yet */
     double t0;
     struct srv_conn *prev, *next;
@@ -256,6 +257,9 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
             srv_error_set(&j->error, 503, "timeout", NULL, "timeout",
                           "the request did not finish within request_timeout (%d s)",
                           s->cfg->request_timeout_s);
+        else if (why == SRV_CANCEL_CLIENT)
+            srv_error_set(&j->error, 499, "invalid_request_error", NULL, "client_closed",
+                          "the client closed the connection");
         else
             srv_error_set(&j->error, 503, "server_error", NULL, "shutting_down",
                           "the server is shutting down");
@@ -384,6 +388,7 @@ static void on_ready(srv_server *s)
     const srv_engine_info *info = srv_engine_get_info(s->eng);
     s->md.vocab_size = info->mi.vocab_size;
     s->md.max_ctx = info->max_ctx;
+    s->md.codec = info->codec;
     s->ready = 1;
     uv_timer_stop(&s->progress);
     srv_log("info", "ready", " model=%s load_s=%.3f", s->model_name, srv_now() - s->t_start);
@@ -532,6 +537,27 @@ static enum MHD_Result handle_get(srv_conn *c, const char *url)
 static enum MHD_Result respond_job(srv_conn *c);
 static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max);
 
+/* Request bodies above this size are parsed and tokenized on the libuv
+ * thread pool (a 2 MB body takes tens of milliseconds to parse). */
+#define SRV_PARSE_INLINE_MAX 16384
+
+typedef struct tok_work {
+    uv_work_t work;
+    srv_conn *c;          /* NULL once the connection is gone */
+    srv_buf body;         /* the request body, moved from the connection */
+    int chat;
+    char sid[1024];       /* X-Session-Id (validated by the parser) */
+    int has_sid;
+    srv_model_desc md;    /* a copy: the pool thread reads it */
+    srv_genreq *r;        /* the result */
+    srv_error err;
+    int rc, done;
+} tok_work;
+
+static void tok_work_run(uv_work_t *req);
+static void tok_work_done(uv_work_t *req, int status);
+static enum MHD_Result submit_job(srv_conn *c, srv_genreq *r);
+
 static enum MHD_Result handle_generate(srv_conn *c)
 {
     srv_server *s = c->s;
@@ -545,9 +571,90 @@ static enum MHD_Result handle_generate(srv_conn *c)
     const char *sid = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "X-Session-Id");
     srv_genreq *r = NULL;
     srv_error e;
+    if (c->body.len > SRV_PARSE_INLINE_MAX) {
+        /* A big body: JSON parsing and tokenization go to the thread pool so
+         * that they never stall the streams this loop serves. */
+        tok_work *w = calloc(1, sizeof *w);
+        if (!w) return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
+        w->c = c;
+        w->body = c->body; /* moved */
+        memset(&c->body, 0, sizeof c->body);
+        w->chat = c->route == SRV_ROUTE_CHAT;
+        snprintf(w->sid, sizeof w->sid, "%s", sid ? sid : "");
+        w->has_sid = sid != NULL;
+        w->md = s->md;
+        w->work.data = w;
+        if (uv_queue_work(s->loop, &w->work, tok_work_run, tok_work_done) != 0) {
+            srv_buf_free(&w->body);
+            free(w);
+            return fail(c, 500, "server_error", NULL, "cannot queue the request", 0, NULL);
+        }
+        c->tok = w;
+        conn_suspend(c);
+        return MHD_YES;
+    }
     if (srv_genreq_parse(c->body.data, c->body.len, c->route == SRV_ROUTE_CHAT, &s->md, sid, &r, &e) != 0)
         return queue_error(c, &e, 0, NULL);
     srv_buf_free(&c->body);
+    return submit_job(c, r);
+}
+
+/* Parsing on the thread pool: only the work item and the read-only codec
+ * (through the copied model description) are touched there. */
+static void tok_work_run(uv_work_t *req)
+{
+    tok_work *w = req->data;
+    w->rc = srv_genreq_parse(w->body.data, w->body.len, w->chat, &w->md,
+                             w->has_sid ? w->sid : NULL, &w->r, &w->err);
+}
+
+static void tok_work_done(uv_work_t *req, int status)
+{
+    tok_work *w = req->data;
+    w->done = 1;
+    if (status != 0 && w->rc == 0) {
+        w->rc = -1;
+        srv_error_set(&w->err, 503, "server_error", NULL, "shutting_down", "request parsing was cancelled");
+    }
+    srv_buf_free(&w->body);
+    if (!w->c) { /* the connection went away meanwhile */
+        srv_genreq_free(w->r);
+        free(w);
+        return;
+    }
+    srv_server *s = w->c->s;
+    conn_resume(w->c); /* the access handler continues (tok_continue) */
+    http_run(s);
+}
+
+/* The access handler after the tokenization finished. */
+static enum MHD_Result tok_continue(srv_conn *c)
+{
+    tok_work *w = c->tok;
+    if (!w->done) {
+        /* resumed by the disconnect watch: the client left */
+        return MHD_NO;
+    }
+    c->tok = NULL;
+    srv_genreq *r = w->r;
+    int rc = w->rc;
+    srv_error e = w->err;
+    free(w);
+    if (rc != 0) {
+        srv_genreq_free(r); /* NULL after a failed parse */
+        return queue_error(c, &e, 0, NULL);
+    }
+    if (c->s->draining) {
+        srv_genreq_free(r);
+        return fail(c, 503, "server_error", "shutting_down", "the server is shutting down", 5, NULL);
+    }
+    return submit_job(c, r);
+}
+
+/* Queues a validated, tokenized request: takes ownership of r. */
+static enum MHD_Result submit_job(srv_conn *c, srv_genreq *r)
+{
+    srv_server *s = c->s;
     if (s->n_inflight >= s->cfg->max_seqs + s->cfg->max_queue) {
         srv_genreq_free(r);
         return fail(c, 429, "rate_limit_exceeded", "queue_full",
@@ -698,6 +805,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         return handle_get(c, url);
     }
     if (c->job) return respond_job(c);
+    if (c->tok) return tok_continue(c);
     if (*upload_data_size) {
         if (!c->too_big) {
             if (c->body.len + *upload_data_size > (size_t)s->cfg->max_body_kb * 1024) {
@@ -735,6 +843,15 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         char q[80];
         srv_log("info", "request", " method=%s path=%s status=%d dur_ms=%.2f%s", c->method,
                 srv_log_quote(c->path, q, sizeof q), status, (srv_now() - c->t0) * 1e3, extra);
+    }
+    if (c->tok) {
+        if (c->tok->done) { /* finished but never picked up */
+            srv_genreq_free(c->tok->r);
+            free(c->tok);
+        } else {
+            c->tok->c = NULL; /* tok_work_done frees it */
+        }
+        c->tok = NULL;
     }
     if (j) {
         j->conn = NULL;
@@ -1018,7 +1135,7 @@ int srv_run(const srv_config *cfg)
         snprintf(s->model_name, sizeof s->model_name, "%.*s", (int)(n - b), cfg->model + b);
     }
     s->md.name = s->model_name;
-    s->md.codec = NULL; /* no tokenizer in the engine yet: token-id prompts only */
+    s->md.codec = NULL; /* set from the engine's tokenizer when the model is ready */
     s->md.default_max_tokens = cfg->default_max_tokens;
     if (load_keys(s) != 0) return 1;
     if (cfg->state_dir && *cfg->state_dir) {

@@ -30,6 +30,7 @@ struct srv_metrics {
     unsigned long steps, step_tokens;
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
+    unsigned long preemptions;
 };
 
 static void histo_init(histo *h, const double *le, int n)
@@ -119,6 +120,13 @@ void srv_metrics_step(srv_metrics *m, int n_seqs, int n_tokens, double step_s)
     pthread_mutex_unlock(&m->mu);
 }
 
+void srv_metrics_preempted(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->preemptions++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions)
 {
@@ -194,6 +202,9 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
     gauge(o, "mkad_kv_blocks_used", "K/V blocks in use (running sequences and resident sessions).",
           m->blocks_used);
     gauge(o, "mkad_kv_blocks_total", "K/V blocks in the pool.", m->blocks_total);
+    counter(o, "mkad_preemptions_total",
+            "Running sequences preempted (K/V pool full) and later resumed by recomputation.",
+            m->preemptions);
     gauge(o, "mkad_sessions_resident", "Sessions whose state is resident in the engine.", m->sessions);
     pthread_mutex_unlock(&m->mu);
     return 0;

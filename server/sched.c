@@ -8,11 +8,14 @@
  *
  *   loop:  take new jobs from the inbox (loop thread -> here, under mu/cv)
  *          drop cancelled jobs (client gone, stop string, timeout, shutdown)
- *          admit waiting jobs FIFO while a sequence slot and enough K/V
- *          blocks for prompt + max_tokens are free (idle sessions are
- *          evicted LRU to make room); resolve the job's session
+ *          admit preempted sequences, then waiting jobs FIFO, while a
+ *          sequence slot and the K/V blocks for the prompt are free (idle
+ *          sessions are evicted LRU to make room); resolve the job's session
  *          plan a step: every decoder one token, prefills chunked into what
- *          is left of the budget; eng_step; sample per sequence
+ *          is left of the budget; if the step's new blocks do not fit, evict
+ *          idle sessions, hold prefills back, then preempt the youngest
+ *          sequence (it resumes later by recomputation, output unchanged);
+ *          eng_step; sample per sequence
  *          post START/TOKEN/FINAL events to the loop (post callback)
  *
  * Sessions (in memory for now): a session id maps to an engine sequence that
@@ -116,14 +119,17 @@ typedef struct session {
 
 typedef struct eseq {
     srv_job *job;         /* borrowed until its FINAL event */
-    int seq;
-    int n_past;           /* prompt tokens in the engine */
+    int seq;              /* engine slot; -1 while preempted */
+    const int32_t *src;   /* what is prefilled: the prompt, or after a preemption the replay */
+    int n_src;
+    int n_past;           /* tokens of src in the engine; n_past == n_src: decoding */
+    int32_t *replay;      /* owned: prompt + fed generated tokens of a preempted sequence */
+    int resuming;         /* prefilling the replay: its last chunk needs no sampling */
     int n_gen;            /* tokens sampled */
     int32_t next_tok;     /* sampled, fed in the next step */
     int cached;
-    int reserve;          /* K/V blocks reserved */
-    eng_sampler *smp;
-    uint64_t order;
+    eng_sampler *smp;     /* kept across a preemption: the RNG continues exactly */
+    uint64_t order;       /* admission order (older = smaller) */
     int last_step;
     session *sess;
 } eseq;
@@ -141,6 +147,7 @@ struct srv_engine {
     int n_inbox, cap_inbox;
     int stop;             /* guarded by mu */
     srv_engine_info info;
+    srv_codec *codec;     /* the tokenizer, or NULL */
     /* engine thread only */
     eng_model *model;
     eng_engine *eng;
@@ -148,6 +155,8 @@ struct srv_engine {
     int n_run;
     srv_job **wait;       /* FIFO */
     int n_wait, cap_wait;
+    eseq *pre;            /* preempted, waiting to be resumed (before any new job) */
+    int n_pre, cap_pre;
     session *sess;        /* (max_sessions) */
     int n_sess;
     float *logits;        /* (max_seqs, vocab) */
@@ -157,7 +166,6 @@ struct srv_engine {
     srv_plan_item *plan;
     srv_event *evs;
     int n_evs, cap_evs;
-    int reserved;         /* blocks reserved by running jobs */
     int step_no;
     uint64_t order, clock;
 };
@@ -215,15 +223,6 @@ static int blocks_for(const srv_engine *se, int tokens)
     return (tokens + se->info.block_size - 1) / se->info.block_size;
 }
 
-static int idle_session_blocks(const srv_engine *se, const session *except)
-{
-    int n = 0;
-    for (int i = 0; i < se->n_sess; i++)
-        if (!se->sess[i].busy && &se->sess[i] != except)
-            n += blocks_for(se, eng_seq_len(se->eng, se->sess[i].seq));
-    return n;
-}
-
 static void session_drop(srv_engine *se, session *s)
 {
     eng_seq_free(se->eng, s->seq);
@@ -276,9 +275,76 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
         eng_seq_free(se->eng, es->seq);
     }
     eng_sampler_free(es->smp);
-    se->reserved -= es->reserve;
+    free(es->replay);
     post_final(se, es->job, finish, status, msg, &u);
     se->run[r] = se->run[--se->n_run];
+}
+
+static int free_blocks(const srv_engine *se)
+{
+    eng_stats st;
+    eng_get_stats(se->eng, &st);
+    return st.blocks_total - st.blocks_used;
+}
+
+/* Takes a slot, evicting idle sessions (except `keep`) while none is free. */
+static int take_slot(srv_engine *se, int *seq)
+{
+    int rc;
+    while ((rc = eng_seq_create(se->eng, seq)) == ENG_ENOSPC && evict_lru(se, NULL)) {}
+    return rc;
+}
+
+/* Preemption by recomputation: the sequence's blocks are freed and it goes
+ * back to the front of the queue with its tokens so far (prompt + fed
+ * generated tokens) as a "replay" prompt and its sampler intact.  When it
+ * is readmitted the replay is prefilled and decoding continues with the
+ * token it had already sampled; the engine is exact whatever the chunking,
+ * so the output is what it would have been without the interruption.  A
+ * preempted session job loses the session's resident state. */
+static void preempt(srv_engine *se, int r)
+{
+    eseq es = se->run[r];
+    if (se->n_pre == se->cap_pre) {
+        int cap = se->cap_pre ? se->cap_pre * 2 : 16;
+        eseq *p = realloc(se->pre, (size_t)cap * sizeof *p);
+        if (!p) { /* cannot park it: fail it rather than lose it */
+            finish_seq(se, r, SRV_FINISH_ERROR, 503, "out of memory while preempting");
+            return;
+        }
+        se->pre = p;
+        se->cap_pre = cap;
+    }
+    int len = eng_seq_len(se->eng, es.seq);
+    if (es.n_past >= es.n_src) { /* decoding: replay everything it holds */
+        int32_t *rp = malloc((size_t)(len > 0 ? len : 1) * sizeof *rp);
+        if (!rp) {
+            finish_seq(se, r, SRV_FINISH_ERROR, 503, "out of memory while preempting");
+            return;
+        }
+        memcpy(rp, eng_seq_tokens(se->eng, es.seq), (size_t)len * sizeof *rp);
+        free(es.replay);
+        es.replay = rp;
+        es.src = rp;
+        es.n_src = len;
+        es.resuming = 1;
+    }
+    es.n_past = 0; /* a prefilling sequence simply starts its prefill again */
+    if (es.sess) {
+        session *s = es.sess;
+        es.sess = NULL;
+        se->run[r].sess = NULL;
+        s->busy = 0;
+        session_drop(se, s); /* frees the sequence */
+    } else {
+        eng_seq_free(se->eng, es.seq);
+    }
+    es.seq = -1;
+    se->run[r] = se->run[--se->n_run];
+    se->pre[se->n_pre++] = es;
+    srv_metrics_preempted(se->met);
+    srv_log("debug", "preempted", " tokens=%d generated=%d running=%d free_blocks=%d", len, es.n_gen,
+            se->n_run, free_blocks(se));
 }
 
 static void fail_job(srv_engine *se, srv_job *job, int status, const char *msg)
@@ -287,9 +353,11 @@ static void fail_job(srv_engine *se, srv_job *job, int status, const char *msg)
     post_final(se, job, SRV_FINISH_ERROR, status, msg, &u);
 }
 
-/* Session resolution: 1 = ready (sequence attached to es), 0 = not now (the
- * session is busy; a slower tier would also answer 0 while it loads).
- * Returns -1 when no sequence slot can be had. */
+/* Session resolution: attaches the session's resident sequence to es,
+ * keeping the reusable prefix.  Returns 1 = ready, 0 = not now (the job stays
+ * waiting).  Today state is resident or absent, so the answer is always 1; a
+ * slower tier (host RAM, RocksDB) answers 0 while it loads the state on the
+ * thread pool and hands it over through the inbox (eng_seq_import). */
 static int session_resolve(srv_engine *se, eseq *es, session *s)
 {
     const srv_genreq *rq = es->job->req;
@@ -297,8 +365,10 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     int have = eng_seq_len(se->eng, s->seq);
     int keep = srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
                              se->info.block_size);
-    if (keep != have && eng_seq_truncate(se->eng, s->seq, keep) != ENG_OK) keep = 0,
-        eng_seq_truncate(se->eng, s->seq, 0);
+    if (keep != have && eng_seq_truncate(se->eng, s->seq, keep) != ENG_OK) {
+        eng_seq_truncate(se->eng, s->seq, 0); /* 0 is always allowed */
+        keep = 0;
+    }
     es->cached = keep;
     es->n_past = keep;
     s->busy = 1;
@@ -307,10 +377,31 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     return 1;
 }
 
-/* Admits waiting jobs, FIFO, while resources last. */
+/* Admits preempted sequences (oldest first), then waiting jobs FIFO, while
+ * a slot and the blocks for the prompt are free, keeping one block of
+ * headroom per running sequence so that admission does not immediately
+ * force a preemption.  Growth beyond the prompt is not reserved: when the
+ * pool runs dry, run_step preempts the youngest sequence. */
 static void admit(srv_engine *se)
 {
     int max_seqs = se->info.max_seqs;
+    while (se->n_pre > 0 && se->n_run < max_seqs) {
+        int oldest = 0;
+        for (int k = 1; k < se->n_pre; k++)
+            if (se->pre[k].order < se->pre[oldest].order) oldest = k;
+        eseq *p = &se->pre[oldest];
+        int need = blocks_for(se, p->n_src + 1) + se->n_run;
+        while (free_blocks(se) < need && evict_lru(se, NULL)) {}
+        if (free_blocks(se) < need && se->n_run > 0) return; /* preempted ones go first */
+        int seq;
+        if (take_slot(se, &seq) != ENG_OK) return;
+        p->seq = seq;
+        p->n_past = 0;
+        p->last_step = se->step_no;
+        se->run[se->n_run++] = *p;
+        se->pre[oldest] = se->pre[--se->n_pre];
+    }
+    if (se->n_pre > 0) return;
     int i = 0;
     while (i < se->n_wait && se->n_run < max_seqs) {
         srv_job *job = se->wait[i];
@@ -327,18 +418,21 @@ static void admit(srv_engine *se)
             se->n_wait--;
             continue;
         }
-        while (se->reserved + idle_session_blocks(se, s) + need > se->info.n_blocks &&
-               evict_lru(se, s))
+        /* blocks for the prompt (a resident session already holds some) */
+        int held = s ? blocks_for(se, eng_seq_len(se->eng, s->seq)) : 0;
+        int want = blocks_for(se, rq->n_prompt + 1) - held;
+        if (want < 0) want = 0;
+        want += se->n_run;
+        while (free_blocks(se) < want && evict_lru(se, s))
             s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
-        if (se->reserved + idle_session_blocks(se, s) + need > se->info.n_blocks) break;
-        eseq es = { .job = job, .seq = -1, .reserve = need, .order = ++se->order,
-                    .last_step = se->step_no };
+        if (free_blocks(se) < want && se->n_run > 0) break;
+        eseq es = { .job = job, .seq = -1, .src = rq->prompt, .n_src = rq->n_prompt,
+                    .order = ++se->order, .last_step = se->step_no };
         if (s) {
             if (session_resolve(se, &es, s) != 1) { i++; continue; }
         } else {
-            int seq, rc;
-            while ((rc = eng_seq_create(se->eng, &seq)) == ENG_ENOSPC && evict_lru(se, NULL)) {}
-            if (rc != ENG_OK) break;
+            int seq;
+            if (take_slot(se, &seq) != ENG_OK) break;
             es.seq = seq;
             if (rq->session_id[0]) {
                 if (se->n_sess == se->cfg->max_sessions) evict_lru(se, NULL);
@@ -357,7 +451,6 @@ static void admit(srv_engine *se)
             else eng_seq_free(se->eng, es.seq);
             fail_job(se, job, 500, "out of memory (sampler)");
         } else {
-            se->reserved += need;
             se->run[se->n_run++] = es;
             srv_event *e = ev_new(se, SRV_EV_START, job);
             if (e) e->usage = (srv_usage){ rq->n_prompt, 0, es.cached };
@@ -399,30 +492,77 @@ static void publish_state(srv_engine *se)
 {
     eng_stats st;
     eng_get_stats(se->eng, &st);
-    srv_metrics_state(se->met, se->n_run, se->n_wait, st.blocks_used, st.blocks_total, se->n_sess);
+    srv_metrics_state(se->met, se->n_run, se->n_wait + se->n_pre, st.blocks_used, st.blocks_total,
+                      se->n_sess);
+}
+
+/* New K/V blocks the planned item k needs. */
+static int item_blocks(const srv_engine *se, int k)
+{
+    const eseq *es = &se->run[se->plan[k].idx];
+    int len = eng_seq_len(se->eng, es->seq);
+    return blocks_for(se, len + se->plan[k].n_tokens) - blocks_for(se, len);
+}
+
+/* Plans the next step so that its new blocks fit the pool: idle sessions
+ * are evicted first, then prefill chunks wait (youngest first), then the
+ * youngest sequence is preempted.  Returns the number of items. */
+static int plan_fitting(srv_engine *se)
+{
+    for (;;) {
+        for (int r = 0; r < se->n_run; r++) {
+            eseq *es = &se->run[r];
+            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step };
+        }
+        int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
+                              se->cfg->prefill_chunk, se->plan);
+        if (n == 0) return 0;
+        int need = 0;
+        for (int k = 0; k < n; k++) need += item_blocks(se, k);
+        int avail = free_blocks(se);
+        if (need <= avail) return n;
+        if (evict_lru(se, NULL)) continue;
+        /* drop prefill chunks, youngest first */
+        for (;;) {
+            int young = -1;
+            for (int k = 0; k < n; k++) {
+                const eseq *es = &se->run[se->plan[k].idx];
+                if (es->n_past < es->n_src &&
+                    (young < 0 || es->order > se->run[se->plan[young].idx].order))
+                    young = k;
+            }
+            if (young < 0) break;
+            need -= item_blocks(se, young);
+            se->plan[young] = se->plan[--n];
+            if (need <= avail) return n;
+        }
+        /* only decoders left and still short: preempt the youngest sequence */
+        if (se->n_run <= 1) {
+            finish_seq(se, 0, SRV_FINISH_ERROR, 503, "out of K/V blocks");
+            return 0;
+        }
+        int young = 0;
+        for (int r = 1; r < se->n_run; r++)
+            if (se->run[r].order > se->run[young].order) young = r;
+        preempt(se, young);
+    }
 }
 
 static void run_step(srv_engine *se)
 {
     int V = se->info.mi.vocab_size;
-    for (int r = 0; r < se->n_run; r++) {
-        eseq *es = &se->run[r];
-        se->pseqs[r] = (srv_plan_seq){ es->job->req->n_prompt - es->n_past, es->order,
-                                       es->last_step };
-    }
-    int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
-                          se->cfg->prefill_chunk, se->plan);
+    int n = plan_fitting(se);
     if (n == 0) return;
     int n_tok = 0;
     for (int k = 0; k < n; k++) {
         eseq *es = &se->run[se->plan[k].idx];
         int t = se->plan[k].n_tokens;
-        int prefill = es->n_past < es->job->req->n_prompt;
+        int prefill = es->n_past < es->n_src;
         se->items[k] = (eng_batch_item){
             .seq = es->seq,
-            .tokens = prefill ? es->job->req->prompt + es->n_past : &es->next_tok,
+            .tokens = prefill ? es->src + es->n_past : &es->next_tok,
             .n_tokens = t,
-            .logits = !prefill || es->n_past + t == es->job->req->n_prompt
+            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming)
                           ? se->logits + (size_t)k * V : NULL,
         };
         n_tok += t;
@@ -453,8 +593,15 @@ static void run_step(srv_engine *se)
         eseq *es = &se->run[r];
         const srv_genreq *rq = es->job->req;
         es->last_step = se->step_no;
-        int prefill = es->n_past < rq->n_prompt;
+        int prefill = es->n_past < es->n_src;
         if (prefill) es->n_past += se->plan[k].n_tokens;
+        if (es->resuming && es->n_past == es->n_src) {
+            /* the replay is back in the engine: decode next_tok as before */
+            es->resuming = 0;
+            free(es->replay);
+            es->replay = NULL;
+            es->src = NULL;
+        }
         if (!se->items[k].logits) continue;
         float *lg = se->items[k].logits;
         srv_logprob *lp = NULL;
@@ -465,7 +612,9 @@ static void run_step(srv_engine *se)
         if (rq->logprobs && (lp = malloc(sizeof *lp)))
             fill_logprob(se->scratch, V, tok, rq->top_logprobs, lp);
         int fin = SRV_FINISH_NONE;
-        if (tok == eos && !rq->ignore_eos) {
+        int is_stop = tok == eos;
+        for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
+        if (is_stop && !rq->ignore_eos) {
             fin = SRV_FINISH_STOP;
             free(lp);
         } else {
@@ -507,6 +656,18 @@ static void drop_cancelled(srv_engine *se)
         if (c != SRV_CANCEL_STOP) srv_metrics_cancelled(se->met, c);
         finish_seq(se, r, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0, NULL);
     }
+    for (int k = se->n_pre - 1; k >= 0; k--) {
+        eseq *p = &se->pre[k];
+        int c = atomic_load(&p->job->cancel);
+        if (c == SRV_CANCEL_NONE) continue;
+        if (c != SRV_CANCEL_STOP) srv_metrics_cancelled(se->met, c);
+        srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
+        post_final(se, p->job, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0,
+                   NULL, &u);
+        eng_sampler_free(p->smp);
+        free(p->replay);
+        se->pre[k] = se->pre[--se->n_pre];
+    }
 }
 
 static int load(srv_engine *se)
@@ -524,12 +685,18 @@ static int load(srv_engine *se)
     p.max_batch_tokens = se->cfg->max_batch_tokens;
     p.kv_mem_mb = se->cfg->kv_mem_mb;
     if ((rc = eng_create(se->model, &p, &se->eng, err, sizeof err)) != ENG_OK) goto fail;
+    char tinfo[160];
+    if (srv_text_load(se->cfg->model, &se->codec, tinfo, sizeof tinfo, err, sizeof err) != 0) {
+        rc = ENG_EFORMAT;
+        goto fail;
+    }
     const eng_params *ep = eng_get_params(se->eng);
     eng_stats st;
     eng_get_stats(se->eng, &st);
     srv_engine_info info = { .mi = *eng_model_get_info(se->model), .max_ctx = ep->max_ctx,
                              .block_size = ep->block_size, .n_blocks = st.blocks_total,
-                             .max_seqs = ep->max_seqs, .max_batch_tokens = ep->max_batch_tokens };
+                             .max_seqs = ep->max_seqs, .max_batch_tokens = ep->max_batch_tokens,
+                             .codec = se->codec };
     int V = info.mi.vocab_size;
     se->run = calloc((size_t)ep->max_seqs, sizeof *se->run);
     se->sess = calloc((size_t)(se->cfg->max_sessions > 0 ? se->cfg->max_sessions : 1), sizeof *se->sess);
@@ -548,10 +715,11 @@ static int load(srv_engine *se)
     pthread_mutex_unlock(&se->mu);
     srv_log("info", "model_loaded", " dir=%s arch=%s layers=%d hidden=%d vocab=%d mka_levels=%d "
             "dtype=%s fingerprint=%s max_ctx=%d max_seqs=%d kv_blocks=%d block_size=%d threads=%d "
-            "load_s=%.3f", se->cfg->model, info.mi.arch, info.mi.n_layers, info.mi.d_model,
+            "tokenizer=%s load_s=%.3f", se->cfg->model, info.mi.arch, info.mi.n_layers, info.mi.d_model,
             info.mi.vocab_size, info.mi.mka_levels, info.mi.dtype, info.mi.fingerprint,
             info.max_ctx, info.max_seqs, info.n_blocks, info.block_size, ep->n_threads,
-            srv_now() - t0);
+            se->codec ? "yes" : "no", srv_now() - t0);
+    if (se->codec) srv_log("info", "tokenizer_loaded", " dir=%s %s", se->cfg->model, tinfo);
     ev_new(se, SRV_EV_READY, NULL);
     flush_events(se);
     publish_state(se);
@@ -570,7 +738,7 @@ static void *engine_main(void *arg)
     if (load(se) != 0) return NULL;
     for (;;) {
         pthread_mutex_lock(&se->mu);
-        while (!se->stop && se->n_inbox == 0 && se->n_run == 0 && se->n_wait == 0)
+        while (!se->stop && se->n_inbox == 0 && se->n_run == 0 && se->n_wait == 0 && se->n_pre == 0)
             pthread_cond_wait(&se->cv, &se->mu);
         if (se->stop) {
             pthread_mutex_unlock(&se->mu);
@@ -675,9 +843,18 @@ void srv_engine_stop(srv_engine *se)
     pthread_cond_signal(&se->cv);
     pthread_mutex_unlock(&se->mu);
     if (se->started) pthread_join(se->th, NULL);
-    for (int r = 0; r < se->n_run; r++) eng_sampler_free(se->run[r].smp);
+    for (int r = 0; r < se->n_run; r++) {
+        eng_sampler_free(se->run[r].smp);
+        free(se->run[r].replay);
+    }
+    for (int k = 0; k < se->n_pre; k++) {
+        eng_sampler_free(se->pre[k].smp);
+        free(se->pre[k].replay);
+    }
+    free(se->pre);
     eng_free(se->eng);
     eng_model_free(se->model);
+    srv_text_free(se->codec);
     free(se->run);
     free(se->sess);
     free(se->logits);

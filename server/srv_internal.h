@@ -83,7 +83,18 @@ typedef struct srv_codec {
     /* the raw bytes of one token (possibly part of a UTF-8 character);
      * returns the count (<= cap), or -1 */
     int (*token_bytes)(void *ctx, int32_t tok, char *buf, size_t cap);
+    /* ids that end a completion besides the model's eos (chat: the
+     * template's end-of-turn ids); may be NULL; returns the count */
+    int (*stop_ids)(void *ctx, int chat, int32_t *out, int max);
 } srv_codec;
+
+/* text.c: the codec over the model directory's tokenizer.json.  *out is
+ * NULL (and 0 returned) when the directory has no tokenizer.json; info
+ * receives a short key=value description for the log.  Free with
+ * srv_text_free. */
+int srv_text_load(const char *model_dir, srv_codec **out, char *info, size_t infolen, char *err,
+                  size_t errlen);
+void srv_text_free(srv_codec *c);
 
 /* A validated generation request.  Owned by its srv_job; srv_genreq_free. */
 typedef struct srv_genreq {
@@ -104,6 +115,13 @@ typedef struct srv_genreq {
     char session_id[SRV_SESSION_ID_MAX + 1]; /* "" = none */
     int return_token_ids;      /* extension: choices[].token_ids */
     const srv_codec *codec;    /* borrowed from the model description */
+    int32_t stop_ids[8];       /* end the completion (unless ignore_eos), besides the model eos */
+    int n_stop_ids;
+    /* parsing only: the prompt string or messages array awaiting the
+     * tokenizer (a reference owned here); NULL in a parsed request */
+    json_t *pending;
+    long long max_tokens_req;  /* -1: not given */
+    int max_tokens_is_mct;     /* it came from max_completion_tokens */
 } srv_genreq;
 
 /* What parsing needs to know about the served model. */
@@ -129,9 +147,12 @@ void srv_error_set(srv_error *e, int status, const char *type, const char *param
 /* {"error":{...}} as a new string; caller frees. */
 char *srv_error_json(const srv_error *e);
 
-/* Parses and validates a request body.  On success returns 0 and *out owns a
- * new srv_genreq; otherwise fills err (status 400/404/...) and returns -1.
- * session_hdr (may be NULL) is the X-Session-Id header; the body wins. */
+/* Parses and validates a request body, tokenizing a text prompt or chat
+ * messages with md->codec.  On success returns 0 and *out owns a new
+ * srv_genreq; otherwise fills err (status 400/404/...) and returns -1.
+ * session_hdr (may be NULL) is the X-Session-Id header; the body wins.
+ * Pure apart from the read-only codec: safe on a thread-pool thread, which
+ * is where http.c runs it for big bodies. */
 int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_desc *md,
                      const char *session_hdr, srv_genreq **out, srv_error *err);
 void srv_genreq_free(srv_genreq *r);
@@ -286,6 +307,7 @@ typedef struct srv_engine srv_engine;
 typedef struct srv_engine_info {
     eng_model_info mi;
     int max_ctx, block_size, n_blocks, max_seqs, max_batch_tokens;
+    const srv_codec *codec;    /* NULL: no tokenizer; owned by the engine */
 } srv_engine_info;
 
 /* post(ev, n, arg): called on the engine thread with a batch of events; must
@@ -317,6 +339,7 @@ void srv_metrics_itl(srv_metrics *m, double s);
 void srv_metrics_step(srv_metrics *m, int n_seqs, int n_tokens, double step_s);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
+void srv_metrics_preempted(srv_metrics *m);
 void srv_metrics_cancelled(srv_metrics *m, int reason);
 /* The Prometheus text exposition; appends to out. */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);

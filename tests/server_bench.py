@@ -68,18 +68,22 @@ def histo_quantile(m, name, q):
     return float("inf")
 
 
-def overhead(port, n):
-    body = json.dumps({"model": "mkad-tiny", "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
+CHAT = {"model": "mkad-tiny", "messages": [{"role": "user", "content": "Hello there, how are you today?"}],
+        "max_tokens": 1, "temperature": 0}
+
+
+def overhead(port, n, path="/v1/completions", body=None):
+    body = json.dumps(body or {"model": "mkad-tiny", "prompt": PROMPT, "max_tokens": 1, "temperature": 0})
     c = http.client.HTTPConnection("127.0.0.1", port)
     hdr = {"Content-Type": "application/json"}
     for _ in range(20):  # warm-up
-        c.request("POST", "/v1/completions", body, hdr)
+        c.request("POST", path, body, hdr)
         c.getresponse().read()
     m0 = metrics(port)
     ttfb = []
     for _ in range(n):
         t0 = time.perf_counter()
-        c.request("POST", "/v1/completions", body, hdr)
+        c.request("POST", path, body, hdr)
         r = c.getresponse()
         r.read(1)
         ttfb.append(time.perf_counter() - t0)
@@ -90,7 +94,7 @@ def overhead(port, n):
     steps = (m1["mkad_step_seconds_count"] - m0["mkad_step_seconds_count"]) / n
     ttfb.sort()
     mean = statistics.mean(ttfb)
-    print(f"overhead: n={n} ttfb_mean_ms={mean*1e3:.3f} ttfb_p50_ms={ttfb[n//2]*1e3:.3f} "
+    print(f"overhead: path={path} n={n} ttfb_mean_ms={mean*1e3:.3f} ttfb_p50_ms={ttfb[n//2]*1e3:.3f} "
           f"ttfb_p99_ms={ttfb[int(n*0.99)]*1e3:.3f} engine_ms_per_req={eng*1e3:.3f} "
           f"steps_per_req={steps:.2f} server_overhead_ms={(mean-eng)*1e3:.3f}")
 
@@ -115,7 +119,8 @@ def wrk(port, path, body, conns, secs):
 async def one_stream(port, i, max_tokens):
     r, w = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps({"model": "mkad-tiny", "prompt": PROMPT + [i % 4000], "max_tokens": max_tokens,
-                       "stream": True, "ignore_eos": True, "seed": i}).encode()
+                       "stream": True, "stream_options": {"include_usage": True},
+                       "ignore_eos": True, "seed": i}).encode()
     w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body) + body)
     await w.drain()
@@ -126,7 +131,8 @@ async def one_stream(port, i, max_tokens):
             break
         data += chunk
     w.close()
-    return data.count(b'"finish_reason":null'), b"data: [DONE]" in data
+    m = re.search(rb'"completion_tokens":(\d+)', data)
+    return int(m.group(1)) if m else 0, b"data: [DONE]" in data
 
 
 async def streams(port, n, max_tokens):
@@ -155,11 +161,13 @@ def main():
     p, port = start(args, "--max-seqs", "256", "--max-queue", "4096", "--max-connections", "4096")
     try:
         overhead(port, 200 if args.quick else 1000)
+        overhead(port, 200 if args.quick else 1000, "/v1/chat/completions", CHAT)
         wrk(port, "/health", None, 32, secs)
         for mt in (1, 16):
             body = json.dumps({"model": "mkad-tiny", "prompt": PROMPT, "max_tokens": mt,
                                "ignore_eos": True})
             wrk(port, "/v1/completions", body, 64, secs)
+        wrk(port, "/v1/chat/completions", json.dumps(dict(CHAT, ignore_eos=True)), 64, secs)
         for n, mt in ((64, 200), (256, 100), (1000, 50)):
             asyncio.run(streams(port, n, mt))
     finally:

@@ -146,24 +146,32 @@ def test_health_models_metrics():
     assert m["mkad_kv_blocks_total"] > 0
 
 
-def completion(c, seed, max_tokens=16, prompt=PROMPT, **kw):
+def completion(c, seed, max_tokens=16, prompt=PROMPT, temperature=1.0, **kw):
     return c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
-                                temperature=1.0, seed=seed, **kw)
+                                temperature=temperature, seed=seed, **kw)
+
+
+IDS = {"ignore_eos": True, "return_token_ids": True}
 
 
 def test_completions_nonstream():
-    r = completion(D.client(), seed=1, max_tokens=8, extra_body={"ignore_eos": True})
+    r = completion(D.client(), seed=1, max_tokens=8, extra_body=IDS)
     assert r.object == "text_completion" and r.id.startswith("cmpl-") and r.model == MODEL_NAME
     ch = r.choices[0]
     ids = ch.model_extra["token_ids"]
     assert len(ids) == 8 and ch.finish_reason == "length"
-    assert ch.text == " ".join(map(str, ids))
+    assert isinstance(ch.text, str)
     assert r.usage.prompt_tokens == len(PROMPT) and r.usage.completion_tokens == 8
     assert r.usage.total_tokens == len(PROMPT) + 8
     assert r.usage.prompt_tokens_details.cached_tokens == 0
-    # same seed, same text
-    r2 = completion(D.client(), seed=1, max_tokens=8, extra_body={"ignore_eos": True})
-    assert r2.choices[0].text == ch.text
+    # same seed, same tokens and text
+    r2 = completion(D.client(), seed=1, max_tokens=8, extra_body=IDS)
+    assert r2.choices[0].text == ch.text and r2.choices[0].model_extra["token_ids"] == ids
+    # a text prompt goes through the model's tokenizer.json
+    r3 = D.client().completions.create(model=MODEL_NAME, prompt="Once upon a time", max_tokens=5,
+                                       seed=2, extra_body={"ignore_eos": True})
+    assert r3.usage.prompt_tokens >= 3 and r3.usage.completion_tokens == 5
+    assert "token_ids" not in (r3.choices[0].model_extra or {})
 
 
 def test_completions_stream_include_usage():
@@ -184,42 +192,96 @@ def test_completions_stream_include_usage():
 
 def test_chat_stream_and_not():
     c = D.client()
-    msgs = [{"role": "user", "content": "hello"}]
-    eb = {"prompt_token_ids": PROMPT, "ignore_eos": True}
-    r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=10, seed=3,
-                                  extra_body=eb)
-    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
-    msg = r.choices[0].message
-    assert msg.role == "assistant" and len(msg.content.split()) == 10
-    assert r.choices[0].finish_reason == "length"
-    stream = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_completion_tokens=10,
-                                       seed=3, stream=True, stream_options={"include_usage": True},
-                                       extra_body=eb)
-    chunks = list(stream)
-    assert chunks[0].object == "chat.completion.chunk"
-    assert chunks[0].choices[0].delta.role == "assistant"
-    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert text == msg.content
-    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == len(PROMPT)
-    # without a tokenizer a text chat is a clear 400
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "wörld"}]}]
+    for eb in ({"ignore_eos": True}, {"prompt_token_ids": PROMPT, "ignore_eos": True}):
+        r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=10, seed=3,
+                                      extra_body=eb)
+        assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+        msg = r.choices[0].message
+        assert msg.role == "assistant" and isinstance(msg.content, str)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 10
+        stream = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_completion_tokens=10,
+                                           seed=3, stream=True, stream_options={"include_usage": True},
+                                           extra_body=eb)
+        chunks = list(stream)
+        assert chunks[0].object == "chat.completion.chunk"
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == msg.content
+        assert chunks[-1].usage.completion_tokens == 10
+        assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert r.usage.prompt_tokens == len(PROMPT)
+
+
+def test_no_tokenizer():
+    """A model directory without tokenizer.json: token ids only, text is a clear 400."""
+    tmp = tempfile.mkdtemp(prefix="mkad-notok-")
+    model = os.path.join(tmp, MODEL_NAME)
+    os.mkdir(model)
+    for f in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(os.path.abspath(ARGS.model), f), os.path.join(model, f))
+    d = Daemon("--model", model)
     try:
-        c.chat.completions.create(model=MODEL_NAME, messages=msgs)
-        raise AssertionError("accepted a text chat without tokenizer")
+        c = d.client()
+        for call in (lambda: c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}]),
+                     lambda: c.completions.create(model=MODEL_NAME, prompt="hello")):
+            try:
+                call()
+                raise AssertionError("accepted a text prompt without tokenizer")
+            except openai.BadRequestError as e:
+                assert "tokenizer.json" in str(e) and e.body["code"] == "no_tokenizer", e
+        r = completion(c, seed=1, max_tokens=4, extra_body={"ignore_eos": True})
+        ids = r.choices[0].model_extra["token_ids"]
+        assert r.choices[0].text == " ".join(map(str, ids))  # ids as text, space-separated
+        # a stop string that begins after the first token: the text before it is returned
+        stop = " " + str(ids[1])
+        for stream in (False, True):
+            r = completion(c, seed=1, max_tokens=4, stop=stop, stream=stream,
+                           extra_body={"ignore_eos": True})
+            chunks = list(r) if stream else [r]
+            text = "".join(ch.choices[0].text for ch in chunks)
+            assert text == str(ids[0]) and chunks[-1].choices[0].finish_reason == "stop", chunks
+        r = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=3, extra_body={"prompt_token_ids": PROMPT, "ignore_eos": True})
+        assert len(r.choices[0].message.content.split()) == 3
+    finally:
+        assert d.stop() == 0
+
+
+def test_big_text_prompts_tokenized_off_loop():
+    """Bodies over 16 KiB are tokenized on the thread pool; same results."""
+    c = D.client()
+    big = " Elizabeth" * 2001          # 20 KB, 2001 tokens with the bundled tokenizer
+    r = c.completions.create(model=MODEL_NAME, prompt=big, max_tokens=3, seed=1,
+                             extra_body={"ignore_eos": True})
+    assert r.usage.prompt_tokens == 2001 and r.usage.completion_tokens == 3
+    small = c.completions.create(model=MODEL_NAME, prompt=" Elizabeth" * 5, max_tokens=1, seed=1)
+    assert small.usage.prompt_tokens == 5
+    r2 = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": big}],
+                                   max_tokens=2, seed=1, stream=True,
+                                   stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(r2)
+    assert chunks[-1].usage.prompt_tokens > 2001 and chunks[-1].usage.completion_tokens == 2
+    try:
+        c.completions.create(model=MODEL_NAME, prompt=" the" * 5000, max_tokens=3)
+        raise AssertionError("accepted an over-long prompt")
     except openai.BadRequestError as e:
-        assert "tokenizer.json" in str(e)
+        assert e.body["code"] == "context_length_exceeded", e
 
 
 def test_stop_strings():
     c = D.client()
-    base = completion(c, seed=11, max_tokens=20, extra_body={"ignore_eos": True}).choices[0].text
-    words = base.split(" ")
-    assert len(words) == 20
-    stop = " " + " ".join(words[5:7])   # occurs at the 6th token at the latest
-    cut = base.index(stop)
-    r = completion(c, seed=11, max_tokens=20, stop=[stop, "zzz"], extra_body={"ignore_eos": True})
-    assert r.choices[0].text == base[:cut] and r.choices[0].finish_reason == "stop", r
-    chunks = list(completion(c, seed=11, max_tokens=20, stop=stop, stream=True,
-                             extra_body={"ignore_eos": True}))
+    prompt = "The quick brown fox jumps over the lazy dog"
+    kw = dict(model=MODEL_NAME, prompt=prompt, max_tokens=20, seed=11, temperature=1.0,
+              extra_body={"ignore_eos": True})
+    base = c.completions.create(**kw).choices[0].text
+    assert len(base) >= 8, base
+    stop = base[len(base) // 2: len(base) // 2 + 3]
+    cut = base.index(stop)              # the earliest occurrence ends the text
+    r = c.completions.create(stop=[stop, "\x01never"], **kw)
+    assert r.choices[0].text == base[:cut] and r.choices[0].finish_reason == "stop", (r, base, stop)
+    chunks = list(c.completions.create(stop=stop, stream=True, **kw))
     assert "".join(ch.choices[0].text for ch in chunks) == base[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"
 
@@ -243,16 +305,19 @@ def test_concurrent_streams_independent():
     c = D.client()
     solo = {}
     for i in range(n):
-        solo[i] = completion(c, seed=1000 + i, max_tokens=24, prompt=PROMPT + [i + 100],
-                             extra_body={"ignore_eos": True}).choices[0].text
+        ch = completion(c, seed=1000 + i, max_tokens=24, prompt=PROMPT + [i + 100],
+                        temperature=1.5, extra_body=IDS).choices[0]
+        solo[i] = (ch.text, ch.model_extra["token_ids"])
     barrier = threading.Barrier(n)
 
     def run(i):
         cl = D.client()
         barrier.wait(30)
         s = completion(cl, seed=1000 + i, max_tokens=24, prompt=PROMPT + [i + 100], stream=True,
-                       extra_body={"ignore_eos": True})
-        return i, "".join(ch.choices[0].text for ch in s if ch.choices)
+                       temperature=1.5, extra_body=IDS)
+        chunks = [ch for ch in s if ch.choices]
+        return i, ("".join(ch.choices[0].text for ch in chunks),
+                   [t for ch in chunks for t in ch.choices[0].model_extra["token_ids"]])
 
     before = metrics(D)
     with cf.ThreadPoolExecutor(n) as ex:
@@ -274,6 +339,32 @@ def wait_metric(pred, timeout=10):
             return m
         time.sleep(0.05)
     raise AssertionError("metric condition not reached: %s" % m)
+
+
+def test_preemption_keeps_outputs():
+    """A K/V pool too small for all streams: some are preempted and resumed,
+    and every stream still equals its solo run."""
+    d = Daemon("--kv-mem-mb", "2")   # about 30 blocks of 32 tokens
+    try:
+        c = d.client()
+        n, mt = 6, 200                 # 6 x 7 blocks at the end
+        solo = [completion(c, seed=50 + i, max_tokens=mt, prompt=PROMPT + [i], temperature=1.5,
+                           extra_body=IDS).choices[0].model_extra["token_ids"] for i in range(n)]
+        assert metrics(d)["mkad_preemptions_total"] == 0
+
+        def run(i):
+            s = completion(d.client(), seed=50 + i, max_tokens=mt, prompt=PROMPT + [i],
+                           temperature=1.5, stream=True, extra_body=IDS)
+            return [t for ch in s if ch.choices for t in ch.choices[0].model_extra["token_ids"]]
+
+        with cf.ThreadPoolExecutor(n) as ex:
+            both = list(ex.map(run, range(n)))
+        assert both == solo
+        m = metrics(d)
+        assert m["mkad_preemptions_total"] >= 1, m["mkad_preemptions_total"]
+        assert m["mkad_kv_blocks_used"] == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_disconnect_frees_sequence():
@@ -314,7 +405,7 @@ def test_disconnect_nonstream():
 def test_sessions_reuse_prefix():
     c = D.client()
     p1 = list(range(1, 101))
-    eb = {"ignore_eos": True}
+    eb = IDS
     r1 = completion(c, seed=7, max_tokens=10, prompt=p1, extra_body=dict(eb, session_id="bb-s1"))
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
     p2 = p1 + r1.choices[0].model_extra["token_ids"] + [5, 6, 7, 8]
@@ -466,6 +557,51 @@ def test_malformed_corpus():
     assert completion(D.client(), seed=1, max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_fuzz_fields_and_bytes():
+    """Random field values and byte flips: every answer is 200 or a 4xx error
+    object, never a 5xx, never a hang; the daemon stays healthy."""
+    import random
+    rnd = random.Random(1234)
+    pool = [None, True, False, 0, -1, 1, 3, 2.5, 1e308, -1e308, 2 ** 63, -(2 ** 63), "", "x",
+            "\u0000", "\ud7ff\ue000", [], {}, [1], [[1, 2]], ["a", 1], {"a": 1}, "a" * 300,
+            {"include_usage": True}, {"type": "text"}, [{"role": "user", "content": "hi"}],
+            [{"role": "user", "content": None}], [{"role": "assistant", "content": None}]]
+    fields = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature",
+              "top_p", "top_k", "seed", "stop", "n", "stream", "stream_options", "logprobs",
+              "top_logprobs", "session_id", "ignore_eos", "response_format", "prompt_token_ids",
+              "echo", "logit_bias", "user", "min_p", "repetition_penalty"]
+    statuses = {}
+    for i in range(300):
+        chat = i % 2 == 1
+        body = {"model": MODEL_NAME, "max_tokens": 3}
+        if chat:
+            body["messages"] = [{"role": "user", "content": "hello"}]
+        else:
+            body["prompt"] = PROMPT
+        for _ in range(rnd.randint(1, 3)):
+            body[rnd.choice(fields)] = rnd.choice(pool)
+        raw = json.dumps(body).encode()
+        if i % 5 == 0:  # byte-level damage
+            b = bytearray(raw)
+            for _ in range(rnd.randint(1, 4)):
+                b[rnd.randrange(len(b))] = rnd.randrange(256)
+            raw = bytes(b)
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        st, _, resp = http("POST", D.base + path, raw, timeout=20)
+        statuses[st] = statuses.get(st, 0) + 1
+        assert st == 200 or 400 <= st < 500, (st, raw, resp)
+        if st != 200:
+            assert_error(st, resp, st)
+        elif body.get("stream") is True:
+            assert resp.rstrip().endswith(b"data: [DONE]"), resp[-200:]
+        else:
+            assert json.loads(resp)["usage"]["completion_tokens"] >= 1
+    print("  fuzz statuses:", dict(sorted(statuses.items())))
+    assert statuses.get(200, 0) > 10 and statuses.get(400, 0) > 100, statuses
+    assert http("GET", D.base + "/health")[0] == 200
+    wait_metric(lambda m: m["mkad_sequences_running"] == 0)
+
+
 def test_slowloris():
     """Partial bodies do not block others and are closed after http_timeout."""
     socks = []
@@ -600,6 +736,33 @@ def test_systemd_notify():
     assert "READY=1" in text and "STATUS=serving mkad-tiny" in text, text
     assert "STATUS=loading model" in text and "STOPPING=1" in text, text
     assert text.count("WATCHDOG=1") >= 2, text
+
+
+def test_loading_state():
+    """While the model loads: /health 503 "loading", generation 503 with
+    Retry-After, progress lines; a load failure exits 1.  config.json is a
+    FIFO, so the loader blocks in open() until the test writes to it."""
+    tmp = tempfile.mkdtemp(prefix="mkad-fifo-")
+    os.mkfifo(os.path.join(tmp, "config.json"))
+    d = Daemon("--model", tmp, wait_ready=False)
+    try:
+        st, hdr, body = http("GET", d.base + "/health")
+        assert st == 503 and json.loads(body)["status"] == "loading" and hdr.get("Retry-After") == "5"
+        st, hdr, body = http("POST", d.base + "/v1/completions",
+                             {"model": os.path.basename(tmp), "prompt": [1], "max_tokens": 1})
+        assert_error(st, body, 503)
+        assert json.loads(body)["error"]["code"] == "model_loading" and hdr.get("Retry-After")
+        m = metrics(d)
+        assert m["mkad_ready"] == 0
+        time.sleep(1.3)
+        with d.cv:
+            assert any("event=model_loading" in l and "elapsed_s=" in l for l in d.lines), d.lines
+        fd = os.open(os.path.join(tmp, "config.json"), os.O_WRONLY)
+        os.close(fd)  # the loader now sees a FIFO, not a file: load fails
+        assert d.proc.wait(10) == 1
+        assert any("event=model_load_failed" in l for l in d.lines)
+    finally:
+        d.stop()
 
 
 def test_config_and_flags():

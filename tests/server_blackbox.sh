@@ -3,7 +3,7 @@
 # check.  Skips (77) only when the official openai Python package is missing;
 # tools/bootstrap.sh installs it.
 : "${top_srcdir:=$(cd "$(dirname "$0")/.." && pwd)}"
-: "${top_builddir:=$top_srcdir}"
+: "${top_builddir:=$(pwd)}"  # make check runs in the build directory
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import openai' 2>/dev/null; then
     echo "server_blackbox: SKIP: the openai Python package is missing (pip install openai)"

@@ -402,7 +402,7 @@ static int fake_bytes(void *ctx, int32_t tok, char *buf, size_t cap)
     return snprintf(buf, cap, "<%d>", (int)tok);
 }
 
-static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_bytes };
+static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_bytes, NULL };
 
 START_TEST(parse_with_tokenizer)
 {
@@ -558,7 +558,7 @@ END_TEST
 static struct {
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    srv_event ev[4096];
+    srv_event ev[8192];
     int n;
 } EV = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, { { 0 } }, 0 };
 
@@ -567,7 +567,7 @@ static void collect(const srv_event *ev, int n, void *arg)
     (void)arg;
     pthread_mutex_lock(&EV.mu);
     for (int i = 0; i < n; i++) {
-        if (EV.n < 4096) EV.ev[EV.n++] = ev[i];
+        if (EV.n < 8192) EV.ev[EV.n++] = ev[i];
         else free(ev[i].lp);
     }
     pthread_cond_broadcast(&EV.cv);
@@ -611,7 +611,9 @@ static int count_tokens(srv_job *job, int32_t *ids, int cap)
 static const char *model_dir(void)
 {
     static char path[4096];
+    /* make check's serial harness exports srcdir (not AM_TESTS_ENVIRONMENT) */
     const char *top = getenv("top_srcdir");
+    if (!top) top = getenv("srcdir");
     snprintf(path, sizeof path, "%s/models/mkad-tiny", top ? top : ".");
     return path;
 }
@@ -767,10 +769,12 @@ START_TEST(engine_cancel_frees_blocks)
 }
 END_TEST
 
-START_TEST(engine_block_reservation)
+START_TEST(engine_preemption_is_exact)
 {
-    /* A small pool (1 MiB = tens of 8-token blocks): two jobs that each
-     * reserve just over half of it run one after the other. */
+    /* A small pool (1 MiB = tens of 8-token blocks) and two jobs that each
+     * grow to just over half of it: both are admitted, the younger is
+     * preempted when the pool runs dry and resumed by recomputation, and
+     * both produce exactly the tokens they produce alone. */
     srv_config c = test_cfg();
     c.kv_mem_mb = 1;
     c.max_ctx = 1024;
@@ -781,31 +785,55 @@ START_TEST(engine_block_reservation)
     ck_assert_int_lt(nb, 120);
     int mt = (nb / 2 + 1) * 8 - 3; /* 3 prompt tokens: ceil((3 + mt) / 8) = nb/2 + 1 blocks */
     char b1[256], b2[256];
-    snprintf(b1, sizeof b1, "{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":%d,\"ignore_eos\":true}", mt);
-    snprintf(b2, sizeof b2, "{\"model\":\"mkad-tiny\",\"prompt\":[1,2,4],\"max_tokens\":%d,\"ignore_eos\":true}", mt);
+    snprintf(b1, sizeof b1, "{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":%d,"
+             "\"ignore_eos\":true,\"seed\":5,\"temperature\":1.5}", mt);
+    snprintf(b2, sizeof b2, "{\"model\":\"mkad-tiny\",\"prompt\":[1,2,4],\"max_tokens\":%d,"
+             "\"ignore_eos\":true,\"seed\":6,\"temperature\":1.5}", mt);
     srv_model_desc md = { "mkad-tiny", 4096, 1024, NULL, 16 };
     srv_error e;
-    srv_job *j1 = calloc(1, sizeof *j1), *j2 = calloc(1, sizeof *j2), *big = calloc(1, sizeof *big);
-    ck_assert_int_eq(srv_genreq_parse(b1, strlen(b1), 0, &md, NULL, &j1->req, &e), 0);
-    ck_assert_int_eq(srv_genreq_parse(b2, strlen(b2), 0, &md, NULL, &j2->req, &e), 0);
-    srv_engine_submit(se, j1);
-    srv_engine_submit(se, j2);
-    int f1 = wait_event(SRV_EV_FINAL, j1);
-    int s2 = wait_event(SRV_EV_START, j2);
-    ck_assert_int_gt(s2, f1);
-    wait_event(SRV_EV_FINAL, j2);
+    srv_job *jobs[5];
+    const char *bodies[4] = { b1, b2, b1, b2 };
+    for (int k = 0; k < 4; k++) {
+        jobs[k] = calloc(1, sizeof *jobs[k]);
+        ck_assert_int_eq(srv_genreq_parse(bodies[k], strlen(bodies[k]), 0, &md, NULL, &jobs[k]->req, &e), 0);
+    }
+    /* alone */
+    srv_engine_submit(se, jobs[0]);
+    wait_event(SRV_EV_FINAL, jobs[0]);
+    srv_engine_submit(se, jobs[1]);
+    wait_event(SRV_EV_FINAL, jobs[1]);
+    ck_assert_int_eq(metric(m, "mkad_preemptions_total"), 0);
+    /* together */
+    srv_engine_submit(se, jobs[2]);
+    srv_engine_submit(se, jobs[3]);
+    int f2 = wait_event(SRV_EV_FINAL, jobs[2]);
+    int f3 = wait_event(SRV_EV_FINAL, jobs[3]);
+    int s3 = wait_event(SRV_EV_START, jobs[3]);
+    ck_assert_int_lt(s3, f2); /* admitted while the other ran */
+    ck_assert_int_eq(EV.ev[f2].finish, SRV_FINISH_LENGTH);
+    ck_assert_int_eq(EV.ev[f3].finish, SRV_FINISH_LENGTH);
+    ck_assert_int_ge(metric(m, "mkad_preemptions_total"), 1);
+    int32_t *alone = malloc((size_t)mt * sizeof *alone), *both = malloc((size_t)mt * sizeof *both);
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_eq(count_tokens(jobs[k], alone, mt), mt);
+        ck_assert_int_eq(count_tokens(jobs[k + 2], both, mt), mt);
+        ck_assert_mem_eq(alone, both, (size_t)mt * sizeof *alone);
+    }
+    free(alone);
+    free(both);
+    for (int k = 0; k < 200 && metric(m, "mkad_kv_blocks_used") != 0; k++) usleep(5000);
+    ck_assert_int_eq(metric(m, "mkad_kv_blocks_used"), 0);
     /* a request that can never fit is refused, not queued forever */
     char bb[256];
     snprintf(bb, sizeof bb, "{\"model\":\"mkad-tiny\",\"prompt\":[1],\"max_tokens\":%d}", nb * 8 + 8);
-    ck_assert_int_eq(srv_genreq_parse(bb, strlen(bb), 0, &md, NULL, &big->req, &e), 0);
-    srv_engine_submit(se, big);
-    int fb = wait_event(SRV_EV_FINAL, big);
+    jobs[4] = calloc(1, sizeof *jobs[4]);
+    ck_assert_int_eq(srv_genreq_parse(bb, strlen(bb), 0, &md, NULL, &jobs[4]->req, &e), 0);
+    srv_engine_submit(se, jobs[4]);
+    int fb = wait_event(SRV_EV_FINAL, jobs[4]);
     ck_assert_int_eq(EV.ev[fb].finish, SRV_FINISH_ERROR);
     ck_assert_int_eq(EV.ev[fb].status, 400);
     srv_engine_stop(se);
-    free_job(j1);
-    free_job(j2);
-    free_job(big);
+    for (int k = 0; k < 5; k++) free_job(jobs[k]);
     srv_metrics_free(m);
 }
 END_TEST
@@ -853,7 +881,7 @@ static Suite *suite(void)
     tcase_set_timeout(eng, 120);
     tcase_add_test(eng, engine_generate_and_sessions);
     tcase_add_test(eng, engine_cancel_frees_blocks);
-    tcase_add_test(eng, engine_block_reservation);
+    tcase_add_test(eng, engine_preemption_is_exact);
     tcase_add_test(eng, engine_load_failure);
     suite_add_tcase(s, eng);
     return s;
