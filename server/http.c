@@ -15,6 +15,10 @@
  *   - suspended connections never time out in MHD: the sweep timer enforces
  *     request_timeout; every suspended connection is resumed before
  *     MHD_stop_daemon.
+ * Measured here too: a response queued on the access handler's first call
+ * is "early" and MHD 0.9.75 then closes the connection (no keep-alive), so
+ * body-less requests are answered on the second call; bodies over 16 KiB
+ * are parsed and tokenized on the libuv thread pool (tens of ms for MBs).
  *
  * Ownership: a srv_conn lives from the first access-handler call to MHD's
  * completed callback.  A srv_job is referenced by its connection and by the
