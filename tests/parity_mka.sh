@@ -97,6 +97,23 @@ run qwen2-L3-origattn-shards q_l3_orig_shard 12 2
 run qwen2-L3-headdim32 q_l3_headdim 10 1
 run llama-L0-f32 l_l0_f32 16 0
 
+# The bundled, trained model: against the numpy reference (with and without
+# an L3 bank) and against the logits of the PyTorch implementation that
+# trained it (tools/train_mka.py, fixture made with --ref-ids at training).
+ln -sfn "$top_srcdir/models/mkad-tiny" "$W/bundled"
+run bundled-mkad-tiny bundled 60 0
+run bundled-mkad-tiny-bank bundled 60 3 --chunk 16
+cases=$((cases + 1))
+fx=$top_srcdir/tests/fixtures/mkad-tiny
+if "$CLI" --model "$W/bundled" --prompt-ids "$(cat "$fx/torch.ids")" --max-tokens 0 \
+        --dump-logits "$W/bundled-torch.cli" >"$W/bundled-torch.cli.log" 2>&1; then
+    "$PYTHON" "$CMP" logits "$W/bundled-torch.cli" "$fx/torch.logits" --tol "$TOL" \
+        --label "$(printf '%-28s T=%-3s' bundled-vs-pytorch-train 10)" || fails=$((fails + 1))
+else
+    echo "FAIL bundled-vs-pytorch-train: mkad-cli failed"
+    fails=$((fails + 1))
+fi
+
 if [ "$fails" -ne 0 ]; then
     echo "$name: FAIL ($fails failure(s) in $cases cases; files in $W)"
     exit 1
