@@ -96,6 +96,7 @@ struct srv_server {
     int n_out, cap_out, cap_out2;
     srv_job *jobs;        /* in flight in the engine */
     int n_inflight;
+    int n_tok;            /* parse/tokenize work items on the thread pool */
     srv_conn *conns;      /* every live connection context */
     uint64_t rng, next_id;
     long created_at;
@@ -275,10 +276,10 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
             if (rest)
                 srv_sse_chunk(&j->sse, r, j->cid, j->created, j->text.data + j->emitted, rest,
                               NULL, 0, NULL, 0, NULL, !j->first_chunk_sent);
-            j->first_chunk_sent = 1;
             j->emitted = j->text.len;
             srv_sse_chunk(&j->sse, r, j->cid, j->created, "", 0, NULL, 0, NULL, 0,
-                          finish_name(finish), 0);
+                          finish_name(finish), !j->first_chunk_sent);
+            j->first_chunk_sent = 1;
             if (r->include_usage) srv_sse_usage(&j->sse, r, j->cid, j->created, &j->usage);
             srv_sse_done(&j->sse);
         } else {
@@ -548,6 +549,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max);
 typedef struct tok_work {
     uv_work_t work;
     srv_conn *c;          /* NULL once the connection is gone */
+    srv_server *s;
     srv_buf body;         /* the request body, moved from the connection */
     int chat;
     char sid[1024];       /* X-Session-Id (validated by the parser) */
@@ -581,6 +583,7 @@ static enum MHD_Result handle_generate(srv_conn *c)
         tok_work *w = calloc(1, sizeof *w);
         if (!w) return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
         w->c = c;
+        w->s = s;
         w->body = c->body; /* moved */
         memset(&c->body, 0, sizeof c->body);
         w->chat = c->route == SRV_ROUTE_CHAT;
@@ -594,6 +597,7 @@ static enum MHD_Result handle_generate(srv_conn *c)
             return fail(c, 500, "server_error", NULL, "cannot queue the request", 0, NULL);
         }
         c->tok = w;
+        s->n_tok++;
         conn_suspend(c);
         return MHD_YES;
     }
@@ -616,6 +620,7 @@ static void tok_work_done(uv_work_t *req, int status)
 {
     tok_work *w = req->data;
     w->done = 1;
+    w->s->n_tok--;
     if (status != 0 && w->rc == 0) {
         w->rc = -1;
         srv_error_set(&w->err, 503, "server_error", NULL, "shutting_down", "request parsing was cancelled");
@@ -796,6 +801,10 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
     }
     if (c->status) return MHD_YES; /* a response is already queued */
     if (!c->is_post) {
+        if (*upload_data_size) { /* a body on GET/HEAD/DELETE...: ignore it */
+            *upload_data_size = 0;
+            return MHD_YES;
+        }
         gen = c->route == SRV_ROUTE_COMPLETIONS || c->route == SRV_ROUTE_CHAT;
         if (c->route == SRV_ROUTE_OTHER)
             return fail(c, 404, "invalid_request_error", "not_found", "no such route", 0, NULL);
@@ -989,7 +998,7 @@ static void on_sweep(uv_timer_t *t)
             if (atomic_compare_exchange_strong(&j->cancel, &expect, reason)) srv_engine_wake(s->eng);
         }
     }
-    if (s->draining && s->n_inflight == 0) {
+    if (s->draining && s->n_inflight == 0 && s->n_tok == 0) {
         /* let the last bytes of finished streams go out first */
         int pending = 0;
         for (srv_conn *c = s->conns; c; c = c->next)
@@ -1095,17 +1104,23 @@ static int load_keys(srv_server *s)
             srv_buf_free(&b);
             return -1;
         }
-        char line[1024];
-        while (fgets(line, sizeof line, f)) {
-            if (line[0] == '#') continue;
+        /* One key per line (or several, split as below); '#' starts a
+         * comment anywhere on a line.  getline: a long line stays one line. */
+        char *line = NULL;
+        size_t cap_line = 0;
+        ssize_t n;
+        while ((n = getline(&line, &cap_line, f)) >= 0) {
+            char *hash = memchr(line, '#', (size_t)n);
+            if (hash) *hash = '\0';
             srv_buf_puts(&b, line);
             srv_buf_puts(&b, "\n");
         }
+        free(line);
         fclose(f);
     }
     /* split on commas, whitespace and newlines */
     int cap = 0;
-    for (size_t i = 0; i < b.len; i++) cap += b.data[i] == '\n' || b.data[i] == ',';
+    for (size_t i = 0; i < b.len; i++) cap += strchr(", \t\r\n", b.data[i]) != NULL;
     s->keys = calloc((size_t)cap + 1, sizeof *s->keys);
     s->keys_buf = b.data;
     if (!s->keys) return -1;
@@ -1113,6 +1128,14 @@ static int load_keys(srv_server *s)
     for (char *t = b.data ? strtok_r(b.data, ", \t\r\n", &save) : NULL; t;
          t = strtok_r(NULL, ", \t\r\n", &save))
         s->keys[s->n_keys++] = t;
+    /* A keys file that yields no key must not turn authentication off (an
+     * empty file mid-rotation, say): refuse it, so that startup fails or a
+     * reload keeps the old keys. */
+    if (s->n_keys == 0 && s->cfg->api_keys_file && *s->cfg->api_keys_file) {
+        srv_log("error", "config", " option=api_keys_file path=%s error=\"the file holds no key\"",
+                s->cfg->api_keys_file);
+        return -1;
+    }
     return 0;
 }
 

@@ -534,7 +534,7 @@ static int plan_fitting(srv_engine *se)
             if (young < 0) break;
             need -= item_blocks(se, young);
             se->plan[young] = se->plan[--n];
-            if (need <= avail) return n;
+            if (need <= avail && n > 0) return n;
         }
         /* only decoders left and still short: preempt the youngest sequence */
         if (se->n_run <= 1) {

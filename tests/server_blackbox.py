@@ -284,6 +284,15 @@ def test_stop_strings():
     chunks = list(c.completions.create(stop=stop, stream=True, **kw))
     assert "".join(ch.choices[0].text for ch in chunks) == base[:cut]
     assert chunks[-1].choices[0].finish_reason == "stop"
+    # Chat: a stop hit by the very first text still streams the assistant role.
+    ck = dict(model=MODEL_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=8,
+              seed=11, temperature=1.0)
+    first = c.chat.completions.create(**ck).choices[0].message.content
+    assert first, first
+    chunks = list(c.chat.completions.create(stop=[first[:1]], stream=True, **ck))
+    assert chunks[0].choices[0].delta.role == "assistant", chunks
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
 
 
 def test_logprobs():
@@ -662,6 +671,100 @@ def test_sighup_reloads_keys():
             assert http("POST", url, body, {"Authorization": "Bearer old-key"})[0] == 401
         finally:
             assert d.stop() == 0
+
+
+def test_keys_file_comments_and_empty_file():
+    # '#' starts a comment anywhere; a long comment line stays a comment;
+    # several keys on one line are fine; a file with no key refuses to start
+    # instead of turning authentication off.
+    with tempfile.NamedTemporaryFile("w", suffix=".keys") as f:
+        f.write("# " + "password123 " * 200 + "\n")
+        f.write("ka kb kc kd ke  # old:hunter2\n")
+        f.flush()
+        d = Daemon("--api-keys-file", f.name)
+        try:
+            url = d.base + "/v1/models"
+            for k in ("ka", "kc", "ke"):
+                assert http("GET", url, None, {"Authorization": "Bearer " + k})[0] == 200, k
+            for k in ("password123", "old:hunter2", "#", "hunter2"):
+                assert http("GET", url, None, {"Authorization": "Bearer " + k})[0] == 401, k
+        finally:
+            assert d.stop() == 0
+    with tempfile.NamedTemporaryFile("w", suffix=".keys") as f:
+        f.write("# nothing but comments\n\n")
+        f.flush()
+        p = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--api-keys-file", f.name],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+        assert p.returncode != 0 and "holds no key" in p.stderr, p.stderr[-500:]
+
+
+def test_body_on_get_is_answered():
+    # A body on a GET (and on an unknown route) still gets its response, and
+    # a request pipelined after it on the same connection too.
+    s = socket.create_connection(("127.0.0.1", D.port), timeout=10)
+    try:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+                  b"GET /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+                  b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    statuses = re.findall(rb"HTTP/1.1 (\d{3})", data)
+    assert statuses == [b"200", b"404", b"200"], data[:600]
+
+
+def test_small_kv_pool_long_prompts_complete():
+    # Two prompts that each fit the K/V pool but not together: the scheduler
+    # must preempt rather than spin (a livelock once left both hanging).
+    d = Daemon("--kv-mem-mb", "1", "--block-size", "32", "--prefill-chunk", "64",
+               "--request-timeout", "30", "--log-requests=false")
+    try:
+        res = {}
+
+        def go(i):
+            body = {"model": MODEL_NAME, "prompt": [(7 * k + i) % 4000 + 10 for k in range(320)],
+                    "max_tokens": 10, "temperature": 0}
+            t0 = time.time()
+            st, _, b = http("POST", d.base + "/v1/completions", body, timeout=40)
+            res[i] = (st, time.time() - t0, b[:200])
+
+        ths = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+        [t.start() for t in ths]
+        [t.join() for t in ths]
+        for i in range(2):
+            assert res[i][0] == 200 and res[i][1] < 20, res[i]
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigterm_while_big_prompt_is_tokenized():
+    # SIGTERM right after a 4 MB text prompt arrives: the body is tokenized on
+    # the thread pool; shutdown must wait for that work (it once freed the
+    # tokenizer under it). The client gets an answer, the daemon exits 0.
+    d = Daemon("--max-body-kb", "8192", "--log-requests=false")
+    out = {}
+
+    def go():
+        body = {"model": MODEL_NAME, "prompt": "It is a truth universally acknowledged. " * 100000,
+                "max_tokens": 1}
+        try:
+            out["r"] = http("POST", d.base + "/v1/completions", body, timeout=60)
+        except Exception as e:  # noqa: BLE001 - a reset is an acceptable answer
+            out["r"] = (None, None, repr(e).encode())
+
+    t = threading.Thread(target=go)
+    t.start()
+    time.sleep(0.05)
+    rc = d.stop()
+    t.join()
+    assert rc == 0, "\n".join(d.lines[-20:])
+    # 400: tokenized before the signal (the prompt is far over the context).
+    assert out["r"][0] in (400, 503, None), out["r"]
 
 
 def test_queue_full_and_sigterm():
