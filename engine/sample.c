@@ -153,6 +153,29 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
         if (logits[i] == logits[i]) { s->idx[n++] = i; logits[i] = (logits[i] - top) / p->temperature; }
     if (n == 0) return best;
     int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
+    /* Top-p without top-k would sort the whole vocabulary every token.  The
+     * nucleus holds the most probable tokens, so when those within e^-30 of
+     * the top (the logits are now <= 0) already carry top_p of the mass, the
+     * nucleus lies among them and only they need sorting; the cut below
+     * still measures against the full mass z_all, so the result is exact. */
+    double z_all = 0.0;
+    if (k == n && p->top_p < 1.0f) {
+        double z_near = 0.0;
+        for (int i = 0; i < n; i++) {
+            float l = logits[s->idx[i]];
+            double e = expf(l);
+            z_all += e;
+            if (l >= -30.0f) z_near += e;
+        }
+        if (z_near >= p->top_p * z_all) {
+            int m = 0;
+            for (int i = 0; i < n; i++)
+                if (logits[s->idx[i]] >= -30.0f) s->idx[m++] = s->idx[i];
+            n = k = m;
+        } else {
+            z_all = 0.0;
+        }
+    }
     if (k < n || p->top_p < 1.0f) {
         top_k_select(s->idx, n, k, logits);
         n = k;
@@ -167,10 +190,10 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
         sum += e;
     }
     if (p->top_p < 1.0f) { /* candidates are sorted descending here */
-        double cum = 0.0;
+        double cum = 0.0, z = z_all > 0.0 ? z_all : sum;
         int keep = n;
         for (int i = 0; i < n; i++) {
-            cum += logits[s->idx[i]] / sum;
+            cum += logits[s->idx[i]] / z;
             if (cum >= p->top_p) { keep = i + 1; break; }
         }
         n = keep;

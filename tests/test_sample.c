@@ -116,6 +116,48 @@ START_TEST(top_k_and_top_p_restrict_candidates)
 }
 END_TEST
 
+START_TEST(top_p_nucleus_is_exact_on_a_large_vocab)
+{
+    /* A vocabulary where most logits are far below the top (the sampler then
+     * sorts only the near ones): every draw lies in the nucleus computed by
+     * brute force here, and every member of the nucleus is drawn. */
+    enum { NV = 5000 };
+    static float base[NV], l[NV];
+    srand(9);
+    for (int i = 0; i < NV; i++) base[i] = i % 50 == 0 ? (float)(rand() % 400) / 100.0f : -60.0f;
+    int order[NV];
+    for (int i = 0; i < NV; i++) order[i] = i;
+    for (int i = 0; i < NV; i++) /* sort ids by logit, descending, ties by id */
+        for (int j = i + 1; j < NV; j++)
+            if (base[order[j]] > base[order[i]]) { int t = order[i]; order[i] = order[j]; order[j] = t; }
+    double z = 0.0;
+    for (int i = 0; i < NV; i++) z += exp((double)base[i] - base[order[0]]);
+    double cum = 0.0;
+    int nucleus = 0;
+    while (nucleus < NV) {
+        cum += exp((double)base[order[nucleus]] - base[order[0]]) / z;
+        nucleus++;
+        if (cum >= 0.7) break;
+    }
+    ck_assert(nucleus > 3 && nucleus < 100);
+    eng_sampler_params sp = { 1.0f, 0, 0.7f, 0.0f, 1.0f, 5 };
+    eng_sampler *s = NULL;
+    ck_assert_int_eq(eng_sampler_create(NV, &sp, &s), ENG_OK);
+    static int seen[NV];
+    for (int r = 0; r < 20000; r++) {
+        memcpy(l, base, sizeof l);
+        seen[eng_sampler_sample(s, l, NULL, 0)]++;
+    }
+    for (int i = 0; i < NV; i++) {
+        int rank = 0;
+        while (order[rank] != i) rank++;
+        if (rank < nucleus) ck_assert_msg(seen[i] > 0, "nucleus token %d (rank %d) never drawn", i, rank);
+        else ck_assert_msg(seen[i] == 0, "token %d of rank %d outside the nucleus of %d drawn", i, rank, nucleus);
+    }
+    eng_sampler_free(s);
+}
+END_TEST
+
 START_TEST(repetition_penalty_follows_hf)
 {
     eng_sampler_params sp = { 0.0f, 0, 1.0f, 0.0f, 2.0f, 0 };
@@ -191,6 +233,7 @@ int main(void)
     tcase_add_test(tc, same_seed_same_tokens);
     tcase_add_test(tc, frequencies_follow_softmax);
     tcase_add_test(tc, top_k_and_top_p_restrict_candidates);
+    tcase_add_test(tc, top_p_nucleus_is_exact_on_a_large_vocab);
     tcase_add_test(tc, repetition_penalty_follows_hf);
     tcase_add_test(tc, extreme_logits_and_temperatures);
     tcase_add_test(tc, validation_names_the_field);
