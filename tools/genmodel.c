@@ -103,29 +103,21 @@ static void usage(FILE *f)
         "Every --flag VALUE may also be written --flag=VALUE.\n");
 }
 
-static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void usage_error(const char *fmt, ...)
+/* Prints "mkad-genmodel: message" and exits with `code`; a usage error (2)
+ * also points at --help. */
+static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
+static void die(int code, const char *fmt, ...)
 {
     va_list ap;
     fprintf(stderr, PROG ": ");
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
-    fprintf(stderr, "\n(" PROG " --help lists the options)\n");
-    exit(2);
+    fprintf(stderr, code == 2 ? "\n(" PROG " --help lists the options)\n" : "\n");
+    exit(code);
 }
-
-static void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-static void fatal(const char *fmt, ...)
-{
-    va_list ap;
-    fprintf(stderr, PROG ": ");
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "\n");
-    exit(1);
-}
+#define usage_error(...) die(2, __VA_ARGS__)
+#define fatal(...) die(1, __VA_ARGS__)
 
 static long parse_long(const char *flag, const char *s, long lo, long hi)
 {
