@@ -73,7 +73,7 @@ static const option_def options[] = {
     { "auth", "api_keys", OPT_STR, O(api_keys), "", 0, 0,
       "comma-separated bearer keys; empty (and no keys file) = no authentication" },
     { "auth", "api_keys_file", OPT_STR, O(api_keys_file), "", 0, 0,
-      "file with one API key per line ('#' starts a comment)" },
+      "file of API keys (one per line, '#' starts a comment); a file with no key is refused" },
     { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,
       "directory for persistent state (created if missing; systemd: /var/lib/mkad)" },
 };
