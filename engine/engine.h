@@ -36,7 +36,8 @@ enum {
     ENG_EUNSUPPORTED = -5, /* well-formed but not supported (architecture, dtype, rope) */
     ENG_ENOSPC = -6,       /* no free K/V block or sequence slot */
     ENG_ERANGE = -7,       /* context or batch limit exceeded */
-    ENG_EMISMATCH = -8     /* state written for another model/engine layout */
+    ENG_EMISMATCH = -8,    /* state written for another model/engine layout */
+    ENG_EDEVICE = -9       /* the device failed (CUDA error): the engine is unusable */
 };
 
 /* A static string for a status code. */
@@ -80,16 +81,37 @@ const eng_model_info *eng_model_get_info(const eng_model *m);
 
 typedef struct eng_engine eng_engine;
 
+/* Backends: where the forward pass runs.  The CPU backend is the reference;
+ * the CUDA backend (built with --with-cuda) runs on the first GPU. */
+enum {
+    ENG_BACKEND_AUTO = 0, /* CUDA when compiled in and a device is present, else CPU */
+    ENG_BACKEND_CPU = 1,
+    ENG_BACKEND_CUDA = 2
+};
+
+/* "auto", "cpu" or "cuda" -> ENG_BACKEND_*; ENG_EINVAL for anything else. */
+int eng_backend_parse(const char *name, int *backend);
+/* 1 when the backend can run here: CPU always; CUDA when compiled in and a
+ * device answers.  AUTO: always 1. */
+int eng_backend_available(int backend);
+
 typedef struct eng_params {
+    int backend;          /* ENG_BACKEND_* (default AUTO) */
     int n_threads;        /* CPU worker threads, 0 = number of online CPUs */
     int block_size;       /* tokens per K/V block (default 32) */
     int n_blocks;         /* K/V blocks in the pool, 0 = enough for max_seqs full contexts,
                              capped by kv_mem_mb */
-    int kv_mem_mb;        /* cap for the automatic pool size (default 1024) */
+    int kv_mem_mb;        /* cap for the automatic pool size; 0 = default: 1024 on the
+                             CPU, 90% of the device memory left after weights and step
+                             buffers on CUDA */
     int max_seqs;         /* sequence slots (default 16) */
     int max_ctx;          /* max tokens per sequence, 0 = model max_position (capped 8192) */
     int max_batch_tokens; /* max tokens in one step over all sequences (default 512) */
     int l3_max_chunks;    /* max L3 bank size per sequence, 0 = model l3_top_r */
+    /* Optional progress lines for long work in eng_create (e.g. uploading a
+     * large model to the GPU); called on the creating thread. */
+    void (*log)(void *log_ctx, const char *line);
+    void *log_ctx;
 } eng_params;
 
 eng_params eng_default_params(void);
@@ -99,15 +121,21 @@ eng_params eng_default_params(void);
 int eng_create(const eng_model *model, const eng_params *params, eng_engine **out,
                char *err, size_t errlen);
 void eng_free(eng_engine *e);
-/* The parameters in force after defaults were resolved. */
+/* The parameters in force after defaults were resolved (backend is CPU or
+ * CUDA, never AUTO; kv_mem_mb is the pool's size in MiB). */
 const eng_params *eng_get_params(const eng_engine *e);
 const eng_model *eng_get_model(const eng_engine *e);
+/* "cpu" or "cuda" (static string). */
+const char *eng_backend_name(const eng_engine *e);
 
 /* K/V pool occupancy. */
 typedef struct eng_stats {
     int blocks_total;
     int blocks_used;
     int seqs_active;
+    size_t kv_bytes;      /* bytes of the K/V pool (K/V + EMA checkpoints) */
+    const char *kv_dtype; /* "f32" or "bf16": K/V are kept in the model's dtype (bf16 for
+                             bf16 models; always bf16 on CUDA) */
 } eng_stats;
 void eng_get_stats(const eng_engine *e, eng_stats *out);
 

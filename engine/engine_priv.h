@@ -1,67 +1,132 @@
 /*
- * engine_priv.h — the engine object and sequence slots, shared by engine.c
- * (forward step, pool, sequences) and state.c (export/import).
+ * engine_priv.h — the engine core and the backend interface.
+ *
+ * The core (engine.c, state.c) is backend-neutral: it owns the sequence
+ * slots, their token ids and block tables, the free-block list, step
+ * validation and batch packing, and the state layout.  Everything that holds
+ * numbers the forward pass computes — weights in the backend's form, the K/V
+ * pool, the EMA checkpoints, each sequence's running EMA state and L3 bank,
+ * step scratch — belongs to the backend, reached only through the ops table
+ * below (engine/cpu/ is the reference, engine/cuda/ the GPU twin).  Data
+ * moves between core and backend as host buffers in the layouts documented
+ * here, so state can move between backends and memory tiers unchanged.
  */
 #ifndef MKAD_ENGINE_PRIV_H
 #define MKAD_ENGINE_PRIV_H
 
 #include "internal.h"
 
+/* Element type of the K/V pool (and of K/V in the sequence state). */
+enum { ENG_KV_F32 = 0, ENG_KV_BF16 = 1 };
+
 typedef struct eng_seq {
     int in_use;
     int n_tokens;     /* positions whose K/V are in the blocks */
     int32_t *tokens;  /* (max_ctx) */
-    int *blocks;      /* (max_blocks_per_seq) pool block ids, block i holds positions [i*B, (i+1)*B) */
+    int *blocks;      /* (max_blocks_per_seq) row of e->block_table: block i holds
+                         positions [i*B, (i+1)*B) */
     int n_blocks;
-    float *ema;       /* (n_layers, D) EMA state s after the last token */
     int l3_n;         /* chunks in the L3 bank */
-    float *l3_mu;     /* (n_layers, l3_max_chunks, D) chunk values */
-    float *l3_kappa;  /* (n_layers, l3_max_chunks, D) keys mu/|mu| */
+    float *l3_mu;     /* (l3_max_chunks, n_layers, D) host copy of the bank's values,
+                         as given to eng_seq_set_l3_bank (for export) */
 } eng_seq;
+
+/* One planned step as the backend sees it: the tokens of every item packed
+ * into rows 0..T-1 (item i owns rows item_start[i] .. item_start[i] +
+ * items[i].n_tokens - 1).  The core has already appended to each sequence's
+ * block table the blocks the new positions need; sequence lengths
+ * (e->seqs[s].n_tokens) still hold the length before the step. */
+typedef struct eng_plan {
+    const eng_batch_item *items; /* (n_items) */
+    int n_items;
+    int T;                       /* packed rows */
+    const int32_t *tok;          /* (T) token ids */
+    const int *tok_item;         /* (T) item of each row */
+    const int *tok_pos;          /* (T) position of each row in its sequence */
+    const int *item_start;       /* (n_items) first row of each item */
+    int n_sel;                   /* rows whose logits are wanted */
+    const int *sel_row;          /* (n_sel) those rows, in item order */
+    float *logits;               /* (n_sel, V) host: receives their logits */
+} eng_plan;
+
+/* A backend.  Every op returns 0 or a negative ENG_E* status and fills
+ * (err, errlen) on failure.  Host buffers are borrowed for the call.
+ *
+ * Block layout (host side of block_get/block_set):
+ *   kv   (n_layers, 2, B, kv_dim) in e->kv_dtype: fused K (after RoPE), then V
+ *   ema  (n_layers, D) f32: the EMA state after the block's last position
+ */
+typedef struct eng_backend {
+    const char *name; /* "cpu", "cuda" */
+    /* Loads the weights into the backend's form and allocates everything the
+     * step needs except the K/V pool; sets e->be, e->kv_dtype and
+     * e->be_mem_avail (bytes the K/V pool may take, 0 = no limit known). */
+    int (*init)(eng_engine *e, char *err, size_t errlen);
+    /* Allocates the pool of e->prm.n_blocks blocks (+ EMA checkpoints). */
+    int (*pool_alloc)(eng_engine *e, char *err, size_t errlen);
+    void (*fini)(eng_engine *e); /* frees e->be and all it owns; NULL-safe */
+    /* One forward step over the plan: updates the EMA state of every item's
+     * sequence, writes K/V (and EMA checkpoints at block ends) into the
+     * sequences' blocks, and the logits of the selected rows. */
+    int (*step)(eng_engine *e, const eng_plan *p, char *err, size_t errlen);
+    /* The running EMA state of a sequence: set to zeros (block < 0) or to
+     * block's checkpoint. */
+    int (*ema_reset)(eng_engine *e, int seq, int block, char *err, size_t errlen);
+    int (*ema_get)(eng_engine *e, int seq, float *ema, char *err, size_t errlen);       /* (n_layers, D) */
+    int (*ema_set)(eng_engine *e, int seq, const float *ema, char *err, size_t errlen); /* (n_layers, D) */
+    /* Binds the L3 bank: n chunks, mu (n, n_layers, D) (keys are mu/|mu|). */
+    int (*l3_set)(eng_engine *e, int seq, int n, const float *mu, char *err, size_t errlen);
+    /* Copies a whole block out of / into the pool (layouts above). */
+    int (*block_get)(eng_engine *e, int block, void *kv, float *ema, char *err, size_t errlen);
+    int (*block_set)(eng_engine *e, int block, const void *kv, const float *ema, char *err, size_t errlen);
+} eng_backend;
+
+extern const eng_backend eng_backend_cpu;
+#ifdef HAVE_CUDA
+extern const eng_backend eng_backend_cuda;
+/* 1 when a CUDA device can be used (checked once). */
+int eng_cuda_device_present(void);
+#endif
 
 struct eng_engine {
     const eng_model *m;
+    const eng_backend *ops;
+    void *be;               /* the backend's private state */
     eng_params prm;
-    eng_pool *pool;
     int D, F, V, hd, q_dim, kv_dim, n_layers, levels;
     int B;                  /* tokens per block */
     int max_blocks_per_seq;
-    size_t block_floats;    /* n_layers * 2 * B * kv_dim */
+    int kv_dtype;           /* ENG_KV_* */
+    size_t block_kv_bytes;  /* n_layers * 2 * B * kv_dim * element size */
+    size_t be_mem_avail;    /* set by init: bytes the pool may take, 0 = unknown */
 
-    float *kv;              /* (n_blocks, n_layers, 2, B, kv_dim) fused K and V */
-    float *ema_ckpt;        /* (n_blocks, n_layers, D) EMA after the block's last position */
+    int *block_table;       /* (max_seqs, max_blocks_per_seq) */
     int *free_blocks;       /* stack of free block ids */
     int n_free;
     eng_seq *seqs;          /* (max_seqs) */
 
-    /* Step scratch; T = max_batch_tokens. */
-    float *h, *x, *f, *mem; /* (T, D) residual, normed input, fused input, L3 read */
-    float *q, *att;         /* (T, H*d) */
-    float *k, *v;           /* (T, H_kv*d) */
-    float *tmp;             /* (T, max(D, H*d)) */
-    float *gate, *up;       /* (T, F) */
-    float *rh;              /* (T, D/2) router hidden */
-    float *lam;             /* (T, 3) route weights */
-    int *tok_item, *tok_pos;/* (T) batch item and position of each packed row */
-    int *item_start;        /* (max_seqs) first packed row of each item */
-    float *sel_x;           /* (max_seqs, D) final-normed rows for the LM head */
+    /* Planning scratch; T = max_batch_tokens. */
+    int32_t *tok;           /* (T) */
+    int *tok_item, *tok_pos;/* (T) */
+    int *item_start;        /* (max_seqs) */
+    int *sel_row;           /* (max_seqs) */
     float *sel_logits;      /* (max_seqs, V) */
-    float *scores;          /* (n_threads, max(max_ctx, l3_max_chunks)) attention scratch */
     unsigned char *seen_seq;/* (max_seqs) */
+    /* Export/import staging: one block. */
+    unsigned char *stage_kv;/* (block_kv_bytes) */
+    float *stage_ema;       /* (n_layers, D) */
 };
 
 /* The sequence in slot `seq`, or NULL when out of range or free. */
 eng_seq *eng__seq(const eng_engine *e, int seq);
 
-/* Stores chunk r's value mu (D) for layer l in the sequence's L3 bank and
- * derives its key. */
-void eng__l3_store(const eng_engine *e, eng_seq *sq, int r, int l, const float *mu);
-
-/* K (kind 0) or V (kind 1) row of layer l at offset off of block b: (kv_dim). */
-static inline float *eng__kv_ptr(const eng_engine *e, int b, int l, int kind, int off)
+/* bf16 <-> f32.  Narrowing rounds to nearest even (NaN stays NaN). */
+static inline uint16_t eng__f32_to_bf16(float f)
 {
-    return e->kv + (size_t)b * e->block_floats +
-           (((size_t)l * 2 + kind) * e->B + off) * e->kv_dim;
+    union { float f; uint32_t u; } v = { f };
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
 }
 
 #endif

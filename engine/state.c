@@ -1,15 +1,19 @@
 /*
  * state.c — a sequence's complete state as one host buffer, for the memstore
- * (FASTMKA.md, "What a session must persist to resume exactly").
+ * (FASTMKA.md, "What a session must persist to resume exactly").  Backend
+ * neutral: blocks and EMA state move through the backend's ops, so a state
+ * exported by one backend imports into another.
  *
- * Layout, version 1, little-endian, no padding between fields:
+ * Layout, version 2, little-endian, no padding between fields:
  *
- *   header (72 bytes)
+ *   header (80 bytes)
  *     char     magic[4]        "MKAS"
- *     uint32   version         1
- *     uint32   header_bytes    72
+ *     uint32   version         2
+ *     uint32   header_bytes    80
  *     uint32   n_layers, d_model, kv_dim, block_size
  *     uint32   n_tokens, l3_n, levels
+ *     uint32   kv_dtype        0: f32, 1: bf16 (the element type of kv below)
+ *     uint32   reserved        0
  *     char     fingerprint[16] the model's fingerprint (hex, not terminated)
  *     uint64   payload_bytes
  *     uint64   checksum        FNV-1a 64 over the payload
@@ -18,12 +22,14 @@
  *     float    ema[n_layers][d_model]               state after the last token
  *     float    l3_mu[l3_n][n_layers][d_model]       the L3 bank's chunk values
  *     per block b = 0 .. ceil(n_tokens / block_size) - 1, with n_b positions:
- *       float  kv[n_layers][2][n_b][kv_dim]         fused K then V
+ *       kv     kv[n_layers][2][n_b][kv_dim]         fused K then V, in kv_dtype
  *       float  ema_ckpt[n_layers][d_model]          only when n_b == block_size
  *
  * A reader checks magic, version, header size, dimensions, model
  * fingerprint, that the payload size follows from the header, and the
- * checksum, before it touches the sequence.
+ * checksum, before it touches the sequence.  K/V written in another dtype
+ * than the engine keeps are converted (bf16 widens exactly; f32 narrows to
+ * bf16 rounding to nearest even).
  */
 #include <string.h>
 
@@ -34,28 +40,31 @@
 #endif
 
 #define STATE_MAGIC "MKAS"
-#define STATE_VERSION 1u
-#define HEADER_BYTES 72u
+#define STATE_VERSION 2u
+#define HEADER_BYTES 80u
 
 typedef struct state_header {
     char magic[4];
     uint32_t version, header_bytes;
     uint32_t n_layers, d_model, kv_dim, block_size;
     uint32_t n_tokens, l3_n, levels;
+    uint32_t kv_dtype, reserved;
     char fingerprint[16];
     uint64_t payload_bytes;
     uint64_t checksum;
 } state_header;
 
-_Static_assert(sizeof(state_header) == HEADER_BYTES, "state header must be 72 bytes");
+_Static_assert(sizeof(state_header) == HEADER_BYTES, "state header must be 80 bytes");
 
-static size_t payload_bytes(const eng_engine *e, int n_tokens, int l3_n)
+static size_t kv_elem(int dtype) { return dtype == ENG_KV_BF16 ? 2 : 4; }
+
+static size_t payload_bytes(const eng_engine *e, int n_tokens, int l3_n, int kv_dtype)
 {
     size_t ld = (size_t)e->n_layers * e->D * sizeof(float);
     size_t n = (size_t)n_tokens * sizeof(int32_t) + ld + (size_t)l3_n * ld;
     for (int b = 0; b * e->B < n_tokens; b++) {
         int nb = n_tokens - b * e->B < e->B ? n_tokens - b * e->B : e->B;
-        n += (size_t)e->n_layers * 2 * nb * e->kv_dim * sizeof(float);
+        n += (size_t)e->n_layers * 2 * nb * e->kv_dim * kv_elem(kv_dtype);
         if (nb == e->B) n += ld;
     }
     return n;
@@ -64,7 +73,7 @@ static size_t payload_bytes(const eng_engine *e, int n_tokens, int l3_n)
 size_t eng_seq_export_size(const eng_engine *e, int seq)
 {
     const eng_seq *sq = eng__seq(e, seq);
-    return sq ? HEADER_BYTES + payload_bytes(e, sq->n_tokens, sq->l3_n) : 0;
+    return sq ? HEADER_BYTES + payload_bytes(e, sq->n_tokens, sq->l3_n, e->kv_dtype) : 0;
 }
 
 static unsigned char *put(unsigned char *p, const void *src, size_t n)
@@ -73,27 +82,29 @@ static unsigned char *put(unsigned char *p, const void *src, size_t n)
     return p + n;
 }
 
-int eng_seq_export(const eng_engine *e, int seq, void *buf, size_t len)
+int eng_seq_export(const eng_engine *ce, int seq, void *buf, size_t len)
 {
+    /* Exporting changes no state, but reads through the backend and uses
+     * the engine's staging buffers. */
+    eng_engine *e = (eng_engine *)ce;
     const eng_seq *sq = eng__seq(e, seq);
     if (!sq || !buf) return ENG_EINVAL;
-    size_t pl = payload_bytes(e, sq->n_tokens, sq->l3_n);
+    size_t pl = payload_bytes(e, sq->n_tokens, sq->l3_n, e->kv_dtype);
     if (len < HEADER_BYTES + pl) return ENG_ERANGE;
-    int D = e->D, R = e->prm.l3_max_chunks;
-    size_t ld = (size_t)e->n_layers * D;
+    int D = e->D, rc;
+    size_t ld = (size_t)e->n_layers * D, row = (size_t)e->kv_dim * kv_elem(e->kv_dtype);
     unsigned char *p = (unsigned char *)buf + HEADER_BYTES;
     p = put(p, sq->tokens, (size_t)sq->n_tokens * sizeof(int32_t));
-    p = put(p, sq->ema, ld * sizeof(float));
-    for (int r = 0; r < sq->l3_n; r++)
-        for (int l = 0; l < e->n_layers; l++)
-            p = put(p, sq->l3_mu + ((size_t)l * R + r) * D, (size_t)D * sizeof(float));
+    if ((rc = e->ops->ema_get(e, seq, e->stage_ema, NULL, 0)) != ENG_OK) return rc;
+    p = put(p, e->stage_ema, ld * sizeof(float));
+    p = put(p, sq->l3_mu, (size_t)sq->l3_n * ld * sizeof(float));
     for (int b = 0; b < sq->n_blocks; b++) {
         int nb = sq->n_tokens - b * e->B < e->B ? sq->n_tokens - b * e->B : e->B;
-        for (int l = 0; l < e->n_layers; l++)
-            for (int kind = 0; kind < 2; kind++)
-                p = put(p, eng__kv_ptr(e, sq->blocks[b], l, kind, 0),
-                        (size_t)nb * e->kv_dim * sizeof(float));
-        if (nb == e->B) p = put(p, e->ema_ckpt + (size_t)sq->blocks[b] * ld, ld * sizeof(float));
+        if ((rc = e->ops->block_get(e, sq->blocks[b], e->stage_kv, e->stage_ema, NULL, 0)) != ENG_OK)
+            return rc;
+        for (int lk = 0; lk < e->n_layers * 2; lk++)
+            p = put(p, e->stage_kv + (size_t)lk * e->B * row, (size_t)nb * row);
+        if (nb == e->B) p = put(p, e->stage_ema, ld * sizeof(float));
     }
     state_header h;
     memset(&h, 0, sizeof h);
@@ -107,6 +118,7 @@ int eng_seq_export(const eng_engine *e, int seq, void *buf, size_t len)
     h.n_tokens = (uint32_t)sq->n_tokens;
     h.l3_n = (uint32_t)sq->l3_n;
     h.levels = (uint32_t)e->levels;
+    h.kv_dtype = (uint32_t)e->kv_dtype;
     memcpy(h.fingerprint, e->m->info.fingerprint, 16);
     h.payload_bytes = pl;
     h.checksum = eng__fnv1a64(ENG_FNV_INIT, (unsigned char *)buf + HEADER_BYTES, pl);
@@ -114,10 +126,27 @@ int eng_seq_export(const eng_engine *e, int seq, void *buf, size_t len)
     return ENG_OK;
 }
 
-static const unsigned char *get(const unsigned char *p, void *dst, size_t n)
+/* n K/V elements from src (in dtype `from`, possibly unaligned) into dst (in
+ * the engine's dtype). */
+static void kv_convert(void *dst, int to, const unsigned char *src, int from, size_t n)
 {
-    memcpy(dst, p, n);
-    return p + n;
+    if (from == to) {
+        memcpy(dst, src, n * kv_elem(to));
+    } else if (from == ENG_KV_BF16) { /* to f32: exact */
+        float *d = dst;
+        for (size_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, src + 2 * i, 2);
+            d[i] = eng__bf16_to_f32(h);
+        }
+    } else { /* f32 to bf16 */
+        uint16_t *d = dst;
+        for (size_t i = 0; i < n; i++) {
+            float f;
+            memcpy(&f, src + 4 * i, 4);
+            d[i] = eng__f32_to_bf16(f);
+        }
+    }
 }
 
 int eng_seq_import(eng_engine *e, int seq, const void *buf, size_t len, char *err, size_t errlen)
@@ -144,14 +173,16 @@ int eng_seq_import(eng_engine *e, int seq, const void *buf, size_t len, char *er
     if (h.block_size != (uint32_t)e->B)
         return eng__errf(err, errlen, ENG_EMISMATCH, "state import: block size %u, engine uses %d",
                          h.block_size, e->B);
+    if (h.kv_dtype != ENG_KV_F32 && h.kv_dtype != ENG_KV_BF16)
+        return eng__errf(err, errlen, ENG_EFORMAT, "state import: unknown K/V dtype %u", h.kv_dtype);
     if (h.n_tokens > (uint32_t)e->prm.max_ctx)
         return eng__errf(err, errlen, ENG_ERANGE, "state import: %u tokens > max_ctx %d", h.n_tokens,
                          e->prm.max_ctx);
     if (h.l3_n > (uint32_t)e->prm.l3_max_chunks)
         return eng__errf(err, errlen, ENG_ERANGE, "state import: L3 bank of %u chunks > %d", h.l3_n,
                          e->prm.l3_max_chunks);
-    int n_tokens = (int)h.n_tokens;
-    size_t pl = payload_bytes(e, n_tokens, (int)h.l3_n);
+    int n_tokens = (int)h.n_tokens, kvt = (int)h.kv_dtype;
+    size_t pl = payload_bytes(e, n_tokens, (int)h.l3_n, kvt);
     if (h.payload_bytes != pl || len != HEADER_BYTES + pl)
         return eng__errf(err, errlen, ENG_EFORMAT,
                          "state import: size %zu does not match the header (expected %zu)", len,
@@ -171,26 +202,40 @@ int eng_seq_import(eng_engine *e, int seq, const void *buf, size_t len, char *er
             return eng__errf(err, errlen, ENG_EFORMAT, "state import: token id %d out of range", (int)t);
     }
 
-    int D = e->D;
-    size_t ld = (size_t)e->n_layers * D;
-    p = get(p, sq->tokens, (size_t)n_tokens * sizeof(int32_t));
-    p = get(p, sq->ema, ld * sizeof(float));
-    for (int r = 0; r < (int)h.l3_n; r++) {
-        for (int l = 0; l < e->n_layers; l++, p += (size_t)D * sizeof(float)) {
-            memcpy(e->tmp, p, (size_t)D * sizeof(float)); /* p may be unaligned */
-            eng__l3_store(e, sq, r, l, e->tmp);
-        }
+    int rc;
+    size_t ld = (size_t)e->n_layers * e->D;
+    size_t row_in = (size_t)e->kv_dim * kv_elem(kvt), row = (size_t)e->kv_dim * kv_elem(e->kv_dtype);
+    memcpy(sq->tokens, p, (size_t)n_tokens * sizeof(int32_t));
+    p += (size_t)n_tokens * sizeof(int32_t);
+    const unsigned char *ema_end = p;
+    p += ld * sizeof(float);
+    if (h.l3_n > 0) {
+        memcpy(sq->l3_mu, p, (size_t)h.l3_n * ld * sizeof(float));
+        p += (size_t)h.l3_n * ld * sizeof(float);
+        if ((rc = e->ops->l3_set(e, seq, (int)h.l3_n, sq->l3_mu, err, errlen)) != ENG_OK) return rc;
     }
     sq->l3_n = (int)h.l3_n;
     for (int b = 0; b < n_blocks; b++) {
         int blk = e->free_blocks[--e->n_free];
         sq->blocks[sq->n_blocks++] = blk;
         int nb = n_tokens - b * e->B < e->B ? n_tokens - b * e->B : e->B;
-        for (int l = 0; l < e->n_layers; l++)
-            for (int kind = 0; kind < 2; kind++)
-                p = get(p, eng__kv_ptr(e, blk, l, kind, 0), (size_t)nb * e->kv_dim * sizeof(float));
-        if (nb == e->B) p = get(p, e->ema_ckpt + (size_t)blk * ld, ld * sizeof(float));
+        memset(e->stage_kv, 0, e->block_kv_bytes);
+        for (int lk = 0; lk < e->n_layers * 2; lk++, p += (size_t)nb * row_in)
+            kv_convert(e->stage_kv + (size_t)lk * e->B * row, e->kv_dtype, p, kvt, (size_t)nb * e->kv_dim);
+        const float *ck = NULL;
+        if (nb == e->B) {
+            memcpy(e->stage_ema, p, ld * sizeof(float));
+            p += ld * sizeof(float);
+            ck = e->stage_ema;
+        }
+        if ((rc = e->ops->block_set(e, blk, e->stage_kv, ck, err, errlen)) != ENG_OK) goto fail;
     }
+    memcpy(e->stage_ema, ema_end, ld * sizeof(float));
+    if ((rc = e->ops->ema_set(e, seq, e->stage_ema, err, errlen)) != ENG_OK) goto fail;
     sq->n_tokens = n_tokens;
     return ENG_OK;
+fail:
+    while (sq->n_blocks > 0) e->free_blocks[e->n_free++] = sq->blocks[--sq->n_blocks];
+    sq->l3_n = 0;
+    return rc;
 }

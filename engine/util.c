@@ -15,6 +15,7 @@ const char *eng_strerror(int status)
     case ENG_ENOSPC: return "no free K/V block or sequence slot";
     case ENG_ERANGE: return "limit exceeded";
     case ENG_EMISMATCH: return "state does not match this model or engine";
+    case ENG_EDEVICE: return "device error (the engine is unusable)";
     default: return "unknown error";
     }
 }

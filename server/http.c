@@ -88,6 +88,7 @@ struct srv_server {
     double drain_deadline, t_start;
     srv_model_desc md;
     char model_name[256];
+    char backend[8];      /* the engine's backend, once ready */
     char *keys_buf;       /* all keys, NUL-separated */
     const char **keys;
     int n_keys;
@@ -375,7 +376,7 @@ static void job_final(srv_server *s, srv_job *j, const srv_event *ev)
         j->usage.cached_tokens = ev->usage.cached_tokens;
         if (ev->finish == SRV_FINISH_ERROR)
             srv_error_set(&j->error, ev->status ? ev->status : 500,
-                          ev->status == 400 ? "invalid_request_error" : "server_error", NULL, NULL,
+                          ev->status == 400 ? "invalid_request_error" : "server_error", NULL, ev->code,
                           "%s", ev->msg[0] ? ev->msg : "generation failed");
         job_finish(s, j, ev->finish);
     }
@@ -386,7 +387,7 @@ static void job_final(srv_server *s, srv_job *j, const srv_event *ev)
     job_unref(j);
 }
 
-static void begin_shutdown(srv_server *s, const char *why);
+static void begin_shutdown(srv_server *s, const char *why, int deadline_s);
 
 static void on_ready(srv_server *s)
 {
@@ -394,11 +395,32 @@ static void on_ready(srv_server *s)
     s->md.vocab_size = info->mi.vocab_size;
     s->md.max_ctx = info->max_ctx;
     s->md.codec = info->codec;
+    snprintf(s->backend, sizeof s->backend, "%s", info->backend);
     s->ready = 1;
     uv_timer_stop(&s->progress);
-    srv_log("info", "ready", " model=%s load_s=%.3f", s->model_name, srv_now() - s->t_start);
+    srv_log("info", "ready", " model=%s backend=%s kv_pool_mib=%.1f kv_dtype=%s load_s=%.3f", s->model_name,
+            info->backend, (double)info->kv_bytes / (1024.0 * 1024.0), info->kv_dtype,
+            srv_now() - s->t_start);
     char st[512];
     snprintf(st, sizeof st, "READY=1\nSTATUS=serving %s", s->model_name);
+    notify(st);
+}
+
+/* Exit status after a device fault: non-zero, so that systemd's
+ * Restart=on-failure starts a fresh process (and a fresh CUDA context). */
+#define SRV_EXIT_DEVICE 3
+
+/* The engine's device failed (engine thread's DEVICE_FAILED).  The engine
+ * thread answers every job it holds, and any still to come, with 503; here
+ * the daemon stops accepting and exits as soon as those answers are out
+ * (at most ~2 s for slow readers), never waiting out shutdown_timeout. */
+static void on_device_failed(srv_server *s, const char *msg)
+{
+    s->exit_code = SRV_EXIT_DEVICE;
+    begin_shutdown(s, "device_failed", 0);
+    s->drain_deadline = srv_now(); /* also when a SIGTERM drain was already running */
+    char st[256];
+    snprintf(st, sizeof st, "STATUS=device failed, exiting: %.200s", msg);
     notify(st);
 }
 
@@ -423,7 +445,10 @@ static void on_async(uv_async_t *h)
             break;
         case SRV_EV_LOAD_FAILED:
             s->exit_code = 1;
-            begin_shutdown(s, "model_load_failed");
+            begin_shutdown(s, "model_load_failed", s->cfg->shutdown_timeout_s);
+            break;
+        case SRV_EV_DEVICE_FAILED:
+            on_device_failed(s, ev->msg);
             break;
         case SRV_EV_START:
             ev->job->usage.cached_tokens = ev->usage.cached_tokens;
@@ -518,6 +543,8 @@ static enum MHD_Result handle_get(srv_conn *c, const char *url)
         json_t *m = json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", s->model_name, "object", "model",
                               "created", (json_int_t)s->created_at, "owned_by", "mkad",
                               "max_model_len", s->ready ? s->md.max_ctx : 0);
+        /* extension: where the model runs ("cpu"/"cuda"), once it is loaded */
+        if (m && s->ready) json_object_set_new(m, "backend", json_string(s->backend));
         json_t *o;
         if (strcmp(url, "/v1/models") == 0) {
             o = json_pack("{s:s, s:[o]}", "object", "list", "data", m);
@@ -952,14 +979,14 @@ static void finish_shutdown(srv_server *s)
     uv_close((uv_handle_t *)&s->async, close_cb);
 }
 
-static void begin_shutdown(srv_server *s, const char *why)
+/* Stops accepting; running requests get deadline_s seconds to finish. */
+static void begin_shutdown(srv_server *s, const char *why, int deadline_s)
 {
     if (s->draining) return;
     s->draining = 1;
-    s->drain_deadline = srv_now() + s->cfg->shutdown_timeout_s;
+    s->drain_deadline = srv_now() + deadline_s;
     notify("STOPPING=1\nSTATUS=draining");
-    srv_log("info", "draining", " reason=%s inflight=%d deadline_s=%d", why, s->n_inflight,
-            s->cfg->shutdown_timeout_s);
+    srv_log("info", "draining", " reason=%s inflight=%d deadline_s=%d", why, s->n_inflight, deadline_s);
     if (s->d) {
         MHD_socket fd = MHD_quiesce_daemon(s->d);
         if (fd != MHD_INVALID_SOCKET) close(fd);
@@ -981,7 +1008,7 @@ static void on_signal(uv_signal_t *h, int signum)
         s->drain_deadline = 0;
         return;
     }
-    begin_shutdown(s, signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    begin_shutdown(s, signum == SIGTERM ? "SIGTERM" : "SIGINT", s->cfg->shutdown_timeout_s);
 }
 
 static void on_sweep(uv_timer_t *t)
@@ -1164,6 +1191,22 @@ int srv_run(const srv_config *cfg)
     s->md.name = s->model_name;
     s->md.codec = NULL; /* set from the engine's tokenizer when the model is ready */
     s->md.default_max_tokens = cfg->default_max_tokens;
+    /* The backend: a CUDA request on a host where CUDA cannot run is refused
+     * here, before the port is bound and the model read, with a message
+     * that says where to look.  (eng_create would refuse it too.) */
+    int backend;
+    const char *bname = cfg->backend && *cfg->backend ? cfg->backend : "auto";
+    if (srv_config_backend(cfg, &backend) != ENG_OK) {
+        srv_log("error", "config", " option=backend value=%s error=\"unknown backend (auto, cpu, cuda)\"",
+                bname);
+        return 2;
+    }
+    if (!eng_backend_available(backend)) {
+        srv_log("error", "config", " option=backend value=%s error=\"no usable CUDA device: this mkad "
+                "was built without CUDA, or no GPU answers (driver loaded? /dev/nvidia* present and "
+                "allowed to the service?); use backend = auto or cpu to run on the CPU\"", bname);
+        return 1;
+    }
     if (load_keys(s) != 0) return 1;
     if (cfg->state_dir && *cfg->state_dir) {
         if (mkdir(cfg->state_dir, 0750) != 0 && errno != EEXIST) {
@@ -1241,7 +1284,7 @@ int srv_run(const srv_config *cfg)
     if (srv_engine_start(cfg, s->met, post_events, s, &s->eng) != 0) {
         srv_log("error", "engine_start_failed", "%s", "");
         s->exit_code = 1;
-        begin_shutdown(s, "engine_start_failed");
+        begin_shutdown(s, "engine_start_failed", s->cfg->shutdown_timeout_s);
         finish_shutdown(s);
     }
     http_run(s);

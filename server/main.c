@@ -21,7 +21,9 @@
 
 #include "server.h"
 
-enum opt_type { OPT_STR, OPT_INT, OPT_BOOL };
+/* OPT_ENUM: a string that must be one of `choices` ("a|b|c"); stored as the
+ * canonical (table) spelling, so that what reads it compares exact strings. */
+enum opt_type { OPT_STR, OPT_INT, OPT_BOOL, OPT_ENUM };
 
 typedef struct option_def {
     const char *section;
@@ -31,15 +33,22 @@ typedef struct option_def {
     const char *def;      /* default, as text */
     long lo, hi;          /* bounds for OPT_INT */
     const char *help;
+    const char *choices;  /* OPT_ENUM: the accepted values, '|'-separated */
 } option_def;
 
 #define O(f) offsetof(srv_config, f)
 
+/* Rows name `choices` only for OPT_ENUM; elsewhere it is left out (NULL). */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmissing-field-initializers"
 static const option_def options[] = {
     { "model", "model", OPT_STR, O(model), NULL, 0, 0,
       "model directory (config.json, model.safetensors, tokenizer.json); required" },
     { "model", "model_name", OPT_STR, O(model_name), "", 0, 0,
       "model id served in /v1/models and expected in requests (default: the directory name)" },
+    { "engine", "backend", OPT_ENUM, O(backend), "auto", 0, 0,
+      "where the forward pass runs: cuda (the first GPU), cpu, or auto (cuda when mkad was built "
+      "with CUDA and a GPU answers, else cpu)", "auto|cpu|cuda" },
     { "engine", "threads", OPT_INT, O(threads), "0", 0, 256, "CPU threads of the engine, 0 = all online CPUs" },
     { "engine", "max_seqs", OPT_INT, O(max_seqs), "64", 1, 4096,
       "sequence slots: running requests plus resident sessions" },
@@ -50,7 +59,9 @@ static const option_def options[] = {
     { "engine", "prefill_chunk", OPT_INT, O(prefill_chunk), "256", 1, 1 << 16,
       "max prompt tokens one sequence prefills per step" },
     { "engine", "block_size", OPT_INT, O(block_size), "32", 1, 4096, "K/V block size in tokens" },
-    { "engine", "kv_mem_mb", OPT_INT, O(kv_mem_mb), "1024", 1, 1 << 22, "cap on the K/V pool size in MiB" },
+    { "engine", "kv_mem_mb", OPT_INT, O(kv_mem_mb), "0", 0, 1 << 22,
+      "cap on the K/V pool size in MiB, 0 = auto (cpu: 1024; cuda: 90% of the GPU memory "
+      "left after the weights)" },
     { "http", "host", OPT_STR, O(host), "127.0.0.1", 0, 0, "address to listen on" },
     { "http", "port", OPT_INT, O(port), "8080", 0, 65535, "TCP port, 0 = an ephemeral port (logged)" },
     { "http", "max_connections", OPT_INT, O(max_connections), "1024", 1, 1 << 20,
@@ -77,6 +88,7 @@ static const option_def options[] = {
     { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,
       "directory for persistent state (created if missing; systemd: /var/lib/mkad)" },
 };
+#pragma GCC diagnostic pop
 #define N_OPTIONS (sizeof options / sizeof *options)
 
 static char **str_field(srv_config *c, const option_def *o)
@@ -89,11 +101,47 @@ static int *int_field(srv_config *c, const option_def *o)
     return (int *)((char *)c + o->offset);
 }
 
+static int is_string(const option_def *o)
+{
+    return o->type == OPT_STR || o->type == OPT_ENUM;
+}
+
+/* Finds val among o->choices (ASCII case-insensitively): 1 and the table's
+ * spelling in (*at, *len), else 0. */
+static int enum_find(const option_def *o, const char *val, const char **at, size_t *len)
+{
+    size_t n = strlen(val);
+    for (const char *p = o->choices; *p;) {
+        size_t k = strcspn(p, "|");
+        if (k == n && strncasecmp(p, val, n) == 0) {
+            *at = p;
+            *len = k;
+            return 1;
+        }
+        p += k;
+        if (*p == '|') p++;
+    }
+    return 0;
+}
+
 /* Sets one option from text; `where` names the source for messages. */
 static int set_option(srv_config *c, const option_def *o, const char *val, const char *where)
 {
-    if (o->type == OPT_STR) {
-        char *d = strdup(val);
+    if (is_string(o)) {
+        const char *at = val;
+        size_t len = strlen(val);
+        if (o->type == OPT_ENUM && !enum_find(o, val, &at, &len)) {
+            char list[128];
+            size_t k = 0;
+            for (const char *p = o->choices; *p && k + 3 < sizeof list; p++) {
+                if (*p == '|') { list[k++] = ','; list[k++] = ' '; }
+                else list[k++] = *p;
+            }
+            list[k] = '\0';
+            fprintf(stderr, "mkad: %s%s: '%s' is not one of %s\n", where, o->name, val, list);
+            return -1;
+        }
+        char *d = strndup(at, len);
         if (!d) return -1;
         free(*str_field(c, o));
         *str_field(c, o) = d;
@@ -161,7 +209,8 @@ static void usage(FILE *f)
         for (int k = 2; k < n; k++) if (flag[k] == '_') flag[k] = '-';
         const char *arg = o->type == OPT_INT ? " N" : o->type == OPT_BOOL ? "[=BOOL]" : " VALUE";
         char lhs[96];
-        snprintf(lhs, sizeof lhs, "%s%s", flag, arg);
+        if (o->type == OPT_ENUM) snprintf(lhs, sizeof lhs, "%s %s", flag, o->choices);
+        else snprintf(lhs, sizeof lhs, "%s%s", flag, arg);
         fprintf(f, "  %-24s %s", lhs, o->help);
         if (o->type == OPT_INT) fprintf(f, " [%ld..%ld, default %s]", o->lo, o->hi, o->def);
         else if (o->def && *o->def) fprintf(f, " [default %s]", o->def);
@@ -212,7 +261,7 @@ static int ini_cb(void *user, const char *section, const char *name, const char 
 static void config_free(srv_config *c)
 {
     for (size_t i = 0; i < N_OPTIONS; i++)
-        if (options[i].type == OPT_STR) free(*str_field(c, &options[i]));
+        if (is_string(&options[i])) free(*str_field(c, &options[i]));
 }
 
 static void print_config(srv_config *c)
@@ -224,7 +273,7 @@ static void print_config(srv_config *c)
             printf("%s[%s]\n", sec ? "\n" : "", o->section);
             sec = o->section;
         }
-        if (o->type == OPT_STR) printf("%s = %s\n", o->name, *str_field(c, o) ? *str_field(c, o) : "");
+        if (is_string(o)) printf("%s = %s\n", o->name, *str_field(c, o) ? *str_field(c, o) : "");
         else if (o->type == OPT_BOOL) printf("%s = %s\n", o->name, *int_field(c, o) ? "true" : "false");
         else printf("%s = %d\n", o->name, *int_field(c, o));
     }

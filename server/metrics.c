@@ -7,6 +7,7 @@
 #include "config.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,6 +32,8 @@ struct srv_metrics {
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
     unsigned long preemptions;
+    char backend[8], kv_dtype[8]; /* "" until the engine exists */
+    size_t kv_bytes;
 };
 
 static void histo_init(histo *h, const double *le, int n)
@@ -139,6 +142,15 @@ void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used
     pthread_mutex_unlock(&m->mu);
 }
 
+void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtype, size_t kv_bytes)
+{
+    pthread_mutex_lock(&m->mu);
+    snprintf(m->backend, sizeof m->backend, "%s", backend ? backend : "");
+    snprintf(m->kv_dtype, sizeof m->kv_dtype, "%s", kv_dtype ? kv_dtype : "");
+    m->kv_bytes = kv_bytes;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void srv_metrics_cancelled(srv_metrics *m, int reason)
 {
     if (reason < 0 || reason >= 5) return;
@@ -202,6 +214,16 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
     gauge(o, "mkad_kv_blocks_used", "K/V blocks in use (running sequences and resident sessions).",
           m->blocks_used);
     gauge(o, "mkad_kv_blocks_total", "K/V blocks in the pool.", m->blocks_total);
+    srv_buf_printf(o, "# HELP mkad_kv_pool_bytes Bytes of the K/V block pool (K/V and EMA checkpoints; "
+                      "GPU memory on cuda).\n# TYPE mkad_kv_pool_bytes gauge\nmkad_kv_pool_bytes %zu\n",
+                   m->kv_bytes);
+    /* An info metric: the labels carry the facts, the value is always 1;
+     * absent until the engine exists (the backend is not known before). */
+    if (m->backend[0])
+        srv_buf_printf(o, "# HELP mkad_backend_info The engine's backend and K/V element type.\n"
+                          "# TYPE mkad_backend_info gauge\n"
+                          "mkad_backend_info{backend=\"%s\",kv_dtype=\"%s\"} 1\n",
+                       m->backend, m->kv_dtype);
     counter(o, "mkad_preemptions_total",
             "Running sequences preempted (K/V pool full) and later resumed by recomputation.",
             m->preemptions);

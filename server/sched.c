@@ -18,6 +18,12 @@
  *          eng_step; sample per sequence
  *          post START/TOKEN/FINAL events to the loop (post callback)
  *
+ * Device faults: an engine call that returns ENG_EDEVICE (a sticky CUDA
+ * error, a GPU gone from the bus) leaves the engine unusable.  The thread
+ * logs it once, posts DEVICE_FAILED, and from then on never calls the engine
+ * again: every job it holds or later receives gets a 503 FINAL, and the loop
+ * shuts the daemon down with a non-zero status so that systemd restarts it.
+ *
  * Sessions (in memory for now): a session id maps to an engine sequence that
  * stays resident after its request ends.  A new request on the session keeps
  * the longest common token prefix (block-aligned) and prefills the rest.
@@ -168,7 +174,14 @@ struct srv_engine {
     int n_evs, cap_evs;
     int step_no;
     uint64_t order, clock;
+    int dead;             /* an engine call returned ENG_EDEVICE: never call it again */
 };
+
+int srv_config_backend(const srv_config *cfg, int *backend)
+{
+    const char *name = cfg->backend && *cfg->backend ? cfg->backend : "auto";
+    return eng_backend_parse(name, backend);
+}
 
 static srv_event *ev_new(srv_engine *se, int type, srv_job *job)
 {
@@ -194,8 +207,8 @@ static void flush_events(srv_engine *se)
 
 /* A FINAL event must never be lost (the loop frees the job on it): when the
  * event vector cannot grow, flush what is there and retry. */
-static void post_final(srv_engine *se, srv_job *job, int finish, int status, const char *msg,
-                       const srv_usage *u)
+static void post_final_code(srv_engine *se, srv_job *job, int finish, int status, const char *code,
+                            const char *msg, const srv_usage *u)
 {
     srv_event *e = ev_new(se, SRV_EV_FINAL, job);
     if (!e) {
@@ -206,6 +219,7 @@ static void post_final(srv_engine *se, srv_job *job, int finish, int status, con
             e = &tmp;
             e->finish = finish;
             e->status = status;
+            e->code = code;
             if (u) e->usage = *u;
             if (msg) snprintf(e->msg, sizeof e->msg, "%s", msg);
             se->post(e, 1, se->post_arg);
@@ -214,8 +228,74 @@ static void post_final(srv_engine *se, srv_job *job, int finish, int status, con
     }
     e->finish = finish;
     e->status = status;
+    e->code = code;
     if (u) e->usage = *u;
     if (msg) snprintf(e->msg, sizeof e->msg, "%s", msg);
+}
+
+static void post_final(srv_engine *se, srv_job *job, int finish, int status, const char *msg,
+                       const srv_usage *u)
+{
+    post_final_code(se, job, finish, status, NULL, msg, u);
+}
+
+/* ---- device faults ---------------------------------------------------------------- */
+
+#define DEVICE_FAILED_MSG "the inference device failed; the server is restarting"
+
+/* An engine call returned ENG_EDEVICE: logs it and tells the loop, once.  The
+ * caller stops using the engine; the main loop then fails every job
+ * (fail_all_dead).  DEVICE_FAILED is posted like a FINAL: never lost. */
+static void device_fault(srv_engine *se, const char *call, int rc, const char *err)
+{
+    if (se->dead) return;
+    se->dead = 1;
+    char q[300];
+    const char *why = err && *err ? err : eng_strerror(rc);
+    srv_log("error", "device_failed", " call=%s status=%d backend=%s running=%d waiting=%d error=%s",
+            call, rc, se->info.backend, se->n_run, se->n_wait + se->n_pre,
+            srv_log_quote(why, q, sizeof q));
+    srv_event *e = ev_new(se, SRV_EV_DEVICE_FAILED, NULL);
+    if (!e) {
+        flush_events(se);
+        e = ev_new(se, SRV_EV_DEVICE_FAILED, NULL);
+    }
+    if (e) {
+        snprintf(e->msg, sizeof e->msg, "%s: %s", call, why);
+    } else {
+        srv_event tmp = { .type = SRV_EV_DEVICE_FAILED };
+        snprintf(tmp.msg, sizeof tmp.msg, "%s: %s", call, why);
+        se->post(&tmp, 1, se->post_arg);
+    }
+}
+
+/* After a device fault: answers every job the thread holds with 503
+ * (streams get an SSE error event) without touching the engine; the
+ * sessions' state died with it. */
+static void fail_all_dead(srv_engine *se)
+{
+    for (int r = 0; r < se->n_run; r++) {
+        eseq *es = &se->run[r];
+        srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
+        eng_sampler_free(es->smp);
+        free(es->replay);
+        post_final_code(se, es->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
+    }
+    se->n_run = 0;
+    for (int k = 0; k < se->n_pre; k++) {
+        eseq *p = &se->pre[k];
+        srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
+        eng_sampler_free(p->smp);
+        free(p->replay);
+        post_final_code(se, p->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
+    }
+    se->n_pre = 0;
+    for (int i = 0; i < se->n_wait; i++) {
+        srv_usage u = { se->wait[i]->req->n_prompt, 0, 0 };
+        post_final_code(se, se->wait[i], SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
+    }
+    se->n_wait = 0;
+    se->n_sess = 0;
 }
 
 static int blocks_for(const srv_engine *se, int tokens)
@@ -292,6 +372,7 @@ static int take_slot(srv_engine *se, int *seq)
 {
     int rc;
     while ((rc = eng_seq_create(se->eng, seq)) == ENG_ENOSPC && evict_lru(se, NULL)) {}
+    if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_create", rc, NULL);
     return rc;
 }
 
@@ -365,9 +446,13 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     int have = eng_seq_len(se->eng, s->seq);
     int keep = srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
                              se->info.block_size);
-    if (keep != have && eng_seq_truncate(se->eng, s->seq, keep) != ENG_OK) {
-        eng_seq_truncate(se->eng, s->seq, 0); /* 0 is always allowed */
-        keep = 0;
+    if (keep != have) {
+        int rc = eng_seq_truncate(se->eng, s->seq, keep);
+        if (rc != ENG_OK && rc != ENG_EDEVICE) {
+            rc = eng_seq_truncate(se->eng, s->seq, 0); /* 0 is always allowed */
+            keep = 0;
+        }
+        if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_truncate", rc, NULL);
     }
     es->cached = keep;
     es->n_past = keep;
@@ -385,7 +470,7 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
 static void admit(srv_engine *se)
 {
     int max_seqs = se->info.max_seqs;
-    while (se->n_pre > 0 && se->n_run < max_seqs) {
+    while (!se->dead && se->n_pre > 0 && se->n_run < max_seqs) {
         int oldest = 0;
         for (int k = 1; k < se->n_pre; k++)
             if (se->pre[k].order < se->pre[oldest].order) oldest = k;
@@ -401,9 +486,9 @@ static void admit(srv_engine *se)
         se->run[se->n_run++] = *p;
         se->pre[oldest] = se->pre[--se->n_pre];
     }
-    if (se->n_pre > 0) return;
+    if (se->n_pre > 0 || se->dead) return;
     int i = 0;
-    while (i < se->n_wait && se->n_run < max_seqs) {
+    while (!se->dead && i < se->n_wait && se->n_run < max_seqs) {
         srv_job *job = se->wait[i];
         const srv_genreq *rq = job->req;
         session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
@@ -572,6 +657,10 @@ static void run_step(srv_engine *se)
     int rc = eng_step(se->eng, se->items, n, err, sizeof err);
     double dt = srv_now() - t0;
     se->step_no++;
+    if (rc == ENG_EDEVICE) {
+        device_fault(se, "eng_step", rc, err); /* the main loop fails every job */
+        return;
+    }
     if (rc != ENG_OK) {
         srv_log("error", "step_failed", " status=%d items=%d tokens=%d error=%s", rc, n, n_tok,
                 eng_strerror(rc));
@@ -670,14 +759,34 @@ static void drop_cancelled(srv_engine *se)
     }
 }
 
+/* eng_params.log: progress of long work in eng_create (weights going to the
+ * GPU, ...) as key=value log lines. */
+static void engine_progress(void *ctx, const char *line)
+{
+    (void)ctx;
+    char msg[400], q[420];
+    snprintf(msg, sizeof msg, "%s", line ? line : "");
+    size_t n = strlen(msg);
+    while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = '\0';
+    srv_log("info", "engine_progress", " msg=%s", srv_log_quote(msg, q, sizeof q));
+}
+
 static int load(srv_engine *se)
 {
     char err[512];
     double t0 = srv_now();
-    srv_log("info", "model_loading", " dir=%s", se->cfg->model);
-    int rc = eng_model_load(se->cfg->model, &se->model, err, sizeof err);
-    if (rc != ENG_OK) goto fail;
+    const char *want = se->cfg->backend && *se->cfg->backend ? se->cfg->backend : "auto";
+    srv_log("info", "model_loading", " dir=%s backend=%s", se->cfg->model, want);
     eng_params p = eng_default_params();
+    int rc = srv_config_backend(se->cfg, &p.backend);
+    if (rc != ENG_OK) {
+        snprintf(err, sizeof err, "backend: unknown backend '%s' (auto, cpu, cuda)", want);
+        goto fail;
+    }
+    rc = eng_model_load(se->cfg->model, &se->model, err, sizeof err);
+    if (rc != ENG_OK) goto fail;
+    p.log = engine_progress;
+    p.log_ctx = se;
     p.n_threads = se->cfg->threads;
     p.block_size = se->cfg->block_size;
     p.max_seqs = se->cfg->max_seqs;
@@ -696,7 +805,10 @@ static int load(srv_engine *se)
     srv_engine_info info = { .mi = *eng_model_get_info(se->model), .max_ctx = ep->max_ctx,
                              .block_size = ep->block_size, .n_blocks = st.blocks_total,
                              .max_seqs = ep->max_seqs, .max_batch_tokens = ep->max_batch_tokens,
-                             .codec = se->codec };
+                             .kv_bytes = st.kv_bytes, .codec = se->codec };
+    const char *bn = eng_backend_name(se->eng);
+    snprintf(info.backend, sizeof info.backend, "%s", bn ? bn : "?");
+    snprintf(info.kv_dtype, sizeof info.kv_dtype, "%s", st.kv_dtype ? st.kv_dtype : "?");
     int V = info.mi.vocab_size;
     se->run = calloc((size_t)ep->max_seqs, sizeof *se->run);
     se->sess = calloc((size_t)(se->cfg->max_sessions > 0 ? se->cfg->max_sessions : 1), sizeof *se->sess);
@@ -713,19 +825,25 @@ static int load(srv_engine *se)
     pthread_mutex_lock(&se->mu);
     se->info = info;
     pthread_mutex_unlock(&se->mu);
-    srv_log("info", "model_loaded", " dir=%s arch=%s layers=%d hidden=%d vocab=%d mka_levels=%d "
-            "dtype=%s fingerprint=%s max_ctx=%d max_seqs=%d kv_blocks=%d block_size=%d threads=%d "
-            "tokenizer=%s load_s=%.3f", se->cfg->model, info.mi.arch, info.mi.n_layers, info.mi.d_model,
-            info.mi.vocab_size, info.mi.mka_levels, info.mi.dtype, info.mi.fingerprint,
-            info.max_ctx, info.max_seqs, info.n_blocks, info.block_size, ep->n_threads,
-            se->codec ? "yes" : "no", srv_now() - t0);
+    srv_metrics_engine(se->met, info.backend, info.kv_dtype, info.kv_bytes);
+    srv_log("info", "model_loaded", " dir=%s backend=%s arch=%s layers=%d hidden=%d vocab=%d "
+            "mka_levels=%d dtype=%s fingerprint=%s max_ctx=%d max_seqs=%d kv_blocks=%d block_size=%d "
+            "kv_pool_mib=%.1f kv_dtype=%s threads=%d tokenizer=%s load_s=%.3f", se->cfg->model,
+            info.backend, info.mi.arch, info.mi.n_layers, info.mi.d_model, info.mi.vocab_size,
+            info.mi.mka_levels, info.mi.dtype, info.mi.fingerprint, info.max_ctx, info.max_seqs,
+            info.n_blocks, info.block_size, (double)info.kv_bytes / (1024.0 * 1024.0), info.kv_dtype,
+            ep->n_threads, se->codec ? "yes" : "no", srv_now() - t0);
     if (se->codec) srv_log("info", "tokenizer_loaded", " dir=%s %s", se->cfg->model, tinfo);
     ev_new(se, SRV_EV_READY, NULL);
     flush_events(se);
     publish_state(se);
     return 0;
 fail:
-    srv_log("error", "model_load_failed", " dir=%s status=%d error=\"%s\"", se->cfg->model, rc, err);
+    {
+        char q[600];
+        srv_log("error", "model_load_failed", " dir=%s backend=%s status=%d error=%s", se->cfg->model,
+                want, rc, srv_log_quote(err, q, sizeof q));
+    }
     srv_event *e = ev_new(se, SRV_EV_LOAD_FAILED, NULL);
     if (e) snprintf(e->msg, sizeof e->msg, "%.150s", err);
     flush_events(se);
@@ -759,9 +877,14 @@ static void *engine_main(void *arg)
         }
         pthread_mutex_unlock(&se->mu);
 
+        if (se->dead) { /* new jobs after a device fault: answer them at once */
+            fail_all_dead(se);
+            flush_events(se);
+            continue;
+        }
         drop_cancelled(se);
         admit(se);
-        if (se->n_run == 0 && se->n_wait > 0) {
+        if (!se->dead && se->n_run == 0 && se->n_wait > 0) {
             /* Nothing runs and nothing could be admitted: only busy sessions
              * block the head, which cannot happen with n_run == 0, or the
              * pool is exhausted by idle sessions, which admit evicts.  Fail
@@ -770,9 +893,10 @@ static void *engine_main(void *arg)
             memmove(se->wait, se->wait + 1, (size_t)(se->n_wait - 1) * sizeof *se->wait);
             se->n_wait--;
         }
-        run_step(se);
+        if (!se->dead) run_step(se);
+        if (se->dead) fail_all_dead(se);
         flush_events(se);
-        publish_state(se);
+        if (!se->dead) publish_state(se);
     }
     return NULL;
 }

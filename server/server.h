@@ -16,13 +16,16 @@ typedef struct srv_config {
     /* model and engine */
     char *model;            /* model directory (required) */
     char *model_name;       /* id served in /v1/models; NULL: the directory's basename */
+    char *backend;          /* "auto", "cpu" or "cuda" (main.c checks the spelling);
+                               NULL = "auto" */
     int threads;            /* engine CPU threads, 0 = all online CPUs */
     int max_seqs;           /* engine sequence slots (running requests + resident sessions) */
     int max_ctx;            /* tokens per sequence, 0 = model max_position (capped 8192) */
     int max_batch_tokens;   /* per-step token budget */
     int prefill_chunk;      /* max prompt tokens one sequence prefills in one step */
     int block_size;         /* K/V block size in tokens */
-    int kv_mem_mb;          /* K/V pool size cap */
+    int kv_mem_mb;          /* K/V pool size cap in MiB, 0 = the engine's default for the
+                               backend (cpu: 1024; cuda: 90% of the free GPU memory) */
     /* http */
     char *host;
     int port;               /* 0 = an ephemeral port (logged as event=listening) */

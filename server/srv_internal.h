@@ -285,6 +285,8 @@ typedef struct srv_job {
 enum srv_event_type {
     SRV_EV_READY,      /* model loaded (job NULL) */
     SRV_EV_LOAD_FAILED,
+    SRV_EV_DEVICE_FAILED, /* an engine call returned ENG_EDEVICE (job NULL; msg says what):
+                             every job gets a 503 FINAL, the daemon must exit non-zero */
     SRV_EV_START,      /* admitted: usage.cached_tokens known */
     SRV_EV_TOKEN,
     SRV_EV_FINAL       /* engine is done with the job; last event for it */
@@ -296,6 +298,7 @@ typedef struct srv_event {
     int32_t token;
     int finish;            /* FINAL: enum srv_finish */
     int status;            /* FINAL with SRV_FINISH_ERROR: HTTP status */
+    const char *code;      /* FINAL with SRV_FINISH_ERROR: OpenAI error code (static) or NULL */
     srv_usage usage;       /* START / FINAL */
     srv_logprob *lp;       /* TOKEN with logprobs; the loop frees it */
     char msg[160];         /* FINAL error / LOAD_FAILED */
@@ -307,8 +310,15 @@ typedef struct srv_engine srv_engine;
 typedef struct srv_engine_info {
     eng_model_info mi;
     int max_ctx, block_size, n_blocks, max_seqs, max_batch_tokens;
+    char backend[8];           /* "cpu" or "cuda": what auto resolved to */
+    char kv_dtype[8];          /* element type of the K/V pool: "f32" or "bf16" */
+    size_t kv_bytes;           /* size of the K/V pool */
     const srv_codec *codec;    /* NULL: no tokenizer; owned by the engine */
 } srv_engine_info;
+
+/* cfg->backend as ENG_BACKEND_* (NULL or "" = auto); ENG_EINVAL for a name
+ * the engine does not know. */
+int srv_config_backend(const srv_config *cfg, int *backend);
 
 /* post(ev, n, arg): called on the engine thread with a batch of events; must
  * copy them and return quickly. */
@@ -340,6 +350,9 @@ void srv_metrics_step(srv_metrics *m, int n_seqs, int n_tokens, double step_s);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
 void srv_metrics_preempted(srv_metrics *m);
+/* Once the engine exists: its backend ("cpu"/"cuda"), K/V dtype and pool size
+ * (the strings are copied). */
+void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtype, size_t kv_bytes);
 void srv_metrics_cancelled(srv_metrics *m, int reason);
 /* The Prometheus text exposition; appends to out. */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);

@@ -32,8 +32,19 @@ static void usage(FILE *f)
         "  --dump-logits FILE       write the logits after the last prompt token (float32 LE)\n"
         "  --l3-bank FILE           L3 bank: float32 LE (R, n_layers, hidden) chunk values\n"
         "  --chunk N                prefill chunk size in tokens (default 512)\n"
+        "  --backend B              auto, cpu or cuda (default auto: cuda when built with CUDA\n"
+        "                           and a GPU answers, else cpu)\n"
         "  --threads N              CPU threads (default: all)\n"
         "  --block-size N           K/V block size (default 32)\n");
+}
+
+/* eng_params.log: the engine's progress lines (e.g. weights going to the GPU). */
+static void progress(void *ctx, const char *line)
+{
+    (void)ctx;
+    size_t n = strlen(line);
+    while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) n--;
+    fprintf(stderr, "event=engine_progress msg=\"%.*s\"\n", (int)n, line);
 }
 
 static double now_s(void)
@@ -130,7 +141,7 @@ int main(int argc, char **argv)
     sp.temperature = 0.0f;
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
-           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT };
+           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
         { "prompt-ids", required_argument, 0, O_IDS },
@@ -149,6 +160,7 @@ int main(int argc, char **argv)
         { "chunk", required_argument, 0, O_CHUNK },
         { "threads", required_argument, 0, O_THREADS },
         { "block-size", required_argument, 0, O_BLOCK },
+        { "backend", required_argument, 0, O_BACKEND },
         { "help", no_argument, 0, O_HELP },
         { 0, 0, 0, 0 }
     };
@@ -181,6 +193,12 @@ int main(int argc, char **argv)
         case O_CHUNK: bad |= parse_int("--chunk", optarg, 1, 1 << 20, &chunk); break;
         case O_THREADS: bad |= parse_int("--threads", optarg, 1, 256, &ep.n_threads); break;
         case O_BLOCK: bad |= parse_int("--block-size", optarg, 1, 4096, &ep.block_size); break;
+        case O_BACKEND:
+            if (eng_backend_parse(optarg, &ep.backend) != ENG_OK) {
+                fprintf(stderr, "mkad-cli: --backend: '%s' is not one of auto, cpu, cuda\n", optarg);
+                bad = 1;
+            }
+            break;
         case O_HELP: usage(stdout); return 0;
         default: bad = 1;
         }
@@ -195,6 +213,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "mkad-cli: %s\n", err);
         return 2;
     }
+    if (!eng_backend_available(ep.backend)) {
+        fprintf(stderr, "mkad-cli: --backend cuda: no usable CUDA device (built without CUDA, or no GPU "
+                "answers); use --backend cpu or auto\n");
+        return 1;
+    }
+    ep.log = progress;
     int n_prompt = 0;
     int32_t *prompt = NULL;
     if (text_arg) {
@@ -255,6 +279,13 @@ int main(int argc, char **argv)
     if ((rc = eng_create(model, &ep, &eng, err, sizeof err)) != ENG_OK) {
         fprintf(stderr, "mkad-cli: %s\n", err);
         goto done;
+    }
+    {
+        eng_stats st;
+        eng_get_stats(eng, &st);
+        fprintf(stderr, "event=engine_created backend=%s kv_blocks=%d kv_pool_mib=%.1f kv_dtype=%s\n",
+                eng_backend_name(eng), st.blocks_total, (double)st.kv_bytes / (1024.0 * 1024.0),
+                st.kv_dtype ? st.kv_dtype : "?");
     }
     if ((rc = eng_seq_create(eng, &seq)) != ENG_OK) {
         fprintf(stderr, "mkad-cli: %s\n", eng_strerror(rc));
@@ -326,10 +357,11 @@ int main(int argc, char **argv)
         free(text);
     }
     fprintf(stderr, "event=done prompt_tokens=%d prefill_s=%.4f prefill_tok_s=%.1f generated=%d "
-            "decode_s=%.4f decode_tok_s=%.2f threads=%d\n", n_prompt, prefill_s,
+            "decode_s=%.4f decode_tok_s=%.2f backend=%s threads=%d\n", n_prompt, prefill_s,
             prefill_s > 0 ? n_prompt / prefill_s : 0.0, n_out, decode_s,
             /* the first generated token came from the prefill logits */
-            n_out > 1 && decode_s > 0 ? (n_out - 1) / decode_s : 0.0, eng_get_params(eng)->n_threads);
+            n_out > 1 && decode_s > 0 ? (n_out - 1) / decode_s : 0.0, eng_backend_name(eng),
+            eng_get_params(eng)->n_threads);
     status = 0;
 done:
     eng_sampler_free(smp);

@@ -1,0 +1,438 @@
+/*
+ * backend.c — the CPU reference backend: FastMKA forward step over a paged
+ * K/V pool in host memory (FASTMKA.md, "Decoder layer"), behind the ops
+ * table of engine_priv.h.
+ *
+ * One step runs the decoder layer by layer over the packed rows of every
+ * batch item.  Per-token work (norms, projections, RoPE, attention over the
+ * sequence's own blocks) does not look at other rows, so a ragged batch gives
+ * each sequence the same bits as running it alone.  Everything the step
+ * touches is allocated in init/pool_alloc; the token loop allocates nothing.
+ * K/V are kept in f32: this backend is the oracle the others are held to.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../engine_priv.h"
+
+#define MAX_LEVELS 3
+
+typedef struct cpu_be {
+    eng_pool *pool;
+    float *kv;              /* (n_blocks, n_layers, 2, B, kv_dim) fused K and V */
+    float *ema_ckpt;        /* (n_blocks, n_layers, D) EMA after the block's last position */
+    float *ema;             /* (max_seqs, n_layers, D) running EMA state per slot */
+    float *l3_mu;           /* (max_seqs, n_layers, R, D) L3 chunk values, R = l3_max_chunks */
+    float *l3_kappa;        /* (max_seqs, n_layers, R, D) keys mu/|mu| */
+    /* Step scratch; T = max_batch_tokens. */
+    float *h, *x, *f, *mem; /* (T, D) residual, normed input, fused input, L3 read */
+    float *q, *att;         /* (T, H*d) */
+    float *k, *v;           /* (T, H_kv*d) */
+    float *tmp;             /* (T, max(D, H*d)) */
+    float *gate, *up;       /* (T, F) */
+    float *rh;              /* (T, D/2) router hidden */
+    float *lam;             /* (T, 3) route weights */
+    float *sel_x;           /* (max_seqs, D) final-normed rows for the LM head */
+    float *scores;          /* (n_threads, max(max_ctx, l3_max_chunks)) attention scratch */
+} cpu_be;
+
+#define CB(e) ((cpu_be *)(e)->be)
+
+/* K (kind 0) or V (kind 1) row of layer l at offset off of block b: (kv_dim). */
+static inline float *kv_ptr(const eng_engine *e, int b, int l, int kind, int off)
+{
+    return CB(e)->kv + (size_t)b * (e->block_kv_bytes / sizeof(float)) +
+           (((size_t)l * 2 + kind) * e->B + off) * e->kv_dim;
+}
+
+/* ---- the forward step ------------------------------------------------------ */
+
+typedef struct step_ctx {
+    eng_engine *e;
+    const eng_plan *p;
+    const eng_batch_item *items;
+    int n_items;
+    int T;
+    int layer;
+    const float *norm_w; /* RMSNorm weight for norm_task */
+} step_ctx;
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* Router: lam (T, L) = softmax(W2 silu(W1 q + b1) + b2), in place on lam. */
+static void router_softmax(eng_engine *e, int T)
+{
+    int L = e->levels;
+    for (int t = 0; t < T; t++) {
+        float *r = CB(e)->lam + (size_t)t * MAX_LEVELS;
+        float mx = r[0];
+        for (int i = 1; i < L; i++) mx = r[i] > mx ? r[i] : mx;
+        float sum = 0.0f;
+        for (int i = 0; i < L; i++) { r[i] = expf(r[i] - mx); sum += r[i]; }
+        for (int i = 0; i < L; i++) r[i] /= sum;
+    }
+}
+
+/* L3 read for token t: mem[t] = sum_r softmax_r(x_t . kappa_r / sqrt(D)) mu_r. */
+static void l3_task(void *vctx, int t, int thread)
+{
+    step_ctx *c = vctx;
+    eng_engine *e = c->e;
+    int slot = c->items[c->p->tok_item[t]].seq;
+    const eng_seq *sq = &e->seqs[slot];
+    int D = e->D, R = e->prm.l3_max_chunks, n = sq->l3_n;
+    float *mem = CB(e)->mem + (size_t)t * D;
+    if (n == 0) { memset(mem, 0, (size_t)D * sizeof(float)); return; }
+    const float *x = CB(e)->x + (size_t)t * D;
+    const float *mu = CB(e)->l3_mu + ((size_t)slot * e->n_layers + c->layer) * R * D;
+    const float *kap = CB(e)->l3_kappa + ((size_t)slot * e->n_layers + c->layer) * R * D;
+    float *sc = CB(e)->scores + (size_t)thread * (e->prm.max_ctx > R ? e->prm.max_ctx : R);
+    float inv = 1.0f / sqrtf((float)D), mx = -INFINITY, sum = 0.0f;
+    for (int r = 0; r < n; r++) {
+        sc[r] = eng_cpu_dot(x, kap + (size_t)r * D, D) * inv;
+        mx = sc[r] > mx ? sc[r] : mx;
+    }
+    for (int r = 0; r < n; r++) { sc[r] = expf(sc[r] - mx); sum += sc[r]; }
+    memset(mem, 0, (size_t)D * sizeof(float));
+    for (int r = 0; r < n; r++) {
+        float pr = sc[r] / sum;
+        const float *m = mu + (size_t)r * D;
+        for (int i = 0; i < D; i++) mem[i] += pr * m[i];
+    }
+}
+
+#define EMA_DCHUNK 256
+
+/* EMA + route fusion for one batch item over a slice of the D dimensions:
+ * s_t = beta s_{t-1} + (1 - beta) x_t carried from the sequence's state,
+ * f_t = lam0 x_t + lam1 s_t (+ lam2 m_t); s is checkpointed at every block
+ * boundary.  The recurrence is sequential in t but independent per
+ * dimension, so the tasks split D. */
+static void ema_task(void *vctx, int task, int thread)
+{
+    (void)thread;
+    step_ctx *c = vctx;
+    eng_engine *e = c->e;
+    int n_dc = (e->D + EMA_DCHUNK - 1) / EMA_DCHUNK;
+    int it = task / n_dc, d0 = (task % n_dc) * EMA_DCHUNK;
+    int d1 = d0 + EMA_DCHUNK < e->D ? d0 + EMA_DCHUNK : e->D;
+    const eng_batch_item *item = &c->items[it];
+    eng_seq *sq = &e->seqs[item->seq];
+    int D = e->D, l = c->layer, use_mem = e->levels == 3 && sq->l3_n > 0;
+    float beta = e->m->info.ema_beta, omb = 1.0f - beta;
+    float *s = CB(e)->ema + ((size_t)item->seq * e->n_layers + l) * D;
+    int t0 = c->p->item_start[it];
+    for (int j = 0; j < item->n_tokens; j++) {
+        int t = t0 + j, pos = sq->n_tokens + j;
+        const float *x = CB(e)->x + (size_t)t * D;
+        const float *lam = CB(e)->lam + (size_t)t * MAX_LEVELS;
+        float *f = CB(e)->f + (size_t)t * D;
+        for (int i = d0; i < d1; i++) {
+            s[i] = beta * s[i] + omb * x[i];
+            f[i] = lam[0] * x[i] + lam[1] * s[i];
+        }
+        if (use_mem) {
+            const float *mem = CB(e)->mem + (size_t)t * D;
+            for (int i = d0; i < d1; i++) f[i] += lam[2] * mem[i];
+        }
+        if ((pos + 1) % e->B == 0) {
+            float *ck = CB(e)->ema_ckpt + ((size_t)sq->blocks[pos / e->B] * e->n_layers + l) * D;
+            memcpy(ck + d0, s + d0, (size_t)(d1 - d0) * sizeof(float));
+        }
+    }
+}
+
+/* RoPE (rotate-half convention) on q and k of token t, and the K/V write into
+ * the sequence's block for that position. */
+static void rope_store_task(void *vctx, int t, int thread)
+{
+    (void)thread;
+    step_ctx *c = vctx;
+    eng_engine *e = c->e;
+    const eng_model *m = e->m;
+    const eng_batch_item *item = &c->items[c->p->tok_item[t]];
+    eng_seq *sq = &e->seqs[item->seq];
+    int hd = e->hd, half = hd / 2, pos = c->p->tok_pos[t];
+    float *q = CB(e)->q + (size_t)t * e->q_dim, *k = CB(e)->k + (size_t)t * e->kv_dim;
+    for (int i = 0; i < half; i++) {
+        float ang = (float)pos * m->rope_inv_freq[i];
+        float cs = cosf(ang) * m->rope_attn_scale, sn = sinf(ang) * m->rope_attn_scale;
+        for (int h = 0; h < m->info.n_heads; h++) {
+            float *v = q + (size_t)h * hd;
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs - b * sn;
+            v[i + half] = b * cs + a * sn;
+        }
+        for (int h = 0; h < m->info.n_kv_heads; h++) {
+            float *v = k + (size_t)h * hd;
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs - b * sn;
+            v[i + half] = b * cs + a * sn;
+        }
+    }
+    float *kb = kv_ptr(e, sq->blocks[pos / e->B], c->layer, 0, pos % e->B);
+    float *vb = kv_ptr(e, sq->blocks[pos / e->B], c->layer, 1, pos % e->B);
+    memcpy(kb, k, (size_t)e->kv_dim * sizeof(float));
+    memcpy(vb, CB(e)->v + (size_t)t * e->kv_dim, (size_t)e->kv_dim * sizeof(float));
+}
+
+/* Causal GQA attention of token t, head h over positions 0..pos of its
+ * sequence, reading K/V through the block table. */
+static void attn_task(void *vctx, int task, int thread)
+{
+    step_ctx *c = vctx;
+    eng_engine *e = c->e;
+    int H = e->m->info.n_heads, group = H / e->m->info.n_kv_heads;
+    int t = task / H, h = task % H, kvh = h / group, hd = e->hd;
+    const eng_seq *sq = &e->seqs[c->items[c->p->tok_item[t]].seq];
+    int pos = c->p->tok_pos[t];
+    const float *q = CB(e)->q + (size_t)t * e->q_dim + (size_t)h * hd;
+    float *out = CB(e)->att + (size_t)t * e->q_dim + (size_t)h * hd;
+    float *sc = CB(e)->scores + (size_t)thread * (e->prm.max_ctx > e->prm.l3_max_chunks
+                                                  ? e->prm.max_ctx : e->prm.l3_max_chunks);
+    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j <= pos; j++) {
+        const float *kj = kv_ptr(e, sq->blocks[j / e->B], c->layer, 0, j % e->B) + kvh * hd;
+        sc[j] = eng_cpu_dot(q, kj, hd) * scale;
+        mx = sc[j] > mx ? sc[j] : mx;
+    }
+    for (int j = 0; j <= pos; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+    float inv = 1.0f / sum;
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int j = 0; j <= pos; j++) {
+        const float *vj = kv_ptr(e, sq->blocks[j / e->B], c->layer, 1, j % e->B) + kvh * hd;
+        float pj = sc[j] * inv;
+        for (int i = 0; i < hd; i++) out[i] += pj * vj[i];
+    }
+}
+
+static void norm_task(void *vctx, int t, int thread)
+{
+    (void)thread;
+    step_ctx *c = vctx;
+    eng_engine *e = c->e;
+    eng_cpu_rmsnorm(CB(e)->h + (size_t)t * e->D, c->norm_w, 1, e->D,
+                    e->m->rms_eps, CB(e)->x + (size_t)t * e->D);
+}
+
+static void swiglu(eng_engine *e, int T)
+{
+    size_t n = (size_t)T * e->F;
+    for (size_t i = 0; i < n; i++) CB(e)->gate[i] = silu(CB(e)->gate[i]) * CB(e)->up[i];
+}
+
+static void add_into(float *dst, const float *src, size_t n)
+{
+    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+static void layer_forward(step_ctx *c, int l)
+{
+    eng_engine *e = c->e;
+    const eng_layer *L = &e->m->layers[l];
+    int T = c->T, D = e->D;
+    c->layer = l;
+
+    c->norm_w = L->attn_norm;
+    eng_pool_run(CB(e)->pool, T, norm_task, c);                    /* x = RMSNorm(h) */
+    eng_cpu_linear(CB(e)->pool, &L->q, CB(e)->x, T, CB(e)->q);             /* q (T, H*d) */
+    const float *fused = CB(e)->x;
+    if (e->levels > 0) {
+        eng_cpu_linear(CB(e)->pool, &L->router1, CB(e)->q, T, CB(e)->rh);  /* (T, D/2) */
+        for (size_t i = 0; i < (size_t)T * L->router1.rows; i++) CB(e)->rh[i] = silu(CB(e)->rh[i]);
+        eng_cpu_linear(CB(e)->pool, &L->router2, CB(e)->rh, T, CB(e)->tmp); /* (T, L) */
+        for (int t = 0; t < T; t++)
+            memcpy(CB(e)->lam + (size_t)t * MAX_LEVELS, CB(e)->tmp + (size_t)t * e->levels,
+                   (size_t)e->levels * sizeof(float));
+        router_softmax(e, T);
+        if (e->levels == 3) eng_pool_run(CB(e)->pool, T, l3_task, c);
+        int n_dc = (D + EMA_DCHUNK - 1) / EMA_DCHUNK;
+        eng_pool_run(CB(e)->pool, c->n_items * n_dc, ema_task, c);
+        fused = CB(e)->f;
+    }
+    eng_cpu_linear(CB(e)->pool, &L->k, fused, T, CB(e)->k);
+    eng_cpu_linear(CB(e)->pool, &L->v, fused, T, CB(e)->v);
+    eng_pool_run(CB(e)->pool, T, rope_store_task, c);
+    eng_pool_run(CB(e)->pool, T * e->m->info.n_heads, attn_task, c);
+    eng_cpu_linear(CB(e)->pool, &L->o, CB(e)->att, T, CB(e)->tmp);
+    add_into(CB(e)->h, CB(e)->tmp, (size_t)T * D);
+
+    c->norm_w = L->mlp_norm;
+    eng_pool_run(CB(e)->pool, T, norm_task, c);
+    eng_cpu_linear(CB(e)->pool, &L->gate, CB(e)->x, T, CB(e)->gate);
+    eng_cpu_linear(CB(e)->pool, &L->up, CB(e)->x, T, CB(e)->up);
+    swiglu(e, T);
+    eng_cpu_linear(CB(e)->pool, &L->down, CB(e)->gate, T, CB(e)->tmp);
+    add_into(CB(e)->h, CB(e)->tmp, (size_t)T * D);
+}
+
+static int cpu_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    cpu_be *cb = CB(e);
+    int T = p->T, D = e->D;
+    for (int t = 0; t < T; t++) eng__linear_row(&e->m->embed, p->tok[t], cb->h + (size_t)t * D);
+    step_ctx c = { e, p, p->items, p->n_items, T, 0, NULL };
+    for (int l = 0; l < e->n_layers; l++) layer_forward(&c, l);
+    /* Final norm and LM head, only for the rows whose logits were asked for. */
+    for (int i = 0; i < p->n_sel; i++)
+        eng_cpu_rmsnorm(cb->h + (size_t)p->sel_row[i] * D, e->m->final_norm, 1, D, e->m->rms_eps,
+                        cb->sel_x + (size_t)i * D);
+    if (p->n_sel > 0) eng_cpu_linear(cb->pool, &e->m->lm_head, cb->sel_x, p->n_sel, p->logits);
+    return ENG_OK;
+}
+
+static void *xcalloc(size_t n, size_t sz, int *fail)
+{
+    if (n == 0) n = 1;
+    void *p = calloc(n, sz);
+    if (!p) *fail = 1;
+    return p;
+}
+
+static void cpu_fini(eng_engine *e)
+{
+    cpu_be *cb = CB(e);
+    if (!cb) return;
+    eng_pool_free(cb->pool);
+    free(cb->kv); free(cb->ema_ckpt); free(cb->ema); free(cb->l3_mu); free(cb->l3_kappa);
+    free(cb->h); free(cb->x); free(cb->f); free(cb->mem); free(cb->q); free(cb->k); free(cb->v);
+    free(cb->att); free(cb->tmp); free(cb->gate); free(cb->up); free(cb->rh); free(cb->lam);
+    free(cb->sel_x); free(cb->scores);
+    free(cb);
+    e->be = NULL;
+}
+
+static int cpu_init(eng_engine *e, char *err, size_t errlen)
+{
+    const eng_params *p = &e->prm;
+    cpu_be *cb = calloc(1, sizeof *cb);
+    if (!cb) return ENG_ENOMEM;
+    e->be = cb;
+    e->kv_dtype = ENG_KV_F32;
+    e->be_mem_avail = 0;
+    int fail = 0;
+    if (eng_pool_create(p->n_threads, &cb->pool) != ENG_OK) fail = 1;
+    size_t ld = (size_t)e->n_layers * e->D;
+    cb->ema = xcalloc((size_t)p->max_seqs * ld, sizeof(float), &fail);
+    if (p->l3_max_chunks > 0) {
+        cb->l3_mu = xcalloc((size_t)p->max_seqs * ld * p->l3_max_chunks, sizeof(float), &fail);
+        cb->l3_kappa = xcalloc((size_t)p->max_seqs * ld * p->l3_max_chunks, sizeof(float), &fail);
+    }
+    size_t T = (size_t)p->max_batch_tokens;
+    size_t wide = (size_t)(e->q_dim > e->D ? e->q_dim : e->D);
+    cb->h = xcalloc(T * e->D, sizeof(float), &fail);
+    cb->x = xcalloc(T * e->D, sizeof(float), &fail);
+    cb->f = xcalloc(T * e->D, sizeof(float), &fail);
+    cb->mem = xcalloc(T * e->D, sizeof(float), &fail);
+    cb->q = xcalloc(T * e->q_dim, sizeof(float), &fail);
+    cb->k = xcalloc(T * e->kv_dim, sizeof(float), &fail);
+    cb->v = xcalloc(T * e->kv_dim, sizeof(float), &fail);
+    cb->att = xcalloc(T * e->q_dim, sizeof(float), &fail);
+    cb->tmp = xcalloc(T * wide, sizeof(float), &fail);
+    cb->gate = xcalloc(T * e->F, sizeof(float), &fail);
+    cb->up = xcalloc(T * e->F, sizeof(float), &fail);
+    cb->rh = xcalloc(T * (e->D / 2 > 0 ? e->D / 2 : 1), sizeof(float), &fail);
+    cb->lam = xcalloc(T * MAX_LEVELS, sizeof(float), &fail);
+    cb->sel_x = xcalloc((size_t)p->max_seqs * e->D, sizeof(float), &fail);
+    cb->scores = xcalloc((size_t)p->n_threads * (p->max_ctx > p->l3_max_chunks ? p->max_ctx : p->l3_max_chunks),
+                         sizeof(float), &fail);
+    if (fail) {
+        cpu_fini(e);
+        return eng__errf(err, errlen, ENG_ENOMEM, "engine: cannot allocate step buffers for %d tokens",
+                         p->max_batch_tokens);
+    }
+    return ENG_OK;
+}
+
+static int cpu_pool_alloc(eng_engine *e, char *err, size_t errlen)
+{
+    cpu_be *cb = CB(e);
+    int fail = 0;
+    cb->kv = xcalloc((size_t)e->prm.n_blocks, e->block_kv_bytes, &fail);
+    cb->ema_ckpt = xcalloc((size_t)e->prm.n_blocks * e->n_layers * e->D, sizeof(float), &fail);
+    if (fail)
+        return eng__errf(err, errlen, ENG_ENOMEM, "engine: cannot allocate %d K/V blocks (%zu MiB)",
+                         e->prm.n_blocks, (size_t)e->prm.n_blocks * e->block_kv_bytes >> 20);
+    return ENG_OK;
+}
+
+static int cpu_ema_reset(eng_engine *e, int seq, int block, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    size_t ld = (size_t)e->n_layers * e->D;
+    float *s = CB(e)->ema + (size_t)seq * ld;
+    if (block < 0)
+        memset(s, 0, ld * sizeof(float));
+    else
+        memcpy(s, CB(e)->ema_ckpt + (size_t)block * ld, ld * sizeof(float));
+    return ENG_OK;
+}
+
+static int cpu_ema_get(eng_engine *e, int seq, float *ema, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    size_t ld = (size_t)e->n_layers * e->D;
+    memcpy(ema, CB(e)->ema + (size_t)seq * ld, ld * sizeof(float));
+    return ENG_OK;
+}
+
+static int cpu_ema_set(eng_engine *e, int seq, const float *ema, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    size_t ld = (size_t)e->n_layers * e->D;
+    memcpy(CB(e)->ema + (size_t)seq * ld, ema, ld * sizeof(float));
+    return ENG_OK;
+}
+
+static int cpu_l3_set(eng_engine *e, int seq, int n, const float *mu, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    /* Stored per layer as (R, D) so that one layer's bank is contiguous for
+     * the read; the key is mu / |mu| (zero for a zero chunk). */
+    int D = e->D, R = e->prm.l3_max_chunks;
+    for (int r = 0; r < n; r++) {
+        for (int l = 0; l < e->n_layers; l++) {
+            const float *src = mu + ((size_t)r * e->n_layers + l) * D;
+            size_t off = (((size_t)seq * e->n_layers + l) * R + r) * D;
+            float *dm = CB(e)->l3_mu + off, *dk = CB(e)->l3_kappa + off;
+            memcpy(dm, src, (size_t)D * sizeof(float));
+            float nrm = sqrtf(eng_cpu_dot(dm, dm, D));
+            for (int i = 0; i < D; i++) dk[i] = nrm > 0.0f ? dm[i] / nrm : 0.0f;
+        }
+    }
+    return ENG_OK;
+}
+
+static int cpu_block_get(eng_engine *e, int block, void *kv, float *ema, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    size_t ld = (size_t)e->n_layers * e->D;
+    if (kv) memcpy(kv, kv_ptr(e, block, 0, 0, 0), e->block_kv_bytes);
+    if (ema) memcpy(ema, CB(e)->ema_ckpt + (size_t)block * ld, ld * sizeof(float));
+    return ENG_OK;
+}
+
+static int cpu_block_set(eng_engine *e, int block, const void *kv, const float *ema, char *err, size_t errlen)
+{
+    (void)err; (void)errlen;
+    size_t ld = (size_t)e->n_layers * e->D;
+    if (kv) memcpy(kv_ptr(e, block, 0, 0, 0), kv, e->block_kv_bytes);
+    if (ema) memcpy(CB(e)->ema_ckpt + (size_t)block * ld, ema, ld * sizeof(float));
+    return ENG_OK;
+}
+
+const eng_backend eng_backend_cpu = {
+    .name = "cpu",
+    .init = cpu_init,
+    .pool_alloc = cpu_pool_alloc,
+    .fini = cpu_fini,
+    .step = cpu_step,
+    .ema_reset = cpu_ema_reset,
+    .ema_get = cpu_ema_get,
+    .ema_set = cpu_ema_set,
+    .l3_set = cpu_l3_set,
+    .block_get = cpu_block_get,
+    .block_set = cpu_block_set,
+};

@@ -1,0 +1,204 @@
+/*
+ * cuda_priv.h — private declarations of the CUDA backend (engine/cuda/):
+ * the error macros, the backend's device state, and the kernel launchers
+ * that kernels.cu provides to backend.cu.
+ *
+ * Nothing outside engine/cuda/ includes this header; the backend's only
+ * public names are eng_backend_cuda and eng_cuda_device_present
+ * (engine_priv.h).  Everything here is C++ (compiled by nvcc).
+ */
+#ifndef MKAD_ENGINE_CUDA_PRIV_H
+#define MKAD_ENGINE_CUDA_PRIV_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+/* engine_priv.h declares the CUDA backend only under HAVE_CUDA; config.h is
+ * not on the include path when a .cu file is compiled on its own. */
+#ifndef HAVE_CUDA
+#define HAVE_CUDA 1
+#endif
+/* The engine headers are C; internal.h has no extern "C" guard of its own. */
+extern "C" {
+#include "../engine_priv.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+/* Record the failing call, file and line in (err, errlen) and return
+ * ENG_EDEVICE.  Both expect `err` and `errlen` in scope. */
+#define CUDA_TRY(call)                                                                        \
+    do {                                                                                      \
+        cudaError_t cuda_try_rc_ = (call);                                                    \
+        if (cuda_try_rc_ != cudaSuccess)                                                      \
+            return eng__errf(err, errlen, ENG_EDEVICE, "cuda: %s failed at %s:%d: %s", #call, \
+                             __FILE__, __LINE__, cudaGetErrorString(cuda_try_rc_));           \
+    } while (0)
+
+#define CUBLAS_TRY(call)                                                                      \
+    do {                                                                                      \
+        cublasStatus_t cublas_try_rc_ = (call);                                               \
+        if (cublas_try_rc_ != CUBLAS_STATUS_SUCCESS)                                          \
+            return eng__errf(err, errlen, ENG_EDEVICE, "cuda: %s failed at %s:%d: %s", #call, \
+                             __FILE__, __LINE__, cublasGetStatusString(cublas_try_rc_));      \
+    } while (0)
+
+/* The router has at most this many levels; lam rows are padded to it. */
+#define CU_MAX_LEVELS 3
+/* Largest head size the attention and RoPE kernels hold in registers and
+ * shared memory. */
+#define CU_MAX_HEAD_DIM 256
+/* Largest L3 bank: its scores live in the L3 kernel's shared memory. */
+#define CU_MAX_L3_CHUNKS 4096
+
+/* A linear layer on the device: y = x W^T + b. */
+typedef struct cu_linear {
+    bf16 *w;  /* (rows, cols) */
+    float *b; /* (rows) or NULL */
+    int rows, cols;
+} cu_linear;
+
+typedef struct cu_layer {
+    float *attn_norm; /* (D) */
+    float *mlp_norm;  /* (D) */
+    cu_linear q;      /* (q_dim, D) */
+    cu_linear kv;     /* (2*kv_dim, D): W_k rows, then W_v rows (biases fused the same way) */
+    cu_linear o;      /* (D, q_dim) */
+    cu_linear r1;     /* (D/2, q_dim) router.0; unused when levels == 0 */
+    cu_linear r2;     /* (levels, D/2) router.2 */
+    cu_linear gu;     /* (2*F, D): W_gate rows, then W_up rows */
+    cu_linear down;   /* (D, F) */
+} cu_layer;
+
+/* Per-item facts of one step, uploaded with the plan (five ints, so the
+ * plan stays one int array). */
+typedef struct cu_item {
+    int slot;     /* sequence slot */
+    int n_tokens; /* rows of the item */
+    int start;    /* first row */
+    int pos0;     /* position of the first row (the sequence length before the step) */
+    int l3_n;     /* chunks in the slot's L3 bank */
+} cu_item;
+
+/* What the kernels of one step need to find rows, sequences, blocks and
+ * state; passed to kernels by value.  Dimensions are fixed at init, the
+ * plan pointers are set per step. */
+typedef struct cu_fwd {
+    int T, n_items;
+    int D, F, q_dim, kv_dim, hd, H, H_kv, n_layers, levels;
+    int B;  /* tokens per block */
+    int MB; /* row stride of bt: max_blocks_per_seq */
+    int R;  /* l3_max_chunks (0 when there is no L3 bank) */
+    float eps, beta, omb;   /* RMSNorm epsilon; EMA beta and 1 - beta */
+    float att_scale;        /* 1/sqrt(head_dim) */
+    float rope_scale;       /* multiplies cos and sin */
+    float l3_scale;         /* 1/sqrt(D) */
+    const float *rope_inv_freq; /* (hd/2) */
+    /* The plan (device copies). */
+    const int *tok;      /* (T) */
+    const int *tok_pos;  /* (T) */
+    const int *tok_item; /* (T) */
+    const cu_item *items;/* (n_items) */
+    const int *bt;       /* (n_items, MB) block tables of the items; first n_blocks valid */
+    /* Pool and per-slot state. */
+    bf16 *kv_pool;       /* (n_blocks, n_layers, 2, B, kv_dim) */
+    float *ema_ckpt;     /* (n_blocks, n_layers, D) */
+    float *ema;          /* (max_seqs, n_layers, D) running EMA state */
+    const float *l3_mu;    /* (max_seqs, n_layers, R, D) */
+    const float *l3_kappa; /* (max_seqs, n_layers, R, D) */
+} cu_fwd;
+
+/* The backend's private state (e->be). */
+typedef struct cuda_state {
+    cudaStream_t stream; /* the one stream every call runs on */
+    cublasHandle_t blas; /* bound to stream */
+    char dev_name[256];
+
+    /* Weights: one device allocation, every tensor a view into it. */
+    void *w_arena;
+    size_t w_bytes;
+    cu_layer *layers;     /* (n_layers) host array of device views */
+    bf16 *embed;          /* (V, D) */
+    cu_linear lm_head;    /* (V, D); w == embed when tied */
+    float *final_norm;    /* (D) */
+    float *rope_inv_freq; /* (hd/2) */
+
+    /* Sequence state and step scratch: one device allocation. */
+    void *work_arena;
+    size_t work_bytes;
+    float *ema;      /* (max_seqs, n_layers, D) */
+    float *l3_mu;    /* (max_seqs, n_layers, R, D) or NULL */
+    float *l3_kappa; /* (max_seqs, n_layers, R, D) or NULL */
+    float *h;        /* (T, D) residual stream */
+    float *x;        /* (T, D) attention input RMSNorm(h) */
+    bf16 *xb;        /* (T, D) bf16 GEMM input: x, the fused f, or the MLP's norm */
+    float *q;        /* (T, q_dim) */
+    bf16 *qatt;      /* (T, q_dim) router input (q), then attention output */
+    float *lam;      /* (T, CU_MAX_LEVELS) router weights */
+    float *mem;      /* (T, D) L3 read, or NULL */
+    float *wide;     /* (T, max(D/2, 2*kv_dim, 2*F)) router hidden, then k|v, then gate|up */
+    bf16 *act;       /* (T, F) SwiGLU output */
+    bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
+    float *logits;   /* (max_seqs, V) */
+    void *blas_ws;   /* cuBLAS workspace */
+    size_t blas_ws_bytes;
+    int *plan_dev;   /* (plan_ints) */
+
+    /* Pinned host buffers. */
+    int *plan_host;      /* (plan_ints): tok, pos, item, items, bt of one step */
+    size_t plan_ints;
+    float *logits_host;  /* (max_seqs, V) */
+    float *l3_host;      /* (2, n_layers, R, D): mu then kappa of one slot, or NULL */
+
+    /* The K/V pool (pool_alloc). */
+    void *pool_arena;
+    bf16 *kv_pool;   /* (n_blocks, n_layers, 2, B, kv_dim) */
+    float *ema_ckpt; /* (n_blocks, n_layers, D) */
+    int n_blocks;
+    size_t blk_bytes; /* n_layers * 2 * B * kv_dim * sizeof(bf16) */
+
+    cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
+} cuda_state;
+
+/* ---- kernel launchers (kernels.cu) ----------------------------------------
+ * Each queues its kernel on stream s and returns cudaGetLastError(). */
+
+/* h (T, D) = embedding rows of f->tok. */
+cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream_t s);
+/* For each of M rows r (input row rows[r], or r when rows is NULL):
+ * y = w * (x / sqrt(mean(x^2) + eps)); out (M, D) f32 when non-NULL, outb
+ * (M, D) bf16 always. */
+cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
+                            float eps, float *out, bf16 *outb, cudaStream_t s);
+/* y (M, N) += b (when non-NULL); yb (M, N) = bf16(y). */
+cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s);
+/* y (M, N) += b. */
+cudaError_t eng__cu_add_bias(float *y, const float *b, int M, int N, cudaStream_t s);
+/* lam (T, CU_MAX_LEVELS) = softmax(W2 silu(rh + b1) + b2); rh (T, Dh). */
+cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float *b1,
+                           const bf16 *w2, const float *b2, float *lam, cudaStream_t s);
+/* mem (T, D): the L3 read of every row whose sequence has a bank (rows of
+ * sequences without one are left untouched and never read). */
+cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *mem,
+                            cudaStream_t s);
+/* The EMA recurrence and route fusion: fb (T, D) bf16, the running state
+ * and the checkpoints at block ends.  max_n: the largest item's rows. */
+cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float *x,
+                             const float *lam, const float *mem, bf16 *fb, cudaStream_t s);
+/* Adds q/k/v biases (bq, bkv may be NULL), rotates q in place and k, and
+ * writes k, v (bf16) into the pool; kv (T, 2*kv_dim). */
+cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
+                               const float *kv, const float *bkv, cudaStream_t s);
+/* att (T, q_dim) bf16 = causal GQA attention of q over each row's sequence. */
+cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *att,
+                              cudaStream_t s);
+/* act (M, F) = silu(gate + b_gate) * (up + b_up) from gu (M, 2F); b (2F) or NULL. */
+cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
+                           cudaStream_t s);
+
+#endif /* MKAD_ENGINE_CUDA_PRIV_H */

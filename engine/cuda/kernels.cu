@@ -1,0 +1,503 @@
+/*
+ * kernels.cu — the device kernels of the CUDA backend and their launchers:
+ * one kernel per stage of the FastMKA decoder layer (FASTMKA.md) that is not
+ * a plain projection (those are cuBLAS GEMMs in backend.cu).
+ *
+ * Every kernel works on a ragged batch: rows 0..T-1 belong to the plan's
+ * items, and a row finds its sequence, position and K/V blocks through the
+ * plan arrays in cu_fwd.  Activations and reductions are f32; weights, the
+ * K/V pool and GEMM inputs are bf16.  Each kernel computes what the CPU
+ * reference (engine/cpu/) computes for the same stage, in the same order of
+ * operations where that is cheap, so that the two backends agree within the
+ * stated tolerance.
+ */
+#include "cuda_priv.h"
+
+/* Threads per block of the row-wise kernels. */
+#define ROW_THREADS 256
+/* Tokens per chunk of the EMA scan and the most chunks one block scans at
+ * once (blockDim.y). */
+#define EMA_CHUNK 32
+#define EMA_MAX_NC 8
+/* Warps per (row, head) block of the attention kernel. */
+#define ATT_WARPS 4
+
+static __device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Sum of v over the block (blockDim.x a multiple of 32, blockDim.y == 1);
+ * every thread gets the result.  sh holds 33 floats.  The leading barrier
+ * keeps a previous call's readers of sh[32] ahead of this call's writers. */
+static __device__ float block_sum(float v, float *sh)
+{
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        v = lane < nw ? sh[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) sh[32] = v;
+    }
+    __syncthreads();
+    return sh[32];
+}
+
+/* silu as the CPU reference writes it. */
+static __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* Blocks for a grid-stride loop over n elements. */
+static unsigned stride_grid(size_t n, int threads)
+{
+    size_t g = (n + (size_t)threads - 1) / (size_t)threads;
+    if (g > (1u << 20)) g = 1u << 20;
+    return g ? (unsigned)g : 1u;
+}
+
+/* ---- embedding ----------------------------------------------------------- */
+
+/* One block per row: widens the token's bf16 embedding row to f32. */
+static __global__ void embed_kernel(const int *tok, const bf16 *emb, int D, float *h)
+{
+    const int t = blockIdx.x;
+    const bf16 *src = emb + (size_t)tok[t] * D;
+    float *dst = h + (size_t)t * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) dst[i] = __bfloat162float(src[i]);
+}
+
+cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream_t s)
+{
+    embed_kernel<<<f->T, ROW_THREADS, 0, s>>>(f->tok, emb, f->D, h);
+    return cudaGetLastError();
+}
+
+/* ---- RMSNorm ------------------------------------------------------------- */
+
+/* One block per output row; the sum of squares is reduced in f32. */
+static __global__ void rmsnorm_kernel(const float *in, const int *rows, const float *w, int D,
+                                      float eps, float *out, bf16 *outb)
+{
+    __shared__ float sh[33];
+    const int r = blockIdx.x;
+    const float *x = in + (size_t)(rows ? rows[r] : r) * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, sh);
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float y = w[i] * (x[i] * inv);
+        if (out) out[(size_t)r * D + i] = y;
+        outb[(size_t)r * D + i] = __float2bfloat16_rn(y);
+    }
+}
+
+cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
+                            float eps, float *out, bf16 *outb, cudaStream_t s)
+{
+    rmsnorm_kernel<<<M, ROW_THREADS, 0, s>>>(in, rows, w, D, eps, out, outb);
+    return cudaGetLastError();
+}
+
+/* ---- biases -------------------------------------------------------------- */
+
+static __global__ void bias_bf16_kernel(float *y, const float *b, int N, size_t total, bf16 *yb)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = y[i];
+        if (b) {
+            v += b[i % N];
+            y[i] = v;
+        }
+        yb[i] = __float2bfloat16_rn(v);
+    }
+}
+
+cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s)
+{
+    size_t total = (size_t)M * N;
+    bias_bf16_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(y, b, N, total, yb);
+    return cudaGetLastError();
+}
+
+static __global__ void add_bias_kernel(float *y, const float *b, int N, size_t total)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] += b[i % N];
+}
+
+cudaError_t eng__cu_add_bias(float *y, const float *b, int M, int N, cudaStream_t s)
+{
+    size_t total = (size_t)M * N;
+    add_bias_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(y, b, N, total);
+    return cudaGetLastError();
+}
+
+/* ---- router -------------------------------------------------------------- */
+
+/* One block per row: a = silu(rh + b1) (D/2), z_l = W2[l] . a + b2[l] for the
+ * L <= 3 levels, lam = softmax(z) in f32 (padded with zeros to 3).  W2 has
+ * only L rows, so a GEMM would waste a launch on a 3-wide output. */
+static __global__ void router_kernel(const float *rh, int Dh, const float *b1, const bf16 *w2,
+                                     const float *b2, int L, float *lam)
+{
+    __shared__ float sh[33];
+    const int t = blockIdx.x;
+    const float *r = rh + (size_t)t * Dh;
+    float acc[CU_MAX_LEVELS] = {0.0f, 0.0f, 0.0f};
+    for (int i = threadIdx.x; i < Dh; i += blockDim.x) {
+        float a = silu(r[i] + b1[i]);
+#pragma unroll
+        for (int l = 0; l < CU_MAX_LEVELS; l++)
+            if (l < L) acc[l] += a * __bfloat162float(w2[(size_t)l * Dh + i]);
+    }
+#pragma unroll
+    for (int l = 0; l < CU_MAX_LEVELS; l++) acc[l] = block_sum(acc[l], sh);
+    if (threadIdx.x == 0) {
+        float z[CU_MAX_LEVELS], mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+        for (int l = 0; l < CU_MAX_LEVELS; l++) {
+            z[l] = l < L ? acc[l] + b2[l] : 0.0f;
+            if (l < L) mx = fmaxf(mx, z[l]);
+        }
+#pragma unroll
+        for (int l = 0; l < CU_MAX_LEVELS; l++) {
+            z[l] = l < L ? expf(z[l] - mx) : 0.0f;
+            sum += z[l];
+        }
+#pragma unroll
+        for (int l = 0; l < CU_MAX_LEVELS; l++) lam[(size_t)t * CU_MAX_LEVELS + l] = z[l] / sum;
+    }
+}
+
+cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float *b1,
+                           const bf16 *w2, const float *b2, float *lam, cudaStream_t s)
+{
+    router_kernel<<<f->T, ROW_THREADS, 0, s>>>(rh, Dh, b1, w2, b2, f->levels, lam);
+    return cudaGetLastError();
+}
+
+/* ---- L3 read ------------------------------------------------------------- */
+
+/* One block per row: scores x . kappa_r / sqrt(D) over the n chunks of the
+ * row's bank, softmax, m = sum_r p_r mu_r.  Rows whose sequence has no bank
+ * return at once (the fusion kernel does not read their m). */
+static __global__ void l3_read_kernel(cu_fwd f, int layer, const float *x, float *mem)
+{
+    extern __shared__ float sc[]; /* (n) scores, then probabilities */
+    __shared__ float sh[33];
+    const int t = blockIdx.x, D = f.D;
+    const cu_item it = f.items[f.tok_item[t]];
+    const int n = it.l3_n;
+    if (n <= 0) return; /* block-uniform */
+    const size_t bank = ((size_t)it.slot * f.n_layers + layer) * f.R * D;
+    const float *kap = f.l3_kappa + bank, *mu = f.l3_mu + bank;
+    const float *xr = x + (size_t)t * D;
+    for (int r = 0; r < n; r++) {
+        float d = 0.0f;
+        for (int i = threadIdx.x; i < D; i += blockDim.x) d += xr[i] * kap[(size_t)r * D + i];
+        d = block_sum(d, sh);
+        if (threadIdx.x == 0) sc[r] = d * f.l3_scale;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int r = 0; r < n; r++) mx = fmaxf(mx, sc[r]);
+        for (int r = 0; r < n; r++) {
+            sc[r] = expf(sc[r] - mx);
+            sum += sc[r];
+        }
+        for (int r = 0; r < n; r++) sc[r] /= sum;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int r = 0; r < n; r++) acc += sc[r] * mu[(size_t)r * D + i];
+        mem[(size_t)t * D + i] = acc;
+    }
+}
+
+cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *mem,
+                            cudaStream_t s)
+{
+    size_t smem = (size_t)(f->R > 0 ? f->R : 1) * sizeof(float);
+    l3_read_kernel<<<f->T, ROW_THREADS, smem, s>>>(*f, layer, x, mem);
+    return cudaGetLastError();
+}
+
+/* ---- EMA scan and route fusion -------------------------------------------
+ *
+ * s_t = beta s_{t-1} + (1 - beta) x_t is a first-order linear recurrence in t,
+ * independent per dimension.  A block takes one item and 32 dimensions
+ * (threadIdx.x, one warp's coalesced row slice); its blockDim.y chunk lanes
+ * each own EMA_CHUNK consecutive tokens of the current stretch of
+ * blockDim.y * EMA_CHUNK tokens.  Per stretch:
+ *   1. every lane scans its chunk seeded with 0, giving (u_c, beta^len_c),
+ *      where the chunk maps a seed s to beta^len_c s + u_c;
+ *   2. lane c composes the maps of chunks 0..c-1 onto the carried state to
+ *      get its own seed (at most EMA_MAX_NC - 1 steps);
+ *   3. every lane re-runs its chunk's recurrence from that seed, writing the
+ *      fused f, and the checkpoint at every block end;
+ *   the lane holding the stretch's last token hands its s on as the carry.
+ * Within a chunk s therefore follows exactly the CPU's sequential operations;
+ * only chunk seeds carry the scan's reassociation.  The last token's s is the
+ * state stored back, so a checkpoint at the item's end equals the state. */
+static __global__ void ema_fuse_kernel(cu_fwd f, int layer, const float *x, const float *lam,
+                                       const float *mem, bf16 *fb)
+{
+    __shared__ float s_end[EMA_MAX_NC][32], s_pow[EMA_MAX_NC][32], s_carry[32];
+    const int tx = threadIdx.x, c = threadIdx.y, NC = blockDim.y;
+    const int D = f.D, d = blockIdx.y * 32 + tx;
+    const bool ok = d < D;
+    const cu_item it = f.items[blockIdx.x];
+    const int *btr = f.bt + (size_t)blockIdx.x * f.MB;
+    const bool use_mem = mem != NULL && it.l3_n > 0;
+    const float beta = f.beta, omb = f.omb;
+    float *state = f.ema + ((size_t)it.slot * f.n_layers + layer) * D;
+    float carry = ok ? state[d] : 0.0f;
+
+    for (int base = 0; base < it.n_tokens; base += NC * EMA_CHUNK) {
+        const int end = min(base + NC * EMA_CHUNK, it.n_tokens);
+        const int j0 = min(base + c * EMA_CHUNK, end), j1 = min(j0 + EMA_CHUNK, end);
+        /* 1. local scan from 0 */
+        float u = 0.0f, bp = 1.0f;
+        if (ok)
+            for (int j = j0; j < j1; j++) {
+                u = beta * u + omb * x[(size_t)(it.start + j) * D + d];
+                bp *= beta;
+            }
+        s_end[c][tx] = u;
+        s_pow[c][tx] = bp;
+        __syncthreads();
+        /* 2. this chunk's seed */
+        float s = carry;
+        for (int cc = 0; cc < c; cc++) s = s_pow[cc][tx] * s + s_end[cc][tx];
+        /* 3. the recurrence from the seed, fusion, checkpoints */
+        if (ok)
+            for (int j = j0; j < j1; j++) {
+                const size_t t = (size_t)(it.start + j);
+                const int pos = it.pos0 + j;
+                const float xv = x[t * D + d];
+                const float *lm = lam + t * CU_MAX_LEVELS;
+                s = beta * s + omb * xv;
+                float fv = lm[0] * xv + lm[1] * s;
+                if (use_mem) fv += lm[2] * mem[t * D + d];
+                fb[t * D + d] = __float2bfloat16_rn(fv);
+                if ((pos + 1) % f.B == 0)
+                    f.ema_ckpt[((size_t)btr[pos / f.B] * f.n_layers + layer) * D + d] = s;
+            }
+        if (j0 < j1 && j1 == end) s_carry[tx] = s;
+        __syncthreads();
+        carry = s_carry[tx];
+    }
+    if (ok && c == 0) state[d] = carry;
+}
+
+cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float *x,
+                             const float *lam, const float *mem, bf16 *fb, cudaStream_t s)
+{
+    /* As many chunk lanes as the longest item can use: decode steps (one
+     * token per item) get one warp per block, long prefills eight. */
+    int nc = (max_n + EMA_CHUNK - 1) / EMA_CHUNK;
+    if (nc < 1) nc = 1;
+    if (nc > EMA_MAX_NC) nc = EMA_MAX_NC;
+    dim3 grid((unsigned)f->n_items, (unsigned)((f->D + 31) / 32)), block(32, (unsigned)nc);
+    ema_fuse_kernel<<<grid, block, 0, s>>>(*f, layer, x, lam, mem, fb);
+    return cudaGetLastError();
+}
+
+/* ---- RoPE and the K/V write -------------------------------------------------- */
+
+/* One block per row: adds the q/k/v biases, rotates q (in place, f32, kept
+ * for attention) and k by the rotate-half convention, and writes k and v as
+ * bf16 at the row's position in its block:
+ *   cos, sin = cosf/sinf((float)pos * inv_freq[i]) * rope_scale
+ *   (a, b) = (v[i], v[i + hd/2]) -> (a cos - b sin, b cos + a sin). */
+static __global__ void rope_store_kernel(cu_fwd f, int layer, float *q, const float *bq,
+                                         const float *kv, const float *bkv)
+{
+    __shared__ float cs[CU_MAX_HEAD_DIM / 2], sn[CU_MAX_HEAD_DIM / 2];
+    const int t = blockIdx.x, pos = f.tok_pos[t], hd = f.hd, half = hd / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float ang = (float)pos * f.rope_inv_freq[i];
+        cs[i] = cosf(ang) * f.rope_scale;
+        sn[i] = sinf(ang) * f.rope_scale;
+    }
+    __syncthreads();
+
+    float *qr = q + (size_t)t * f.q_dim;
+    for (int p = threadIdx.x; p < f.H * half; p += blockDim.x) {
+        const int i = p % half, idx = (p / half) * hd + i;
+        float a = qr[idx], b = qr[idx + half];
+        if (bq) {
+            a += bq[idx];
+            b += bq[idx + half];
+        }
+        qr[idx] = a * cs[i] - b * sn[i];
+        qr[idx + half] = b * cs[i] + a * sn[i];
+    }
+
+    const int kv_dim = f.kv_dim;
+    const int blk = f.bt[(size_t)f.tok_item[t] * f.MB + pos / f.B], off = pos % f.B;
+    bf16 *kd = f.kv_pool + ((((size_t)blk * f.n_layers + layer) * 2 + 0) * f.B + off) * kv_dim;
+    bf16 *vd = kd + (size_t)f.B * kv_dim; /* the V half of the same (block, layer) */
+    const float *kr = kv + (size_t)t * 2 * kv_dim, *vr = kr + kv_dim;
+    for (int p = threadIdx.x; p < f.H_kv * half; p += blockDim.x) {
+        const int i = p % half, idx = (p / half) * hd + i;
+        float a = kr[idx], b = kr[idx + half];
+        if (bkv) {
+            a += bkv[idx];
+            b += bkv[idx + half];
+        }
+        kd[idx] = __float2bfloat16_rn(a * cs[i] - b * sn[i]);
+        kd[idx + half] = __float2bfloat16_rn(b * cs[i] + a * sn[i]);
+    }
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x)
+        vd[i] = __float2bfloat16_rn(bkv ? vr[i] + bkv[kv_dim + i] : vr[i]);
+}
+
+cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
+                               const float *kv, const float *bkv, cudaStream_t s)
+{
+    rope_store_kernel<<<f->T, 128, 0, s>>>(*f, layer, q, bq, kv, bkv);
+    return cudaGetLastError();
+}
+
+/* ---- paged causal GQA attention --------------------------------------------
+ *
+ * One block per (row t, query head h), ATT_WARPS warps.  Warp w takes keys
+ * j = w, w + ATT_WARPS, ... up to the row's position, each through the
+ * sequence's block table; its lanes split the head dimension in bf16 pairs
+ * (pair p = lane + 32 k, so any even head_dim up to 256 works, the last
+ * pairs on fewer lanes), reduce the dot product across the warp and keep an
+ * online softmax (running max m, sum l, output acc) in f32.  The warps'
+ * partial results are then merged in shared memory. */
+#define ATT_PAIRS (CU_MAX_HEAD_DIM / 64) /* pairs per lane */
+
+static __global__ void __launch_bounds__(ATT_WARPS * 32)
+    attention_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
+{
+    __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
+    __shared__ float sm_acc[ATT_WARPS][CU_MAX_HEAD_DIM];
+    const int t = blockIdx.x, h = blockIdx.y;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int hd = f.hd, npairs = hd / 2, kv_dim = f.kv_dim;
+    const int kvh = h / (f.H / f.H_kv);
+    const int pos = f.tok_pos[t];
+    const int *btr = f.bt + (size_t)f.tok_item[t] * f.MB;
+
+    const float2 *qp = reinterpret_cast<const float2 *>(q + (size_t)t * f.q_dim + (size_t)h * hd);
+    float2 qr[ATT_PAIRS], acc[ATT_PAIRS];
+#pragma unroll
+    for (int k = 0; k < ATT_PAIRS; k++) {
+        const int p = lane + 32 * k;
+        qr[k] = p < npairs ? qp[p] : make_float2(0.0f, 0.0f);
+        acc[k] = make_float2(0.0f, 0.0f);
+    }
+
+    float m = -INFINITY, l = 0.0f;
+    for (int j = w; j <= pos; j += ATT_WARPS) {
+        const int blk = btr[j / f.B], off = j % f.B;
+        const bf16 *kp = f.kv_pool +
+                         ((((size_t)blk * f.n_layers + layer) * 2 + 0) * f.B + off) * kv_dim +
+                         (size_t)kvh * hd;
+        const bf16 *vp = kp + (size_t)f.B * kv_dim;
+        const __nv_bfloat162 *k2 = reinterpret_cast<const __nv_bfloat162 *>(kp);
+        const __nv_bfloat162 *v2 = reinterpret_cast<const __nv_bfloat162 *>(vp);
+        float dot = 0.0f;
+#pragma unroll
+        for (int k = 0; k < ATT_PAIRS; k++) {
+            const int p = lane + 32 * k;
+            if (p < npairs) {
+                float2 kk = __bfloat1622float2(k2[p]);
+                dot += qr[k].x * kk.x + qr[k].y * kk.y;
+            }
+        }
+        const float sc = warp_sum(dot) * f.att_scale;
+        const float m_new = fmaxf(m, sc);
+        const float corr = expf(m - m_new); /* 0 on the warp's first key */
+        const float pj = expf(sc - m_new);
+        l = l * corr + pj;
+#pragma unroll
+        for (int k = 0; k < ATT_PAIRS; k++) {
+            const int p = lane + 32 * k;
+            if (p < npairs) {
+                float2 vv = __bfloat1622float2(v2[p]);
+                acc[k].x = acc[k].x * corr + pj * vv.x;
+                acc[k].y = acc[k].y * corr + pj * vv.y;
+            }
+        }
+        m = m_new;
+    }
+
+    /* Merge: a warp that saw no key has m = -inf, l = 0, acc = 0 and weighs
+     * exp(-inf) = 0; warp 0 always saw key 0, so the max is finite. */
+    if (lane == 0) {
+        sm_m[w] = m;
+        sm_l[w] = l;
+    }
+#pragma unroll
+    for (int k = 0; k < ATT_PAIRS; k++) {
+        const int p = lane + 32 * k;
+        if (p < npairs) {
+            sm_acc[w][2 * p] = acc[k].x;
+            sm_acc[w][2 * p + 1] = acc[k].y;
+        }
+    }
+    __syncthreads();
+    float mx = sm_m[0];
+    for (int i = 1; i < ATT_WARPS; i++) mx = fmaxf(mx, sm_m[i]);
+    float wt[ATT_WARPS], sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ATT_WARPS; i++) {
+        wt[i] = expf(sm_m[i] - mx);
+        sum += sm_l[i] * wt[i];
+    }
+    const float inv = 1.0f / sum;
+    bf16 *out = att + (size_t)t * f.q_dim + (size_t)h * hd;
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+        float o = 0.0f;
+#pragma unroll
+        for (int k = 0; k < ATT_WARPS; k++) o += sm_acc[k][i] * wt[k];
+        out[i] = __float2bfloat16_rn(o * inv);
+    }
+}
+
+cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *att,
+                              cudaStream_t s)
+{
+    dim3 grid((unsigned)f->T, (unsigned)f->H);
+    attention_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
+    return cudaGetLastError();
+}
+
+/* ---- SwiGLU -------------------------------------------------------------- */
+
+static __global__ void swiglu_kernel(const float *gu, const float *b, int F, size_t total,
+                                     bf16 *act)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t t = i / F;
+        const int j = (int)(i % F);
+        float g = gu[t * 2 * F + j], u = gu[t * 2 * F + F + j];
+        if (b) {
+            g += b[j];
+            u += b[F + j];
+        }
+        act[i] = __float2bfloat16_rn(silu(g) * u);
+    }
+}
+
+cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
+                           cudaStream_t s)
+{
+    size_t total = (size_t)M * F;
+    swiglu_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(gu, b, F, total, act);
+    return cudaGetLastError();
+}
