@@ -47,7 +47,7 @@ for meta in "$FIX"/*/meta.json; do
         label=$(printf '%-24s %s T=%-3s' "$c" "$seq" "$T")
         out=$W/out/$c.$seq
         rc=0
-        "$CLI" --model "$W/$c" --prompt-ids "$ids" --max-tokens 0 --dump-logits "$out.logits" \
+        "$CLI" --backend cpu --model "$W/$c" --prompt-ids "$ids" --max-tokens 0 --dump-logits "$out.logits" \
             >"$out.log" 2>&1 </dev/null || rc=$?
         if [ "$rc" -ne 0 ]; then
             echo "FAIL $label: mkad-cli exited with status $rc"

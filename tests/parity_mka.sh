@@ -49,7 +49,7 @@ run() {
         bankargs=(--l3-bank "$W/$label.bank")
     fi
     local rc=0
-    "$CLI" --model "$dir" --prompt-ids "$ids" --max-tokens 0 --dump-logits "$W/$label.cli" \
+    "$CLI" --backend cpu --model "$dir" --prompt-ids "$ids" --max-tokens 0 --dump-logits "$W/$label.cli" \
         ${bankargs[@]+"${bankargs[@]}"} "$@" >"$W/$label.cli.log" 2>&1 || rc=$?
     if [ "$rc" -ne 0 ]; then
         echo "FAIL $label: mkad-cli exited with status $rc"
@@ -105,7 +105,7 @@ run bundled-mkad-tiny bundled 60 0
 run bundled-mkad-tiny-bank bundled 60 3 --chunk 16
 cases=$((cases + 1))
 fx=$top_srcdir/tests/fixtures/mkad-tiny
-if "$CLI" --model "$W/bundled" --prompt-ids "$(cat "$fx/torch.ids")" --max-tokens 0 \
+if "$CLI" --backend cpu --model "$W/bundled" --prompt-ids "$(cat "$fx/torch.ids")" --max-tokens 0 \
         --dump-logits "$W/bundled-torch.cli" >"$W/bundled-torch.cli.log" 2>&1; then
     "$PYTHON" "$CMP" logits "$W/bundled-torch.cli" "$fx/torch.logits" --tol "$TOL" \
         --label "$(printf '%-28s T=%-3s' bundled-vs-pytorch-train 10)" || fails=$((fails + 1))

@@ -31,7 +31,7 @@ CASES = [
      ["--arch", "qwen2", "--hidden", "448", "--layers", "2", "--heads", "7", "--kv-heads", "1",
       "--ffn", "1024", "--vocab", "1000", "--dtype", "bf16", "--seed", "41"]),
     ("llama_h14kv2_d128_bf16",
-     ["--arch", "llama", "--hidden", "512", "--layers", "2", "--heads", "14", "--kv-heads", "2",
+     ["--arch", "llama", "--hidden", "448", "--layers", "2", "--heads", "14", "--kv-heads", "2",
       "--head-dim", "128", "--ffn", "1024", "--vocab", "777", "--dtype", "bf16", "--seed", "42"]),
     ("qwen2_h4kv2_f32_tied",
      ["--arch", "qwen2", "--hidden", "256", "--layers", "3", "--heads", "4", "--kv-heads", "2",
