@@ -20,7 +20,7 @@ static void usage(FILE *f)
         "  --model DIR              Hugging Face model directory\n"
         "  --prompt TEXT            prompt text, encoded with DIR's tokenizer.json\n"
         "  --chat                   wrap --prompt as one user message in DIR's chat template\n"
-        "  --prompt-ids LIST        comma-separated prompt token ids\n"
+        "  --prompt-ids LIST        comma-separated prompt token ids (@FILE: read them from FILE)\n"
         "  --max-tokens N           tokens to generate (default 16; 0 = only evaluate the prompt)\n"
         "  --temperature T          0 = greedy (default 0)\n"
         "  --top-k K                (default 0 = off)\n"
@@ -78,6 +78,26 @@ static int parse_float(const char *opt, const char *s, float *out)
     }
     *out = v;
     return 0;
+}
+
+/* The whole file as a NUL-terminated string (caller frees), or NULL. */
+static char *read_text_file(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, n = 0, r;
+    char *buf = malloc(cap + 1);
+    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            char *b2 = realloc(buf, (cap *= 2) + 1);
+            if (!b2) { free(buf); buf = NULL; }
+            buf = b2;
+        }
+    }
+    fclose(f);
+    if (buf) buf[n] = '\0';
+    return buf;
 }
 
 /* Parses "1,2,3" into a new array; caller frees. */
@@ -243,6 +263,17 @@ int main(int argc, char **argv)
         }
         n_prompt = (int)n_ids;
         fprintf(stderr, "event=prompt_encoded tokens=%d\n", n_prompt);
+    } else if (ids_arg[0] == '@') {
+        /* --prompt-ids @FILE: long prompts exceed one argument's size limit. */
+        char *text = read_text_file(ids_arg + 1);
+        if (!text) {
+            fprintf(stderr, "mkad-cli: --prompt-ids: cannot read %s\n", ids_arg + 1);
+            return 2;
+        }
+        text[strcspn(text, "\r\n")] = '\0';
+        prompt = parse_ids(text, &n_prompt);
+        free(text);
+        if (!prompt) return 2;
     } else if (!(prompt = parse_ids(ids_arg, &n_prompt))) {
         return 2;
     }
