@@ -115,12 +115,24 @@ static size_t layout_weights(cuda_state *cs, const eng_engine *e, uintptr_t base
     return b.off;
 }
 
+/* Attention work units of a step of up to T rows: one per row group (at
+ * most T groups) and split; splitting adds fewer than att_target units
+ * (plan_attention). */
+static size_t att_max_units(const cuda_state *cs, const eng_engine *e)
+{
+    return (size_t)e->prm.max_batch_tokens + (size_t)cs->att_target;
+}
+
 /* Ints of the plan for a step of up to T rows and S items: tok, pos, item
- * (T each), items (S cu_item), block tables (S, MB), selected rows (S). */
-static size_t plan_ints(const eng_engine *e)
+ * (T each), items (S cu_item), block tables (S, MB), selected rows (S), and
+ * for the tensor-core attention its units and combine entries (one per row
+ * at most). */
+static size_t plan_ints(const cuda_state *cs, const eng_engine *e)
 {
     size_t T = (size_t)e->prm.max_batch_tokens, S = (size_t)e->prm.max_seqs;
-    return 3 * T + S * (sizeof(cu_item) / sizeof(int)) + S * (size_t)e->max_blocks_per_seq + S;
+    size_t n = 3 * T + S * (sizeof(cu_item) / sizeof(int)) + S * (size_t)e->max_blocks_per_seq + S;
+    if (!cs->att_simple) n += att_max_units(cs, e) * CU_ATT_UNIT_INTS + T * CU_ATT_COMB_INTS;
+    return n;
 }
 
 /* Places the sequence state and step scratch; returns the arena's bytes. */
@@ -149,8 +161,12 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->logits = take_f32(&b, S * e->V);
     cs->blas_ws_bytes = BLAS_WS_BYTES;
     cs->blas_ws = take(&b, BLAS_WS_BYTES);
-    cs->plan_ints = plan_ints(e);
+    cs->plan_ints = plan_ints(cs, e);
     cs->plan_dev = (int *)take(&b, cs->plan_ints * sizeof(int));
+    /* Split-attention partials (f32): outputs, then (max, sum) pairs. */
+    const size_t H = (size_t)e->q_dim / (size_t)e->hd;
+    cs->att_part_o = cs->att_simple ? NULL : take_f32(&b, (size_t)CU_ATT_PART_ROWS * e->q_dim);
+    cs->att_part_ml = cs->att_simple ? NULL : take_f32(&b, (size_t)CU_ATT_PART_ROWS * H * 2);
     return b.off;
 }
 
@@ -431,6 +447,26 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     cudaDeviceProp prop;
     CUDA_TRY(cudaGetDeviceProperties(&prop, 0));
     snprintf(cs->dev_name, sizeof cs->dev_name, "%s", prop.name);
+    cs->n_sm = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
+    /* Attention: the tensor-core kernels unless MKAD_CUDA_ATTN=simple asks for
+     * the simple one (the oracle) or the head size is not theirs. */
+    const char *am = getenv("MKAD_CUDA_ATTN");
+    if (am && *am && strcmp(am, "simple") != 0 && strcmp(am, "fast") != 0)
+        return eng__errf(err, errlen, ENG_EINVAL,
+                         "cuda: MKAD_CUDA_ATTN=%s: expected \"fast\" or \"simple\"", am);
+    cs->att_simple = (am && !strcmp(am, "simple")) || !eng__cu_attention_fast_hd(e->hd);
+    cs->att_target = 2 * cs->n_sm;
+    if (!cs->att_simple) {
+        int per_sm = 0;
+        CUDA_TRY(eng__cu_attention_setup(e->hd, &per_sm));
+        if (per_sm > 0) cs->att_target = per_sm * cs->n_sm;
+    }
+    /* MKAD_CUDA_ATTN_SPLIT=N (tests): split every row group's keys into
+     * pieces of N tiles of CU_ATT_KT keys, whatever the load. */
+    const char *sp = getenv("MKAD_CUDA_ATTN_SPLIT");
+    cs->att_force_tiles = sp && *sp ? atoi(sp) : 0;
+    if (cs->att_force_tiles < 0) cs->att_force_tiles = 0;
+    cs->att_max_units = att_max_units(cs, e);
     CUDA_TRY(cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking));
     CUBLAS_TRY(cublasCreate(&cs->blas));
     /* cublasSetStream resets a user workspace, so the workspace comes after. */
@@ -487,6 +523,9 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     f->ema = cs->ema;
     f->l3_mu = cs->l3_mu;
     f->l3_kappa = cs->l3_kappa;
+    f->att_simple = cs->att_simple;
+    f->att_part_o = cs->att_part_o;
+    f->att_part_ml = cs->att_part_ml;
 
     CUDA_TRY(cudaStreamSynchronize(cs->stream));
     e->kv_dtype = ENG_KV_BF16;
@@ -612,6 +651,138 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
     return ENG_OK;
 }
 
+/* ---- attention planning (kernels.cu, "paged causal GQA attention") ---- */
+
+/* Calls fn(item, r, nr, pf) for every row group of the step's attention:
+ * rows r .. r+nr-1 of the item.  Items of fewer than CU_ATT_PF_ROWS rows
+ * make decode groups of rpg_dec rows, all of them first; longer items make
+ * prefill groups of 64 rows, each item's last (longest-running, causal)
+ * group first.  The order is the unit order and the partial-row order. */
+template <typename Fn>
+static void att_groups(const cu_item *items, int n_items, int rpg_dec, Fn fn)
+{
+    for (int i = 0; i < n_items; i++) {
+        const int n = items[i].n_tokens;
+        if (n >= CU_ATT_PF_ROWS) continue;
+        for (int r = 0; r < n; r += rpg_dec) fn(i, r, n - r < rpg_dec ? n - r : rpg_dec, 0);
+    }
+    for (int i = 0; i < n_items; i++) {
+        const int n = items[i].n_tokens;
+        if (n < CU_ATT_PF_ROWS) continue;
+        for (int r = (n - 1) / 64 * 64; r >= 0; r -= 64) fn(i, r, n - r < 64 ? n - r : 64, 1);
+    }
+}
+
+/* Plans the attention of a step for the tensor-core kernels: its row groups
+ * (att_groups), and when they alone would not fill the device (fewer thread
+ * blocks than att_target) key splits of `chunk` tiles, so that the blocks of
+ * all groups' splits fill it about once; splits that would need more
+ * partial rows or units than there is room for are made larger.  Appends the
+ * units (decode groups first) and the combine entries to the plan at *o and
+ * points f at their device copies. */
+static int plan_attention(const cuda_state *cs, const cu_item *items, int n_items, int *hp,
+                          size_t *o, cu_fwd *f, char *err, size_t errlen)
+{
+    const int KT = CU_ATT_KT, G = f->H / f->H_kv;
+    const int gb = G < 16 ? G : 16, nhg = (G + gb - 1) / gb, rpg_dec = 16 / gb;
+    const long long nhb_dec = (long long)f->H_kv * nhg, nhb_pf = f->H;
+    const long long target = cs->att_target > 0 ? cs->att_target : 1;
+
+    long long blocks0 = 0, work = 0, max_tiles = 0;
+    att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int pf) {
+        const long long tiles = ((long long)items[i].pos0 + r + nr + KT - 1) / KT;
+        const long long nhb = pf ? nhb_pf : nhb_dec;
+        blocks0 += nhb;
+        work += nhb * tiles;
+        if (tiles > max_tiles) max_tiles = tiles;
+    });
+
+    long long chunk = 0; /* key tiles per split; 0: no splits */
+    if (cs->att_force_tiles > 0) chunk = cs->att_force_tiles;
+    else if (blocks0 < target) chunk = (work + target - 1) / target;
+    if (chunk > 0) {
+        const long long minc = (max_tiles + CU_ATT_MAX_SPLITS - 1) / CU_ATT_MAX_SPLITS;
+        if (chunk < minc) chunk = minc;
+        if (chunk < 1) chunk = 1;
+        /* Terminates: once chunk >= max_tiles nothing is split (no partial
+         * rows, one unit per group, at most T <= att_max_units). */
+        for (;;) {
+            long long prows = 0, units = 0;
+            att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int) {
+                const long long tiles = ((long long)items[i].pos0 + r + nr + KT - 1) / KT;
+                const long long ns = (tiles + chunk - 1) / chunk;
+                units += ns;
+                if (ns > 1) prows += (long long)nr * ns;
+            });
+            if (prows <= CU_ATT_PART_ROWS && units <= (long long)cs->att_max_units) break;
+            chunk *= 2;
+        }
+    }
+
+    /* The units. */
+    int *units = hp + *o;
+    long long nu = 0, n_dec = 0, pbase = 0;
+    int bad = 0;
+    att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int pf) {
+        const int keys = items[i].pos0 + r + nr; /* the group's last row sees keys 0 .. keys-1 */
+        const long long tiles = ((long long)keys + KT - 1) / KT;
+        const long long ns = chunk > 0 ? (tiles + chunk - 1) / chunk : 1;
+        if (ns > CU_ATT_MAX_SPLITS || nu + ns > (long long)cs->att_max_units ||
+            (ns > 1 && pbase + (long long)nr * ns > CU_ATT_PART_ROWS)) {
+            bad = 1;
+            return;
+        }
+        for (long long sp = 0; sp < ns; sp++) {
+            int *u = units + nu * CU_ATT_UNIT_INTS;
+            const long long kb = sp * chunk * KT, ke = (sp + 1) * chunk * KT;
+            u[0] = i;
+            u[1] = items[i].start + r;
+            u[2] = nr;
+            u[3] = items[i].pos0 + r;
+            u[4] = ns > 1 ? (int)kb : 0;
+            u[5] = ns > 1 && ke < keys ? (int)ke : keys;
+            u[6] = ns > 1 ? (int)(pbase + sp) : -1;
+            u[7] = (int)ns;
+            nu++;
+        }
+        if (!pf) n_dec += ns;
+        if (ns > 1) pbase += (long long)nr * ns;
+    });
+    if (bad)
+        return eng__errf(err, errlen, ENG_EINVAL,
+                         "cuda: step: attention plan exceeds its buffers (%lld tiles per split)",
+                         chunk);
+    *o += (size_t)nu * CU_ATT_UNIT_INTS;
+
+    /* The combine entries: every row of a split group, in the same order. */
+    int *comb = hp + *o;
+    long long nc = 0;
+    pbase = 0;
+    att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int) {
+        const long long tiles = ((long long)items[i].pos0 + r + nr + KT - 1) / KT;
+        const long long ns = chunk > 0 ? (tiles + chunk - 1) / chunk : 1;
+        if (ns <= 1) return;
+        for (int k = 0; k < nr; k++) {
+            int *c = comb + nc * CU_ATT_COMB_INTS;
+            c[0] = items[i].start + r + k;
+            c[1] = (int)(pbase + (long long)k * ns);
+            c[2] = (int)ns;
+            c[3] = 0;
+            nc++;
+        }
+        pbase += (long long)nr * ns;
+    });
+    const size_t o_units = (size_t)(units - hp), o_comb = (size_t)(comb - hp);
+    *o += (size_t)nc * CU_ATT_COMB_INTS;
+
+    f->att_units = cs->plan_dev + o_units;
+    f->att_n_dec = (int)n_dec;
+    f->att_n_pf = (int)(nu - n_dec);
+    f->att_comb = cs->plan_dev + o_comb;
+    f->att_n_comb = (int)nc;
+    return ENG_OK;
+}
+
 /* Packs the plan into the pinned int buffer — tok (T), pos (T), item (T),
  * items (n_items), block tables (n_items, MB), selected rows (n_sel) — and
  * points f at their device copies.  Checks what would otherwise make a
@@ -684,6 +855,10 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
                              p->sel_row[s]);
     *o_sel = o;
     for (int s = 0; s < p->n_sel; s++) hp[o++] = p->sel_row[s];
+    if (!cs->att_simple) {
+        int rc = plan_attention(cs, items, n, hp, &o, f, err, errlen);
+        if (rc) return rc;
+    }
     *n_ints = o;
 
     const int *dp = cs->plan_dev;

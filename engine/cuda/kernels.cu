@@ -368,7 +368,77 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
     return cudaGetLastError();
 }
 
-/* ---- paged causal GQA attention --------------------------------------------
+/* ---- paged causal GQA attention ----------------------------------------------
+ *
+ * Design (issue 11).  Attention reads, per row and KV head, the K/V of every
+ * earlier position through the sequence's block table; K/V of one block and
+ * layer are (B, kv_dim) bf16 rows, K then V, so one key of one KV head is hd
+ * contiguous bf16 (256 bytes at hd 128).  Three kernels, one launch sequence
+ * per step for any ragged batch (the host plans the work with the step, in
+ * backend.cu plan_attention):
+ *
+ * 1. attn_tc_kernel<HD, 1> ("decode"): rows of items with fewer than
+ *    CU_ATT_PF_ROWS rows (decode tokens, short chunks).  A thread block takes
+ *    one row group x one KV head's query heads (up to 16: GQA packing, the
+ *    (row, head) pairs of 16 // G consecutive rows and G heads form the 16
+ *    query slots of one m16n8k16 MMA tile) x one key split.  Each K/V tile
+ *    (64 keys) is loaded once into shared memory and serves all G query heads;
+ *    the 4 warps split the tile's keys (16 each), each keeps its own online
+ *    softmax, and the four are merged at the end.
+ * 2. attn_tc_kernel<HD, 4> ("prefill", FlashAttention-2 style): rows of items
+ *    with at least CU_ATT_PF_ROWS rows, in tiles of 64 consecutive rows of one
+ *    query head; warp w owns query rows 16w .. 16w+15 against the whole 64-key
+ *    tile.  The 7 query heads of a KV head (GQA) re-read the same K/V tiles at
+ *    about the same time (the head is the fastest block index), so the
+ *    repeats come from L2, not HBM.  Per tile and warp: S = Q K^T (16 x 64,
+ *    hd/16 x 8 MMAs), causal mask, online softmax in f32 (log2 domain,
+ *    exp2f), P rounded to bf16 straight from the S accumulators into A
+ *    fragments (the C layout of two n8 tiles is the A layout of one k16
+ *    step), O += P V (4 x hd/8 MMAs, V fragments by ldmatrix.trans).
+ * 3. attn_combine_kernel: rows whose keys were split merge their splits'
+ *    (max, sum, unnormalised O) partials: O = sum_s 2^(m_s - M) O_s / sum_s
+ *    2^(m_s - M) l_s.
+ *
+ * Both tensor-core kernels: 128 threads; Q (f32 after RoPE) is rounded to
+ * bf16 into A fragments once per block; K/V tiles arrive by 16-byte cp.async
+ * (a half-warp reads one key's 256 contiguous bytes; rows past the range are
+ * zero-filled, never read) into two shared-memory stages, so the next tile
+ * loads while this one is computed; rows are padded by 8 bf16 (16 bytes), so
+ * that ldmatrix's eight 16-byte rows fall in distinct banks.  Shared memory:
+ * 2 stages x (K + V) x 64 x (hd + 8) x 2 bytes = 69,632 at hd 128 (36,864 at
+ * 64); after the loop the same bytes hold the warps' f32 O for the merge and
+ * the coalesced output write.  Accumulation is f32 throughout; the only
+ * roundings beyond the bf16 K/V are q and p to bf16 (relative 2^-9).
+ *
+ * Splits (flash-decoding).  Without splits a batch-1 decode step has only
+ * H_kv (4) blocks per layer.  The host counts the blocks of the step without
+ * splits; when they are fewer than att_target (the decode kernel's resident
+ * blocks on the whole device, about 3 x 132 on an H200), every row group's
+ * key range is cut into splits of c tiles, with c = ceil(total key tiles of
+ * all blocks / att_target), so the launch fills the device about once
+ * (4K context, batch 1: 64 splits of one tile x 4 KV heads = 256 blocks; 32K:
+ * 86 splits of 6 tiles = 344 blocks).  Split s of a group covers keys
+ * [s c 64, (s+1) c 64), so a row sees a key in exactly one split; a split may
+ * hold no key of some row (m = -inf, l = 0, weight 0 in the combine); split 0
+ * always holds key 0.  Partials are f32 (CU_ATT_PART_ROWS rows of H x hd, 29
+ * MB for the Qwen2.5-7B shape); a plan that would need more takes larger
+ * splits.
+ *
+ * Expected cost (H200, Qwen2.5-7B shape: 28 layers, 4 KV heads, hd 128; K/V
+ * 2 KB per token and layer): batch-1 decode reads 8 MB of K/V per layer at
+ * 4K (about 2 us at 4.2 TB/s; launch and combine latency dominate: ~5 us a
+ * layer, ~0.15 ms a step) and 64 MB at 32K (15 us at the floor, expect
+ * 70-80 % of it: ~20 us a layer, ~0.6 ms a step), against 1 and 7 ms a step
+ * of the old kernel.  Prefill: 4 x hd FLOPs per (query head, key) on tensor
+ * cores through mma.sync (Hopper runs it at a fraction of the wgmma rate;
+ * FlashAttention-2 reaches ~350 TFLOP/s with it on H100, this simpler
+ * kernel perhaps 150-250).
+ *
+ * The simple kernel (attention_simple_kernel) stays as the oracle
+ * (MKAD_CUDA_ATTN=simple) and for head sizes the tensor-core kernels do not
+ * take (hd not 32, 64 or 128). */
+
+/* ---- the simple kernel --------------------------------------------------------
  *
  * One block per (row t, query head h), ATT_WARPS warps.  Warp w takes keys
  * j = w, w + ATT_WARPS, ... up to the row's position, each through the
@@ -380,7 +450,7 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
 #define ATT_PAIRS (CU_MAX_HEAD_DIM / 64) /* pairs per lane */
 
 static __global__ void __launch_bounds__(ATT_WARPS * 32)
-    attention_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
+    attention_simple_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
 {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
     __shared__ float sm_acc[ATT_WARPS][CU_MAX_HEAD_DIM];
@@ -468,11 +538,443 @@ static __global__ void __launch_bounds__(ATT_WARPS * 32)
     }
 }
 
+/* ---- the tensor-core kernels ---------------------------------------------------- */
+
+#define FA_THREADS 128 /* 4 warps */
+
+static __device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16 bytes global -> shared, asynchronously (L2 only: K/V are streamed). */
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+/* Waits until at most N of this thread's committed groups are pending. */
+template <int N> static __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* Four 8x8 b16 matrices; lane l addresses row l % 8 of matrix l / 8 and
+ * receives of matrix i, in r[i], the elements (row l / 4, columns 2 (l % 4)
+ * and +1); .trans: (rows 2 (l % 4) and +1, column l / 4). */
+static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+/* c (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col).  With g = lane / 4
+ * and q = lane % 4, a thread holds
+ *   a[0] = A[g][2q, 2q+1]   a[1] = A[g+8][2q, 2q+1]
+ *   a[2] = A[g][2q+8, +9]   a[3] = A[g+8][2q+8, +9]
+ *   b0 = B[2q, 2q+1][g]     b1 = B[2q+8, 2q+9][g]
+ *   c[0], c[1] = C[g][2q, 2q+1]   c[2], c[3] = C[g+8][2q, 2q+1]
+ * (pairs: the lower column or row in the lower 16 bits). */
+static __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4],
+                                                uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* bf16 pair (lo in the lower 16 bits), rounded to nearest even. */
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+
+/* Loads keys k0 .. k0+63 of KV head kvh (those >= kend as zeros) into the
+ * K and V tiles (64, HD + 8) of one stage.  Thread i copies 16-byte chunk
+ * i % (HD/8) of rows i / (HD/8), + 128 / (HD/8), ...: a half-warp (hd 128)
+ * reads one key's 256 contiguous bytes. */
+template <int HD>
+static __device__ __forceinline__ void fa_load_tile(const cu_fwd &f, int layer, const int *btr,
+                                                    int kvh, int k0, int kend, bf16 *Ks, bf16 *Vs)
+{
+    constexpr int CPR = HD / 8, LD = HD + 8, RPP = FA_THREADS / CPR;
+    static_assert(FA_THREADS % CPR == 0 && CU_ATT_KT % RPP == 0, "tile load shape");
+    const int c = threadIdx.x % CPR;
+    const size_t kv_dim = (size_t)f.kv_dim;
+#pragma unroll
+    for (int r = threadIdx.x / CPR; r < CU_ATT_KT; r += RPP) {
+        const int j = k0 + r;
+        bf16 *kd = Ks + r * LD + c * 8, *vd = Vs + r * LD + c * 8;
+        if (j < kend) {
+            const int blk = btr[j / f.B], off = j % f.B;
+            const bf16 *ks = f.kv_pool +
+                             (((size_t)blk * f.n_layers + layer) * 2 * f.B + off) * kv_dim +
+                             (size_t)kvh * HD + c * 8;
+            cp_async16(kd, ks);
+            cp_async16(vd, ks + (size_t)f.B * kv_dim);
+        } else {
+            *reinterpret_cast<uint4 *>(kd) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4 *>(vd) = make_uint4(0, 0, 0, 0);
+        }
+    }
+}
+
+/* Dynamic shared memory of attn_tc_kernel<HD, *>: two stages of K and V
+ * tiles; the epilogue's f32 O (64 rows of HD + 8) and m, l (64 each) fit in
+ * half of it. */
+static __host__ __device__ constexpr size_t fa_smem_bytes(int hd)
+{
+    return (size_t)2 * 2 * CU_ATT_KT * (hd + 8) * sizeof(bf16);
+}
+
+/* One block: unit blockIdx.x / nhb (rows, keys, output; see cu_fwd), head
+ * block blockIdx.x % nhb.  WM = 1 (decode): head block = (KV head, group of
+ * gb of its G query heads), nhb = H_kv * nhg; query slot s (0..15) is row
+ * s / gb, head s % gb of the group; warp w takes keys 16w .. 16w+15 of each
+ * tile.  WM = 4 (prefill): head block = query head, nhb = H, gb = 1; slot s
+ * (0..63) is row s; warp w owns slots 16w .. 16w+15 and all 64 keys. */
+template <int HD, int WM>
+static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
+    attn_tc_kernel(cu_fwd f, int layer, const float *__restrict__ q, bf16 *__restrict__ att,
+                   const int *__restrict__ units, int nhb, int gb, int nhg)
+{
+    constexpr int WN = 4 / WM;           /* warps across the keys of a tile */
+    constexpr int NK = CU_ATT_KT / WN;   /* keys per warp per tile: 16 or 64 */
+    constexpr int NT = NK / 8;           /* n8 tiles of S per warp */
+    constexpr int KS = HD / 16;          /* k16 steps over the head dimension */
+    constexpr int NO = HD / 8;           /* n8 tiles of O */
+    constexpr int LD = HD + 8;           /* row stride of the K/V tiles (bf16) */
+    constexpr int SLOTS = 16 * WM;       /* query slots per block */
+    constexpr int OLD = HD + 8;          /* row stride of the epilogue's O (f32) */
+    constexpr int STAGE = 2 * CU_ATT_KT * LD;
+    static_assert(HD % 32 == 0 && NK % 16 == 0 && WN * SLOTS == 64, "attention tile shape");
+    static_assert((size_t)(64 * OLD + 128) * sizeof(float) <= fa_smem_bytes(HD),
+                  "epilogue fits the stages");
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16 *const stage0 = reinterpret_cast<bf16 *>(fa_smem);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int wm = WM == 1 ? 0 : warp, wn = WM == 1 ? warp : 0;
+
+    const int *u = units + (size_t)(blockIdx.x / (unsigned)nhb) * CU_ATT_UNIT_INTS;
+    const int hb = (int)(blockIdx.x % (unsigned)nhb);
+    const int item = u[0], t0 = u[1], nr = u[2], pos0 = u[3], kb = u[4], ke = u[5];
+    const int part = u[6], ns = u[7];
+    const int G = f.H / f.H_kv;
+    int head0, nh;
+    if (WM == 1) {
+        const int hg = hb % nhg;
+        head0 = (hb / nhg) * G + hg * gb;
+        nh = min(gb, G - hg * gb);
+    } else {
+        head0 = hb;
+        nh = 1;
+    }
+    const int kvh = head0 / G;
+    const int *btr = f.bt + (size_t)item * f.MB;
+
+    /* This thread's two query slots (MMA rows gq and gq + 8 of its warp). */
+    const int sA = 16 * wm + gq, sB = sA + 8;
+    const int rA = sA / gb, hA = sA % gb, rB = sB / gb, hB = sB % gb;
+    const bool okA = rA < nr && hA < nh, okB = rB < nr && hB < nh;
+    /* Keys j < lim are visible to the slot (causal, and inside the unit);
+     * an unused slot sees the unit's keys and is never written. */
+    const int limA = okA ? min(ke, pos0 + rA + 1) : ke;
+    const int limB = okB ? min(ke, pos0 + rB + 1) : ke;
+
+    /* Q as bf16 A fragments, per k16 step. */
+    uint32_t qa[KS][4];
+    {
+        const float *qA = q + (size_t)(okA ? t0 + rA : t0) * f.q_dim + (size_t)(head0 + (okA ? hA : 0)) * HD;
+        const float *qB = q + (size_t)(okB ? t0 + rB : t0) * f.q_dim + (size_t)(head0 + (okB ? hB : 0)) * HD;
+        const float2 z = make_float2(0.0f, 0.0f);
+#pragma unroll
+        for (int k = 0; k < KS; k++) {
+            const int c = 16 * k + 2 * tq;
+            const float2 a0 = okA ? *reinterpret_cast<const float2 *>(qA + c) : z;
+            const float2 a2 = okA ? *reinterpret_cast<const float2 *>(qA + c + 8) : z;
+            const float2 a1 = okB ? *reinterpret_cast<const float2 *>(qB + c) : z;
+            const float2 a3 = okB ? *reinterpret_cast<const float2 *>(qB + c + 8) : z;
+            qa[k][0] = pack_bf16(a0.x, a0.y);
+            qa[k][1] = pack_bf16(a1.x, a1.y);
+            qa[k][2] = pack_bf16(a2.x, a2.y);
+            qa[k][3] = pack_bf16(a3.x, a3.y);
+        }
+    }
+
+    /* Scores in log2 units: s = q.k * att_scale * log2(e). */
+    const float sl2 = f.att_scale * 1.4426950408889634f;
+    float o[NO][4];
+#pragma unroll
+    for (int n = 0; n < NO; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float mA = -INFINITY, mB = -INFINITY, lA = 0.0f, lB = 0.0f; /* l: this thread's part */
+
+    const int ntiles = (ke - kb + CU_ATT_KT - 1) / CU_ATT_KT;
+    if (ntiles > 0) {
+        fa_load_tile<HD>(f, layer, btr, kvh, kb, ke, stage0, stage0 + CU_ATT_KT * LD);
+        cp_async_commit();
+    }
+    for (int it = 0; it < ntiles; it++) {
+        if (it + 1 < ntiles) {
+            bf16 *nx = stage0 + ((it + 1) & 1) * STAGE;
+            fa_load_tile<HD>(f, layer, btr, kvh, kb + (it + 1) * CU_ATT_KT, ke, nx,
+                             nx + CU_ATT_KT * LD);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads(); /* tile it is in shared memory for every thread */
+        const bf16 *Ks = stage0 + (it & 1) * STAGE + (wn * NK) * LD;
+        const bf16 *Vs = Ks + CU_ATT_KT * LD;
+
+        /* S (16 x NK) = Q K^T: ldmatrix rows are keys, columns head dims;
+         * matrices 0..3 = dims 32p + 0, 8, 16, 24 = (b0, b1) of steps 2p, 2p+1. */
+        float s[NT][4];
+#pragma unroll
+        for (int n = 0; n < NT; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int p = 0; p < KS / 2; p++) {
+#pragma unroll
+            for (int n = 0; n < NT; n++) {
+                uint32_t b[4];
+                ldsm_x4(b, Ks + (8 * n + (lane & 7)) * LD + 32 * p + 8 * (lane >> 3));
+                mma_bf16(s[n], qa[2 * p], b[0], b[1]);
+                mma_bf16(s[n], qa[2 * p + 1], b[2], b[3]);
+            }
+        }
+
+        /* Mask, scale, online softmax per slot row (a quad shares a row). */
+        const int kw = kb + it * CU_ATT_KT + wn * NK + 2 * tq; /* key of s[0][0] */
+        float xA = -INFINITY, xB = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int j = kw + 8 * n + e;
+                s[n][e] = j < limA ? s[n][e] * sl2 : -INFINITY;
+                s[n][2 + e] = j < limB ? s[n][2 + e] * sl2 : -INFINITY;
+                xA = fmaxf(xA, s[n][e]);
+                xB = fmaxf(xB, s[n][2 + e]);
+            }
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 1));
+        xA = fmaxf(xA, __shfl_xor_sync(0xffffffffu, xA, 2));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 1));
+        xB = fmaxf(xB, __shfl_xor_sync(0xffffffffu, xB, 2));
+        const float nA = fmaxf(mA, xA), nB = fmaxf(mB, xB);
+        /* Shift by 0 while a row has seen no key: exp2(-inf - 0) = 0, no NaN. */
+        const float uA = nA == -INFINITY ? 0.0f : nA, uB = nB == -INFINITY ? 0.0f : nB;
+        const float cA = exp2f(mA - uA), cB = exp2f(mB - uB);
+        mA = nA;
+        mB = nB;
+        float pA = 0.0f, pB = 0.0f;
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+            s[n][0] = exp2f(s[n][0] - uA);
+            s[n][1] = exp2f(s[n][1] - uA);
+            s[n][2] = exp2f(s[n][2] - uB);
+            s[n][3] = exp2f(s[n][3] - uB);
+            pA += s[n][0] + s[n][1];
+            pB += s[n][2] + s[n][3];
+        }
+        lA = lA * cA + pA;
+        lB = lB * cB + pB;
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            o[n][0] *= cA;
+            o[n][1] *= cA;
+            o[n][2] *= cB;
+            o[n][3] *= cB;
+        }
+
+        /* O += P V: P's A fragment of keys 16k .. 16k+15 is S tiles 2k, 2k+1;
+         * V by ldmatrix.trans, rows keys 16k + (0..7, 8..15), columns dims
+         * 16d + (0, 8): matrices 0..3 = (b0, b1) of O tiles 2d, 2d+1. */
+#pragma unroll
+        for (int k = 0; k < NK / 16; k++) {
+            const uint32_t pa[4] = {pack_bf16(s[2 * k][0], s[2 * k][1]),
+                                    pack_bf16(s[2 * k][2], s[2 * k][3]),
+                                    pack_bf16(s[2 * k + 1][0], s[2 * k + 1][1]),
+                                    pack_bf16(s[2 * k + 1][2], s[2 * k + 1][3])};
+#pragma unroll
+            for (int d = 0; d < HD / 16; d++) {
+                uint32_t b[4];
+                ldsm_x4_t(b, Vs + (16 * k + (lane & 7) + 8 * ((lane >> 3) & 1)) * LD + 16 * d +
+                                 8 * (lane >> 4));
+                mma_bf16(o[2 * d], pa, b[0], b[1]);
+                mma_bf16(o[2 * d + 1], pa, b[2], b[3]);
+            }
+        }
+        __syncthreads(); /* every warp is done with stage it & 1 before it is refilled */
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    /* Epilogue: each warp's O, m, l into shared memory (rows wn * SLOTS +
+     * slot), then the WN parts of each slot merged and written coalesced. */
+    lA += __shfl_xor_sync(0xffffffffu, lA, 1);
+    lA += __shfl_xor_sync(0xffffffffu, lA, 2);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 1);
+    lB += __shfl_xor_sync(0xffffffffu, lB, 2);
+    float *os = reinterpret_cast<float *>(fa_smem); /* (64, OLD) */
+    float *om = os + 64 * OLD, *ol = om + 64;       /* (64) each */
+    {
+        const int ra = wn * SLOTS + sA, rb = wn * SLOTS + sB;
+#pragma unroll
+        for (int n = 0; n < NO; n++) {
+            *reinterpret_cast<float2 *>(os + ra * OLD + 8 * n + 2 * tq) = make_float2(o[n][0], o[n][1]);
+            *reinterpret_cast<float2 *>(os + rb * OLD + 8 * n + 2 * tq) = make_float2(o[n][2], o[n][3]);
+        }
+        if (tq == 0) {
+            om[ra] = mA;
+            ol[ra] = lA;
+            om[rb] = mB;
+            ol[rb] = lB;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < SLOTS * HD; i += FA_THREADS) {
+        const int sl = i / HD, d = i % HD;
+        const int r = sl / gb, hh = sl % gb;
+        if (r >= nr || hh >= nh) continue;
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WN; w++) M = fmaxf(M, om[w * SLOTS + sl]);
+        const float Mu = M == -INFINITY ? 0.0f : M;
+        float L = 0.0f, O = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WN; w++) {
+            const int rw = w * SLOTS + sl;
+            const float c = exp2f(om[rw] - Mu);
+            L += ol[rw] * c;
+            O += os[rw * OLD + d] * c;
+        }
+        const int h = head0 + hh;
+        if (part < 0) {
+            att[(size_t)(t0 + r) * f.q_dim + (size_t)h * HD + d] =
+                __float2bfloat16_rn(L > 0.0f ? O / L : 0.0f);
+        } else {
+            const size_t pi = (size_t)(part + r * ns) * f.H + h;
+            f.att_part_o[pi * HD + d] = O;
+            if (d == 0) {
+                f.att_part_ml[2 * pi] = M;
+                f.att_part_ml[2 * pi + 1] = L;
+            }
+        }
+    }
+}
+
+/* One block per (combine entry, query head): merges the ns partial rows of
+ * the entry's row for head blockIdx.y and writes its attention output. */
+static __global__ void attn_combine_kernel(cu_fwd f, bf16 *att)
+{
+    __shared__ float w[CU_ATT_MAX_SPLITS];
+    const int *c = f.att_comb + (size_t)blockIdx.x * CU_ATT_COMB_INTS;
+    const int t = c[0], pr = c[1], ns = c[2], h = blockIdx.y, H = f.H, hd = f.hd;
+    const float *ml = f.att_part_ml;
+    float M = -INFINITY;
+    for (int s = 0; s < ns; s++) M = fmaxf(M, ml[2 * ((size_t)(pr + s) * H + h)]);
+    const float Mu = M == -INFINITY ? 0.0f : M;
+    for (int s = threadIdx.x; s < ns; s += blockDim.x)
+        w[s] = exp2f(ml[2 * ((size_t)(pr + s) * H + h)] - Mu);
+    __syncthreads();
+    float L = 0.0f;
+    for (int s = 0; s < ns; s++) L += w[s] * ml[2 * ((size_t)(pr + s) * H + h) + 1];
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (int s = 0; s < ns; s++) o += w[s] * f.att_part_o[((size_t)(pr + s) * H + h) * hd + d];
+        att[(size_t)t * f.q_dim + (size_t)h * hd + d] = __float2bfloat16_rn(o * inv);
+    }
+}
+
+int eng__cu_attention_fast_hd(int hd) { return hd == 32 || hd == 64 || hd == 128; }
+
+template <int HD> static cudaError_t attn_setup_hd(int *per_sm)
+{
+    const int smem = (int)fa_smem_bytes(HD);
+    cudaError_t rc = cudaFuncSetAttribute(attn_tc_kernel<HD, 1>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (rc == cudaSuccess)
+        rc = cudaFuncSetAttribute(attn_tc_kernel<HD, 4>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (rc == cudaSuccess)
+        rc = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, attn_tc_kernel<HD, 1>,
+                                                           FA_THREADS, (size_t)smem);
+    return rc;
+}
+
+cudaError_t eng__cu_attention_setup(int hd, int *per_sm)
+{
+    *per_sm = 0;
+    switch (hd) {
+    case 32: return attn_setup_hd<32>(per_sm);
+    case 64: return attn_setup_hd<64>(per_sm);
+    case 128: return attn_setup_hd<128>(per_sm);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+template <int HD>
+static cudaError_t attn_launch_hd(const cu_fwd *f, int layer, const float *q, bf16 *att,
+                                  cudaStream_t s)
+{
+    const size_t smem = fa_smem_bytes(HD);
+    const int G = f->H / f->H_kv, gb = G < 16 ? G : 16, nhg = (G + gb - 1) / gb;
+    if (f->att_n_dec > 0) {
+        const int nhb = f->H_kv * nhg;
+        attn_tc_kernel<HD, 1><<<(unsigned)f->att_n_dec * (unsigned)nhb, FA_THREADS, smem, s>>>(
+            *f, layer, q, att, f->att_units, nhb, gb, nhg);
+        cudaError_t rc = cudaGetLastError();
+        if (rc != cudaSuccess) return rc;
+    }
+    if (f->att_n_pf > 0) {
+        attn_tc_kernel<HD, 4><<<(unsigned)f->att_n_pf * (unsigned)f->H, FA_THREADS, smem, s>>>(
+            *f, layer, q, att, f->att_units + (size_t)f->att_n_dec * CU_ATT_UNIT_INTS, f->H, 1, 1);
+        cudaError_t rc = cudaGetLastError();
+        if (rc != cudaSuccess) return rc;
+    }
+    if (f->att_n_comb > 0) {
+        dim3 grid((unsigned)f->att_n_comb, (unsigned)f->H);
+        attn_combine_kernel<<<grid, 128, 0, s>>>(*f, att);
+    }
+    return cudaGetLastError();
+}
+
 cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *att,
                               cudaStream_t s)
 {
+    if (!f->att_simple) {
+        switch (f->hd) {
+        case 32: return attn_launch_hd<32>(f, layer, q, att, s);
+        case 64: return attn_launch_hd<64>(f, layer, q, att, s);
+        case 128: return attn_launch_hd<128>(f, layer, q, att, s);
+        default: return cudaErrorInvalidValue; /* init chose the simple kernel for these */
+        }
+    }
     dim3 grid((unsigned)f->T, (unsigned)f->H);
-    attention_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
+    attention_simple_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
     return cudaGetLastError();
 }
 
