@@ -17,7 +17,7 @@
  * blocks: build with -fsanitize=address to catch any access out of bounds.
  *
  * Not part of the build (no GPU needed, no CUDA runtime linked); by hand:
- *   g++ -std=c++17 -O1 -g -fsanitize=address -Wall -Wextra -I engine -I . \
+ *   g++ -std=c++17 -O1 -g -fsanitize=address -Wall -Wextra -Wno-unknown-pragmas -I engine -I . \
  *       -I /usr/local/cuda/include engine/cuda/attn_emu.cc -o /tmp/attn_emu &&
  *   ASAN_OPTIONS=detect_stack_use_after_return=0 /tmp/attn_emu
  * (about 30 s; ASan warns once that it does not fully support swapcontext).
@@ -330,10 +330,7 @@ static void run_block(int n)
         }
 }
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas" /* #pragma unroll */
 #include "attn_tc.cuh"
-#pragma GCC diagnostic pop
 
 /* ---- the test -------------------------------------------------------------- */
 
