@@ -276,24 +276,27 @@ template <int N> static void cp_async_wait()
 /* Runs g_body on n fibers (one block) until all are done. */
 static void fiber_entry() { g_body(); g_fib[g_cur].done = true; }
 
+static void make_fiber(int t)
+{
+    fiber &fb = g_fib[t];
+    fb.stack.resize(EMU_STACK);
+    fb.done = false;
+    getcontext(&fb.ctx);
+    fb.ctx.uc_stack.ss_sp = fb.stack.data();
+    fb.ctx.uc_stack.ss_size = fb.stack.size();
+    fb.ctx.uc_link = &g_main;
+    makecontext(&fb.ctx, fiber_entry, 0);
+    g_pend[t].clear();
+    g_group[t] = 0;
+    g_coll[t] = 0;
+}
+
 static void run_block(int n)
 {
     g_nthreads = n;
     g_block_arr = 0;
     for (int w = 0; w < EMU_THREADS_MAX / 32; w++) g_warp_arr[w] = 0;
-    for (int t = 0; t < n; t++) {
-        fiber &fb = g_fib[t];
-        fb.stack.resize(EMU_STACK);
-        fb.done = false;
-        getcontext(&fb.ctx);
-        fb.ctx.uc_stack.ss_sp = fb.stack.data();
-        fb.ctx.uc_stack.ss_size = fb.stack.size();
-        fb.ctx.uc_link = &g_main;
-        makecontext(&fb.ctx, fiber_entry, 0);
-        g_pend[t].clear();
-        g_group[t] = 0;
-        g_coll[t] = 0;
-    }
+    for (int t = 0; t < n; t++) make_fiber(t);
     std::vector<int> order(n);
     for (int t = 0; t < n; t++) order[t] = t;
     const int nw = (n + 31) / 32;
