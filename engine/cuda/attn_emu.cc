@@ -540,6 +540,8 @@ int main()
         {"hd64 G20 (2 head groups), split 1", 64, 40, 2, 32, {{2, 100}, {64, 3}}, 1, 64},
         {"hd128 G16 one head group, prefill split 1", 128, 16, 1, 32, {{100, 120}}, 1, 64},
         {"hd128 G7 no split, many units", 128, 7, 1, 32, {{1, 70}, {1, 10}, {200, 0}}, 0, 1},
+        {"hd64 G7 auto, uneven splits (16 tiles / 10)", 64, 7, 1, 32, {{1, 999}}, 0, 10},
+        {"hd64 G7 split 1 over partial-row capacity", 64, 7, 1, 16, {{300, 200}}, 1, 64},
     };
     int bad = 0;
     unsigned seed = 11;

@@ -39,49 +39,61 @@ static void att_groups(const cu_item *items, int n_items, int rpg_dec, Fn fn)
 }
 
 /* Plans the attention of a step for the tensor-core kernels: its row groups
- * (att_groups), and when they alone would not fill the device (fewer thread
- * blocks than lim->target) key splits of `chunk` tiles, so that the blocks of
- * all groups' splits fill it about once; splits that would need more
- * partial rows or units than there is room for are made larger.  Appends the
- * units (decode groups first) and the combine entries to the plan at *o and
- * points f at their device copies (the plan's ints are uploaded to dp). */
+ * (att_groups) and their key splits, and appends the units (decode groups
+ * first) and the combine entries to the plan at *o; points f at their device
+ * copies (the plan's ints are uploaded to dp).
+ *
+ * Splits: when the groups alone make fewer thread blocks than lim->target
+ * (a device's worth), a group of `tiles` key tiles whose blocks are nhb
+ * gets ns = floor(tiles * target / W) splits, W = the sum of nhb * tiles
+ * over all groups, clamped to [1, min(tiles, CU_ATT_MAX_SPLITS)]: all
+ * splits together make at most `target` blocks of about W / target tiles
+ * each (one wave, no tail), and the tiles of a group are spread evenly
+ * (split s covers tiles [s tiles / ns, (s+1) tiles / ns), sizes differ by
+ * one at most, none empty).  lim->force_tiles (tests) asks for ns =
+ * ceil(tiles / force_tiles) instead.  A plan that needs more partial rows
+ * (CU_ATT_PART_ROWS) or units (lim->max_units) than there is room for is
+ * made again with half the target (or twice force_tiles): with fewer splits
+ * both shrink, down to no splits at all (no partial rows, one unit per
+ * group, at most T <= max_units). */
 static int plan_attention(const cu_att_limits *lim, const cu_item *items, int n_items, int *hp,
                           size_t *o, const int *dp, cu_fwd *f, char *err, size_t errlen)
 {
     const int KT = CU_ATT_KT, G = f->H / f->H_kv;
     const int gb = G < 16 ? G : 16, nhg = (G + gb - 1) / gb, rpg_dec = 16 / gb;
     const long long nhb_dec = (long long)f->H_kv * nhg, nhb_pf = f->H;
-    const long long target = lim->target > 0 ? lim->target : 1;
 
-    long long blocks0 = 0, work = 0, max_tiles = 0;
+    long long blocks0 = 0, work = 0;
     att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int pf) {
         const long long tiles = ((long long)items[i].pos0 + r + nr + KT - 1) / KT;
         const long long nhb = pf ? nhb_pf : nhb_dec;
         blocks0 += nhb;
         work += nhb * tiles;
-        if (tiles > max_tiles) max_tiles = tiles;
     });
 
-    long long chunk = 0; /* key tiles per split; 0: no splits */
-    if (lim->force_tiles > 0) chunk = lim->force_tiles;
-    else if (blocks0 < target) chunk = (work + target - 1) / target;
-    if (chunk > 0) {
-        const long long minc = (max_tiles + CU_ATT_MAX_SPLITS - 1) / CU_ATT_MAX_SPLITS;
-        if (chunk < minc) chunk = minc;
-        if (chunk < 1) chunk = 1;
-        /* Terminates: once chunk >= max_tiles nothing is split (no partial
-         * rows, one unit per group, at most T <= att_max_units). */
-        for (;;) {
-            long long prows = 0, units = 0;
-            att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int) {
-                const long long tiles = ((long long)items[i].pos0 + r + nr + KT - 1) / KT;
-                const long long ns = (tiles + chunk - 1) / chunk;
-                units += ns;
-                if (ns > 1) prows += (long long)nr * ns;
-            });
-            if (prows <= CU_ATT_PART_ROWS && units <= (long long)lim->max_units) break;
-            chunk *= 2;
-        }
+    /* Splits of a group of `tiles` key tiles, for the current tgt / force. */
+    long long tgt = 0, force = 0; /* both 0: no splits */
+    if (lim->force_tiles > 0) force = lim->force_tiles;
+    else if (blocks0 < lim->target) tgt = lim->target;
+    auto splits = [&](long long tiles) -> long long {
+        long long ns = 1;
+        if (force > 0) ns = (tiles + force - 1) / force;
+        else if (tgt > 0) ns = tiles * tgt / work;
+        if (ns > tiles) ns = tiles;
+        if (ns > CU_ATT_MAX_SPLITS) ns = CU_ATT_MAX_SPLITS;
+        return ns < 1 ? 1 : ns;
+    };
+    for (;;) {
+        long long prows = 0, units = 0;
+        att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int) {
+            const long long ns = splits(((long long)items[i].pos0 + r + nr + KT - 1) / KT);
+            units += ns;
+            if (ns > 1) prows += (long long)nr * ns;
+        });
+        if ((prows <= CU_ATT_PART_ROWS && units <= lim->max_units) || (tgt == 0 && force == 0))
+            break;
+        tgt /= 2;
+        force *= 2;
     }
 
     /* The units. */
@@ -91,21 +103,21 @@ static int plan_attention(const cu_att_limits *lim, const cu_item *items, int n_
     att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int pf) {
         const int keys = items[i].pos0 + r + nr; /* the group's last row sees keys 0 .. keys-1 */
         const long long tiles = ((long long)keys + KT - 1) / KT;
-        const long long ns = chunk > 0 ? (tiles + chunk - 1) / chunk : 1;
-        if (ns > CU_ATT_MAX_SPLITS || nu + ns > (long long)lim->max_units ||
+        const long long ns = splits(tiles);
+        if (bad || nu + ns > lim->max_units ||
             (ns > 1 && pbase + (long long)nr * ns > CU_ATT_PART_ROWS)) {
             bad = 1;
             return;
         }
         for (long long sp = 0; sp < ns; sp++) {
             int *u = units + nu * CU_ATT_UNIT_INTS;
-            const long long kb = sp * chunk * KT, ke = (sp + 1) * chunk * KT;
+            const long long kb = sp * tiles / ns * KT, ke = (sp + 1) * tiles / ns * KT;
             u[0] = i;
             u[1] = items[i].start + r;
             u[2] = nr;
             u[3] = items[i].pos0 + r;
-            u[4] = ns > 1 ? (int)kb : 0;
-            u[5] = ns > 1 && ke < keys ? (int)ke : keys;
+            u[4] = (int)kb;
+            u[5] = ke < keys ? (int)ke : keys;
             u[6] = ns > 1 ? (int)(pbase + sp) : -1;
             u[7] = (int)ns;
             nu++;
@@ -115,8 +127,7 @@ static int plan_attention(const cu_att_limits *lim, const cu_item *items, int n_
     });
     if (bad)
         return eng__errf(err, errlen, ENG_EINVAL,
-                         "cuda: step: attention plan exceeds its buffers (%lld tiles per split)",
-                         chunk);
+                         "cuda: step: attention plan exceeds its buffers (%lld units)", nu);
     *o += (size_t)nu * CU_ATT_UNIT_INTS;
 
     /* The combine entries: every row of a split group, in the same order. */
@@ -124,8 +135,7 @@ static int plan_attention(const cu_att_limits *lim, const cu_item *items, int n_
     long long nc = 0;
     pbase = 0;
     att_groups(items, n_items, rpg_dec, [&](int i, int r, int nr, int) {
-        const long long tiles = ((long long)items[i].pos0 + r + nr + KT - 1) / KT;
-        const long long ns = chunk > 0 ? (tiles + chunk - 1) / chunk : 1;
+        const long long ns = splits(((long long)items[i].pos0 + r + nr + KT - 1) / KT);
         if (ns <= 1) return;
         for (int k = 0; k < nr; k++) {
             int *c = comb + nc * CU_ATT_COMB_INTS;

@@ -374,8 +374,8 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
  * earlier position through the sequence's block table; K/V of one block and
  * layer are (B, kv_dim) bf16 rows, K then V, so one key of one KV head is hd
  * contiguous bf16 (256 bytes at hd 128).  Three kernels, one launch sequence
- * per step for any ragged batch (the host plans the work with the step, in
- * backend.cu plan_attention):
+ * per step for any ragged batch (the host plans the work with the step:
+ * attn_plan.h, plan_attention):
  *
  * 1. attn_tc_kernel<HD, 1> ("decode"): rows of items with fewer than
  *    CU_ATT_PF_ROWS rows (decode tokens, short chunks).  A thread block takes
@@ -413,26 +413,29 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
  * Splits (flash-decoding).  Without splits a batch-1 decode step has only
  * H_kv (4) blocks per layer.  The host counts the blocks of the step without
  * splits; when they are fewer than att_target (the decode kernel's resident
- * blocks on the whole device, about 3 x 132 on an H200), every row group's
- * key range is cut into splits of c tiles, with c = ceil(total key tiles of
- * all blocks / att_target), so the launch fills the device about once
- * (4K context, batch 1: 64 splits of one tile x 4 KV heads = 256 blocks; 32K:
- * 86 splits of 6 tiles = 344 blocks).  Split s of a group covers keys
- * [s c 64, (s+1) c 64), so a row sees a key in exactly one split; a split may
- * hold no key of some row (m = -inf, l = 0, weight 0 in the combine); split 0
- * always holds key 0.  Partials are f32 (CU_ATT_PART_ROWS rows of H x hd, 29
- * MB for the Qwen2.5-7B shape); a plan that would need more takes larger
- * splits.
+ * blocks on the whole device: 3 x 132 on an H200), a row group of `tiles`
+ * key tiles gets ns = floor(tiles * att_target / W) splits (W: blocks x
+ * tiles summed over all groups; at least 1, at most tiles and
+ * CU_ATT_MAX_SPLITS), its tiles spread evenly over them: one launch is then
+ * at most one wave of equal blocks.  Batch-1 decode, 4K context: 65 splits
+ * of one tile x 4 KV heads = 260 blocks; 32K: 99 splits of 5-6 tiles = 396
+ * blocks; batch 8 at 4K: 12 splits each, 384 blocks; batch 64 at 4K: 256
+ * blocks, no split.  A split may hold no key of some row of its group
+ * (m = -inf, l = 0, weight 0 in the combine); the first split holds key 0.
+ * Partials are f32 (CU_ATT_PART_ROWS rows of H x hd, 29 MB for the
+ * Qwen2.5-7B shape); a plan that would need more gets fewer splits.
  *
  * Expected cost (H200, Qwen2.5-7B shape: 28 layers, 4 KV heads, hd 128; K/V
  * 2 KB per token and layer): batch-1 decode reads 8 MB of K/V per layer at
- * 4K (about 2 us at 4.2 TB/s; launch and combine latency dominate: ~5 us a
- * layer, ~0.15 ms a step) and 64 MB at 32K (15 us at the floor, expect
- * 70-80 % of it: ~20 us a layer, ~0.6 ms a step), against 1 and 7 ms a step
- * of the old kernel.  Prefill: 4 x hd FLOPs per (query head, key) on tensor
- * cores through mma.sync (Hopper runs it at a fraction of the wgmma rate;
- * FlashAttention-2 reaches ~350 TFLOP/s with it on H100, this simpler
- * kernel perhaps 150-250).
+ * 4K (about 2 us at 4.2 TB/s; launch and combine latency dominate: ~5-8 us
+ * a layer, ~0.2 ms a step) and 64 MB at 32K (15 us at the floor, expect
+ * 70-80 % of it: ~20-25 us a layer with the combine, ~0.7 ms a step),
+ * where the simple kernel took about 27 and 215 ms a step (a linear fit of
+ * the 34.6 and 222.7 ms steps measured at 4K and 32K; the rest of the step,
+ * ~7.7 ms, is not attention).  Prefill: 4 x hd FLOPs per (query head, key)
+ * on tensor cores through mma.sync (Hopper runs it at a fraction of the
+ * wgmma rate; FlashAttention-2 reaches ~350 TFLOP/s with it on H100, this
+ * simpler kernel perhaps 150-250).
  *
  * The simple kernel (attention_simple_kernel) stays as the oracle
  * (MKAD_CUDA_ATTN=simple) and for head sizes the tensor-core kernels do not
