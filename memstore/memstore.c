@@ -43,7 +43,9 @@ struct ms_store {
     ms_log_fn log;
     void *log_ctx;
     pthread_rwlock_t gc_lock; /* writers of blocks: read side; ms_gc: write side */
-    long corrupt_dropped;     /* atomically updated */
+    long corrupt_dropped;     /* atomically updated, as the counters below */
+    long disk_hits, misses;
+    struct warm *warm;        /* NULL: no warm tier */
 };
 
 const char *ms_strerror(int rc)
@@ -198,6 +200,158 @@ static int get_value(ms_store *st, int cf, const char *key, size_t klen, char **
     return MS_OK;
 }
 
+/* ---- warm tier: block payloads in host memory, LRU under a byte budget ---- */
+
+typedef struct warm_ent {
+    uint8_t h[MS_HASH_BYTES];
+    size_t len;
+    struct warm_ent *hnext;      /* bucket chain */
+    struct warm_ent *prev, *next; /* LRU list: head.next is the most recent */
+    unsigned char data[];
+} warm_ent;
+
+typedef struct warm {
+    pthread_mutex_t mu;
+    warm_ent **tab;
+    size_t cap, n;     /* buckets (a power of two), entries */
+    warm_ent head;     /* LRU sentinel */
+    size_t bytes, budget;
+    long hits, evictions;
+} warm;
+
+static size_t warm_bucket(const warm *w, const uint8_t *h)
+{
+    uint64_t x;
+    memcpy(&x, h, 8); /* block hashes are uniform already */
+    return (size_t)x & (w->cap - 1);
+}
+
+static warm *warm_new(size_t budget)
+{
+    warm *w = calloc(1, sizeof *w);
+    if (!w) return NULL;
+    w->cap = 1024;
+    w->tab = calloc(w->cap, sizeof *w->tab);
+    if (!w->tab) {
+        free(w);
+        return NULL;
+    }
+    pthread_mutex_init(&w->mu, NULL);
+    w->head.prev = w->head.next = &w->head;
+    w->budget = budget;
+    return w;
+}
+
+static void warm_free(warm *w)
+{
+    if (!w) return;
+    for (warm_ent *e = w->head.next, *nx; e != &w->head; e = nx) {
+        nx = e->next;
+        free(e);
+    }
+    pthread_mutex_destroy(&w->mu);
+    free(w->tab);
+    free(w);
+}
+
+/* The entry for h and the link that points at it, or NULL. */
+static warm_ent *warm_find(warm *w, const uint8_t *h, warm_ent ***link)
+{
+    warm_ent **l = &w->tab[warm_bucket(w, h)];
+    for (; *l; l = &(*l)->hnext)
+        if (memcmp((*l)->h, h, MS_HASH_BYTES) == 0) break;
+    if (link) *link = l;
+    return *l;
+}
+
+static void lru_unlink(warm_ent *e)
+{
+    e->prev->next = e->next;
+    e->next->prev = e->prev;
+}
+
+static void lru_front(warm *w, warm_ent *e)
+{
+    e->next = w->head.next;
+    e->prev = &w->head;
+    w->head.next->prev = e;
+    w->head.next = e;
+}
+
+static void warm_remove(warm *w, warm_ent *e)
+{
+    warm_ent **l;
+    warm_find(w, e->h, &l);
+    *l = e->hnext;
+    lru_unlink(e);
+    w->bytes -= e->len;
+    w->n--;
+    free(e);
+}
+
+/* Copies h's payload into buf when held warm with exactly len bytes. */
+static int warm_get(warm *w, const uint8_t *h, void *buf, size_t len)
+{
+    pthread_mutex_lock(&w->mu);
+    warm_ent *e = warm_find(w, h, NULL);
+    int hit = e && e->len == len;
+    if (hit) {
+        memcpy(buf, e->data, len);
+        lru_unlink(e);
+        lru_front(w, e);
+        w->hits++;
+    }
+    pthread_mutex_unlock(&w->mu);
+    return hit;
+}
+
+/* Keeps a copy of a payload (best effort: skipped when it cannot fit or on
+ * allocation failure; the block is on disk regardless). */
+static void warm_put(warm *w, const uint8_t *h, const void *data, size_t len)
+{
+    if (len > w->budget) return;
+    warm_ent *ne = malloc(sizeof *ne + len);
+    if (!ne) return;
+    memcpy(ne->h, h, MS_HASH_BYTES);
+    ne->len = len;
+    memcpy(ne->data, data, len);
+    pthread_mutex_lock(&w->mu);
+    warm_ent *old = warm_find(w, h, NULL);
+    if (old) warm_remove(w, old);
+    while (w->bytes + len > w->budget && w->head.prev != &w->head) {
+        warm_remove(w, w->head.prev);
+        w->evictions++;
+    }
+    if (w->n >= w->cap) { /* grow to keep chains short */
+        warm_ent **nt = calloc(w->cap * 2, sizeof *nt);
+        if (nt) {
+            free(w->tab);
+            w->tab = nt;
+            w->cap *= 2;
+            for (warm_ent *e = w->head.next; e != &w->head; e = e->next) {
+                size_t b = warm_bucket(w, e->h);
+                e->hnext = w->tab[b];
+                w->tab[b] = e;
+            }
+        }
+    }
+    size_t b = warm_bucket(w, h);
+    ne->hnext = w->tab[b];
+    w->tab[b] = ne;
+    lru_front(w, ne);
+    w->bytes += len;
+    w->n++;
+    pthread_mutex_unlock(&w->mu);
+}
+
+static void warm_drop(warm *w, const uint8_t *h)
+{
+    pthread_mutex_lock(&w->mu);
+    warm_ent *e = warm_find(w, h, NULL);
+    if (e) warm_remove(w, e);
+    pthread_mutex_unlock(&w->mu);
+}
+
 /* ---- open / close -------------------------------------------------------- */
 
 static char *xstrdup(const char *s)
@@ -226,6 +380,7 @@ void ms_close(ms_store *st)
     if (st->w_async) rocksdb_writeoptions_destroy(st->w_async);
     if (st->r) rocksdb_readoptions_destroy(st->r);
     pthread_rwlock_destroy(&st->gc_lock);
+    warm_free(st->warm);
     free(st->identity);
     free(st->dir);
     free(st);
@@ -284,6 +439,10 @@ int ms_open(const ms_options *o, ms_store **out, char *err, size_t errlen)
     st->log = o->log;
     st->log_ctx = o->log_ctx;
     st->block_tokens = o->block_tokens;
+    if (o->warm_bytes && !(st->warm = warm_new(o->warm_bytes))) {
+        ms_close(st);
+        return errf(err, errlen, MS_ENOMEM, "memstore: out of memory");
+    }
     size_t il = strlen(o->fingerprint) + 64;
     st->identity = malloc(il);
     st->dir = xstrdup(o->dir);
@@ -511,6 +670,8 @@ int ms_session_put(ms_store *st, const ms_session *s, const ms_block *blocks, in
         pthread_rwlock_unlock(&st->gc_lock);
         if (e) rc = rdb_err(&e, err, errlen, "writing a session");
     }
+    if (rc == MS_OK && st->warm)
+        for (int i = 0; i < n; i++) warm_put(st->warm, blocks[i].hash, blocks[i].data, blocks[i].len);
     rocksdb_writebatch_destroy(wb);
     free(val);
     return rc;
@@ -630,20 +791,43 @@ int ms_session_list(ms_store *st, const char *user, const char *after_user, cons
 
 /* ---- blocks -------------------------------------------------------------- */
 
-int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, char *err, size_t errlen)
+int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, int *tier, char *err,
+                 size_t errlen)
 {
+    if (tier) *tier = 0;
+    if (st->warm && warm_get(st->warm, hash, buf, len)) {
+        if (tier) *tier = MS_TIER_WARM;
+        return MS_OK;
+    }
     char *v;
     const char *p;
     size_t n;
     int rc = get_value(st, CF_BLOCKS, (const char *)hash, MS_HASH_BYTES, &v, &p, &n, err, errlen);
-    if (rc != MS_OK) return rc;
-    if (n != len) {
+    if (rc == MS_OK && n != len) {
         rocksdb_free(v);
-        return errf(err, errlen, MS_ECORRUPT, "memstore: stored block has %zu bytes, expected %zu", n, len);
+        rc = errf(err, errlen, MS_ECORRUPT, "memstore: stored block has %zu bytes, expected %zu", n, len);
+    }
+    if (rc != MS_OK) {
+        __atomic_add_fetch(&st->misses, 1, __ATOMIC_RELAXED);
+        return rc;
     }
     memcpy(buf, p, n);
     rocksdb_free(v);
+    __atomic_add_fetch(&st->disk_hits, 1, __ATOMIC_RELAXED);
+    if (st->warm) warm_put(st->warm, hash, buf, n);
+    if (tier) *tier = MS_TIER_DISK;
     return MS_OK;
+}
+
+int ms_evict(ms_store *st, const char *user, const char *id, int tiers, char *err, size_t errlen)
+{
+    ms_session *s = NULL;
+    int rc = ms_session_get(st, user, id, &s, err, errlen);
+    if (rc != MS_OK) return rc;
+    if ((tiers & MS_TIER_WARM) && st->warm)
+        for (int i = 0; i < s->n_blocks; i++) warm_drop(st->warm, s->hashes + (size_t)i * MS_HASH_BYTES);
+    ms_session_free(s);
+    return (tiers & MS_TIER_DISK) ? ms_session_delete(st, user, id, err, errlen) : MS_OK;
 }
 
 static int cmp_hash(const void *a, const void *b)
@@ -696,6 +880,7 @@ int ms_gc(ms_store *st, long *n_deleted, char *err, size_t errlen)
                 const char *k = rocksdb_iter_key(sc.it, &kl);
                 if (kl == MS_HASH_BYTES && ls.n && bsearch(k, ls.h, ls.n, MS_HASH_BYTES, cmp_hash)) continue;
                 rocksdb_writebatch_delete_cf(wb, st->cf[CF_BLOCKS], k, kl);
+                if (st->warm && kl == MS_HASH_BYTES) warm_drop(st->warm, (const uint8_t *)k);
                 del++;
             }
             rc = scan_close(&sc, err, errlen);
@@ -844,6 +1029,17 @@ int ms_get_stats(ms_store *st, ms_stats *out, char *err, size_t errlen)
         out->disk_bytes += prop_u64(st, i, "rocksdb.total-sst-files-size") +
                            prop_u64(st, i, "rocksdb.total-blob-file-size");
     out->corrupt_dropped = __atomic_load_n(&st->corrupt_dropped, __ATOMIC_RELAXED);
+    out->disk_hits = __atomic_load_n(&st->disk_hits, __ATOMIC_RELAXED);
+    out->misses = __atomic_load_n(&st->misses, __ATOMIC_RELAXED);
+    if (st->warm) {
+        pthread_mutex_lock(&st->warm->mu);
+        out->warm_bytes = st->warm->bytes;
+        out->warm_budget = st->warm->budget;
+        out->warm_blocks = (long)st->warm->n;
+        out->warm_hits = st->warm->hits;
+        out->warm_evictions = st->warm->evictions;
+        pthread_mutex_unlock(&st->warm->mu);
+    }
     return MS_OK;
 }
 

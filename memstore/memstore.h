@@ -32,6 +32,12 @@
  * so the user is part of every block's identity.  A block stays on disk
  * while a session refers to it; ms_gc deletes the rest.
  *
+ * Tiers.  The memstore holds the two tiers below the engine's block pool
+ * (hot): warm, a byte-budgeted LRU cache of block payloads in host memory,
+ * and cold, RocksDB.  Writes go through both (a block written is on disk
+ * and in the cache); reads try warm first and fill it from cold.  Dropping a
+ * block from warm (LRU, or ms_evict) therefore never loses it.
+ *
  * A turn is written as ONE atomic RocksDB write batch (its new blocks and the
  * session record), through the write-ahead log: after a crash a turn is
  * either wholly there or wholly absent.  With sync = 1 the call returns only
@@ -68,6 +74,7 @@ typedef struct ms_options {
     const char *fingerprint; /* the model's identity (eng_model_info.fingerprint + shape);
                                 a store written for another is refused */
     int block_tokens;        /* tokens per K/V block (part of the identity) */
+    size_t warm_bytes;       /* budget of the host-memory tier (0: no warm tier) */
     ms_log_fn log;           /* may be NULL */
     void *log_ctx;
 } ms_options;
@@ -126,8 +133,18 @@ int ms_session_delete(ms_store *st, const char *user, const char *id, char *err,
 int ms_session_list(ms_store *st, const char *user, const char *after_user, const char *after_id,
                     int (*fn)(void *ctx, const ms_session *s), void *ctx, char *err, size_t errlen);
 
-/* Reads one block's payload into buf (len bytes, which must be its size). */
-int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, char *err, size_t errlen);
+/* Reads one block's payload into buf (len bytes, which must be its size),
+ * from the warm tier when it holds it, else from disk (then kept warm).
+ * *tier (may be NULL) receives MS_TIER_WARM or MS_TIER_DISK. */
+enum { MS_TIER_WARM = 1, MS_TIER_DISK = 2 };
+int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, int *tier, char *err,
+                 size_t errlen);
+
+/* Drops a session from the given tiers (MS_TIER_* bits): warm drops its
+ * blocks from the cache (they stay on disk); disk deletes the record (its
+ * blocks go at the next ms_gc, unless other sessions share them).
+ * MS_ENOTFOUND when there is no such session. */
+int ms_evict(ms_store *st, const char *user, const char *id, int tiers, char *err, size_t errlen);
 
 /* Deletes every block no session record refers to; *n_deleted receives how
  * many (may be NULL). */
@@ -153,6 +170,10 @@ typedef struct ms_stats {
     long sessions, blocks, chunks;        /* exact counts (a scan) */
     uint64_t sessions_bytes, blocks_bytes, chunks_bytes; /* value bytes */
     uint64_t disk_bytes;                  /* SST + blob files on disk */
+    uint64_t warm_bytes, warm_budget;     /* payload bytes held warm / allowed */
+    long warm_blocks;
+    long warm_hits, disk_hits, misses;    /* ms_block_get since open */
+    long warm_evictions;                  /* blocks dropped from warm by the budget */
     long corrupt_dropped;                 /* since open */
 } ms_stats;
 int ms_get_stats(ms_store *st, ms_stats *out, char *err, size_t errlen);

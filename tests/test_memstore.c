@@ -38,6 +38,7 @@ static void log_cb(void *ctx, const char *msg)
 
 static char g_dir[4096];
 static logbuf g_log;
+static size_t g_warm; /* warm tier budget of the next open */
 
 static void fresh_dir(const char *name)
 {
@@ -46,11 +47,13 @@ static void fresh_dir(const char *name)
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
     ck_assert_int_eq(system(cmd), 0);
     memset(&g_log, 0, sizeof g_log);
+    g_warm = 0;
 }
 
 static int open_fp(const char *fp, int bt, ms_store **st, char *err, size_t errlen)
 {
-    ms_options o = { .dir = g_dir, .fingerprint = fp, .block_tokens = bt, .log = log_cb, .log_ctx = &g_log };
+    ms_options o = { .dir = g_dir, .fingerprint = fp, .block_tokens = bt, .warm_bytes = g_warm,
+                     .log = log_cb, .log_ctx = &g_log };
     return ms_open(&o, st, err, errlen);
 }
 
@@ -103,7 +106,7 @@ static void check_session(ms_store *st, const char *user, const char *id, int n,
     for (int i = 0; i < s->n_blocks; i++) {
         unsigned char got[BLOCK], want[BLOCK];
         fill_block(want, s->tokens[i * B] + 1000 * i);
-        ck_assert_msg(ms_block_get(st, s->hashes + i * MS_HASH_BYTES, got, BLOCK, err, sizeof err) == MS_OK,
+        ck_assert_msg(ms_block_get(st, s->hashes + i * MS_HASH_BYTES, got, BLOCK, NULL, err, sizeof err) == MS_OK,
                       "block %d: %s", i, err);
         ck_assert(memcmp(got, want, BLOCK) == 0);
     }
@@ -217,15 +220,15 @@ START_TEST(damaged_values_dropped_never_trusted)
     damage("sessions", "alice\0s2", 8, 1);                           /* a truncated record */
     st = open_ok();
     unsigned char buf[BLOCK];
-    ck_assert_int_eq(ms_block_get(st, h0, buf, BLOCK, err, sizeof err), MS_ECORRUPT);
+    ck_assert_int_eq(ms_block_get(st, h0, buf, BLOCK, NULL, err, sizeof err), MS_ECORRUPT);
     ck_assert_msg(strstr(g_log.last, "memstore_corrupt") && strstr(g_log.last, "checksum"), "log: %s", g_log.last);
-    ck_assert_int_eq(ms_block_get(st, h0, buf, BLOCK, err, sizeof err), MS_ENOTFOUND); /* dropped */
+    ck_assert_int_eq(ms_block_get(st, h0, buf, BLOCK, NULL, err, sizeof err), MS_ENOTFOUND); /* dropped */
     ck_assert_int_eq(ms_session_get(st, "alice", "s2", &s, err, sizeof err), MS_ECORRUPT);
     ck_assert_ptr_null(s);
     ck_assert_msg(strstr(g_log.last, "truncated"), "log: %s", g_log.last);
     /* The rest still reads. */
     ck_assert_int_eq(ms_session_get(st, "alice", "s1", &s, err, sizeof err), MS_OK);
-    ck_assert_int_eq(ms_block_get(st, s->hashes + MS_HASH_BYTES, buf, BLOCK, err, sizeof err), MS_OK);
+    ck_assert_int_eq(ms_block_get(st, s->hashes + MS_HASH_BYTES, buf, BLOCK, NULL, err, sizeof err), MS_OK);
     ms_session_free(s);
     ms_stats stt;
     ck_assert_int_eq(ms_get_stats(st, &stt, err, sizeof err), MS_OK);
@@ -257,6 +260,45 @@ START_TEST(block_identity)
     uint64_t bank[2] = { 5, 6 };
     ms_block_hashes(st, "alice", bank, 2, a, 12, hd); /* nor do banks */
     ck_assert(memcmp(ha, hd, MS_HASH_BYTES) != 0);
+    ms_close(st);
+}
+END_TEST
+
+START_TEST(warm_tier_lru_and_eviction)
+{
+    fresh_dir("warm");
+    g_warm = 3 * BLOCK; /* room for three blocks */
+    ms_store *st = open_ok();
+    put_session(st, "alice", "s1", 20, 0, 0); /* 5 blocks: the last 3 stay warm */
+    char err[256];
+    ms_stats t;
+    ck_assert_int_eq(ms_get_stats(st, &t, err, sizeof err), MS_OK);
+    ck_assert_int_eq(t.warm_blocks, 3);
+    ck_assert_int_eq(t.warm_bytes, 3 * BLOCK);
+    ck_assert_int_eq(t.warm_evictions, 2);
+    ms_session *s = NULL;
+    ck_assert_int_eq(ms_session_get(st, "alice", "s1", &s, err, sizeof err), MS_OK);
+    unsigned char buf[BLOCK], want[BLOCK];
+    int tier;
+    ck_assert_int_eq(ms_block_get(st, s->hashes + 4 * MS_HASH_BYTES, buf, BLOCK, &tier, err, sizeof err), MS_OK);
+    ck_assert_int_eq(tier, MS_TIER_WARM);
+    ck_assert_int_eq(ms_block_get(st, s->hashes, buf, BLOCK, &tier, err, sizeof err), MS_OK);
+    ck_assert_int_eq(tier, MS_TIER_DISK); /* evicted from warm, read from disk ... */
+    fill_block(want, 0);
+    ck_assert(memcmp(buf, want, BLOCK) == 0);
+    ck_assert_int_eq(ms_block_get(st, s->hashes, buf, BLOCK, &tier, err, sizeof err), MS_OK);
+    ck_assert_int_eq(tier, MS_TIER_WARM); /* ... and kept warm again */
+    ck_assert(memcmp(buf, want, BLOCK) == 0);
+    /* Evicting from warm keeps the session on disk, whole. */
+    ck_assert_int_eq(ms_evict(st, "alice", "s1", MS_TIER_WARM, err, sizeof err), MS_OK);
+    ck_assert_int_eq(ms_get_stats(st, &t, err, sizeof err), MS_OK);
+    ck_assert_int_eq(t.warm_blocks, 0);
+    ck_assert_int_eq(t.warm_hits, 2);
+    ck_assert_int_eq(t.disk_hits, 1);
+    check_session(st, "alice", "s1", 20, 0);
+    ck_assert_int_eq(ms_evict(st, "alice", "s1", MS_TIER_WARM | MS_TIER_DISK, err, sizeof err), MS_OK);
+    ck_assert_int_eq(ms_evict(st, "alice", "s1", MS_TIER_DISK, err, sizeof err), MS_ENOTFOUND);
+    ms_session_free(s);
     ms_close(st);
 }
 END_TEST
@@ -424,6 +466,7 @@ int main(void)
     tcase_add_test(tc, second_opener_refused);
     tcase_add_test(tc, damaged_values_dropped_never_trusted);
     tcase_add_test(tc, block_identity);
+    tcase_add_test(tc, warm_tier_lru_and_eviction);
     tcase_add_test(tc, listing_per_user_and_paged);
     tcase_add_test(tc, gc_keeps_shared_blocks);
     tcase_add_test(tc, longterm_chunks_per_user);
