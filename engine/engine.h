@@ -134,8 +134,8 @@ typedef struct eng_stats {
     int blocks_used;
     int seqs_active;
     size_t kv_bytes;      /* bytes of the K/V pool (K/V + EMA checkpoints) */
-    const char *kv_dtype; /* "f32" or "bf16": K/V are kept in the model's dtype (bf16 for
-                             bf16 models; always bf16 on CUDA) */
+    const char *kv_dtype; /* "f32" or "bf16": the CPU keeps K/V in bf16 for a bf16
+                             checkpoint, else f32; CUDA always in bf16 */
 } eng_stats;
 void eng_get_stats(const eng_engine *e, eng_stats *out);
 
