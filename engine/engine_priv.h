@@ -4,11 +4,10 @@
  * The core (engine.c, state.c) is backend-neutral: it owns the sequence
  * slots, their token ids and block tables, the free-block list and the
  * blocks' reference counts, step validation and batch packing, and the state
- * layouts.  Everything that holds
- * numbers the forward pass computes — weights in the backend's form, the K/V
- * pool, the EMA checkpoints, each sequence's running EMA state and L3 bank,
- * step scratch — belongs to the backend, reached only through the ops table
- * below (engine/cpu/ is the reference, engine/cuda/ the GPU twin).  Data
+ * layouts.  Everything that holds numbers the forward pass computes —
+ * weights in the backend's form, the K/V pool, the EMA checkpoints, each
+ * sequence's running EMA state and L3 bank, step scratch — belongs to the
+ * backend, reached only through the ops table below (engine/cpu/ is the reference, engine/cuda/ the GPU twin).  Data
  * moves between core and backend as host buffers in the layouts documented
  * here, so state can move between backends and memory tiers unchanged.
  */

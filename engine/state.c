@@ -64,18 +64,13 @@ static size_t kv_elem(int dtype) { return dtype == ENG_KV_BF16 ? 2 : 4; }
 
 static size_t ema_bytes(const eng_engine *e) { return (size_t)e->n_layers * e->D * sizeof(float); }
 
-/* Bytes of the block records of n_tokens positions: full blocks with their
- * EMA checkpoints, then a partial block's K/V rows without one. */
-static size_t blocks_bytes(const eng_engine *e, int n_tokens, int kv_dtype)
-{
-    size_t per_pos = (size_t)e->n_layers * 2 * e->kv_dim * kv_elem(kv_dtype);
-    return (size_t)n_tokens * per_pos + (size_t)(n_tokens / e->B) * ema_bytes(e);
-}
-
+/* Tokens, the running EMA state, the bank, then the block records: K/V rows
+ * of every position and the EMA checkpoint of every full block. */
 static size_t payload_bytes(const eng_engine *e, int n_tokens, int l3_n, int kv_dtype)
 {
-    return (size_t)n_tokens * sizeof(int32_t) + (size_t)(1 + l3_n) * ema_bytes(e) +
-           blocks_bytes(e, n_tokens, kv_dtype);
+    size_t kv_per_pos = (size_t)e->n_layers * 2 * e->kv_dim * kv_elem(kv_dtype);
+    return (size_t)n_tokens * (sizeof(int32_t) + kv_per_pos) +
+           (size_t)(1 + l3_n + n_tokens / e->B) * ema_bytes(e);
 }
 
 /* ---- block records ------------------------------------------------------- */

@@ -341,7 +341,8 @@ static unsigned char *blocks_out(const eng_engine *e, int seq, int first, int n,
     return buf;
 }
 
-/* A sequence of `m` with the test bank and the first n prompt tokens. */
+/* A new sequence (with the test bank when asked) holding the first n prompt
+ * tokens. */
 static int seq_with_prompt(eng_engine *e, int n, int with_bank)
 {
     int seq, all[] = { n };
