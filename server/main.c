@@ -86,7 +86,13 @@ static const option_def options[] = {
     { "auth", "api_keys_file", OPT_STR, O(api_keys_file), "", 0, 0,
       "file of API keys (one per line, '#' starts a comment); a file with no key is refused" },
     { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,
-      "directory for persistent state (created if missing; systemd: /var/lib/mkad)" },
+      "directory for persistent state (created if missing; systemd: /var/lib/mkad): sessions persist "
+      "in <dir>/sessions (RocksDB) across restarts; empty = sessions live only while resident" },
+    { "state", "session_warm_mb", OPT_INT, O(session_warm_mb), "1024", 0, 1 << 24,
+      "host-memory tier of the session store in MiB (K/V blocks of idle sessions; 0 = disk only)" },
+    { "state", "session_sync", OPT_BOOL, O(session_sync), "true", 0, 1,
+      "fsync every turn's write (true: an answered turn survives a power loss; false: the OS "
+      "flushes it later, a crash of mkad alone still loses nothing)" },
 };
 #pragma GCC diagnostic pop
 #define N_OPTIONS (sizeof options / sizeof *options)

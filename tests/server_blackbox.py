@@ -32,8 +32,8 @@ PROMPT = [1, 15, 27, 300, 42, 7]
 class Daemon:
     """One mkad process; stderr is collected in a thread."""
 
-    def __init__(self, *args, wait_ready=True, env=None):
-        self.state = tempfile.mkdtemp(prefix="mkad-bb-")
+    def __init__(self, *args, wait_ready=True, env=None, state=None):
+        self.state = state or tempfile.mkdtemp(prefix="mkad-bb-")
         cmd = [ARGS.mkad, "--model", ARGS.model, "--host", "127.0.0.1", "--port", "0",
                "--state-dir", self.state] + list(args)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -340,10 +340,10 @@ def test_concurrent_streams_independent():
     assert total > big, (total, big)
 
 
-def wait_metric(pred, timeout=10):
+def wait_metric(pred, timeout=10, d=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        m = metrics(D)
+        m = metrics(d or D)
         if pred(m):
             return m
         time.sleep(0.05)
@@ -439,6 +439,58 @@ def test_sessions_reuse_prefix():
     assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
     m = metrics(D)
     assert m["mkad_sessions_resident"] >= 1 and m["mkad_cached_tokens_total"] >= cached + 32
+
+
+def test_session_survives_restart():
+    """A session's turns persist in the state directory: after a restart the
+    session resumes from the store (blocks loaded, only the rest prefilled)
+    with the same output as recomputing it; a store of another model shape
+    and a second daemon on the same directory are refused."""
+    d = Daemon()
+    eb = dict(IDS, session_id="bb-persist")
+    p1 = list(range(3, 103))
+    try:
+        c = d.client()
+        r1 = completion(c, seed=3, max_tokens=12, prompt=p1, extra_body=eb)
+        p2 = p1 + r1.choices[0].model_extra["token_ids"] + [7, 8, 9]
+        r2 = completion(c, seed=4, max_tokens=12, prompt=p2, extra_body=eb)
+        assert r2.usage.prompt_tokens_details.cached_tokens == 100 + 12 - 1
+        wait_metric(lambda m: m["mkad_session_writes_total"] >= 2 and m["mkad_session_write_queue"] == 0, d=d)
+        # a second daemon on the same state directory is refused, the first one keeps serving
+        second = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert second.returncode != 0 and "in use by another process" in second.stderr, second.stderr[-2000:]
+        assert http("GET", d.base + "/health")[0] == 200
+    finally:
+        assert d.stop() == 0
+    p3 = p2 + r2.choices[0].model_extra["token_ids"] + [11, 12]
+    d = Daemon(state=d.state)
+    try:
+        c = d.client()
+        r3 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=eb)
+        held = len(p2) + 12 - 1  # what the session held when the first daemon stopped
+        assert r3.usage.prompt_tokens_details.cached_tokens == held // 32 * 32, r3.usage
+        m = metrics(d)
+        assert m["mkad_session_lookups_total"] == 1
+        assert m['mkad_session_blocks_loaded_total{tier="disk"}'] == held // 32, m
+        # the same as recomputing everything (the CPU engine is exact)
+        r4 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=IDS)
+        assert r4.usage.prompt_tokens_details.cached_tokens == 0
+        assert r4.choices[0].model_extra["token_ids"] == r3.choices[0].model_extra["token_ids"]
+        assert any("event=session_resumed session=bb-persist" in l for l in d.lines)
+    finally:
+        assert d.stop() == 0
+    # a store written for another block format is refused, and left as it was
+    other = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state,
+                            "--block-size", "16"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=30)
+    assert other.returncode != 0 and "written for another model" in other.stderr, other.stderr[-2000:]
+    d = Daemon(state=d.state)
+    try:
+        r5 = completion(d.client(), seed=5, max_tokens=12, prompt=p3, extra_body=eb)
+        assert r5.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_session_concurrent_requests_serialize():
