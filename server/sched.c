@@ -354,10 +354,12 @@ static session *session_find(srv_engine *se, const char *id)
 }
 
 /* Writes a session's turn behind: the blocks that became full since the
- * last write (exported here, on the engine thread) and all its token ids. */
-static void persist(srv_engine *se, session *s)
+ * last write (exported here, on the engine thread) and all its token ids.
+ * With final, the store posts that event after the write; returns 0 when it
+ * took it, -1 when the caller must post it. */
+static int persist(srv_engine *se, session *s, const srv_event *final)
 {
-    if (!se->store) return;
+    if (!se->store) return -1;
     int n_full = eng_seq_n_full_blocks(se->eng, s->seq);
     int first = s->persisted < n_full ? s->persisted : n_full;
     size_t len = (size_t)(n_full - first) * se->bf.block_bytes;
@@ -367,21 +369,29 @@ static void persist(srv_engine *se, session *s)
         free(buf);
         if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_export", rc, NULL);
         srv_log("error", "session_write_failed", " session=%s error=\"export: %s\"", s->id, eng_strerror(rc));
-        return;
+        return -1;
     }
+    if (final) flush_events(se); /* the job's tokens go out before its deferred FINAL */
     if (srv_store_write(se->store, STORE_USER, s->id, eng_seq_tokens(se->eng, s->seq), eng_seq_len(se->eng, s->seq),
-                        n_full, first, buf) == 0)
-        s->persisted = n_full;
+                        n_full, first, buf, final) != 0)
+        return -1;
+    s->persisted = n_full;
+    return final ? 0 : -1;
 }
 
 static void finish_seq(srv_engine *se, int r, int finish, int status, const char *msg)
 {
     eseq *es = &se->run[r];
     srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
+    int posted = 0;
     if (es->sess && finish != SRV_FINISH_ERROR) {
         es->sess->busy = 0;
         es->sess->last_used = ++se->clock;
-        persist(se, es->sess);
+        /* session_sync: the response completes once the turn is durable */
+        srv_event fin = { .type = SRV_EV_FINAL, .job = es->job, .finish = finish, .status = status,
+                          .usage = u };
+        if (msg) snprintf(fin.msg, sizeof fin.msg, "%s", msg);
+        posted = persist(se, es->sess, se->cfg->session_sync ? &fin : NULL) == 0;
     } else if (es->sess) {
         es->sess->busy = 0;
         session_drop(se, es->sess); /* frees the sequence */
@@ -391,7 +401,7 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     }
     eng_sampler_free(es->smp);
     free(es->replay);
-    post_final(se, es->job, finish, status, msg, &u);
+    if (!posted) post_final(se, es->job, finish, status, msg, &u);
     se->run[r] = se->run[--se->n_run];
 }
 
@@ -909,7 +919,7 @@ static int open_store(srv_engine *se, char *err, size_t errlen)
                             .block_bytes = se->bf.block_bytes,
                             .warm_bytes = (size_t)se->cfg->session_warm_mb << 20,
                             .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
-                            .met = se->met };
+                            .met = se->met, .post = se->post, .post_arg = se->post_arg };
     double t0 = srv_now();
     if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;
     srv_log("info", "session_store_opened", " dir=%s warm_mib=%d durability=%s open_s=%.3f", path,

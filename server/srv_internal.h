@@ -254,6 +254,7 @@ struct srv_conn;
 /* ---- store.c: the session tier (memstore/ on a worker thread) ------------ */
 
 typedef struct srv_store srv_store;
+struct srv_event;
 
 /* What a lookup found: the blocks of the longest block-aligned prefix the
  * stored session shares with the prompt, ready for eng_seq_blocks_import. */
@@ -281,6 +282,8 @@ typedef struct srv_store_params {
     srv_store_loaded_fn loaded;
     void *loaded_ctx;
     struct srv_metrics *met; /* counters published after every task; may be NULL */
+    void (*post)(const struct srv_event *ev, int n, void *arg); /* posts deferred FINAL events */
+    void *post_arg;
 } srv_store_params;
 
 typedef struct srv_store_stats {
@@ -291,9 +294,11 @@ typedef struct srv_store_stats {
 
 int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen);
 /* Queues a turn's write: the session's token ids (copied) and the blocks
- * [first, n_full) in buf (taken over, freed by the store). */
+ * [first, n_full) in buf (taken over, freed by the store).  With final, that
+ * event is posted (params.post) after the write: the caller must not post
+ * it.  Returns -1 (nothing queued, buf freed) when memory runs out. */
 int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
-                    int n_full, int first, void *buf);
+                    int n_full, int first, void *buf, const struct srv_event *final);
 /* Queues a lookup for a job's prompt; the answer comes through the callback
  * with the same job id. */
 int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id,

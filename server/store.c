@@ -8,7 +8,10 @@
  *   write   after a session's turn: the session record (all token ids) and
  *           the blocks that became full since the last write, exported by
  *           the engine thread into a host buffer that the task owns.  Written
- *           as one atomic batch, synced when durability is "sync".
+ *           as one atomic batch.  With session_sync the batch is fsync'd and
+ *           the job's FINAL event travels with the task: the response
+ *           completes only once its turn is on stable storage, so a client
+ *           never holds an answer whose session a crash could lose.
  *   lookup  a request on a session that is not resident: the stored record,
  *           the longest block-aligned common prefix with the prompt, and
  *           those blocks read from the fastest tier that holds them (warm,
@@ -36,6 +39,8 @@ typedef struct task {
     int first;       /* write: the first block in buf */
     void *buf;       /* write: blocks [first, n_full), owned */
     srv_loaded *res; /* lookup: the answer, allocated up front (job_id set) */
+    srv_event final; /* write: the job's FINAL event, posted once the write is done */
+    int has_final;
     struct task *next;
 } task;
 
@@ -49,6 +54,8 @@ struct srv_store {
     srv_store_loaded_fn loaded;
     void *loaded_ctx;
     srv_metrics *met;
+    srv_post_fn post;
+    void *post_arg;
     pthread_t th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -187,8 +194,13 @@ static void *worker(void *arg)
         st->head = t->next;
         if (!st->head) st->tail = NULL;
         pthread_mutex_unlock(&st->mu);
-        if (t->kind == TASK_WRITE) do_write(st, t);
-        else do_lookup(st, t);
+        if (t->kind == TASK_WRITE) {
+            do_write(st, t);
+            /* the turn is acknowledged only now (durable when sync) */
+            if (t->has_final) st->post(&t->final, 1, st->post_arg);
+        } else {
+            do_lookup(st, t);
+        }
         task_free(t);
         pthread_mutex_lock(&st->mu);
         st->depth--;
@@ -248,6 +260,8 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
     st->loaded = p->loaded;
     st->loaded_ctx = p->loaded_ctx;
     st->met = p->met;
+    st->post = p->post;
+    st->post_arg = p->post_arg;
     pthread_mutex_init(&st->mu, NULL);
     pthread_cond_init(&st->cv, NULL);
     if (pthread_create(&st->th, NULL, worker, st) != 0) {
@@ -263,7 +277,7 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
 }
 
 int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
-                    int n_full, int first, void *buf)
+                    int n_full, int first, void *buf, const srv_event *final)
 {
     task *t = task_new(TASK_WRITE, user, id, tokens, n_tokens);
     if (!t) {
@@ -275,6 +289,10 @@ int srv_store_write(srv_store *st, const char *user, const char *id, const int32
     t->n_full = n_full;
     t->first = first;
     t->buf = buf;
+    if (final && st->post) {
+        t->final = *final;
+        t->has_final = 1;
+    }
     enqueue(st, t);
     return 0;
 }

@@ -10,6 +10,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -489,6 +490,58 @@ def test_session_survives_restart():
     try:
         r5 = completion(d.client(), seed=5, max_tokens=12, prompt=p3, extra_body=eb)
         assert r5.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigkill_keeps_acknowledged_turns():
+    """Kill -9 at random moments while sessions are written: after a restart
+    every turn whose response completed (with session_sync, the response
+    completes only once its turn is on disk) resumes from the store, exact,
+    and nothing stored is reported corrupt."""
+    rng = random.Random(11)
+    state = tempfile.mkdtemp(prefix="mkad-bb-kill-")
+    acked = {}  # session -> (prompt, output ids) of its last completed turn
+    for it in range(6):
+        d = Daemon(state=state)
+        stop = threading.Event()
+
+        def client(k):
+            sid = f"kill-{k}"
+            c = d.client()
+            while not stop.is_set():
+                p, o = acked.get(sid, ([k + 1] * 40, []))
+                prompt = p + o + [rng.randrange(5, 4000) for _ in range(3)]
+                if len(prompt) > 3000:
+                    return
+                try:
+                    r = completion(c, seed=k, max_tokens=8, prompt=prompt, extra_body=dict(IDS, session_id=sid))
+                except Exception:  # noqa: BLE001 - the daemon was killed
+                    return
+                acked[sid] = (prompt, r.choices[0].model_extra["token_ids"])
+
+        ths = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in ths:
+            t.start()
+        time.sleep(0.2 + rng.random() * 0.6)
+        d.proc.kill()
+        stop.set()
+        for t in ths:
+            t.join()
+        d.proc.wait()
+        assert not [l for l in d.lines if "memstore_corrupt" in l], d.lines[-20:]
+    assert len(acked) == 4 and sum(len(p) for p, _ in acked.values()) > 4 * 60, "too few turns completed"
+    d = Daemon(state=state)
+    try:
+        c = d.client()
+        for sid, (p, o) in sorted(acked.items()):
+            held = len(p) + len(o) - 1
+            prompt = p + o + [9, 9]
+            r = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=dict(IDS, session_id=sid))
+            assert r.usage.prompt_tokens_details.cached_tokens >= held // 32 * 32, (sid, held, r.usage)
+            ref = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=IDS)
+            assert r.choices[0].model_extra["token_ids"] == ref.choices[0].model_extra["token_ids"], sid
+        assert not [l for l in d.lines if "memstore_corrupt" in l or "session_write_failed" in l]
     finally:
         assert d.stop() == 0
 
