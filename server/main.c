@@ -86,7 +86,17 @@ static const option_def options[] = {
     { "auth", "api_keys_file", OPT_STR, O(api_keys_file), "", 0, 0,
       "file of API keys (one per line, '#' starts a comment); a file with no key is refused" },
     { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,
-      "directory for persistent state (created if missing; systemd: /var/lib/mkad)" },
+      "directory for persistent state (created if missing; systemd: /var/lib/mkad): sessions persist "
+      "in <dir>/sessions (RocksDB) across restarts; empty = sessions live only while resident" },
+    { "state", "session_warm_mb", OPT_INT, O(session_warm_mb), "1024", 0, 1 << 24,
+      "host-memory tier of the session store in MiB (K/V blocks of idle sessions; 0 = disk only)" },
+    { "state", "session_sync", OPT_BOOL, O(session_sync), "true", 0, 1,
+      "fsync every turn's write (true: an answered turn survives a power loss; false: the OS "
+      "flushes it later, a crash of mkad alone still loses nothing)" },
+    { "state", "session_ttl", OPT_INT, O(session_ttl_s), "2592000", 0, 1 << 30,
+      "seconds after its last turn a stored session is deleted (default 30 days; 0 = never)" },
+    { "state", "session_disk_mb", OPT_INT, O(session_disk_mb), "0", 0, 1 << 30,
+      "cap on stored sessions in MiB: the least recently used go first (0 = no cap)" },
 };
 #pragma GCC diagnostic pop
 #define N_OPTIONS (sizeof options / sizeof *options)

@@ -24,12 +24,17 @@
  * again: every job it holds or later receives gets a 503 FINAL, and the loop
  * shuts the daemon down with a non-zero status so that systemd restarts it.
  *
- * Sessions (in memory for now): a session id maps to an engine sequence that
- * stays resident after its request ends.  A new request on the session keeps
- * the longest common token prefix (block-aligned) and prefills the rest.
- * Session resolution is a separate step (session_resolve) so that a later
- * tier can make it asynchronous: a job whose state is still loading simply
- * stays in the waiting list.
+ * Sessions: a session id maps to an engine sequence that stays resident
+ * after its request ends (hot).  A new request on the session keeps the
+ * longest common token prefix (block-aligned) and prefills the rest.  With a
+ * state directory, every finished turn also goes to the session store
+ * (store.c: the blocks that became full since the last write, exported here
+ * and written behind on the store's thread).  A request on a session that is
+ * not resident — evicted, or from before a restart — waits in the queue
+ * while the store looks it up (STORE_LOADING); when the answer comes back
+ * through the inbox, admit imports the stored blocks of the common prefix
+ * (eng_seq_blocks_import) and prefills only the rest.  Until API keys map to
+ * users, every request belongs to the one local user (STORE_USER).
  */
 #include "config.h"
 
@@ -40,6 +45,10 @@
 #include <string.h>
 
 #include "srv_internal.h"
+
+/* srv_job.store_state */
+enum { STORE_NONE = 0, STORE_LOADING, STORE_READY };
+#define STORE_USER "local"
 
 /* ---- the planner (pure) ------------------------------------------------------ */
 
@@ -121,6 +130,7 @@ typedef struct session {
     int seq;              /* resident engine sequence */
     int busy;             /* a running job uses it */
     uint64_t last_used;
+    int persisted;        /* full blocks already in the session store */
 } session;
 
 typedef struct eseq {
@@ -175,6 +185,9 @@ struct srv_engine {
     int step_no;
     uint64_t order, clock;
     int dead;             /* an engine call returned ENG_EDEVICE: never call it again */
+    srv_store *store;     /* the session store, or NULL (no state directory) */
+    eng_block_format bf;
+    srv_loaded *loaded;   /* lookups the store's thread answered, guarded by mu */
 };
 
 int srv_config_backend(const srv_config *cfg, int *backend)
@@ -340,13 +353,45 @@ static session *session_find(srv_engine *se, const char *id)
     return NULL;
 }
 
+/* Writes a session's turn behind: the blocks that became full since the
+ * last write (exported here, on the engine thread) and all its token ids.
+ * With final, the store posts that event after the write; returns 0 when it
+ * took it, -1 when the caller must post it. */
+static int persist(srv_engine *se, session *s, const srv_event *final)
+{
+    if (!se->store) return -1;
+    int n_full = eng_seq_n_full_blocks(se->eng, s->seq);
+    int first = s->persisted < n_full ? s->persisted : n_full;
+    size_t len = (size_t)(n_full - first) * se->bf.block_bytes;
+    void *buf = malloc(len ? len : 1);
+    int rc = buf ? eng_seq_blocks_export(se->eng, s->seq, first, n_full - first, buf, len) : ENG_ENOMEM;
+    if (rc != ENG_OK) {
+        free(buf);
+        if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_export", rc, NULL);
+        srv_log("error", "session_write_failed", " session=%s error=\"export: %s\"", s->id, eng_strerror(rc));
+        return -1;
+    }
+    if (final) flush_events(se); /* the job's tokens go out before its deferred FINAL */
+    if (srv_store_write(se->store, STORE_USER, s->id, eng_seq_tokens(se->eng, s->seq), eng_seq_len(se->eng, s->seq),
+                        n_full, first, buf, final) != 0)
+        return -1;
+    s->persisted = n_full;
+    return final ? 0 : -1;
+}
+
 static void finish_seq(srv_engine *se, int r, int finish, int status, const char *msg)
 {
     eseq *es = &se->run[r];
     srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
+    int posted = 0;
     if (es->sess && finish != SRV_FINISH_ERROR) {
         es->sess->busy = 0;
         es->sess->last_used = ++se->clock;
+        /* session_sync: the response completes once the turn is durable */
+        srv_event fin = { .type = SRV_EV_FINAL, .job = es->job, .finish = finish, .status = status,
+                          .usage = u };
+        if (msg) snprintf(fin.msg, sizeof fin.msg, "%s", msg);
+        posted = persist(se, es->sess, se->cfg->session_sync ? &fin : NULL) == 0;
     } else if (es->sess) {
         es->sess->busy = 0;
         session_drop(se, es->sess); /* frees the sequence */
@@ -356,7 +401,7 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     }
     eng_sampler_free(es->smp);
     free(es->replay);
-    post_final(se, es->job, finish, status, msg, &u);
+    if (!posted) post_final(se, es->job, finish, status, msg, &u);
     se->run[r] = se->run[--se->n_run];
 }
 
@@ -453,6 +498,9 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
             keep = 0;
         }
         if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_truncate", rc, NULL);
+        /* blocks past the cut were persisted for the old history: the
+         * next write covers the new ones (their identities differ) */
+        if (s->persisted > keep / se->info.block_size) s->persisted = keep / se->info.block_size;
     }
     es->cached = keep;
     es->n_past = keep;
@@ -460,6 +508,73 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     s->last_used = ++se->clock;
     es->sess = s;
     return 1;
+}
+
+/* Imports the blocks a store lookup found into the empty sequence seq;
+ * returns how many (0: recompute everything). */
+static int import_loaded(srv_engine *se, srv_job *job, int seq)
+{
+    srv_loaded *ld = job->loaded;
+    const char *sid = job->req->session_id;
+    if (!ld->found) {
+        srv_log("debug", "session_new", " session=%s", sid);
+        return 0;
+    }
+    char err[256] = "";
+    int rc = ld->n_blocks > 0 ? eng_seq_blocks_import(se->eng, seq, job->req->prompt, ld->n_blocks, ld->buf,
+                                                      (size_t)ld->n_blocks * se->bf.block_bytes, err, sizeof err)
+                              : ENG_OK;
+    if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_import", rc, err);
+    int n = rc == ENG_OK ? ld->n_blocks : 0;
+    char q[300];
+    srv_log("info", "session_resumed", " session=%s tokens=%d blocks_warm=%d blocks_disk=%d load_ms=%.2f "
+            "prefill_tokens=%d%s%s", sid, n * se->info.block_size, ld->blocks_warm, ld->blocks_disk,
+            ld->load_s * 1000.0, job->req->n_prompt - n * se->info.block_size, rc == ENG_OK ? "" : " error=",
+            rc == ENG_OK ? "" : srv_log_quote(err, q, sizeof q));
+    return n;
+}
+
+/* Hands the store's answers to their waiting jobs; an answer for a job that
+ * is gone (cancelled meanwhile) is dropped. */
+static void take_loaded(srv_engine *se)
+{
+    pthread_mutex_lock(&se->mu);
+    srv_loaded *l = se->loaded;
+    se->loaded = NULL;
+    pthread_mutex_unlock(&se->mu);
+    while (l) {
+        srv_loaded *next = l->next;
+        l->next = NULL;
+        srv_job *job = NULL;
+        for (int i = 0; i < se->n_wait && !job; i++)
+            if (se->wait[i]->id == l->job_id && se->wait[i]->store_state == STORE_LOADING) job = se->wait[i];
+        if (job) {
+            job->store_state = STORE_READY;
+            job->loaded = l;
+        } else {
+            srv_loaded_free(l);
+        }
+        l = next;
+    }
+}
+
+/* The store's callback (on its thread). */
+static void store_loaded(void *ctx, srv_loaded *res)
+{
+    srv_engine *se = ctx;
+    pthread_mutex_lock(&se->mu);
+    res->next = se->loaded;
+    se->loaded = res;
+    pthread_cond_signal(&se->cv);
+    pthread_mutex_unlock(&se->mu);
+}
+
+/* Waiting jobs whose session lookup is still running. */
+static int n_loading(const srv_engine *se)
+{
+    int n = 0;
+    for (int i = 0; i < se->n_wait; i++) n += se->wait[i]->store_state == STORE_LOADING;
+    return n;
 }
 
 /* Admits preempted sequences (oldest first), then waiting jobs FIFO, while
@@ -493,6 +608,17 @@ static void admit(srv_engine *se)
         const srv_genreq *rq = job->req;
         session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
         if (s && s->busy) { i++; continue; } /* same session in flight: let others pass */
+        if (!s && rq->session_id[0] && se->store && job->store_state != STORE_READY) {
+            /* not resident: ask the store first (the job waits meanwhile) */
+            if (job->store_state == STORE_NONE) {
+                if (srv_store_lookup(se->store, job->id, STORE_USER, rq->session_id, rq->prompt,
+                                     rq->n_prompt) == 0)
+                    job->store_state = STORE_LOADING;
+                else
+                    job->store_state = STORE_READY; /* out of memory: recompute */
+            }
+            if (job->store_state == STORE_LOADING) { i++; continue; }
+        }
         int need = blocks_for(se, rq->n_prompt + rq->max_tokens);
         if (need > se->info.n_blocks) {
             char msg[160];
@@ -519,6 +645,8 @@ static void admit(srv_engine *se)
             int seq;
             if (take_slot(se, &seq) != ENG_OK) break;
             es.seq = seq;
+            int imported = job->loaded ? import_loaded(se, job, seq) : 0;
+            es.cached = es.n_past = imported * se->info.block_size;
             if (rq->session_id[0]) {
                 if (se->n_sess == se->cfg->max_sessions) evict_lru(se, NULL);
                 if (se->n_sess < se->cfg->max_sessions) {
@@ -527,10 +655,13 @@ static void admit(srv_engine *se)
                     ns->seq = seq;
                     ns->busy = 1;
                     ns->last_used = ++se->clock;
+                    ns->persisted = imported;
                     es.sess = ns;
                 }
             }
         }
+        srv_loaded_free(job->loaded);
+        job->loaded = NULL;
         if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK) {
             if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
             else eng_seq_free(se->eng, es.seq);
@@ -579,6 +710,7 @@ static void publish_state(srv_engine *se)
     eng_get_stats(se->eng, &st);
     srv_metrics_state(se->met, se->n_run, se->n_wait + se->n_pre, st.blocks_used, st.blocks_total,
                       se->n_sess);
+
 }
 
 /* New K/V blocks the planned item k needs. */
@@ -771,6 +903,32 @@ static void engine_progress(void *ctx, const char *line)
     srv_log("info", "engine_progress", " msg=%s", srv_log_quote(msg, q, sizeof q));
 }
 
+/* Opens the session store in the state directory, bound to this model and
+ * this engine's block format (a store of another is refused: the daemon
+ * stops rather than serve without the sessions it promised to keep). */
+static int open_store(srv_engine *se, char *err, size_t errlen)
+{
+    const eng_model_info *mi = eng_model_get_info(se->model);
+    char identity[256];
+    snprintf(identity, sizeof identity, "model=%s arch=%s layers=%d hidden=%d kv_dim=%d kv_dtype=%s block_bytes=%zu",
+             mi->fingerprint, mi->arch, mi->n_layers, mi->d_model, se->bf.kv_dim,
+             se->bf.kv_dtype == ENG_KV_BF16 ? "bf16" : "f32", se->bf.block_bytes);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/sessions", se->cfg->state_dir);
+    srv_store_params sp = { .dir = path, .identity = identity, .block_tokens = se->bf.block_tokens,
+                            .block_bytes = se->bf.block_bytes,
+                            .warm_bytes = (size_t)se->cfg->session_warm_mb << 20,
+                            .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
+                            .met = se->met, .post = se->post, .post_arg = se->post_arg,
+                            .ttl_s = se->cfg->session_ttl_s,
+                            .disk_budget = (uint64_t)se->cfg->session_disk_mb << 20 };
+    double t0 = srv_now();
+    if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;
+    srv_log("info", "session_store_opened", " dir=%s warm_mib=%d durability=%s open_s=%.3f", path,
+            se->cfg->session_warm_mb, se->cfg->session_sync ? "sync" : "async", srv_now() - t0);
+    return 0;
+}
+
 static int load(srv_engine *se)
 {
     char err[512];
@@ -794,6 +952,11 @@ static int load(srv_engine *se)
     p.max_batch_tokens = se->cfg->max_batch_tokens;
     p.kv_mem_mb = se->cfg->kv_mem_mb;
     if ((rc = eng_create(se->model, &p, &se->eng, err, sizeof err)) != ENG_OK) goto fail;
+    eng_get_block_format(se->eng, &se->bf);
+    if (se->cfg->state_dir && *se->cfg->state_dir && open_store(se, err, sizeof err) != 0) {
+        rc = ENG_EINVAL;
+        goto fail;
+    }
     char tinfo[160];
     if (srv_text_load(se->cfg->model, &se->codec, tinfo, sizeof tinfo, err, sizeof err) != 0) {
         rc = ENG_EFORMAT;
@@ -856,7 +1019,10 @@ static void *engine_main(void *arg)
     if (load(se) != 0) return NULL;
     for (;;) {
         pthread_mutex_lock(&se->mu);
-        while (!se->stop && se->n_inbox == 0 && se->n_run == 0 && se->n_wait == 0 && se->n_pre == 0)
+        /* sleep while nothing can move: no new job, no store answer, nothing
+         * running, and every waiting job waits for the store */
+        while (!se->stop && se->n_inbox == 0 && !se->loaded && se->n_run == 0 && se->n_pre == 0 &&
+               se->n_wait == n_loading(se))
             pthread_cond_wait(&se->cv, &se->mu);
         if (se->stop) {
             pthread_mutex_unlock(&se->mu);
@@ -876,6 +1042,7 @@ static void *engine_main(void *arg)
             se->n_inbox -= n;
         }
         pthread_mutex_unlock(&se->mu);
+        take_loaded(se);
 
         if (se->dead) { /* new jobs after a device fault: answer them at once */
             fail_all_dead(se);
@@ -884,13 +1051,16 @@ static void *engine_main(void *arg)
         }
         drop_cancelled(se);
         admit(se);
-        if (!se->dead && se->n_run == 0 && se->n_wait > 0) {
+        if (!se->dead && se->n_run == 0 && se->n_wait > n_loading(se)) {
             /* Nothing runs and nothing could be admitted: only busy sessions
              * block the head, which cannot happen with n_run == 0, or the
              * pool is exhausted by idle sessions, which admit evicts.  Fail
-             * the head rather than spin. */
-            fail_job(se, se->wait[0], 503, "no sequence slot or K/V memory available");
-            memmove(se->wait, se->wait + 1, (size_t)(se->n_wait - 1) * sizeof *se->wait);
+             * the first job that is not waiting for the store rather than
+             * spin. */
+            int h = 0;
+            while (se->wait[h]->store_state == STORE_LOADING) h++;
+            fail_job(se, se->wait[h], 503, "no sequence slot or K/V memory available");
+            memmove(se->wait + h, se->wait + h + 1, (size_t)(se->n_wait - h - 1) * sizeof *se->wait);
             se->n_wait--;
         }
         if (!se->dead) run_step(se);
@@ -967,6 +1137,16 @@ void srv_engine_stop(srv_engine *se)
     pthread_cond_signal(&se->cv);
     pthread_mutex_unlock(&se->mu);
     if (se->started) pthread_join(se->th, NULL);
+    srv_store_close(se->store); /* finishes every queued write */
+    while (se->loaded) {
+        srv_loaded *n = se->loaded->next;
+        srv_loaded_free(se->loaded);
+        se->loaded = n;
+    }
+    for (int i = 0; i < se->n_wait; i++) {
+        srv_loaded_free(se->wait[i]->loaded);
+        se->wait[i]->loaded = NULL;
+    }
     for (int r = 0; r < se->n_run; r++) {
         eng_sampler_free(se->run[r].smp);
         free(se->run[r].replay);

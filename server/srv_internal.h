@@ -251,6 +251,66 @@ enum srv_finish {
 
 struct srv_conn;
 
+/* ---- store.c: the session tier (memstore/ on a worker thread) ------------ */
+
+typedef struct srv_store srv_store;
+struct srv_event;
+
+/* What a lookup found: the blocks of the longest block-aligned prefix the
+ * stored session shares with the prompt, ready for eng_seq_blocks_import. */
+typedef struct srv_loaded {
+    uint64_t job_id;  /* the job that asked */
+    int found;        /* the session has a stored record */
+    int n_blocks;     /* blocks in buf */
+    void *buf;        /* (n_blocks, block_bytes) */
+    int blocks_warm, blocks_disk; /* where they came from */
+    double load_s;
+    struct srv_loaded *next; /* free for the receiver's list */
+} srv_loaded;
+void srv_loaded_free(srv_loaded *r);
+
+/* Called on the store's thread when a lookup ends; the receiver owns res. */
+typedef void (*srv_store_loaded_fn)(void *ctx, srv_loaded *res);
+
+typedef struct srv_store_params {
+    const char *dir;      /* the state directory */
+    const char *identity; /* model fingerprint + block format: a store of another is refused */
+    int block_tokens;
+    size_t block_bytes;   /* eng_block_format.block_bytes */
+    size_t warm_bytes;    /* host-memory tier budget */
+    int sync;             /* 1: a turn is durable (fsync) when its write completes */
+    srv_store_loaded_fn loaded;
+    void *loaded_ctx;
+    struct srv_metrics *met; /* counters published after every task; may be NULL */
+    void (*post)(const struct srv_event *ev, int n, void *arg); /* posts deferred FINAL events */
+    void *post_arg;
+    int ttl_s;               /* delete sessions idle this long (0: never) */
+    uint64_t disk_budget;    /* stored session bytes beyond which the least recently used go (0: none) */
+    double maint_interval_s; /* how often expiry and the budget are applied (0: 60 s) */
+} srv_store_params;
+
+typedef struct srv_store_stats {
+    int queue_depth;
+    long writes, write_failures, blocks_written;
+    long lookups, loaded_blocks_warm, loaded_blocks_disk;
+    long expired, evicted;   /* sessions deleted by the TTL / the disk budget */
+} srv_store_stats;
+
+int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen);
+/* Queues a turn's write: the session's token ids (copied) and the blocks
+ * [first, n_full) in buf (taken over, freed by the store).  With final, that
+ * event is posted (params.post) after the write: the caller must not post
+ * it.  Returns -1 (nothing queued, buf freed) when memory runs out. */
+int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
+                    int n_full, int first, void *buf, const struct srv_event *final);
+/* Queues a lookup for a job's prompt; the answer comes through the callback
+ * with the same job id. */
+int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id,
+                     const int32_t *prompt, int n_prompt);
+void srv_store_get_stats(srv_store *st, srv_store_stats *out);
+/* Finishes every queued task (writes are never dropped), then closes. */
+void srv_store_close(srv_store *st);
+
 typedef struct srv_job {
     /* immutable once submitted (read by the engine thread) */
     uint64_t id;
@@ -258,6 +318,9 @@ typedef struct srv_job {
     double t_arrival;
     /* shared */
     atomic_int cancel;          /* enum srv_cancel */
+    /* engine thread only */
+    int store_state;            /* STORE_*: the session lookup of a non-resident session */
+    srv_loaded *loaded;         /* its result, until admitted */
     /* loop only */
     int refs;                   /* 2 at submit: the engine's final event, the connection */
     struct srv_conn *conn;      /* NULL once the connection is gone */
@@ -347,6 +410,7 @@ void srv_metrics_ttft(srv_metrics *m, double s);
 void srv_metrics_itl(srv_metrics *m, double s);
 /* From the engine thread after each step. */
 void srv_metrics_step(srv_metrics *m, int n_seqs, int n_tokens, double step_s);
+void srv_metrics_store(srv_metrics *m, const srv_store_stats *st);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
 void srv_metrics_preempted(srv_metrics *m);

@@ -10,6 +10,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -32,8 +33,8 @@ PROMPT = [1, 15, 27, 300, 42, 7]
 class Daemon:
     """One mkad process; stderr is collected in a thread."""
 
-    def __init__(self, *args, wait_ready=True, env=None):
-        self.state = tempfile.mkdtemp(prefix="mkad-bb-")
+    def __init__(self, *args, wait_ready=True, env=None, state=None):
+        self.state = state or tempfile.mkdtemp(prefix="mkad-bb-")
         cmd = [ARGS.mkad, "--model", ARGS.model, "--host", "127.0.0.1", "--port", "0",
                "--state-dir", self.state] + list(args)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -340,10 +341,10 @@ def test_concurrent_streams_independent():
     assert total > big, (total, big)
 
 
-def wait_metric(pred, timeout=10):
+def wait_metric(pred, timeout=10, d=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        m = metrics(D)
+        m = metrics(d or D)
         if pred(m):
             return m
         time.sleep(0.05)
@@ -439,6 +440,142 @@ def test_sessions_reuse_prefix():
     assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
     m = metrics(D)
     assert m["mkad_sessions_resident"] >= 1 and m["mkad_cached_tokens_total"] >= cached + 32
+
+
+def test_session_survives_restart():
+    """A session's turns persist in the state directory: after a restart the
+    session resumes from the store (blocks loaded, only the rest prefilled)
+    with the same output as recomputing it; a store of another model shape
+    and a second daemon on the same directory are refused."""
+    d = Daemon()
+    eb = dict(IDS, session_id="bb-persist")
+    p1 = list(range(3, 103))
+    try:
+        c = d.client()
+        r1 = completion(c, seed=3, max_tokens=12, prompt=p1, extra_body=eb)
+        p2 = p1 + r1.choices[0].model_extra["token_ids"] + [7, 8, 9]
+        r2 = completion(c, seed=4, max_tokens=12, prompt=p2, extra_body=eb)
+        assert r2.usage.prompt_tokens_details.cached_tokens == 100 + 12 - 1
+        wait_metric(lambda m: m["mkad_session_writes_total"] >= 2 and m["mkad_session_write_queue"] == 0, d=d)
+        # a second daemon on the same state directory is refused, the first one keeps serving
+        second = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert second.returncode != 0 and "in use by another process" in second.stderr, second.stderr[-2000:]
+        assert http("GET", d.base + "/health")[0] == 200
+    finally:
+        assert d.stop() == 0
+    p3 = p2 + r2.choices[0].model_extra["token_ids"] + [11, 12]
+    d = Daemon(state=d.state)
+    try:
+        c = d.client()
+        r3 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=eb)
+        held = len(p2) + 12 - 1  # what the session held when the first daemon stopped
+        assert r3.usage.prompt_tokens_details.cached_tokens == held // 32 * 32, r3.usage
+        m = metrics(d)
+        assert m["mkad_session_lookups_total"] == 1
+        assert m['mkad_session_blocks_loaded_total{tier="disk"}'] == held // 32, m
+        # the same as recomputing everything (the CPU engine is exact)
+        r4 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=IDS)
+        assert r4.usage.prompt_tokens_details.cached_tokens == 0
+        assert r4.choices[0].model_extra["token_ids"] == r3.choices[0].model_extra["token_ids"]
+        assert any("event=session_resumed session=bb-persist" in l for l in d.lines)
+    finally:
+        assert d.stop() == 0
+    # a store written for another block format is refused, and left as it was
+    other = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state,
+                            "--block-size", "16"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=30)
+    assert other.returncode != 0 and "written for another model" in other.stderr, other.stderr[-2000:]
+    d = Daemon(state=d.state)
+    try:
+        r5 = completion(d.client(), seed=5, max_tokens=12, prompt=p3, extra_body=eb)
+        assert r5.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigkill_keeps_acknowledged_turns():
+    """Kill -9 at random moments while sessions are written: after a restart
+    every turn whose response completed (with session_sync, the response
+    completes only once its turn is on disk) resumes from the store, exact,
+    and nothing stored is reported corrupt."""
+    rng = random.Random(11)
+    state = tempfile.mkdtemp(prefix="mkad-bb-kill-")
+    acked = {}  # session -> (prompt, output ids) of its last completed turn
+    for it in range(6):
+        d = Daemon(state=state)
+        stop = threading.Event()
+
+        def client(k):
+            sid = f"kill-{k}"
+            c = d.client()
+            while not stop.is_set():
+                p, o = acked.get(sid, ([k + 1] * 40, []))
+                prompt = p + o + [rng.randrange(5, 4000) for _ in range(3)]
+                if len(prompt) > 3000:
+                    return
+                try:
+                    r = completion(c, seed=k, max_tokens=8, prompt=prompt, extra_body=dict(IDS, session_id=sid))
+                except Exception:  # noqa: BLE001 - the daemon was killed
+                    return
+                acked[sid] = (prompt, r.choices[0].model_extra["token_ids"])
+
+        ths = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in ths:
+            t.start()
+        time.sleep(0.2 + rng.random() * 0.6)
+        d.proc.kill()
+        stop.set()
+        for t in ths:
+            t.join()
+        d.proc.wait()
+        assert not [l for l in d.lines if "memstore_corrupt" in l], d.lines[-20:]
+    assert len(acked) == 4 and sum(len(p) for p, _ in acked.values()) > 4 * 60, "too few turns completed"
+    d = Daemon(state=state)
+    try:
+        c = d.client()
+        for sid, (p, o) in sorted(acked.items()):
+            held = len(p) + len(o) - 1
+            prompt = p + o + [9, 9]
+            r = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=dict(IDS, session_id=sid))
+            assert r.usage.prompt_tokens_details.cached_tokens >= held // 32 * 32, (sid, held, r.usage)
+            ref = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=IDS)
+            assert r.choices[0].model_extra["token_ids"] == ref.choices[0].model_extra["token_ids"], sid
+        assert not [l for l in d.lines if "memstore_corrupt" in l or "session_write_failed" in l]
+    finally:
+        assert d.stop() == 0
+
+
+def test_session_ttl_and_disk_budget():
+    """Stored sessions idle longer than session_ttl are deleted, and beyond
+    session_disk_mb the least recently used go first (applied at startup and
+    then periodically)."""
+    d = Daemon()
+    c = d.client()
+    for k in range(3):  # 3 sessions of ~12 blocks (~440 KiB each with mkad-tiny)
+        completion(c, seed=k, max_tokens=4, prompt=[k + 2] * 400, extra_body=dict(IDS, session_id=f"ttl-{k}"))
+        time.sleep(1.1)  # distinct last-use times (the store keeps milliseconds)
+    wait_metric(lambda m: m["mkad_session_writes_total"] == 3, d=d)
+    assert d.stop() == 0
+    d = Daemon("--session-disk-mb", "1", state=d.state)
+    try:
+        wait_metric(lambda m: m.get('mkad_session_deleted_total{reason="disk_budget"}') == 1, d=d)
+        c = d.client()
+        r0 = completion(c, seed=0, max_tokens=4, prompt=[2] * 400 + [7], extra_body=dict(IDS, session_id="ttl-0"))
+        r2 = completion(c, seed=0, max_tokens=4, prompt=[4] * 400 + [7], extra_body=dict(IDS, session_id="ttl-2"))
+        assert r0.usage.prompt_tokens_details.cached_tokens == 0  # the oldest went
+        assert r2.usage.prompt_tokens_details.cached_tokens == 384
+    finally:
+        assert d.stop() == 0
+    time.sleep(2.1)
+    d = Daemon("--session-ttl", "2", state=d.state)
+    try:
+        wait_metric(lambda m: m.get('mkad_session_deleted_total{reason="ttl"}') == 3, d=d)  # ttl-0 was written again above
+        r = completion(d.client(), seed=0, max_tokens=4, prompt=[4] * 400 + [7],
+                       extra_body=dict(IDS, session_id="ttl-2"))
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_session_concurrent_requests_serialize():

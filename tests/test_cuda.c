@@ -28,7 +28,13 @@
  *                 (eng_seq_truncate), the real prompt replayed -> vs the CPU
  *                 one-shot (within TOL);
  *   (e) export    export on CUDA -> import on CPU -> continue, and CPU ->
- *                 CUDA -> continue, vs the CPU-only run (within TOL).
+ *                 CUDA -> continue, vs the CPU-only run (within TOL);
+ *   (f) blocks    the first full blocks exported on CUDA, imported into a
+ *                 fresh CUDA sequence (and a CPU one where the block formats
+ *                 agree: bf16 models), the rest prefilled; forks on CUDA at
+ *                 a block boundary and at the whole length (a partial block
+ *                 copied), source and forks continuing; vs the CPU one-shot
+ *                 (within TOL), and a fork takes at most one new block.
  * One summary line per shape: its rel. errors and greedy equal n/m.
  * Then, per shape, the tensor-core attention against the simple kernel on
  * the same device (fast_vs_simple below): 5000-token contexts, ragged
@@ -539,13 +545,59 @@ START_TEST(cuda_vs_cpu)
     expect(&v, err_e1 <= tol, "(e) export cuda -> import cpu -> continue rel err %.3e > %.0e", err_e1, tol);
     expect(&v, err_e2 <= tol, "(e) export cpu -> import cuda -> continue rel err %.3e > %.0e", err_e2, tol);
 
+    /* (f) blocks import and forks. */
+    double err_f = 0;
+    {
+        int p = 2, n = PROMPT_LEN[p], cut = 70; /* 2 full blocks + a partial one */
+        int cc[] = { cut }, rest[] = { 17, 44 };
+        eng_block_format fg, fc;
+        eng_get_block_format(gpu, &fg);
+        eng_get_block_format(cpu, &fc);
+        int s = new_seq(gpu, bank_n, bank[p]), nb = cut / fg.block_tokens, at_block = nb * fg.block_tokens;
+        feed(gpu, s, prompt[p], cut, cc, 1, NULL);
+        ck_assert_int_eq(eng_seq_n_full_blocks(gpu, s), nb);
+        size_t len = (size_t)nb * fg.block_bytes;
+        unsigned char *buf = malloc(len);
+        ck_assert_ptr_nonnull(buf);
+        ck_assert_int_eq(eng_seq_blocks_export(gpu, s, 0, nb, buf, len), ENG_OK);
+        eng_engine *to[2] = { gpu, cpu };
+        for (int k = 0; k < 2; k++) {
+            if (k == 1 && fc.kv_dtype != fg.kv_dtype) continue; /* f32 K/V on the CPU: another format */
+            int t = new_seq(to[k], bank_n, bank[p]);
+            int rc = eng_seq_blocks_import(to[k], t, prompt[p], nb, buf, len, err, sizeof err);
+            ck_assert_msg(rc == ENG_OK, "blocks import cuda -> %s: %s", eng_backend_name(to[k]), err);
+            feed(to[k], t, prompt[p] + at_block, n - at_block, rest, 2, tmp);
+            err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+            eng_seq_free(to[k], t);
+        }
+        free(buf);
+        const int at[2] = { at_block, cut };
+        for (int k = 0; k < 2; k++) {
+            int f;
+            ck_assert_int_eq(eng_seq_create(gpu, &f), ENG_OK);
+            eng_get_stats(gpu, &st);
+            int used = st.blocks_used;
+            ck_assert_int_eq(eng_seq_fork(gpu, s, f, at[k]), ENG_OK);
+            eng_get_stats(gpu, &st);
+            ck_assert_int_eq(st.blocks_used, used + (at[k] % fg.block_tokens != 0));
+            feed(gpu, f, prompt[p] + at[k], n - at[k], rest, 2, tmp);
+            err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+            eng_seq_free(gpu, f);
+        }
+        feed(gpu, s, prompt[p] + cut, n - cut, rest, 2, tmp);
+        err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+        eng_seq_free(gpu, s);
+    }
+    expect(&v, err_f <= tol, "(f) blocks import / fork + continue (cuda) vs cpu rel err %.3e > %.0e", err_f, tol);
+
     eng_get_stats(gpu, &st);
     ck_assert_int_eq(st.blocks_used, 0);
     ck_assert_int_eq(st.seqs_active, 0);
 
     printf("cuda %-31s prefill %.2e decode %.2e greedy equal %d/%d (median min top-2 gap %.1e) "
-           "chunked %.2e ragged %.2e truncate %.2e export cuda->cpu %.2e cpu->cuda %.2e  %s (%.1fs)\n",
-           sh->name, err_a, err_b, equal, NPROMPT, median_gap, err_c, err_r, err_d, err_e1, err_e2,
+           "chunked %.2e ragged %.2e truncate %.2e export cuda->cpu %.2e cpu->cuda %.2e blocks/fork %.2e  %s "
+           "(%.1fs)\n",
+           sh->name, err_a, err_b, equal, NPROMPT, median_gap, err_c, err_r, err_d, err_e1, err_e2, err_f,
            v.len ? "FAIL" : "ok", now_s() - t0);
     fflush(stdout);
 

@@ -64,7 +64,7 @@ die() { log "$*"; exit 1; }
 # ---- Debian packages (the recipe of device-deps.sh, verified 2026-12-02:
 #      Debian 12 fetch -> Ubuntu 24.04 / glibc 2.39 install) -------------------
 
-DEV_PKGS="libuv1-dev libmicrohttpd-dev libjansson-dev librocksdb-dev libpcre2-dev
+DEV_PKGS="libuv1-dev libmicrohttpd-dev libjansson-dev librocksdb-dev libxxhash-dev libpcre2-dev
           libinih-dev check libsubunit-dev libsystemd-dev"
 # Fallback tools, used on the target only when it lacks them.
 TOOL_PKGS="pkgconf pkgconf-bin libpkgconf3 make"
