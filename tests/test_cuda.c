@@ -633,8 +633,23 @@ END_TEST
 #define LONG_LEN 5000
 #define LONG_CTX 6144
 
+/* Restores an environment variable saved as a copy (NULL: was unset). */
+static void env_restore(const char *name, char *saved)
+{
+    if (saved) setenv(name, saved, 1);
+    else unsetenv(name);
+    free(saved);
+}
+
+static char *env_save(const char *name)
+{
+    const char *v = getenv(name);
+    return v ? strdup(v) : NULL;
+}
+
 static eng_engine *mk_long(const eng_model *m, const char *attn, const char *split)
 {
+    char *old_attn = env_save("MKAD_CUDA_ATTN"), *old_split = env_save("MKAD_CUDA_ATTN_SPLIT");
     setenv("MKAD_CUDA_ATTN", attn, 1);
     if (split) setenv("MKAD_CUDA_ATTN_SPLIT", split, 1);
     else unsetenv("MKAD_CUDA_ATTN_SPLIT");
@@ -647,8 +662,8 @@ static eng_engine *mk_long(const eng_model *m, const char *attn, const char *spl
     eng_engine *e = NULL;
     char err[512];
     int rc = eng_create(m, &p, &e, err, sizeof err);
-    unsetenv("MKAD_CUDA_ATTN");
-    unsetenv("MKAD_CUDA_ATTN_SPLIT");
+    env_restore("MKAD_CUDA_ATTN", old_attn);
+    env_restore("MKAD_CUDA_ATTN_SPLIT", old_split);
     ck_assert_msg(rc == ENG_OK, "eng_create(cuda, MKAD_CUDA_ATTN=%s): %s", attn, err);
     return e;
 }

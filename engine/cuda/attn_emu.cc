@@ -447,7 +447,8 @@ static int run_case(const tcase &tc, unsigned seed)
         return 1;
     }
     /* exact-size copies, so that the sanitizer sees any overrun */
-    std::vector<int> units(f.att_units, f.att_units + (size_t)(f.att_n_dec + f.att_n_pf) * CU_ATT_UNIT_INTS);
+    const size_t n_unit_ints = (size_t)(f.att_n_dec + f.att_n_pf) * CU_ATT_UNIT_INTS;
+    std::vector<int> units(f.att_units, f.att_units + n_unit_ints);
     std::vector<int> comb(f.att_comb, f.att_comb + (size_t)f.att_n_comb * CU_ATT_COMB_INTS);
     units.shrink_to_fit();
     comb.shrink_to_fit();
@@ -492,15 +493,20 @@ static int run_case(const tcase &tc, unsigned seed)
                 double mx = -INFINITY, sum = 0;
                 for (int j = 0; j <= pos; j++) {
                     const int blk = bt[(size_t)i * MB + j / B], off = j % B;
-                    const uint16_t *k = pool.data() + (((size_t)blk * NL + layer) * 2 * B + off) * kv_dim + (size_t)kvh * HD;
+                    const uint16_t *k = pool.data() +
+                                        (((size_t)blk * NL + layer) * 2 * B + off) * kv_dim +
+                                        (size_t)kvh * HD;
                     double d = 0;
-                    for (int x = 0; x < HD; x++) d += (double)q[(size_t)t * q_dim + h * HD + x] * bf16f(k[x]);
+                    const float *qr = q.data() + (size_t)t * q_dim + (size_t)h * HD;
+                    for (int x = 0; x < HD; x++) d += (double)qr[x] * bf16f(k[x]);
                     sc[j] = d / sqrt((double)HD);
                     mx = std::max(mx, sc[j]);
                 }
                 for (int j = 0; j <= pos; j++) {
                     const int blk = bt[(size_t)i * MB + j / B], off = j % B;
-                    const uint16_t *v = pool.data() + ((((size_t)blk * NL + layer) * 2 + 1) * B + off) * kv_dim + (size_t)kvh * HD;
+                    const uint16_t *v = pool.data() +
+                                        ((((size_t)blk * NL + layer) * 2 + 1) * B + off) * kv_dim +
+                                        (size_t)kvh * HD;
                     const double p = exp(sc[j] - mx);
                     sum += p;
                     for (int x = 0; x < HD; x++) out[x] += p * bf16f(v[x]);
@@ -532,9 +538,12 @@ int main()
         {"hd128 G7 decode 1 row ctx 300, B32 auto", 128, 7, 1, 32, {{1, 299}}, 0, 64},
         {"hd128 G7 decode batch, B7, split 1", 128, 14, 2, 7, {{1, 200}, {1, 0}, {3, 77}}, 1, 64},
         {"hd128 G7 prefill 130 rows ctx 40, B32", 128, 7, 1, 32, {{130, 40}}, 0, 1},
-        {"hd128 G7 ragged, B5, split 2", 128, 7, 1, 5, {{1, 150}, {37, 100}, {130, 0}, {3, 64}}, 2, 64},
-        {"hd64 G7 ragged auto (target 64)", 64, 7, 1, 32, {{1, 150}, {37, 100}, {70, 0}, {3, 64}}, 0, 64},
-        {"hd64 G1 (MHA) rows 16/group, split 1", 64, 5, 5, 16, {{20, 30}, {1, 90}, {64, 10}}, 1, 64},
+        {"hd128 G7 ragged, B5, split 2", 128, 7, 1, 5,
+         {{1, 150}, {37, 100}, {130, 0}, {3, 64}}, 2, 64},
+        {"hd64 G7 ragged auto (target 64)", 64, 7, 1, 32,
+         {{1, 150}, {37, 100}, {70, 0}, {3, 64}}, 0, 64},
+        {"hd64 G1 (MHA) rows 16/group, split 1", 64, 5, 5, 16,
+         {{20, 30}, {1, 90}, {64, 10}}, 1, 64},
         {"hd32 G4 tiny, B1, split 3", 32, 8, 2, 1, {{1, 260}, {9, 50}, {65, 0}}, 3, 64},
         {"hd128 G3 rows 5/group, B64", 128, 3, 1, 64, {{11, 7}, {2, 190}}, 0, 64},
         {"hd64 G20 (2 head groups), split 1", 64, 40, 2, 32, {{2, 100}, {64, 3}}, 1, 64},

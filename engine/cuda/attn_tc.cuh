@@ -111,8 +111,11 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
     /* Q as bf16 A fragments, per k16 step. */
     uint32_t qa[KS][4];
     {
-        const float *qA = q + (size_t)(okA ? t0 + rA : t0) * f.q_dim + (size_t)(head0 + (okA ? hA : 0)) * HD;
-        const float *qB = q + (size_t)(okB ? t0 + rB : t0) * f.q_dim + (size_t)(head0 + (okB ? hB : 0)) * HD;
+        /* (an unused slot points at the unit's first row and head, unread) */
+        const float *qA = q + (size_t)(okA ? t0 + rA : t0) * f.q_dim +
+                          (size_t)(head0 + (okA ? hA : 0)) * HD;
+        const float *qB = q + (size_t)(okB ? t0 + rB : t0) * f.q_dim +
+                          (size_t)(head0 + (okB ? hB : 0)) * HD;
         const float2 z = make_float2(0.0f, 0.0f);
 #pragma unroll
         for (int k = 0; k < KS; k++) {
@@ -248,8 +251,10 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
         const int ra = wn * SLOTS + sA, rb = wn * SLOTS + sB;
 #pragma unroll
         for (int n = 0; n < NO; n++) {
-            *reinterpret_cast<float2 *>(os + ra * OLD + 8 * n + 2 * tq) = make_float2(o[n][0], o[n][1]);
-            *reinterpret_cast<float2 *>(os + rb * OLD + 8 * n + 2 * tq) = make_float2(o[n][2], o[n][3]);
+            *reinterpret_cast<float2 *>(os + ra * OLD + 8 * n + 2 * tq) =
+                make_float2(o[n][0], o[n][1]);
+            *reinterpret_cast<float2 *>(os + rb * OLD + 8 * n + 2 * tq) =
+                make_float2(o[n][2], o[n][3]);
         }
         if (tq == 0) {
             om[ra] = mA;

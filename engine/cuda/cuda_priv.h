@@ -130,9 +130,10 @@ typedef struct cu_fwd {
      *   {item, t0, nr, pos0, kb, ke, part, ns}:
      * rows t0 .. t0+nr-1 of `item` (positions pos0 ..), keys kb .. ke-1;
      * part < 0: the unit covers every key of its rows and writes att;
-     * else it is split `part - pbase` of ns, and row t0+i writes partial row
-     * part + i*ns.  A combine entry is CU_ATT_COMB_INTS ints {row, prow, ns, 0}:
-     * partial rows prow .. prow+ns-1 make att row `row`. */
+     * else it is one of the ns splits of its rows' keys: part = the group's
+     * first partial row + the split's index, and row t0+i writes partial
+     * row part + i*ns.  A combine entry is CU_ATT_COMB_INTS ints
+     * {row, prow, ns, 0}: partial rows prow .. prow+ns-1 make att row `row`. */
     const int *att_units; /* (att_n_dec + att_n_pf, CU_ATT_UNIT_INTS): decode units first */
     int att_n_dec, att_n_pf;
     const int *att_comb;  /* (att_n_comb, CU_ATT_COMB_INTS) */
