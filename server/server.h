@@ -9,9 +9,9 @@
 
 #include <stddef.h>
 
-/* Every tunable of the daemon.  Strings are owned by the config and freed by
- * srv_config_free; main.c's option table is the one place that names,
- * bounds and documents each field. */
+/* Every tunable of the daemon.  main.c fills it from its option table (the
+ * one place that names, bounds and documents each field) and owns the
+ * strings; srv_run only borrows the config. */
 typedef struct srv_config {
     /* model and engine */
     char *model;            /* model directory (required) */

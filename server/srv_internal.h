@@ -6,7 +6,15 @@
  *              (pure functions: no I/O, no threads; unit-tested)
  *   sched.c    the step planner (pure; unit-tested) and the engine thread
  *   metrics.c  counters/histograms and the Prometheus text exposition
- *   http.c     libuv loop + libmicrohttpd (external epoll), routing, streaming
+ *   text.c     the tokenizer adapter (srv_codec over eng_tok)
+ *   auth.c     API keys: the table and the bearer-token check
+ *   daemon.c   srv_run: startup, engine events, signals, timers, drain, exit
+ *   http.c     libmicrohttpd under libuv: connections, routing, responses
+ *   job.c      a generation job on the loop: engine tokens -> text, stop
+ *              strings, SSE chunks or the JSON body
+ *
+ * Names: whatever more than one file uses carries the srv_ prefix and is
+ * declared here; names private to one file (static) carry none.
  *
  * Threads: the loop thread owns every srv_job field marked "loop"; the engine
  * thread reads the fields marked "immutable" (set before submission) and the
@@ -17,12 +25,15 @@
 #ifndef MKAD_SRV_INTERNAL_H
 #define MKAD_SRV_INTERNAL_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include <jansson.h>
+#include <microhttpd.h>
+#include <uv.h>
 
 #include "engine.h"
 #include "server.h"
@@ -357,5 +368,103 @@ void srv_metrics_cancelled(srv_metrics *m, int reason);
 /* The Prometheus text exposition; appends to out. */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);
 const char *srv_route_name(int route);
+
+/* ---- the loop thread: auth.c -------------------------------------------- */
+
+typedef struct srv_auth srv_auth;
+
+/* Builds the key table from cfg->api_keys and cfg->api_keys_file.  0 and a
+ * new table in *out, or -1 (logged) when it cannot be built; the caller then
+ * refuses to start or, on SIGHUP, keeps the old table. */
+int srv_auth_load(const srv_config *cfg, srv_auth **out);
+void srv_auth_free(srv_auth *a);
+/* Keys in force; 0 = authentication is off. */
+int srv_auth_count(const srv_auth *a);
+/* 1 when a request with this Authorization header (may be NULL) may pass. */
+int srv_auth_check(const srv_auth *a, const char *authorization);
+
+/* ---- the loop thread: daemon.c, http.c, job.c ------------------------------ */
+
+typedef struct srv_server srv_server;
+
+/* A connection that stopped watching its fd drops the pointer (c = NULL);
+ * the handle is freed when libuv has closed it. */
+typedef struct srv_watch {
+    uv_poll_t h;
+    struct srv_conn *c;
+} srv_watch;
+
+typedef struct srv_parse_work srv_parse_work; /* http.c */
+
+/* One HTTP request, from the access handler's first call to MHD's
+ * completed callback (loop thread only). */
+typedef struct srv_conn {
+    struct MHD_Connection *mc;
+    srv_server *s;
+    int route;
+    int is_post;
+    char method[8];
+    char path[64];
+    srv_buf body;
+    int too_big;
+    int suspended;
+    srv_watch *w;            /* the disconnect watch while suspended */
+    srv_job *job;
+    srv_parse_work *parse;   /* body parsing in flight on the thread pool */
+    int status;              /* status of the queued response, 0 = none yet */
+    double t0;
+    struct srv_conn *prev, *next;
+} srv_conn;
+
+struct srv_server {
+    const srv_config *cfg;
+    uv_loop_t *loop;
+    struct MHD_Daemon *d;
+    uv_poll_t mhd_poll;
+    uv_timer_t mhd_timer, sweep, progress, watchdog;
+    uv_async_t async;
+    uv_signal_t sigterm, sigint, sigpipe, sighup;
+    int in_mhd;
+    srv_engine *eng;
+    srv_metrics *met;
+    int ready, draining, stopping, exit_code;
+    double drain_deadline, t_start;
+    srv_model_desc md;
+    char model_name[256];
+    char backend[8];         /* the engine's backend, once ready */
+    srv_auth *auth;
+    pthread_mutex_t out_mu;
+    srv_event *out, *out2;   /* engine -> loop events; out2 is the loop's swap buffer */
+    int n_out, cap_out, cap_out2;
+    srv_job *jobs;           /* in flight in the engine */
+    int n_inflight;
+    int n_parse;             /* parse/tokenize work items on the thread pool */
+    srv_conn *conns;         /* every live request context */
+    uint64_t rng, next_id;
+    long created_at;
+};
+
+/* http.c */
+/* Starts MHD on the listening socket lfd (taken over) under s->loop. */
+int srv_http_start(srv_server *s, int lfd, int v6);
+/* Runs MHD once and re-arms its timer; call after anything that may have
+ * given MHD work (a resume, a queued response). */
+void srv_http_run(srv_server *s);
+/* Stops accepting: closes the listening socket. */
+void srv_http_quiesce(srv_server *s);
+/* Resumes every suspended connection, then stops MHD (its completed
+ * callback runs for each connection left). */
+void srv_http_stop(srv_server *s);
+void srv_conn_resume(srv_conn *c);
+
+/* job.c */
+/* A validated request becomes a job: linked in flight, handed to the
+ * engine (takes ownership of r).  NULL when memory runs out. */
+srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r);
+void srv_job_unref(srv_job *j);
+/* Sets the job's cancel reason unless it has one, and wakes the engine. */
+void srv_job_cancel(srv_server *s, srv_job *j, int reason);
+void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev);
 
 #endif /* MKAD_SRV_INTERNAL_H */
