@@ -27,34 +27,32 @@ void srv_error_set(srv_error *e, int status, const char *type, const char *param
     snprintf(e->param, sizeof e->param, "%s", param ? param : "");
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
+    int n = vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
+    if (n >= (int)sizeof e->message) {
+        /* cut to the buffer: drop a character the cut split */
+        size_t len = strlen(e->message), p = len;
+        while (p > 0 && len - p < 4 && ((unsigned char)e->message[p - 1] & 0xc0) == 0x80) p--;
+        if (p > 0 && (unsigned char)e->message[p - 1] >= 0xc0 &&
+            srv_utf8_char_len(e->message + p - 1, len - p + 1) == 0)
+            e->message[p - 1] = '\0';
+    }
 }
 
-/* A JSON string from arbitrary bytes: invalid UTF-8 becomes U+FFFD. */
+/* A JSON string from arbitrary bytes: invalid UTF-8 becomes U+FFFD (one
+ * per invalid byte).  NULL only when memory runs out. */
 static json_t *json_text(const char *s, size_t n)
 {
     json_t *j = json_stringn(s ? s : "", s ? n : 0);
     if (j) return j;
     srv_buf b = { 0 };
     for (size_t i = 0; i < n;) {
-        unsigned char c = (unsigned char)s[i];
-        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        int ok = len > 0 && i + len <= n && c != 0;
-        for (size_t k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + k] >> 6) == 2;
-        if (ok && len > 1) {
-            /* let jansson judge overlongs and surrogates on the one sequence */
-            json_t *t = json_stringn(s + i, len);
-            ok = t != NULL;
-            json_decref(t);
+        size_t len = srv_utf8_char_len(s + i, n - i);
+        if (len == 0 ? srv_buf_append(&b, "\xef\xbf\xbd", 3) : srv_buf_append(&b, s + i, len)) {
+            srv_buf_free(&b);
+            return NULL;
         }
-        if (ok) {
-            srv_buf_append(&b, s + i, len);
-            i += len;
-        } else {
-            srv_buf_append(&b, "\xef\xbf\xbd", 3);
-            i++;
-        }
+        i += len ? len : 1;
     }
     j = json_stringn(b.data ? b.data : "", b.len);
     srv_buf_free(&b);
@@ -63,14 +61,13 @@ static json_t *json_text(const char *s, size_t n)
 
 char *srv_error_json(const srv_error *e)
 {
-    json_t *o = json_pack("{s:{s:s, s:s, s:o, s:o}}", "error", "message", e->message, "type",
+    json_t *o = json_pack("{s:{s:o, s:s, s:o, s:o}}", "error", "message",
+                          json_text(e->message, strlen(e->message)), "type",
                           e->type ? e->type : "invalid_request_error", "param",
-                          e->param[0] ? json_string(e->param) : json_null(), "code",
+                          e->param[0] ? json_text(e->param, strlen(e->param)) : json_null(), "code",
                           e->code ? json_string(e->code) : json_null());
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
-    if (!s) s = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\","
-                       "\"param\":null,\"code\":null}}");
     return s;
 }
 
@@ -343,7 +340,7 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (!json_is_string(model)) BAD("model", "'model' must be a string");
     if (strcmp(json_string_value(model), md->name) != 0) {
         char q[80];
-        snprintf(q, sizeof q, "%.64s", json_string_value(model));
+        srv_utf8_clip(q, sizeof q, json_string_value(model), json_string_length(model));
         srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
                       "The model '%s' does not exist; this server serves '%s'", q, md->name);
         goto fail;

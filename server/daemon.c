@@ -300,6 +300,12 @@ int srv_run(const srv_config *cfg)
         while (b > 0 && cfg->model[b - 1] != '/') b--;
         snprintf(s->model_name, sizeof s->model_name, "%.*s", (int)(n - b), cfg->model + b);
     }
+    json_t *name_ok = json_string(s->model_name); /* NULL: not valid UTF-8 */
+    if (!name_ok) {
+        srv_log("error", "config", " option=model_name error=\"the model id must be valid UTF-8\"");
+        return 2;
+    }
+    json_decref(name_ok);
     s->md.name = s->model_name;
     s->md.codec = NULL; /* set from the engine's tokenizer when the model is ready */
     s->md.default_max_tokens = cfg->default_max_tokens;

@@ -184,9 +184,11 @@ static enum MHD_Result handle_get(srv_conn *c, const char *url)
             o = m;
         } else {
             json_decref(m);
+            char q[80];
+            srv_utf8_clip(q, sizeof q, url + 11, strlen(url + 11));
             srv_error e;
             srv_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
-                          "The model '%.64s' does not exist", url + 11);
+                          "The model '%s' does not exist", q);
             return queue_error(c, &e, 0, NULL);
         }
         char *js = o ? json_dumps(o, JSON_COMPACT) : NULL;

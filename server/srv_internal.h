@@ -62,6 +62,12 @@ void srv_log(const char *level, const char *event, const char *fmt, ...)
 /* Quotes s for a key=value log line into buf (truncating); returns buf. */
 const char *srv_log_quote(const char *s, char *buf, size_t len);
 double srv_now(void); /* monotonic seconds */
+/* Length of the valid UTF-8 character at s[0, n) (1-4), or 0 if invalid. */
+size_t srv_utf8_char_len(const char *s, size_t n);
+/* Copies at most n bytes of s (up to a NUL) into dst (cap bytes, always
+ * NUL-terminated), never cutting a UTF-8 character; a cut shows as "...".
+ * For quoting a client's string in a message. */
+void srv_utf8_clip(char *dst, size_t cap, const char *s, size_t n);
 
 /* ---- api.c: requests ------------------------------------------------------ */
 
@@ -153,9 +159,12 @@ typedef struct srv_error {
     char message[512];
 } srv_error;
 
+/* The message is cut to its buffer on a character boundary; invalid bytes
+ * in it (from a client's string) become U+FFFD in the JSON. */
 void srv_error_set(srv_error *e, int status, const char *type, const char *param,
                    const char *code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
-/* {"error":{...}} as a new string; caller frees. */
+/* {"error":{...}} as a new string; caller frees.  NULL only when memory
+ * runs out. */
 char *srv_error_json(const srv_error *e);
 
 /* Parses and validates a request body, tokenizing a text prompt or chat

@@ -146,6 +146,29 @@ def test_health_models_metrics():
     assert m["mkad_kv_blocks_total"] > 0
 
 
+def test_error_text_utf8():
+    """Error messages that quote the client's bytes stay valid JSON: an
+    invalid byte, or a quote clipped at 64 bytes inside a character, used to
+    make the error object fail to build ("out of memory")."""
+    for path, want in ((b"/v1/models/%ff", "\ufffd"),
+                       (b"/v1/models/" + b"a" * 63 + b"%C3%A9", "a" * 63)):
+        s = socket.create_connection(("127.0.0.1", D.port), timeout=10)
+        s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404"), data[:300]
+        err = json.loads(body)["error"]
+        assert want in err["message"] and "memory" not in err["message"], err
+        assert err["code"] == "model_not_found", err
+    st, _, body = http("POST", D.base + "/v1/completions",
+                       {"model": "b" * 63 + "\u00e9", "prompt": PROMPT, "max_tokens": 1})
+    assert_error(st, body, 404, "model")
+    assert "b" * 63 in json.loads(body)["error"]["message"], body
+
+
 def completion(c, seed, max_tokens=16, prompt=PROMPT, temperature=1.0, **kw):
     return c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
                                 temperature=temperature, seed=seed, **kw)

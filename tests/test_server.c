@@ -206,6 +206,46 @@ START_TEST(error_object)
 }
 END_TEST
 
+/* Error text is always valid UTF-8 in valid JSON: an invalid byte (a
+ * URL-decoded %ff) becomes U+FFFD, a message cut inside a character by its
+ * buffer loses the partial character, and a user string quoted into a
+ * message is clipped on a character boundary.  None of it is reported as
+ * an allocation failure. */
+START_TEST(error_object_utf8)
+{
+    srv_error e;
+    srv_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
+                  "The model '%s' does not exist", "\xff\xfex");
+    char *s = srv_error_json(&e);
+    json_t *o = json_loads(s, 0, NULL);
+    ck_assert_msg(o != NULL, "%s", s);
+    const char *m = json_string_value(json_object_get(json_object_get(o, "error"), "message"));
+    ck_assert_str_eq(m, "The model '\xef\xbf\xbd\xef\xbf\xbdx' does not exist");
+    json_decref(o);
+    free(s);
+    /* 511 bytes of 'a' then a 2-byte character: vsnprintf keeps its first byte */
+    char big[520];
+    memset(big, 'a', 510);
+    strcpy(big + 510, "\xc3\xa9tail");
+    srv_error_set(&e, 400, "invalid_request_error", NULL, NULL, "%s", big);
+    s = srv_error_json(&e);
+    o = json_loads(s, 0, NULL);
+    ck_assert_msg(o != NULL, "%s", s);
+    m = json_string_value(json_object_get(json_object_get(o, "error"), "message"));
+    ck_assert_uint_eq(strlen(m), 510);
+    json_decref(o);
+    free(s);
+    /* clipping a quoted user string: never inside a character */
+    char q[16];
+    srv_utf8_clip(q, sizeof q, "abcdefghijkl\xc3\xa9xyz", 17);
+    ck_assert_str_eq(q, "abcdefghijkl...");
+    srv_utf8_clip(q, sizeof q, "ab\xc3\xa9", 4);
+    ck_assert_str_eq(q, "ab\xc3\xa9");
+    srv_utf8_clip(q, sizeof q, "a\0b", 3);
+    ck_assert_str_eq(q, "a");
+}
+END_TEST
+
 static json_t *load(const char *s)
 {
     json_error_t je;
@@ -865,6 +905,7 @@ static Suite *suite(void)
     tcase_add_test(api, parse_rejects);
     tcase_add_test(api, parse_no_tokenizer_message);
     tcase_add_test(api, error_object);
+    tcase_add_test(api, error_object_utf8);
     tcase_add_test(api, build_completion_json);
     tcase_add_test(api, sse_framing);
     tcase_add_test(api, stop_scan);
