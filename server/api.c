@@ -519,7 +519,8 @@ static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *er
              md->max_ctx, r->n_prompt);
     if (max_tokens < 0) {
         int room = md->max_ctx - r->n_prompt;
-        max_tokens = chat || md->default_max_tokens <= 0 ? room
+        r->max_tokens_auto = chat || md->default_max_tokens <= 0;
+        max_tokens = r->max_tokens_auto ? room
                      : (md->default_max_tokens < room ? md->default_max_tokens : room);
     } else if (r->n_prompt + max_tokens > md->max_ctx) {
         BADC("context_length_exceeded", mt_name,

@@ -132,6 +132,7 @@ typedef struct eseq {
     int32_t *replay;      /* owned: prompt + fed generated tokens of a preempted sequence */
     int resuming;         /* prefilling the replay: its last chunk needs no sampling */
     int n_gen;            /* tokens sampled */
+    int max_gen;          /* the request's max_tokens, or for max_tokens_auto what the pool holds */
     int32_t next_tok;     /* sampled, fed in the next step */
     int cached;
     eng_sampler *smp;     /* kept across a preemption: the RNG continues exactly */
@@ -493,11 +494,20 @@ static void admit(srv_engine *se)
         const srv_genreq *rq = job->req;
         session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
         if (s && s->busy) { i++; continue; } /* same session in flight: let others pass */
-        int need = blocks_for(se, rq->n_prompt + rq->max_tokens);
+        /* Without max_tokens a request runs until the context or the pool
+         * is full: it may grow to the whole pool (others are preempted). */
+        int max_gen = rq->max_tokens;
+        int pool_room = se->info.n_blocks * se->info.block_size - rq->n_prompt;
+        if (rq->max_tokens_auto && max_gen > pool_room) max_gen = pool_room;
+        int need = blocks_for(se, rq->n_prompt + (max_gen > 1 ? max_gen : 1));
         if (need > se->info.n_blocks) {
             char msg[160];
-            snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
-                     "lower max_tokens", need, se->info.n_blocks);
+            if (rq->max_tokens_auto)
+                snprintf(msg, sizeof msg, "the prompt needs more K/V memory than the pool holds "
+                         "(%d blocks of %d tokens)", se->info.n_blocks, se->info.block_size);
+            else
+                snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
+                         "lower max_tokens", need, se->info.n_blocks);
             fail_job(se, job, 400, msg);
             memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
             se->n_wait--;
@@ -512,7 +522,7 @@ static void admit(srv_engine *se)
             s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
         if (free_blocks(se) < want && se->n_run > 0) break;
         eseq es = { .job = job, .seq = -1, .src = rq->prompt, .n_src = rq->n_prompt,
-                    .order = ++se->order, .last_step = se->step_no };
+                    .max_gen = max_gen, .order = ++se->order, .last_step = se->step_no };
         if (s) {
             if (session_resolve(se, &es, s) != 1) { i++; continue; }
         } else {
@@ -710,7 +720,7 @@ static void run_step(srv_engine *se)
             srv_event *e = ev_new(se, SRV_EV_TOKEN, es->job);
             if (e) { e->token = tok; e->lp = lp; }
             else free(lp);
-            if (es->n_gen >= rq->max_tokens ||
+            if (es->n_gen >= es->max_gen ||
                 eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
                 fin = SRV_FINISH_LENGTH;
             es->next_tok = tok;

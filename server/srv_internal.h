@@ -119,7 +119,8 @@ typedef struct srv_genreq {
     char *model;               /* as the client named it */
     int32_t *prompt;           /* token ids (n_prompt) */
     int n_prompt;
-    int max_tokens;            /* >= 1; -1: until the context is full */
+    int max_tokens;            /* >= 1: the room left in the context when max_tokens_auto */
+    int max_tokens_auto;       /* not given: until the context or the K/V pool is full */
     eng_sampler_params sp;
     int has_seed;              /* else the caller picks a random seed */
     int ignore_eos;            /* extension */

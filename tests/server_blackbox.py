@@ -768,6 +768,34 @@ def test_small_kv_pool_long_prompts_complete():
         assert d.stop() == 0
 
 
+def test_no_max_tokens_stops_at_pool_limit():
+    """Without max_tokens a chat (and a completion with default_max_tokens 0)
+    runs until the context or the K/V pool is full and ends with
+    finish_reason "length", even when the pool holds less than one context
+    (it was a 400 "needs 128 K/V blocks")."""
+    d = Daemon("--kv-mem-mb", "1", "--default-max-tokens", "0", "--log-requests=false")
+    try:
+        pool = int(metrics(d)["mkad_kv_blocks_total"]) * 32
+        assert pool < 4096, pool  # less than one full context (max_ctx 4096)
+        c = d.client()
+        r = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                      seed=1, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length", r
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == pool, (r.usage, pool)
+        chunks = list(c.completions.create(model=MODEL_NAME, prompt=PROMPT, seed=1, stream=True,
+                                           stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}))
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == pool - len(PROMPT), chunks[-1].usage
+        # an explicit max_tokens beyond the pool is still refused
+        st, _, body = http("POST", d.base + "/v1/completions",
+                           {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": pool})
+        assert_error(st, body, 400)
+        assert metrics(d)["mkad_kv_blocks_used"] == 0
+    finally:
+        assert d.stop() == 0
+
+
 def test_sigterm_while_big_prompt_is_tokenized():
     # SIGTERM right after a 4 MB text prompt arrives: the body is tokenized on
     # the thread pool; shutdown must wait for that work (it once freed the

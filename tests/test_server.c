@@ -66,6 +66,7 @@ START_TEST(parse_defaults)
 {
     srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[[5,6]]}", 0);
     ck_assert_int_eq(r->max_tokens, 16);      /* completions default */
+    ck_assert(!r->max_tokens_auto);
     ck_assert(r->sp.temperature == 1.0f);     /* OpenAI default */
     ck_assert(!r->has_seed && !r->stream && !r->logprobs);
     srv_genreq_free(r);
@@ -76,10 +77,11 @@ START_TEST(parse_defaults)
     r = parse_ok(body, 0);
     ck_assert_int_eq(r->max_tokens, 8);
     srv_genreq_free(r);
-    /* chat: until the context is full */
+    /* chat: until the context (or the K/V pool: sched.c) is full */
     r = parse_ok("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
                  "\"prompt_token_ids\":[1,2,3,4]}", 1);
     ck_assert_int_eq(r->max_tokens, 124);
+    ck_assert(r->max_tokens_auto);
     ck_assert(r->chat);
     srv_genreq_free(r);
     /* max_completion_tokens wins in chat */
