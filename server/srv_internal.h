@@ -384,13 +384,16 @@ const char *srv_route_name(int route);
 typedef struct srv_auth srv_auth;
 
 /* Builds the key table from cfg->api_keys and cfg->api_keys_file.  0 and a
- * new table in *out, or -1 (logged) when it cannot be built; the caller then
- * refuses to start or, on SIGHUP, keeps the old table. */
+ * new table in *out, or -1 (logged) when it cannot be built (a source
+ * unreadable or naming no key, memory exhausted); the caller then refuses
+ * to start or, on SIGHUP, keeps the old table.  With neither source set
+ * the table admits every request. */
 int srv_auth_load(const srv_config *cfg, srv_auth **out);
 void srv_auth_free(srv_auth *a);
 /* Keys in force; 0 = authentication is off. */
 int srv_auth_count(const srv_auth *a);
-/* 1 when a request with this Authorization header (may be NULL) may pass. */
+/* 1 when a request with this Authorization header (may be NULL) may pass;
+ * a NULL table admits nobody. */
 int srv_auth_check(const srv_auth *a, const char *authorization);
 
 /* ---- the loop thread: daemon.c, http.c, job.c ------------------------------ */

@@ -722,6 +722,10 @@ def test_keys_file_comments_and_empty_file():
         p = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--api-keys-file", f.name],
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
         assert p.returncode != 0 and "holds no key" in p.stderr, p.stderr[-500:]
+    # api_keys that name no key (a stray comma) used to turn authentication off
+    p = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--api-keys", " , "],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+    assert p.returncode != 0 and "no key" in p.stderr, p.stderr[-500:]
 
 
 def test_body_on_get_is_answered():

@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include <check.h>
+#include <stdatomic.h>
 #include <time.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,59 @@
 #include "srv_internal.h"
 
 static const srv_model_desc MD = { "tiny", 4096, 128, NULL, 16 };
+
+/* Allocation failures on demand: this program is linked with
+ * -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc, so the server's and the
+ * engine's allocations come here (jansson's and libc's own do not).  When
+ * armed, the allocation number `countdown` (0 = the next one) of a size
+ * equal to `size` (0 = any size) fails. */
+void *__real_malloc(size_t n);
+void *__real_calloc(size_t k, size_t n);
+void *__real_realloc(void *p, size_t n);
+void *__wrap_malloc(size_t n);
+void *__wrap_calloc(size_t k, size_t n);
+void *__wrap_realloc(void *p, size_t n);
+static struct {
+    atomic_int armed, countdown, failed;
+    size_t size;
+} FI;
+
+static void fail_alloc(int countdown, size_t size)
+{
+    FI.size = size;
+    atomic_store(&FI.countdown, countdown);
+    atomic_store(&FI.failed, 0);
+    atomic_store(&FI.armed, 1);
+}
+
+static void fail_alloc_off(void)
+{
+    atomic_store(&FI.armed, 0);
+}
+
+static int should_fail(size_t n)
+{
+    if (!atomic_load(&FI.armed) || (FI.size && n != FI.size)) return 0;
+    if (atomic_fetch_sub(&FI.countdown, 1) != 0) return 0;
+    atomic_store(&FI.armed, 0);
+    atomic_store(&FI.failed, 1);
+    return 1;
+}
+
+void *__wrap_malloc(size_t n)
+{
+    return should_fail(n) ? NULL : __real_malloc(n);
+}
+
+void *__wrap_calloc(size_t k, size_t n)
+{
+    return should_fail(k * n) ? NULL : __real_calloc(k, n);
+}
+
+void *__wrap_realloc(void *p, size_t n)
+{
+    return should_fail(n) ? NULL : __real_realloc(p, n);
+}
 
 static srv_genreq *parse_ok(const char *body, int chat)
 {
@@ -499,6 +553,48 @@ START_TEST(parse_with_tokenizer)
 }
 END_TEST
 
+/* Authentication fails closed: whichever allocation fails while the key
+ * table is built, the build fails, or the table it gives admits exactly
+ * the configured keys. */
+START_TEST(auth_fails_closed)
+{
+    srv_config c;
+    memset(&c, 0, sizeof c);
+    c.api_keys = "k1,k2";
+    int failures = 0;
+    for (int k = 0; k < 50; k++) {
+        srv_auth *a = NULL;
+        fail_alloc(k, 0);
+        int rc = srv_auth_load(&c, &a);
+        int failed = atomic_load(&FI.failed);
+        fail_alloc_off();
+        if (rc != 0) {
+            ck_assert_ptr_null(a);
+            failures++;
+            continue;
+        }
+        ck_assert_int_eq(srv_auth_count(a), 2);
+        ck_assert(srv_auth_check(a, "Bearer k2"));
+        ck_assert(!srv_auth_check(a, NULL));
+        ck_assert(!srv_auth_check(a, "Bearer k3"));
+        srv_auth_free(a);
+        if (!failed) break; /* every allocation of the build was tried */
+    }
+    ck_assert_int_gt(failures, 0);
+    /* a NULL table (never built) admits nobody */
+    ck_assert(!srv_auth_check(NULL, "Bearer k1"));
+    /* api_keys that name no key do not turn authentication off */
+    c.api_keys = " , ,";
+    srv_auth *a = NULL;
+    ck_assert_int_eq(srv_auth_load(&c, &a), -1);
+    /* no key configured at all: open, as documented */
+    c.api_keys = "";
+    ck_assert_int_eq(srv_auth_load(&c, &a), 0);
+    ck_assert(srv_auth_check(a, NULL));
+    srv_auth_free(a);
+}
+END_TEST
+
 START_TEST(plan_decoders_and_chunks)
 {
     /* 3 decoders, 2 prefills (one huge) under a budget of 64, chunk 32. */
@@ -913,6 +1009,7 @@ static Suite *suite(void)
     tcase_add_test(api, stop_scan);
     tcase_add_test(api, token_text);
     tcase_add_test(api, parse_with_tokenizer);
+    tcase_add_test(api, auth_fails_closed);
     suite_add_tcase(s, api);
     TCase *sched = tcase_create("sched");
     tcase_add_test(sched, plan_decoders_and_chunks);
