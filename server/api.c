@@ -712,13 +712,14 @@ char *srv_build_completion(const srv_genreq *r, const char *id, long created, co
     return dump_free(o);
 }
 
+/* One event in one append: on failure `out` holds no partial event. */
 static int sse_data(srv_buf *out, json_t *o)
 {
     char *s = dump_free(o);
     if (!s) return -1;
-    int rc = srv_buf_puts(out, "data: ") | srv_buf_puts(out, s) | srv_buf_puts(out, "\n\n");
+    int rc = srv_buf_printf(out, "data: %s\n\n", s);
     free(s);
-    return rc ? -1 : 0;
+    return rc;
 }
 
 int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
@@ -758,10 +759,9 @@ int srv_sse_error(srv_buf *out, const srv_error *e)
 {
     char *s = srv_error_json(e);
     if (!s) return -1;
-    int rc = srv_buf_puts(out, "event: error\ndata: ") | srv_buf_puts(out, s) |
-             srv_buf_puts(out, "\n\n");
+    int rc = srv_buf_printf(out, "event: error\ndata: %s\n\n", s);
     free(s);
-    return rc ? -1 : 0;
+    return rc;
 }
 
 int srv_sse_done(srv_buf *out)

@@ -113,9 +113,14 @@ static enum MHD_Result queue_buf(srv_conn *c, int status, const char *ctype, cha
     return rc;
 }
 
+static enum MHD_Result fail(srv_conn *c, int status, const char *type, const char *code,
+                            const char *msg, int retry_after, const char *allow);
+
+/* json: a body the caller built (taken over); NULL when building it ran out
+ * of memory. */
 static enum MHD_Result queue_json(srv_conn *c, int status, char *json)
 {
-    if (!json) return MHD_NO;
+    if (!json) return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
     return queue_buf(c, status, "application/json", json, strlen(json), 0, NULL);
 }
 
@@ -159,7 +164,7 @@ static enum MHD_Result handle_get(srv_conn *c, const char *url)
     switch (c->route) {
     case SRV_ROUTE_HEALTH: {
         const char *st = s->draining ? "draining" : s->ready ? "ok" : "loading";
-        srv_buf_printf(&b, "{\"status\":\"%s\"}", st);
+        if (srv_buf_printf(&b, "{\"status\":\"%s\"}", st) != 0) break;
         return queue_buf(c, s->ready && !s->draining ? 200 : 503, "application/json", b.data,
                          b.len, s->ready ? 0 : 5, NULL);
     }
@@ -169,7 +174,7 @@ static enum MHD_Result handle_get(srv_conn *c, const char *url)
                            "# TYPE mkad_http_inflight_requests gauge\nmkad_http_inflight_requests %d\n"
                            "# HELP mkad_ready 1 once the model is loaded.\n# TYPE mkad_ready gauge\n"
                            "mkad_ready %d\n", s->n_inflight, s->ready);
-        if (!b.data) return MHD_NO;
+        if (b.failed) break; /* never a partial scrape */
         return queue_buf(c, 200, "text/plain; version=0.0.4", b.data, b.len, 0, NULL);
     case SRV_ROUTE_MODELS: {
         json_t *m = json_pack("{s:s, s:s, s:I, s:s, s:i}", "id", s->model_name, "object", "model",
@@ -198,6 +203,8 @@ static enum MHD_Result handle_get(srv_conn *c, const char *url)
     default:
         return MHD_NO;
     }
+    srv_buf_free(&b);
+    return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
 }
 
 static enum MHD_Result respond_job(srv_conn *c);
@@ -380,6 +387,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max)
         }
         return (ssize_t)n;
     }
+    if (j->sse_broken) return MHD_CONTENT_READER_END_WITH_ERROR;
     if (j->finished) return MHD_CONTENT_READER_END_OF_STREAM;
     if (atomic_load(&j->cancel) == SRV_CANCEL_CLIENT) return MHD_CONTENT_READER_END_WITH_ERROR;
     conn_suspend(c);

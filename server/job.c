@@ -77,43 +77,55 @@ static const char *finish_name(int f)
     return f == SRV_FINISH_LENGTH ? "length" : "stop";
 }
 
+/* Sets the job's error for a cancelled job from its cancel reason. */
+static void cancel_error(srv_server *s, srv_job *j)
+{
+    int why = atomic_load(&j->cancel);
+    if (why == SRV_CANCEL_TIMEOUT)
+        srv_error_set(&j->error, 503, "timeout", NULL, "timeout",
+                      "the request did not finish within request_timeout (%d s)",
+                      s->cfg->request_timeout_s);
+    else if (why == SRV_CANCEL_CLIENT)
+        srv_error_set(&j->error, 499, "invalid_request_error", NULL, "client_closed",
+                      "the client closed the connection");
+    else
+        srv_error_set(&j->error, 503, "server_error", NULL, "shutting_down",
+                      "the server is shutting down");
+}
+
 /* The job's text is complete: emit what is left and the end of the stream,
- * or build the full body; then wake the connection. */
+ * or build the full body; then wake the connection.  A stream whose events
+ * cannot be appended (memory) ends with an error event, or, when even that
+ * does not fit, is cut (sse_broken): never a stream with text missing. */
 static void job_finish(srv_server *s, srv_job *j, int finish)
 {
     if (j->finished) return;
     j->finished = 1;
     j->finish = finish;
     const srv_genreq *r = j->req;
-    if (finish == SRV_FINISH_CANCELLED) {
-        int why = atomic_load(&j->cancel);
-        if (why == SRV_CANCEL_TIMEOUT)
-            srv_error_set(&j->error, 503, "timeout", NULL, "timeout",
-                          "the request did not finish within request_timeout (%d s)",
-                          s->cfg->request_timeout_s);
-        else if (why == SRV_CANCEL_CLIENT)
-            srv_error_set(&j->error, 499, "invalid_request_error", NULL, "client_closed",
-                          "the client closed the connection");
-        else
-            srv_error_set(&j->error, 503, "server_error", NULL, "shutting_down",
-                          "the server is shutting down");
-    }
+    if (finish == SRV_FINISH_CANCELLED) cancel_error(s, j);
     int err = finish == SRV_FINISH_ERROR || finish == SRV_FINISH_CANCELLED;
     if (r->stream) {
+        int rc = 0;
         if (!err) {
             size_t rest = j->text.len - j->emitted;
             if (rest)
-                srv_sse_chunk(&j->sse, r, j->cid, j->created, j->text.data + j->emitted, rest,
-                              NULL, 0, NULL, 0, NULL, !j->first_chunk_sent);
+                rc = srv_sse_chunk(&j->sse, r, j->cid, j->created, j->text.data + j->emitted, rest,
+                                   NULL, 0, NULL, 0, NULL, !j->first_chunk_sent);
             j->emitted = j->text.len;
-            srv_sse_chunk(&j->sse, r, j->cid, j->created, "", 0, NULL, 0, NULL, 0,
-                          finish_name(finish), !j->first_chunk_sent);
+            if (rc == 0)
+                rc = srv_sse_chunk(&j->sse, r, j->cid, j->created, "", 0, NULL, 0, NULL, 0,
+                                   finish_name(finish), !j->first_chunk_sent);
             j->first_chunk_sent = 1;
-            if (r->include_usage) srv_sse_usage(&j->sse, r, j->cid, j->created, &j->usage);
-            srv_sse_done(&j->sse);
-        } else {
-            srv_sse_error(&j->sse, &j->error);
+            if (rc == 0 && r->include_usage)
+                rc = srv_sse_usage(&j->sse, r, j->cid, j->created, &j->usage);
+            if (rc == 0) rc = srv_sse_done(&j->sse);
+            if (rc != 0) {
+                j->finish = SRV_FINISH_ERROR;
+                srv_error_set(&j->error, 500, "server_error", NULL, NULL, "out of memory");
+            }
         }
+        if ((err || rc != 0) && srv_sse_error(&j->sse, &j->error) != 0) j->sse_broken = 1;
     } else if (!err) {
         j->body = srv_build_completion(r, j->cid, j->created, j->text.data, j->text.len, j->ids,
                                        j->n_ids, j->lps, j->n_lps, finish_name(finish), &j->usage);
@@ -125,10 +137,20 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
     if (j->conn) srv_conn_resume(j->conn);
 }
 
+/* Memory ran out while taking a token: the job ends with an error (the
+ * engine stops at its next step). */
+static void job_oom(srv_server *s, srv_job *j)
+{
+    srv_error_set(&j->error, 500, "server_error", NULL, NULL, "out of memory");
+    srv_job_cancel(s, j, SRV_CANCEL_STOP);
+    job_finish(s, j, SRV_FINISH_ERROR);
+}
+
 void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
 {
+    srv_logprob *evlp = ev->lp; /* ours to free */
     if (j->finished) {
-        free(ev->lp);
+        free(evlp);
         return;
     }
     double now = srv_now();
@@ -146,9 +168,8 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
         j->ids = ids;
         j->cap_ids = cap;
     }
-    j->ids[j->n_ids++] = ev->token;
     srv_logprob *lp = NULL;
-    if (ev->lp) {
+    if (evlp) {
         if (j->n_lps == j->cap_lps) {
             int cap = j->cap_lps ? j->cap_lps * 2 : 32;
             srv_logprob *l = realloc(j->lps, (size_t)cap * sizeof *l);
@@ -157,18 +178,22 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
             j->cap_lps = cap;
         }
         lp = &j->lps[j->n_lps++];
-        *lp = *ev->lp;
-        free(ev->lp);
+        *lp = *evlp;
+        free(evlp);
+        evlp = NULL;
     }
+    j->ids[j->n_ids++] = ev->token;
     char piece[SRV_PIECE_MAX];
     size_t n = srv_token_piece(j->req->codec, ev->token, j->n_ids == 1, piece);
-    if (srv_buf_append(&j->text, piece, n) != 0) goto oom2;
+    if (srv_buf_append(&j->text, piece, n) != 0) goto oom;
     int stopped = 0;
     size_t end = srv_stop_scan(j->text.data, j->text.len, j->emitted, j->req->stop, j->req->n_stop,
                                &stopped);
     if (j->req->stream && (end > j->emitted || lp || j->req->return_token_ids)) {
-        srv_sse_chunk(&j->sse, j->req, j->cid, j->created, j->text.data + j->emitted,
-                      end - j->emitted, &ev->token, 1, lp, lp ? 1 : 0, NULL, !j->first_chunk_sent);
+        if (srv_sse_chunk(&j->sse, j->req, j->cid, j->created, j->text.data + j->emitted,
+                          end - j->emitted, &ev->token, 1, lp, lp ? 1 : 0, NULL,
+                          !j->first_chunk_sent) != 0)
+            goto oom;
         j->first_chunk_sent = 1;
         j->emitted = end;
     }
@@ -177,20 +202,15 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
         j->text.data[end] = '\0';
         j->emitted = end;
         j->usage.completion_tokens = j->n_ids;
-        atomic_store(&j->cancel, SRV_CANCEL_STOP);
-        srv_engine_wake(s->eng);
+        srv_job_cancel(s, j, SRV_CANCEL_STOP);
         job_finish(s, j, SRV_FINISH_STOP);
         return;
     }
     if (j->req->stream && j->conn) srv_conn_resume(j->conn);
     return;
 oom:
-    free(ev->lp);
-oom2:
-    srv_error_set(&j->error, 500, "server_error", NULL, NULL, "out of memory");
-    atomic_store(&j->cancel, SRV_CANCEL_STOP);
-    srv_engine_wake(s->eng);
-    job_finish(s, j, SRV_FINISH_ERROR);
+    free(evlp);
+    job_oom(s, j);
 }
 
 void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev)

@@ -229,5 +229,5 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
             m->preemptions);
     gauge(o, "mkad_sessions_resident", "Sessions whose state is resident in the engine.", m->sessions);
     pthread_mutex_unlock(&m->mu);
-    return 0;
+    return o->failed ? -1 : 0;
 }

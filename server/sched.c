@@ -583,6 +583,29 @@ static void fill_logprob(const float *raw, int V, int32_t tok, int n_top, srv_lo
     for (int k = 0; k < lp->n_top; k++) lp->top_logprobs[k] -= lse;
 }
 
+/* Posts a TOKEN event, with its logprobs (the top n_top alternatives) when
+ * n_top >= 0.  -1 when memory runs out: nothing was posted. */
+static int post_token(srv_engine *se, srv_job *job, int32_t tok, int n_top)
+{
+    srv_logprob *lp = NULL;
+    if (n_top >= 0) {
+        if (!(lp = malloc(sizeof *lp))) return -1;
+        fill_logprob(se->scratch, se->info.mi.vocab_size, tok, n_top, lp);
+    }
+    srv_event *e = ev_new(se, SRV_EV_TOKEN, job);
+    if (!e) { /* hand what is there to the loop, then retry once */
+        flush_events(se);
+        e = ev_new(se, SRV_EV_TOKEN, job);
+    }
+    if (!e) {
+        free(lp);
+        return -1;
+    }
+    e->token = tok;
+    e->lp = lp;
+    return 0;
+}
+
 static void publish_state(srv_engine *se)
 {
     eng_stats st;
@@ -703,23 +726,18 @@ static void run_step(srv_engine *se)
         }
         if (!se->items[k].logits) continue;
         float *lg = se->items[k].logits;
-        srv_logprob *lp = NULL;
         if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
         int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
                                          eng_seq_len(se->eng, es->seq));
         es->n_gen++;
-        if (rq->logprobs && (lp = malloc(sizeof *lp)))
-            fill_logprob(se->scratch, V, tok, rq->top_logprobs, lp);
         int fin = SRV_FINISH_NONE;
         int is_stop = tok == eos;
         for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
         if (is_stop && !rq->ignore_eos) {
             fin = SRV_FINISH_STOP;
-            free(lp);
+        } else if (post_token(se, es->job, tok, rq->logprobs ? rq->top_logprobs : -1) != 0) {
+            fin = SRV_FINISH_ERROR; /* the client must not get text with a token missing */
         } else {
-            srv_event *e = ev_new(se, SRV_EV_TOKEN, es->job);
-            if (e) { e->token = tok; e->lp = lp; }
-            else free(lp);
             if (es->n_gen >= es->max_gen ||
                 eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
                 fin = SRV_FINISH_LENGTH;
@@ -734,7 +752,12 @@ static void run_step(srv_engine *se)
                 int t = done[a]; done[a] = done[b]; done[b] = t;
                 t = done_fin[a]; done_fin[a] = done_fin[b]; done_fin[b] = t;
             }
-    for (int a = 0; a < n_done; a++) finish_seq(se, done[a], done_fin[a], 0, NULL);
+    for (int a = 0; a < n_done; a++)
+        if (done_fin[a] == SRV_FINISH_ERROR)
+            finish_seq(se, done[a], SRV_FINISH_ERROR, 500, "out of memory: a generated token could "
+                       "not be delivered");
+        else
+            finish_seq(se, done[a], done_fin[a], 0, NULL);
 }
 
 static void drop_cancelled(srv_engine *se)

@@ -45,9 +45,12 @@ typedef struct srv_metrics srv_metrics;
 typedef struct srv_buf {
     char *data;
     size_t len, cap;
+    int failed;           /* an append failed since the last reset: a builder of
+                             many pieces checks this once at the end */
 } srv_buf;
 
-/* All return 0, or -1 when memory runs out (the buffer is unchanged). */
+/* All return 0, or -1 when memory runs out (the buffer is unchanged but
+ * `failed` is set). */
 int srv_buf_append(srv_buf *b, const void *p, size_t n);
 int srv_buf_puts(srv_buf *b, const char *s);
 int srv_buf_printf(srv_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -214,7 +217,7 @@ char *srv_build_completion(const srv_genreq *r, const char *id, long created, co
                            int n_lp, const char *finish, const srv_usage *u);
 
 /* SSE framing.  Each appends one complete event ("data: ...\n\n") to out;
- * 0 or -1 (out of memory). */
+ * 0, or -1 when memory runs out (out then holds no part of the event). */
 int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const char *text, size_t text_len, const int32_t *ids, int n_ids,
                   const srv_logprob *lp, int n_lp, const char *finish, int first);
@@ -293,6 +296,7 @@ typedef struct srv_job {
     int n_lps, cap_lps;
     srv_buf sse;                /* SSE bytes not yet taken by MHD */
     size_t sse_off;
+    int sse_broken;             /* an event could not be appended: cut the stream */
     int first_chunk_sent;
     int finished;               /* the response is complete (text-wise) */
     int finish;                 /* enum srv_finish */
@@ -375,7 +379,8 @@ void srv_metrics_preempted(srv_metrics *m);
  * (the strings are copied). */
 void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtype, size_t kv_bytes);
 void srv_metrics_cancelled(srv_metrics *m, int reason);
-/* The Prometheus text exposition; appends to out. */
+/* The Prometheus text exposition; appends to out.  0, or -1 when memory
+ * ran out (out is incomplete). */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);
 const char *srv_route_name(int route);
 

@@ -78,7 +78,10 @@ static int t_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, siz
             /* text parts are joined, as OpenAI does for a plain-text model */
             for (size_t k = 0; k < json_array_size(c); k++) {
                 json_t *tx = json_object_get(json_array_get(c, k), "text");
-                srv_buf_append(&joined[i], json_string_value(tx), json_string_length(tx));
+                if (srv_buf_append(&joined[i], json_string_value(tx), json_string_length(tx)) != 0) {
+                    snprintf(err, errlen, "out of memory");
+                    goto out;
+                }
             }
             m[i].content = joined[i].data ? joined[i].data : "";
             m[i].content_len = joined[i].len;

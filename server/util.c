@@ -28,7 +28,10 @@ static int buf_reserve(srv_buf *b, size_t extra)
 
 int srv_buf_append(srv_buf *b, const void *p, size_t n)
 {
-    if (buf_reserve(b, n) != 0) return -1;
+    if (buf_reserve(b, n) != 0) {
+        b->failed = 1;
+        return -1;
+    }
     if (n) memcpy(b->data + b->len, p, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -47,9 +50,15 @@ int srv_buf_printf(srv_buf *b, const char *fmt, ...)
     char tmp[256];
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    if (n < 0) return -1;
+    if (n < 0) {
+        b->failed = 1;
+        return -1;
+    }
     if ((size_t)n < sizeof tmp) return srv_buf_append(b, tmp, (size_t)n);
-    if (buf_reserve(b, (size_t)n) != 0) return -1;
+    if (buf_reserve(b, (size_t)n) != 0) {
+        b->failed = 1;
+        return -1;
+    }
     va_start(ap, fmt);
     vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
     va_end(ap);
@@ -60,6 +69,7 @@ int srv_buf_printf(srv_buf *b, const char *fmt, ...)
 void srv_buf_reset(srv_buf *b)
 {
     b->len = 0;
+    b->failed = 0;
     if (b->data) b->data[0] = '\0';
 }
 
@@ -68,6 +78,7 @@ void srv_buf_free(srv_buf *b)
     free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
+    b->failed = 0;
 }
 
 /* Length of the valid UTF-8 character at s[0, n), or 0 when the bytes there

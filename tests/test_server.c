@@ -419,6 +419,30 @@ START_TEST(sse_framing)
 }
 END_TEST
 
+/* An event that cannot be appended leaves no part of itself behind. */
+START_TEST(sse_no_partial_event)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":true}", 0);
+    srv_buf b = { 0 };
+    srv_error e;
+    srv_error_set(&e, 500, "server_error", NULL, NULL, "x");
+    for (int k = 0; k < 2; k++) {
+        fail_alloc(0, 0);
+        int rc = k == 0 ? srv_sse_chunk(&b, r, "c1", 9, "abc", 3, NULL, 0, NULL, 0, NULL, 1)
+                        : srv_sse_error(&b, &e);
+        fail_alloc_off();
+        ck_assert_int_eq(rc, -1);
+        ck_assert_uint_eq(b.len, 0);
+        ck_assert(b.failed);
+        srv_buf_reset(&b);
+    }
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "abc", 3, NULL, 0, NULL, 0, NULL, 1), 0);
+    ck_assert(strncmp(b.data, "data: {", 7) == 0 && !b.failed);
+    srv_buf_free(&b);
+    srv_genreq_free(r);
+}
+END_TEST
+
 START_TEST(stop_scan)
 {
     char *stops[] = { "END", "xy" };
@@ -976,6 +1000,38 @@ START_TEST(engine_preemption_is_exact)
 }
 END_TEST
 
+/* A token whose logprobs cannot be allocated is never dropped silently:
+ * every TOKEN event carries its logprobs, and the job then ends with an
+ * error (the stream ends with an error event) instead of missing text. */
+START_TEST(engine_oom_ends_with_error)
+{
+    srv_config c = test_cfg();
+    srv_metrics *m = srv_metrics_create();
+    srv_engine *se = start_engine(&c, m);
+    srv_job *j = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":20,"
+                         "\"logprobs\":2,\"ignore_eos\":true,\"seed\":1}");
+    fail_alloc(5, sizeof(srv_logprob)); /* the 6th token's logprobs */
+    srv_engine_submit(se, j);
+    int f = wait_event(SRV_EV_FINAL, j);
+    fail_alloc_off();
+    ck_assert(atomic_load(&FI.failed));
+    ck_assert_int_eq(EV.ev[f].finish, SRV_FINISH_ERROR);
+    ck_assert_int_eq(EV.ev[f].status, 500);
+    int n = 0;
+    pthread_mutex_lock(&EV.mu);
+    for (int i = 0; i < EV.n; i++)
+        if (EV.ev[i].type == SRV_EV_TOKEN && EV.ev[i].job == j) {
+            ck_assert_ptr_nonnull(EV.ev[i].lp);
+            n++;
+        }
+    pthread_mutex_unlock(&EV.mu);
+    ck_assert_int_eq(n, 5);
+    srv_engine_stop(se);
+    free_job(j);
+    srv_metrics_free(m);
+}
+END_TEST
+
 START_TEST(engine_load_failure)
 {
     srv_config c = test_cfg();
@@ -1006,6 +1062,7 @@ static Suite *suite(void)
     tcase_add_test(api, error_object_utf8);
     tcase_add_test(api, build_completion_json);
     tcase_add_test(api, sse_framing);
+    tcase_add_test(api, sse_no_partial_event);
     tcase_add_test(api, stop_scan);
     tcase_add_test(api, token_text);
     tcase_add_test(api, parse_with_tokenizer);
@@ -1022,6 +1079,7 @@ static Suite *suite(void)
     tcase_add_test(eng, engine_generate_and_sessions);
     tcase_add_test(eng, engine_cancel_frees_blocks);
     tcase_add_test(eng, engine_preemption_is_exact);
+    tcase_add_test(eng, engine_oom_ends_with_error);
     tcase_add_test(eng, engine_load_failure);
     suite_add_tcase(s, eng);
     return s;
