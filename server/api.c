@@ -297,6 +297,43 @@ fail:
     return -1;
 }
 
+/* logit_bias: {"<token id>": bias in [-100, 100], ...} (OpenAI).  Ids are
+ * written in plain decimal, so that two keys never name one token. */
+static int parse_logit_bias(json_t *root, srv_genreq *r, int vocab, srv_error *err)
+{
+    json_t *v = json_object_get(root, "logit_bias");
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_object(v)) BAD("logit_bias", "'logit_bias' must be an object of token id -> bias");
+    size_t n = json_object_size(v);
+    if (n == 0) return 0;
+    r->bias_ids = malloc(n * sizeof *r->bias_ids);
+    r->bias = malloc(n * sizeof *r->bias);
+    if (!r->bias_ids || !r->bias) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    const char *key;
+    json_t *val;
+    json_object_foreach(v, key, val) {
+        char q[32];
+        srv_utf8_clip(q, sizeof q, key, strlen(key));
+        long long id = -1;
+        int digits = (int)strspn(key, "0123456789");
+        if (digits > 0 && digits <= 9 && key[digits] == '\0' && (key[0] != '0' || digits == 1))
+            id = strtoll(key, NULL, 10);
+        if (id < 0 || id >= vocab)
+            BAD("logit_bias", "'logit_bias' key '%s' is not a token id in [0, %d)", q, vocab);
+        double b = json_number_value(val);
+        if (!json_is_number(val) || !(b >= -100 && b <= 100))
+            BAD("logit_bias", "'logit_bias' value for token %lld must be a number in [-100, 100]", id);
+        r->bias_ids[r->n_bias] = (int32_t)id;
+        r->bias[r->n_bias++] = (float)b;
+    }
+    return 0;
+fail:
+    return -1;
+}
+
 static int valid_session_id(const char *s, size_t n)
 {
     if (n == 0 || n > SRV_SESSION_ID_MAX) return 0;
@@ -363,6 +400,10 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (got) r->sp.min_p = (float)dv;
     if ((got = get_num(root, "repetition_penalty", 0, 10, 1, &dv, err)) < 0) goto fail;
     if (got) r->sp.repetition_penalty = (float)dv;
+    if ((got = get_num(root, "presence_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
+    if (got) r->sp.presence_penalty = (float)dv;
+    if ((got = get_num(root, "frequency_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
+    if (got) r->sp.frequency_penalty = (float)dv;
     if ((got = get_int(root, "seed", INT64_MIN, INT64_MAX, &iv, err)) < 0) goto fail;
     if (got) {
         r->sp.seed = (uint64_t)iv;
@@ -378,15 +419,9 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (got && iv != 1) BAD("best_of", "'best_of' > 1 is not supported");
     if ((got = get_bool(root, "echo", &bv, err)) < 0) goto fail;
     if (got && bv) BAD("echo", "'echo' is not supported");
-    if ((got = get_num(root, "presence_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
-    if (got && dv != 0) BAD("presence_penalty", "'presence_penalty' is not supported (use the 'repetition_penalty' extension)");
-    if ((got = get_num(root, "frequency_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
-    if (got && dv != 0) BAD("frequency_penalty", "'frequency_penalty' is not supported (use the 'repetition_penalty' extension)");
     json_t *v = json_object_get(root, "suffix");
     if (v && !json_is_null(v)) BAD("suffix", "'suffix' is not supported");
-    v = json_object_get(root, "logit_bias");
-    if (v && !json_is_null(v) && !(json_is_object(v) && json_object_size(v) == 0))
-        BAD("logit_bias", "'logit_bias' is not supported");
+    if (parse_logit_bias(root, r, md->vocab_size, err) < 0) goto fail;
     v = json_object_get(root, "tools");
     if (v && !json_is_null(v) && !(json_is_array(v) && json_array_size(v) == 0))
         BAD("tools", "'tools' is not supported");
@@ -539,6 +574,8 @@ void srv_genreq_free(srv_genreq *r)
     if (!r) return;
     free(r->model);
     free(r->prompt);
+    free(r->bias_ids);
+    free(r->bias);
     json_decref(r->pending);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r);

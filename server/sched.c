@@ -541,7 +541,9 @@ static void admit(srv_engine *se)
                 }
             }
         }
-        if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK) {
+        if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK ||
+            eng_sampler_set_logit_bias(es.smp, rq->bias_ids, rq->bias, rq->n_bias) != ENG_OK) {
+            eng_sampler_free(es.smp);
             if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
             else eng_seq_free(se->eng, es.seq);
             fail_job(se, job, 500, "out of memory (sampler)");

@@ -125,6 +125,9 @@ typedef struct srv_genreq {
     int max_tokens;            /* >= 1: the room left in the context when max_tokens_auto */
     int max_tokens_auto;       /* not given: until the context or the K/V pool is full */
     eng_sampler_params sp;
+    int32_t *bias_ids;         /* logit_bias: n_bias distinct ids and their biases */
+    float *bias;
+    int n_bias;
     int has_seed;              /* else the caller picks a random seed */
     int ignore_eos;            /* extension */
     char *stop[SRV_MAX_STOP];  /* NUL-terminated, non-empty */

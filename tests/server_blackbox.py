@@ -331,6 +331,39 @@ def test_logprobs():
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
 
 
+def test_logit_bias_and_penalties():
+    """logit_bias, presence_penalty and frequency_penalty with OpenAI's
+    semantics, through the official client; deterministic."""
+    c = D.client()
+    r = completion(c, seed=3, max_tokens=6, logit_bias={"42": 100}, extra_body=IDS)
+    assert r.choices[0].model_extra["token_ids"] == [42] * 6, r
+    greedy = completion(c, seed=3, max_tokens=6, temperature=0, extra_body=IDS)
+    first = greedy.choices[0].model_extra["token_ids"][0]
+    banned = completion(c, seed=3, max_tokens=6, temperature=0, logit_bias={str(first): -100},
+                        extra_body=IDS)
+    assert first not in banned.choices[0].model_extra["token_ids"], banned
+    ch = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                   max_tokens=4, logit_bias={"42": 100}, seed=1,
+                                   extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert ch.choices[0].model_extra["token_ids"] == [42] * 4, ch
+
+    def ids(**kw):
+        r = completion(c, seed=4, max_tokens=48, temperature=0, extra_body=IDS, **kw)
+        return r.choices[0].model_extra["token_ids"]
+
+    plain, freq = ids(), ids(frequency_penalty=2.0)
+    assert freq == ids(frequency_penalty=2.0)  # deterministic
+    assert max(map(freq.count, freq)) < max(map(plain.count, plain)), (plain, freq)
+    pres = ids(presence_penalty=2.0)
+    assert len(set(pres)) > len(set(plain)), (plain, pres)
+    assert len(set(ids(presence_penalty=-2.0))) <= len(set(plain))
+    try:
+        completion(c, seed=1, max_tokens=2, presence_penalty=2.5)
+        raise AssertionError("presence_penalty 2.5 accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "presence_penalty", e
+
+
 def test_concurrent_streams_independent():
     """64 concurrent streaming clients; each text equals its solo run (same seed)."""
     n = 64

@@ -111,7 +111,24 @@ START_TEST(parse_completion_valid)
     ck_assert(r->logprobs && r->top_logprobs == 2);
     ck_assert_str_eq(r->session_id, "s-1");
     ck_assert(r->return_token_ids); /* no tokenizer: ids are returned */
+    ck_assert(r->sp.presence_penalty == 0.0f && r->n_bias == 0);
     ck_assert(!r->chat);
+    srv_genreq_free(r);
+}
+END_TEST
+
+START_TEST(parse_penalties_and_bias)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":-1.5,"
+                             "\"frequency_penalty\":0.5,\"logit_bias\":{\"7\":-100,\"0\":2.5,\"4095\":100}}", 0);
+    ck_assert(r->sp.presence_penalty == -1.5f && r->sp.frequency_penalty == 0.5f);
+    ck_assert_int_eq(r->n_bias, 3);
+    float sum = 0;
+    for (int i = 0; i < 3; i++) sum += r->bias[i] * (float)(r->bias_ids[i] + 1);
+    ck_assert(sum == -100.0f * 8 + 2.5f * 1 + 100.0f * 4096);
+    srv_genreq_free(r);
+    r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{}}", 0);
+    ck_assert_int_eq(r->n_bias, 0);
     srv_genreq_free(r);
 }
 END_TEST
@@ -197,8 +214,15 @@ START_TEST(parse_rejects)
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":0}", 0, 400, "n");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"echo\":true}", 0, 400, "echo");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"best_of\":3}", 0, 400, "best_of");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":1}", 0, 400, "presence_penalty");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":2.5}", 0, 400, "presence_penalty");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"frequency_penalty\":\"1\"}", 0, 400, "frequency_penalty");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":[5]}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"4096\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"05\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"-1\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"a\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":101}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":\"1\"}}", 0, 400, "logit_bias");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":\"yes\"}", 0, 400, "stream");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream_options\":{\"include_usage\":true}}", 0, 400, "stream_options");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":true,\"stream_options\":{\"include_usage\":1}}", 0, 400,
@@ -1055,6 +1079,7 @@ static Suite *suite(void)
     TCase *api = tcase_create("api");
     tcase_add_test(api, parse_completion_valid);
     tcase_add_test(api, parse_defaults);
+    tcase_add_test(api, parse_penalties_and_bias);
     tcase_add_test(api, parse_session_header);
     tcase_add_test(api, parse_rejects);
     tcase_add_test(api, parse_no_tokenizer_message);
