@@ -768,7 +768,9 @@ int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long create
     if (r->chat) {
         json_t *delta = json_object();
         if (first) json_object_set_new(delta, "role", json_string("assistant"));
-        if (text_len || (first && !finish)) json_object_set_new(delta, "content", json_text(text, text_len));
+        /* a token's chunk always has "content" ("" while text is held
+         * back); the final chunk only when held-back text ends there */
+        if (text_len || !finish) json_object_set_new(delta, "content", json_text(text, text_len));
         choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs",
                            logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
     } else {

@@ -108,14 +108,12 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
     if (r->stream) {
         int rc = 0;
         if (!err) {
-            size_t rest = j->text.len - j->emitted;
-            if (rest)
-                rc = srv_sse_chunk(&j->sse, r, j->cid, j->created, j->text.data + j->emitted, rest,
-                                   NULL, 0, NULL, 0, NULL, !j->first_chunk_sent);
+            /* text held back so far (an unfinished character, a possible
+             * stop-string start) goes out with the finish_reason */
+            rc = srv_sse_chunk(&j->sse, r, j->cid, j->created, j->text.data + j->emitted,
+                               j->text.len - j->emitted, NULL, 0, NULL, 0, finish_name(finish),
+                               !j->first_chunk_sent);
             j->emitted = j->text.len;
-            if (rc == 0)
-                rc = srv_sse_chunk(&j->sse, r, j->cid, j->created, "", 0, NULL, 0, NULL, 0,
-                                   finish_name(finish), !j->first_chunk_sent);
             j->first_chunk_sent = 1;
             if (rc == 0 && r->include_usage)
                 rc = srv_sse_usage(&j->sse, r, j->cid, j->created, &j->usage);
@@ -189,7 +187,10 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
     int stopped = 0;
     size_t end = srv_stop_scan(j->text.data, j->text.len, j->emitted, j->req->stop, j->req->n_stop,
                                &stopped);
-    if (j->req->stream && (end > j->emitted || lp || j->req->return_token_ids)) {
+    /* One event per token, also when its text is empty or held back (an
+     * unfinished character, a possible stop-string start): clients count
+     * tokens and time them by events, as llama.cpp's server sends them. */
+    if (j->req->stream) {
         if (srv_sse_chunk(&j->sse, j->req, j->cid, j->created, j->text.data + j->emitted,
                           end - j->emitted, &ev->token, 1, lp, lp ? 1 : 0, NULL,
                           !j->first_chunk_sent) != 0)

@@ -213,6 +213,47 @@ def test_completions_stream_include_usage():
     assert all(ch.choices for ch in chunks)
 
 
+def sse_events(resp):
+    """The data payloads of an SSE response read with http.client."""
+    body = resp.read().decode()
+    return [e[len("data: "):] for e in body.split("\n\n") if e.startswith("data: ")]
+
+
+def test_stream_one_event_per_token_keepalive():
+    """Every generated token is one SSE event, also when its text is empty
+    (a special token; the lead byte of a character that the next token
+    completes or breaks): text is held back, the event still comes.  Several
+    streams in turn on one keep-alive connection."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", D.port, timeout=30)
+    special, lead_byte = 1, 130  # <|im_start|>; the byte 0xC3 ("\u00c3" in tokenizer.json)
+    cases = [("/v1/completions", {"prompt": PROMPT, "logit_bias": {str(special): 100}}, 5),
+             ("/v1/completions", {"prompt": PROMPT, "logit_bias": {str(lead_byte): 100}}, 4),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "logit_bias": {str(special): 100}}, 3),
+             ("/v1/completions", {"prompt": PROMPT}, 6)]
+    for i, (path, extra, n) in enumerate(cases * 2):
+        ids = i >= len(cases)  # the second round carries token_ids
+        body = dict(model=MODEL_NAME, max_tokens=n, stream=True, seed=2, ignore_eos=True,
+                    return_token_ids=ids, stream_options={"include_usage": True}, **extra)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and not resp.will_close, (resp.status, resp.getheaders())
+        events = sse_events(resp)
+        assert events[-1] == "[DONE]", events
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == n, chunks[-1]
+        token_events = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None]
+        assert len(token_events) == n, (path, extra, len(token_events), events)
+        if "chat" in path:
+            assert all("content" in c["choices"][0]["delta"] for c in token_events), chunks
+        if ids:
+            assert all(len(c["choices"][0]["token_ids"]) == 1 for c in token_events), chunks
+            if extra.get("logit_bias") == {str(special): 100}:
+                assert all(c["choices"][0]["token_ids"] == [special] for c in token_events)
+    conn.close()
+
+
 def test_chat_stream_and_not():
     c = D.client()
     msgs = [{"role": "system", "content": "Be brief."},
