@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -206,6 +207,7 @@ static void on_sweep(uv_timer_t *t)
 {
     srv_server *s = t->data;
     double now = srv_now();
+    srv_http_sweep(s);
     for (srv_job *j = s->jobs; j; j = j->next) {
         if (j->finished) continue;
         if (s->draining && now >= s->drain_deadline) srv_job_cancel(s, j, SRV_CANCEL_SHUTDOWN);
@@ -233,6 +235,26 @@ static void on_watchdog(uv_timer_t *t)
     sd_notify(0, "WATCHDOG=1");
 }
 #endif
+
+/* Every connection is a file descriptor: raise the soft limit to what
+ * max_connections needs (plus room for the model's files, the loop and the
+ * engine), as far as the hard limit allows, and say so when it does not. */
+static void raise_fd_limit(const srv_config *cfg)
+{
+    struct rlimit rl;
+    rlim_t need = (rlim_t)cfg->max_connections + 64;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= need) return;
+    rlim_t want = rl.rlim_max != RLIM_INFINITY && rl.rlim_max < need ? rl.rlim_max : need;
+    if (want > rl.rlim_cur) {
+        rl.rlim_cur = want;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    if (want < need)
+        srv_log("warn", "config", " option=max_connections value=%d open_files_limit=%llu "
+                "error=\"the hard limit on open files is below max_connections + 64: raise it "
+                "(LimitNOFILE=) or lower max_connections\"", cfg->max_connections,
+                (unsigned long long)want);
+}
 
 /* Creates the listening socket ourselves: full control over the address
  * family and errors, and the bound port for --port 0. */
@@ -342,6 +364,7 @@ int srv_run(const srv_config *cfg)
         return 1;
     }
 
+    raise_fd_limit(cfg);
     int port = 0, v6 = 0;
     int lfd = listen_on(cfg->host, cfg->port, &port, &v6);
     if (lfd < 0) {

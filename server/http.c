@@ -28,6 +28,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "srv_internal.h"
@@ -107,9 +109,11 @@ static enum MHD_Result queue_buf(srv_conn *c, int status, const char *ctype, cha
     }
     if (allow) MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, allow);
     if (status == 401) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer");
+    if (c->close) MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
     enum MHD_Result rc = MHD_queue_response(c->mc, (unsigned)status, r);
     MHD_destroy_response(r);
     if (rc == MHD_YES) c->status = status;
+    if (c->sock) c->sock->receiving = 0; /* answered: what else arrives is not waited for */
     return rc;
 }
 
@@ -403,6 +407,75 @@ static int content_type_json(struct MHD_Connection *mc)
     return n == 16 && strncasecmp(ct, "application/json", 16) == 0;
 }
 
+/* ---- request framing (RFC 9112 §6.3) ----------------------------------------------- */
+
+typedef struct framing {
+    const char *cl, *te;   /* the first Content-Length, the last Transfer-Encoding */
+    int cl_conflict, n_te, n_host;
+} framing;
+
+static enum MHD_Result scan_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                   const char *value)
+{
+    framing *f = cls;
+    if (!value) value = "";
+    if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+        if (f->cl && strcmp(f->cl, value) != 0) f->cl_conflict = 1;
+        f->cl = value;
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+        f->te = value;
+        f->n_te++;
+    } else if (strcasecmp(key, MHD_HTTP_HEADER_HOST) == 0) {
+        f->n_host++;
+    }
+    return MHD_YES;
+}
+
+/* 1 when [s, s+n) is "chunked" (ASCII case-insensitively) up to blanks. */
+static int is_chunked(const char *s, size_t n)
+{
+    while (n && (*s == ' ' || *s == '\t')) { s++; n--; }
+    while (n && (s[n - 1] == ' ' || s[n - 1] == '\t')) n--;
+    return n == 7 && strncasecmp(s, "chunked", 7) == 0;
+}
+
+/* Checks how the request delimits its body before anything reads it.  A
+ * request whose length a proxy in front could read differently (RFC 9112
+ * §6.3: conflicting Content-Lengths, Transfer-Encoding with Content-Length,
+ * a last transfer coding that is not chunked) could smuggle a second
+ * request; it is answered 400 (501 for a coding we do not know before
+ * "chunked") and the connection closed.  HTTP/1.1 needs exactly one Host
+ * (RFC 9112 §3.2).  Returns 0 when the framing is sound. */
+static int check_framing(struct MHD_Connection *mc, const char *version, srv_error *e)
+{
+    framing f = { 0 };
+    MHD_get_connection_values(mc, MHD_HEADER_KIND, scan_header, &f);
+    if (f.cl_conflict) {
+        srv_error_set(e, 400, "invalid_request_error", NULL, "bad_framing",
+                      "conflicting Content-Length headers");
+    } else if (f.te && f.cl) {
+        srv_error_set(e, 400, "invalid_request_error", NULL, "bad_framing",
+                      "a request may not carry both Transfer-Encoding and Content-Length");
+    } else if (f.te) {
+        const char *last = strrchr(f.te, ',');
+        last = last ? last + 1 : f.te;
+        if (!is_chunked(last, strlen(last)))
+            srv_error_set(e, 400, "invalid_request_error", NULL, "bad_framing",
+                          "the last Transfer-Encoding must be chunked");
+        else if (f.n_te > 1 || !is_chunked(f.te, strlen(f.te)))
+            srv_error_set(e, 501, "invalid_request_error", NULL, "unsupported_transfer_coding",
+                          "only the chunked transfer coding is supported");
+        else
+            return 0;
+    } else if (strcmp(version, MHD_HTTP_VERSION_1_1) == 0 && f.n_host != 1) {
+        srv_error_set(e, 400, "invalid_request_error", NULL, "bad_host",
+                      "an HTTP/1.1 request needs exactly one Host header");
+    } else {
+        return 0;
+    }
+    return e->status;
+}
+
 static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url, const char *method,
                            const char *version, const char *upload_data, size_t *upload_data_size,
                            void **con_cls)
@@ -424,6 +497,17 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         *con_cls = c;
         c->is_post = strcmp(method, "POST") == 0 || strcmp(method, "PUT") == 0 ||
                      strcmp(method, "PATCH") == 0;
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        if (ci && ci->socket_context) {
+            c->sock = ci->socket_context;
+            c->sock->in_request = 1;
+        }
+        srv_error fe;
+        if (check_framing(mc, version, &fe) != 0) {
+            /* answered before the body is read: MHD then closes the connection */
+            c->close = 1;
+            return queue_error(c, &fe, 0, NULL);
+        }
         /* Without a body, answer on the second call: a response queued on the
          * first call is "early" and MHD then closes the connection instead
          * of keeping it alive. */
@@ -450,6 +534,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         return MHD_YES;
     }
     if (c->status) return MHD_YES; /* a response is already queued */
+    if (*upload_data_size == 0 && c->sock) c->sock->receiving = 0; /* the whole request is here */
     if (!c->is_post) {
         if (*upload_data_size) { /* a body on GET/HEAD/DELETE...: ignore it */
             *upload_data_size = 0;
@@ -490,6 +575,11 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     srv_server *s = cls;
     srv_conn *c = *con_cls;
     if (!c) return;
+    if (c->sock) { /* a keep-alive connection now awaits its next request */
+        c->sock->receiving = 1;
+        c->sock->in_request = 0;
+        c->sock->t_wait = srv_now();
+    }
     watch_stop(c);
     srv_job *j = c->job;
     int status = c->status;
@@ -554,14 +644,127 @@ static void on_mhd_poll(uv_poll_t *h, int status, int events)
     srv_http_run(h->data);
 }
 
+/* libmicrohttpd 0.9.75 answers a Content-Length it cannot parse ("abc",
+ * "-1", "69 ", more than 64 bits) itself, with an HTML page whose status
+ * line and headers it sends twice (a bug fixed in 0.9.76), and never calls
+ * the access handler for it.  It logs the failure while it parses the
+ * headers, before it queues that answer, and at that moment the connection
+ * is the only one with its headers received, no response queued and no
+ * access-handler call: we write our JSON error to it and shut down its
+ * sending side, so that MHD's answer fails to go out and MHD closes the
+ * connection.  Should the message or the moment differ (another MHD), this
+ * finds no connection and does nothing. */
+static void answer_bad_content_length(srv_server *s, int status)
+{
+    srv_sock *hit = NULL;
+    int n = 0;
+    for (srv_sock *k = s->socks; k; k = k->next) {
+        if (k->in_request || !MHD_get_connection_info(k->mc, MHD_CONNECTION_INFO_REQUEST_HEADER_SIZE) ||
+            MHD_get_connection_info(k->mc, MHD_CONNECTION_INFO_HTTP_STATUS))
+            continue;
+        hit = k;
+        n++;
+    }
+    const union MHD_ConnectionInfo *ci =
+        n == 1 ? MHD_get_connection_info(hit->mc, MHD_CONNECTION_INFO_CONNECTION_FD) : NULL;
+    if (!ci) return;
+    srv_error e;
+    srv_error_set(&e, status, "invalid_request_error", NULL, "bad_framing",
+                  status == 413 ? "the Content-Length value is too large"
+                                : "the Content-Length value is not a decimal number");
+    char *js = srv_error_json(&e);
+    srv_buf b = { 0 };
+    if (js && srv_buf_printf(&b, "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n"
+                             "Content-Length: %zu\r\nConnection: close\r\n\r\n%s", status,
+                             status == 413 ? "Content Too Large" : "Bad Request", strlen(js), js) == 0) {
+        ssize_t w = send(ci->connect_fd, b.data, b.len, MSG_NOSIGNAL);
+        (void)w; /* a few hundred bytes into an idle socket; a short write only cuts the body */
+    }
+    shutdown(ci->connect_fd, SHUT_WR);
+    free(js);
+    srv_buf_free(&b);
+    srv_metrics_request(s->met, SRV_ROUTE_OTHER, status);
+}
+
+/* Flushes the count of collapsed repeats of MHD's last message. */
+static void mhd_log_flush(srv_server *s)
+{
+    if (s->mhd_repeats == 0) return;
+    char q[300];
+    srv_log("warn", "mhd", " msg=%s repeated=%d", srv_log_quote(s->mhd_last, q, sizeof q),
+            s->mhd_repeats);
+    s->mhd_repeats = 0;
+}
+
+/* MHD's messages as log lines; one message repeated within a second (1,000
+ * connections refused by a limit) is collapsed into a count. */
 static void mhd_log(void *cls, const char *fmt, va_list ap)
 {
+    srv_server *s = cls;
     char msg[512];
     vsnprintf(msg, sizeof msg, fmt, ap);
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = '\0';
+    if (strncmp(msg, "Failed to parse `Content-Length' header", 39) == 0)
+        answer_bad_content_length(s, 400);
+    else if (strncmp(msg, "Too large value of 'Content-Length' header", 42) == 0)
+        answer_bad_content_length(s, 413);
+    double now = srv_now();
+    if (strncmp(msg, s->mhd_last, sizeof s->mhd_last - 1) == 0 && now - s->mhd_last_t < 1.0) {
+        s->mhd_repeats++;
+        return;
+    }
+    mhd_log_flush(s);
+    snprintf(s->mhd_last, sizeof s->mhd_last, "%s", msg);
+    s->mhd_last_t = now;
     char q[600];
     srv_log("warn", "mhd", " msg=%s", srv_log_quote(msg, q, sizeof q));
+}
+
+/* MHD_OPTION_NOTIFY_CONNECTION: every connection is tracked from accept to
+ * close (the request_read_timeout deadline; answer_bad_content_length). */
+static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    srv_server *s = cls;
+    srv_sock *k = *socket_context;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        if (!(k = calloc(1, sizeof *k))) return; /* untracked: only the idle timeout applies */
+        k->mc = mc;
+        k->t_wait = srv_now();
+        k->receiving = 1;
+        k->next = s->socks;
+        if (s->socks) s->socks->prev = k;
+        s->socks = k;
+        *socket_context = k;
+    } else if (k) {
+        if (k->prev) k->prev->next = k->next;
+        else s->socks = k->next;
+        if (k->next) k->next->prev = k->prev;
+        free(k);
+        *socket_context = NULL;
+    }
+}
+
+void srv_http_sweep(srv_server *s)
+{
+    double now = srv_now();
+    int cut = 0;
+    for (srv_sock *k = s->socks; k; k = k->next) {
+        if (!k->receiving || now - k->t_wait <= s->cfg->request_read_timeout_s) continue;
+        const union MHD_ConnectionInfo *ci = MHD_get_connection_info(k->mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+        /* MHD sees the end of the stream at its next read and closes the connection */
+        if (ci) shutdown(ci->connect_fd, SHUT_RDWR);
+        k->receiving = 0;
+        srv_metrics_read_timeout(s->met);
+        cut++;
+    }
+    if (cut) {
+        srv_log("info", "request_read_timeout", " closed=%d timeout_s=%d", cut,
+                s->cfg->request_read_timeout_s);
+        srv_http_run(s);
+    }
+    if (s->mhd_repeats && now - s->mhd_last_t >= 1.0) mhd_log_flush(s);
 }
 
 /* ---- lifecycle (daemon.c calls these) ---------------------------------------- */
@@ -575,8 +778,11 @@ int srv_http_start(srv_server *s, int lfd, int v6)
                             MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s,
                             MHD_OPTION_LISTEN_SOCKET, (MHD_socket)lfd,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                            MHD_OPTION_NOTIFY_CONNECTION, on_connection, s,
                             MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)cfg->http_timeout_s,
                             MHD_OPTION_CONNECTION_LIMIT, (unsigned int)cfg->max_connections,
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+                            (unsigned int)cfg->max_connections_per_ip,
                             MHD_OPTION_END);
     if (!s->d) {
         close(lfd);

@@ -32,6 +32,7 @@ struct srv_metrics {
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
     unsigned long preemptions;
+    unsigned long read_timeouts;
     char backend[8], kv_dtype[8]; /* "" until the engine exists */
     size_t kv_bytes;
 };
@@ -130,6 +131,13 @@ void srv_metrics_preempted(srv_metrics *m)
     pthread_mutex_unlock(&m->mu);
 }
 
+void srv_metrics_read_timeout(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->read_timeouts++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions)
 {
@@ -224,6 +232,9 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
                           "# TYPE mkad_backend_info gauge\n"
                           "mkad_backend_info{backend=\"%s\",kv_dtype=\"%s\"} 1\n",
                        m->backend, m->kv_dtype);
+    counter(o, "mkad_http_read_timeouts_total",
+            "Connections closed because a request did not arrive whole within request_read_timeout.",
+            m->read_timeouts);
     counter(o, "mkad_preemptions_total",
             "Running sequences preempted (K/V pool full) and later resumed by recomputation.",
             m->preemptions);

@@ -30,8 +30,10 @@ typedef struct srv_config {
     char *host;
     int port;               /* 0 = an ephemeral port (logged as event=listening) */
     int max_connections;
+    int max_connections_per_ip; /* 0 = no per-address limit */
     int max_body_kb;        /* request body limit (413 above it) */
     int http_timeout_s;     /* idle connection timeout (slow clients) */
+    int request_read_timeout_s; /* a whole request (headers + body) must arrive within this */
     int request_timeout_s;  /* whole-request deadline, then cancelled */
     int shutdown_timeout_s; /* SIGTERM: running requests get this long to finish */
     /* scheduling */

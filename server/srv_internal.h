@@ -378,6 +378,7 @@ void srv_metrics_step(srv_metrics *m, int n_seqs, int n_tokens, double step_s);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
 void srv_metrics_preempted(srv_metrics *m);
+void srv_metrics_read_timeout(srv_metrics *m);
 /* Once the engine exists: its backend ("cpu"/"cuda"), K/V dtype and pool size
  * (the strings are copied). */
 void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtype, size_t kv_bytes);
@@ -417,6 +418,17 @@ typedef struct srv_watch {
 
 typedef struct srv_parse_work srv_parse_work; /* http.c */
 
+/* One TCP connection, from accept to close (MHD_OPTION_NOTIFY_CONNECTION),
+ * across its keep-alive requests; for the request_read_timeout deadline. */
+typedef struct srv_sock {
+    struct MHD_Connection *mc;
+    double t_wait;           /* the current request began to be awaited: the
+                                connection's start or the end of the previous response */
+    int receiving;           /* the current request has not fully arrived */
+    int in_request;          /* the access handler has seen the current request */
+    struct srv_sock *prev, *next;
+} srv_sock;
+
 /* One HTTP request, from the access handler's first call to MHD's
  * completed callback (loop thread only). */
 typedef struct srv_conn {
@@ -432,6 +444,8 @@ typedef struct srv_conn {
     srv_watch *w;            /* the disconnect watch while suspended */
     srv_job *job;
     srv_parse_work *parse;   /* body parsing in flight on the thread pool */
+    srv_sock *sock;          /* its connection (NULL if it could not be tracked) */
+    int close;               /* answer with Connection: close */
     int status;              /* status of the queued response, 0 = none yet */
     double t0;
     struct srv_conn *prev, *next;
@@ -461,6 +475,10 @@ struct srv_server {
     int n_inflight;
     int n_parse;             /* parse/tokenize work items on the thread pool */
     srv_conn *conns;         /* every live request context */
+    srv_sock *socks;         /* every open connection */
+    char mhd_last[256];      /* MHD's last log message, for collapsing repeats */
+    double mhd_last_t;
+    int mhd_repeats;
     uint64_t rng, next_id;
     long created_at;
 };
@@ -471,6 +489,10 @@ int srv_http_start(srv_server *s, int lfd, int v6);
 /* Runs MHD once and re-arms its timer; call after anything that may have
  * given MHD work (a resume, a queued response). */
 void srv_http_run(srv_server *s);
+/* Every second (daemon.c's sweep): closes connections whose request has
+ * not fully arrived within request_read_timeout; flushes collapsed MHD log
+ * lines. */
+void srv_http_sweep(srv_server *s);
 /* Stops accepting: closes the listening socket. */
 void srv_http_quiesce(srv_server *s);
 /* Resumes every suspended connection, then stops MHD (its completed

@@ -732,6 +732,174 @@ def test_slowloris():
     assert http("GET", D.base + "/health")[0] == 200
 
 
+def raw_exchange(data, port=None, timeout=10, src=None):
+    """Sends raw bytes, reads until the server closes: (bytes, seconds)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    if src:
+        s.bind((src, 0))
+    s.connect(("127.0.0.1", port or D.port))
+    t0 = time.time()
+    s.sendall(data)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    return out, time.time() - t0
+
+
+def json_error_once(out, status):
+    """One response, the OpenAI error object, then the connection closed."""
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", out)) == 1, out[:600]
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), out[:300]
+    assert b"connection: close" in head.lower(), head
+    n = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    assert len(body) == n, (n, body)
+    return json.loads(body)["error"]
+
+
+def test_http_framing():
+    """RFC 9112 §6.3: a body length a proxy could read differently is a 400
+    (501 for a transfer coding we do not know) and the connection closes;
+    a Content-Length libmicrohttpd cannot parse gets our JSON error once
+    (MHD 0.9.75 itself sent an HTML page with its status line twice)."""
+    body = b'{"model":"mkad-tiny","prompt":[1],"max_tokens":1}'
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = [
+        (400, post + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(body) + body),
+        (400, post + b"Transfer-Encoding: gzip\r\n\r\n" + body),
+        (400, post + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n"),
+        (501, post + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        (400, post + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        (400, post + b"Content-Length: abc\r\n\r\n" + body),
+        (400, post + b"Content-Length: -1\r\n\r\n"),
+        (400, post + b"Content-Length: 69 \r\n\r\n" + body),
+        (400, post + b"Content-Length: 5, 5\r\n\r\nhello"),
+        (413, post + b"Content-Length: 99999999999999999999999\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+    ]
+    for status, data in cases:
+        out, dt = raw_exchange(data)
+        err = json_error_once(out, status)
+        assert err["type"] == "invalid_request_error" and dt < 2, (data, err, dt)
+    # the same value twice is one length (RFC 9112 allows it); HTTP/1.0 needs no Host
+    out, _ = raw_exchange(post + b"Content-Length: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                          % (len(body), len(body)) + body)
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    out, _ = raw_exchange(b"GET /health HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    assert http("GET", D.base + "/health")[0] == 200
+
+
+def test_mhd_own_errors():
+    """What libmicrohttpd 0.9.75 answers before mkad sees the request
+    (docs/api.md, Errors): an HTML page with the right status, once, and the
+    connection closed."""
+    cases = [
+        (505, b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n"),
+        (400, b"GET /health\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n"),
+        (414, b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (431, b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"v" * 40000 + b"\r\n\r\n"),
+    ]
+    for status, data in cases:
+        out, dt = raw_exchange(data)
+        assert out.startswith(b"HTTP/1.1 %d " % status), out[:300]
+        assert len(re.findall(rb"HTTP/1\.1 \d{3} ", out)) == 1 and b"<html>" in out, out[:300]
+        assert dt < 2, dt
+    assert http("GET", D.base + "/health")[0] == 200
+
+
+def test_request_read_deadline():
+    """A request must arrive whole within request_read_timeout, whatever the
+    pace: a client trickling a byte at a time (which restarted the idle
+    timeout on every byte) is cut off; a slow but timely one is served."""
+    d = Daemon("--request-read-timeout", "1", "--http-timeout", "10", "--log-requests=false")
+    try:
+        def trickle(data, pause):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            t0 = time.time()
+            try:
+                for i in range(len(data)):
+                    s.sendall(data[i:i + 1])
+                    time.sleep(pause)
+                    if time.time() - t0 > 8:
+                        break
+                s.settimeout(5)
+                out = s.recv(4096)
+            except (BrokenPipeError, ConnectionResetError):
+                out = b""
+            s.close()
+            return out, time.time() - t0
+
+        body = json.dumps({"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1}).encode()
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        for data in (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 20,  # headers
+                     head + body):                                               # body
+            out, dt = trickle(data, 0.25)
+            assert out == b"" and dt < 3.5, (out, dt)
+        # keep-alive: the deadline restarts after each response
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        for _ in range(3):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)
+        s.close()
+        out, dt = trickle(head + body, 0.5 / len(head + body))  # slow, within the deadline
+        assert out.startswith(b"HTTP/1.1 200"), out
+        assert metrics(d)["mkad_http_read_timeouts_total"] == 2
+    finally:
+        assert d.stop() == 0
+
+
+def test_per_ip_limit_keeps_health_reachable():
+    """1,030 half-sent requests from one client address take at most
+    max_connections_per_ip slots (the rest are closed at once): /health
+    stays reachable from another address; the log collapses the refusals."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    d = Daemon("--log-requests=false")
+    socks = []
+    try:
+        for _ in range(1030):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", d.port))
+            s.sendall(b"GET /hea")
+            socks.append(s)
+        t0 = time.time()
+        st, _, body = http("GET", d.base + "/health", timeout=5)
+        assert st == 200 and time.time() - t0 < 2, (st, body)
+        time.sleep(0.5)
+        closed = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 1030 - 256, closed  # max_connections_per_ip defaults to 256
+        with d.cv:
+            refusals = [l for l in d.lines if "connection limit" in l]
+        assert 1 <= len(refusals) <= 10, refusals[:20]
+        assert any("repeated=" in l for l in refusals) or len(refusals) == 1, refusals
+    finally:
+        for s in socks:
+            s.close()
+        assert d.stop() == 0
+
+
 def test_auth():
     d = Daemon("--api-keys", "k1,k2")
     try:
