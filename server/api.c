@@ -285,12 +285,13 @@ static int parse_stop(json_t *root, srv_genreq *r, srv_error *err)
         if (!json_is_string(items[i])) BAD("stop", "'stop' must be a string or an array of strings");
         size_t len = json_string_length(items[i]);
         if (len > SRV_MAX_STOP_LEN) BAD("stop", "stop strings may be at most %d bytes", SRV_MAX_STOP_LEN);
-        if (len == 0 || memchr(json_string_value(items[i]), 0, len)) continue;
-        if (!(r->stop[r->n_stop] = strdup(json_string_value(items[i])))) {
+        if (len == 0) continue;
+        if (!(r->stop[r->n_stop] = malloc(len))) {
             srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
             return -1;
         }
-        r->n_stop++;
+        memcpy(r->stop[r->n_stop], json_string_value(items[i]), len);
+        r->stop_len[r->n_stop++] = len;
     }
     return 0;
 fail:
@@ -313,13 +314,14 @@ static int parse_logit_bias(json_t *root, srv_genreq *r, int vocab, srv_error *e
         return -1;
     }
     const char *key;
+    size_t key_len;
     json_t *val;
-    json_object_foreach(v, key, val) {
+    json_object_keylen_foreach(v, key, key_len, val) {
         char q[32];
-        srv_utf8_clip(q, sizeof q, key, strlen(key));
+        srv_utf8_clip(q, sizeof q, key, key_len);
         long long id = -1;
-        int digits = (int)strspn(key, "0123456789");
-        if (digits > 0 && digits <= 9 && key[digits] == '\0' && (key[0] != '0' || digits == 1))
+        size_t digits = strspn(key, "0123456789");
+        if (digits > 0 && digits <= 9 && digits == key_len && (key[0] != '0' || digits == 1))
             id = strtoll(key, NULL, 10);
         if (id < 0 || id >= vocab)
             BAD("logit_bias", "'logit_bias' key '%s' is not a token id in [0, %d)", q, vocab);
@@ -353,7 +355,9 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
 {
     *out = NULL;
     json_error_t jerr;
-    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES, &jerr);
+    /* JSON_ALLOW_NUL: "\u0000" is valid JSON and valid text (Python clients
+     * send it); every string is then handled with its length. */
+    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     srv_genreq *r = calloc(1, sizeof *r);
     long long iv;
     double dv;
@@ -375,7 +379,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     json_t *model = json_object_get(root, "model");
     if (!model || json_is_null(model)) BAD("model", "'model' is required");
     if (!json_is_string(model)) BAD("model", "'model' must be a string");
-    if (strcmp(json_string_value(model), md->name) != 0) {
+    if (json_string_length(model) != strlen(md->name) ||
+        memcmp(json_string_value(model), md->name, strlen(md->name)) != 0) {
         char q[80];
         srv_utf8_clip(q, sizeof q, json_string_value(model), json_string_length(model));
         srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
@@ -606,19 +611,19 @@ static size_t utf8_boundary(const char *t, size_t len, size_t end)
     return (p - 1) + need > end ? p - 1 : end;
 }
 
-size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop, int n_stop,
-                     int *stopped)
+size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
+                     const size_t *stop_len, int n_stop, int *stopped)
 {
     *stopped = 0;
     if (n_stop == 0) return utf8_boundary(text, len, len);
     size_t maxlen = 0;
     for (int i = 0; i < n_stop; i++)
-        if (strlen(stop[i]) > maxlen) maxlen = strlen(stop[i]);
+        if (stop_len[i] > maxlen) maxlen = stop_len[i];
     /* A match must end after `emitted` (earlier text was checked before). */
     size_t from = emitted >= maxlen ? emitted - maxlen + 1 : 0;
     size_t best = (size_t)-1;
     for (int i = 0; i < n_stop; i++) {
-        size_t sl = strlen(stop[i]);
+        size_t sl = stop_len[i];
         for (size_t p = from; p + sl <= len; p++) {
             if (memcmp(text + p, stop[i], sl) == 0) {
                 if (p < best) best = p;
@@ -633,7 +638,7 @@ size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *
     /* Hold back the longest tail that is a proper prefix of a stop string. */
     size_t hold = 0;
     for (int i = 0; i < n_stop; i++) {
-        size_t sl = strlen(stop[i]);
+        size_t sl = stop_len[i];
         for (size_t k = sl - 1; k > hold; k--) {
             if (k <= len && memcmp(text + len - k, stop[i], k) == 0) {
                 hold = k;

@@ -185,8 +185,8 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
     size_t n = srv_token_piece(j->req->codec, ev->token, j->n_ids == 1, piece);
     if (srv_buf_append(&j->text, piece, n) != 0) goto oom;
     int stopped = 0;
-    size_t end = srv_stop_scan(j->text.data, j->text.len, j->emitted, j->req->stop, j->req->n_stop,
-                               &stopped);
+    size_t end = srv_stop_scan(j->text.data, j->text.len, j->emitted, j->req->stop,
+                               j->req->stop_len, j->req->n_stop, &stopped);
     /* One event per token, also when its text is empty or held back (an
      * unfinished character, a possible stop-string start): clients count
      * tokens and time them by events, as llama.cpp's server sends them. */

@@ -130,7 +130,8 @@ typedef struct srv_genreq {
     int n_bias;
     int has_seed;              /* else the caller picks a random seed */
     int ignore_eos;            /* extension */
-    char *stop[SRV_MAX_STOP];  /* NUL-terminated, non-empty */
+    char *stop[SRV_MAX_STOP];  /* non-empty; may hold NULs (\u0000), hence stop_len */
+    size_t stop_len[SRV_MAX_STOP];
     int n_stop;
     int stream;
     int include_usage;         /* stream_options.include_usage */
@@ -211,8 +212,8 @@ size_t srv_token_piece(const srv_codec *c, int32_t tok, int first, char *buf);
  * still begin in the tail, less a tail that is a proper prefix of a stop
  * string.  When a stop string occurs, *stopped = 1 and the returned end is
  * where it starts (the stop string is not part of the output). */
-size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop, int n_stop,
-                     int *stopped);
+size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
+                     const size_t *stop_len, int n_stop, int *stopped);
 
 /* Full (non-streaming) response bodies; new strings, caller frees. */
 char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,

@@ -359,6 +359,29 @@ def test_stop_strings():
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
 
 
+def test_nul_in_json_strings_is_text():
+    """A \\u0000 escape is valid JSON and valid text: accepted wherever text
+    is (prompt, message content, stop strings) instead of invalid_json; a
+    raw NUL byte stays invalid JSON; a model name with a NUL is not ours."""
+    c = D.client()
+    a = c.completions.create(model=MODEL_NAME, prompt="a\u0000b", max_tokens=2, seed=1)
+    b = c.completions.create(model=MODEL_NAME, prompt="ab", max_tokens=2, seed=1)
+    assert a.usage.prompt_tokens > b.usage.prompt_tokens, (a.usage, b.usage)
+    r = c.chat.completions.create(model=MODEL_NAME, max_tokens=2, seed=1, stop=["\u0000", "x\u0000y"],
+                                  messages=[{"role": "user", "content": "nul \u0000 here"},
+                                            {"role": "user", "content": [{"type": "text", "text": "\u0000"}]}])
+    assert r.choices[0].finish_reason in ("length", "stop"), r
+    try:
+        c.completions.create(model=MODEL_NAME + "\u0000", prompt="a", max_tokens=1)
+        raise AssertionError("accepted a model name with a NUL")
+    except openai.NotFoundError:
+        pass
+    st, _, body = http("POST", D.base + "/v1/completions",
+                       b'{"model":"mkad-tiny","prompt":"a\x00b","max_tokens":1}')
+    assert_error(st, body, 400)
+    assert json.loads(body)["error"]["code"] == "invalid_json"
+
+
 def test_logprobs():
     r = completion(D.client(), seed=2, max_tokens=4, logprobs=3, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs

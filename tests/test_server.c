@@ -106,7 +106,7 @@ START_TEST(parse_completion_valid)
     ck_assert_int_eq(r->sp.top_k, 40);
     ck_assert(r->has_seed && r->sp.seed == (uint64_t)-7);
     ck_assert_int_eq(r->n_stop, 2);
-    ck_assert_str_eq(r->stop[1], "bc");
+    ck_assert(r->stop_len[1] == 2 && memcmp(r->stop[1], "bc", 2) == 0);
     ck_assert(r->stream && r->include_usage);
     ck_assert(r->logprobs && r->top_logprobs == 2);
     ck_assert_str_eq(r->session_id, "s-1");
@@ -470,28 +470,29 @@ END_TEST
 START_TEST(stop_scan)
 {
     char *stops[] = { "END", "xy" };
+    size_t lens[] = { 3, 2 };
     int st;
     /* no stop strings: everything goes */
-    ck_assert_uint_eq(srv_stop_scan("abc", 3, 0, stops, 0, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abc", 3, 0, stops, lens, 0, &st), 3);
     ck_assert(!st);
     /* a tail that may start a stop string is held back */
-    ck_assert_uint_eq(srv_stop_scan("abcEN", 5, 0, stops, 2, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abcEN", 5, 0, stops, lens, 2, &st), 3);
     ck_assert(!st);
-    ck_assert_uint_eq(srv_stop_scan("abcx", 4, 0, stops, 2, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abcx", 4, 0, stops, lens, 2, &st), 3);
     /* then released when it turns out not to be one */
-    ck_assert_uint_eq(srv_stop_scan("abcENq", 6, 3, stops, 2, &st), 6);
+    ck_assert_uint_eq(srv_stop_scan("abcENq", 6, 3, stops, lens, 2, &st), 6);
     ck_assert(!st);
     /* a match ends the text where the stop string begins */
-    ck_assert_uint_eq(srv_stop_scan("abcEND tail", 11, 3, stops, 2, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abcEND tail", 11, 3, stops, lens, 2, &st), 3);
     ck_assert(st);
-    ck_assert_uint_eq(srv_stop_scan("1 xy 2", 6, 0, stops, 2, &st), 2);
+    ck_assert_uint_eq(srv_stop_scan("1 xy 2", 6, 0, stops, lens, 2, &st), 2);
     ck_assert(st);
     /* the earliest match wins */
-    ck_assert_uint_eq(srv_stop_scan("xyEND", 5, 0, stops, 2, &st), 0);
+    ck_assert_uint_eq(srv_stop_scan("xyEND", 5, 0, stops, lens, 2, &st), 0);
     ck_assert(st);
     /* never splits a UTF-8 sequence */
-    ck_assert_uint_eq(srv_stop_scan("a\xc3", 2, 0, stops, 0, &st), 1);
-    ck_assert_uint_eq(srv_stop_scan("a\xc3\xa9", 3, 0, stops, 0, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("a\xc3", 2, 0, stops, lens, 0, &st), 1);
+    ck_assert_uint_eq(srv_stop_scan("a\xc3\xa9", 3, 0, stops, lens, 0, &st), 3);
 }
 END_TEST
 
@@ -568,6 +569,20 @@ START_TEST(parse_with_tokenizer)
     ck_assert_int_eq(r->n_prompt, (int)strlen("user: hi\nassistant: "));
     ck_assert_int_eq(r->max_tokens, 128 - r->n_prompt);
     srv_genreq_free(r);
+    /* \u0000 is text: it reaches the tokenizer, and a stop string may hold it */
+    b = "{\"model\":\"tiny\",\"prompt\":\"A\\u0000B\",\"stop\":[\"\\u0000\",\"x\\u0000y\"]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), 0);
+    ck_assert_int_eq(r->n_prompt, 3);
+    ck_assert_int_eq(r->prompt[1], 0 + 3);
+    ck_assert_int_eq(r->n_stop, 2);
+    ck_assert(r->stop_len[0] == 1 && r->stop[0][0] == '\0' && r->stop_len[1] == 3);
+    int st;
+    ck_assert_uint_eq(srv_stop_scan("ab\0cd", 5, 0, r->stop, r->stop_len, 2, &st), 2);
+    ck_assert(st);
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\\u0000\",\"prompt\":\"A\"}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
+    ck_assert_int_eq(e.status, 404);
     b = "{\"model\":\"tiny\",\"prompt\":\"BOOM!\"}";
     ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
     ck_assert_str_eq(e.param, "prompt");
