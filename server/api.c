@@ -350,14 +350,63 @@ static int valid_session_id(const char *s, size_t n)
 
 static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err);
 
+/* The JSON object of a request body, or NULL with err filled. */
+static json_t *load_object(const char *body, size_t len, srv_error *err)
+{
+    /* Raw NUL bytes are never valid JSON, but jansson's lexer skips some. */
+    if (body && memchr(body, 0, len)) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "invalid_json",
+                      "the request body contains a NUL byte");
+        return NULL;
+    }
+    /* JSON_ALLOW_NUL: "\u0000" is valid JSON and valid text (Python clients
+     * send it); every string is then handled with its length. */
+    json_error_t jerr;
+    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    if (!root) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "invalid_json",
+                      "We could not parse the JSON body of your request: %s (line %d, column %d)",
+                      jerr.text, jerr.line, jerr.column);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        srv_error_set(err, 400, "invalid_request_error", NULL, "invalid_json",
+                      "the request body must be a JSON object");
+        return NULL;
+    }
+    return root;
+}
+
+/* 'model' must name the served model (404 otherwise); when optional, it
+ * may be absent. */
+static int check_model(json_t *root, const srv_model_desc *md, int optional, srv_error *err)
+{
+    json_t *model = json_object_get(root, "model");
+    if (!model || json_is_null(model)) {
+        if (optional) return 0;
+        BAD("model", "'model' is required");
+    }
+    if (!json_is_string(model)) BAD("model", "'model' must be a string");
+    if (json_string_length(model) != strlen(md->name) ||
+        memcmp(json_string_value(model), md->name, strlen(md->name)) != 0) {
+        char q[80];
+        srv_utf8_clip(q, sizeof q, json_string_value(model), json_string_length(model));
+        srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
+                      "The model '%s' does not exist; this server serves '%s'", q, md->name);
+        return -1;
+    }
+    return 0;
+fail:
+    return -1;
+}
+
 int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_desc *md,
                      const char *session_hdr, srv_genreq **out, srv_error *err)
 {
     *out = NULL;
-    json_error_t jerr;
-    /* JSON_ALLOW_NUL: "\u0000" is valid JSON and valid text (Python clients
-     * send it); every string is then handled with its length. */
-    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    json_t *root = load_object(body, len, err);
+    if (!root) return -1;
     srv_genreq *r = calloc(1, sizeof *r);
     long long iv;
     double dv;
@@ -368,26 +417,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
         return -1;
     }
     r->chat = chat;
-    /* Raw NUL bytes are never valid JSON, but jansson's lexer skips some. */
-    if (body && memchr(body, 0, len))
-        BADC("invalid_json", NULL, "the request body contains a NUL byte");
-    if (!root)
-        BADC("invalid_json", NULL, "We could not parse the JSON body of your request: %s "
-             "(line %d, column %d)", jerr.text, jerr.line, jerr.column);
-    if (!json_is_object(root)) BADC("invalid_json", NULL, "the request body must be a JSON object");
-
-    json_t *model = json_object_get(root, "model");
-    if (!model || json_is_null(model)) BAD("model", "'model' is required");
-    if (!json_is_string(model)) BAD("model", "'model' must be a string");
-    if (json_string_length(model) != strlen(md->name) ||
-        memcmp(json_string_value(model), md->name, strlen(md->name)) != 0) {
-        char q[80];
-        srv_utf8_clip(q, sizeof q, json_string_value(model), json_string_length(model));
-        srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
-                      "The model '%s' does not exist; this server serves '%s'", q, md->name);
-        goto fail;
-    }
-    if (!(r->model = strdup(json_string_value(model)))) {
+    if (check_model(root, md, 0, err) != 0) goto fail;
+    if (!(r->model = strdup(md->name))) {
         srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
         goto fail;
     }
@@ -531,11 +562,11 @@ static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *er
     if (r->pending) {
         char msg[256] = "";
         const char *param = chat ? "messages" : "prompt";
-        int rc = chat ? md->codec->chat(md->codec->ctx, r->pending, &r->prompt, &r->n_prompt, msg,
+        int rc = chat ? md->codec->chat(md->codec->ctx, r->pending, 1, &r->prompt, &r->n_prompt, msg,
                                         sizeof msg)
                       : md->codec->encode(md->codec->ctx, json_string_value(r->pending),
-                                          json_string_length(r->pending), &r->prompt, &r->n_prompt,
-                                          msg, sizeof msg);
+                                          json_string_length(r->pending), 1, &r->prompt,
+                                          &r->n_prompt, msg, sizeof msg);
         json_decref(r->pending);
         r->pending = NULL;
         if (rc != 0) {
@@ -584,6 +615,102 @@ void srv_genreq_free(srv_genreq *r)
     json_decref(r->pending);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r);
+}
+
+/* ---- /tokenize and /detokenize (vLLM's shapes) ------------------------------- */
+
+static json_t *ids_json(const int32_t *ids, int n);
+static json_t *json_text(const char *s, size_t n);
+static char *dump_free(json_t *o);
+
+char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err)
+{
+    json_t *root = load_object(body, len, err);
+    if (!root) return NULL;
+    srv_genreq tmp = { 0 }; /* parse_messages' result: the validated messages */
+    int32_t *ids = NULL;
+    int n = 0, b, rc = 0;
+    char msg[256] = "";
+    char *out = NULL;
+    if (check_model(root, md, 1, err) != 0) goto fail;
+    if (!md->codec) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "no_tokenizer",
+                      "this model directory has no tokenizer.json");
+        goto fail;
+    }
+    if ((rc = get_bool(root, "return_token_strs", &b, err)) < 0) goto fail;
+    if (rc && b) BAD("return_token_strs", "'return_token_strs' is not supported");
+    json_t *msgs = json_object_get(root, "messages");
+    if (msgs && !json_is_null(msgs)) {
+        int add_gen = 1, add_special = 0, cont = 0;
+        if (get_bool(root, "add_generation_prompt", &add_gen, err) < 0 ||
+            get_bool(root, "add_special_tokens", &add_special, err) < 0 ||
+            get_bool(root, "continue_final_message", &cont, err) < 0)
+            goto fail;
+        if (add_special)
+            BAD("add_special_tokens", "'add_special_tokens' with 'messages' is not supported: the "
+                "chat template writes the special tokens");
+        if (cont) BAD("continue_final_message", "'continue_final_message' is not supported");
+        /* the same validation and template as /v1/chat/completions */
+        if (parse_messages(root, &tmp, md, err) < 0) goto fail;
+        if (tmp.pending) {
+            rc = md->codec->chat(md->codec->ctx, tmp.pending, add_gen, &ids, &n, msg, sizeof msg);
+            if (rc != 0)
+                BAD("messages", "'messages' cannot be rendered with the chat template: %s", msg);
+        } else { /* the prompt_token_ids extension */
+            ids = tmp.prompt;
+            n = tmp.n_prompt;
+            tmp.prompt = NULL;
+        }
+    } else {
+        json_t *p = json_object_get(root, "prompt");
+        if (!json_is_string(p)) BAD("prompt", "'prompt' (a string) or 'messages' is required");
+        int add_special = 1;
+        if (get_bool(root, "add_special_tokens", &add_special, err) < 0) goto fail;
+        if (md->codec->encode(md->codec->ctx, json_string_value(p), json_string_length(p), add_special,
+                              &ids, &n, msg, sizeof msg) != 0)
+            BAD("prompt", "'prompt' cannot be tokenized: %s", msg);
+    }
+    out = dump_free(json_pack("{s:i, s:i, s:o, s:n}", "count", n, "max_model_len", md->max_ctx,
+                              "tokens", ids_json(ids, n), "token_strs"));
+    if (!out) srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+fail:
+    free(ids);
+    free(tmp.prompt);
+    json_decref(tmp.pending);
+    json_decref(root);
+    return out;
+}
+
+char *srv_detokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err)
+{
+    json_t *root = load_object(body, len, err);
+    if (!root) return NULL;
+    int32_t *ids = NULL;
+    int n = 0;
+    char *text = NULL, *out = NULL;
+    size_t tlen = 0;
+    char msg[256] = "";
+    if (check_model(root, md, 1, err) != 0) goto fail;
+    if (!md->codec) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "no_tokenizer",
+                      "this model directory has no tokenizer.json");
+        goto fail;
+    }
+    json_t *t = json_object_get(root, "tokens");
+    if (!json_is_array(t)) BAD("tokens", "'tokens' (an array of token ids) is required");
+    if (json_array_size(t) > 0 && !(ids = parse_ids(t, "tokens", md->vocab_size, &n, err))) goto fail;
+    if (md->codec->decode(md->codec->ctx, ids, n, &text, &tlen, msg, sizeof msg) != 0) {
+        srv_error_set(err, 500, "server_error", "tokens", NULL, "the tokens cannot be decoded: %s", msg);
+        goto fail;
+    }
+    out = dump_free(json_pack("{s:o}", "prompt", json_text(text, tlen)));
+    if (!out) srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+fail:
+    free(ids);
+    free(text);
+    json_decref(root);
+    return out;
 }
 
 /* ---- text ------------------------------------------------------------------- */

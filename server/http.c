@@ -152,7 +152,15 @@ static int route_of(const char *url)
     if (strcmp(url, "/v1/models") == 0 || strncmp(url, "/v1/models/", 11) == 0) return SRV_ROUTE_MODELS;
     if (strcmp(url, "/health") == 0) return SRV_ROUTE_HEALTH;
     if (strcmp(url, "/metrics") == 0) return SRV_ROUTE_METRICS;
+    if (strcmp(url, "/tokenize") == 0) return SRV_ROUTE_TOKENIZE;
+    if (strcmp(url, "/detokenize") == 0) return SRV_ROUTE_DETOKENIZE;
     return SRV_ROUTE_OTHER;
+}
+
+static int is_post_route(int route)
+{
+    return route == SRV_ROUTE_COMPLETIONS || route == SRV_ROUTE_CHAT || route == SRV_ROUTE_TOKENIZE ||
+           route == SRV_ROUTE_DETOKENIZE;
 }
 
 static int authorized(srv_server *s, struct MHD_Connection *mc)
@@ -223,20 +231,36 @@ struct srv_parse_work {
     srv_conn *c;          /* NULL once the connection is gone */
     srv_server *s;
     srv_buf body;         /* the request body, moved from the connection */
-    int chat;
+    int route;
     char sid[1024];       /* X-Session-Id (validated by the parser) */
     int has_sid;
     srv_model_desc md;    /* a copy: the pool thread reads it */
-    srv_genreq *r;        /* the result */
+    srv_genreq *r;        /* the result: a generation request, */
+    char *out;            /* or a /tokenize, /detokenize body */
     srv_error err;
     int rc, done;
 };
 
 static void parse_work_run(uv_work_t *req);
 static void parse_work_done(uv_work_t *req, int status);
-static enum MHD_Result submit_job(srv_conn *c, srv_genreq *r);
+static enum MHD_Result parsed(srv_conn *c, int rc, srv_genreq *r, char *out, const srv_error *e);
 
-static enum MHD_Result handle_generate(srv_conn *c)
+/* The request body as a generation request (*r) or, for /tokenize and
+ * /detokenize, the response body (*out).  Pure: runs inline or on the
+ * thread pool. */
+static int parse_body(int route, const char *body, size_t len, const srv_model_desc *md,
+                      const char *sid, srv_genreq **r, char **out, srv_error *e)
+{
+    if (route == SRV_ROUTE_TOKENIZE || route == SRV_ROUTE_DETOKENIZE) {
+        *out = route == SRV_ROUTE_TOKENIZE ? srv_tokenize(body, len, md, e)
+                                           : srv_detokenize(body, len, md, e);
+        return *out ? 0 : -1;
+    }
+    return srv_genreq_parse(body, len, route == SRV_ROUTE_CHAT, md, sid, r, e);
+}
+
+/* A POST route's body has fully arrived. */
+static enum MHD_Result handle_post(srv_conn *c)
 {
     srv_server *s = c->s;
     if (c->too_big) {
@@ -258,7 +282,7 @@ static enum MHD_Result handle_generate(srv_conn *c)
         w->s = s;
         w->body = c->body; /* moved */
         memset(&c->body, 0, sizeof c->body);
-        w->chat = c->route == SRV_ROUTE_CHAT;
+        w->route = c->route;
         snprintf(w->sid, sizeof w->sid, "%s", sid ? sid : "");
         w->has_sid = sid != NULL;
         w->md = s->md;
@@ -273,10 +297,10 @@ static enum MHD_Result handle_generate(srv_conn *c)
         conn_suspend(c);
         return MHD_YES;
     }
-    if (srv_genreq_parse(c->body.data, c->body.len, c->route == SRV_ROUTE_CHAT, &s->md, sid, &r, &e) != 0)
-        return queue_error(c, &e, 0, NULL);
+    char *out = NULL;
+    int rc = parse_body(c->route, c->body.data, c->body.len, &s->md, sid, &r, &out, &e);
     srv_buf_free(&c->body);
-    return submit_job(c, r);
+    return parsed(c, rc, r, out, &e);
 }
 
 /* Parsing on the thread pool: only the work item and the read-only codec
@@ -284,8 +308,8 @@ static enum MHD_Result handle_generate(srv_conn *c)
 static void parse_work_run(uv_work_t *req)
 {
     srv_parse_work *w = req->data;
-    w->rc = srv_genreq_parse(w->body.data, w->body.len, w->chat, &w->md,
-                             w->has_sid ? w->sid : NULL, &w->r, &w->err);
+    w->rc = parse_body(w->route, w->body.data, w->body.len, &w->md, w->has_sid ? w->sid : NULL,
+                       &w->r, &w->out, &w->err);
 }
 
 static void parse_work_done(uv_work_t *req, int status)
@@ -300,6 +324,7 @@ static void parse_work_done(uv_work_t *req, int status)
     srv_buf_free(&w->body);
     if (!w->c) { /* the connection went away meanwhile */
         srv_genreq_free(w->r);
+        free(w->out);
         free(w);
         return;
     }
@@ -317,14 +342,22 @@ static enum MHD_Result parse_continue(srv_conn *c)
         return MHD_NO;
     }
     c->parse = NULL;
-    srv_genreq *r = w->r;
-    int rc = w->rc;
-    srv_error e = w->err;
+    enum MHD_Result res = parsed(c, w->rc, w->r, w->out, &w->err);
     free(w);
+    return res;
+}
+
+static enum MHD_Result submit_job(srv_conn *c, srv_genreq *r);
+
+/* Answers a parsed body: an error, a /tokenize or /detokenize body, or a
+ * generation request for the engine.  Takes ownership of r and out. */
+static enum MHD_Result parsed(srv_conn *c, int rc, srv_genreq *r, char *out, const srv_error *e)
+{
     if (rc != 0) {
         srv_genreq_free(r); /* NULL after a failed parse */
-        return queue_error(c, &e, 0, NULL);
+        return queue_error(c, e, 0, NULL);
     }
+    if (out) return queue_json(c, 200, out);
     if (c->s->draining) {
         srv_genreq_free(r);
         return fail(c, 503, "server_error", "shutting_down", "the server is shutting down", 5, NULL);
@@ -482,7 +515,6 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
 {
     srv_server *s = cls;
     srv_conn *c = *con_cls;
-    int gen;
     if (!c) {
         if (!(c = calloc(1, sizeof *c))) return MHD_NO;
         c->mc = mc;
@@ -514,12 +546,12 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         if (!c->is_post) return MHD_YES;
         /* With a body, refuse early what the body cannot change; MHD then
          * closes the connection without reading the body, which is right. */
-        gen = c->route == SRV_ROUTE_COMPLETIONS || c->route == SRV_ROUTE_CHAT;
+        int post_route = is_post_route(c->route);
         if (c->route == SRV_ROUTE_OTHER)
             return fail(c, 404, "invalid_request_error", "not_found", "no such route", 0, NULL);
-        if (!gen || strcmp(method, "POST") != 0)
+        if (!post_route || strcmp(method, "POST") != 0)
             return fail(c, 405, "invalid_request_error", "method_not_allowed",
-                        gen ? "use POST" : "use GET", 0, gen ? "POST" : "GET, HEAD");
+                        post_route ? "use POST" : "use GET", 0, post_route ? "POST" : "GET, HEAD");
         if (!authorized(s, mc))
             return fail(c, 401, "invalid_request_error", "invalid_api_key",
                         "missing or invalid API key (Authorization: Bearer ...)", 0, NULL);
@@ -529,7 +561,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
         if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg->max_body_kb * 1024) {
             c->too_big = 1;
-            return handle_generate(c);
+            return handle_post(c);
         }
         return MHD_YES;
     }
@@ -540,10 +572,9 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
             *upload_data_size = 0;
             return MHD_YES;
         }
-        gen = c->route == SRV_ROUTE_COMPLETIONS || c->route == SRV_ROUTE_CHAT;
         if (c->route == SRV_ROUTE_OTHER)
             return fail(c, 404, "invalid_request_error", "not_found", "no such route", 0, NULL);
-        if (gen)
+        if (is_post_route(c->route))
             return fail(c, 405, "invalid_request_error", "method_not_allowed", "use POST", 0, "POST");
         if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
             return fail(c, 405, "invalid_request_error", "method_not_allowed", "use GET", 0, "GET, HEAD");
@@ -566,7 +597,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         *upload_data_size = 0;
         return MHD_YES;
     }
-    return handle_generate(c);
+    return handle_post(c);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,

@@ -80,6 +80,8 @@ enum srv_route {
     SRV_ROUTE_MODELS,
     SRV_ROUTE_HEALTH,
     SRV_ROUTE_METRICS,
+    SRV_ROUTE_TOKENIZE,
+    SRV_ROUTE_DETOKENIZE,
     SRV_ROUTE_OTHER,
     SRV_ROUTE_COUNT
 };
@@ -94,12 +96,19 @@ enum srv_route {
  * several threads at once.  Results are new arrays the caller frees. */
 typedef struct srv_codec {
     void *ctx;
-    /* text -> token ids; 0, or -1 with a message in err */
-    int (*encode)(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                  size_t errlen);
+    /* text -> token ids (special tokens written in the text are recognised;
+     * add_special: the post-processor runs, e.g. Llama-3's BOS); 0, or -1
+     * with a message in err */
+    int (*encode)(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                  char *err, size_t errlen);
     /* validated OpenAI messages -> ids of the chat template, ending with the
-     * assistant turn's prefix */
-    int (*chat)(void *ctx, json_t *messages, int32_t **ids, int *n, char *err, size_t errlen);
+     * assistant turn's prefix when add_generation_prompt */
+    int (*chat)(void *ctx, json_t *messages, int add_generation_prompt, int32_t **ids, int *n,
+                char *err, size_t errlen);
+    /* ids -> text (special tokens included, invalid UTF-8 as U+FFFD); *text
+     * is NUL-terminated, caller frees; 0 or -1 */
+    int (*decode)(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                  size_t errlen);
     /* the raw bytes of one token (possibly part of a UTF-8 character);
      * returns the count (<= cap), or -1 */
     int (*token_bytes)(void *ctx, int32_t tok, char *buf, size_t cap);
@@ -184,6 +193,14 @@ char *srv_error_json(const srv_error *e);
 int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_desc *md,
                      const char *session_hdr, srv_genreq **out, srv_error *err);
 void srv_genreq_free(srv_genreq *r);
+
+/* POST /tokenize and /detokenize with vLLM's shapes: {"prompt": text,
+ * "add_special_tokens"} or {"messages", "add_generation_prompt"} ->
+ * {"count", "max_model_len", "tokens", "token_strs": null}; {"tokens"} ->
+ * {"prompt": text}.  The 200 body as a new string, or NULL with err
+ * filled.  Pure apart from the read-only codec, like srv_genreq_parse. */
+char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err);
+char *srv_detokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err);
 
 /* ---- api.c: responses ----------------------------------------------------- */
 

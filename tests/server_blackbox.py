@@ -382,6 +382,46 @@ def test_nul_in_json_strings_is_text():
     assert json.loads(body)["error"]["code"] == "invalid_json"
 
 
+def test_tokenize_detokenize():
+    """POST /tokenize and /detokenize with vLLM's shapes; the counts agree
+    with what the generation routes (through the openai client) bill."""
+    c = D.client()
+
+    def post(path, body):
+        st, _, b = http("POST", D.base + path, body)
+        return st, json.loads(b)
+
+    text = "Once upon a time, \u00e9l\u00e8ve \u0000 <|im_start|>"
+    st, t = post("/tokenize", {"model": MODEL_NAME, "prompt": text})
+    assert st == 200 and set(t) == {"count", "max_model_len", "tokens", "token_strs"}, t
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 4096 and t["token_strs"] is None
+    assert 1 in t["tokens"]  # a special token written in the text is recognised, as in HF
+    r = c.completions.create(model=MODEL_NAME, prompt=text, max_tokens=1)
+    assert r.usage.prompt_tokens == t["count"], (r.usage, t)
+    st, d = post("/detokenize", {"model": MODEL_NAME, "tokens": t["tokens"]})
+    assert st == 200 and d == {"prompt": text}, d
+    assert post("/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"] == t["tokens"]
+    assert post("/detokenize", {"tokens": []}) == (200, {"prompt": ""})
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi \u0000"}]
+    st, m = post("/tokenize", {"model": MODEL_NAME, "messages": msgs})
+    st2, m2 = post("/tokenize", {"messages": msgs, "add_generation_prompt": False})
+    assert st == st2 == 200 and m["count"] > m2["count"] and m["tokens"][:m2["count"]] == m2["tokens"]
+    r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=1)
+    assert r.usage.prompt_tokens == m["count"], (r.usage, m)
+    big = " Elizabeth" * 2001  # over 16 KiB: tokenized on the thread pool
+    assert post("/tokenize", {"prompt": big})[1]["count"] == 2001
+    for path, body, status, param in (
+            ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+            ("/tokenize", {"prompt": 5}, 400, "prompt"),
+            ("/tokenize", {}, 400, "prompt"),
+            ("/tokenize", {"prompt": "a", "return_token_strs": True}, 400, "return_token_strs"),
+            ("/tokenize", {"messages": [{"role": "nobody", "content": "x"}]}, 400, "messages[0]"),
+            ("/detokenize", {"tokens": [1, 4096]}, 400, "tokens"),
+            ("/detokenize", {"tokens": "1 2"}, 400, "tokens")):
+        assert_error(*http("POST", D.base + path, body)[::2], status, param)
+    assert_error(*http("GET", D.base + "/tokenize")[::2], 405)
+
+
 def test_logprobs():
     r = completion(D.client(), seed=2, max_tokens=4, logprobs=3, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
@@ -939,6 +979,8 @@ def test_auth():
             pass
         r = completion(d.client(key="k2"), seed=1, max_tokens=2)
         assert r.usage.completion_tokens >= 1
+        assert_error(*http("POST", d.base + "/tokenize", {"prompt": "a"})[::2], 401)
+        assert http("POST", d.base + "/tokenize", {"prompt": "a"}, {"Authorization": "Bearer k1"})[0] == 200
     finally:
         assert d.stop() == 0
 

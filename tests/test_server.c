@@ -508,10 +508,11 @@ END_TEST
 
 /* A fake byte-level tokenizer: byte b is token b + 3; the chat template is
  * "role: content\n" per message, then "assistant: ". */
-static int fake_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                       size_t errlen)
+static int fake_encode(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                       char *err, size_t errlen)
 {
     (void)ctx;
+    (void)add_special; /* no post-processor */
     if (len >= 5 && memcmp(text, "BOOM!", 5) == 0) {
         snprintf(err, errlen, "fake failure");
         return -1;
@@ -522,7 +523,8 @@ static int fake_encode(void *ctx, const char *text, size_t len, int32_t **ids, i
     return 0;
 }
 
-static int fake_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, size_t errlen)
+static int fake_chat(void *ctx, json_t *msgs, int add_generation_prompt, int32_t **ids, int *n,
+                     char *err, size_t errlen)
 {
     srv_buf b = { 0 };
     for (size_t i = 0; i < json_array_size(msgs); i++) {
@@ -531,8 +533,8 @@ static int fake_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, 
         srv_buf_printf(&b, "%s: %s\n", json_string_value(json_object_get(m, "role")),
                        json_is_string(c) ? json_string_value(c) : "");
     }
-    srv_buf_puts(&b, "assistant: ");
-    int rc = fake_encode(ctx, b.data, b.len, ids, n, err, errlen);
+    if (add_generation_prompt) srv_buf_puts(&b, "assistant: ");
+    int rc = fake_encode(ctx, b.data, b.len, 1, ids, n, err, errlen);
     srv_buf_free(&b);
     return rc;
 }
@@ -547,7 +549,21 @@ static int fake_bytes(void *ctx, int32_t tok, char *buf, size_t cap)
     return snprintf(buf, cap, "<%d>", (int)tok);
 }
 
-static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_bytes, NULL };
+static int fake_decode(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                       size_t errlen)
+{
+    srv_buf b = { 0 };
+    for (int i = 0; i < n; i++) {
+        char p[SRV_PIECE_MAX];
+        srv_buf_append(&b, p, (size_t)fake_bytes(ctx, ids[i], p, sizeof p));
+    }
+    srv_buf_append(&b, "", 0);
+    *text = b.data;
+    *len = b.len;
+    return 0;
+}
+
+static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_decode, fake_bytes, NULL };
 
 START_TEST(parse_with_tokenizer)
 {
@@ -655,6 +671,46 @@ START_TEST(auth_fails_closed)
     ck_assert_int_eq(srv_auth_load(&c, &a), 0);
     ck_assert(srv_auth_check(a, NULL));
     srv_auth_free(a);
+}
+END_TEST
+
+START_TEST(tokenize_shapes)
+{
+    srv_model_desc md = { "tiny", 4096, 128, &FAKE, 16 };
+    srv_error e;
+    const char *b = "{\"prompt\":\"AB\"}";
+    char *out = srv_tokenize(b, strlen(b), &md, &e);
+    ck_assert_ptr_nonnull(out);
+    json_t *o = load(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "count")), 2);
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "max_model_len")), 128);
+    ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(o, "tokens"), 1)), 'B' + 3);
+    ck_assert(json_is_null(json_object_get(o, "token_strs")));
+    json_decref(o);
+    free(out);
+    /* messages: the chat template, with or without the generation prompt */
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+        "\"add_generation_prompt\":false}";
+    out = srv_tokenize(b, strlen(b), &md, &e);
+    ck_assert_ptr_nonnull(out);
+    o = load(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "count")), (int)strlen("user: hi\n"));
+    json_decref(o);
+    free(out);
+    b = "{\"tokens\":[75,108,108]}"; /* "Hii" */
+    out = srv_detokenize(b, strlen(b), &md, &e);
+    ck_assert_str_eq(out, "{\"prompt\":\"Hii\"}");
+    free(out);
+    b = "{\"model\":\"other\",\"tokens\":[]}";
+    ck_assert_ptr_null(srv_detokenize(b, strlen(b), &md, &e));
+    ck_assert_int_eq(e.status, 404);
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"add_special_tokens\":true}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.param, "add_special_tokens");
+    /* no tokenizer */
+    b = "{\"prompt\":\"AB\"}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &MD, &e));
+    ck_assert_str_eq(e.code, "no_tokenizer");
 }
 END_TEST
 
@@ -1107,6 +1163,7 @@ static Suite *suite(void)
     tcase_add_test(api, token_text);
     tcase_add_test(api, parse_with_tokenizer);
     tcase_add_test(api, auth_fails_closed);
+    tcase_add_test(api, tokenize_shapes);
     suite_add_tcase(s, api);
     TCase *sched = tcase_create("sched");
     tcase_add_test(sched, plan_decoders_and_chunks);
