@@ -453,8 +453,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (got && iv != 1) BAD("n", "'n' > 1 is not supported; send %lld requests with different seeds", iv);
     if ((got = get_int(root, "best_of", 1, 128, &iv, err)) < 0) goto fail;
     if (got && iv != 1) BAD("best_of", "'best_of' > 1 is not supported");
-    if ((got = get_bool(root, "echo", &bv, err)) < 0) goto fail;
-    if (got && bv) BAD("echo", "'echo' is not supported");
+    if (get_bool(root, "echo", &r->echo, err) < 0) goto fail;
+    if (r->echo && chat) BAD("echo", "'echo' is only supported on /v1/completions");
     json_t *v = json_object_get(root, "suffix");
     if (v && !json_is_null(v)) BAD("suffix", "'suffix' is not supported");
     if (parse_logit_bias(root, r, md->vocab_size, err) < 0) goto fail;
@@ -534,7 +534,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
         r->n_stop_ids = md->codec->stop_ids(md->codec->ctx, chat, r->stop_ids, 8);
 
     r->max_tokens_req = -1;
-    if ((got = get_int(root, "max_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
+    /* max_tokens 0 with echo: only the prompt (and its logprobs) comes back */
+    if ((got = get_int(root, "max_tokens", r->echo ? 0 : 1, 1 << 30, &iv, err)) < 0) goto fail;
     if (got) r->max_tokens_req = iv;
     if (chat) {
         if ((got = get_int(root, "max_completion_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
@@ -554,11 +555,42 @@ fail:
     return -1;
 }
 
+/* echo: the prompt as text: the string as sent, or the token ids decoded
+ * (without a tokenizer, the ids in decimal, as generated tokens show). */
+static int echo_text(srv_genreq *r, const srv_model_desc *md, srv_error *err)
+{
+    srv_buf b = { 0 };
+    char msg[160] = "";
+    if (r->pending) {
+        srv_buf_append(&b, json_string_value(r->pending), json_string_length(r->pending));
+    } else if (md->codec) {
+        if (md->codec->decode(md->codec->ctx, r->prompt, r->n_prompt, &r->echo_text, &r->echo_len, msg,
+                              sizeof msg) != 0) {
+            srv_error_set(err, 500, "server_error", "prompt", NULL, "the prompt cannot be decoded: %s",
+                          msg);
+            return -1;
+        }
+        return 0;
+    } else {
+        for (int i = 0; i < r->n_prompt; i++) srv_buf_printf(&b, i ? " %d" : "%d", (int)r->prompt[i]);
+    }
+    if (srv_buf_append(&b, "", 0) != 0 || b.failed) {
+        srv_buf_free(&b);
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    r->echo_text = b.data;
+    r->echo_len = b.len;
+    return 0;
+}
+
 /* Tokenizes the text prompt or renders the messages (r->pending), then
  * checks the lengths against the context. */
 static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err)
 {
     int chat = r->chat;
+    if (r->echo && echo_text(r, md, err) != 0) return -1;
+    r->prompt_logprobs = r->echo && r->logprobs;
     if (r->pending) {
         char msg[256] = "";
         const char *param = chat ? "messages" : "prompt";
@@ -612,6 +644,7 @@ void srv_genreq_free(srv_genreq *r)
     free(r->prompt);
     free(r->bias_ids);
     free(r->bias);
+    free(r->echo_text);
     json_decref(r->pending);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r);
@@ -812,11 +845,15 @@ static json_t *bytes_json(const srv_codec *c, int32_t tok)
     return a;
 }
 
-/* logprobs object: chat {"content": [...]}, completions {tokens, token_logprobs,
- * top_logprobs, text_offset}.  text_base: byte offset of the first token. */
-static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *lp, int n, size_t text_base)
+/* logprobs object: chat {"content": [...]}, completions {tokens,
+ * token_logprobs, top_logprobs, text_offset} over the prompt's positions
+ * (plp, n_plp: echo; an entry with n_top < 0, the first prompt token, has
+ * null for its logprob and alternatives) and then the generated ones (lp,
+ * n).  text_base: byte offset of the first token's text. */
+static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *plp, int n_plp,
+                             const srv_logprob *lp, int n, size_t text_base)
 {
-    if (!r->logprobs || n == 0) return json_null();
+    if (!r->logprobs || n + n_plp == 0) return json_null();
     if (r->chat) {
         json_t *content = json_array();
         for (int i = 0; content && i < n; i++) {
@@ -835,20 +872,26 @@ static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *lp, int n, 
     }
     json_t *tokens = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
     size_t pos = text_base;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n_plp + n; i++) {
+        const srv_logprob *e = i < n_plp ? &plp[i] : &lp[i - n_plp];
         char piece[SRV_PIECE_MAX];
-        size_t pl = srv_token_piece(r->codec, lp[i].token, pos == 0, piece);
+        size_t pl = srv_token_piece(r->codec, e->token, pos == 0, piece);
         json_array_append_new(tokens, json_text(piece, pl));
-        json_array_append_new(tlp, json_real(lp[i].logprob));
+        json_array_append_new(off, json_integer((json_int_t)pos));
+        pos += pl;
+        if (e->n_top < 0) {
+            json_array_append_new(tlp, json_null());
+            json_array_append_new(top, json_null());
+            continue;
+        }
+        json_array_append_new(tlp, json_real(e->logprob));
         json_t *alt = json_object();
-        for (int k = 0; alt && k < lp[i].n_top; k++) {
-            json_t *key = tok_str(r->codec, lp[i].top_tokens[k]);
-            if (key) json_object_set_new(alt, json_string_value(key), json_real(lp[i].top_logprobs[k]));
+        for (int k = 0; alt && k < e->n_top; k++) {
+            json_t *key = tok_str(r->codec, e->top_tokens[k]);
+            if (key) json_object_set_new(alt, json_string_value(key), json_real(e->top_logprobs[k]));
             json_decref(key);
         }
         json_array_append_new(top, alt);
-        json_array_append_new(off, json_integer((json_int_t)pos));
-        pos += pl;
     }
     return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", tlp,
                      "top_logprobs", top, "text_offset", off);
@@ -862,17 +905,29 @@ static char *dump_free(json_t *o)
 }
 
 char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *lp,
-                           int n_lp, const char *finish, const srv_usage *u)
+                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
+                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
+                           const srv_usage *u)
 {
     json_t *choice;
-    if (r->chat)
+    if (r->chat) {
         choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
                            "assistant", "content", json_text(text, text_len), "logprobs",
-                           logprobs_json(r, lp, n_lp, 0), "finish_reason", finish);
-    else
-        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", json_text(text, text_len),
-                           "logprobs", logprobs_json(r, lp, n_lp, 0), "finish_reason", finish);
+                           logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", finish);
+    } else {
+        json_t *t;
+        if (r->echo) { /* the prompt, then the completion */
+            srv_buf b = { 0 };
+            srv_buf_append(&b, r->echo_text, r->echo_len);
+            srv_buf_append(&b, text, text_len);
+            t = b.failed ? NULL : json_text(b.data, b.len);
+            srv_buf_free(&b);
+        } else {
+            t = json_text(text, text_len);
+        }
+        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", t, "logprobs",
+                           logprobs_json(r, plp, n_plp, lp, n_lp, 0), "finish_reason", finish);
+    }
     if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
     json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o}", "id", id, "object",
                           r->chat ? "chat.completion" : "text_completion", "created",
@@ -904,15 +959,28 @@ int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long create
          * back); the final chunk only when held-back text ends there */
         if (text_len || !finish) json_object_set_new(delta, "content", json_text(text, text_len));
         choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs",
-                           logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
+                           logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", fin);
     } else {
         choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", json_text(text, text_len),
-                           "logprobs", logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
+                           "logprobs", logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", fin);
     }
     if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
     json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", id, "object",
                           r->chat ? "chat.completion.chunk" : "text_completion", "created",
                           (json_int_t)created, "model", r->model, "choices", choice);
+    if (o && r->include_usage) json_object_set_new(o, "usage", json_null());
+    return sse_data(out, o);
+}
+
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                 const srv_logprob *plp, int n_plp)
+{
+    json_t *choice = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text",
+                               json_text(r->echo_text, r->echo_len), "logprobs",
+                               logprobs_json(r, plp, n_plp, NULL, 0, 0), "finish_reason");
+    if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", json_array());
+    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", id, "object", "text_completion",
+                          "created", (json_int_t)created, "model", r->model, "choices", choice);
     if (o && r->include_usage) json_object_set_new(o, "usage", json_null());
     return sse_data(out, o);
 }

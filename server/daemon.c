@@ -98,8 +98,10 @@ static void on_async(uv_async_t *h)
             on_device_failed(s, ev->msg);
             break;
         case SRV_EV_START:
-            ev->job->usage.cached_tokens = ev->usage.cached_tokens;
-            ev->job->usage.prompt_tokens = ev->usage.prompt_tokens;
+            srv_job_started(s, ev->job, ev);
+            break;
+        case SRV_EV_PROMPT_LOGPROBS:
+            srv_job_prompt_logprobs(s, ev->job, ev);
             break;
         case SRV_EV_TOKEN:
             srv_job_token(s, ev->job, ev);

@@ -62,6 +62,7 @@ void srv_job_unref(srv_job *j)
     srv_buf_free(&j->sse);
     free(j->ids);
     free(j->lps);
+    free(j->plps);
     free(j->body);
     free(j);
 }
@@ -126,7 +127,8 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
         if ((err || rc != 0) && srv_sse_error(&j->sse, &j->error) != 0) j->sse_broken = 1;
     } else if (!err) {
         j->body = srv_build_completion(r, j->cid, j->created, j->text.data, j->text.len, j->ids,
-                                       j->n_ids, j->lps, j->n_lps, finish_name(finish), &j->usage);
+                                       j->n_ids, j->plps, j->n_plps, j->lps, j->n_lps,
+                                       finish_name(finish), &j->usage);
         if (!j->body) {
             srv_error_set(&j->error, 500, "server_error", NULL, NULL, "out of memory");
             j->finish = SRV_FINISH_ERROR;
@@ -142,6 +144,35 @@ static void job_oom(srv_server *s, srv_job *j)
     srv_error_set(&j->error, 500, "server_error", NULL, NULL, "out of memory");
     srv_job_cancel(s, j, SRV_CANCEL_STOP);
     job_finish(s, j, SRV_FINISH_ERROR);
+}
+
+/* A stream with echo: the prompt's chunk first. */
+static void job_echo(srv_server *s, srv_job *j)
+{
+    if (srv_sse_echo(&j->sse, j->req, j->cid, j->created, j->plps, j->n_plps) != 0) {
+        job_oom(s, j);
+        return;
+    }
+    if (j->conn) srv_conn_resume(j->conn);
+}
+
+void srv_job_started(srv_server *s, srv_job *j, const srv_event *ev)
+{
+    j->usage.cached_tokens = ev->usage.cached_tokens;
+    j->usage.prompt_tokens = ev->usage.prompt_tokens;
+    if (!j->finished && j->req->stream && j->req->echo && !j->req->prompt_logprobs) job_echo(s, j);
+}
+
+void srv_job_prompt_logprobs(srv_server *s, srv_job *j, const srv_event *ev)
+{
+    if (j->finished) {
+        free(ev->lp);
+        return;
+    }
+    free(j->plps);
+    j->plps = ev->lp;
+    j->n_plps = ev->n_lp;
+    if (j->req->stream) job_echo(s, j);
 }
 
 void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
@@ -182,7 +213,9 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
     }
     j->ids[j->n_ids++] = ev->token;
     char piece[SRV_PIECE_MAX];
-    size_t n = srv_token_piece(j->req->codec, ev->token, j->n_ids == 1, piece);
+    /* without a tokenizer ids are space-separated: none before the first,
+     * unless the echoed prompt comes before it */
+    size_t n = srv_token_piece(j->req->codec, ev->token, j->n_ids == 1 && !j->req->echo, piece);
     if (srv_buf_append(&j->text, piece, n) != 0) goto oom;
     int stopped = 0;
     size_t end = srv_stop_scan(j->text.data, j->text.len, j->emitted, j->req->stop,

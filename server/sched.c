@@ -94,6 +94,7 @@ int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
         if (best < 0) break;
         int t = seqs[best].prefill_left;
         if (t > chunk) t = chunk;
+        if (seqs[best].chunk > 0 && t > seqs[best].chunk) t = seqs[best].chunk;
         if (t > left) t = left;
         out[n++] = (srv_plan_item){ best, t };
         left -= t;
@@ -134,12 +135,26 @@ typedef struct eseq {
     int n_gen;            /* tokens sampled */
     int max_gen;          /* the request's max_tokens, or for max_tokens_auto what the pool holds */
     int32_t next_tok;     /* sampled, fed in the next step */
+    srv_logprob *plp;     /* (n_src) echo + logprobs: the prompt's log-probabilities, collected
+                             one prefill token per step (the engine returns the logits after
+                             an item's last token only); NULL once posted to the loop */
     int cached;
     eng_sampler *smp;     /* kept across a preemption: the RNG continues exactly */
     uint64_t order;       /* admission order (older = smaller) */
     int last_step;
     session *sess;
 } eseq;
+
+/* Frees what a sequence owns besides its engine slot. */
+static void eseq_release(eseq *es)
+{
+    eng_sampler_free(es->smp);
+    free(es->replay);
+    free(es->plp);
+    es->smp = NULL;
+    es->replay = NULL;
+    es->plp = NULL;
+}
 
 struct srv_engine {
     const srv_config *cfg;
@@ -278,16 +293,14 @@ static void fail_all_dead(srv_engine *se)
     for (int r = 0; r < se->n_run; r++) {
         eseq *es = &se->run[r];
         srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
-        eng_sampler_free(es->smp);
-        free(es->replay);
+        eseq_release(es);
         post_final_code(se, es->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
     }
     se->n_run = 0;
     for (int k = 0; k < se->n_pre; k++) {
         eseq *p = &se->pre[k];
         srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
-        eng_sampler_free(p->smp);
-        free(p->replay);
+        eseq_release(p);
         post_final_code(se, p->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
     }
     se->n_pre = 0;
@@ -355,8 +368,7 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     } else {
         eng_seq_free(se->eng, es->seq);
     }
-    eng_sampler_free(es->smp);
-    free(es->replay);
+    eseq_release(es);
     post_final(se, es->job, finish, status, msg, &u);
     se->run[r] = se->run[--se->n_run];
 }
@@ -445,8 +457,10 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     const srv_genreq *rq = es->job->req;
     es->seq = s->seq;
     int have = eng_seq_len(se->eng, s->seq);
-    int keep = srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
-                             se->info.block_size);
+    /* prompt logprobs need the logits of every prompt position: no reuse */
+    int keep = rq->prompt_logprobs ? 0
+               : srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
+                               se->info.block_size);
     if (keep != have) {
         int rc = eng_seq_truncate(se->eng, s->seq, keep);
         if (rc != ENG_OK && rc != ENG_EDEVICE) {
@@ -541,9 +555,14 @@ static void admit(srv_engine *se)
                 }
             }
         }
-        if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK ||
+        if (rq->prompt_logprobs && (es.plp = calloc((size_t)rq->n_prompt, sizeof *es.plp))) {
+            es.plp[0].token = rq->prompt[0];
+            es.plp[0].n_top = -1; /* the first token has no distribution */
+        }
+        if ((rq->prompt_logprobs && !es.plp) ||
+            eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK ||
             eng_sampler_set_logit_bias(es.smp, rq->bias_ids, rq->bias, rq->n_bias) != ENG_OK) {
-            eng_sampler_free(es.smp);
+            eseq_release(&es);
             if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
             else eng_seq_free(se->eng, es.seq);
             fail_job(se, job, 500, "out of memory (sampler)");
@@ -583,6 +602,21 @@ static void fill_logprob(const float *raw, int V, int32_t tok, int n_top, srv_lo
         lp->top_tokens[k] = v;
     }
     for (int k = 0; k < lp->n_top; k++) lp->top_logprobs[k] -= lse;
+}
+
+/* Hands the prompt's logprobs (echo) to the loop; -1 when memory runs out. */
+static int post_prompt_logprobs(srv_engine *se, eseq *es)
+{
+    srv_event *e = ev_new(se, SRV_EV_PROMPT_LOGPROBS, es->job);
+    if (!e) {
+        flush_events(se);
+        e = ev_new(se, SRV_EV_PROMPT_LOGPROBS, es->job);
+    }
+    if (!e) return -1;
+    e->lp = es->plp; /* the loop frees it */
+    e->n_lp = es->n_src;
+    es->plp = NULL;
+    return 0;
 }
 
 /* Posts a TOKEN event, with its logprobs (the top n_top alternatives) when
@@ -632,7 +666,8 @@ static int plan_fitting(srv_engine *se)
     for (;;) {
         for (int r = 0; r < se->n_run; r++) {
             eseq *es = &se->run[r];
-            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step };
+            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step,
+                                           es->plp ? 1 : 0 };
         }
         int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
                               se->cfg->prefill_chunk, se->plan);
@@ -682,7 +717,8 @@ static void run_step(srv_engine *se)
             .seq = es->seq,
             .tokens = prefill ? es->src + es->n_past : &es->next_tok,
             .n_tokens = t,
-            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming)
+            /* logits to sample from, or (plp) for the next prompt token's logprob */
+            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming) || es->plp
                           ? se->logits + (size_t)k * V : NULL,
         };
         n_tok += t;
@@ -718,6 +754,7 @@ static void run_step(srv_engine *se)
         const srv_genreq *rq = es->job->req;
         es->last_step = se->step_no;
         int prefill = es->n_past < es->n_src;
+        int pos = es->n_past; /* the item's first token */
         if (prefill) es->n_past += se->plan[k].n_tokens;
         if (es->resuming && es->n_past == es->n_src) {
             /* the replay is back in the engine: decode next_tok as before */
@@ -728,11 +765,25 @@ static void run_step(srv_engine *se)
         }
         if (!se->items[k].logits) continue;
         float *lg = se->items[k].logits;
+        int fin = SRV_FINISH_NONE;
+        if (es->plp) {
+            if (es->n_past < es->n_src) { /* one token in: the next one's logprob */
+                fill_logprob(lg, V, es->src[pos + 1], rq->top_logprobs, &es->plp[pos + 1]);
+                continue;
+            }
+            /* the whole prompt is in: its logprobs go out before the first token */
+            if (post_prompt_logprobs(se, es) != 0) fin = SRV_FINISH_ERROR;
+        }
+        if (!fin && es->max_gen == 0) fin = SRV_FINISH_LENGTH; /* echo only */
+        if (fin) {
+            done[n_done] = r;
+            done_fin[n_done++] = fin;
+            continue;
+        }
         if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
         int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
                                          eng_seq_len(se->eng, es->seq));
         es->n_gen++;
-        int fin = SRV_FINISH_NONE;
         int is_stop = tok == eos;
         for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
         if (is_stop && !rq->ignore_eos) {
@@ -788,8 +839,7 @@ static void drop_cancelled(srv_engine *se)
         srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
         post_final(se, p->job, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0,
                    NULL, &u);
-        eng_sampler_free(p->smp);
-        free(p->replay);
+        eseq_release(p);
         se->pre[k] = se->pre[--se->n_pre];
     }
 }
@@ -1003,12 +1053,10 @@ void srv_engine_stop(srv_engine *se)
     pthread_mutex_unlock(&se->mu);
     if (se->started) pthread_join(se->th, NULL);
     for (int r = 0; r < se->n_run; r++) {
-        eng_sampler_free(se->run[r].smp);
-        free(se->run[r].replay);
+        eseq_release(&se->run[r]);
     }
     for (int k = 0; k < se->n_pre; k++) {
-        eng_sampler_free(se->pre[k].smp);
-        free(se->pre[k].replay);
+        eseq_release(&se->pre[k]);
     }
     free(se->pre);
     eng_free(se->eng);

@@ -131,7 +131,8 @@ typedef struct srv_genreq {
     char *model;               /* as the client named it */
     int32_t *prompt;           /* token ids (n_prompt) */
     int n_prompt;
-    int max_tokens;            /* >= 1: the room left in the context when max_tokens_auto */
+    int max_tokens;            /* >= 1 (0 with echo: the prompt only); the room left in the
+                                  context when max_tokens_auto */
     int max_tokens_auto;       /* not given: until the context or the K/V pool is full */
     eng_sampler_params sp;
     int32_t *bias_ids;         /* logit_bias: n_bias distinct ids and their biases */
@@ -146,6 +147,10 @@ typedef struct srv_genreq {
     int include_usage;         /* stream_options.include_usage */
     int logprobs;              /* 0: off; 1: on */
     int top_logprobs;          /* 0..20 alternatives per position */
+    int echo;                  /* completions: the prompt comes back before the completion */
+    char *echo_text;           /* echo: the prompt as text (echo_len bytes) */
+    size_t echo_len;
+    int prompt_logprobs;       /* echo + logprobs: log-probabilities of the prompt tokens */
     char session_id[SRV_SESSION_ID_MAX + 1]; /* "" = none */
     int return_token_ids;      /* extension: choices[].token_ids */
     const srv_codec *codec;    /* borrowed from the model description */
@@ -208,7 +213,8 @@ typedef struct srv_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
 } srv_usage;
 
-/* One generated position's log-probabilities. */
+/* One position's log-probabilities: of a generated token, or with echo of
+ * a prompt token (the first prompt token has no distribution: n_top = -1). */
 typedef struct srv_logprob {
     int32_t token;
     float logprob;
@@ -232,16 +238,22 @@ size_t srv_token_piece(const srv_codec *c, int32_t tok, int first, char *buf);
 size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
                      const size_t *stop_len, int n_stop, int *stopped);
 
-/* Full (non-streaming) response bodies; new strings, caller frees. */
+/* Full (non-streaming) response bodies; new strings, caller frees.  With
+ * echo the text starts with the prompt's, and plp (n_plp: one per prompt
+ * token, or 0 without logprobs) come before the generated lp. */
 char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *lp,
-                           int n_lp, const char *finish, const srv_usage *u);
+                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
+                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
+                           const srv_usage *u);
 
 /* SSE framing.  Each appends one complete event ("data: ...\n\n") to out;
  * 0, or -1 when memory runs out (out then holds no part of the event). */
 int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const char *text, size_t text_len, const int32_t *ids, int n_ids,
                   const srv_logprob *lp, int n_lp, const char *finish, int first);
+/* echo: the chunk with the prompt's text (and its logprobs), first in the stream. */
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                 const srv_logprob *plp, int n_plp);
 int srv_sse_usage(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const srv_usage *u);
 int srv_sse_error(srv_buf *out, const srv_error *e);
@@ -254,6 +266,7 @@ typedef struct srv_plan_seq {
     int prefill_left;   /* prompt tokens not yet in the engine; 0 = decoding */
     uint64_t order;     /* arrival order (smaller = older) */
     int last_step;      /* step index of the sequence's last turn (fairness) */
+    int chunk;          /* cap on this sequence's prefill chunk, 0 = the step's */
 } srv_plan_seq;
 
 typedef struct srv_plan_item {
@@ -263,8 +276,8 @@ typedef struct srv_plan_item {
 
 /* Plans one step: every decoding sequence gets one token (the oldest turns
  * first if there are more decoders than budget), then prefilling sequences
- * in arrival order get chunks of at most `chunk` tokens from what is left
- * of `budget`.  Returns the number of items written to out (capacity
+ * in arrival order get chunks of at most `chunk` tokens (or their own
+ * smaller cap) from what is left of `budget`.  Returns the number of items written to out (capacity
  * n_seqs).  Pure: no engine, no threads. */
 int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
                   srv_plan_item *out);
@@ -315,6 +328,8 @@ typedef struct srv_job {
     int n_ids, cap_ids;
     srv_logprob *lps;           /* per generated token when logprobs */
     int n_lps, cap_lps;
+    srv_logprob *plps;          /* echo + logprobs: per prompt token (n_plps) */
+    int n_plps;
     srv_buf sse;                /* SSE bytes not yet taken by MHD */
     size_t sse_off;
     int sse_broken;             /* an event could not be appended: cut the stream */
@@ -334,6 +349,7 @@ enum srv_event_type {
     SRV_EV_DEVICE_FAILED, /* an engine call returned ENG_EDEVICE (job NULL; msg says what):
                              every job gets a 503 FINAL, the daemon must exit non-zero */
     SRV_EV_START,      /* admitted: usage.cached_tokens known */
+    SRV_EV_PROMPT_LOGPROBS, /* echo + logprobs: the prompt's, before the first TOKEN */
     SRV_EV_TOKEN,
     SRV_EV_FINAL       /* engine is done with the job; last event for it */
 };
@@ -346,7 +362,9 @@ typedef struct srv_event {
     int status;            /* FINAL with SRV_FINISH_ERROR: HTTP status */
     const char *code;      /* FINAL with SRV_FINISH_ERROR: OpenAI error code (static) or NULL */
     srv_usage usage;       /* START / FINAL */
-    srv_logprob *lp;       /* TOKEN with logprobs; the loop frees it */
+    srv_logprob *lp;       /* TOKEN with logprobs (one), PROMPT_LOGPROBS (n_lp, one per prompt
+                              token); the loop frees it */
+    int n_lp;
     char msg[160];         /* FINAL error / LOAD_FAILED */
 } srv_event;
 
@@ -525,6 +543,8 @@ srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r);
 void srv_job_unref(srv_job *j);
 /* Sets the job's cancel reason unless it has one, and wakes the engine. */
 void srv_job_cancel(srv_server *s, srv_job *j, int reason);
+void srv_job_started(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_prompt_logprobs(srv_server *s, srv_job *j, const srv_event *ev);
 void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev);
 void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev);
 

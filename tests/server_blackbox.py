@@ -298,6 +298,9 @@ def test_no_tokenizer():
         r = completion(c, seed=1, max_tokens=4, extra_body={"ignore_eos": True})
         ids = r.choices[0].model_extra["token_ids"]
         assert r.choices[0].text == " ".join(map(str, ids))  # ids as text, space-separated
+        r = completion(c, seed=1, max_tokens=4, echo=True, logprobs=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == " ".join(map(str, PROMPT + ids)), r.choices[0].text
+        assert r.choices[0].logprobs.tokens[:2] == [str(PROMPT[0]), " " + str(PROMPT[1])]
         # a stop string that begins after the first token: the text before it is returned
         stop = " " + str(ids[1])
         for stream in (False, True):
@@ -466,6 +469,72 @@ def test_logit_bias_and_penalties():
         raise AssertionError("presence_penalty 2.5 accepted")
     except openai.BadRequestError as e:
         assert e.body["param"] == "presence_penalty", e
+
+
+def test_echo_prompt_logprobs():
+    """echo with logprobs: the prompt's tokens and their log-probabilities
+    (first null) before the completion's, as OpenAI's legacy completions and
+    vLLM return them (what lm-evaluation-harness scores with).  Each prompt
+    logprob equals the one a completion of the prompt's prefix reports for
+    that token."""
+    c = D.client()
+    prompt = "It is a truth universally acknowledged"
+    r = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                             temperature=0)
+    ch, n = r.choices[0], r.usage.prompt_tokens
+    assert ch.text == prompt and ch.finish_reason == "length" and r.usage.completion_tokens == 0, r
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n, lp
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == prompt and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    ids = json.loads(http("POST", D.base + "/tokenize", {"prompt": prompt})[2])["tokens"]
+    assert len(ids) == n
+    for i in (1, n // 2, n - 1):  # the same number from a plain completion of the prefix
+        one = c.completions.create(model=MODEL_NAME, prompt=ids[:i], max_tokens=1, logprobs=0,
+                                   logit_bias={str(ids[i]): 100}, temperature=0,
+                                   extra_body={"return_token_ids": True})
+        assert one.choices[0].model_extra["token_ids"] == [ids[i]]
+        assert abs(one.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[i]) < 1e-4, i
+    # with a completion: prompt then completion, text and logprobs alike
+    r2 = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, echo=True, logprobs=1,
+                              seed=5, extra_body={"ignore_eos": True})
+    plain = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, logprobs=1, seed=5,
+                                 extra_body={"ignore_eos": True})
+    assert r2.choices[0].text == prompt + plain.choices[0].text
+    l2 = r2.choices[0].logprobs
+    assert l2.token_logprobs[:n] == lp.token_logprobs and len(l2.tokens) == n + 3
+    assert l2.token_logprobs[n:] == plain.choices[0].logprobs.token_logprobs
+    assert l2.text_offset[n] == len(prompt.encode())
+    # streaming: the prompt's chunk first
+    chunks = list(c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, echo=True,
+                                       logprobs=1, seed=5, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+    assert "".join(ch.choices[0].text for ch in chunks) == r2.choices[0].text
+    # a session's resident prefix is not reused: every prompt position needs its logits
+    for _ in range(2):
+        rs = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, echo=True, logprobs=2,
+                                  temperature=0, extra_body={"session_id": "bb-echo"})
+        assert rs.usage.prompt_tokens_details.cached_tokens == 0
+        assert rs.choices[0].logprobs.token_logprobs[:n] == lp.token_logprobs
+    # echo alone; token-id prompts; echo is for completions only
+    r3 = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, echo=True, seed=1)
+    assert r3.choices[0].text.startswith(prompt) and r3.choices[0].logprobs is None
+    r4 = c.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=0, echo=True)
+    assert r4.choices[0].text == prompt
+    try:
+        c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                  extra_body={"echo": True})
+        raise AssertionError("echo accepted on chat")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "echo", e
+    try:
+        c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0)
+        raise AssertionError("max_tokens 0 accepted without echo")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "max_tokens", e
 
 
 def test_concurrent_streams_independent():

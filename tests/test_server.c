@@ -117,6 +117,42 @@ START_TEST(parse_completion_valid)
 }
 END_TEST
 
+static json_t *load(const char *s);
+
+START_TEST(parse_echo)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[5,6],\"echo\":true,\"max_tokens\":0,"
+                             "\"logprobs\":1}", 0);
+    ck_assert(r->echo && r->prompt_logprobs && r->max_tokens == 0);
+    ck_assert_str_eq(r->echo_text, "5 6"); /* no tokenizer: ids in decimal */
+    srv_genreq_free(r);
+    r = parse_ok("{\"model\":\"tiny\",\"prompt\":[5],\"echo\":true}", 0);
+    ck_assert(r->echo && !r->prompt_logprobs && r->max_tokens == 16);
+    /* the completion text follows the prompt's; the prompt's first logprob is null */
+    srv_logprob plp[2] = { { .token = 5, .n_top = -1 }, { .token = 6, .logprob = -2.0f } };
+    srv_usage u = { 2, 0, 0 };
+    char *s = srv_build_completion(r, "c", 1, " 7", 2, NULL, 0, plp, 2, NULL, 0, "length", &u);
+    json_t *o = load(s);
+    json_t *c = json_array_get(json_object_get(o, "choices"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(c, "text")), "5 7");
+    ck_assert(json_is_null(json_object_get(c, "logprobs"))); /* logprobs were not asked for */
+    json_decref(o);
+    free(s);
+    r->logprobs = 1;
+    s = srv_build_completion(r, "c", 1, " 7", 2, NULL, 0, plp, 2, NULL, 0, "length", &u);
+    o = load(s);
+    json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
+    ck_assert(json_is_null(json_array_get(json_object_get(l, "token_logprobs"), 0)));
+    ck_assert(json_is_null(json_array_get(json_object_get(l, "top_logprobs"), 0)));
+    ck_assert(json_real_value(json_array_get(json_object_get(l, "token_logprobs"), 1)) == -2.0);
+    ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(l, "text_offset"), 1)), 1);
+    json_decref(o);
+    free(s);
+    srv_genreq_free(r);
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[5],\"max_tokens\":0}", 0, 400, "max_tokens");
+}
+END_TEST
+
 START_TEST(parse_penalties_and_bias)
 {
     srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":-1.5,"
@@ -212,7 +248,9 @@ START_TEST(parse_rejects)
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":128}", 0, 400, "max_tokens");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":2}", 0, 400, "n");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":0}", 0, 400, "n");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"echo\":true}", 0, 400, "echo");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+              "\"prompt_token_ids\":[1],\"echo\":true}", 1, 400, "echo");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"echo\":1}", 0, 400, "echo");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"best_of\":3}", 0, 400, "best_of");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":2.5}", 0, 400, "presence_penalty");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"frequency_penalty\":\"1\"}", 0, 400, "frequency_penalty");
@@ -339,7 +377,7 @@ START_TEST(build_completion_json)
     srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1,2]}", 0);
     int32_t ids[3] = { 7, 8, 9 };
     srv_usage u = { 2, 3, 1 };
-    char *s = srv_build_completion(r, "cmpl-1", 123, "7 8 9", 5, ids, 3, NULL, 0, "length", &u);
+    char *s = srv_build_completion(r, "cmpl-1", 123, "7 8 9", 5, ids, 3, NULL, 0, NULL, 0, "length", &u);
     json_t *o = load(s);
     ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "text_completion");
     ck_assert_str_eq(json_string_value(json_object_get(o, "id")), "cmpl-1");
@@ -361,7 +399,7 @@ START_TEST(build_completion_json)
     srv_logprob lp = { .token = 7, .logprob = -0.5f, .n_top = 1, .top_tokens = { 7 },
                        .top_logprobs = { -0.5f } };
     /* invalid UTF-8 in generated text must still give valid JSON */
-    s = srv_build_completion(r, "chatcmpl-1", 1, "a\xff" "b", 3, ids, 1, &lp, 1, "stop", &u);
+    s = srv_build_completion(r, "chatcmpl-1", 1, "a\xff" "b", 3, ids, 1, NULL, 0, &lp, 1, "stop", &u);
     o = load(s);
     ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "chat.completion");
     c = json_array_get(json_object_get(o, "choices"), 0);
@@ -620,7 +658,7 @@ START_TEST(parse_with_tokenizer)
     srv_logprob lp = { .token = 'q' + 3, .logprob = -1, .n_top = 1, .top_tokens = { 'q' + 3 },
                        .top_logprobs = { -1 } };
     srv_usage u = { 1, 1, 0 };
-    char *s = srv_build_completion(r, "c", 1, "q", 1, NULL, 0, &lp, 1, "length", &u);
+    char *s = srv_build_completion(r, "c", 1, "q", 1, NULL, 0, NULL, 0, &lp, 1, "length", &u);
     json_t *o = json_loads(s, 0, NULL);
     json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
     ck_assert_str_eq(json_string_value(json_array_get(json_object_get(l, "tokens"), 0)), "q");
@@ -718,7 +756,7 @@ START_TEST(plan_decoders_and_chunks)
 {
     /* 3 decoders, 2 prefills (one huge) under a budget of 64, chunk 32. */
     srv_plan_seq s[5] = {
-        { 0, 1, 0 }, { 1000, 2, 0 }, { 0, 3, 0 }, { 10, 4, 0 }, { 0, 5, 0 },
+        { 0, 1, 0, 0 }, { 1000, 2, 0, 0 }, { 0, 3, 0, 0 }, { 10, 4, 0, 0 }, { 0, 5, 0, 0 },
     };
     srv_plan_item it[5];
     int n = srv_plan_step(s, 5, 64, 32, it);
@@ -743,13 +781,20 @@ START_TEST(plan_decoders_and_chunks)
     ck_assert_int_eq(got[0] + got[2] + got[4], 3);
     ck_assert_int_eq(got[1], 17);
     ck_assert_int_eq(got[3], 0);
+    /* a sequence's own chunk cap (echo with logprobs prefills one token a step) */
+    s[1].chunk = 1;
+    n = srv_plan_step(s, 5, 64, 32, it);
+    memset(got, 0, sizeof got);
+    for (int i = 0; i < n; i++) got[it[i].idx] = it[i].n_tokens;
+    ck_assert_int_eq(got[1], 1);
+    ck_assert_int_eq(got[3], 10);
 }
 END_TEST
 
 START_TEST(plan_fifo_prefill)
 {
     /* Arrival order, not array order, decides who prefills first. */
-    srv_plan_seq s[3] = { { 100, 9, 0 }, { 100, 3, 0 }, { 100, 5, 0 } };
+    srv_plan_seq s[3] = { { 100, 9, 0, 0 }, { 100, 3, 0, 0 }, { 100, 5, 0, 0 } };
     srv_plan_item it[3];
     int n = srv_plan_step(s, 3, 150, 100, it);
     ck_assert_int_eq(n, 2);
@@ -765,7 +810,7 @@ START_TEST(plan_more_decoders_than_budget)
     /* 6 decoders, budget 4: the ones that ran longest ago go first; over
      * two steps everyone runs. */
     srv_plan_seq s[6];
-    for (int i = 0; i < 6; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0 };
+    for (int i = 0; i < 6; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0, 0 };
     srv_plan_item it[6];
     int ran[6] = { 0 };
     for (int step = 1; step <= 2; step++) {
@@ -1151,6 +1196,7 @@ static Suite *suite(void)
     tcase_add_test(api, parse_completion_valid);
     tcase_add_test(api, parse_defaults);
     tcase_add_test(api, parse_penalties_and_bias);
+    tcase_add_test(api, parse_echo);
     tcase_add_test(api, parse_session_header);
     tcase_add_test(api, parse_rejects);
     tcase_add_test(api, parse_no_tokenizer_message);
