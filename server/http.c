@@ -117,17 +117,6 @@ static enum MHD_Result queue_buf(srv_conn *c, int status, const char *ctype, cha
     return rc;
 }
 
-static enum MHD_Result fail(srv_conn *c, int status, const char *type, const char *code,
-                            const char *msg, int retry_after, const char *allow);
-
-/* json: a body the caller built (taken over); NULL when building it ran out
- * of memory. */
-static enum MHD_Result queue_json(srv_conn *c, int status, char *json)
-{
-    if (!json) return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
-    return queue_buf(c, status, "application/json", json, strlen(json), 0, NULL);
-}
-
 static enum MHD_Result queue_error(srv_conn *c, const srv_error *e, int retry_after, const char *allow)
 {
     char *js = srv_error_json(e);
@@ -141,6 +130,14 @@ static enum MHD_Result fail(srv_conn *c, int status, const char *type, const cha
     srv_error e;
     srv_error_set(&e, status, type, NULL, code, "%s", msg);
     return queue_error(c, &e, retry_after, allow);
+}
+
+/* json: a body the caller built (taken over); NULL when building it ran out
+ * of memory. */
+static enum MHD_Result queue_json(srv_conn *c, int status, char *json)
+{
+    if (!json) return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
+    return queue_buf(c, status, "application/json", json, strlen(json), 0, NULL);
 }
 
 /* ---- request handling ------------------------------------------------------------ */
