@@ -1,6 +1,11 @@
 /*
  * auth.c — API keys: the table built from `api_keys` and `api_keys_file`,
- * and the bearer-token check of a request.
+ * and the bearer-token check of a request, which also says who the caller
+ * is.  A key is written `USER:KEY` (USER: 1-64 of [A-Za-z0-9._-]) or bare;
+ * a bare key is its own user, named "key-" + 16 hex digits of its XXH3
+ * hash (stable, and naming no part of the key).  Sessions and long-term
+ * memory belong to users; users listed in `admin_users` may use /admin.
+ * Without keys every request is the one user "local", admin from loopback.
  *
  * A table is immutable once built; SIGHUP builds a new one and swaps it in
  * (daemon.c), keeping the old one when the new one cannot be built.
@@ -12,13 +17,19 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <ctype.h>
 
 #include "srv_internal.h"
+
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 struct srv_auth {
     int required;         /* a key source is configured: requests need a key */
     char *buf;            /* all keys, NUL-separated */
     const char **keys;
+    char (*users)[SRV_USER_MAX + 1]; /* the user of keys[i] */
+    int *admin;           /* keys[i]'s user is in admin_users */
     int n_keys;
 };
 
@@ -26,8 +37,31 @@ void srv_auth_free(srv_auth *a)
 {
     if (!a) return;
     free(a->keys);
+    free(a->users);
+    free(a->admin);
     free(a->buf);
     free(a);
+}
+
+int srv_user_name_ok(const char *s, size_t n)
+{
+    if (n == 0 || n > SRV_USER_MAX) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (!(isalnum((unsigned char)s[i]) || s[i] == '.' || s[i] == '_' || s[i] == '-')) return 0;
+    return 1;
+}
+
+/* Is user (n bytes) one of the comma/space-separated names in list? */
+static int in_list(const char *list, const char *user)
+{
+    size_t n = strlen(user);
+    for (const char *p = list ? list : ""; *p;) {
+        size_t k = strcspn(p, ", \t");
+        if (k == n && strncmp(p, user, n) == 0) return 1;
+        p += k;
+        p += strspn(p, ", \t");
+    }
+    return 0;
 }
 
 int srv_auth_count(const srv_auth *a)
@@ -91,9 +125,28 @@ int srv_auth_load(const srv_config *cfg, srv_auth **out)
     a->buf = b.data;
     b.data = NULL;
     char *save = NULL;
+    if (!(a->users = calloc((size_t)cap + 1, sizeof *a->users)) ||
+        !(a->admin = calloc((size_t)cap + 1, sizeof *a->admin)))
+        goto oom;
     for (char *t = a->buf ? strtok_r(a->buf, ", \t\r\n", &save) : NULL; t;
-         t = strtok_r(NULL, ", \t\r\n", &save))
+         t = strtok_r(NULL, ", \t\r\n", &save)) {
+        int i = a->n_keys;
+        char *colon = strchr(t, ':');
+        if (colon && colon[1]) { /* USER:KEY */
+            if (!srv_user_name_ok(t, (size_t)(colon - t))) {
+                srv_log("error", "config", " option=api_keys error=\"a user name before ':' must be 1-%d of "
+                        "[A-Za-z0-9._-]\"", SRV_USER_MAX);
+                goto fail;
+            }
+            memcpy(a->users[i], t, (size_t)(colon - t));
+            t = colon + 1;
+        } else {
+            snprintf(a->users[i], sizeof a->users[i], "key-%016llx",
+                     (unsigned long long)XXH3_64bits(t, strlen(t)));
+        }
+        a->admin[i] = in_list(cfg->admin_users, a->users[i]);
         a->keys[a->n_keys++] = t;
+    }
     /* Keys configured but none found (an empty file mid-rotation, a stray
      * comma) must not turn authentication off. */
     if (a->required && a->n_keys == 0) {
@@ -111,21 +164,29 @@ fail:
     return -1;
 }
 
-int srv_auth_check(const srv_auth *a, const char *h)
+int srv_auth_check(const srv_auth *a, const char *h, int loopback, srv_identity *who)
 {
+    memset(who, 0, sizeof *who);
     if (!a) return 0;
-    if (!a->required) return 1;
+    if (!a->required) {
+        snprintf(who->user, sizeof who->user, "local");
+        who->admin = loopback;
+        return 1;
+    }
     if (!h || strncasecmp(h, "Bearer ", 7) != 0) return 0;
     h += 7;
     while (*h == ' ') h++;
     size_t hl = strlen(h);
-    int ok = 0;
+    int found = -1;
     /* every key is compared in full, whatever matched: constant time */
     for (int i = 0; i < a->n_keys; i++) {
         size_t kl = strlen(a->keys[i]);
         unsigned char diff = (unsigned char)(kl != hl);
         for (size_t k = 0; k < kl; k++) diff |= (unsigned char)(a->keys[i][k] ^ (k < hl ? h[k] : 0));
-        ok |= diff == 0;
+        if (diff == 0 && found < 0) found = i;
     }
-    return ok;
+    if (found < 0) return 0;
+    snprintf(who->user, sizeof who->user, "%s", a->users[found]);
+    who->admin = a->admin[found];
+    return 1;
 }

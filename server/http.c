@@ -29,6 +29,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -160,10 +162,28 @@ static int is_post_route(int route)
            route == SRV_ROUTE_DETOKENIZE;
 }
 
-static int authorized(srv_server *s, struct MHD_Connection *mc)
+/* Is the peer on this host (127.0.0.0/8, ::1)? */
+static int peer_loopback(struct MHD_Connection *mc)
 {
-    return srv_auth_check(s->auth, MHD_lookup_connection_value(mc, MHD_HEADER_KIND,
-                                                               MHD_HTTP_HEADER_AUTHORIZATION));
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    const struct sockaddr *sa = ci ? ci->client_addr : NULL;
+    if (!sa) return 0;
+    if (sa->sa_family == AF_INET)
+        return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+    if (sa->sa_family == AF_INET6) {
+        const struct in6_addr *a6 = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a6) ||
+               (IN6_IS_ADDR_V4MAPPED(a6) && a6->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
+/* Checks the request's key and records who sent it in c->who. */
+static int authorized(srv_conn *c)
+{
+    return srv_auth_check(c->s->auth,
+                          MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+                          peer_loopback(c->mc), &c->who);
 }
 
 static enum MHD_Result handle_get(srv_conn *c, const char *url)
@@ -549,7 +569,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         if (!post_route || strcmp(method, "POST") != 0)
             return fail(c, 405, "invalid_request_error", "method_not_allowed",
                         post_route ? "use POST" : "use GET", 0, post_route ? "POST" : "GET, HEAD");
-        if (!authorized(s, mc))
+        if (!authorized(c))
             return fail(c, 401, "invalid_request_error", "invalid_api_key",
                         "missing or invalid API key (Authorization: Bearer ...)", 0, NULL);
         if (!content_type_json(mc))
@@ -575,7 +595,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
             return fail(c, 405, "invalid_request_error", "method_not_allowed", "use POST", 0, "POST");
         if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
             return fail(c, 405, "invalid_request_error", "method_not_allowed", "use GET", 0, "GET, HEAD");
-        if (c->route == SRV_ROUTE_MODELS && !authorized(s, mc))
+        if (c->route == SRV_ROUTE_MODELS && !authorized(c))
             return fail(c, 401, "invalid_request_error", "invalid_api_key",
                         "missing or invalid API key (Authorization: Bearer ...)", 0, NULL);
         return handle_get(c, url);

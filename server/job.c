@@ -31,6 +31,7 @@ static uint64_t splitmix64(uint64_t *x)
 srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r)
 {
     if (!r->has_seed) r->sp.seed = splitmix64(&s->rng);
+    snprintf(r->user, sizeof r->user, "%s", c->who.user);
     srv_job *j = calloc(1, sizeof *j);
     if (!j) {
         srv_genreq_free(r);

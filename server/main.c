@@ -89,6 +89,9 @@ static const option_def options[] = {
       "max_tokens of /v1/completions when the request has none (OpenAI: 16; 0 = until the context is full)" },
     { "auth", "api_keys", OPT_STR, O(api_keys), "", 0, 0,
       "comma-separated bearer keys; empty (and no keys file) = no authentication" },
+    { "auth", "admin_users", OPT_STR, O(admin_users), "", 0, 0,
+      "users (the USER of USER:KEY keys) allowed on the /admin routes, comma-separated; without keys, "
+      "/admin is open to loopback clients only" },
     { "auth", "api_keys_file", OPT_STR, O(api_keys_file), "", 0, 0,
       "file of API keys (one per line, '#' starts a comment); a file with no key is refused" },
     { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,

@@ -33,8 +33,9 @@
  * not resident — evicted, or from before a restart — waits in the queue
  * while the store looks it up (STORE_LOADING); when the answer comes back
  * through the inbox, admit imports the stored blocks of the common prefix
- * (eng_seq_blocks_import) and prefills only the rest.  Until API keys map to
- * users, every request belongs to the one local user (STORE_USER).
+ * (eng_seq_blocks_import) and prefills only the rest.  Sessions are keyed
+ * by (user, id): the user comes from the request's API key (auth.c), so one
+ * user's session id never reaches another user's state.
  */
 #include "config.h"
 
@@ -48,7 +49,6 @@
 
 /* srv_job.store_state */
 enum { STORE_NONE = 0, STORE_LOADING, STORE_READY };
-#define STORE_USER "local"
 
 /* ---- the planner (pure) ------------------------------------------------------ */
 
@@ -127,6 +127,7 @@ int srv_reuse_len(const int32_t *have, int n_have, const int32_t *prompt, int n_
 /* ---- the engine thread -------------------------------------------------------- */
 
 typedef struct session {
+    char user[SRV_USER_MAX + 1];
     char id[SRV_SESSION_ID_MAX + 1];
     int seq;              /* resident engine sequence */
     int busy;             /* a running job uses it */
@@ -204,6 +205,9 @@ struct srv_engine {
     srv_store *store;     /* the session store, or NULL (no state directory) */
     eng_block_format bf;
     srv_loaded *loaded;   /* lookups the store's thread answered, guarded by mu */
+    srv_sess_op *ops;     /* admin questions about resident sessions, guarded by mu */
+    pthread_cond_t ops_cv;/* signalled when ops were answered */
+    int ops_closed;       /* guarded by mu: the thread has ended, ops are answered at once */
 };
 
 int srv_config_backend(const srv_config *cfg, int *backend)
@@ -360,10 +364,10 @@ static int evict_lru(srv_engine *se, const session *except)
     return 1;
 }
 
-static session *session_find(srv_engine *se, const char *id)
+static session *session_find(srv_engine *se, const char *user, const char *id)
 {
     for (int i = 0; i < se->n_sess; i++)
-        if (strcmp(se->sess[i].id, id) == 0) return &se->sess[i];
+        if (strcmp(se->sess[i].id, id) == 0 && strcmp(se->sess[i].user, user) == 0) return &se->sess[i];
     return NULL;
 }
 
@@ -386,7 +390,7 @@ static int persist(srv_engine *se, session *s, const srv_event *final)
         return -1;
     }
     if (final) flush_events(se); /* the job's tokens go out before its deferred FINAL */
-    if (srv_store_write(se->store, STORE_USER, s->id, eng_seq_tokens(se->eng, s->seq), eng_seq_len(se->eng, s->seq),
+    if (srv_store_write(se->store, s->user, s->id, eng_seq_tokens(se->eng, s->seq), eng_seq_len(se->eng, s->seq),
                         n_full, first, buf, final) != 0)
         return -1;
     s->persisted = n_full;
@@ -584,6 +588,44 @@ static void store_loaded(void *ctx, srv_loaded *res)
     pthread_mutex_unlock(&se->mu);
 }
 
+/* Answers the admin questions about resident sessions (under mu). */
+static void answer_ops(srv_engine *se)
+{
+    for (srv_sess_op *op = se->ops; op; op = op->next) {
+        session *s = se->dead ? NULL : session_find(se, op->user, op->id);
+        op->found = s != NULL;
+        if (s) {
+            op->busy = s->busy;
+            op->tokens = eng_seq_len(se->eng, s->seq);
+            op->persisted_blocks = s->persisted;
+            if (op->op == SRV_SESS_DROP && !s->busy) {
+                srv_log("info", "session_evicted", " session=%s user=%s reason=admin", s->id, s->user);
+                session_drop(se, s);
+            }
+        }
+        op->done = 1;
+    }
+    se->ops = NULL;
+    pthread_cond_broadcast(&se->ops_cv);
+}
+
+int srv_engine_session_op(srv_engine *se, srv_sess_op *op)
+{
+    pthread_mutex_lock(&se->mu);
+    op->done = 0;
+    if (se->ops_closed || se->stop) {
+        op->found = 0;
+        op->done = 1;
+    } else {
+        op->next = se->ops;
+        se->ops = op;
+        pthread_cond_signal(&se->cv);
+        while (!op->done) pthread_cond_wait(&se->ops_cv, &se->mu);
+    }
+    pthread_mutex_unlock(&se->mu);
+    return op->found;
+}
+
 /* Waiting jobs whose session lookup is still running. */
 static int n_loading(const srv_engine *se)
 {
@@ -621,12 +663,12 @@ static void admit(srv_engine *se)
     while (!se->dead && i < se->n_wait && se->n_run < max_seqs) {
         srv_job *job = se->wait[i];
         const srv_genreq *rq = job->req;
-        session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
+        session *s = rq->session_id[0] ? session_find(se, rq->user, rq->session_id) : NULL;
         if (s && s->busy) { i++; continue; } /* same session in flight: let others pass */
         if (!s && rq->session_id[0] && se->store && !rq->prompt_logprobs && job->store_state != STORE_READY) {
             /* not resident: ask the store first (the job waits meanwhile) */
             if (job->store_state == STORE_NONE) {
-                if (srv_store_lookup(se->store, job->id, STORE_USER, rq->session_id, rq->prompt,
+                if (srv_store_lookup(se->store, job->id, rq->user, rq->session_id, rq->prompt,
                                      rq->n_prompt) == 0)
                     job->store_state = STORE_LOADING;
                 else
@@ -659,7 +701,7 @@ static void admit(srv_engine *se)
         if (want < 0) want = 0;
         want += se->n_run;
         while (free_blocks(se) < want && evict_lru(se, s))
-            s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
+            s = rq->session_id[0] ? session_find(se, rq->user, rq->session_id) : NULL;
         if (free_blocks(se) < want && se->n_run > 0) break;
         eseq es = { .job = job, .seq = -1, .src = rq->prompt, .n_src = rq->n_prompt,
                     .max_gen = max_gen, .order = ++se->order, .last_step = se->step_no };
@@ -676,6 +718,7 @@ static void admit(srv_engine *se)
                 if (se->n_sess < se->cfg->max_sessions) {
                     session *ns = &se->sess[se->n_sess++];
                     snprintf(ns->id, sizeof ns->id, "%s", rq->session_id);
+                    snprintf(ns->user, sizeof ns->user, "%s", rq->user);
                     ns->seq = seq;
                     ns->busy = 1;
                     ns->last_used = ++se->clock;
@@ -1098,17 +1141,34 @@ fail:
     return -1;
 }
 
+static void close_ops(srv_engine *se)
+{
+    pthread_mutex_lock(&se->mu);
+    se->ops_closed = 1;
+    for (srv_sess_op *op = se->ops; op; op = op->next) {
+        op->found = 0;
+        op->done = 1;
+    }
+    se->ops = NULL;
+    pthread_cond_broadcast(&se->ops_cv);
+    pthread_mutex_unlock(&se->mu);
+}
+
 static void *engine_main(void *arg)
 {
     srv_engine *se = arg;
-    if (load(se) != 0) return NULL;
+    if (load(se) != 0) {
+        close_ops(se);
+        return NULL;
+    }
     for (;;) {
         pthread_mutex_lock(&se->mu);
         /* sleep while nothing can move: no new job, no store answer, nothing
          * running, and every waiting job waits for the store */
-        while (!se->stop && se->n_inbox == 0 && !se->loaded && se->n_run == 0 && se->n_pre == 0 &&
-               se->n_wait == n_loading(se))
+        while (!se->stop && se->n_inbox == 0 && !se->loaded && !se->ops && se->n_run == 0 &&
+               se->n_pre == 0 && se->n_wait == n_loading(se))
             pthread_cond_wait(&se->cv, &se->mu);
+        if (se->ops) answer_ops(se);
         if (se->stop) {
             pthread_mutex_unlock(&se->mu);
             break;
@@ -1153,6 +1213,7 @@ static void *engine_main(void *arg)
         flush_events(se);
         if (!se->dead) publish_state(se);
     }
+    close_ops(se);
     return NULL;
 }
 
@@ -1167,6 +1228,7 @@ int srv_engine_start(const srv_config *cfg, srv_metrics *m, srv_post_fn post, vo
     se->post_arg = arg;
     pthread_mutex_init(&se->mu, NULL);
     pthread_cond_init(&se->cv, NULL);
+    pthread_cond_init(&se->ops_cv, NULL);
     if (pthread_create(&se->th, NULL, engine_main, se) != 0) {
         pthread_mutex_destroy(&se->mu);
         pthread_cond_destroy(&se->cv);
@@ -1176,6 +1238,11 @@ int srv_engine_start(const srv_config *cfg, srv_metrics *m, srv_post_fn post, vo
     se->started = 1;
     *out = se;
     return 0;
+}
+
+srv_store *srv_engine_store(srv_engine *se)
+{
+    return se->store;
 }
 
 const srv_engine_info *srv_engine_get_info(const srv_engine *se)
@@ -1255,5 +1322,6 @@ void srv_engine_stop(srv_engine *se)
     free(se->evs);
     pthread_mutex_destroy(&se->mu);
     pthread_cond_destroy(&se->cv);
+    pthread_cond_destroy(&se->ops_cv);
     free(se);
 }

@@ -43,6 +43,7 @@ typedef struct srv_config {
     /* auth and state */
     char *api_keys;         /* comma-separated bearer keys; empty = no auth */
     char *api_keys_file;    /* one key per line ('#' comments); merged with api_keys */
+    char *admin_users;      /* users (from USER:KEY keys) allowed on /admin; comma-separated */
     char *state_dir;        /* directory for persistent state (created if missing); empty = sessions
                                are kept only while resident */
     int session_warm_mb;    /* host-memory tier of the session store, MiB */

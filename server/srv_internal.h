@@ -90,6 +90,7 @@ enum srv_route {
 #define SRV_MAX_STOP_LEN 256
 #define SRV_MAX_TOP_LOGPROBS 20
 #define SRV_SESSION_ID_MAX 128
+#define SRV_USER_MAX 64
 
 /* A tokenizer as the server uses it (an adapter over the engine's
  * tokenizer; tests plug in a fake).  Every function must be callable from
@@ -152,6 +153,7 @@ typedef struct srv_genreq {
     size_t echo_len;
     int prompt_logprobs;       /* echo + logprobs: log-probabilities of the prompt tokens */
     char session_id[SRV_SESSION_ID_MAX + 1]; /* "" = none */
+    char user[SRV_USER_MAX + 1]; /* who sent it (auth.c); sessions are per user */
     int return_token_ids;      /* extension: choices[].token_ids */
     const srv_codec *codec;    /* borrowed from the model description */
     int32_t stop_ids[8];       /* end the completion (unless ignore_eos), besides the model eos */
@@ -366,6 +368,8 @@ int srv_store_write(srv_store *st, const char *user, const char *id, const int32
 int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id,
                      const int32_t *prompt, int n_prompt);
 void srv_store_get_stats(srv_store *st, srv_store_stats *out);
+/* The memstore under it, for the admin routes (thread-safe calls). */
+struct ms_store *srv_store_ms(srv_store *st);
 /* Finishes every queued task (writes are never dropped), then closes. */
 void srv_store_close(srv_store *st);
 
@@ -451,6 +455,23 @@ int srv_config_backend(const srv_config *cfg, int *backend);
  * copy them and return quickly. */
 typedef void (*srv_post_fn)(const srv_event *ev, int n, void *arg);
 
+/* A question about a resident session (hot tier), answered by the engine
+ * thread: INFO fills the fields, DROP also evicts it from the engine when it
+ * is idle (busy: left alone).  srv_engine_session_op blocks until answered
+ * (at once when the engine has stopped): call it from the thread pool,
+ * never from the loop.  Returns found. */
+enum { SRV_SESS_INFO, SRV_SESS_DROP };
+typedef struct srv_sess_op {
+    int op;
+    const char *user, *id;
+    int found, busy, tokens, persisted_blocks;
+    int done;
+    struct srv_sess_op *next;
+} srv_sess_op;
+int srv_engine_session_op(srv_engine *se, srv_sess_op *op);
+/* The session store, or NULL (no state directory); valid after READY. */
+srv_store *srv_engine_store(srv_engine *se);
+
 /* Starts the engine thread; it loads the model, then posts READY or
  * LOAD_FAILED.  cfg is borrowed until srv_engine_stop. */
 int srv_engine_start(const srv_config *cfg, srv_metrics *m, srv_post_fn post, void *arg,
@@ -501,9 +522,17 @@ int srv_auth_load(const srv_config *cfg, srv_auth **out);
 void srv_auth_free(srv_auth *a);
 /* Keys in force; 0 = authentication is off. */
 int srv_auth_count(const srv_auth *a);
-/* 1 when a request with this Authorization header (may be NULL) may pass;
- * a NULL table admits nobody. */
-int srv_auth_check(const srv_auth *a, const char *authorization);
+/* Who a request is. */
+typedef struct srv_identity {
+    char user[SRV_USER_MAX + 1];
+    int admin; /* may use /admin */
+} srv_identity;
+/* 1 when a request with this Authorization header (may be NULL) may pass,
+ * with *who filled; a NULL table admits nobody.  Without keys: user
+ * "local", admin when the peer is on loopback. */
+int srv_auth_check(const srv_auth *a, const char *authorization, int loopback, srv_identity *who);
+/* A valid user name: 1-SRV_USER_MAX of [A-Za-z0-9._-]. */
+int srv_user_name_ok(const char *s, size_t n);
 
 /* ---- the loop thread: daemon.c, http.c, job.c ------------------------------ */
 
@@ -547,6 +576,7 @@ typedef struct srv_conn {
     srv_sock *sock;          /* its connection (NULL if it could not be tracked) */
     int close;               /* answer with Connection: close */
     int status;              /* status of the queued response, 0 = none yet */
+    srv_identity who;        /* set once the key was checked */
     double t0;
     struct srv_conn *prev, *next;
 } srv_conn;

@@ -416,6 +416,11 @@ int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const cha
     return 0;
 }
 
+ms_store *srv_store_ms(srv_store *st)
+{
+    return st ? st->ms : NULL;
+}
+
 void srv_loaded_free(srv_loaded *r)
 {
     if (!r) return;
