@@ -819,6 +819,16 @@ int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, int *
     return MS_OK;
 }
 
+int ms_session_warm_blocks(ms_store *st, const ms_session *s)
+{
+    if (!st->warm) return 0;
+    int n = 0;
+    pthread_mutex_lock(&st->warm->mu);
+    for (int i = 0; i < s->n_blocks; i++) n += warm_find(st->warm, s->hashes + (size_t)i * MS_HASH_BYTES, NULL) != NULL;
+    pthread_mutex_unlock(&st->warm->mu);
+    return n;
+}
+
 int ms_evict(ms_store *st, const char *user, const char *id, int tiers, char *err, size_t errlen)
 {
     ms_session *s = NULL;

@@ -140,6 +140,9 @@ enum { MS_TIER_WARM = 1, MS_TIER_DISK = 2 };
 int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, int *tier, char *err,
                  size_t errlen);
 
+/* How many of a session's blocks the warm tier holds now. */
+int ms_session_warm_blocks(ms_store *st, const ms_session *s);
+
 /* Drops a session from the given tiers (MS_TIER_* bits): warm drops its
  * blocks from the cache (they stay on disk); disk deletes the record (its
  * blocks go at the next ms_gc, unless other sessions share them).

@@ -336,7 +336,7 @@ fail:
     return -1;
 }
 
-static int valid_session_id(const char *s, size_t n)
+int srv_session_id_ok(const char *s, size_t n)
 {
     if (n == 0 || n > SRV_SESSION_ID_MAX) return 0;
     for (size_t i = 0; i < n; i++) {
@@ -516,12 +516,12 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (got) r->return_token_ids = bv;
     v = json_object_get(root, "session_id");
     if (v && !json_is_null(v)) {
-        if (!json_is_string(v) || !valid_session_id(json_string_value(v), json_string_length(v)))
+        if (!json_is_string(v) || !srv_session_id_ok(json_string_value(v), json_string_length(v)))
             BAD("session_id", "'session_id' must be 1-%d characters of [A-Za-z0-9._:-]",
                 SRV_SESSION_ID_MAX);
         strcpy(r->session_id, json_string_value(v));
     } else if (session_hdr && *session_hdr) {
-        if (!valid_session_id(session_hdr, strlen(session_hdr)))
+        if (!srv_session_id_ok(session_hdr, strlen(session_hdr)))
             BAD("X-Session-Id", "the X-Session-Id header must be 1-%d characters of [A-Za-z0-9._:-]",
                 SRV_SESSION_ID_MAX);
         strcpy(r->session_id, session_hdr);

@@ -411,6 +411,9 @@ int srv_run(const srv_config *cfg)
 
     srv_log("info", "listening", " host=%s port=%d model=%s keys=%d", cfg->host, port,
             s->model_name, srv_auth_count(s->auth));
+    if (srv_auth_count(s->auth) == 0)
+        srv_log("info", "auth_off", " users=local admin=loopback msg=\"no API keys: every request is the "
+                "user 'local'; /admin answers loopback clients only\"");
     notify("STATUS=loading model");
     if (srv_engine_start(cfg, s->met, post_events, s, &s->eng) != 0) {
         srv_log("error", "engine_start_failed", "%s", "");

@@ -25,6 +25,7 @@
  */
 #include "config.h"
 
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -153,6 +154,7 @@ static int route_of(const char *url)
     if (strcmp(url, "/metrics") == 0) return SRV_ROUTE_METRICS;
     if (strcmp(url, "/tokenize") == 0) return SRV_ROUTE_TOKENIZE;
     if (strcmp(url, "/detokenize") == 0) return SRV_ROUTE_DETOKENIZE;
+    if (strncmp(url, "/admin/", 7) == 0) return SRV_ROUTE_ADMIN;
     return SRV_ROUTE_OTHER;
 }
 
@@ -245,6 +247,7 @@ static ssize_t sse_reader(void *cls, uint64_t pos, char *buf, size_t max);
 
 struct srv_parse_work {
     uv_work_t work;
+    srv_admin_req *admin; /* an admin request instead of a body to parse */
     srv_conn *c;          /* NULL once the connection is gone */
     srv_server *s;
     srv_buf body;         /* the request body, moved from the connection */
@@ -325,6 +328,10 @@ static enum MHD_Result handle_post(srv_conn *c)
 static void parse_work_run(uv_work_t *req)
 {
     srv_parse_work *w = req->data;
+    if (w->admin) {
+        w->rc = srv_admin_run(w->admin, &w->out, &w->err);
+        return;
+    }
     w->rc = parse_body(w->route, w->body.data, w->body.len, &w->md, w->has_sid ? w->sid : NULL,
                        &w->r, &w->out, &w->err);
 }
@@ -342,6 +349,7 @@ static void parse_work_done(uv_work_t *req, int status)
     if (!w->c) { /* the connection went away meanwhile */
         srv_genreq_free(w->r);
         free(w->out);
+        free(w->admin);
         free(w);
         return;
     }
@@ -360,8 +368,69 @@ static enum MHD_Result parse_continue(srv_conn *c)
     }
     c->parse = NULL;
     enum MHD_Result res = parsed(c, w->rc, w->r, w->out, &w->err);
+    free(w->admin);
     free(w);
     return res;
+}
+
+/* An /admin request: an admin key (or, without keys, a loopback client),
+ * then the work on the thread pool (admin.c); the answer comes back
+ * through parse_continue like a parsed body. */
+static enum MHD_Result handle_admin(srv_conn *c, const char *url, const char *method)
+{
+    srv_server *s = c->s;
+    if (!authorized(c))
+        return fail(c, 401, "invalid_request_error", "invalid_api_key",
+                    "missing or invalid API key (Authorization: Bearer ...)", 0, NULL);
+    if (!c->who.admin)
+        return fail(c, 403, "permission_error", "admin_required",
+                    srv_auth_count(s->auth) ? "the admin routes need a key of a user in admin_users"
+                                            : "without API keys the admin routes answer loopback clients only",
+                    0, NULL);
+    if (!s->ready) return fail(c, 503, "server_error", "model_loading", "the model is still loading", 5, NULL);
+    if (strlen(url) >= sizeof ((srv_admin_req *)0)->path)
+        return fail(c, 414, "invalid_request_error", "uri_too_long", "the admin path is too long", 0, NULL);
+    srv_parse_work *w = calloc(1, sizeof *w);
+    srv_admin_req *q = w ? calloc(1, sizeof *q) : NULL;
+    if (!q) {
+        free(w);
+        return fail(c, 503, "server_error", NULL, "out of memory", 0, NULL);
+    }
+    snprintf(q->method, sizeof q->method, "%s", method);
+    snprintf(q->path, sizeof q->path, "%s", url);
+    static const struct { const char *name; size_t off, len; } args[] = {
+        { "user", offsetof(srv_admin_req, user), sizeof q->user },
+        { "tier", offsetof(srv_admin_req, tier), sizeof q->tier },
+        { "after_user", offsetof(srv_admin_req, after_user), sizeof q->after_user },
+        { "after", offsetof(srv_admin_req, after), sizeof q->after },
+    };
+    for (size_t i = 0; i < sizeof args / sizeof *args; i++) {
+        const char *v = MHD_lookup_connection_value(c->mc, MHD_GET_ARGUMENT_KIND, args[i].name);
+        if (v && strlen(v) >= args[i].len) {
+            free(q);
+            free(w);
+            char msg[96];
+            snprintf(msg, sizeof msg, "the '%s' parameter is too long", args[i].name);
+            return fail(c, 400, "invalid_request_error", "invalid_parameter", msg, 0, NULL);
+        }
+        if (v) snprintf((char *)q + args[i].off, args[i].len, "%s", v);
+    }
+    const char *lim = MHD_lookup_connection_value(c->mc, MHD_GET_ARGUMENT_KIND, "limit");
+    q->limit = lim ? atoi(lim) : 0;
+    q->eng = s->eng;
+    w->admin = q;
+    w->c = c;
+    w->s = s;
+    w->work.data = w;
+    if (uv_queue_work(s->loop, &w->work, parse_work_run, parse_work_done) != 0) {
+        free(q);
+        free(w);
+        return fail(c, 500, "server_error", NULL, "cannot queue the request", 0, NULL);
+    }
+    c->parse = w;
+    s->n_parse++;
+    conn_suspend(c);
+    return MHD_YES;
 }
 
 static enum MHD_Result submit_job(srv_conn *c, srv_genreq *r);
@@ -559,7 +628,9 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         }
         /* Without a body, answer on the second call: a response queued on the
          * first call is "early" and MHD then closes the connection instead
-         * of keeping it alive. */
+         * of keeping it alive.  Admin routes take no body (one sent is
+         * read and ignored). */
+        if (c->route == SRV_ROUTE_ADMIN) c->is_post = 0;
         if (!c->is_post) return MHD_YES;
         /* With a body, refuse early what the body cannot change; MHD then
          * closes the connection without reading the body, which is right. */
@@ -584,6 +655,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
     }
     if (c->status) return MHD_YES; /* a response is already queued */
     if (*upload_data_size == 0 && c->sock) c->sock->receiving = 0; /* the whole request is here */
+    if (c->parse) return parse_continue(c); /* a body parsed or an admin request run on the pool */
     if (!c->is_post) {
         if (*upload_data_size) { /* a body on GET/HEAD/DELETE...: ignore it */
             *upload_data_size = 0;
@@ -591,6 +663,7 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         }
         if (c->route == SRV_ROUTE_OTHER)
             return fail(c, 404, "invalid_request_error", "not_found", "no such route", 0, NULL);
+        if (c->route == SRV_ROUTE_ADMIN) return handle_admin(c, url, method);
         if (is_post_route(c->route))
             return fail(c, 405, "invalid_request_error", "method_not_allowed", "use POST", 0, "POST");
         if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
@@ -601,7 +674,6 @@ static enum MHD_Result ahc(void *cls, struct MHD_Connection *mc, const char *url
         return handle_get(c, url);
     }
     if (c->job) return respond_job(c);
-    if (c->parse) return parse_continue(c);
     if (*upload_data_size) {
         if (!c->too_big) {
             if (c->body.len + *upload_data_size > (size_t)s->cfg->max_body_kb * 1024) {

@@ -79,7 +79,7 @@ const char *srv_route_name(int route)
 {
     static const char *const names[SRV_ROUTE_COUNT] = {
         "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-        "/detokenize", "other"
+        "/detokenize", "/admin", "other"
     };
     return route >= 0 && route < SRV_ROUTE_COUNT ? names[route] : "other";
 }

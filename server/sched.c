@@ -591,9 +591,14 @@ static void store_loaded(void *ctx, srv_loaded *res)
 /* Answers the admin questions about resident sessions (under mu). */
 static void answer_ops(srv_engine *se)
 {
+    eng_stats st = { 0 };
+    if (!se->dead) eng_get_stats(se->eng, &st);
     for (srv_sess_op *op = se->ops; op; op = op->next) {
-        session *s = se->dead ? NULL : session_find(se, op->user, op->id);
+        session *s = se->dead || !op->id ? NULL : session_find(se, op->user, op->id);
         op->found = s != NULL;
+        op->n_resident = se->n_sess;
+        op->blocks_used = st.blocks_used;
+        op->blocks_total = st.blocks_total;
         if (s) {
             op->busy = s->busy;
             op->tokens = eng_seq_len(se->eng, s->seq);

@@ -82,6 +82,7 @@ enum srv_route {
     SRV_ROUTE_METRICS,
     SRV_ROUTE_TOKENIZE,
     SRV_ROUTE_DETOKENIZE,
+    SRV_ROUTE_ADMIN,      /* /admin/... (admin.c) */
     SRV_ROUTE_OTHER,
     SRV_ROUTE_COUNT
 };
@@ -465,6 +466,7 @@ typedef struct srv_sess_op {
     int op;
     const char *user, *id;
     int found, busy, tokens, persisted_blocks;
+    int n_resident, blocks_used, blocks_total; /* the hot tier's totals (always filled) */
     int done;
     struct srv_sess_op *next;
 } srv_sess_op;
@@ -508,6 +510,25 @@ void srv_metrics_cancelled(srv_metrics *m, int reason);
  * ran out (out is incomplete). */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);
 const char *srv_route_name(int route);
+
+/* ---- admin.c: the /admin routes (on the thread pool) ------------------------ */
+
+/* A valid session id: 1-SRV_SESSION_ID_MAX of [A-Za-z0-9._:-] (api.c). */
+int srv_session_id_ok(const char *s, size_t n);
+
+typedef struct srv_admin_req {
+    char method[8];
+    char path[512];                          /* /admin/... */
+    char user[SRV_USER_MAX + 1];             /* ?user= (a session's owner; list filter) */
+    char tier[8];                            /* ?tier= hbm|host|disk|all */
+    char after_user[SRV_USER_MAX + 1], after[SRV_SESSION_ID_MAX + 1]; /* ?after_user=, ?after= */
+    int limit;                               /* ?limit= */
+    srv_engine *eng;
+} srv_admin_req;
+/* Runs one admin request: 0 and a JSON body in *out (caller frees), or -1
+ * and the error in *e.  Blocks (RocksDB, the engine thread's answers): run
+ * it on the thread pool. */
+int srv_admin_run(const srv_admin_req *q, char **out, srv_error *e);
 
 /* ---- the loop thread: auth.c -------------------------------------------- */
 

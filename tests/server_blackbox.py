@@ -1212,6 +1212,68 @@ def test_auth():
         assert d.stop() == 0
 
 
+def test_users_isolated_and_admin_routes():
+    """Keys map to users; a session id is per user (one user never reaches
+    another's state, resident or stored, even with the same id); /admin
+    needs a key of a user in admin_users (or, without keys, loopback), and
+    inspects and evicts per user and tier."""
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root")
+    H = lambda k: {"Authorization": "Bearer " + k}  # noqa: E731
+    eb = dict(IDS, session_id="same-name")
+    pa, pb = list(range(10, 110)), list(range(300, 400))
+    try:
+        ca, cb = d.client(key="ka"), d.client(key="kb")
+        ra = completion(ca, seed=1, max_tokens=8, prompt=pa, extra_body=eb)
+        completion(cb, seed=2, max_tokens=8, prompt=pb, extra_body=eb)
+        pa2 = pa + ra.choices[0].model_extra["token_ids"] + [5]
+        # bob sends alice's history on the same session id: nothing of hers is reused
+        assert completion(cb, seed=3, max_tokens=4, prompt=pa2, extra_body=eb).usage.prompt_tokens_details.cached_tokens == 0
+        assert completion(ca, seed=3, max_tokens=4, prompt=pa2, extra_body=eb).usage.prompt_tokens_details.cached_tokens == 107
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_session_writes_total"] == 4, d=d)
+        # admin routes: no key 401, a user's key 403, an admin key 200
+        assert_error(*http("GET", d.base + "/admin/memory")[::2], 401)
+        assert_error(*http("GET", d.base + "/admin/memory", headers=H("ka"))[::2], 403)
+        st, _, body = http("GET", d.base + "/admin/memory", headers=H("kr"))
+        mem = json.loads(body)
+        assert st == 200 and mem["tiers"]["disk"]["sessions"] == 2 and mem["tiers"]["hbm"]["sessions"] == 2, mem
+        st, _, body = http("GET", d.base + "/admin/sessions?user=alice", headers=H("kr"))
+        lst = json.loads(body)["data"]
+        assert st == 200 and [(x["user"], x["id"]) for x in lst] == [("alice", "same-name")], lst
+        st, _, body = http("GET", d.base + "/admin/sessions?limit=1", headers=H("kr"))
+        page = json.loads(body)
+        assert page["has_more"] and page["next_after_user"] == "alice", page
+        st, _, body = http("GET", d.base + "/admin/sessions?limit=1&after_user=alice&after=same-name", headers=H("kr"))
+        assert [x["user"] for x in json.loads(body)["data"]] == ["bob"], body
+        st, _, body = http("GET", d.base + "/admin/sessions/same-name?user=bob", headers=H("kr"))
+        det = json.loads(body)
+        assert st == 200 and det["tiers"]["hbm"]["busy"] is False and det["tiers"]["disk"]["blocks"] >= 3, det
+        assert_error(*http("GET", d.base + "/admin/sessions/nope?user=bob", headers=H("kr"))[::2], 404)
+        # evict bob's session everywhere; alice's with the same id stays
+        st, _, body = http("DELETE", d.base + "/admin/sessions/same-name?user=bob", headers=H("kr"))
+        assert st == 200 and json.loads(body)["evicted"] == ["hbm", "host", "disk"], body
+        assert_error(*http("GET", d.base + "/admin/sessions/same-name?user=bob", headers=H("kr"))[::2], 404)
+        assert http("GET", d.base + "/admin/sessions/same-name?user=alice", headers=H("kr"))[0] == 200
+        assert_error(*http("DELETE", d.base + "/admin/sessions/same-name?user=alice&tier=gpu",
+                           headers=H("kr"))[::2], 400)
+        st, _, body = http("DELETE", d.base + "/admin/sessions/same-name?user=alice&tier=hbm", headers=H("kr"))
+        assert st == 200 and json.loads(body)["evicted"] == ["hbm"], body
+        st, _, body = http("POST", d.base + "/admin/compact", headers=H("kr"))
+        assert st == 200 and json.loads(body)["blocks_deleted"] == 0, body  # bob's went with him
+        disk = json.loads(http("GET", d.base + "/admin/memory", headers=H("kr"))[2])["tiers"]["disk"]
+        assert disk["sessions"] == 1 and disk["blocks"] == 3, (disk, mem)  # alice's 3 full blocks
+        st, _, body = http("GET", d.base + "/admin/users/alice/longterm", headers=H("kr"))
+        assert st == 200 and json.loads(body)["chunks"] == 0
+        # alice resumes from the store (no longer resident); bob's is gone
+        r = completion(ca, seed=3, max_tokens=4, prompt=pa2 + [6], extra_body=eb)
+        assert r.usage.prompt_tokens_details.cached_tokens >= 96, r.usage
+        assert completion(cb, seed=3, max_tokens=4, prompt=pb + [6], extra_body=eb).usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        assert d.stop() == 0
+    # without keys every request is the local user and /admin answers loopback
+    st, _, body = http("GET", D.base + "/admin/memory")
+    assert st == 200 and "tiers" in json.loads(body), body
+
+
 def test_sighup_reloads_keys():
     with tempfile.NamedTemporaryFile("w", suffix=".keys") as f:
         f.write("# keys\nold-key\n")
