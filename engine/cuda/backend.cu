@@ -394,6 +394,9 @@ static int check_model(const eng_engine *e, char *err, size_t errlen)
                          m->info.n_heads, m->info.n_kv_heads);
     if (e->levels != 0 && e->levels != 2 && e->levels != 3)
         return eng__errf(err, errlen, ENG_EUNSUPPORTED, "cuda: %d router levels", e->levels);
+    if (e->prm.l3_capture)
+        return eng__errf(err, errlen, ENG_EUNSUPPORTED,
+                         "cuda: l3_capture (L3 memory chunks) is not implemented on CUDA yet");
     if (e->prm.l3_max_chunks > CU_MAX_L3_CHUNKS)
         return eng__errf(err, errlen, ENG_EUNSUPPORTED,
                          "cuda: l3_max_chunks %d > %d is not supported", e->prm.l3_max_chunks,
