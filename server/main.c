@@ -93,6 +93,10 @@ static const option_def options[] = {
     { "state", "session_sync", OPT_BOOL, O(session_sync), "true", 0, 1,
       "fsync every turn's write (true: an answered turn survives a power loss; false: the OS "
       "flushes it later, a crash of mkad alone still loses nothing)" },
+    { "state", "session_ttl", OPT_INT, O(session_ttl_s), "2592000", 0, 1 << 30,
+      "seconds after its last turn a stored session is deleted (default 30 days; 0 = never)" },
+    { "state", "session_disk_mb", OPT_INT, O(session_disk_mb), "0", 0, 1 << 30,
+      "cap on stored sessions in MiB: the least recently used go first (0 = no cap)" },
 };
 #pragma GCC diagnostic pop
 #define N_OPTIONS (sizeof options / sizeof *options)

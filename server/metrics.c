@@ -256,6 +256,10 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
                        st->loaded_blocks_warm, st->loaded_blocks_disk);
         gauge(o, "mkad_session_write_queue", "Session store tasks queued (write-behind and lookups).",
               st->queue_depth);
+        srv_buf_puts(o, "# HELP mkad_session_deleted_total Stored sessions deleted, by reason.\n"
+                        "# TYPE mkad_session_deleted_total counter\n");
+        srv_buf_printf(o, "mkad_session_deleted_total{reason=\"ttl\"} %ld\n"
+                          "mkad_session_deleted_total{reason=\"disk_budget\"} %ld\n", st->expired, st->evicted);
     }
     pthread_mutex_unlock(&m->mu);
     return 0;

@@ -919,7 +919,9 @@ static int open_store(srv_engine *se, char *err, size_t errlen)
                             .block_bytes = se->bf.block_bytes,
                             .warm_bytes = (size_t)se->cfg->session_warm_mb << 20,
                             .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
-                            .met = se->met, .post = se->post, .post_arg = se->post_arg };
+                            .met = se->met, .post = se->post, .post_arg = se->post_arg,
+                            .ttl_s = se->cfg->session_ttl_s,
+                            .disk_budget = (uint64_t)se->cfg->session_disk_mb << 20 };
     double t0 = srv_now();
     if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;
     srv_log("info", "session_store_opened", " dir=%s warm_mib=%d durability=%s open_s=%.3f", path,

@@ -45,6 +45,8 @@ typedef struct srv_config {
                                are kept only while resident */
     int session_warm_mb;    /* host-memory tier of the session store, MiB */
     int session_sync;       /* 1: a turn is durable (fsync'd) when its write completes */
+    int session_ttl_s;      /* stored sessions idle this long are deleted, 0 = never */
+    int session_disk_mb;    /* stored sessions beyond this many MiB: least recently used deleted, 0 = no cap */
     int log_requests;       /* one access line per request */
 } srv_config;
 

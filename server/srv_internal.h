@@ -284,12 +284,16 @@ typedef struct srv_store_params {
     struct srv_metrics *met; /* counters published after every task; may be NULL */
     void (*post)(const struct srv_event *ev, int n, void *arg); /* posts deferred FINAL events */
     void *post_arg;
+    int ttl_s;               /* delete sessions idle this long (0: never) */
+    uint64_t disk_budget;    /* stored session bytes beyond which the least recently used go (0: none) */
+    double maint_interval_s; /* how often expiry and the budget are applied (0: 60 s) */
 } srv_store_params;
 
 typedef struct srv_store_stats {
     int queue_depth;
     long writes, write_failures, blocks_written;
     long lookups, loaded_blocks_warm, loaded_blocks_disk;
+    long expired, evicted;   /* sessions deleted by the TTL / the disk budget */
 } srv_store_stats;
 
 int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen);

@@ -56,6 +56,10 @@ struct srv_store {
     srv_metrics *met;
     srv_post_fn post;
     void *post_arg;
+    int ttl_s;                /* 0: sessions never expire */
+    uint64_t disk_budget;     /* bytes, 0: no budget */
+    double maint_interval_s;
+    int gc_pending;           /* worker only: a deletion left blocks to collect */
     pthread_t th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -64,6 +68,7 @@ struct srv_store {
     int stop;          /* guarded by mu */
     /* counters (atomic) */
     long writes, write_failures, blocks_written, lookups, loaded_blocks_warm, loaded_blocks_disk;
+    long expired, evicted;
 };
 
 /* memstore reports "event=NAME k=v ...": logged as that event, a warning
@@ -180,13 +185,110 @@ static void publish(srv_store *st)
     srv_metrics_store(st->met, &ss);
 }
 
+/* ---- maintenance: expiry, the disk budget, garbage collection ------------ */
+
+typedef struct sess_ref {
+    char user[MS_MAX_NAME + 1], id[SRV_SESSION_ID_MAX + 1];
+    int64_t used_ms;
+    uint64_t bytes; /* its blocks (shared ones counted in each session) + record */
+} sess_ref;
+
+typedef struct sess_list {
+    sess_ref *v;
+    size_t n, cap;
+    size_t block_bytes;
+    int oom;
+} sess_list;
+
+static int collect(void *ctx, const ms_session *s)
+{
+    sess_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 256;
+        sess_ref *v = realloc(l->v, cap * sizeof *v);
+        if (!v) {
+            l->oom = 1;
+            return 1;
+        }
+        l->v = v;
+        l->cap = cap;
+    }
+    sess_ref *r = &l->v[l->n++];
+    snprintf(r->user, sizeof r->user, "%s", s->user);
+    snprintf(r->id, sizeof r->id, "%s", s->id);
+    r->used_ms = s->used_ms;
+    r->bytes = (uint64_t)s->n_blocks * l->block_bytes + (uint64_t)s->n_tokens * 4;
+    return 0;
+}
+
+static int by_use(const void *a, const void *b)
+{
+    const sess_ref *x = a, *y = b;
+    return (x->used_ms > y->used_ms) - (x->used_ms < y->used_ms);
+}
+
+/* Deletes sessions idle longer than the TTL, then the least recently used
+ * ones while the stored bytes exceed the disk budget, then every block no
+ * session refers to.  Runs on the worker between tasks. */
+static void maintain(srv_store *st)
+{
+    char err[512];
+    sess_list l = { .block_bytes = st->block_bytes };
+    if (ms_session_list(st->ms, NULL, NULL, NULL, collect, &l, err, sizeof err) != MS_OK || l.oom) {
+        srv_log("warn", "session_maintenance_failed", " error=\"%s\"", l.oom ? "out of memory" : err);
+        free(l.v);
+        return;
+    }
+    int64_t now = (int64_t)time(NULL) * 1000;
+    long expired = 0, evicted = 0;
+    uint64_t total = 0;
+    qsort(l.v, l.n, sizeof *l.v, by_use);
+    for (size_t i = 0; i < l.n; i++) total += l.v[i].bytes;
+    for (size_t i = 0; i < l.n; i++) {
+        sess_ref *r = &l.v[i];
+        int old = st->ttl_s > 0 && now - r->used_ms > (int64_t)st->ttl_s * 1000;
+        int over = st->disk_budget > 0 && total > st->disk_budget;
+        if (!old && !over) break; /* sorted by last use: the rest are newer */
+        if (ms_session_delete(st->ms, r->user, r->id, err, sizeof err) != MS_OK) continue;
+        total -= r->bytes;
+        if (old) expired++;
+        else evicted++;
+        srv_log("info", old ? "session_expired" : "session_evicted_disk", " session=%s idle_s=%lld", r->id,
+                (long long)((now - r->used_ms) / 1000));
+    }
+    free(l.v);
+    long gc = 0;
+    if (expired + evicted > 0 || st->gc_pending) {
+        if (ms_gc(st->ms, &gc, err, sizeof err) == MS_OK) st->gc_pending = 0;
+        else srv_log("warn", "session_gc_failed", " error=\"%s\"", err);
+    }
+    __atomic_add_fetch(&st->expired, expired, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->evicted, evicted, __ATOMIC_RELAXED);
+    if (expired + evicted + gc > 0)
+        srv_log("info", "session_maintenance", " expired=%ld evicted=%ld blocks_deleted=%ld stored_bytes=%llu",
+                expired, evicted, gc, (unsigned long long)total);
+}
+
 static void *worker(void *arg)
 {
     srv_store *st = arg;
+    double next_maint = srv_now() + 1.0; /* soon after start: expire what aged while down */
     for (;;) {
         pthread_mutex_lock(&st->mu);
-        while (!st->head && !st->stop) pthread_cond_wait(&st->cv, &st->mu);
+        while (!st->head && !st->stop && srv_now() < next_maint) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1; /* wake at least every second to check the maintenance clock */
+            pthread_cond_timedwait(&st->cv, &st->mu, &ts);
+        }
         task *t = st->head;
+        if (!t && !st->stop) {
+            pthread_mutex_unlock(&st->mu);
+            maintain(st);
+            next_maint = srv_now() + st->maint_interval_s;
+            publish(st);
+            continue;
+        }
         if (!t) { /* stop, and the queue is drained */
             pthread_mutex_unlock(&st->mu);
             return NULL;
@@ -262,6 +364,9 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
     st->met = p->met;
     st->post = p->post;
     st->post_arg = p->post_arg;
+    st->ttl_s = p->ttl_s;
+    st->disk_budget = p->disk_budget;
+    st->maint_interval_s = p->maint_interval_s > 0 ? p->maint_interval_s : 60.0;
     pthread_mutex_init(&st->mu, NULL);
     pthread_cond_init(&st->cv, NULL);
     if (pthread_create(&st->th, NULL, worker, st) != 0) {
@@ -272,6 +377,7 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
         snprintf(err, errlen, "cannot start the session store's thread");
         return -1;
     }
+    publish(st);
     *out = st;
     return 0;
 }
@@ -330,6 +436,8 @@ void srv_store_get_stats(srv_store *st, srv_store_stats *out)
     out->lookups = __atomic_load_n(&st->lookups, __ATOMIC_RELAXED);
     out->loaded_blocks_warm = __atomic_load_n(&st->loaded_blocks_warm, __ATOMIC_RELAXED);
     out->loaded_blocks_disk = __atomic_load_n(&st->loaded_blocks_disk, __ATOMIC_RELAXED);
+    out->expired = __atomic_load_n(&st->expired, __ATOMIC_RELAXED);
+    out->evicted = __atomic_load_n(&st->evicted, __ATOMIC_RELAXED);
 }
 
 void srv_store_close(srv_store *st)

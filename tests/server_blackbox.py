@@ -546,6 +546,38 @@ def test_sigkill_keeps_acknowledged_turns():
         assert d.stop() == 0
 
 
+def test_session_ttl_and_disk_budget():
+    """Stored sessions idle longer than session_ttl are deleted, and beyond
+    session_disk_mb the least recently used go first (applied at startup and
+    then periodically)."""
+    d = Daemon()
+    c = d.client()
+    for k in range(3):  # 3 sessions of ~12 blocks (~440 KiB each with mkad-tiny)
+        completion(c, seed=k, max_tokens=4, prompt=[k + 2] * 400, extra_body=dict(IDS, session_id=f"ttl-{k}"))
+        time.sleep(1.1)  # distinct last-use times (the store keeps milliseconds)
+    wait_metric(lambda m: m["mkad_session_writes_total"] == 3, d=d)
+    assert d.stop() == 0
+    d = Daemon("--session-disk-mb", "1", state=d.state)
+    try:
+        wait_metric(lambda m: m.get('mkad_session_deleted_total{reason="disk_budget"}') == 1, d=d)
+        c = d.client()
+        r0 = completion(c, seed=0, max_tokens=4, prompt=[2] * 400 + [7], extra_body=dict(IDS, session_id="ttl-0"))
+        r2 = completion(c, seed=0, max_tokens=4, prompt=[4] * 400 + [7], extra_body=dict(IDS, session_id="ttl-2"))
+        assert r0.usage.prompt_tokens_details.cached_tokens == 0  # the oldest went
+        assert r2.usage.prompt_tokens_details.cached_tokens == 384
+    finally:
+        assert d.stop() == 0
+    time.sleep(2.1)
+    d = Daemon("--session-ttl", "2", state=d.state)
+    try:
+        wait_metric(lambda m: m.get('mkad_session_deleted_total{reason="ttl"}') == 3, d=d)  # ttl-0 was written again above
+        r = completion(d.client(), seed=0, max_tokens=4, prompt=[4] * 400 + [7],
+                       extra_body=dict(IDS, session_id="ttl-2"))
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        assert d.stop() == 0
+
+
 def test_session_concurrent_requests_serialize():
     """Two requests of one session at once: both complete (the second waits)."""
     c = D.client()
