@@ -135,7 +135,7 @@ struct eng_engine {
     int *sel_row;           /* (max_seqs) */
     float *sel_logits;      /* (max_seqs, V) */
     unsigned char *seen_seq;/* (max_seqs) */
-    /* L3 memory chunks (l3_capture only; else NULL and 0). */
+    /* L3 memory chunks: l3_C always, the rest only with l3_capture (else NULL, 0). */
     int l3_C;               /* tokens per chunk: the model's l3_chunk_tokens */
     int max_step_chunks;    /* chunks one step can complete: min(T / C + max_seqs, T) */
     int *tok_chunk;         /* (T) plan.tok_chunk */
