@@ -326,6 +326,9 @@ typedef struct eng_sampler_params {
     float min_p;              /* 0 = off */
     float repetition_penalty; /* 1 = off; HF semantics over the history */
     uint64_t seed;            /* same seed, same logits => same tokens */
+    float presence_penalty;   /* 0 = off; [-2, 2]; OpenAI semantics over the tokens this
+                                 sampler has returned (see eng_sampler_sample) */
+    float frequency_penalty;  /* 0 = off; [-2, 2]; likewise */
 } eng_sampler_params;
 
 eng_sampler_params eng_sampler_default_params(void);
@@ -334,8 +337,18 @@ int eng_sampler_params_validate(const eng_sampler_params *p, char *err, size_t e
 /* Allocates the sampler's scratch (vocab-sized) once. */
 int eng_sampler_create(int vocab_size, const eng_sampler_params *p, eng_sampler **out);
 void eng_sampler_free(eng_sampler *s);
+/* OpenAI's logit_bias: bias[i] (in [-100, 100]) is added to the logit of
+ * ids[i] before every sample; -100 all but bans a token, 100 all but forces
+ * it.  Replaces any earlier bias (n = 0 clears it); the arrays are copied.
+ * ENG_EINVAL (nothing changed) for an id outside the vocabulary, a bias out
+ * of range, or a repeated id. */
+int eng_sampler_set_logit_bias(eng_sampler *s, const int32_t *ids, const float *bias, int n);
 /* Picks the next token from logits (vocab_size, modified in place).
- * history (n_history ids, may be NULL) feeds the repetition penalty. */
+ * history (n_history ids, may be NULL) feeds the repetition penalty.  In
+ * order: logit bias; repetition penalty; presence and frequency penalties
+ * (logit[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0),
+ * c[t] = how many times this sampler has returned t: the completion so far,
+ * as OpenAI counts); then temperature, top-k, top-p, min-p. */
 int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history, int n_history);
 
 /* ---- tokenizer ---------------------------------------------------------- */

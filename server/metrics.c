@@ -32,6 +32,7 @@ struct srv_metrics {
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
     unsigned long preemptions;
+    unsigned long read_timeouts;
     char backend[8], kv_dtype[8]; /* "" until the engine exists */
     size_t kv_bytes;
     int have_store;
@@ -77,7 +78,8 @@ void srv_metrics_free(srv_metrics *m)
 const char *srv_route_name(int route)
 {
     static const char *const names[SRV_ROUTE_COUNT] = {
-        "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "other"
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+        "/detokenize", "other"
     };
     return route >= 0 && route < SRV_ROUTE_COUNT ? names[route] : "other";
 }
@@ -129,6 +131,13 @@ void srv_metrics_preempted(srv_metrics *m)
 {
     pthread_mutex_lock(&m->mu);
     m->preemptions++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_read_timeout(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->read_timeouts++;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -234,6 +243,9 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
                           "# TYPE mkad_backend_info gauge\n"
                           "mkad_backend_info{backend=\"%s\",kv_dtype=\"%s\"} 1\n",
                        m->backend, m->kv_dtype);
+    counter(o, "mkad_http_read_timeouts_total",
+            "Connections closed because a request did not arrive whole within request_read_timeout.",
+            m->read_timeouts);
     counter(o, "mkad_preemptions_total",
             "Running sequences preempted (K/V pool full) and later resumed by recomputation.",
             m->preemptions);
@@ -262,5 +274,5 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
                           "mkad_session_deleted_total{reason=\"disk_budget\"} %ld\n", st->expired, st->evicted);
     }
     pthread_mutex_unlock(&m->mu);
-    return 0;
+    return o->failed ? -1 : 0;
 }

@@ -103,6 +103,7 @@ int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
         if (best < 0) break;
         int t = seqs[best].prefill_left;
         if (t > chunk) t = chunk;
+        if (seqs[best].chunk > 0 && t > seqs[best].chunk) t = seqs[best].chunk;
         if (t > left) t = left;
         out[n++] = (srv_plan_item){ best, t };
         left -= t;
@@ -142,13 +143,28 @@ typedef struct eseq {
     int32_t *replay;      /* owned: prompt + fed generated tokens of a preempted sequence */
     int resuming;         /* prefilling the replay: its last chunk needs no sampling */
     int n_gen;            /* tokens sampled */
+    int max_gen;          /* the request's max_tokens, or for max_tokens_auto what the pool holds */
     int32_t next_tok;     /* sampled, fed in the next step */
+    srv_logprob *plp;     /* (n_src) echo + logprobs: the prompt's log-probabilities, collected
+                             one prefill token per step (the engine returns the logits after
+                             an item's last token only); NULL once posted to the loop */
     int cached;
     eng_sampler *smp;     /* kept across a preemption: the RNG continues exactly */
     uint64_t order;       /* admission order (older = smaller) */
     int last_step;
     session *sess;
 } eseq;
+
+/* Frees what a sequence owns besides its engine slot. */
+static void eseq_release(eseq *es)
+{
+    eng_sampler_free(es->smp);
+    free(es->replay);
+    free(es->plp);
+    es->smp = NULL;
+    es->replay = NULL;
+    es->plp = NULL;
+}
 
 struct srv_engine {
     const srv_config *cfg;
@@ -290,16 +306,14 @@ static void fail_all_dead(srv_engine *se)
     for (int r = 0; r < se->n_run; r++) {
         eseq *es = &se->run[r];
         srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
-        eng_sampler_free(es->smp);
-        free(es->replay);
+        eseq_release(es);
         post_final_code(se, es->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
     }
     se->n_run = 0;
     for (int k = 0; k < se->n_pre; k++) {
         eseq *p = &se->pre[k];
         srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
-        eng_sampler_free(p->smp);
-        free(p->replay);
+        eseq_release(p);
         post_final_code(se, p->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
     }
     se->n_pre = 0;
@@ -399,8 +413,7 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     } else {
         eng_seq_free(se->eng, es->seq);
     }
-    eng_sampler_free(es->smp);
-    free(es->replay);
+    eseq_release(es);
     if (!posted) post_final(se, es->job, finish, status, msg, &u);
     se->run[r] = se->run[--se->n_run];
 }
@@ -489,8 +502,10 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     const srv_genreq *rq = es->job->req;
     es->seq = s->seq;
     int have = eng_seq_len(se->eng, s->seq);
-    int keep = srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
-                             se->info.block_size);
+    /* prompt logprobs need the logits of every prompt position: no reuse */
+    int keep = rq->prompt_logprobs ? 0
+               : srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
+                               se->info.block_size);
     if (keep != have) {
         int rc = eng_seq_truncate(se->eng, s->seq, keep);
         if (rc != ENG_OK && rc != ENG_EDEVICE) {
@@ -608,7 +623,7 @@ static void admit(srv_engine *se)
         const srv_genreq *rq = job->req;
         session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
         if (s && s->busy) { i++; continue; } /* same session in flight: let others pass */
-        if (!s && rq->session_id[0] && se->store && job->store_state != STORE_READY) {
+        if (!s && rq->session_id[0] && se->store && !rq->prompt_logprobs && job->store_state != STORE_READY) {
             /* not resident: ask the store first (the job waits meanwhile) */
             if (job->store_state == STORE_NONE) {
                 if (srv_store_lookup(se->store, job->id, STORE_USER, rq->session_id, rq->prompt,
@@ -619,11 +634,20 @@ static void admit(srv_engine *se)
             }
             if (job->store_state == STORE_LOADING) { i++; continue; }
         }
-        int need = blocks_for(se, rq->n_prompt + rq->max_tokens);
+        /* Without max_tokens a request runs until the context or the pool
+         * is full: it may grow to the whole pool (others are preempted). */
+        int max_gen = rq->max_tokens;
+        int pool_room = se->info.n_blocks * se->info.block_size - rq->n_prompt;
+        if (rq->max_tokens_auto && max_gen > pool_room) max_gen = pool_room;
+        int need = blocks_for(se, rq->n_prompt + (max_gen > 1 ? max_gen : 1));
         if (need > se->info.n_blocks) {
             char msg[160];
-            snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
-                     "lower max_tokens", need, se->info.n_blocks);
+            if (rq->max_tokens_auto)
+                snprintf(msg, sizeof msg, "the prompt needs more K/V memory than the pool holds "
+                         "(%d blocks of %d tokens)", se->info.n_blocks, se->info.block_size);
+            else
+                snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
+                         "lower max_tokens", need, se->info.n_blocks);
             fail_job(se, job, 400, msg);
             memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
             se->n_wait--;
@@ -638,7 +662,7 @@ static void admit(srv_engine *se)
             s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
         if (free_blocks(se) < want && se->n_run > 0) break;
         eseq es = { .job = job, .seq = -1, .src = rq->prompt, .n_src = rq->n_prompt,
-                    .order = ++se->order, .last_step = se->step_no };
+                    .max_gen = max_gen, .order = ++se->order, .last_step = se->step_no };
         if (s) {
             if (session_resolve(se, &es, s) != 1) { i++; continue; }
         } else {
@@ -662,7 +686,14 @@ static void admit(srv_engine *se)
         }
         srv_loaded_free(job->loaded);
         job->loaded = NULL;
-        if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK) {
+        if (rq->prompt_logprobs && (es.plp = calloc((size_t)rq->n_prompt, sizeof *es.plp))) {
+            es.plp[0].token = rq->prompt[0];
+            es.plp[0].n_top = -1; /* the first token has no distribution */
+        }
+        if ((rq->prompt_logprobs && !es.plp) ||
+            eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK ||
+            eng_sampler_set_logit_bias(es.smp, rq->bias_ids, rq->bias, rq->n_bias) != ENG_OK) {
+            eseq_release(&es);
             if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
             else eng_seq_free(se->eng, es.seq);
             fail_job(se, job, 500, "out of memory (sampler)");
@@ -704,6 +735,44 @@ static void fill_logprob(const float *raw, int V, int32_t tok, int n_top, srv_lo
     for (int k = 0; k < lp->n_top; k++) lp->top_logprobs[k] -= lse;
 }
 
+/* Hands the prompt's logprobs (echo) to the loop; -1 when memory runs out. */
+static int post_prompt_logprobs(srv_engine *se, eseq *es)
+{
+    srv_event *e = ev_new(se, SRV_EV_PROMPT_LOGPROBS, es->job);
+    if (!e) {
+        flush_events(se);
+        e = ev_new(se, SRV_EV_PROMPT_LOGPROBS, es->job);
+    }
+    if (!e) return -1;
+    e->lp = es->plp; /* the loop frees it */
+    e->n_lp = es->n_src;
+    es->plp = NULL;
+    return 0;
+}
+
+/* Posts a TOKEN event, with its logprobs (the top n_top alternatives) when
+ * n_top >= 0.  -1 when memory runs out: nothing was posted. */
+static int post_token(srv_engine *se, srv_job *job, int32_t tok, int n_top)
+{
+    srv_logprob *lp = NULL;
+    if (n_top >= 0) {
+        if (!(lp = malloc(sizeof *lp))) return -1;
+        fill_logprob(se->scratch, se->info.mi.vocab_size, tok, n_top, lp);
+    }
+    srv_event *e = ev_new(se, SRV_EV_TOKEN, job);
+    if (!e) { /* hand what is there to the loop, then retry once */
+        flush_events(se);
+        e = ev_new(se, SRV_EV_TOKEN, job);
+    }
+    if (!e) {
+        free(lp);
+        return -1;
+    }
+    e->token = tok;
+    e->lp = lp;
+    return 0;
+}
+
 static void publish_state(srv_engine *se)
 {
     eng_stats st;
@@ -729,7 +798,8 @@ static int plan_fitting(srv_engine *se)
     for (;;) {
         for (int r = 0; r < se->n_run; r++) {
             eseq *es = &se->run[r];
-            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step };
+            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step,
+                                           es->plp ? 1 : 0 };
         }
         int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
                               se->cfg->prefill_chunk, se->plan);
@@ -779,7 +849,8 @@ static void run_step(srv_engine *se)
             .seq = es->seq,
             .tokens = prefill ? es->src + es->n_past : &es->next_tok,
             .n_tokens = t,
-            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming)
+            /* logits to sample from, or (plp) for the next prompt token's logprob */
+            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming) || es->plp
                           ? se->logits + (size_t)k * V : NULL,
         };
         n_tok += t;
@@ -815,6 +886,7 @@ static void run_step(srv_engine *se)
         const srv_genreq *rq = es->job->req;
         es->last_step = se->step_no;
         int prefill = es->n_past < es->n_src;
+        int pos = es->n_past; /* the item's first token */
         if (prefill) es->n_past += se->plan[k].n_tokens;
         if (es->resuming && es->n_past == es->n_src) {
             /* the replay is back in the engine: decode next_tok as before */
@@ -825,24 +897,33 @@ static void run_step(srv_engine *se)
         }
         if (!se->items[k].logits) continue;
         float *lg = se->items[k].logits;
-        srv_logprob *lp = NULL;
+        int fin = SRV_FINISH_NONE;
+        if (es->plp) {
+            if (es->n_past < es->n_src) { /* one token in: the next one's logprob */
+                fill_logprob(lg, V, es->src[pos + 1], rq->top_logprobs, &es->plp[pos + 1]);
+                continue;
+            }
+            /* the whole prompt is in: its logprobs go out before the first token */
+            if (post_prompt_logprobs(se, es) != 0) fin = SRV_FINISH_ERROR;
+        }
+        if (!fin && es->max_gen == 0) fin = SRV_FINISH_LENGTH; /* echo only */
+        if (fin) {
+            done[n_done] = r;
+            done_fin[n_done++] = fin;
+            continue;
+        }
         if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
         int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
                                          eng_seq_len(se->eng, es->seq));
         es->n_gen++;
-        if (rq->logprobs && (lp = malloc(sizeof *lp)))
-            fill_logprob(se->scratch, V, tok, rq->top_logprobs, lp);
-        int fin = SRV_FINISH_NONE;
         int is_stop = tok == eos;
         for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
         if (is_stop && !rq->ignore_eos) {
             fin = SRV_FINISH_STOP;
-            free(lp);
+        } else if (post_token(se, es->job, tok, rq->logprobs ? rq->top_logprobs : -1) != 0) {
+            fin = SRV_FINISH_ERROR; /* the client must not get text with a token missing */
         } else {
-            srv_event *e = ev_new(se, SRV_EV_TOKEN, es->job);
-            if (e) { e->token = tok; e->lp = lp; }
-            else free(lp);
-            if (es->n_gen >= rq->max_tokens ||
+            if (es->n_gen >= es->max_gen ||
                 eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
                 fin = SRV_FINISH_LENGTH;
             es->next_tok = tok;
@@ -856,7 +937,12 @@ static void run_step(srv_engine *se)
                 int t = done[a]; done[a] = done[b]; done[b] = t;
                 t = done_fin[a]; done_fin[a] = done_fin[b]; done_fin[b] = t;
             }
-    for (int a = 0; a < n_done; a++) finish_seq(se, done[a], done_fin[a], 0, NULL);
+    for (int a = 0; a < n_done; a++)
+        if (done_fin[a] == SRV_FINISH_ERROR)
+            finish_seq(se, done[a], SRV_FINISH_ERROR, 500, "out of memory: a generated token could "
+                       "not be delivered");
+        else
+            finish_seq(se, done[a], done_fin[a], 0, NULL);
 }
 
 static void drop_cancelled(srv_engine *se)
@@ -885,8 +971,7 @@ static void drop_cancelled(srv_engine *se)
         srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
         post_final(se, p->job, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0,
                    NULL, &u);
-        eng_sampler_free(p->smp);
-        free(p->replay);
+        eseq_release(p);
         se->pre[k] = se->pre[--se->n_pre];
     }
 }
@@ -1148,12 +1233,10 @@ void srv_engine_stop(srv_engine *se)
         se->wait[i]->loaded = NULL;
     }
     for (int r = 0; r < se->n_run; r++) {
-        eng_sampler_free(se->run[r].smp);
-        free(se->run[r].replay);
+        eseq_release(&se->run[r]);
     }
     for (int k = 0; k < se->n_pre; k++) {
-        eng_sampler_free(se->pre[k].smp);
-        free(se->pre[k].replay);
+        eseq_release(&se->pre[k]);
     }
     free(se->pre);
     eng_free(se->eng);

@@ -6,7 +6,15 @@
  *              (pure functions: no I/O, no threads; unit-tested)
  *   sched.c    the step planner (pure; unit-tested) and the engine thread
  *   metrics.c  counters/histograms and the Prometheus text exposition
- *   http.c     libuv loop + libmicrohttpd (external epoll), routing, streaming
+ *   text.c     the tokenizer adapter (srv_codec over eng_tok)
+ *   auth.c     API keys: the table and the bearer-token check
+ *   daemon.c   srv_run: startup, engine events, signals, timers, drain, exit
+ *   http.c     libmicrohttpd under libuv: connections, routing, responses
+ *   job.c      a generation job on the loop: engine tokens -> text, stop
+ *              strings, SSE chunks or the JSON body
+ *
+ * Names: whatever more than one file uses carries the srv_ prefix and is
+ * declared here; names private to one file (static) carry none.
  *
  * Threads: the loop thread owns every srv_job field marked "loop"; the engine
  * thread reads the fields marked "immutable" (set before submission) and the
@@ -17,12 +25,15 @@
 #ifndef MKAD_SRV_INTERNAL_H
 #define MKAD_SRV_INTERNAL_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include <jansson.h>
+#include <microhttpd.h>
+#include <uv.h>
 
 #include "engine.h"
 #include "server.h"
@@ -34,9 +45,12 @@ typedef struct srv_metrics srv_metrics;
 typedef struct srv_buf {
     char *data;
     size_t len, cap;
+    int failed;           /* an append failed since the last reset: a builder of
+                             many pieces checks this once at the end */
 } srv_buf;
 
-/* All return 0, or -1 when memory runs out (the buffer is unchanged). */
+/* All return 0, or -1 when memory runs out (the buffer is unchanged but
+ * `failed` is set). */
 int srv_buf_append(srv_buf *b, const void *p, size_t n);
 int srv_buf_puts(srv_buf *b, const char *s);
 int srv_buf_printf(srv_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -51,6 +65,12 @@ void srv_log(const char *level, const char *event, const char *fmt, ...)
 /* Quotes s for a key=value log line into buf (truncating); returns buf. */
 const char *srv_log_quote(const char *s, char *buf, size_t len);
 double srv_now(void); /* monotonic seconds */
+/* Length of the valid UTF-8 character at s[0, n) (1-4), or 0 if invalid. */
+size_t srv_utf8_char_len(const char *s, size_t n);
+/* Copies at most n bytes of s (up to a NUL) into dst (cap bytes, always
+ * NUL-terminated), never cutting a UTF-8 character; a cut shows as "...".
+ * For quoting a client's string in a message. */
+void srv_utf8_clip(char *dst, size_t cap, const char *s, size_t n);
 
 /* ---- api.c: requests ------------------------------------------------------ */
 
@@ -60,6 +80,8 @@ enum srv_route {
     SRV_ROUTE_MODELS,
     SRV_ROUTE_HEALTH,
     SRV_ROUTE_METRICS,
+    SRV_ROUTE_TOKENIZE,
+    SRV_ROUTE_DETOKENIZE,
     SRV_ROUTE_OTHER,
     SRV_ROUTE_COUNT
 };
@@ -74,12 +96,19 @@ enum srv_route {
  * several threads at once.  Results are new arrays the caller frees. */
 typedef struct srv_codec {
     void *ctx;
-    /* text -> token ids; 0, or -1 with a message in err */
-    int (*encode)(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                  size_t errlen);
+    /* text -> token ids (special tokens written in the text are recognised;
+     * add_special: the post-processor runs, e.g. Llama-3's BOS); 0, or -1
+     * with a message in err */
+    int (*encode)(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                  char *err, size_t errlen);
     /* validated OpenAI messages -> ids of the chat template, ending with the
-     * assistant turn's prefix */
-    int (*chat)(void *ctx, json_t *messages, int32_t **ids, int *n, char *err, size_t errlen);
+     * assistant turn's prefix when add_generation_prompt */
+    int (*chat)(void *ctx, json_t *messages, int add_generation_prompt, int32_t **ids, int *n,
+                char *err, size_t errlen);
+    /* ids -> text (special tokens included, invalid UTF-8 as U+FFFD); *text
+     * is NUL-terminated, caller frees; 0 or -1 */
+    int (*decode)(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                  size_t errlen);
     /* the raw bytes of one token (possibly part of a UTF-8 character);
      * returns the count (<= cap), or -1 */
     int (*token_bytes)(void *ctx, int32_t tok, char *buf, size_t cap);
@@ -102,16 +131,26 @@ typedef struct srv_genreq {
     char *model;               /* as the client named it */
     int32_t *prompt;           /* token ids (n_prompt) */
     int n_prompt;
-    int max_tokens;            /* >= 1; -1: until the context is full */
+    int max_tokens;            /* >= 1 (0 with echo: the prompt only); the room left in the
+                                  context when max_tokens_auto */
+    int max_tokens_auto;       /* not given: until the context or the K/V pool is full */
     eng_sampler_params sp;
+    int32_t *bias_ids;         /* logit_bias: n_bias distinct ids and their biases */
+    float *bias;
+    int n_bias;
     int has_seed;              /* else the caller picks a random seed */
     int ignore_eos;            /* extension */
-    char *stop[SRV_MAX_STOP];  /* NUL-terminated, non-empty */
+    char *stop[SRV_MAX_STOP];  /* non-empty; may hold NULs (\u0000), hence stop_len */
+    size_t stop_len[SRV_MAX_STOP];
     int n_stop;
     int stream;
     int include_usage;         /* stream_options.include_usage */
     int logprobs;              /* 0: off; 1: on */
     int top_logprobs;          /* 0..20 alternatives per position */
+    int echo;                  /* completions: the prompt comes back before the completion */
+    char *echo_text;           /* echo: the prompt as text (echo_len bytes) */
+    size_t echo_len;
+    int prompt_logprobs;       /* echo + logprobs: log-probabilities of the prompt tokens */
     char session_id[SRV_SESSION_ID_MAX + 1]; /* "" = none */
     int return_token_ids;      /* extension: choices[].token_ids */
     const srv_codec *codec;    /* borrowed from the model description */
@@ -142,9 +181,12 @@ typedef struct srv_error {
     char message[512];
 } srv_error;
 
+/* The message is cut to its buffer on a character boundary; invalid bytes
+ * in it (from a client's string) become U+FFFD in the JSON. */
 void srv_error_set(srv_error *e, int status, const char *type, const char *param,
                    const char *code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
-/* {"error":{...}} as a new string; caller frees. */
+/* {"error":{...}} as a new string; caller frees.  NULL only when memory
+ * runs out. */
 char *srv_error_json(const srv_error *e);
 
 /* Parses and validates a request body, tokenizing a text prompt or chat
@@ -157,13 +199,22 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
                      const char *session_hdr, srv_genreq **out, srv_error *err);
 void srv_genreq_free(srv_genreq *r);
 
+/* POST /tokenize and /detokenize with vLLM's shapes: {"prompt": text,
+ * "add_special_tokens"} or {"messages", "add_generation_prompt"} ->
+ * {"count", "max_model_len", "tokens", "token_strs": null}; {"tokens"} ->
+ * {"prompt": text}.  The 200 body as a new string, or NULL with err
+ * filled.  Pure apart from the read-only codec, like srv_genreq_parse. */
+char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err);
+char *srv_detokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err);
+
 /* ---- api.c: responses ----------------------------------------------------- */
 
 typedef struct srv_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
 } srv_usage;
 
-/* One generated position's log-probabilities. */
+/* One position's log-probabilities: of a generated token, or with echo of
+ * a prompt token (the first prompt token has no distribution: n_top = -1). */
 typedef struct srv_logprob {
     int32_t token;
     float logprob;
@@ -184,19 +235,25 @@ size_t srv_token_piece(const srv_codec *c, int32_t tok, int first, char *buf);
  * still begin in the tail, less a tail that is a proper prefix of a stop
  * string.  When a stop string occurs, *stopped = 1 and the returned end is
  * where it starts (the stop string is not part of the output). */
-size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop, int n_stop,
-                     int *stopped);
+size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
+                     const size_t *stop_len, int n_stop, int *stopped);
 
-/* Full (non-streaming) response bodies; new strings, caller frees. */
+/* Full (non-streaming) response bodies; new strings, caller frees.  With
+ * echo the text starts with the prompt's, and plp (n_plp: one per prompt
+ * token, or 0 without logprobs) come before the generated lp. */
 char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *lp,
-                           int n_lp, const char *finish, const srv_usage *u);
+                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
+                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
+                           const srv_usage *u);
 
 /* SSE framing.  Each appends one complete event ("data: ...\n\n") to out;
- * 0 or -1 (out of memory). */
+ * 0, or -1 when memory runs out (out then holds no part of the event). */
 int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const char *text, size_t text_len, const int32_t *ids, int n_ids,
                   const srv_logprob *lp, int n_lp, const char *finish, int first);
+/* echo: the chunk with the prompt's text (and its logprobs), first in the stream. */
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                 const srv_logprob *plp, int n_plp);
 int srv_sse_usage(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const srv_usage *u);
 int srv_sse_error(srv_buf *out, const srv_error *e);
@@ -209,6 +266,7 @@ typedef struct srv_plan_seq {
     int prefill_left;   /* prompt tokens not yet in the engine; 0 = decoding */
     uint64_t order;     /* arrival order (smaller = older) */
     int last_step;      /* step index of the sequence's last turn (fairness) */
+    int chunk;          /* cap on this sequence's prefill chunk, 0 = the step's */
 } srv_plan_seq;
 
 typedef struct srv_plan_item {
@@ -218,8 +276,8 @@ typedef struct srv_plan_item {
 
 /* Plans one step: every decoding sequence gets one token (the oldest turns
  * first if there are more decoders than budget), then prefilling sequences
- * in arrival order get chunks of at most `chunk` tokens from what is left
- * of `budget`.  Returns the number of items written to out (capacity
+ * in arrival order get chunks of at most `chunk` tokens (or their own
+ * smaller cap) from what is left of `budget`.  Returns the number of items written to out (capacity
  * n_seqs).  Pure: no engine, no threads. */
 int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
                   srv_plan_item *out);
@@ -333,8 +391,11 @@ typedef struct srv_job {
     int n_ids, cap_ids;
     srv_logprob *lps;           /* per generated token when logprobs */
     int n_lps, cap_lps;
+    srv_logprob *plps;          /* echo + logprobs: per prompt token (n_plps) */
+    int n_plps;
     srv_buf sse;                /* SSE bytes not yet taken by MHD */
     size_t sse_off;
+    int sse_broken;             /* an event could not be appended: cut the stream */
     int first_chunk_sent;
     int finished;               /* the response is complete (text-wise) */
     int finish;                 /* enum srv_finish */
@@ -351,6 +412,7 @@ enum srv_event_type {
     SRV_EV_DEVICE_FAILED, /* an engine call returned ENG_EDEVICE (job NULL; msg says what):
                              every job gets a 503 FINAL, the daemon must exit non-zero */
     SRV_EV_START,      /* admitted: usage.cached_tokens known */
+    SRV_EV_PROMPT_LOGPROBS, /* echo + logprobs: the prompt's, before the first TOKEN */
     SRV_EV_TOKEN,
     SRV_EV_FINAL       /* engine is done with the job; last event for it */
 };
@@ -363,7 +425,9 @@ typedef struct srv_event {
     int status;            /* FINAL with SRV_FINISH_ERROR: HTTP status */
     const char *code;      /* FINAL with SRV_FINISH_ERROR: OpenAI error code (static) or NULL */
     srv_usage usage;       /* START / FINAL */
-    srv_logprob *lp;       /* TOKEN with logprobs; the loop frees it */
+    srv_logprob *lp;       /* TOKEN with logprobs (one), PROMPT_LOGPROBS (n_lp, one per prompt
+                              token); the loop frees it */
+    int n_lp;
     char msg[160];         /* FINAL error / LOAD_FAILED */
 } srv_event;
 
@@ -414,12 +478,138 @@ void srv_metrics_store(srv_metrics *m, const srv_store_stats *st);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
 void srv_metrics_preempted(srv_metrics *m);
+void srv_metrics_read_timeout(srv_metrics *m);
 /* Once the engine exists: its backend ("cpu"/"cuda"), K/V dtype and pool size
  * (the strings are copied). */
 void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtype, size_t kv_bytes);
 void srv_metrics_cancelled(srv_metrics *m, int reason);
-/* The Prometheus text exposition; appends to out. */
+/* The Prometheus text exposition; appends to out.  0, or -1 when memory
+ * ran out (out is incomplete). */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);
 const char *srv_route_name(int route);
+
+/* ---- the loop thread: auth.c -------------------------------------------- */
+
+typedef struct srv_auth srv_auth;
+
+/* Builds the key table from cfg->api_keys and cfg->api_keys_file.  0 and a
+ * new table in *out, or -1 (logged) when it cannot be built (a source
+ * unreadable or naming no key, memory exhausted); the caller then refuses
+ * to start or, on SIGHUP, keeps the old table.  With neither source set
+ * the table admits every request. */
+int srv_auth_load(const srv_config *cfg, srv_auth **out);
+void srv_auth_free(srv_auth *a);
+/* Keys in force; 0 = authentication is off. */
+int srv_auth_count(const srv_auth *a);
+/* 1 when a request with this Authorization header (may be NULL) may pass;
+ * a NULL table admits nobody. */
+int srv_auth_check(const srv_auth *a, const char *authorization);
+
+/* ---- the loop thread: daemon.c, http.c, job.c ------------------------------ */
+
+typedef struct srv_server srv_server;
+
+/* A connection that stopped watching its fd drops the pointer (c = NULL);
+ * the handle is freed when libuv has closed it. */
+typedef struct srv_watch {
+    uv_poll_t h;
+    struct srv_conn *c;
+} srv_watch;
+
+typedef struct srv_parse_work srv_parse_work; /* http.c */
+
+/* One TCP connection, from accept to close (MHD_OPTION_NOTIFY_CONNECTION),
+ * across its keep-alive requests; for the request_read_timeout deadline. */
+typedef struct srv_sock {
+    struct MHD_Connection *mc;
+    double t_wait;           /* the current request began to be awaited: the
+                                connection's start or the end of the previous response */
+    int receiving;           /* the current request has not fully arrived */
+    int in_request;          /* the access handler has seen the current request */
+    struct srv_sock *prev, *next;
+} srv_sock;
+
+/* One HTTP request, from the access handler's first call to MHD's
+ * completed callback (loop thread only). */
+typedef struct srv_conn {
+    struct MHD_Connection *mc;
+    srv_server *s;
+    int route;
+    int is_post;
+    char method[8];
+    char path[64];
+    srv_buf body;
+    int too_big;
+    int suspended;
+    srv_watch *w;            /* the disconnect watch while suspended */
+    srv_job *job;
+    srv_parse_work *parse;   /* body parsing in flight on the thread pool */
+    srv_sock *sock;          /* its connection (NULL if it could not be tracked) */
+    int close;               /* answer with Connection: close */
+    int status;              /* status of the queued response, 0 = none yet */
+    double t0;
+    struct srv_conn *prev, *next;
+} srv_conn;
+
+struct srv_server {
+    const srv_config *cfg;
+    uv_loop_t *loop;
+    struct MHD_Daemon *d;
+    uv_poll_t mhd_poll;
+    uv_timer_t mhd_timer, sweep, progress, watchdog;
+    uv_async_t async;
+    uv_signal_t sigterm, sigint, sigpipe, sighup;
+    int in_mhd;
+    srv_engine *eng;
+    srv_metrics *met;
+    int ready, draining, stopping, exit_code;
+    double drain_deadline, t_start;
+    srv_model_desc md;
+    char model_name[256];
+    char backend[8];         /* the engine's backend, once ready */
+    srv_auth *auth;
+    pthread_mutex_t out_mu;
+    srv_event *out, *out2;   /* engine -> loop events; out2 is the loop's swap buffer */
+    int n_out, cap_out, cap_out2;
+    srv_job *jobs;           /* in flight in the engine */
+    int n_inflight;
+    int n_parse;             /* parse/tokenize work items on the thread pool */
+    srv_conn *conns;         /* every live request context */
+    srv_sock *socks;         /* every open connection */
+    char mhd_last[256];      /* MHD's last log message, for collapsing repeats */
+    double mhd_last_t;
+    int mhd_repeats;
+    uint64_t rng, next_id;
+    long created_at;
+};
+
+/* http.c */
+/* Starts MHD on the listening socket lfd (taken over) under s->loop. */
+int srv_http_start(srv_server *s, int lfd, int v6);
+/* Runs MHD once and re-arms its timer; call after anything that may have
+ * given MHD work (a resume, a queued response). */
+void srv_http_run(srv_server *s);
+/* Every second (daemon.c's sweep): closes connections whose request has
+ * not fully arrived within request_read_timeout; flushes collapsed MHD log
+ * lines. */
+void srv_http_sweep(srv_server *s);
+/* Stops accepting: closes the listening socket. */
+void srv_http_quiesce(srv_server *s);
+/* Resumes every suspended connection, then stops MHD (its completed
+ * callback runs for each connection left). */
+void srv_http_stop(srv_server *s);
+void srv_conn_resume(srv_conn *c);
+
+/* job.c */
+/* A validated request becomes a job: linked in flight, handed to the
+ * engine (takes ownership of r).  NULL when memory runs out. */
+srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r);
+void srv_job_unref(srv_job *j);
+/* Sets the job's cancel reason unless it has one, and wakes the engine. */
+void srv_job_cancel(srv_server *s, srv_job *j, int reason);
+void srv_job_started(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_prompt_logprobs(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev);
 
 #endif /* MKAD_SRV_INTERNAL_H */

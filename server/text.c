@@ -3,11 +3,12 @@
  * eng_tok (tokenizer.json + chat template of the model directory).
  *
  *   /v1/completions text prompt  -> eng_tok_encode with special tokens
- *                                   recognised and the post-processor applied
+ *   (and /tokenize)                 recognised and the post-processor applied
  *                                   (what `tokenizer(text)` does in HF)
  *   /v1/chat/completions         -> eng_tok_chat_encode (special tokens come
- *                                   only from the template, never from
+ *   (and /tokenize)                 only from the template, never from
  *                                   message content)
+ *   /detokenize                  -> eng_tok_decode, special tokens included
  *   generated token -> text      -> the token's bytes; special tokens give no
  *                                   text (skip_special_tokens); UTF-8
  *                                   characters split across tokens are held
@@ -33,12 +34,13 @@ typedef struct text_ctx {
     char template_err[256];
 } text_ctx;
 
-static int t_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                    size_t errlen)
+static int t_encode(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                    char *err, size_t errlen)
 {
     text_ctx *t = ctx;
     size_t nn = 0;
-    int rc = eng_tok_encode(t->tok, text, len, ENG_TOK_ALLOW_SPECIAL | ENG_TOK_ADD_SPECIAL, ids, &nn,
+    int rc = eng_tok_encode(t->tok, text, len,
+                            ENG_TOK_ALLOW_SPECIAL | (add_special ? ENG_TOK_ADD_SPECIAL : 0), ids, &nn,
                             err, errlen);
     if (rc != ENG_OK) return -1;
     if (nn > (1u << 24)) {
@@ -51,7 +53,8 @@ static int t_encode(void *ctx, const char *text, size_t len, int32_t **ids, int 
     return 0;
 }
 
-static int t_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, size_t errlen)
+static int t_chat(void *ctx, json_t *msgs, int add_generation_prompt, int32_t **ids, int *n,
+                  char *err, size_t errlen)
 {
     text_ctx *t = ctx;
     if (!t->template_name) {
@@ -78,7 +81,10 @@ static int t_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, siz
             /* text parts are joined, as OpenAI does for a plain-text model */
             for (size_t k = 0; k < json_array_size(c); k++) {
                 json_t *tx = json_object_get(json_array_get(c, k), "text");
-                srv_buf_append(&joined[i], json_string_value(tx), json_string_length(tx));
+                if (srv_buf_append(&joined[i], json_string_value(tx), json_string_length(tx)) != 0) {
+                    snprintf(err, errlen, "out of memory");
+                    goto out;
+                }
             }
             m[i].content = joined[i].data ? joined[i].data : "";
             m[i].content_len = joined[i].len;
@@ -88,7 +94,8 @@ static int t_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, siz
         }
     }
     size_t nn = 0;
-    if (eng_tok_chat_encode(t->tok, m, nm, 1, NULL, ids, &nn, err, errlen) != ENG_OK) goto out;
+    if (eng_tok_chat_encode(t->tok, m, nm, add_generation_prompt, NULL, ids, &nn, err, errlen) != ENG_OK)
+        goto out;
     *n = (int)nn;
     rc = 0;
 out:
@@ -96,6 +103,13 @@ out:
     free(joined);
     free(m);
     return rc;
+}
+
+static int t_decode(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                    size_t errlen)
+{
+    text_ctx *t = ctx;
+    return eng_tok_decode(t->tok, ids, (size_t)n, 0, text, len, err, errlen) == ENG_OK ? 0 : -1;
 }
 
 static int t_bytes(void *ctx, int32_t tok, char *buf, size_t cap)
@@ -158,6 +172,7 @@ int srv_text_load(const char *model_dir, srv_codec **out, char *info, size_t inf
     c->ctx = t;
     c->encode = t_encode;
     c->chat = t_chat;
+    c->decode = t_decode;
     c->token_bytes = t_bytes;
     c->stop_ids = t_stop_ids;
     const eng_tok_info *ti = eng_tok_get_info(t->tok);

@@ -68,6 +68,7 @@ static void setup(void)
 static eng_engine *mk_engine_c(const eng_model *m, int threads, int max_seqs, int n_blocks, int capture)
 {
     eng_params p = eng_default_params();
+    p.backend = ENG_BACKEND_CPU; /* the reference, also on a machine with a GPU */
     p.l3_capture = capture;
     p.n_threads = threads;
     p.max_seqs = max_seqs;
@@ -407,6 +408,7 @@ START_TEST(kv_dtype_and_pool_bytes)
     eng_free(h);
 
     eng_params p = eng_default_params();
+    p.backend = ENG_BACKEND_CPU;
     p.n_threads = 1;
     p.max_seqs = 64;
     p.max_ctx = 256;
