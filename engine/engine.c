@@ -30,6 +30,7 @@ eng_params eng_default_params(void)
     p.max_ctx = 0;
     p.max_batch_tokens = 512;
     p.l3_max_chunks = 0;
+    p.l3_capture = 0;
     return p;
 }
 
@@ -116,6 +117,7 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
     if (p.kv_mem_mb < 0) p.kv_mem_mb = 0;
     if (p.l3_max_chunks <= 0) p.l3_max_chunks = mi->mka_levels == 3 ? mi->l3_top_r : 0;
     if (mi->mka_levels != 3) p.l3_max_chunks = 0;
+    p.l3_capture = p.l3_capture != 0;
     if (p.n_threads > 256 || p.block_size > 4096 || p.max_seqs > 65536 || p.max_ctx > (1 << 24) ||
         p.max_batch_tokens > (1 << 20))
         return eng__errf(err, errlen, ENG_EINVAL,
@@ -136,6 +138,13 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
     e->levels = mi->mka_levels;
     e->B = p.block_size;
     e->max_blocks_per_seq = (p.max_ctx + e->B - 1) / e->B;
+    e->l3_C = mi->l3_chunk_tokens > 0 ? mi->l3_chunk_tokens : 64;
+    /* An item of n tokens completes at most n / C + 1 chunks, and at most
+     * one per token. */
+    if (p.l3_capture) {
+        int most = p.max_batch_tokens / e->l3_C + p.max_seqs;
+        e->max_step_chunks = most < p.max_batch_tokens ? most : p.max_batch_tokens;
+    }
     e->prm = p;
 
     /* The backend first: it says how K/V are stored and how much memory the
@@ -184,6 +193,16 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
     e->seen_seq = xcalloc((size_t)p.max_seqs, sizeof(unsigned char), &fail);
     e->stage_kv = xcalloc(e->block_kv_bytes, 1, &fail);
     e->stage_ema = xcalloc((size_t)e->n_layers * e->D, sizeof(float), &fail);
+    if (p.l3_capture) {
+        size_t per = (size_t)(e->n_layers + 1) * e->D;
+        e->tok_chunk = xcalloc(T, sizeof(int), &fail);
+        e->chunk_vals = xcalloc((size_t)e->max_step_chunks * per, sizeof(float), &fail);
+        e->chunks = xcalloc((size_t)e->max_step_chunks, sizeof(eng_chunk), &fail);
+        for (int c = 0; !fail && c < e->max_step_chunks; c++) {
+            e->chunks[c].mu = e->chunk_vals + (size_t)c * per;
+            e->chunks[c].emb = e->chunks[c].mu + (size_t)e->n_layers * e->D;
+        }
+    }
     if (fail) {
         eng_free(e);
         return eng__errf(err, errlen, ENG_ENOMEM, "engine: cannot allocate sequence tables for %d slots",
@@ -215,6 +234,7 @@ void eng_free(eng_engine *e)
     free(e->block_ref);
     free(e->tok); free(e->tok_item); free(e->tok_pos); free(e->item_start); free(e->sel_row);
     free(e->sel_logits); free(e->seen_seq); free(e->stage_kv); free(e->stage_ema);
+    free(e->tok_chunk); free(e->chunk_vals); free(e->chunks);
     free(e);
 }
 
@@ -250,6 +270,7 @@ int eng_seq_create(eng_engine *e, int *seq)
         sq->n_tokens = 0;
         sq->n_blocks = 0;
         sq->l3_n = 0;
+        sq->chunk_from = 0;
         *seq = s;
         return ENG_OK;
     }
@@ -304,6 +325,7 @@ int eng_seq_truncate(eng_engine *e, int seq, int n)
     if (rc != ENG_OK) return rc;
     eng__blocks_release(e, sq, n / e->B);
     sq->n_tokens = n;
+    eng__chunks_restart(e, sq);
     return ENG_OK;
 }
 
@@ -337,6 +359,7 @@ int eng_seq_fork(eng_engine *e, int src, int dst, int n_tokens)
     if (s->l3_n > 0) memcpy(d->l3_mu, s->l3_mu, (size_t)s->l3_n * e->n_layers * e->D * sizeof(float));
     d->l3_n = s->l3_n;
     d->n_tokens = n_tokens;
+    eng__chunks_restart(e, d);
     return ENG_OK;
 fail: /* back to an empty dst with its own bank */
     eng__blocks_release(e, d, 0);
@@ -402,13 +425,39 @@ static int validate_step(eng_engine *e, const eng_batch_item *items, int n_items
     return ENG_OK;
 }
 
+/* Marks the rows of item `it` (sequence sq, first row t0) that complete an
+ * L3 memory chunk to be emitted: the chunk's last position is among them
+ * and its first is at or after sq->chunk_from.  Chunks are numbered on
+ * from n_chunks; returns the new count. */
+static int plan_chunks(eng_engine *e, const eng_seq *sq, const eng_batch_item *it, int t0, int n_chunks)
+{
+    const int C = e->l3_C;
+    for (int j = 0; j < it->n_tokens; j++) {
+        int pos = sq->n_tokens + j;
+        e->tok_chunk[t0 + j] = -1;
+        if ((pos + 1) % C != 0 || pos + 1 - C < sq->chunk_from) continue;
+        assert(n_chunks < e->max_step_chunks);
+        e->chunks[n_chunks].seq = it->seq;
+        e->chunks[n_chunks].index = pos / C;
+        e->tok_chunk[t0 + j] = n_chunks++;
+    }
+    return n_chunks;
+}
+
+int eng_step_chunks(const eng_engine *e, const eng_chunk **out)
+{
+    if (out) *out = e->n_chunks > 0 ? e->chunks : NULL;
+    return e->n_chunks;
+}
+
 int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err, size_t errlen)
 {
+    e->n_chunks = 0;
     int rc = validate_step(e, items, n_items, err, errlen);
     if (rc != ENG_OK) return rc;
 
     /* Pack the tokens and take the blocks the new positions need. */
-    int T = 0, n_sel = 0;
+    int T = 0, n_sel = 0, n_chunks = 0;
     for (int i = 0; i < n_items; i++) {
         const eng_batch_item *it = &items[i];
         eng_seq *sq = &e->seqs[it->seq];
@@ -424,9 +473,10 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
             e->tok_pos[T] = sq->n_tokens + j;
         }
         if (it->logits) e->sel_row[n_sel++] = T - 1;
+        if (e->tok_chunk) n_chunks = plan_chunks(e, sq, it, e->item_start[i], n_chunks);
     }
     eng_plan plan = { items, n_items, T, e->tok, e->tok_item, e->tok_pos, e->item_start,
-                      n_sel, e->sel_row, e->sel_logits };
+                      n_sel, e->sel_row, e->sel_logits, e->tok_chunk, n_chunks, e->chunk_vals };
     if ((rc = e->ops->step(e, &plan, err, errlen)) != ENG_OK) {
         /* Give back the blocks taken for positions that were not computed. */
         for (int i = 0; i < n_items; i++) {
@@ -437,6 +487,7 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
     }
 
     /* Commit the tokens to their sequences; hand out the logits. */
+    e->n_chunks = n_chunks;
     for (int i = 0, r = 0; i < n_items; i++) {
         eng_seq *sq = &e->seqs[items[i].seq];
         memcpy(sq->tokens + sq->n_tokens, items[i].tokens, (size_t)items[i].n_tokens * sizeof(int32_t));

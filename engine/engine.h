@@ -108,6 +108,8 @@ typedef struct eng_params {
     int max_ctx;          /* max tokens per sequence, 0 = model max_position (capped 8192) */
     int max_batch_tokens; /* max tokens in one step over all sequences (default 512) */
     int l3_max_chunks;    /* max L3 bank size per sequence, 0 = model l3_top_r */
+    int l3_capture;       /* 1: eng_step also computes L3 memory chunks (eng_step_chunks);
+                             0 (default): no chunk buffers, no extra work */
     /* Optional progress lines for long work in eng_create (e.g. uploading a
      * large model to the GPU); called on the creating thread. */
     void (*log)(void *log_ctx, const char *line);
@@ -187,8 +189,63 @@ typedef struct eng_batch_item {
 /* Runs one batched forward step: every item appends its tokens to its
  * sequence (a prefill chunk or one decode token).  Items must name distinct
  * sequences; the total token count must not exceed max_batch_tokens.  On
- * error no sequence is changed. */
+ * error no sequence is changed.  With l3_capture, eng_step_chunks then gives
+ * the memory chunks the step completed. */
 int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err, size_t errlen);
+
+/* ---- L3 memory chunks ---------------------------------------------------- */
+
+/* A memory chunk (FASTMKA.md, "L3 — long-term memory") summarises
+ * C = eng_model_info.l3_chunk_tokens consecutive positions of a sequence;
+ * chunk k covers positions [k*C, (k+1)*C).  With eng_params.l3_capture set,
+ * eng_step computes the chunks during the forward pass (no extra pass over
+ * the history):
+ *   mu   (n_layers, D)  per layer, the mean over the chunk of that layer's
+ *                       attention input x_t = RMSNorm(h_t), f32: the chunk's
+ *                       values as eng_seq_set_l3_bank takes them (keys are
+ *                       mu / |mu|, derived there)
+ *   emb  (D)            the mean of the chunk's token embeddings (the input
+ *                       of layer 0): the retrieval key e
+ * for any model (plain attention included; only mka_levels 3 reads a bank).
+ *
+ * A chunk is emitted by the step that computes its last position, and only
+ * when this engine computed all C of its positions with eng_step since the
+ * sequence last changed otherwise.  Positions restored by
+ * eng_seq_blocks_import, eng_seq_import or eng_seq_fork were not computed
+ * here, and eng_seq_truncate to a length that is not a multiple of C cuts
+ * the chunk it falls in: such chunks are never emitted, not even in part;
+ * after any of these calls the sequence's next chunk starts at the first
+ * multiple of C at or after its length.  So a resumed session gives the
+ * chunks from there on, and a chunk seen once is never emitted again unless
+ * its positions are truncated away and computed anew.
+ *
+ * A mean is an f32 sum of the C rows in position order, divided by C: on
+ * the CPU a chunk has the same bits whether its positions came in one
+ * prefill step, in several chunks or one decode step each, alone or in a
+ * ragged batch.  The CUDA backend agrees within bf16 tolerance
+ * (tests/test_cuda.c).
+ *
+ * Why per step rather than a per-sequence "take": a chunk is a product of
+ * the step that completes it, like the logits; one buffer sized at
+ * eng_create (at most max_batch_tokens / C + max_seqs chunks complete in
+ * one step) holds any step's chunks, nothing is kept per sequence between
+ * steps, and the caller, which handles every step's output anyway, reads
+ * them in one loop. */
+typedef struct eng_chunk {
+    int seq;          /* sequence slot */
+    int index;        /* k: the chunk covers positions [k*C, (k+1)*C) */
+    const float *mu;  /* (n_layers, D) per-layer means of x */
+    const float *emb; /* (D) mean token embedding */
+} eng_chunk;
+
+/* The chunks completed by the last eng_step, for every sequence in it: in
+ * the order of the step's items, and by position within an item.  Returns
+ * their count: 0 without l3_capture, before the first step and after a
+ * failed one.  *out (out may be NULL) receives an array owned by the
+ * engine; it and the vectors it points to are borrowed until the next
+ * eng_step or eng_free (eng_seq_free and the other sequence calls leave
+ * them alone). */
+int eng_step_chunks(const eng_engine *e, const eng_chunk **out);
 
 /* ---- sequence state by blocks ------------------------------------------- */
 

@@ -29,6 +29,9 @@ typedef struct eng_seq {
     int l3_n;         /* chunks in the L3 bank */
     float *l3_mu;     /* (l3_max_chunks, n_layers, D) host copy of the bank's values,
                          as given to eng_seq_set_l3_bank (for export) */
+    int chunk_from;   /* a multiple of C: the first position at which an L3 memory chunk
+                         may start and be emitted, since every position from there on was
+                         computed by eng_step (eng__chunks_restart) */
 } eng_seq;
 
 /* One planned step as the backend sees it: the tokens of every item packed
@@ -47,6 +50,12 @@ typedef struct eng_plan {
     int n_sel;                   /* rows whose logits are wanted */
     const int *sel_row;          /* (n_sel) those rows, in item order */
     float *logits;               /* (n_sel, V) host: receives their logits */
+    /* L3 memory chunks (engine.h), only with l3_capture; else tok_chunk is
+     * NULL and the backend does no chunk work. */
+    const int *tok_chunk;        /* (T) the chunk row t completes, 0..n_chunks-1, or -1 */
+    int n_chunks;                /* chunks the step completes and emits */
+    float *chunk_out;            /* (n_chunks, n_layers + 1, D) host: receives chunk c's mean x
+                                    per layer, then its mean embedding */
 } eng_plan;
 
 /* A backend.  Every op returns 0 or a negative ENG_E* status and fills
@@ -72,7 +81,15 @@ typedef struct eng_backend {
     void (*fini)(eng_engine *e); /* frees e->be and all it owns; NULL-safe */
     /* One forward step over the plan: updates the EMA state of every item's
      * sequence, writes K/V (and EMA checkpoints at block ends) into the
-     * sequences' blocks, and the logits of the selected rows. */
+     * sequences' blocks, and the logits of the selected rows.
+     * With p->tok_chunk (l3_capture) it also keeps, per slot, the running f32
+     * sums of the current memory chunk: the embedding rows and every layer's
+     * x rows, added in position order, restarted from zero at every position
+     * that is a multiple of e->l3_C; at a row with tok_chunk[t] = c it writes
+     * those sums / C to chunk c of p->chunk_out.  The core decides which
+     * chunks are emitted (eng_seq.chunk_from), so the backend needs no reset
+     * when a sequence is imported, forked or truncated: a sum that mixes in
+     * positions not computed here belongs to a chunk that is never emitted. */
     int (*step)(eng_engine *e, const eng_plan *p, char *err, size_t errlen);
     /* The running EMA state of a sequence: set to zeros (block < 0) or to
      * block's checkpoint. */
@@ -118,6 +135,13 @@ struct eng_engine {
     int *sel_row;           /* (max_seqs) */
     float *sel_logits;      /* (max_seqs, V) */
     unsigned char *seen_seq;/* (max_seqs) */
+    /* L3 memory chunks: l3_C always, the rest only with l3_capture (else NULL, 0). */
+    int l3_C;               /* tokens per chunk: the model's l3_chunk_tokens */
+    int max_step_chunks;    /* chunks one step can complete: min(T / C + max_seqs, T) */
+    int *tok_chunk;         /* (T) plan.tok_chunk */
+    float *chunk_vals;      /* (max_step_chunks, n_layers + 1, D) plan.chunk_out */
+    eng_chunk *chunks;      /* (max_step_chunks) what eng_step_chunks hands out */
+    int n_chunks;           /* chunks the last step completed */
     /* Export/import staging: one block. */
     unsigned char *stage_kv;/* (block_kv_bytes) */
     float *stage_ema;       /* (n_layers, D) */
@@ -131,6 +155,15 @@ int eng__block_push(eng_engine *e, eng_seq *sq);
 /* Drops sq's blocks past the first `keep`; each goes back to the free stack
  * when no other sequence holds it. */
 void eng__blocks_release(eng_engine *e, eng_seq *sq, int keep);
+
+/* The sequence's positions did not all come from eng_step (an import or a
+ * fork), or it was cut (truncate): its next memory chunk that may be
+ * emitted starts at the first multiple of C at or after its length. */
+static inline void eng__chunks_restart(const eng_engine *e, eng_seq *sq)
+{
+    int64_t C = e->l3_C, n = sq->n_tokens, from = (n + C - 1) / C * C;
+    sq->chunk_from = from < INT32_MAX ? (int)from : INT32_MAX;
+}
 
 /* bf16 <-> f32.  Narrowing rounds to nearest even (NaN stays NaN). */
 static inline uint16_t eng__f32_to_bf16(float f)

@@ -232,6 +232,7 @@ int eng_seq_blocks_import(eng_engine *e, int seq, const int32_t *tokens, int n_b
     }
     memcpy(sq->tokens + sq->n_tokens, tokens, (size_t)n_tokens * sizeof(int32_t));
     sq->n_tokens += n_tokens;
+    eng__chunks_restart(e, sq);
     return ENG_OK;
 }
 
@@ -341,6 +342,7 @@ int eng_seq_import(eng_engine *e, int seq, const void *buf, size_t len, char *er
     memcpy(e->stage_ema, ema_end, ema_bytes(e));
     if ((rc = e->ops->ema_set(e, seq, e->stage_ema, err, errlen)) != ENG_OK) goto fail;
     sq->n_tokens = n_tokens;
+    eng__chunks_restart(e, sq);
     return ENG_OK;
 fail:
     eng__blocks_release(e, sq, 0);

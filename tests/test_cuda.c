@@ -35,6 +35,15 @@
  *                 a block boundary and at the whole length (a partial block
  *                 copied), source and forks continuing; vs the CPU one-shot
  *                 (within TOL), and a fork takes at most one new block.
+ *   (g) chunks    both engines capture L3 memory chunks (l3_capture): every
+ *                 chunk the GPU emits in (a) one-shot prefill, (b) decode
+ *                 (chunks begun in the prefill, finished by decode steps),
+ *                 (c) chunked / one-token prefill and the ragged batch, and
+ *                 (d) truncate + replay is compared with the CPU's chunk of
+ *                 the same prompt and index (the CPU's are the same bits
+ *                 however they were stepped): per vector (each layer's mean
+ *                 x, the mean embedding) max|gpu - cpu| / max|cpu| within
+ *                 TOL; and the GPU emits exactly the chunks the CPU does.
  * One summary line per shape: its rel. errors and greedy equal n/m.
  * Then, per shape, the tensor-core attention against the simple kernel on
  * the same device (fast_vs_simple below): 5000-token contexts, ragged
@@ -166,7 +175,8 @@ static double rel_err(const float *got, const float *ref, int n)
         double a = fabs((double)ref[i]);
         if (a > scale) scale = a;
         double x = fabs((double)got[i] - (double)ref[i]);
-        if (!(x <= d)) d = x; /* a NaN makes the error NaN-large */
+        if (isnan(x)) return INFINITY; /* a NaN fails every check (and survives fmax) */
+        if (x > d) d = x;
     }
     return d / (scale > 0 ? scale : 1.0);
 }
@@ -195,10 +205,11 @@ static double top2_gap(const float *x, int n)
     return ((double)x[a] - (double)x[b]) / fmax(max_abs(x, n), 1e-30);
 }
 
-static eng_engine *mk(const eng_model *m, int backend, int max_seqs)
+static eng_engine *mk(const eng_model *m, int backend, int max_seqs, int capture)
 {
     eng_params p = eng_default_params();
     p.backend = backend;
+    p.l3_capture = capture;
     p.max_seqs = max_seqs;
     p.max_ctx = MAX_CTX;
     p.max_batch_tokens = 512;
@@ -292,6 +303,83 @@ static void expect(verdict *v, int ok, const char *fmt, ...)
     }
 }
 
+/* ---- L3 memory chunks ---------------------------------------------------------
+ * The CPU's chunks of one prompt, by index: ref (n_ref, n_layers + 1, D),
+ * each the per-layer means of x, then the mean embedding. */
+typedef struct chunk_ref {
+    float *v;
+    int n_ref, L, D;
+    int *have; /* (n_ref) 1 once chunk k was saved */
+} chunk_ref;
+
+/* Chunks a sequence emits while eng_step computes its positions [from, to)
+ * (every earlier position restored or cut): those wholly inside, starting
+ * at a multiple of C at or after from. */
+static int chunks_within(int from, int to, int C)
+{
+    int k0 = (from + C - 1) / C, k1 = to / C;
+    return k1 > k0 ? k1 - k0 : 0;
+}
+
+/* Saves the chunks of sequence seq from e's last step into r. */
+static void chunks_save(const eng_engine *e, int seq, chunk_ref *r)
+{
+    const eng_chunk *ch;
+    int n = eng_step_chunks(e, &ch);
+    const size_t per = (size_t)(r->L + 1) * r->D;
+    for (int i = 0; i < n; i++) {
+        if (ch[i].seq != seq) continue;
+        ck_assert_msg(ch[i].index >= 0 && ch[i].index < r->n_ref, "cpu chunk %d outside 0..%d", ch[i].index,
+                      r->n_ref - 1);
+        float *dst = r->v + (size_t)ch[i].index * per;
+        memcpy(dst, ch[i].mu, (size_t)r->L * r->D * sizeof(float));
+        memcpy(dst + (size_t)r->L * r->D, ch[i].emb, (size_t)r->D * sizeof(float));
+        r->have[ch[i].index] = 1;
+    }
+}
+
+/* What a check of GPU chunks found: chunks seen, the worst rel. error. */
+typedef struct chunk_tally {
+    int seen;
+    double err;
+    verdict *v;
+    const char *what;
+} chunk_tally;
+
+/* Compares the chunks of sequence seq from e's last step (the GPU) with the
+ * CPU's chunks r of the same indices: per vector max|gpu - cpu| / max|cpu|. */
+static void chunks_check(const eng_engine *e, int seq, const chunk_ref *r, chunk_tally *t)
+{
+    const eng_chunk *ch;
+    int n = eng_step_chunks(e, &ch);
+    for (int i = 0; i < n; i++) {
+        if (ch[i].seq != seq) continue;
+        t->seen++;
+        const int k = ch[i].index;
+        if (k < 0 || k >= r->n_ref || !r->have[k]) {
+            expect(t->v, 0, "(g) %s: cuda emitted chunk %d, the cpu did not", t->what, k);
+            continue;
+        }
+        const float *c = r->v + (size_t)k * (r->L + 1) * r->D;
+        for (int l = 0; l <= r->L; l++)
+            t->err = fmax(t->err, rel_err(l < r->L ? ch[i].mu + (size_t)l * r->D : ch[i].emb,
+                                          c + (size_t)l * r->D, r->D));
+    }
+}
+
+/* feed(), checking the GPU chunks of every step against r. */
+static void feed_chk(eng_engine *e, int seq, const int32_t *toks, int n, const int *chunks, int n_chunks,
+                     float *out, const chunk_ref *r, chunk_tally *t)
+{
+    for (int off = 0, c = 0; off < n; c++) {
+        int len = chunks[c % n_chunks];
+        if (len > n - off) len = n - off;
+        step1(e, seq, toks + off, len, off + len == n ? out : NULL);
+        chunks_check(e, seq, r, t);
+        off += len;
+    }
+}
+
 static eng_model *load_shape(const shape *sh, int idx)
 {
     char dir[4096], err[512];
@@ -361,8 +449,8 @@ START_TEST(cuda_vs_cpu)
         }
     }
 
-    eng_engine *cpu = mk(m, ENG_BACKEND_CPU, NPROMPT + 4);
-    eng_engine *gpu = mk(m, ENG_BACKEND_CUDA, NPROMPT + 4);
+    eng_engine *cpu = mk(m, ENG_BACKEND_CPU, NPROMPT + 4, 1);
+    eng_engine *gpu = mk(m, ENG_BACKEND_CUDA, NPROMPT + 4, 1);
     ck_assert_str_eq(eng_backend_name(cpu), "cpu");
     ck_assert_str_eq(eng_backend_name(gpu), "cuda");
     ck_assert_int_eq(eng_get_params(gpu)->backend, ENG_BACKEND_CUDA);
@@ -379,6 +467,22 @@ START_TEST(cuda_vs_cpu)
     float *tmp2 = malloc((size_t)V * sizeof(float));
     ck_assert(lc && lg && cpu_one && gpu_one && tmp && tmp2);
 
+    /* (g) The CPU's memory chunks of each prompt, saved as the CPU emits
+     * them (prefill, then decode), and the tallies of the GPU's. */
+    const int C = mi->l3_chunk_tokens;
+    chunk_ref cref[NPROMPT];
+    int cpu_chunks_want = 0, gpu_chunks_want = 0;
+    for (int p = 0; p < NPROMPT; p++) {
+        cref[p].L = L;
+        cref[p].D = D;
+        cref[p].n_ref = (PROMPT_LEN[p] + NDECODE) / C;
+        cref[p].v = calloc((size_t)(cref[p].n_ref + 1) * (L + 1) * D, sizeof(float));
+        cref[p].have = calloc((size_t)cref[p].n_ref + 1, sizeof(int));
+        ck_assert(cref[p].v && cref[p].have);
+        cpu_chunks_want += cref[p].n_ref;
+    }
+    chunk_tally tg1 = { 0, 0.0, &v, "prefill and decode" }, tg2 = { 0, 0.0, &v, "chunked, ragged, truncate" };
+
     /* (a) one-shot prefill. */
     int sc[NPROMPT], sg[NPROMPT];
     double err_a = 0;
@@ -387,6 +491,8 @@ START_TEST(cuda_vs_cpu)
         sg[p] = new_seq(gpu, bank_n, bank[p]);
         step1(cpu, sc[p], prompt[p], PROMPT_LEN[p], cpu_one + (size_t)p * V);
         step1(gpu, sg[p], prompt[p], PROMPT_LEN[p], gpu_one + (size_t)p * V);
+        chunks_save(cpu, sc[p], &cref[p]);
+        chunks_check(gpu, sg[p], &cref[p], &tg1);
         err_a = fmax(err_a, rel_err(gpu_one + (size_t)p * V, cpu_one + (size_t)p * V, V));
     }
     expect(&v, err_a <= tol, "(a) prefill rel err %.3e > %.0e", err_a, tol);
@@ -420,7 +526,18 @@ START_TEST(cuda_vs_cpu)
         }
         ck_assert_msg(eng_step(cpu, ic, NPROMPT, err, sizeof err) == ENG_OK, "cpu decode: %s", err);
         ck_assert_msg(eng_step(gpu, ig, NPROMPT, err, sizeof err) == ENG_OK, "cuda decode: %s", err);
+        for (int p = 0; p < NPROMPT; p++) {
+            chunks_save(cpu, sc[p], &cref[p]);
+            chunks_check(gpu, sg[p], &cref[p], &tg1);
+        }
     }
+    int cpu_chunks = 0;
+    for (int p = 0; p < NPROMPT; p++)
+        for (int k = 0; k < cref[p].n_ref; k++) cpu_chunks += cref[p].have[k];
+    expect(&v, cpu_chunks == cpu_chunks_want, "(g) the cpu emitted %d memory chunks in prefill and decode, "
+           "%d expected", cpu_chunks, cpu_chunks_want);
+    expect(&v, tg1.seen == cpu_chunks, "(g) cuda emitted %d memory chunks in prefill and decode, the cpu %d",
+           tg1.seen, cpu_chunks);
     /* The smallest top-2 gap along each prompt's greedy path (up to its
      * divergence): below the error a backend may make, a flip is expected. */
     int sorted_gap_n = 0;
@@ -451,7 +568,8 @@ START_TEST(cuda_vs_cpu)
         for (int k = 0; k < 3; k++) {
             int p = k % NPROMPT;
             int s = new_seq(gpu, bank_n, bank[p]);
-            feed(gpu, s, prompt[p], PROMPT_LEN[p], pats[k], 5, tmp);
+            feed_chk(gpu, s, prompt[p], PROMPT_LEN[p], pats[k], 5, tmp, &cref[p], &tg2);
+            gpu_chunks_want += chunks_within(0, PROMPT_LEN[p], C);
             ck_assert_int_eq(eng_seq_len(gpu, s), PROMPT_LEN[p]);
             err_c = fmax(err_c, rel_err(tmp, gpu_one + (size_t)p * V, V));
             eng_seq_free(gpu, s);
@@ -477,6 +595,8 @@ START_TEST(cuda_vs_cpu)
             { s3, prompt[3], 70, o + 3 * (size_t)V },
         };
         ck_assert_msg(eng_step(gpu, items, 4, err, sizeof err) == ENG_OK, "ragged step: %s", err);
+        chunks_check(gpu, s3, &cref[3], &tg2);
+        gpu_chunks_want += chunks_within(0, 70, C);
         alone(gpu, prompt[0], 41, bank_n, bank[0], tmp);
         err_r = fmax(err_r, rel_err(o, tmp, V));
         alone(gpu, prompt[1], 35, bank_n, bank[1], tmp);
@@ -510,15 +630,22 @@ START_TEST(cuda_vs_cpu)
         ck_assert_int_eq(eng_seq_truncate(gpu, s, 50), ENG_EINVAL); /* not a block boundary */
         ck_assert_int_eq(eng_seq_truncate(gpu, s, 64), ENG_OK);
         ck_assert_int_eq(eng_seq_len(gpu, s), 64);
-        feed(gpu, s, prompt[p] + 64, n - 64, rest, 2, tmp);
+        feed_chk(gpu, s, prompt[p] + 64, n - 64, rest, 2, tmp, &cref[p], &tg2);
+        gpu_chunks_want += chunks_within(64, n, C);
         err_d = rel_err(tmp, cpu_one + (size_t)p * V, V);
         /* once more: cut back to 32 and replay in one step */
         ck_assert_int_eq(eng_seq_truncate(gpu, s, 32), ENG_OK);
         step1(gpu, s, prompt[p] + 32, n - 32, tmp);
+        chunks_check(gpu, s, &cref[p], &tg2);
+        gpu_chunks_want += chunks_within(32, n, C);
         err_d = fmax(err_d, rel_err(tmp, cpu_one + (size_t)p * V, V));
         eng_seq_free(gpu, s);
     }
     expect(&v, err_d <= tol, "(d) truncate + replay (cuda) vs cpu rel err %.3e > %.0e", err_d, tol);
+    const double err_g = fmax(tg1.err, tg2.err);
+    expect(&v, err_g <= tol, "(g) memory chunks (cuda) vs cpu rel err %.3e > %.0e", err_g, tol);
+    expect(&v, tg2.seen == gpu_chunks_want, "(g) cuda emitted %d memory chunks in chunked, ragged and "
+           "truncated runs, %d expected", tg2.seen, gpu_chunks_want);
 
     /* (e) export on CUDA -> import on CPU -> continue, and CPU -> CUDA. */
     double err_e1, err_e2;
@@ -595,10 +722,10 @@ START_TEST(cuda_vs_cpu)
     ck_assert_int_eq(st.seqs_active, 0);
 
     printf("cuda %-31s prefill %.2e decode %.2e greedy equal %d/%d (median min top-2 gap %.1e) "
-           "chunked %.2e ragged %.2e truncate %.2e export cuda->cpu %.2e cpu->cuda %.2e blocks/fork %.2e  %s "
-           "(%.1fs)\n",
+           "chunked %.2e ragged %.2e truncate %.2e export cuda->cpu %.2e cpu->cuda %.2e blocks/fork %.2e "
+           "memory chunks %.2e (%d)  %s (%.1fs)\n",
            sh->name, err_a, err_b, equal, NPROMPT, median_gap, err_c, err_r, err_d, err_e1, err_e2, err_f,
-           v.len ? "FAIL" : "ok", now_s() - t0);
+           err_g, tg1.seen + tg2.seen, v.len ? "FAIL" : "ok", now_s() - t0);
     fflush(stdout);
 
     eng_free(cpu);
@@ -608,6 +735,10 @@ START_TEST(cuda_vs_cpu)
         free(bank[p]);
     }
     free(lc); free(lg); free(cpu_one); free(gpu_one); free(tmp); free(tmp2);
+    for (int p = 0; p < NPROMPT; p++) {
+        free(cref[p].v);
+        free(cref[p].have);
+    }
     free(text_ids);
     eng_model_free(m);
     ck_assert_msg(v.len == 0, "%s: %s", sh->name, v.msg);
@@ -782,14 +913,14 @@ START_TEST(auto_picks_cuda)
     ck_assert_int_eq(eng_backend_parse("auto", &b), ENG_OK);
     ck_assert_int_eq(b, ENG_BACKEND_AUTO);
     ck_assert_int_eq(eng_backend_parse("gpu", &b), ENG_EINVAL);
-    eng_engine *e = mk(m, ENG_BACKEND_AUTO, 2);
+    eng_engine *e = mk(m, ENG_BACKEND_AUTO, 2, 0);
     ck_assert_str_eq(eng_backend_name(e), "cuda");
     ck_assert_int_eq(eng_get_params(e)->backend, ENG_BACKEND_CUDA);
     eng_stats st;
     eng_get_stats(e, &st);
     ck_assert_str_eq(st.kv_dtype, "bf16");
     eng_free(e);
-    e = mk(m, ENG_BACKEND_CPU, 2);
+    e = mk(m, ENG_BACKEND_CPU, 2, 0);
     eng_get_stats(e, &st);
     ck_assert_str_eq(eng_backend_name(e), "cpu");
     ck_assert_str_eq(st.kv_dtype, "f32"); /* an f32 model on the CPU keeps f32 K/V */

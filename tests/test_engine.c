@@ -4,7 +4,13 @@
  * with bf16 K/V), a ragged batch == each sequence alone, export -> import ->
  * continue == an uninterrupted run (whole state and block by block),
  * truncation to a block boundary, forks that share blocks, thread-count
- * independence, and clean refusals (no K/V space, bad ids, corrupt state).
+ * independence, clean refusals (no K/V space, bad ids, corrupt state), and
+ * L3 memory chunks (eng_step_chunks): layer 0's mean x and the mean
+ * embedding against a double-precision recomputation from the weights,
+ * bit-identical chunks however the positions were stepped, none for
+ * positions restored by import/fork or cut by truncate, the count bound.
+ * The other layers' means are checked against the numpy reference by
+ * tests/parity_mka.sh.
  */
 #include <check.h>
 #include <math.h>
@@ -12,6 +18,7 @@
 #include <string.h>
 
 #include "engine.h"
+#include "internal.h" /* the model's weights, for the independent chunk check */
 #include "testutil.h"
 
 #define NPROMPT 100
@@ -20,7 +27,10 @@ static eng_model *g_mka3;   /* qwen2, L = 3 router, f32 */
 static eng_model *g_mka3h;  /* the same shape in bf16: K/V kept in bf16 */
 static eng_model *g_plain;  /* llama, no router */
 static eng_model *g_mka2;   /* llama, L = 2 router, GQA */
+static eng_model *g_c24;    /* llama, L = 3, bf16, L3 chunks of 24 tokens (64 elsewhere) */
 static int32_t g_prompt[NPROMPT];
+#define NLONG 250           /* 3 chunks of 64, 10 of 24 */
+static int32_t g_long[NLONG], g_long2[NLONG];
 static float *g_bank;       /* (R, n_layers, D) */
 static int g_bank_n = 5;
 
@@ -43,19 +53,23 @@ static void setup(void)
     g_plain = load("eng_plain", "--preset tiny --arch llama --levels 0 --dtype bf16 --seed 12");
     g_mka2 = load("eng_mka2", "--preset tiny --arch llama --heads 8 --kv-heads 2 --levels 2 --dtype f16 --seed 13");
     g_mka3h = load("eng_mka3h", "--preset tiny --arch qwen2 --levels 3 --dtype bf16 --seed 14");
-    if (!g_mka3 || !g_plain || !g_mka2 || !g_mka3h) abort();
+    g_c24 = load("eng_c24", "--preset tiny --arch llama --levels 3 --dtype bf16 --l3-chunk-tokens 24 --seed 15");
+    if (!g_mka3 || !g_plain || !g_mka2 || !g_mka3h || !g_c24) abort();
     const eng_model_info *mi = eng_model_get_info(g_mka3);
     srand(1234);
     for (int i = 0; i < NPROMPT; i++) g_prompt[i] = rand() % mi->vocab_size;
+    for (int i = 0; i < NLONG; i++) g_long[i] = rand() % mi->vocab_size;
+    for (int i = 0; i < NLONG; i++) g_long2[i] = rand() % mi->vocab_size;
     size_t n = (size_t)g_bank_n * mi->n_layers * mi->d_model;
     g_bank = malloc(n * sizeof(float));
     for (size_t i = 0; i < n; i++) g_bank[i] = (float)rand() / RAND_MAX * 2.0f - 1.0f;
 }
 
-static eng_engine *mk_engine(const eng_model *m, int threads, int max_seqs, int n_blocks)
+static eng_engine *mk_engine_c(const eng_model *m, int threads, int max_seqs, int n_blocks, int capture)
 {
     eng_params p = eng_default_params();
     p.backend = ENG_BACKEND_CPU; /* the reference, also on a machine with a GPU */
+    p.l3_capture = capture;
     p.n_threads = threads;
     p.max_seqs = max_seqs;
     p.max_ctx = 256;
@@ -65,6 +79,11 @@ static eng_engine *mk_engine(const eng_model *m, int threads, int max_seqs, int 
     char err[256];
     ck_assert_msg(eng_create(m, &p, &e, err, sizeof err) == ENG_OK, "%s", err);
     return e;
+}
+
+static eng_engine *mk_engine(const eng_model *m, int threads, int max_seqs, int n_blocks)
+{
+    return mk_engine_c(m, threads, max_seqs, n_blocks, 0);
 }
 
 /* Feeds tokens to seq in chunks of the given sizes (cycled); returns logits
@@ -671,6 +690,391 @@ START_TEST(fork_refusals)
 }
 END_TEST
 
+/* ---- L3 memory chunks ------------------------------------------------------- */
+
+#define MAX_LOG 32
+
+/* The chunks of every step of one engine, copied out as eng_step_chunks
+ * gave them (each valid only until the next step). */
+typedef struct chunk_log {
+    int n, nl, D;
+    int seq[MAX_LOG], index[MAX_LOG];
+    float *mu;  /* (MAX_LOG, nl, D) */
+    float *emb; /* (MAX_LOG, D) */
+} chunk_log;
+
+static void log_init(chunk_log *g, const eng_model *m)
+{
+    const eng_model_info *mi = eng_model_get_info(m);
+    g->n = 0;
+    g->nl = mi->n_layers;
+    g->D = mi->d_model;
+    g->mu = malloc((size_t)MAX_LOG * g->nl * g->D * sizeof(float));
+    g->emb = malloc((size_t)MAX_LOG * g->D * sizeof(float));
+    ck_assert(g->mu && g->emb);
+}
+
+static void log_free(chunk_log *g)
+{
+    free(g->mu);
+    free(g->emb);
+}
+
+static const float *log_mu(const chunk_log *g, int i) { return g->mu + (size_t)i * g->nl * g->D; }
+static const float *log_emb(const chunk_log *g, int i) { return g->emb + (size_t)i * g->D; }
+
+/* Appends the chunks of e's last step. */
+static void log_step(chunk_log *g, const eng_engine *e)
+{
+    const eng_chunk *ch = NULL;
+    int n = eng_step_chunks(e, &ch);
+    ck_assert_int_ge(n, 0);
+    ck_assert(n == 0 ? ch == NULL : ch != NULL);
+    for (int i = 0; i < n; i++, g->n++) {
+        ck_assert_int_lt(g->n, MAX_LOG);
+        g->seq[g->n] = ch[i].seq;
+        g->index[g->n] = ch[i].index;
+        memcpy(g->mu + (size_t)g->n * g->nl * g->D, ch[i].mu, (size_t)g->nl * g->D * sizeof(float));
+        memcpy(g->emb + (size_t)g->n * g->D, ch[i].emb, (size_t)g->D * sizeof(float));
+    }
+}
+
+/* feed() that logs the chunks of every step. */
+static void feed_log(eng_engine *e, int seq, const int32_t *toks, int n, const int *chunks, int n_chunks,
+                     chunk_log *g)
+{
+    char err[256];
+    for (int off = 0, c = 0; off < n; c++) {
+        int len = chunks[c % n_chunks];
+        if (len > n - off) len = n - off;
+        eng_batch_item it = { seq, toks + off, len, NULL };
+        ck_assert_msg(eng_step(e, &it, 1, err, sizeof err) == ENG_OK, "%s", err);
+        log_step(g, e);
+        off += len;
+    }
+}
+
+/* Chunk i of g is, bit for bit, chunk j of ref (same index, mu and emb). */
+static int chunk_same(const chunk_log *g, int i, const chunk_log *ref, int j)
+{
+    return g->index[i] == ref->index[j] &&
+           memcmp(log_mu(g, i), log_mu(ref, j), (size_t)g->nl * g->D * sizeof(float)) == 0 &&
+           memcmp(log_emb(g, i), log_emb(ref, j), (size_t)g->D * sizeof(float)) == 0;
+}
+
+/* g holds exactly the chunks first..last of sequence seq, in order, each
+ * bit-identical to ref's chunk of the same index (ref: chunks 0.. of one
+ * uninterrupted run). */
+static void expect_chunks(const chunk_log *g, int seq, int first, int last, const chunk_log *ref,
+                          const char *what)
+{
+    int k = first;
+    for (int i = 0; i < g->n; i++) {
+        if (g->seq[i] != seq) continue;
+        ck_assert_msg(k <= last, "%s: chunk %d emitted, expected %d..%d", what, g->index[i], first, last);
+        ck_assert_msg(g->index[i] == k, "%s: chunk %d emitted where %d was due", what, g->index[i], k);
+        ck_assert_int_lt(k, ref->n);
+        ck_assert_msg(chunk_same(g, i, ref, k), "%s: chunk %d differs from the uninterrupted run", what, k);
+        k++;
+    }
+    ck_assert_msg(k == last + 1, "%s: chunks %d..%d expected, got up to %d", what, first, last, k - 1);
+}
+
+/* Chunks 0.. of one one-shot prefill of toks[0..n) (the reference run). */
+static void chunks_one_shot(const eng_model *m, const int32_t *toks, int n, int with_bank, chunk_log *ref)
+{
+    eng_engine *e = mk_engine_c(m, 2, 1, 0, 1);
+    int seq, all[] = { n };
+    ck_assert_int_eq(eng_seq_create(e, &seq), ENG_OK);
+    if (with_bank) ck_assert_int_eq(eng_seq_set_l3_bank(e, seq, g_bank_n, g_bank), ENG_OK);
+    log_init(ref, m);
+    feed_log(e, seq, toks, n, all, 1, ref);
+    int C = eng_model_get_info(m)->l3_chunk_tokens;
+    ck_assert_int_eq(ref->n, n / C);
+    for (int i = 0; i < ref->n; i++) {
+        ck_assert_int_eq(ref->seq[i], seq);
+        ck_assert_int_eq(ref->index[i], i);
+    }
+    eng_free(e);
+}
+
+/* Layer 0's x_t = RMSNorm(embedding of token t) depends on the token alone,
+ * so a chunk's mu[0] and emb can be recomputed from the weights (in double,
+ * with an RMSNorm written here): means of the right rows, over the right
+ * positions, divided by C.  A mean of another tensor (h, the fused input,
+ * the MLP's norm), another span or another divisor misses by far more than
+ * f32 rounding (1e-5 relative). */
+START_TEST(chunk_values_layer0_and_embedding)
+{
+    const eng_model *m = _i ? g_c24 : g_mka3; /* bf16 / f32 embeddings; C = 24 / 64 */
+    const eng_model_info *mi = eng_model_get_info(m);
+    const int D = mi->d_model, C = mi->l3_chunk_tokens;
+    chunk_log ref;
+    chunks_one_shot(m, g_long, NLONG, 1, &ref);
+    ck_assert_int_ge(ref.n, 3);
+    float *row = malloc((size_t)D * sizeof(float));
+    double *want_x = malloc((size_t)D * sizeof(double)), *want_e = malloc((size_t)D * sizeof(double));
+    for (int k = 0; k < ref.n; k++) {
+        memset(want_x, 0, (size_t)D * sizeof(double));
+        memset(want_e, 0, (size_t)D * sizeof(double));
+        for (int t = k * C; t < (k + 1) * C; t++) {
+            eng__linear_row(&m->embed, g_long[t], row);
+            double ss = 0;
+            for (int i = 0; i < D; i++) ss += (double)row[i] * row[i];
+            double inv = 1.0 / sqrt(ss / D + m->rms_eps);
+            for (int i = 0; i < D; i++) {
+                want_e[i] += row[i] / (double)C;
+                want_x[i] += m->layers[0].attn_norm[i] * (row[i] * inv) / (double)C;
+            }
+        }
+        double dx = 0, de = 0, sx = 0, se = 0;
+        for (int i = 0; i < D; i++) {
+            dx = fmax(dx, fabs(log_mu(&ref, k)[i] - want_x[i]));
+            de = fmax(de, fabs(log_emb(&ref, k)[i] - want_e[i]));
+            sx = fmax(sx, fabs(want_x[i]));
+            se = fmax(se, fabs(want_e[i]));
+        }
+        ck_assert_msg(dx <= 1e-5 * sx, "chunk %d: mu[0] off by %g (max |x| %g)", k, dx, sx);
+        ck_assert_msg(de <= 1e-5 * se, "chunk %d: emb off by %g (max |e| %g)", k, de, se);
+        /* The deeper layers see context: their means are not layer 0's. */
+        for (int l = 1; l < mi->n_layers; l++)
+            ck_assert_msg(max_diff(log_mu(&ref, k) + (size_t)l * D, log_mu(&ref, k), D) > 1e-3,
+                          "chunk %d: layer %d's mean equals layer 0's", k, l);
+    }
+    free(row); free(want_x); free(want_e);
+    log_free(&ref);
+}
+END_TEST
+
+/* A chunk has the same bits whether its positions came in one step, in
+ * chunks of odd sizes, one token per step, or in ragged batches beside
+ * other sequences; the capture does not change a logit. */
+START_TEST(chunks_do_not_depend_on_stepping)
+{
+    const eng_model *models[] = { g_mka3, g_mka3h, g_c24, g_plain };
+    const eng_model *m = models[_i];
+    const int bank = eng_model_get_info(m)->mka_levels == 3;
+    const int V = eng_model_get_info(m)->vocab_size, C = eng_model_get_info(m)->l3_chunk_tokens;
+    chunk_log ref, ref2;
+    chunks_one_shot(m, g_long, NLONG, bank, &ref);
+    chunks_one_shot(m, g_long2, 200, 0, &ref2);
+    const int patterns[][4] = { { 7, 32, 61, 1 }, { 1, 1, 1, 1 }, { 31, 33, 5, 64 } };
+    for (int p = 0; p < 3; p++) {
+        eng_engine *e = mk_engine_c(m, 2, 1, 0, 1);
+        int seq;
+        ck_assert_int_eq(eng_seq_create(e, &seq), ENG_OK);
+        if (bank) ck_assert_int_eq(eng_seq_set_l3_bank(e, seq, g_bank_n, g_bank), ENG_OK);
+        chunk_log g;
+        log_init(&g, m);
+        feed_log(e, seq, g_long, NLONG, patterns[p], 4, &g);
+        expect_chunks(&g, seq, 0, NLONG / C - 1, &ref, p == 1 ? "one token per step" : "chunked prefill");
+        log_free(&g);
+        eng_free(e);
+    }
+
+    /* Ragged: s0 takes g_long 50 tokens a step, s1 g_long2 40 a step, s2
+     * decodes beside them; every step's chunks come in item order. */
+    eng_engine *e = mk_engine_c(m, 2, 3, 0, 1);
+    int s0, s1, s2;
+    ck_assert_int_eq(eng_seq_create(e, &s0), ENG_OK);
+    ck_assert_int_eq(eng_seq_create(e, &s1), ENG_OK);
+    ck_assert_int_eq(eng_seq_create(e, &s2), ENG_OK);
+    if (bank) ck_assert_int_eq(eng_seq_set_l3_bank(e, s0, g_bank_n, g_bank), ENG_OK);
+    chunk_log g;
+    log_init(&g, m);
+    float *o0 = malloc((size_t)V * 4);
+    char err[256];
+    for (int step = 0; step < 5; step++) {
+        eng_batch_item items[3] = {
+            { s1, g_long2 + 40 * step, 40, NULL },
+            { s0, g_long + 50 * step, 50, step == 4 ? o0 : NULL },
+            { s2, g_long2 + step, 1, NULL },
+        };
+        ck_assert_msg(eng_step(e, items, 3, err, sizeof err) == ENG_OK, "%s", err);
+        const eng_chunk *ch;
+        int n = eng_step_chunks(e, &ch);
+        for (int i = 1; i < n; i++) /* item order: s1's chunks, then s0's */
+            ck_assert(!(ch[i - 1].seq == s0 && ch[i].seq == s1));
+        log_step(&g, e);
+    }
+    expect_chunks(&g, s0, 0, NLONG / C - 1, &ref, "ragged batch, s0");
+    expect_chunks(&g, s1, 0, 200 / C - 1, &ref2, "ragged batch, s1");
+    float *r0 = run_alone(m, g_long, NLONG, bank);
+    assert_same(o0, r0, V, "logits with capture vs without");
+    free(o0); free(r0);
+    log_free(&g);
+    eng_free(e);
+    log_free(&ref);
+    log_free(&ref2);
+}
+END_TEST
+
+/* Only chunks whose every position this engine computed since the sequence
+ * last changed otherwise: C = 24, blocks of 32. */
+START_TEST(chunks_only_from_computed_positions)
+{
+    const eng_model *m = g_c24;
+    const int C = 24, last = NLONG / C - 1; /* chunks 0..9 */
+    int rest[] = { 5, 31 }, c70[] = { 70 };
+    char err[256];
+    chunk_log ref;
+    chunks_one_shot(m, g_long, NLONG, 1, &ref);
+    eng_engine *e = mk_engine_c(m, 2, 4, 0, 1);
+    chunk_log g;
+    log_init(&g, m);
+
+    /* a: 70 tokens (chunks 0, 1 done; 2 = [48, 72) under way). */
+    int a;
+    ck_assert_int_eq(eng_seq_create(e, &a), ENG_OK);
+    ck_assert_int_eq(eng_seq_set_l3_bank(e, a, g_bank_n, g_bank), ENG_OK);
+    feed_log(e, a, g_long, 70, c70, 1, &g);
+    expect_chunks(&g, a, 0, 1, &ref, "a, first 70");
+
+    /* Blocks import of positions [0, 64): chunk 2 has imported positions,
+     * the next starts at 72. */
+    size_t len;
+    unsigned char *buf = blocks_out(e, a, 0, 2, &len);
+    int b = seq_with_prompt(e, 0, 1);
+    g.n = 0;
+    ck_assert_msg(eng_seq_blocks_import(e, b, g_long, 2, buf, len, err, sizeof err) == ENG_OK, "%s", err);
+    feed_log(e, b, g_long + 64, NLONG - 64, rest, 2, &g);
+    expect_chunks(&g, b, 3, last, &ref, "after a blocks import of 64");
+    eng_seq_free(e, b);
+    free(buf);
+
+    /* Whole state at 70, into another engine. */
+    size_t n = eng_seq_export_size(e, a);
+    buf = malloc(n);
+    ck_assert_int_eq(eng_seq_export(e, a, buf, n), ENG_OK);
+    eng_engine *e2 = mk_engine_c(m, 1, 1, 0, 1);
+    int c;
+    ck_assert_int_eq(eng_seq_create(e2, &c), ENG_OK);
+    ck_assert_msg(eng_seq_import(e2, c, buf, n, err, sizeof err) == ENG_OK, "%s", err);
+    g.n = 0;
+    feed_log(e2, c, g_long + 70, NLONG - 70, rest, 2, &g);
+    expect_chunks(&g, c, 3, last, &ref, "after a whole import of 70");
+    eng_free(e2);
+    free(buf);
+
+    /* Forks at a block boundary (64) and at the whole length (70) start at
+     * 72; the source, whose positions were all computed, still completes
+     * chunk 2.  One ragged step takes all three to the end. */
+    int f64, f70;
+    ck_assert_int_eq(eng_seq_create(e, &f64), ENG_OK);
+    ck_assert_int_eq(eng_seq_create(e, &f70), ENG_OK);
+    ck_assert_int_eq(eng_seq_fork(e, a, f64, 64), ENG_OK);
+    ck_assert_int_eq(eng_seq_fork(e, a, f70, 70), ENG_OK);
+    eng_batch_item items[3] = {
+        { a, g_long + 70, NLONG - 70, NULL },
+        { f64, g_long + 64, 6, NULL },
+        { f70, g_long + 70, 50, NULL },
+    };
+    ck_assert_msg(eng_step(e, items, 3, err, sizeof err) == ENG_OK, "%s", err);
+    g.n = 0;
+    log_step(&g, e);
+    expect_chunks(&g, a, 2, last, &ref, "fork source");
+    expect_chunks(&g, f64, 0, -1, &ref, "fork at 64 after 6 tokens");
+    expect_chunks(&g, f70, 3, 4, &ref, "fork at 70");
+    eng_seq_free(e, f64);
+    eng_seq_free(e, f70);
+    eng_seq_free(e, a);
+
+    /* Truncate: another history from 64 on, cut back to 64 (chunk 2 is cut:
+     * its first 16 positions stay, their sum is gone), to 96 = 4 C (the
+     * next chunk starts right there), to 32 and to 0. */
+    int32_t other[NLONG];
+    memcpy(other, g_long, sizeof other);
+    for (int i = 64; i < NLONG; i++) other[i] = (other[i] + 7) % eng_model_get_info(m)->vocab_size;
+    int t, c90[] = { 90 };
+    ck_assert_int_eq(eng_seq_create(e, &t), ENG_OK);
+    ck_assert_int_eq(eng_seq_set_l3_bank(e, t, g_bank_n, g_bank), ENG_OK);
+    g.n = 0;
+    feed_log(e, t, other, 90, c90, 1, &g);
+    ck_assert_int_eq(g.n, 3);
+    ck_assert_msg(chunk_same(&g, 1, &ref, 1) && !chunk_same(&g, 2, &ref, 2),
+                  "chunk 2 of the other history should differ from the real one, chunk 1 not");
+    const int cuts[][2] = { { 64, 3 }, { 96, 4 }, { 32, 2 }, { 0, 0 } }; /* length, first chunk */
+    for (int k = 0; k < 4; k++) {
+        ck_assert_int_eq(eng_seq_truncate(e, t, cuts[k][0]), ENG_OK);
+        g.n = 0;
+        feed_log(e, t, g_long + cuts[k][0], NLONG - cuts[k][0], rest, 2, &g);
+        expect_chunks(&g, t, cuts[k][1], last, &ref, "truncate and replay");
+    }
+    /* Truncating to the current length changes nothing. */
+    ck_assert_int_eq(eng_seq_truncate(e, t, 32), ENG_OK);
+    int c20[] = { 20 }, c4[] = { 4 };
+    g.n = 0;
+    feed_log(e, t, g_long + 32, 20, c20, 1, &g);
+    ck_assert_int_eq(eng_seq_truncate(e, t, 52), ENG_OK);
+    feed_log(e, t, g_long + 52, 20, c4, 1, &g);
+    expect_chunks(&g, t, 2, 2, &ref, "truncate to the current length");
+    log_free(&g);
+    log_free(&ref);
+    eng_free(e);
+}
+END_TEST
+
+/* One step can complete max_batch_tokens / C + max_seqs chunks (the bound
+ * the buffer is sized by): four sequences at position 23 (C = 24), 256
+ * tokens between them, each completing n / C + 1. */
+START_TEST(chunk_count_bound)
+{
+    const eng_model *m = g_c24;
+    chunk_log ref, g;
+    chunks_one_shot(m, g_long, NLONG, 0, &ref);
+    eng_engine *e = mk_engine_c(m, 2, 4, 0, 1);
+    const int n[4] = { 49, 109, 49, 49 }, want[4] = { 3, 5, 3, 3 };
+    int s[4], c23[] = { 23 };
+    eng_batch_item items[4];
+    log_init(&g, m);
+    for (int i = 0; i < 4; i++) {
+        ck_assert_int_eq(eng_seq_create(e, &s[i]), ENG_OK);
+        feed_log(e, s[i], g_long, 23, c23, 1, &g);
+        items[i] = (eng_batch_item){ s[i], g_long + 23, n[i], NULL };
+    }
+    ck_assert_int_eq(g.n, 0);
+    char err[256];
+    ck_assert_msg(eng_step(e, items, 4, err, sizeof err) == ENG_OK, "%s", err);
+    log_step(&g, e);
+    ck_assert_int_eq(g.n, 256 / 24 + 4);
+    for (int i = 0, k = 0; i < 4; i++)
+        for (int j = 0; j < want[i]; j++, k++) {
+            ck_assert_int_eq(g.seq[k], s[i]);
+            ck_assert(chunk_same(&g, k, &ref, j));
+        }
+    /* A refused step leaves no chunks behind. */
+    int32_t bad = eng_model_get_info(m)->vocab_size;
+    eng_batch_item bi = { s[0], &bad, 1, NULL };
+    ck_assert_int_eq(eng_step(e, &bi, 1, err, sizeof err), ENG_EINVAL);
+    ck_assert_int_eq(eng_step_chunks(e, NULL), 0);
+    log_free(&g);
+    log_free(&ref);
+    eng_free(e);
+}
+END_TEST
+
+/* Without l3_capture (the default) nothing is emitted. */
+START_TEST(chunks_off_by_default)
+{
+    eng_params p = eng_default_params();
+    ck_assert_int_eq(p.l3_capture, 0);
+    eng_engine *e = mk_engine(g_c24, 1, 1, 0);
+    ck_assert_int_eq(eng_get_params(e)->l3_capture, 0);
+    const eng_chunk *ch = (const eng_chunk *)&p;
+    ck_assert_int_eq(eng_step_chunks(e, &ch), 0);
+    ck_assert_ptr_null(ch);
+    int seq, all[] = { 200 }, one[] = { 1 };
+    ck_assert_int_eq(eng_seq_create(e, &seq), ENG_OK);
+    chunk_log g;
+    log_init(&g, g_c24);
+    feed_log(e, seq, g_long, 200, all, 1, &g);
+    feed_log(e, seq, g_long + 200, 50, one, 1, &g);
+    ck_assert_int_eq(g.n, 0);
+    log_free(&g);
+    eng_free(e);
+}
+END_TEST
+
 int main(void)
 {
     setup();
@@ -694,6 +1098,11 @@ int main(void)
     tcase_add_test(tc, export_import_continue);
     tcase_add_test(tc, truncate_to_block_boundary);
     tcase_add_test(tc, refusals_change_nothing);
+    tcase_add_loop_test(tc, chunk_values_layer0_and_embedding, 0, 2);
+    tcase_add_loop_test(tc, chunks_do_not_depend_on_stepping, 0, 4);
+    tcase_add_test(tc, chunks_only_from_computed_positions);
+    tcase_add_test(tc, chunk_count_bound);
+    tcase_add_test(tc, chunks_off_by_default);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
@@ -703,6 +1112,7 @@ int main(void)
     eng_model_free(g_plain);
     eng_model_free(g_mka2);
     eng_model_free(g_mka3h);
+    eng_model_free(g_c24);
     free(g_bank);
     return failed ? 1 : 0;
 }

@@ -55,6 +55,7 @@ typedef struct opts {
     int dtype;
     int levels;
     double ema_beta;
+    long l3_chunk; /* mka.l3_chunk_tokens */
     uint64_t seed;
     int tied;
     long shards;
@@ -89,6 +90,7 @@ static void usage(FILE *f)
         "  --dtype T              f32 | f16 | bf16 (default bf16)\n"
         "  --levels L             0 (no router, plain attention) | 2 | 3 (default 3)\n"
         "  --ema-beta B           mka.ema_beta, in [0, 1) (default 0.9)\n"
+        "  --l3-chunk-tokens C    mka.l3_chunk_tokens, tokens per L3 memory chunk (default 64)\n"
         "  --seed S               value seed, unsigned 64-bit (default 1)\n"
         "  --tied 0|1             tie lm_head to the embeddings\n"
         "  --shards N             1 = model.safetensors; N > 1 = model-0000i-of-0000N\n"
@@ -175,6 +177,7 @@ static void parse_args(opts *o, int argc, char **argv)
     o->dtype = DT_BF16;
     o->levels = 3;
     o->ema_beta = 0.9;
+    o->l3_chunk = 64;
     o->seed = 1;
     o->shards = 1;
     o->rope_kind = ROPE_NONE;
@@ -261,6 +264,8 @@ static void parse_args(opts *o, int argc, char **argv)
             else usage_error("--levels: expected 0, 2 or 3, got '%s'", val);
         } else if (!strcmp(flag, "--ema-beta")) {
             o->ema_beta = parse_double(flag, val, 0.0, 1.0, 1);
+        } else if (!strcmp(flag, "--l3-chunk-tokens")) {
+            o->l3_chunk = parse_long(flag, val, 1, 1L << 20);
         } else if (!strcmp(flag, "--seed")) {
             char *end;
             errno = 0;
@@ -703,7 +708,7 @@ static json_t *build_config(const opts *o)
     if (o->levels > 0)
         json_object_set_new(c, "mka",
                             json_pack("{s:i,s:f,s:i,s:i}", "levels", o->levels, "ema_beta", o->ema_beta,
-                                      "l3_chunk_tokens", 64, "l3_top_r", 8));
+                                      "l3_chunk_tokens", (int)o->l3_chunk, "l3_top_r", 8));
     /* provenance; the seed as a string so that every 64-bit value survives */
     char seedbuf[32];
     snprintf(seedbuf, sizeof seedbuf, "%" PRIu64, o->seed);

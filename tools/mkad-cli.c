@@ -1,7 +1,8 @@
 /*
  * mkad-cli — run a model from the command line: prefill a prompt given as
  * token ids, generate, print the ids and the speed.  Also the parity tool:
- * --dump-logits writes the logits after the last prompt token.
+ * --dump-logits writes the logits after the last prompt token, --dump-chunks
+ * the L3 memory chunks the prompt's prefill completes.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -30,6 +31,9 @@ static void usage(FILE *f)
         "  --seed S                 sampling seed (default 0)\n"
         "  --ignore-eos             do not stop at the model's eos token\n"
         "  --dump-logits FILE       write the logits after the last prompt token (float32 LE)\n"
+        "  --dump-chunks FILE       write the L3 memory chunks the prompt's prefill completes:\n"
+        "                           float32 LE (n, n_layers + 1, hidden), per chunk each layer's\n"
+        "                           mean attention input, then the mean token embedding\n"
         "  --l3-bank FILE           L3 bank: float32 LE (R, n_layers, hidden) chunk values\n"
         "  --chunk N                prefill chunk size in tokens (default 512)\n"
         "  --backend B              auto, cpu or cuda (default auto: cuda when built with CUDA\n"
@@ -154,6 +158,7 @@ static void *read_file(const char *path, size_t *len)
 int main(int argc, char **argv)
 {
     const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL, *text_arg = NULL;
+    const char *dump_chunks = NULL;
     int max_tokens = 16, chunk = 512, ignore_eos = 0, chat = 0;
     eng_tok *tkz = NULL;
     eng_params ep = eng_default_params();
@@ -161,7 +166,8 @@ int main(int argc, char **argv)
     sp.temperature = 0.0f;
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
-           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND };
+           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND,
+           O_DUMP_CHUNKS };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
         { "prompt-ids", required_argument, 0, O_IDS },
@@ -176,6 +182,7 @@ int main(int argc, char **argv)
         { "seed", required_argument, 0, O_SEED },
         { "ignore-eos", no_argument, 0, O_EOS },
         { "dump-logits", required_argument, 0, O_DUMP },
+        { "dump-chunks", required_argument, 0, O_DUMP_CHUNKS },
         { "l3-bank", required_argument, 0, O_BANK },
         { "chunk", required_argument, 0, O_CHUNK },
         { "threads", required_argument, 0, O_THREADS },
@@ -209,6 +216,7 @@ int main(int argc, char **argv)
         }
         case O_EOS: ignore_eos = 1; break;
         case O_DUMP: dump = optarg; break;
+        case O_DUMP_CHUNKS: dump_chunks = optarg; break;
         case O_BANK: bank_path = optarg; break;
         case O_CHUNK: bad |= parse_int("--chunk", optarg, 1, 1 << 20, &chunk); break;
         case O_THREADS: bad |= parse_int("--threads", optarg, 1, 256, &ep.n_threads); break;
@@ -239,6 +247,7 @@ int main(int argc, char **argv)
         return 1;
     }
     ep.log = progress;
+    ep.l3_capture = dump_chunks != NULL;
     int n_prompt = 0;
     int32_t *prompt = NULL;
     if (text_arg) {
@@ -302,6 +311,8 @@ int main(int argc, char **argv)
     float *logits = malloc((size_t)mi->vocab_size * sizeof *logits);
     int32_t *out_ids = malloc(((size_t)max_tokens + 1) * sizeof *out_ids);
     void *bank = NULL;
+    float *chunks = NULL; /* (n_chunks, n_layers + 1, hidden) for --dump-chunks */
+    size_t n_chunks = 0, per_chunk = ((size_t)mi->n_layers + 1) * mi->d_model;
     int seq = -1, status = 1;
     if (!logits || !out_ids) { fprintf(stderr, "mkad-cli: out of memory\n"); goto done; }
     if (total > mi->max_position)
@@ -351,8 +362,29 @@ int main(int argc, char **argv)
             fprintf(stderr, "mkad-cli: prefill: %s\n", err);
             goto done;
         }
+        const eng_chunk *ch;
+        int nc = eng_step_chunks(eng, &ch);
+        if (nc > 0) {
+            float *grown = realloc(chunks, (n_chunks + (size_t)nc) * per_chunk * sizeof(float));
+            if (!grown) { fprintf(stderr, "mkad-cli: out of memory\n"); goto done; }
+            chunks = grown;
+            for (int i = 0; i < nc; i++, n_chunks++) {
+                float *dst = chunks + n_chunks * per_chunk;
+                memcpy(dst, ch[i].mu, (size_t)mi->n_layers * mi->d_model * sizeof(float));
+                memcpy(dst + (size_t)mi->n_layers * mi->d_model, ch[i].emb, (size_t)mi->d_model * sizeof(float));
+            }
+        }
     }
     double prefill_s = now_s() - tp;
+    if (dump_chunks) {
+        FILE *f = fopen(dump_chunks, "wb");
+        if (!f || (n_chunks > 0 && fwrite(chunks, sizeof(float), n_chunks * per_chunk, f) != n_chunks * per_chunk) ||
+            fclose(f) != 0) {
+            fprintf(stderr, "mkad-cli: --dump-chunks: cannot write %s\n", dump_chunks);
+            goto done;
+        }
+        fprintf(stderr, "event=chunks_dumped chunks=%zu chunk_tokens=%d\n", n_chunks, mi->l3_chunk_tokens);
+    }
     if (dump) {
         FILE *f = fopen(dump, "wb");
         if (!f || fwrite(logits, sizeof(float), (size_t)mi->vocab_size, f) != (size_t)mi->vocab_size ||
@@ -399,6 +431,7 @@ done:
     eng_free(eng);
     eng_model_free(model);
     free(bank);
+    free(chunks);
     free(logits);
     free(out_ids);
     free(prompt);

@@ -30,6 +30,9 @@ typedef struct cpu_be {
     float *ema;             /* (max_seqs, n_layers, D) running EMA state per slot */
     float *l3_mu;           /* (max_seqs, n_layers, R, D) L3 chunk values, R = l3_max_chunks */
     float *l3_kappa;        /* (max_seqs, n_layers, R, D) keys mu/|mu| */
+    float *chunk_acc;       /* (max_seqs, n_layers + 1, D) running sums of each slot's current
+                               L3 memory chunk: x of every layer, then the embeddings
+                               (l3_capture only) */
     /* Step scratch; T = max_batch_tokens. */
     float *h, *x, *f, *mem; /* (T, D) residual, normed input, fused input, L3 read */
     float *q, *att;         /* (T, H*d) */
@@ -74,6 +77,8 @@ typedef struct step_ctx {
     int T;
     int layer;
     const float *norm_w; /* RMSNorm weight for norm_task */
+    const float *chunk_src; /* (T, D) rows chunk_task adds: x, or the embeddings */
+    int chunk_l;            /* their place among the chunk sums: layer, or n_layers */
 } step_ctx;
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -159,6 +164,46 @@ static void ema_task(void *vctx, int task, int thread)
             memcpy(ck + d0, s + d0, (size_t)(d1 - d0) * sizeof(float));
         }
     }
+}
+
+/* L3 memory chunks (engine_priv.h, the step op): for one batch item and a
+ * slice of the D dimensions, adds the item's rows of chunk_src to the slot's
+ * running sums in position order, from zero at every multiple of C, and
+ * writes sum / C where a row completes an emitted chunk.  One fixed order of
+ * f32 additions per element, whatever the batch or the step boundaries, so
+ * a chunk's bits do not depend on how its positions were stepped. */
+static void chunk_task(void *vctx, int task, int thread)
+{
+    (void)thread;
+    step_ctx *c = vctx;
+    eng_engine *e = c->e;
+    const int D = e->D, W = e->n_layers + 1, C = e->l3_C;
+    int n_dc = (D + EMA_DCHUNK - 1) / EMA_DCHUNK;
+    int it = task / n_dc, d0 = (task % n_dc) * EMA_DCHUNK;
+    int d1 = d0 + EMA_DCHUNK < D ? d0 + EMA_DCHUNK : D;
+    const eng_batch_item *item = &c->items[it];
+    int pos0 = e->seqs[item->seq].n_tokens, t0 = c->p->item_start[it];
+    float *acc = CB(e)->chunk_acc + ((size_t)item->seq * W + c->chunk_l) * D;
+    for (int j = 0; j < item->n_tokens; j++) {
+        int t = t0 + j, k = c->p->tok_chunk[t];
+        const float *src = c->chunk_src + (size_t)t * D;
+        if ((pos0 + j) % C == 0) memset(acc + d0, 0, (size_t)(d1 - d0) * sizeof(float));
+        for (int i = d0; i < d1; i++) acc[i] += src[i];
+        if (k >= 0) {
+            float *out = c->p->chunk_out + ((size_t)k * W + c->chunk_l) * D;
+            for (int i = d0; i < d1; i++) out[i] = acc[i] / (float)C;
+        }
+    }
+}
+
+/* Adds src (T, D) into the chunk sums at place l (a layer, or n_layers for
+ * the embeddings), when the step captures chunks. */
+static void chunk_sums(step_ctx *c, const float *src, int l)
+{
+    if (!c->p->tok_chunk) return;
+    c->chunk_src = src;
+    c->chunk_l = l;
+    eng_pool_run(CB(c->e)->pool, c->n_items * ((c->e->D + EMA_DCHUNK - 1) / EMA_DCHUNK), chunk_task, c);
 }
 
 /* RoPE (rotate-half convention) on q and k of token t, and the K/V write into
@@ -265,6 +310,7 @@ static void layer_forward(step_ctx *c, int l)
 
     c->norm_w = L->attn_norm;
     eng_pool_run(CB(e)->pool, T, norm_task, c);                    /* x = RMSNorm(h) */
+    chunk_sums(c, CB(e)->x, l);
     eng_cpu_linear(CB(e)->pool, &L->q, CB(e)->x, T, CB(e)->q);             /* q (T, H*d) */
     const float *fused = CB(e)->x;
     if (e->levels > 0) {
@@ -302,7 +348,8 @@ static int cpu_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     cpu_be *cb = CB(e);
     int T = p->T, D = e->D;
     for (int t = 0; t < T; t++) eng__linear_row(&e->m->embed, p->tok[t], cb->h + (size_t)t * D);
-    step_ctx c = { e, p, p->items, p->n_items, T, 0, NULL };
+    step_ctx c = { e, p, p->items, p->n_items, T, 0, NULL, NULL, 0 };
+    chunk_sums(&c, cb->h, e->n_layers); /* h holds the embeddings until layer 0 adds to it */
     for (int l = 0; l < e->n_layers; l++) layer_forward(&c, l);
     /* Final norm and LM head, only for the rows whose logits were asked for. */
     for (int i = 0; i < p->n_sel; i++)
@@ -325,7 +372,7 @@ static void cpu_fini(eng_engine *e)
     cpu_be *cb = CB(e);
     if (!cb) return;
     eng_pool_free(cb->pool);
-    free(cb->kv); free(cb->ema_ckpt); free(cb->ema); free(cb->l3_mu); free(cb->l3_kappa);
+    free(cb->kv); free(cb->ema_ckpt); free(cb->ema); free(cb->l3_mu); free(cb->l3_kappa); free(cb->chunk_acc);
     free(cb->h); free(cb->x); free(cb->f); free(cb->mem); free(cb->q); free(cb->k); free(cb->v);
     free(cb->att); free(cb->tmp); free(cb->gate); free(cb->up); free(cb->rh); free(cb->lam);
     free(cb->sel_x); free(cb->scores);
@@ -352,6 +399,8 @@ static int cpu_init(eng_engine *e, char *err, size_t errlen)
         cb->l3_mu = xcalloc((size_t)p->max_seqs * ld * p->l3_max_chunks, sizeof(float), &fail);
         cb->l3_kappa = xcalloc((size_t)p->max_seqs * ld * p->l3_max_chunks, sizeof(float), &fail);
     }
+    if (p->l3_capture)
+        cb->chunk_acc = xcalloc((size_t)p->max_seqs * (e->n_layers + 1) * e->D, sizeof(float), &fail);
     size_t T = (size_t)p->max_batch_tokens;
     size_t wide = (size_t)(e->q_dim > e->D ? e->q_dim : e->D);
     cb->h = xcalloc(T * e->D, sizeof(float), &fail);

@@ -126,12 +126,13 @@ static size_t att_max_units(const cuda_state *cs, const eng_engine *e)
 
 /* Ints of the plan for a step of up to T rows and S items: tok, pos, item
  * (T each), items (S cu_item), block tables (S, MB), selected rows (S), and
- * for the tensor-core attention its units and combine entries (one per row
- * at most). */
+ * with l3_capture the rows' memory chunks (T), and for the tensor-core
+ * attention its units and combine entries (one per row at most). */
 static size_t plan_ints(const cuda_state *cs, const eng_engine *e)
 {
     size_t T = (size_t)e->prm.max_batch_tokens, S = (size_t)e->prm.max_seqs;
     size_t n = 3 * T + S * (sizeof(cu_item) / sizeof(int)) + S * (size_t)e->max_blocks_per_seq + S;
+    if (e->prm.l3_capture) n += T;
     if (!cs->att_simple) n += att_max_units(cs, e) * CU_ATT_UNIT_INTS + T * CU_ATT_COMB_INTS;
     return n;
 }
@@ -160,6 +161,10 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->act = take_bf16(&b, T * e->F);
     cs->selb = take_bf16(&b, S * D);
     cs->logits = take_f32(&b, S * e->V);
+    if (e->prm.l3_capture) {
+        cs->chunk_acc = take_f32(&b, S * (NL + 1) * D);
+        cs->chunk_out = take_f32(&b, (size_t)e->max_step_chunks * (NL + 1) * D);
+    }
     cs->blas_ws_bytes = BLAS_WS_BYTES;
     cs->blas_ws = take(&b, BLAS_WS_BYTES);
     cs->plan_ints = plan_ints(cs, e);
@@ -379,6 +384,7 @@ static void cuda_fini(eng_engine *e)
     if (cs->plan_host) (void)cudaFreeHost(cs->plan_host);
     if (cs->logits_host) (void)cudaFreeHost(cs->logits_host);
     if (cs->l3_host) (void)cudaFreeHost(cs->l3_host);
+    if (cs->chunk_host) (void)cudaFreeHost(cs->chunk_host);
     if (cs->stream) (void)cudaStreamDestroy(cs->stream);
     (void)cudaGetLastError();
     free(cs->layers);
@@ -499,6 +505,10 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     if (cs->l3_mu)
         CUDA_TRY(cudaHostAlloc((void **)&cs->l3_host, 2 * NL * R * D * sizeof(float),
                                cudaHostAllocDefault));
+    if (cs->chunk_out)
+        CUDA_TRY(cudaHostAlloc((void **)&cs->chunk_host,
+                               (size_t)e->max_step_chunks * (NL + 1) * D * sizeof(float),
+                               cudaHostAllocDefault));
 
     cu_fwd *f = &cs->fwd;
     memset(f, 0, sizeof *f);
@@ -616,9 +626,12 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
     const float eps = f->eps;
     int rc;
 
-    /* x = RMSNorm(h); the f32 copy only feeds the EMA and the L3 read. */
-    CUDA_TRY(eng__cu_rmsnorm(cs->h, NULL, T, D, L->attn_norm, eps, e->levels > 0 ? cs->x : NULL,
-                             cs->xb, st));
+    /* x = RMSNorm(h); the f32 copy only feeds the EMA, the L3 read and the
+     * memory chunks. */
+    CUDA_TRY(eng__cu_rmsnorm(cs->h, NULL, T, D, L->attn_norm, eps,
+                             e->levels > 0 || f->tok_chunk ? cs->x : NULL, cs->xb, st));
+    if (f->tok_chunk)
+        CUDA_TRY(eng__cu_chunk_sums(f, l, e->l3_C, max_n, cs->x, cs->chunk_acc, cs->chunk_out, st));
     /* q (T, q_dim), bias added below or in the RoPE kernel. */
     if ((rc = gemm(cs, &L->q, cs->xb, T, cs->q, 0.0f, err, errlen))) return rc;
     const float *bq = L->q.b;
@@ -724,6 +737,18 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
                              p->sel_row[s]);
     *o_sel = o;
     for (int s = 0; s < p->n_sel; s++) hp[o++] = p->sel_row[s];
+    const size_t o_chunk = o;
+    if (p->tok_chunk) {
+        if (!cs->chunk_acc || p->n_chunks < 0 || p->n_chunks > e->max_step_chunks || !p->chunk_out)
+            return eng__errf(err, errlen, ENG_EINVAL,
+                             "cuda: step: %d memory chunks without room for them", p->n_chunks);
+        for (int t = 0; t < T; t++) {
+            if (p->tok_chunk[t] < -1 || p->tok_chunk[t] >= p->n_chunks)
+                return eng__errf(err, errlen, ENG_EINVAL, "cuda: step: row %d: bad memory chunk %d",
+                                 t, p->tok_chunk[t]);
+            hp[o++] = p->tok_chunk[t];
+        }
+    }
     if (!cs->att_simple) {
         const cu_att_limits lim = {cs->att_target, cs->att_force_tiles,
                                    (long long)cs->att_max_units};
@@ -740,6 +765,7 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
     f->tok_item = dp + o_item;
     f->items = (const cu_item *)(dp + o_items);
     f->bt = dp + o_bt;
+    f->tok_chunk = p->tok_chunk ? dp + o_chunk : NULL;
     return ENG_OK;
 }
 
@@ -764,6 +790,10 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
                              cudaMemcpyHostToDevice, st));
 
     CUDA_TRY(eng__cu_embed(&f, cs->embed, cs->h, st));
+    /* h holds the embeddings until layer 0 adds to it. */
+    if (f.tok_chunk)
+        CUDA_TRY(eng__cu_chunk_sums(&f, e->n_layers, e->l3_C, max_n, cs->h, cs->chunk_acc,
+                                    cs->chunk_out, st));
     for (int l = 0; l < e->n_layers; l++)
         if ((rc = layer_forward(e, cs, &f, l, max_n, err, errlen))) return rc;
 
@@ -777,9 +807,14 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
                                  (size_t)p->n_sel * e->V * sizeof(float), cudaMemcpyDeviceToHost,
                                  st));
     }
+    const size_t chunk_bytes = (size_t)p->n_chunks * (e->n_layers + 1) * e->D * sizeof(float);
+    if (f.tok_chunk && p->n_chunks > 0)
+        CUDA_TRY(cudaMemcpyAsync(cs->chunk_host, cs->chunk_out, chunk_bytes, cudaMemcpyDeviceToHost,
+                                 st));
     CUDA_TRY(cudaStreamSynchronize(st));
     if (p->n_sel > 0)
         memcpy(p->logits, cs->logits_host, (size_t)p->n_sel * e->V * sizeof(float));
+    if (f.tok_chunk && p->n_chunks > 0) memcpy(p->chunk_out, cs->chunk_host, chunk_bytes);
     return ENG_OK;
 }
 

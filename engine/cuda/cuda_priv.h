@@ -118,6 +118,8 @@ typedef struct cu_fwd {
     const int *tok_item; /* (T) */
     const cu_item *items;/* (n_items) */
     const int *bt;       /* (n_items, MB) block tables of the items; first n_blocks valid */
+    const int *tok_chunk;/* (T) the L3 memory chunk row t completes, or -1; NULL when the
+                            step captures no chunks (eng_plan.tok_chunk) */
     /* Pool and per-slot state. */
     bf16 *kv_pool;       /* (n_blocks, n_layers, 2, B, kv_dim) */
     float *ema_ckpt;     /* (n_blocks, n_layers, D) */
@@ -176,6 +178,9 @@ typedef struct cuda_state {
     bf16 *act;       /* (T, F) SwiGLU output */
     bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
     float *logits;   /* (max_seqs, V) */
+    float *chunk_acc;/* (max_seqs, n_layers + 1, D) running L3 chunk sums per slot: x of
+                        every layer, then the embeddings; NULL without l3_capture */
+    float *chunk_out;/* (max_step_chunks, n_layers + 1, D) the step's chunk means, or NULL */
     void *blas_ws;   /* cuBLAS workspace */
     size_t blas_ws_bytes;
     int *plan_dev;   /* (plan_ints) */
@@ -187,6 +192,7 @@ typedef struct cuda_state {
     size_t plan_ints;
     float *logits_host;  /* (max_seqs, V) */
     float *l3_host;      /* (2, n_layers, R, D): mu then kappa of one slot, or NULL */
+    float *chunk_host;   /* (max_step_chunks, n_layers + 1, D), or NULL */
 
     /* The K/V pool (pool_alloc). */
     void *pool_arena;
@@ -248,5 +254,12 @@ cudaError_t eng__cu_attention_setup(int hd, int *per_sm);
 /* act (M, F) = silu(gate + b_gate) * (up + b_up) from gu (M, 2F); b (2F) or NULL. */
 cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
                            cudaStream_t s);
+
+/* L3 memory chunks (chunks.cu): adds src (T, D) — the embeddings (place
+ * n_layers) or layer `place`'s x — to each item's slot sums in acc in
+ * position order, restarting at multiples of C, and writes the means of
+ * the chunks f->tok_chunk emits into out.  max_n: the largest item's rows. */
+cudaError_t eng__cu_chunk_sums(const cu_fwd *f, int place, int C, int max_n, const float *src,
+                               float *acc, float *out, cudaStream_t s);
 
 #endif /* MKAD_ENGINE_CUDA_PRIV_H */

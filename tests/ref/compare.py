@@ -5,6 +5,13 @@
       GOT, REF: raw little-endian float32 logits.  Prints one line with
       max|got-ref| / max|ref|; exit 0 when within --tol, 1 otherwise (also on
       a size mismatch, a non-finite value or a missing file).
+  compare.py chunks GOT REF MODEL_DIR [--tol 1e-4] [--label TEXT]
+      GOT, REF: L3 memory chunks, raw float32 LE (n, n_layers + 1, D) with
+      n_layers and D from MODEL_DIR/config.json (mkad-cli --dump-chunks,
+      fastmka_ref.py --dump-chunks).  Each D-vector (a layer's mean x, the
+      mean embedding) is compared on its own scale, max|got-ref| / max|ref|;
+      prints the worst with its chunk and layer; exit 0 when the chunk counts
+      agree, there is at least one chunk and the worst is within --tol
   compare.py meta-args META
       prints the case's mkad-genmodel arguments, one per line
   compare.py meta-seqs META
@@ -33,7 +40,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import st  # noqa: E402
 
 
-def cmd_logits(args):
+def tol_label_files(args):
+    """(tol, label, files) from [FILE...] [--tol T] [--label TEXT]."""
     tol = 1e-4
     label = None
     files = []
@@ -48,6 +56,11 @@ def cmd_logits(args):
         else:
             files.append(args[i])
             i += 1
+    return tol, label, files
+
+
+def cmd_logits(args):
+    tol, label, files = tol_label_files(args)
     if len(files) != 2:
         print("usage: compare.py logits GOT REF [--tol T] [--label TEXT]", file=sys.stderr)
         return 2
@@ -71,6 +84,42 @@ def cmd_logits(args):
     same_argmax = int(np.argmax(got)) == int(np.argmax(ref))
     print("%s %s: max|a-b|/max|b| = %.3e (tol %.0e, max|b| %.3f, argmax %s)"
           % ("ok  " if ok else "FAIL", label, err, tol, scale, "same" if same_argmax else "DIFFERS"))
+    return 0 if ok else 1
+
+
+def cmd_chunks(args):
+    tol, label, files = tol_label_files(args)
+    if len(files) != 3:
+        print("usage: compare.py chunks GOT REF MODEL_DIR [--tol T] [--label TEXT]", file=sys.stderr)
+        return 2
+    got_p, ref_p, model = files
+    label = label or os.path.basename(got_p)
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    per = (int(cfg["num_hidden_layers"]) + 1) * int(cfg["hidden_size"])
+    for p in (got_p, ref_p):
+        if not os.path.exists(p):
+            print("FAIL %s: %s does not exist" % (label, p))
+            return 1
+    got = np.fromfile(got_p, dtype="<f4").astype(np.float64)
+    ref = np.fromfile(ref_p, dtype="<f4").astype(np.float64)
+    if got.size % per or ref.size % per or got.size != ref.size or ref.size == 0:
+        print("FAIL %s: %g chunks, expected %g (at least one)" % (label, got.size / per, ref.size / per))
+        return 1
+    if not np.all(np.isfinite(got)):
+        print("FAIL %s: %d non-finite values" % (label, int(np.sum(~np.isfinite(got)))))
+        return 1
+    n, D = ref.size // per, int(cfg["hidden_size"])
+    got = got.reshape(n, -1, D)
+    ref = ref.reshape(n, -1, D)
+    scale = np.max(np.abs(ref), axis=2)
+    err = np.max(np.abs(got - ref), axis=2) / np.where(scale > 0, scale, 1.0)
+    k, li = np.unravel_index(int(np.argmax(err)), err.shape)
+    worst = float(err[k, li])
+    ok = worst <= tol
+    where = "emb" if li == ref.shape[1] - 1 else "layer %d" % li
+    print("%s %s: %d chunks, worst max|a-b|/max|b| = %.3e (tol %.0e) at chunk %d %s"
+          % ("ok  " if ok else "FAIL", label, n, worst, tol, k, where))
     return 0 if ok else 1
 
 
@@ -121,6 +170,8 @@ def main(argv):
     cmd, args = argv[1], argv[2:]
     if cmd == "logits":
         return cmd_logits(args)
+    if cmd == "chunks":
+        return cmd_chunks(args)
     if cmd == "meta-args" and len(args) == 1:
         for a in load_meta(args[0])["genmodel_args"]:
             print(a)

@@ -8,8 +8,13 @@ without them (plain attention: lambda = [1, 0, 0], which must reproduce
 Hugging Face transformers).
 
   fastmka_ref.py --model DIR --ids 1,2,3 [--l3-bank FILE] [--kv-dtype auto|f32|bf16]
-                 --out FILE [--verbose]
-      writes the last-position logits as raw little-endian float32 (vocab floats)
+                 [--out FILE] [--dump-chunks FILE] [--verbose]
+      --out: writes the last-position logits as raw little-endian float32 (vocab floats)
+      --dump-chunks: writes the prompt's complete L3 memory chunks of C =
+      mka.l3_chunk_tokens (default 64) tokens, chunk k = positions [kC, (k+1)C):
+      float32 LE (n, n_layers + 1, D), per chunk the mean over its positions of
+      each layer's attention input x = RMSNorm(h), then the mean of its token
+      embeddings (FASTMKA.md, "L3 — long-term memory"); means taken in float64
   fastmka_ref.py --model DIR --make-bank R [--seed S] --out-bank FILE
       writes a random L3 bank: float32 (R, n_layers, D), values uniform(-1, 1)
 
@@ -147,6 +152,7 @@ class Model:
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         mka = cfg.get("mka") or {}
         self.beta = F32(mka.get("ema_beta", 0.9))
+        self.chunk_tokens = int(mka.get("l3_chunk_tokens", 64))
         self.inv_freq, self.att_scale = rope_inv_freq(cfg, self.hd)
         w = self.w = st.load_model_dir(d)
         self.kv_bf16 = st.tensor_dtype(d, "model.embed_tokens.weight") == "BF16"
@@ -227,8 +233,9 @@ def rotate_half(x):
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def forward(m, ids, bank=None, verbose=False):
-    """Logits (V) after the last of `ids`, one fresh session."""
+def forward(m, ids, bank=None, verbose=False, xs=None):
+    """Logits (V) after the last of `ids`, one fresh session.  xs, a list,
+    receives every layer's attention input x (T, D)."""
     T = len(ids)
     D, H, K, hd = m.D, m.H, m.K, m.hd
     ids = np.asarray(ids, dtype=np.int64)
@@ -244,6 +251,8 @@ def forward(m, ids, bank=None, verbose=False):
     one_m_beta = F32(1.0) - beta
     for li, L in enumerate(m.layers):
         x = rmsnorm(h, L["in_norm"], m.eps)                       # (T, D)
+        if xs is not None:
+            xs.append(x)
         q = linear(x, L["q"], L["q_b"])                           # (T, H*hd)
         if m.levels:
             z = silu(linear(q, L["r1"], L["r1_b"]))
@@ -292,6 +301,22 @@ def forward(m, ids, bank=None, verbose=False):
     return (hl @ m.lm_head.T).astype(F32)[0]
 
 
+def chunk_means(m, ids, xs):
+    """The complete L3 memory chunks of a prompt: (n, n_layers + 1, D) float32,
+    n = T // C; chunk k holds the mean of xs[l][kC:(k+1)C] for every layer l,
+    then the mean of the embeddings of ids[kC:(k+1)C]."""
+    C = m.chunk_tokens
+    n = len(ids) // C
+    emb = m.embed[np.asarray(ids, dtype=np.int64)].astype(np.float64)
+    out = np.empty((n, m.n_layers + 1, m.D), dtype=F32)
+    for k in range(n):
+        sl = slice(k * C, (k + 1) * C)
+        for li, x in enumerate(xs):
+            out[k, li] = x[sl].astype(np.float64).mean(axis=0)
+        out[k, m.n_layers] = emb[sl].mean(axis=0)
+    return out
+
+
 def load_bank(path, m):
     raw = np.fromfile(path, dtype="<f4")
     per = m.n_layers * m.D
@@ -319,6 +344,7 @@ def main(argv=None):
     ap.add_argument("--ids", help="comma-separated prompt token ids")
     ap.add_argument("--l3-bank", help="L3 bank file (float32 (R, n_layers, D))")
     ap.add_argument("--out", help="logits output file (raw float32 LE)")
+    ap.add_argument("--dump-chunks", help="L3 memory chunks output file (raw float32 LE)")
     ap.add_argument("--make-bank", type=int, metavar="R", help="write a random L3 bank of R chunks")
     ap.add_argument("--seed", type=int, default=1, help="seed for --make-bank")
     ap.add_argument("--out-bank", help="bank output file for --make-bank")
@@ -338,8 +364,8 @@ def main(argv=None):
             bank = rng.uniform(-1.0, 1.0, size=(a.make_bank, nl, D)).astype("<f4")
             bank.tofile(a.out_bank)
             return 0
-        if not a.ids or not a.out:
-            ap.error("--ids and --out are required (or --make-bank)")
+        if not a.ids or not (a.out or a.dump_chunks):
+            ap.error("--ids and --out or --dump-chunks are required (or --make-bank)")
         m = Model(a.model)
         if a.kv_dtype != "auto":
             m.kv_bf16 = a.kv_dtype == "bf16"
@@ -349,8 +375,12 @@ def main(argv=None):
             if m.levels != 3:
                 raise ModelError("--l3-bank: the model has mka levels %d, not 3" % m.levels)
             bank = load_bank(a.l3_bank, m)
-        logits = forward(m, ids, bank, verbose=a.verbose)
-        logits.astype("<f4").tofile(a.out)
+        xs = [] if a.dump_chunks else None
+        logits = forward(m, ids, bank, verbose=a.verbose, xs=xs)
+        if a.out:
+            logits.astype("<f4").tofile(a.out)
+        if a.dump_chunks:
+            chunk_means(m, ids, xs).astype("<f4").tofile(a.dump_chunks)
         return 0
     except (ModelError, OSError, KeyError, ValueError) as e:
         print("fastmka_ref.py: error: %s" % e, file=sys.stderr)
