@@ -795,7 +795,8 @@ static int load(srv_engine *se)
     p.kv_mem_mb = se->cfg->kv_mem_mb;
     if ((rc = eng_create(se->model, &p, &se->eng, err, sizeof err)) != ENG_OK) goto fail;
     char tinfo[160];
-    if (srv_text_load(se->cfg->model, &se->codec, tinfo, sizeof tinfo, err, sizeof err) != 0) {
+    if (srv_text_load(se->cfg->model, se->cfg->chat_template, &se->codec, tinfo, sizeof tinfo, err,
+                      sizeof err) != 0) {
         rc = ENG_EFORMAT;
         goto fail;
     }

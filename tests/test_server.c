@@ -172,6 +172,24 @@ START_TEST(parse_rejects)
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1, 400, "messages");
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"prompt_token_ids\":[1],"
               "\"top_logprobs\":2}", 1, 400, "top_logprobs");
+    /* the fields a chat template sees */
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}", 1, 400,
+              "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\",\"tool_calls\":[]}]}", 1, 400,
+              "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":1}}]}]}",
+              1, 400, "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"tool\",\"content\":\"x\",\"tool_call_id\":5}]}", 1, 400,
+              "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":{}}", 1, 400, "tools");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\"}]}",
+              1, 400, "tools");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"chat_template_kwargs\":[1]}", 1,
+              400, "chat_template_kwargs");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"chat_template\":\"{{x}}\"}", 1,
+              400, "chat_template");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"add_generation_prompt\":true,"
+              "\"continue_final_message\":true}", 1, 400, "continue_final_message");
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"prompt_token_ids\":[1],"
               "\"max_completion_tokens\":-3}", 1, 400, "max_completion_tokens");
 }
@@ -191,6 +209,19 @@ END_TEST
 START_TEST(error_object)
 {
     srv_error e;
+    /* a message cut at the buffer's end never ends inside a UTF-8 character */
+    char longmsg[700];
+    for (int i = 0; i < 699; i += 3) memcpy(longmsg + i, "\xe2\x82\xac", 3); /* 233 x U+20AC */
+    longmsg[699] = 0;
+    for (int shift = 0; shift < 3; shift++) {
+        srv_error_set(&e, 400, "invalid_request_error", NULL, NULL, "%.*s%s", shift, "xx", longmsg);
+        char *js = srv_error_json(&e);
+        json_t *jo = json_loads(js, 0, NULL);
+        ck_assert_msg(jo != NULL, "shift %d: %s", shift, js);
+        ck_assert_ptr_null(strstr(js, "out of memory"));
+        json_decref(jo);
+        free(js);
+    }
     srv_error_set(&e, 400, "invalid_request_error", "temperature", NULL, "bad \"x\" %d", 3);
     char *s = srv_error_json(&e);
     json_error_t je;
@@ -377,8 +408,23 @@ static int fake_encode(void *ctx, const char *text, size_t len, int32_t **ids, i
     return 0;
 }
 
-static int fake_chat(void *ctx, json_t *msgs, int32_t **ids, int *n, char *err, size_t errlen)
+/* The last chat request the fake saw (a reference). */
+static json_t *fake_last_req;
+
+static int fake_chat(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size_t errlen)
 {
+    json_decref(fake_last_req);
+    fake_last_req = json_incref(req);
+    json_t *msgs = json_object_get(req, "messages");
+    const char *first = json_string_value(json_object_get(json_array_get(msgs, 0), "content"));
+    if (first && !strcmp(first, "RAISE")) { /* a template's raise_exception */
+        snprintf(err, errlen, "the chat template refused the messages: roles must alternate");
+        return ENG_EINVAL;
+    }
+    if (first && !strcmp(first, "NOTEMPLATE")) {
+        snprintf(err, errlen, "the model directory x has no chat template");
+        return ENG_EUNSUPPORTED;
+    }
     srv_buf b = { 0 };
     for (size_t i = 0; i < json_array_size(msgs); i++) {
         json_t *m = json_array_get(msgs, i);
@@ -424,6 +470,37 @@ START_TEST(parse_with_tokenizer)
     ck_assert_int_eq(r->n_prompt, (int)strlen("user: hi\nassistant: "));
     ck_assert_int_eq(r->max_tokens, 128 - r->n_prompt);
     srv_genreq_free(r);
+    /* the chat request the codec gets: messages plus the template's fields */
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"}]},"
+        "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\","
+        "\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"c1\","
+        "\"content\":\"4\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+        "\"chat_template_kwargs\":{\"enable_thinking\":false},\"documents\":[{\"title\":\"t\",\"text\":\"x\"}]}";
+    ck_assert_msg(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e) == 0, "%s", e.message);
+    ck_assert(json_is_array(json_object_get(fake_last_req, "tools")));
+    ck_assert(json_is_false(json_object_get(json_object_get(fake_last_req, "chat_template_kwargs"), "enable_thinking")));
+    ck_assert(json_is_array(json_object_get(fake_last_req, "documents")));
+    ck_assert(json_is_true(json_object_get(fake_last_req, "add_generation_prompt")));
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"assistant\",\"content\":\"Once\"}],"
+        "\"continue_final_message\":true}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), 0);
+    ck_assert(json_is_false(json_object_get(fake_last_req, "add_generation_prompt")));
+    ck_assert(json_is_true(json_object_get(fake_last_req, "continue_final_message")));
+    srv_genreq_free(r);
+    /* a template's refusal is the request's 400, with its message */
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"RAISE\"}]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), -1);
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.code, "chat_template_error");
+    ck_assert_ptr_nonnull(strstr(e.message, "roles must alternate"));
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"NOTEMPLATE\"}]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), -1);
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.code, "chat_template_unavailable");
+    ck_assert_ptr_nonnull(strstr(e.message, "no chat template"));
+    json_decref(fake_last_req);
+    fake_last_req = NULL;
     b = "{\"model\":\"tiny\",\"prompt\":\"BOOM!\"}";
     ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
     ck_assert_str_eq(e.param, "prompt");
