@@ -167,7 +167,7 @@ static jj_val list_of(jj_ev *ev, jj_val *v, size_t n)
 {
     jj_list *l = jj__list_new(ev, n);
     if (n) memcpy(l->v, v, n * sizeof *v);
-    return jj__listv(l, 0);
+    return jj__listv(l, JL_LIST);
 }
 
 /* str.split / str.rsplit */
@@ -313,7 +313,7 @@ static int has_prefix(const jj_str *s, const jj_str *p, int suffix)
 
 static jj_val starts_ends(jj_ev *ev, const jj_str *s, jj_val arg, int suffix)
 {
-    if (arg.t == JV_LIST && arg.tuple) {
+    if (arg.t == JV_LIST && arg.kind == JL_TUPLE) {
         for (size_t i = 0; i < arg.u.l->n; i++)
             if (has_prefix(s, need_str(ev, arg.u.l->v[i], "tuple for startswith must only contain str"), suffix))
                 return jj__bool(1);
@@ -454,10 +454,13 @@ static jj_val f_length(jj_ev *ev, jj_val v, jj_bound *a)
     switch (v.t) {
     case JV_UNDEF: return jj__int(0);
     case JV_STR: return jj__int((int64_t)v.u.s->ncp);
-    case JV_LIST: return jj__int((int64_t)v.u.l->n);
+    case JV_LIST:
+        if (v.kind == JL_GEN) break;
+        return jj__int((int64_t)v.u.l->n);
     case JV_DICT: return jj__int((int64_t)v.u.d->n);
-    default: jj__fail(ev, JJ_ERUNTIME, "object of type '%s' has no len()", jj__type_name(v));
+    default: break;
     }
+    jj__fail(ev, JJ_ERUNTIME, "object of type '%s' has no len()", jj__type_name(v));
 }
 
 static jj_val f_default(jj_ev *ev, jj_val v, jj_bound *a)
@@ -484,31 +487,24 @@ static jj_val f_dictsort(jj_ev *ev, jj_val v, jj_bound *a)
         jj_list *pair = jj__list_new(ev, 2);
         pair->v[0] = v.u.d->k[i];
         pair->v[1] = v.u.d->v[i];
-        items->v[i] = jj__listv(pair, 1);
+        items->v[i] = jj__listv(pair, JL_TUPLE);
         keys[i] = fold(ev, by_value ? v.u.d->v[i] : v.u.d->k[i], cs);
     }
-    return jj__listv(sort_by(ev, items, keys, GIVEN(2) && jj__truthy(A(2))), 0);
+    return jj__listv(sort_by(ev, items, keys, GIVEN(2) && jj__truthy(A(2))), JL_LIST);
+}
+
+static jj_val markup(jj_str *s)
+{
+    jj_val v = jj__strv(s);
+    v.kind = 1;
+    return v;
 }
 
 static jj_val f_escape(jj_ev *ev, jj_val v, jj_bound *a)
 {
     (void)a;
-    const jj_str *s = S(ev, v);
-    jj_sb b = { 0 };
-    int un = jj__str_untrusted(s);
-    for (size_t i = 0; i < s->len; i++) {
-        const char *e = NULL;
-        switch (s->s[i]) {
-        case '&': e = "&amp;"; break;
-        case '<': e = "&lt;"; break;
-        case '>': e = "&gt;"; break;
-        case '"': e = "&#34;"; break;
-        case '\'': e = "&#39;"; break;
-        }
-        if (e) jj__sb_put(ev, &b, e, strlen(e), un);
-        else jj__sb_put(ev, &b, s->s + i, 1, un);
-    }
-    return jj__strv(jj__sb_done(ev, &b));
+    if (v.t == JV_STR && v.kind) return v; /* already Markup */
+    return markup(jj__escape(ev, S(ev, v)));
 }
 
 static jj_val f_first(jj_ev *ev, jj_val v, jj_bound *a)
@@ -521,6 +517,7 @@ static jj_val f_first(jj_ev *ev, jj_val v, jj_bound *a)
 static jj_val f_last(jj_ev *ev, jj_val v, jj_bound *a)
 {
     (void)a;
+    if (v.t == JV_LIST && v.kind == JL_GEN) jj__fail(ev, JJ_ERUNTIME, "'generator' object is not reversible");
     jj_list *l = jj__iter(ev, v);
     return l->n ? l->v[l->n - 1] : jj__undef(jj__str_fmt(&ev->arena, "No last item, sequence was empty."));
 }
@@ -613,16 +610,16 @@ static jj_val f_int(jj_ev *ev, jj_val v, jj_bound *a)
 static jj_val f_items(jj_ev *ev, jj_val v, jj_bound *a)
 {
     (void)a;
-    if (v.t == JV_UNDEF) return jj__listv(jj__list_new(ev, 0), 0);
+    if (v.t == JV_UNDEF) return jj__listv(jj__list_new(ev, 0), JL_GEN);
     if (v.t != JV_DICT) type_error(ev, "Can only get item pairs from a mapping", v);
     jj_list *l = jj__list_new(ev, v.u.d->n);
     for (size_t i = 0; i < l->n; i++) {
         jj_list *p = jj__list_new(ev, 2);
         p->v[0] = v.u.d->k[i];
         p->v[1] = v.u.d->v[i];
-        l->v[i] = jj__listv(p, 1);
+        l->v[i] = jj__listv(p, JL_TUPLE);
     }
-    return jj__listv(l, 0);
+    return jj__listv(l, JL_GEN);
 }
 
 static jj_val f_indent(jj_ev *ev, jj_val v, jj_bound *a)
@@ -685,7 +682,7 @@ static jj_val f_title(jj_ev *ev, jj_val v, jj_bound *a) { (void)a; return recase
 
 static jj_val f_map(jj_ev *ev, jj_val v, jj_bound *a)
 {
-    if (!jj__truthy(v)) return jj__listv(jj__list_new(ev, 0), 0); /* jinja: `if value:` */
+    if (!jj__truthy(v)) return jj__listv(jj__list_new(ev, 0), JL_GEN); /* jinja: `if value:` */
     jj_list *l = jj__iter(ev, v), *out = jj__list_new(ev, l->n);
     const jj_str *attr = NULL;
     jj_val dflt = jj__undef(NULL);
@@ -695,14 +692,14 @@ static jj_val f_map(jj_ev *ev, jj_val v, jj_bound *a)
     }
     if (attr) {
         for (size_t i = 0; i < l->n; i++) out->v[i] = attr_path(ev, l->v[i], attr, dflt);
-        return jj__listv(out, 0);
+        return jj__listv(out, JL_GEN);
     }
     if (!a->nrest) jj__fail(ev, JJ_ERUNTIME, "map requires a filter argument");
     const jj_builtin *f = jj__filter_find(need_str(ev, a->rest[0], "map's filter name must be a string")->s);
     if (!f) jj__fail(ev, JJ_ERUNTIME, "No filter named '%s'.", a->rest[0].u.s->s);
     for (size_t i = 0; i < l->n; i++)
         out->v[i] = jj__apply(ev, f, l->v[i], a->rest + 1, a->nrest - 1, a->kwn, a->kw, a->nkw);
-    return jj__listv(out, 0);
+    return jj__listv(out, JL_GEN);
 }
 
 static jj_val minmax(jj_ev *ev, jj_val v, jj_bound *a, int want_max)
@@ -726,7 +723,7 @@ static jj_val f_min(jj_ev *ev, jj_val v, jj_bound *a) { return minmax(ev, v, a, 
 /* select / reject / selectattr / rejectattr */
 static jj_val select_common(jj_ev *ev, jj_val v, jj_bound *a, int by_attr, int keep)
 {
-    if (!jj__truthy(v)) return jj__listv(jj__list_new(ev, 0), 0); /* jinja: `if value:` */
+    if (!jj__truthy(v)) return jj__listv(jj__list_new(ev, 0), JL_GEN); /* jinja: `if value:` */
     jj_list *l = jj__iter(ev, v), *out = jj__list_new(ev, l->n);
     out->n = 0;
     size_t k = 0;
@@ -743,7 +740,7 @@ static jj_val select_common(jj_ev *ev, jj_val v, jj_bound *a, int by_attr, int k
         int r = test ? jj__run_test(ev, test, x, a->rest + k, a->nrest - k) : jj__truthy(x);
         if (r == keep) out->v[out->n++] = l->v[i];
     }
-    return jj__listv(out, 0);
+    return jj__listv(out, JL_GEN);
 }
 
 static jj_val f_select(jj_ev *ev, jj_val v, jj_bound *a) { return select_common(ev, v, a, 0, 1); }
@@ -768,7 +765,7 @@ static jj_val f_reverse(jj_ev *ev, jj_val v, jj_bound *a)
     }
     jj_list *l = jj__iter(ev, v), *out = jj__list_new(ev, l->n);
     for (size_t i = 0; i < l->n; i++) out->v[i] = l->v[l->n - 1 - i];
-    return jj__listv(out, 0);
+    return jj__listv(out, v.t == JV_LIST && v.kind == JL_GEN ? JL_LIST : JL_GEN);
 }
 
 static jj_val f_round(jj_ev *ev, jj_val v, jj_bound *a)
@@ -784,7 +781,7 @@ static jj_val f_round(jj_ev *ev, jj_val v, jj_bound *a)
     return jj__float(r);
 }
 
-static jj_val f_safe(jj_ev *ev, jj_val v, jj_bound *a) { (void)a; return jj__strv(S(ev, v)); }
+static jj_val f_safe(jj_ev *ev, jj_val v, jj_bound *a) { (void)a; return markup(S(ev, v)); }
 static jj_val f_string(jj_ev *ev, jj_val v, jj_bound *a) { (void)a; return jj__strv(S(ev, v)); }
 
 static jj_val f_sort(jj_ev *ev, jj_val v, jj_bound *a)
@@ -796,7 +793,7 @@ static jj_val f_sort(jj_ev *ev, jj_val v, jj_bound *a)
         jj_val x = GIVEN(2) && A(2).t != JV_NONE ? attr_path(ev, l->v[i], S(ev, A(2)), jj__undef(NULL)) : l->v[i];
         keys[i] = fold(ev, x, cs);
     }
-    return jj__listv(sort_by(ev, l, keys, GIVEN(0) && jj__truthy(A(0))), 0);
+    return jj__listv(sort_by(ev, l, keys, GIVEN(0) && jj__truthy(A(0))), JL_LIST);
 }
 
 static jj_val f_striptags(jj_ev *ev, jj_val v, jj_bound *a)
@@ -906,7 +903,7 @@ static jj_val f_unique(jj_ev *ev, jj_val v, jj_bound *a)
         seen[ns++] = x;
         out->v[out->n++] = l->v[i];
     }
-    return jj__listv(out, 0);
+    return jj__listv(out, JL_GEN);
 }
 
 static jj_val f_wordcount(jj_ev *ev, jj_val v, jj_bound *a)
@@ -981,7 +978,8 @@ static jj_val t_iterable(jj_ev *ev, jj_val v, jj_bound *a)
 static jj_val t_sequence(jj_ev *ev, jj_val v, jj_bound *a)
 {
     (void)ev; (void)a;
-    return jj__bool(v.t == JV_STR || v.t == JV_LIST || v.t == JV_DICT);
+    return jj__bool(v.t == JV_STR || v.t == JV_DICT ||
+                    (v.t == JV_LIST && (v.kind == JL_LIST || v.kind == JL_TUPLE || v.kind == JL_RANGE)));
 }
 static jj_val t_callable(jj_ev *ev, jj_val v, jj_bound *a) { (void)ev; (void)a; return jj__bool(v.t == JV_FUNC || v.t == JV_LOOP); }
 static jj_val t_escaped(jj_ev *ev, jj_val v, jj_bound *a) { (void)ev; (void)a; (void)v; return jj__bool(0); }
@@ -1240,19 +1238,15 @@ static jj_val m_get(jj_ev *ev, jj_val self, jj_bound *a)
     return v ? *v : GIVEN(1) ? A(1) : jj__none();
 }
 
-static jj_val m_items(jj_ev *ev, jj_val self, jj_bound *a) { return f_items(ev, self, a); }
-
-static jj_val m_keys(jj_ev *ev, jj_val self, jj_bound *a)
+static jj_val view(jj_val list, int kind)
 {
-    (void)a;
-    return list_of(ev, self.u.d->k, self.u.d->n);
+    list.kind = (uint8_t)kind;
+    return list;
 }
 
-static jj_val m_values(jj_ev *ev, jj_val self, jj_bound *a)
-{
-    (void)a;
-    return list_of(ev, self.u.d->v, self.u.d->n);
-}
+static jj_val m_items(jj_ev *ev, jj_val self, jj_bound *a) { return view(f_items(ev, self, a), JL_ITEMS); }
+static jj_val m_keys(jj_ev *ev, jj_val self, jj_bound *a) { (void)a; return view(list_of(ev, self.u.d->k, self.u.d->n), JL_KEYS); }
+static jj_val m_values(jj_ev *ev, jj_val self, jj_bound *a) { (void)a; return view(list_of(ev, self.u.d->v, self.u.d->n), JL_VALUES); }
 
 /* ---- globals ---------------------------------------------------------------------------------------------- */
 
@@ -1275,7 +1269,7 @@ static jj_val g_range(jj_ev *ev, jj_val self, jj_bound *a)
         jj__fail(ev, JJ_ERUNTIME, "Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).");
     jj_list *l = jj__list_new(ev, (size_t)n);
     for (int64_t i = 0; i < n; i++) l->v[i] = jj__int(start + i * step);
-    return jj__listv(l, 0);
+    return jj__listv(l, JL_RANGE);
 }
 
 /* dict(mapping or pairs, **kw) and namespace(...): a fresh mapping. */

@@ -221,7 +221,7 @@ static const char *type_repr(jj_val v)
     case JV_DICT: return "dict object";
     case JV_NS: return "jinja2.utils.Namespace object";
     case JV_STR: return "str object";
-    case JV_LIST: return v.tuple ? "tuple object" : "list object";
+    case JV_LIST: return v.kind == JL_TUPLE ? "tuple object" : "list object";
     case JV_INT: return "int object";
     case JV_FLOAT: return "float object";
     case JV_BOOL: return "bool object";
@@ -319,6 +319,8 @@ jj_val jj__getitem(jj_ev *ev, jj_val obj, jj_val key)
         break;
     }
     case JV_LIST:
+        if (obj.kind != JL_LIST && obj.kind != JL_TUPLE && obj.kind != JL_RANGE)
+            jj__fail(ev, JJ_ERUNTIME, "'%s' object is not subscriptable", jj__type_name(obj));
         if (key.t == JV_INT || key.t == JV_BOOL) {
             int64_t i = as_index(ev, key, "list"), n = (int64_t)obj.u.l->n;
             if (i < 0) i += n;
@@ -376,6 +378,8 @@ static jj_val do_slice(jj_ev *ev, jj_val obj, jj_val av, jj_val bv, jj_val cv)
     if (step == 0) jj__fail(ev, JJ_ERUNTIME, "slice step cannot be zero");
     if (step == INT64_MIN) step = -INT64_MAX;
     int64_t n;
+    if (obj.t == JV_LIST && obj.kind != JL_LIST && obj.kind != JL_TUPLE && obj.kind != JL_RANGE)
+        jj__fail(ev, JJ_ERUNTIME, "'%s' object is not subscriptable", jj__type_name(obj));
     if (obj.t == JV_LIST) n = (int64_t)obj.u.l->n;
     else if (obj.t == JV_STR) n = (int64_t)obj.u.s->ncp;
     else jj__fail(ev, JJ_ERUNTIME, "'%s' object is not subscriptable", jj__type_name(obj));
@@ -387,7 +391,7 @@ static jj_val do_slice(jj_ev *ev, jj_val obj, jj_val av, jj_val bv, jj_val cv)
     if (obj.t == JV_LIST) {
         jj_list *l = jj__list_new(ev, cnt);
         for (size_t k = 0; k < cnt; k++) l->v[k] = obj.u.l->v[start + (int64_t)k * step];
-        return jj__listv(l, obj.tuple);
+        return jj__listv(l, obj.kind == JL_TUPLE ? JL_TUPLE : JL_LIST);
     }
     const jj_str *s = obj.u.s;
     if (step == 1) {
@@ -464,7 +468,7 @@ static jj_val repeat(jj_ev *ev, jj_val seq, int64_t k)
     jj_list *l = jj__list_new(ev, seq.u.l->n * (size_t)k);
     for (int64_t i = 0; i < k; i++)
         if (seq.u.l->n) memcpy(l->v + (size_t)i * seq.u.l->n, seq.u.l->v, seq.u.l->n * sizeof(jj_val));
-    return jj__listv(l, seq.tuple);
+    return jj__listv(l, seq.kind);
 }
 
 static jj_val binop(jj_ev *ev, int op, jj_val a, jj_val b)
@@ -537,22 +541,28 @@ static jj_val binop(jj_ev *ev, int op, jj_val a, jj_val b)
         jj__fail(ev, JJ_ERUNTIME, "integer overflow in '%s'", op_sym(op));
     }
     if (op == OP_ADD && a.t == JV_STR && b.t == JV_STR) {
+        /* Markup + str escapes the str (markupsafe), whichever side it is on */
+        int markup = a.kind || b.kind;
         jj_sb s = { 0 };
-        jj__sb_str(ev, &s, a.u.s);
-        jj__sb_str(ev, &s, b.u.s);
-        return jj__strv(jj__sb_done(ev, &s));
+        jj__sb_str(ev, &s, markup && !a.kind ? jj__escape(ev, a.u.s) : a.u.s);
+        jj__sb_str(ev, &s, markup && !b.kind ? jj__escape(ev, b.u.s) : b.u.s);
+        jj_val r = jj__strv(jj__sb_done(ev, &s));
+        r.kind = (uint8_t)markup;
+        return r;
     }
-    if (op == OP_ADD && a.t == JV_LIST && b.t == JV_LIST && a.tuple == b.tuple) {
+    if (op == OP_ADD && a.t == JV_LIST && b.t == JV_LIST && a.kind == b.kind && a.kind <= JL_TUPLE) {
         jj_list *l = jj__list_new(ev, a.u.l->n + b.u.l->n);
         if (a.u.l->n) memcpy(l->v, a.u.l->v, a.u.l->n * sizeof(jj_val));
         if (b.u.l->n) memcpy(l->v + a.u.l->n, b.u.l->v, b.u.l->n * sizeof(jj_val));
-        return jj__listv(l, a.tuple);
+        return jj__listv(l, a.kind);
     }
-    if (op == OP_MUL && (a.t == JV_STR || a.t == JV_LIST) && (b.t == JV_INT || b.t == JV_BOOL)) return repeat(ev, a, inum(b));
-    if (op == OP_MUL && (b.t == JV_STR || b.t == JV_LIST) && (a.t == JV_INT || a.t == JV_BOOL)) return repeat(ev, b, inum(a));
+    if (op == OP_MUL && (a.t == JV_STR || (a.t == JV_LIST && a.kind <= JL_TUPLE)) && (b.t == JV_INT || b.t == JV_BOOL))
+        return repeat(ev, a, inum(b));
+    if (op == OP_MUL && (b.t == JV_STR || (b.t == JV_LIST && b.kind <= JL_TUPLE)) && (a.t == JV_INT || a.t == JV_BOOL))
+        return repeat(ev, b, inum(a));
     if (op == OP_MOD && a.t == JV_STR) {
         const jj_builtin *f = jj__filter_find("format");
-        jj_list *args = b.t == JV_LIST && b.tuple ? b.u.l : NULL;
+        jj_list *args = b.t == JV_LIST && b.kind == JL_TUPLE ? b.u.l : NULL;
         return jj__apply(ev, f, a, args ? args->v : &b, args ? args->n : 1, NULL, NULL, 0);
     }
     if (op == OP_ADD && a.t == JV_STR)
@@ -652,7 +662,7 @@ jj_val jj__call(jj_ev *ev, jj_val fv, jj_val *pos, size_t npos, const char **kwn
     case FN_LOOP_CHANGED: {
         jj_list *l = jj__list_new(ev, npos);
         if (npos) memcpy(l->v, pos, npos * sizeof *pos);
-        jj_val now = jj__listv(l, 1);
+        jj_val now = jj__listv(l, JL_TUPLE);
         int changed = !f->loop->changed_init || !jj__equal(now, f->loop->last_changed);
         f->loop->changed_init = 1;
         f->loop->last_changed = now;
@@ -789,7 +799,7 @@ static jj_val eval_in(jj_ev *ev, const jj_node *n, jj_scope *s)
     case N_TUPLE: {
         jj_list *l = jj__list_new(ev, n->list.n);
         for (size_t i = 0; i < n->list.n; i++) l->v[i] = eval_in(ev, n->list.v[i], s);
-        return jj__listv(l, n->kind == N_TUPLE);
+        return jj__listv(l, n->kind == N_TUPLE ? JL_TUPLE : JL_LIST);
     }
     case N_DICT: {
         jj_dict *d = jj__dict_new(ev, n->list.n / 2);

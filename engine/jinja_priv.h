@@ -47,9 +47,17 @@ typedef struct jj_dict jj_dict;
 typedef struct jj_func jj_func;
 typedef struct jj_loop jj_loop;
 
+/* What a JV_LIST is in Python: they iterate alike but print, compare,
+ * serialise and answer len() and [] differently.  jinja2's map, select,
+ * reject, selectattr, rejectattr, unique and items filters return
+ * generators (always true; no len(); not JSON), dict.items()/keys()/
+ * values() views, range() a range. */
+enum { JL_LIST, JL_TUPLE, JL_GEN, JL_ITEMS, JL_KEYS, JL_VALUES, JL_RANGE };
+
 typedef struct jj_val {
     uint8_t t;     /* JV_* */
-    uint8_t tuple; /* JV_LIST: a tuple (Python repr with parentheses) */
+    uint8_t kind;  /* JV_LIST: JL_*; JV_STR: 1 for Markup (the safe and escape filters'
+                      result, which escapes what is added to it) */
     union {
         int b;
         int64_t i;
@@ -209,7 +217,7 @@ void jj__sb_taint_all(jj_sb *b, jj_ev *ev);         /* marks everything untruste
 jj_str *jj__sb_done(jj_ev *ev, jj_sb *b);
 
 jj_list *jj__list_new(jj_ev *ev, size_t n);
-jj_val jj__listv(jj_list *l, int tuple);
+jj_val jj__listv(jj_list *l, int kind);
 jj_dict *jj__dict_new(jj_ev *ev, size_t cap);
 jj_val *jj__dict_find(const jj_dict *d, jj_val key);
 jj_val *jj__dict_get_cstr(const jj_dict *d, const char *key);
@@ -221,6 +229,9 @@ int jj__equal(jj_val a, jj_val b);
 int jj__compare(jj_ev *ev, jj_val a, jj_val b);
 const char *jj__type_name(jj_val v); /* Python's name: 'str', 'dict', 'NoneType', ... */
 int jj__untrusted_any(jj_val v);       /* any untrusted string inside */
+
+/* markupsafe's escape(): & < > " ' as entities (keeps untrusted ranges). */
+jj_str *jj__escape(jj_ev *ev, const jj_str *s);
 
 /* str(v) and repr(v) as Python writes them, appended to b. */
 void jj__str_of(jj_ev *ev, jj_sb *b, jj_val v);

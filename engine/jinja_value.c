@@ -272,9 +272,9 @@ jj_list *jj__list_new(jj_ev *ev, size_t n)
     return l;
 }
 
-jj_val jj__listv(jj_list *l, int tuple)
+jj_val jj__listv(jj_list *l, int kind)
 {
-    jj_val v = { .t = JV_LIST, .tuple = (uint8_t)!!tuple };
+    jj_val v = { .t = JV_LIST, .kind = (uint8_t)kind };
     v.u.l = l;
     return v;
 }
@@ -335,7 +335,7 @@ int jj__truthy(jj_val v)
     case JV_INT: return v.u.i != 0;
     case JV_FLOAT: return v.u.f != 0.0;
     case JV_STR: return v.u.s->len != 0;
-    case JV_LIST: return v.u.l->n != 0;
+    case JV_LIST: return v.kind == JL_GEN || v.u.l->n != 0; /* a generator object is always true */
     case JV_DICT: return v.u.d->n != 0;
     default: return 1;
     }
@@ -368,7 +368,10 @@ static int equal_d(jj_val a, jj_val b, int depth)
     case JV_UNDEF: case JV_NONE: return 1;
     case JV_STR: return a.u.s->len == b.u.s->len && memcmp(a.u.s->s, b.u.s->s, a.u.s->len) == 0;
     case JV_LIST:
-        if (a.tuple != b.tuple || a.u.l->n != b.u.l->n) return 0;
+        if (a.kind == JL_GEN || a.kind == JL_ITEMS || a.kind == JL_KEYS || a.kind == JL_VALUES ||
+            b.kind == JL_GEN || b.kind == JL_ITEMS || b.kind == JL_KEYS || b.kind == JL_VALUES)
+            return a.u.l == b.u.l; /* identity, near enough for templates */
+        if (a.kind != b.kind || a.u.l->n != b.u.l->n) return 0;
         for (size_t i = 0; i < a.u.l->n; i++)
             if (!equal_d(a.u.l->v[i], b.u.l->v[i], depth + 1)) return 0;
         return 1;
@@ -400,7 +403,11 @@ const char *jj__type_name(jj_val v)
     case JV_INT: return "int";
     case JV_FLOAT: return "float";
     case JV_STR: return "str";
-    case JV_LIST: return v.tuple ? "tuple" : "list";
+    case JV_LIST: {
+        static const char *const names[] = { "list", "tuple", "generator", "dict_items", "dict_keys",
+                                             "dict_values", "range" };
+        return names[v.kind];
+    }
     case JV_DICT: return "dict";
     case JV_NS: return "Namespace";
     case JV_FUNC: return "function";
@@ -426,7 +433,7 @@ int jj__compare(jj_ev *ev, jj_val a, jj_val b)
         if (c) return c < 0 ? -1 : 1;
         return a.u.s->len < b.u.s->len ? -1 : a.u.s->len > b.u.s->len;
     }
-    if (a.t == JV_LIST && b.t == JV_LIST && a.tuple == b.tuple) {
+    if (a.t == JV_LIST && b.t == JV_LIST && a.kind == b.kind && (a.kind == JL_LIST || a.kind == JL_TUPLE)) {
         size_t n = a.u.l->n < b.u.l->n ? a.u.l->n : b.u.l->n;
         for (size_t i = 0; i < n; i++) {
             if (jj__equal(a.u.l->v[i], b.u.l->v[i])) continue;
@@ -537,6 +544,35 @@ static void repr_str(jj_ev *ev, jj_sb *b, const jj_str *s)
     jj__sb_put(ev, b, &q, 1, 0);
 }
 
+static int byte_untrusted(const jj_str *s, size_t i)
+{
+    for (uint32_t k = 0; k < s->n_taint; k++)
+        if (i >= s->taint[k].a && i < s->taint[k].b) return 1;
+    return 0;
+}
+
+jj_str *jj__escape(jj_ev *ev, const jj_str *s)
+{
+    jj_sb b = { 0 };
+    size_t a = 0;
+    for (size_t i = 0; i < s->len; i++) {
+        const char *e = NULL;
+        switch (s->s[i]) {
+        case '&': e = "&amp;"; break;
+        case '<': e = "&lt;"; break;
+        case '>': e = "&gt;"; break;
+        case '"': e = "&#34;"; break;
+        case '\'': e = "&#39;"; break;
+        }
+        if (!e) continue;
+        jj__sb_str(ev, &b, jj__str_sub(&ev->arena, s, a, i));
+        jj__sb_put(ev, &b, e, strlen(e), byte_untrusted(s, i));
+        a = i + 1;
+    }
+    jj__sb_str(ev, &b, jj__str_sub(&ev->arena, s, a, s->len));
+    return jj__sb_done(ev, &b);
+}
+
 static void repr_d(jj_ev *ev, jj_sb *b, jj_val v, int depth);
 
 static void str_d(jj_ev *ev, jj_sb *b, jj_val v, int depth)
@@ -559,15 +595,32 @@ static void repr_d(jj_ev *ev, jj_sb *b, jj_val v, int depth)
     switch (v.t) {
     case JV_UNDEF: jj__sb_puts(ev, b, "Undefined"); return;
     case JV_STR: repr_str(ev, b, v.u.s); return;
-    case JV_LIST:
-        jj__sb_puts(ev, b, v.tuple ? "(" : "[");
+    case JV_LIST: {
+        if (v.kind == JL_GEN) { jj__sb_puts(ev, b, "<generator object>"); return; }
+        if (v.kind == JL_RANGE) {
+            char buf[96];
+            jj_list *l = v.u.l;
+            long long a = l->n ? (long long)l->v[0].u.i : 0, st = l->n > 1 ? (long long)(l->v[1].u.i - l->v[0].u.i) : 1;
+            if (st == 1) snprintf(buf, sizeof buf, "range(%lld, %lld)", a, a + (long long)l->n);
+            else snprintf(buf, sizeof buf, "range(%lld, %lld, %lld)", a, a + st * (long long)l->n, st);
+            jj__sb_puts(ev, b, buf);
+            return;
+        }
+        int view = v.kind == JL_ITEMS || v.kind == JL_KEYS || v.kind == JL_VALUES;
+        if (view) {
+            jj__sb_puts(ev, b, jj__type_name(v));
+            jj__sb_puts(ev, b, "(");
+        }
+        jj__sb_puts(ev, b, v.kind == JL_TUPLE ? "(" : "[");
         for (size_t i = 0; i < v.u.l->n; i++) {
             if (i) jj__sb_puts(ev, b, ", ");
             repr_d(ev, b, v.u.l->v[i], depth + 1);
         }
-        if (v.tuple && v.u.l->n == 1) jj__sb_puts(ev, b, ",");
-        jj__sb_puts(ev, b, v.tuple ? ")" : "]");
+        if (v.kind == JL_TUPLE && v.u.l->n == 1) jj__sb_puts(ev, b, ",");
+        jj__sb_puts(ev, b, v.kind == JL_TUPLE ? ")" : "]");
+        if (view) jj__sb_puts(ev, b, ")");
         return;
+    }
     case JV_NS: jj__sb_puts(ev, b, "<Namespace ");
         /* fall through */
     case JV_DICT:
@@ -682,6 +735,7 @@ static void json_d(jj_ev *ev, jj_sb *b, jj_val v, const json_opts *o, int level,
         return;
     case JV_STR: json_str(ev, b, v.u.s, o->ascii, un); return;
     case JV_LIST:
+        if (v.kind != JL_LIST && v.kind != JL_TUPLE) break;
         if (v.u.l->n == 0) { jj__sb_put(ev, b, "[]", 2, un); return; }
         jj__sb_put(ev, b, "[", 1, un);
         if (o->indent) json_newline(ev, b, o, level + 1);
@@ -721,8 +775,9 @@ static void json_d(jj_ev *ev, jj_sb *b, jj_val v, const json_opts *o, int level,
         return;
     }
     default:
-        jj__fail(ev, JJ_ERUNTIME, "Object of type %s is not JSON serializable", jj__type_name(v));
+        break;
     }
+    jj__fail(ev, JJ_ERUNTIME, "Object of type %s is not JSON serializable", jj__type_name(v));
 }
 
 jj_str *jj__tojson(jj_ev *ev, jj_val v, int ensure_ascii, const char *indent, const char *item_sep,
