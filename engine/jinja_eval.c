@@ -125,6 +125,7 @@ void jj__fail(jj_ev *ev, int status, const char *fmt, ...)
         va_start(ap, fmt);
         vsnprintf(ev->err + n, ev->errlen - (size_t)n, fmt, ap);
         va_end(ap);
+        jj__utf8_trim_cut(ev->err);
     }
     ev->status = status;
     longjmp(ev->fail, 1);

@@ -56,6 +56,7 @@ static void pfail(parser *P, int line, const char *fmt, ...)
             va_start(ap, fmt);
             vsnprintf(P->err + n, P->errlen - (size_t)n, fmt, ap);
             va_end(ap);
+            jj__utf8_trim_cut(P->err);
         }
     }
     P->status = JJ_ESYNTAX;

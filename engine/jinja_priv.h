@@ -207,6 +207,9 @@ size_t jj__str_cp_off(const jj_str *s, size_t i);
 /* Decodes one code point at s[i] (valid UTF-8 assumed); returns its length. */
 size_t jj__utf8_dec(const char *s, size_t n, uint32_t *cp);
 size_t jj__utf8_enc(uint32_t cp, char *out);
+/* Drops an incomplete UTF-8 character that a cut left at the end of s
+ * (error messages must stay valid UTF-8: they end up in JSON). */
+void jj__utf8_trim_cut(char *s);
 /* Length of a Python str.isspace() character at s (0: not whitespace). */
 size_t jj__space_len(const char *s, size_t n);
 

@@ -113,6 +113,16 @@ size_t jj__space_len(const char *s, size_t n)
     return 0;
 }
 
+void jj__utf8_trim_cut(char *s)
+{
+    size_t len = strlen(s), j = len;
+    while (j > 0 && ((unsigned char)s[j - 1] & 0xC0) == 0x80) j--;
+    if (j == 0) return;
+    unsigned char lead = (unsigned char)s[j - 1];
+    size_t need = lead < 0x80 ? 1 : (lead >> 5) == 6 ? 2 : (lead >> 4) == 14 ? 3 : (lead >> 3) == 30 ? 4 : 1;
+    if (j - 1 + need > len) s[j - 1] = 0;
+}
+
 /* ---- strings ---------------------------------------------------------------- */
 
 static size_t count_cp(const char *s, size_t n)
