@@ -149,6 +149,42 @@ struct jj_template {
     int iterates_content;
 };
 
+/* ---- parsing (jinja_lex.c, jinja_parse.c) --------------------------------- */
+
+/* Tokens: template data, tag delimiters, and what is inside tags. */
+enum { T_EOF, T_DATA, T_VAR_BEGIN, T_VAR_END, T_BLOCK_BEGIN, T_BLOCK_END, T_NAME, T_STRING, T_INT, T_FLOAT, T_OP };
+
+typedef struct jj_tok {
+    int type;
+    int line;
+    const char *s; /* T_DATA, T_NAME, T_STRING (decoded), T_OP: text */
+    size_t len;
+    int64_t i;
+    double f;
+} jj_tok;
+
+/* A parse in progress.  Errors longjmp to jb with status and err set. */
+typedef struct jj_parser {
+    jj_arena *a;       /* the template's */
+    jmp_buf jb;
+    int status;
+    char *err;
+    size_t errlen;
+    jj_tok *t;         /* the tokens (jj__lex) */
+    size_t nt, cap, i;
+    int depth;         /* expression / statement nesting */
+    int loops;         /* enclosing for loops (break/continue) */
+    int iterates_content;
+    jj_template *tpl;
+    const char *src;
+    size_t src_len;
+} jj_parser;
+
+/* Fails the parse with "line N: ..." (jj_parse returns JJ_ESYNTAX). */
+_Noreturn void jj__parse_fail(jj_parser *P, int line, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Splits the template text into P->t, ending with T_EOF. */
+void jj__lex(jj_parser *P, const char *src, size_t len);
+
 /* ---- evaluator state (jinja_eval.c) -------------------------------------- */
 
 typedef struct jj_scope jj_scope;
@@ -249,6 +285,30 @@ jj_str *jj__tojson(jj_ev *ev, jj_val v, int ensure_ascii, const char *indent, co
 /* JSON value -> value; strings trusted per the callback. */
 jj_val jj__from_json(jj_ev *ev, json_t *j, const char *key, jj_trust_fn trust, void *ctx, int depth);
 
+/* Argument checks of builtins: fail with "what, not <type>" otherwise. */
+_Noreturn void jj__type_error(jj_ev *ev, const char *what, jj_val v);
+const jj_str *jj__need_str(jj_ev *ev, jj_val v, const char *what);
+int64_t jj__need_int(jj_ev *ev, jj_val v, const char *what);
+jj_val jj__list_of(jj_ev *ev, jj_val *v, size_t n); /* a new list of copies */
+
+/* ---- Python's str operations (jinja_strings.c) ----------------------------- */
+
+int jj__is_alpha_cp(jj_ev *ev, uint32_t c);
+/* mode: 'u' upper, 'l' lower, 't' str.title(), 'c' capitalize, 'j' jinja's title filter */
+jj_val jj__recase(jj_ev *ev, const jj_str *s, int mode);
+/* str.strip(chars) (chars NULL: whitespace), on the left and/or the right */
+jj_val jj__strip(jj_ev *ev, const jj_str *s, const jj_str *chars, int left, int right);
+/* str.split(sep, maxsplit) / str.rsplit (sep none or undefined: whitespace runs) */
+jj_val jj__split(jj_ev *ev, const jj_str *s, jj_val sep, int64_t maxsplit, int from_right);
+jj_val jj__splitlines(jj_ev *ev, const jj_str *s, int keepends);
+jj_val jj__replace(jj_ev *ev, const jj_str *s, const jj_str *old, const jj_str *new, int64_t count);
+int jj__has_prefix(const jj_str *s, const jj_str *p, int suffix);
+/* startswith/endswith with a str or a tuple of str */
+jj_val jj__starts_ends(jj_ev *ev, const jj_str *s, jj_val arg, int suffix);
+/* byte offset of the first (last) occurrence, or -1; jj__byte_to_cp turns it into Python's index */
+int64_t jj__find(const jj_str *s, const jj_str *sub, int last);
+int64_t jj__byte_to_cp(const jj_str *s, int64_t off);
+
 /* ---- evaluator (jinja_eval.c) -------------------------------------------- */
 
 /* Calls a callable with evaluated arguments (kw names may be NULL). */
@@ -260,7 +320,7 @@ jj_val jj__getitem(jj_ev *ev, jj_val obj, jj_val key);
  * none); fails for other values. */
 jj_list *jj__iter(jj_ev *ev, jj_val v);
 
-/* ---- builtins (jinja_builtins.c) ----------------------------------------- */
+/* ---- filters and builtins (jinja_filters.c, jinja_builtins.c) --------------- */
 
 /* Arguments of a builtin call after binding: up to 8 parameters by name. */
 typedef struct jj_bound {
@@ -281,6 +341,8 @@ struct jj_builtin {
 };
 
 const jj_builtin *jj__filter_find(const char *name);
+/* the items filter: (key, value) tuples of a mapping, as a generator */
+jj_val jj__items(jj_ev *ev, jj_val v, jj_bound *a);
 const jj_builtin *jj__test_find(const char *name);
 /* A test applied by name at run time (select, selectattr, ...). */
 int jj__run_test(jj_ev *ev, const char *name, jj_val v, jj_val *args, size_t nargs);

@@ -477,6 +477,34 @@ int jj__untrusted_any(jj_val v)
     return untrusted_d(v, 0);
 }
 
+/* ---- argument checks for builtins ------------------------------------------------ */
+
+_Noreturn void jj__type_error(jj_ev *ev, const char *what, jj_val v)
+{
+    if (v.t == JV_UNDEF) jj__fail(ev, JJ_ERUNTIME, "%s", v.u.s ? v.u.s->s : "undefined value");
+    jj__fail(ev, JJ_ERUNTIME, "%s, not %s", what, jj__type_name(v));
+}
+
+const jj_str *jj__need_str(jj_ev *ev, jj_val v, const char *what)
+{
+    if (v.t != JV_STR) jj__type_error(ev, what, v);
+    return v.u.s;
+}
+
+int64_t jj__need_int(jj_ev *ev, jj_val v, const char *what)
+{
+    if (v.t == JV_INT) return v.u.i;
+    if (v.t == JV_BOOL) return v.u.b;
+    jj__type_error(ev, what, v);
+}
+
+jj_val jj__list_of(jj_ev *ev, jj_val *v, size_t n)
+{
+    jj_list *l = jj__list_new(ev, n);
+    if (n) memcpy(l->v, v, n * sizeof *v);
+    return jj__listv(l, JL_LIST);
+}
+
 /* ---- str() and repr() ---------------------------------------------------------------- */
 
 /* Python's repr(float): the shortest digits that read back the same, fixed
