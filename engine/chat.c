@@ -8,11 +8,12 @@
  * tokens of tokenizer_config.json, and the caller's extra kwargs.
  *
  * Before rendering, messages get what an OpenAI-compatible server must do
- * for a Hugging Face template (as vLLM does): keys whose value is null are
- * dropped and reasoning fields aliased (transformers 5), tool call
- * arguments sent as JSON text become objects, text parts of a list content
- * are joined when the template expects a string, and the developer role
- * reads as system for templates that do not know it.
+ * for a Hugging Face template (as vLLM does): a null or absent content is
+ * empty, other keys whose value is null are dropped and reasoning fields
+ * aliased (transformers 5), tool call arguments sent as JSON text become
+ * objects, text parts of a list content are joined when the template
+ * expects a string, and the developer role reads as system for templates
+ * that do not know it.
  *
  * Every byte of the rendered text knows whether it came from the template
  * (with the special-token variables and validated role names) or from the
@@ -479,6 +480,14 @@ static json_t *normalize_tool_calls(json_t *calls, int *rc)
     return out;
 }
 
+/* OpenAI's null or absent content, as vLLM passes it: no text, or no parts
+ * for a template that loops over parts (transformers would drop the key,
+ * and templates that read message.content would fail on a tool call turn). */
+static json_t *empty_content(int parts)
+{
+    return parts ? json_array() : json_string("");
+}
+
 /* The messages as the template sees them (a new array). */
 static json_t *normalize_messages(const chat_tpl *t, const eng_chat_params *p, char *err, size_t errlen, int *rc)
 {
@@ -511,20 +520,26 @@ static json_t *normalize_messages(const chat_tpl *t, const eng_chat_params *p, c
         const char *key;
         json_t *v;
         json_object_foreach(m, key, v) {
-            if (json_is_null(v)) continue; /* transformers drops keys whose value is None */
-            json_t *nv = json_incref(v);
-            if (!strcmp(key, "role") && json_is_string(v) && !strcmp(json_string_value(v), "developer") &&
-                !t->developer) {
-                json_decref(nv);
-                nv = json_string("system");
-            } else if (!strcmp(key, "content") && json_is_array(v) && !iterates) {
-                json_decref(nv);
+            int is_content = !strcmp(key, "content");
+            if (json_is_null(v) && !is_content) continue; /* transformers drops keys whose value is None */
+            json_t *nv;
+            if (is_content && json_is_null(v)) {
+                nv = empty_content(iterates);
+            } else if (is_content && json_is_array(v) && !iterates) {
                 if (!(nv = join_parts(v, mi, err, errlen, rc))) goto fail;
+            } else if (!strcmp(key, "role") && json_is_string(v) && !strcmp(json_string_value(v), "developer") &&
+                       !t->developer) {
+                nv = json_string("system");
             } else if (!strcmp(key, "tool_calls") && json_is_array(v)) {
-                json_decref(nv);
                 if (!(nv = normalize_tool_calls(v, rc))) goto fail;
+            } else {
+                nv = json_incref(v);
             }
             if (!nv || json_object_set_new(o, key, nv)) { *rc = ENG_ENOMEM; goto fail; }
+        }
+        if (!json_object_get(o, "content") && json_object_set_new(o, "content", empty_content(iterates))) {
+            *rc = ENG_ENOMEM;
+            goto fail;
         }
         if (reason && json_object_set(o, "reasoning_content", reason)) { *rc = ENG_ENOMEM; goto fail; }
     }

@@ -305,6 +305,23 @@ SPECIAL_RE = re.compile(r"<\|[^|<>\s'\"]{1,48}\|>|<\uff5c[^\uff5c<>'\"]{1,48}\uf
                         r"</?(?:start_of_turn|end_of_turn|think|tool_call|tool_response|bos|eos|s)>")
 
 
+def openai_to_template(conv, parts_native):
+    """What an OpenAI-compatible server hands the template for these messages,
+    as vLLM does (and mkad): a null or absent content is "" (no parts, [],
+    for a template that loops over content parts); text parts are joined
+    with "\n" for a template that wants a string."""
+    out = []
+    for m in conv:
+        m = dict(m)
+        c = m.get("content")
+        if c is None:
+            m["content"] = [] if parts_native else ""
+        elif isinstance(c, list) and not parts_native:
+            m["content"] = "\n".join(p["text"] for p in c)
+        out.append(m)
+    return out
+
+
 def family(name):
     for sub, toks in FAMILY:
         if sub in name:
@@ -364,9 +381,7 @@ def prepare(workdir, fixture):
             kw_sets += [{"enable_thinking": False}, {"enable_thinking": True}]
         for conv_name, conv in CONVS.items():
             tools = TOOLS if conv_name.startswith("tools") else None
-            py_conv = conv
-            if conv_name == "parts" and not parts_native:  # as mkad (and vLLM) join text parts for such templates
-                py_conv = [dict(m, content="\n".join(p["text"] for p in m["content"])) for m in conv]
+            py_conv = openai_to_template(conv, parts_native)
             for kw in kw_sets:
                 for gen, cont in ((False, False), (True, False)) if conv_name != "continue" else ((False, True),):
                     status, text = reference(tpl, py_conv, tools, gen, cont, kw, special)
