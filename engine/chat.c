@@ -574,6 +574,18 @@ fail:
 
 /* ---- rendering ------------------------------------------------------------------------- */
 
+void eng_chat_params_from_json(eng_chat_params *p, json_t *req)
+{
+    json_t *agp = json_object_get(req, "add_generation_prompt");
+    memset(p, 0, sizeof *p);
+    p->messages = json_object_get(req, "messages");
+    p->tools = json_object_get(req, "tools");
+    p->documents = json_object_get(req, "documents");
+    p->kwargs = json_object_get(req, "chat_template_kwargs");
+    p->continue_final_message = json_is_true(json_object_get(req, "continue_final_message"));
+    p->add_generation_prompt = agp ? json_is_true(agp) : !p->continue_final_message;
+}
+
 static int set_var(jj_vars *v, const char *name, json_t *value)
 {
     return jj_vars_set_json(v, name, value, NULL, NULL);

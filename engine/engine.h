@@ -245,8 +245,8 @@ enum {
 
 /* Loads `path`: a model directory (tokenizer.json, plus tokenizer_config.json,
  * generation_config.json and the chat template files when present) or a
- * tokenizer.json file (its directory is searched for the others).  *out owns the tokenizer; free it
- * with eng_tok_free. */
+ * tokenizer.json file (its directory is searched for the others).  *out
+ * owns the tokenizer; free it with eng_tok_free. */
 int eng_tok_load(const char *path, eng_tok **out, char *err, size_t errlen);
 void eng_tok_free(eng_tok *tok);
 /* Borrowed; valid until eng_tok_free. */
@@ -347,6 +347,12 @@ typedef struct eng_chat_params {
     int64_t now;                /* the clock of strftime_now (seconds since the epoch, local
                                    time); 0: the current time */
 } eng_chat_params;
+
+/* Fills *p from an object shaped like a /v1/chat/completions body:
+ * "messages", "tools", "documents", "chat_template_kwargs" (borrowed from
+ * req), "add_generation_prompt" (default true, false when
+ * "continue_final_message" is true and it is not given). */
+void eng_chat_params_from_json(eng_chat_params *p, struct json_t *req);
 
 /* Renders the messages as the template does (what apply_chat_template(
  * tokenize=False) gives).  *text: NUL-terminated, caller frees.  Errors:

@@ -56,15 +56,8 @@ static int t_encode(void *ctx, const char *text, size_t len, int32_t **ids, int 
 static int t_chat(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size_t errlen)
 {
     text_ctx *t = ctx;
-    json_t *agp = json_object_get(req, "add_generation_prompt");
-    eng_chat_params p = {
-        .messages = json_object_get(req, "messages"),
-        .tools = json_object_get(req, "tools"),
-        .documents = json_object_get(req, "documents"),
-        .kwargs = json_object_get(req, "chat_template_kwargs"),
-        .add_generation_prompt = !agp || json_is_true(agp),
-        .continue_final_message = json_is_true(json_object_get(req, "continue_final_message")),
-    };
+    eng_chat_params p;
+    eng_chat_params_from_json(&p, req);
     size_t nn = 0;
     int rc = eng_tok_chat_encode(t->tok, &p, ids, &nn, err, errlen);
     if (rc != ENG_OK) return rc;

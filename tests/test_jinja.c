@@ -328,13 +328,9 @@ static int render_mode(const char *path)
                 return 2;
             }
         }
-        json_t *req = json_object_get(c, "request"), *agp = json_object_get(req, "add_generation_prompt");
-        eng_chat_params p = { .messages = json_object_get(req, "messages"), .tools = json_object_get(req, "tools"),
-                              .documents = json_object_get(req, "documents"),
-                              .kwargs = json_object_get(req, "chat_template_kwargs"),
-                              .add_generation_prompt = json_is_true(agp),
-                              .continue_final_message = json_is_true(json_object_get(req, "continue_final_message")),
-                              .now = json_integer_value(json_object_get(c, "now")) };
+        eng_chat_params p;
+        eng_chat_params_from_json(&p, json_object_get(c, "request"));
+        p.now = json_integer_value(json_object_get(c, "now"));
         char *text = NULL;
         size_t tl = 0;
         int rc = eng_tok_chat_apply(tok, &p, &text, &tl, err, sizeof err);

@@ -180,21 +180,6 @@ static json_t *chat_request(const char *text, const char *messages_path, const c
     return req;
 }
 
-static eng_chat_params chat_params(json_t *req)
-{
-    json_t *agp = json_object_get(req, "add_generation_prompt");
-    eng_chat_params p = {
-        .messages = json_object_get(req, "messages"),
-        .tools = json_object_get(req, "tools"),
-        .documents = json_object_get(req, "documents"),
-        .kwargs = json_object_get(req, "chat_template_kwargs"),
-        .add_generation_prompt = !agp || json_is_true(agp),
-        .continue_final_message = json_is_true(json_object_get(req, "continue_final_message")),
-    };
-    if (p.continue_final_message && !agp) p.add_generation_prompt = 0;
-    return p;
-}
-
 int main(int argc, char **argv)
 {
     const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL, *text_arg = NULL;
@@ -329,7 +314,8 @@ int main(int argc, char **argv)
                 eng_tok_free(tkz);
                 return 2;
             }
-            eng_chat_params cp = chat_params(req);
+            eng_chat_params cp;
+            eng_chat_params_from_json(&cp, req);
             if (print_prompt) {
                 char *text = NULL;
                 size_t tl = 0;
