@@ -21,7 +21,6 @@
  * former, so a user cannot inject <|im_end|>.
  */
 #include <dirent.h>
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +30,7 @@
 
 #include "internal.h"
 #include "jinja.h"
+#include "safetensors.h"
 
 enum { TPL_DEFAULT, TPL_TOOL_USE, N_TPL };
 
@@ -69,33 +69,6 @@ static jj_render_params render_params(int64_t now)
 
 /* ---- loading ------------------------------------------------------------------ */
 
-static char *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    char *buf = NULL;
-    size_t n = 0, cap = 0;
-    while (1) {
-        if (n + 1 >= cap) {
-            cap = cap ? cap * 2 : 16384;
-            char *p = cap <= ((size_t)64 << 20) ? realloc(buf, cap) : NULL;
-            if (!p) {
-                free(buf);
-                fclose(f);
-                return NULL;
-            }
-            buf = p;
-        }
-        size_t r = fread(buf + n, 1, cap - n - 1, f);
-        n += r;
-        if (r == 0) break;
-    }
-    fclose(f);
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
 static int valid_utf8(const char *s, size_t n, size_t *bad)
 {
     const unsigned char *u = (const unsigned char *)s;
@@ -112,13 +85,18 @@ static int valid_utf8(const char *s, size_t n, size_t *bad)
     return 1;
 }
 
-/* Takes ownership of src (malloc'd); parses it into slot t. */
-static int tpl_set(chat_tpl *t, char *src, size_t len, const char *origin)
+static void tpl_free(chat_tpl *t)
 {
-    if (t->t) jj_template_free(t->t);
+    jj_template_free(t->t);
     free(t->src);
     free(t->origin);
     memset(t, 0, sizeof *t);
+}
+
+/* Takes ownership of src (malloc'd); parses it into slot t. */
+static int tpl_set(chat_tpl *t, char *src, size_t len, const char *origin)
+{
+    tpl_free(t);
     t->src = src;
     t->len = len;
     t->origin = strdup(origin);
@@ -143,14 +121,6 @@ static int tpl_set(chat_tpl *t, char *src, size_t len, const char *origin)
     return ENG_OK;
 }
 
-static void tpl_free(chat_tpl *t)
-{
-    jj_template_free(t->t);
-    free(t->src);
-    free(t->origin);
-    memset(t, 0, sizeof *t);
-}
-
 static int tpl_from_string(chat_tpl *t, const char *s, size_t len, const char *origin)
 {
     char *copy = malloc(len + 1);
@@ -163,10 +133,17 @@ static int tpl_from_string(chat_tpl *t, const char *s, size_t len, const char *o
 
 static int tpl_from_file(chat_tpl *t, const char *path)
 {
-    size_t len;
-    char *src = read_file(path, &len);
-    if (!src) return ENG_ENOMEM;
-    int rc = tpl_set(t, src, len, path);
+    char *src = NULL, err[512];
+    size_t len = 0;
+    int rc = eng_st_read_file(path, "chat template", (size_t)16 << 20, &src, &len, err, sizeof err);
+    if (rc == ENG_ENOMEM) return rc;
+    if (rc) { /* recorded like a template that does not parse */
+        tpl_free(t);
+        if (!(t->origin = strdup(path))) return ENG_ENOMEM;
+        eng__errf(t->err, sizeof t->err, 0, "%s", err);
+        return ENG_OK;
+    }
+    rc = tpl_set(t, src, len, path);
     return rc == ENG_ENOMEM ? rc : ENG_OK;
 }
 
@@ -393,13 +370,9 @@ int eng_tok_set_chat_template(eng_tok *tok, const char *text, size_t len, const 
     eng_chat *c = tok ? eng__tok_chat(tok) : NULL;
     if (!c || (!text && len)) return eng__errf(err, errlen, ENG_EINVAL, "eng_tok_set_chat_template: NULL argument");
     tpl_free(&c->tpl[TPL_TOOL_USE]);
-    char *copy = malloc(len + 1);
-    if (!copy) return eng__errf(err, errlen, ENG_ENOMEM, "chat template: out of memory");
-    if (len) memcpy(copy, text, len);
-    copy[len] = 0;
-    int rc = tpl_set(&c->tpl[TPL_DEFAULT], copy, len, origin ? origin : "the given template");
-    if (rc == ENG_ENOMEM) return eng__errf(err, errlen, rc, "chat template: out of memory");
-    if (rc) return eng__errf(err, errlen, rc, "%s", c->tpl[TPL_DEFAULT].err);
+    int rc = tpl_from_string(&c->tpl[TPL_DEFAULT], text ? text : "", len, origin ? origin : "the given template");
+    if (rc) return eng__errf(err, errlen, rc, "chat template: out of memory");
+    if (!c->tpl[TPL_DEFAULT].t) return eng__errf(err, errlen, ENG_EUNSUPPORTED, "%s", c->tpl[TPL_DEFAULT].err);
     return ENG_OK;
 }
 
@@ -593,14 +566,13 @@ static int set_var(jj_vars *v, const char *name, json_t *value)
 
 /* Cuts the rendered prompt at the continue tag (transformers'
  * continue_final_message). */
-static int cut_at_tag(jj_result *r, const json_t *msgs, char *err, size_t errlen)
+static int cut_at_tag(jj_result *r, char *err, size_t errlen)
 {
     static const char tag[] = CONTINUE_TAG;
     const size_t tl = sizeof tag - 2; /* without the space */
     char *at = NULL;
     for (char *p = r->text; (p = strstr(p, "CONTINUE_FINAL_MESSAGE_TAG")); p++) at = p;
     if (!at) {
-        (void)msgs;
         return eng__errf(err, errlen, ENG_EINVAL,
                          "continue_final_message: the final message does not appear in the rendered chat (the "
                          "chat template changes or drops it)");
@@ -667,7 +639,7 @@ static int chat_render(const eng_tok *tok, const eng_chat_params *p, jj_result *
     char jerr[400];
     int jr = jj_render(t->t, v, &rp, res, jerr, sizeof jerr);
     switch (jr) {
-    case JJ_OK: rc = p->continue_final_message ? cut_at_tag(res, msgs, err, errlen) : ENG_OK; break;
+    case JJ_OK: rc = p->continue_final_message ? cut_at_tag(res, err, errlen) : ENG_OK; break;
     case JJ_ERAISE: rc = eng__errf(err, errlen, ENG_EINVAL, "the chat template refused the messages: %s", jerr); break;
     case JJ_ELIMIT: rc = eng__errf(err, errlen, ENG_ERANGE, "chat template (%s): %s", t->origin, jerr); break;
     case JJ_ENOMEM: rc = eng__errf(err, errlen, ENG_ENOMEM, "chat: out of memory"); break;

@@ -11,7 +11,6 @@
  * end in ".0" before parsing), so the file loads and the reader of that key
  * decides what the value means.
  */
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +18,7 @@
 #include <jansson.h>
 
 #include "internal.h"
+#include "safetensors.h"
 
 /* 1 when the integer literal s[0..n) (optional '-', digits) is outside int64. */
 static int int_overflows(const char *s, size_t n)
@@ -103,37 +103,11 @@ int eng__json_loadb(const char *buf, size_t len, const char *name, json_t **out,
 int eng__json_load_file(const char *path, const char *name, json_t **out, char *err, size_t errlen)
 {
     *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f) return eng__errf(err, errlen, ENG_EIO, "%s: %s", name, strerror(errno));
     char *buf = NULL;
-    size_t len = 0, cap = 0;
-    while (1) {
-        if (len == cap) {
-            cap = cap ? cap * 2 : 65536;
-            if (cap > ((size_t)1 << 30)) {
-                free(buf);
-                fclose(f);
-                return eng__errf(err, errlen, ENG_EFORMAT, "%s: larger than 1 GiB", name);
-            }
-            char *p = realloc(buf, cap);
-            if (!p) {
-                free(buf);
-                fclose(f);
-                return eng__errf(err, errlen, ENG_ENOMEM, "%s: out of memory", name);
-            }
-            buf = p;
-        }
-        size_t n = fread(buf + len, 1, cap - len, f);
-        len += n;
-        if (n == 0) break;
-    }
-    int rd_err = ferror(f);
-    fclose(f);
-    if (rd_err) {
-        free(buf);
-        return eng__errf(err, errlen, ENG_EIO, "%s: read error", name);
-    }
-    int rc = eng__json_loadb(buf, len, name, out, err, errlen);
+    size_t len = 0;
+    int rc = eng_st_read_file(path, name, (size_t)1 << 30, &buf, &len, err, errlen);
+    if (rc) return rc;
+    rc = eng__json_loadb(buf, len, name, out, err, errlen);
     free(buf);
     return rc;
 }
