@@ -184,8 +184,8 @@ static int load_template_files(eng_chat *c, const char *dir, int *found)
             closedir(d);
             if (*found)
                 eng__errf(c->no_tpl_err, sizeof c->no_tpl_err, 0,
-                         "%s holds chat templates but none named default.jinja or tool_use.jinja, and there is "
-                         "no chat_template.jinja; give one with --chat-template FILE", path);
+                          "%s holds chat templates but none named default.jinja or tool_use.jinja, and there is "
+                          "no chat_template.jinja; give one with --chat-template FILE", path);
         }
     }
     return ENG_OK;
@@ -206,7 +206,7 @@ static int load_template_config(eng_chat *c, const char *dir, const json_t *cfg)
             json_t *name = json_object_get(x, "name"), *tpl = json_object_get(x, "template");
             if (!json_is_string(name) || !json_is_string(tpl)) {
                 eng__errf(c->no_tpl_err, sizeof c->no_tpl_err, 0,
-                         "%s: chat_template[%zu] is not {\"name\": string, \"template\": string}", origin, i);
+                          "%s: chat_template[%zu] is not {\"name\": string, \"template\": string}", origin, i);
                 return ENG_OK;
             }
             const char *n = json_string_value(name);
@@ -221,13 +221,13 @@ static int load_template_config(eng_chat *c, const char *dir, const json_t *cfg)
         }
         if (!c->tpl[TPL_DEFAULT].origin && json_array_size(ct))
             eng__errf(c->no_tpl_err, sizeof c->no_tpl_err, 0,
-                     "%s: chat_template lists templates (%s) but none named \"default\"; give one with "
-                     "--chat-template FILE", origin, names);
+                      "%s: chat_template lists templates (%s) but none named \"default\"; give one with "
+                      "--chat-template FILE", origin, names);
         return ENG_OK;
     }
     if (ct && !json_is_null(ct))
         eng__errf(c->no_tpl_err, sizeof c->no_tpl_err, 0,
-                 "%s: chat_template must be a string or a list of {\"name\", \"template\"}", origin);
+                  "%s: chat_template must be a string or a list of {\"name\", \"template\"}", origin);
     return ENG_OK;
 }
 
@@ -261,12 +261,11 @@ static const char *const END_OF_TURN[] = {
 static int load_stop_ids(eng_chat *c, const eng_tok *tok, const char *dir, char *err, size_t errlen)
 {
     add_stop(c, eng_tok_get_info(tok)->eos_id);
-    char path[4200], name[4300];
+    char path[4200];
     snprintf(path, sizeof path, "%s/generation_config.json", dir);
     if (exists(path)) {
-        snprintf(name, sizeof name, "%s", path);
         json_t *g;
-        int rc = eng__json_load_file(path, name, &g, err, errlen);
+        int rc = eng__json_load_file(path, path, &g, err, errlen);
         if (rc) return rc;
         json_t *e = json_object_get(g, "eos_token_id");
         json_t *one[1] = { e };
@@ -322,8 +321,8 @@ int eng__chat_load(const eng_tok *tok, const char *dir, const json_t *cfg, eng_c
     }
     if (!c->tpl[TPL_DEFAULT].origin && !c->no_tpl_err[0])
         eng__errf(c->no_tpl_err, sizeof c->no_tpl_err, 0,
-                 "the model directory %s has no chat template (chat_template.jinja, or chat_template in "
-                 "tokenizer_config.json); give one with --chat-template FILE", dir);
+                  "the model directory %s has no chat template (chat_template.jinja, or chat_template in "
+                  "tokenizer_config.json); give one with --chat-template FILE", dir);
     if ((rc = load_stop_ids(c, tok, dir, err, errlen))) goto fail;
     *out = c;
     return ENG_OK;
