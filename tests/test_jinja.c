@@ -226,6 +226,18 @@ START_TEST(runtime_errors)
     expect_error("{% set l = [] %}{{ l.append(1) }}", vars, JJ_ERUNTIME, "unsafe");
     expect_error("{% set ns = namespace() %}{% set ns._p = 1 %}", vars, JJ_ERUNTIME, "underscore");
     expect_error("{% set m2 = m %}{% set m2.x = 1 %}", vars, JJ_ERUNTIME, "non-namespace");
+    /* a message cut to the buffer never ends inside a UTF-8 character */
+    for (int shift = 0; shift < 3; shift++) {
+        char src[2048], err[100];
+        int n = snprintf(src, sizeof src, "{{ raise_exception('%.*s", shift, "ab");
+        for (int i = 0; i < 300; i++) n += snprintf(src + n, sizeof src - (size_t)n, "\xc3\xa9");
+        snprintf(src + n, sizeof src - (size_t)n, "') }}");
+        jj_result r = { 0 };
+        ck_assert_int_eq(render_ex(src, NULL, 0, NULL, &r, err, sizeof err), JJ_ERAISE);
+        json_t *j = json_string(err); /* NULL for invalid UTF-8 */
+        ck_assert_msg(j != NULL, "shift %d: cut inside a character", shift);
+        json_decref(j);
+    }
     /* raise_exception: its message, as it is */
     expect_error("{% if m.role != 'system' %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}",
                  vars, JJ_ERAISE, "Conversation roles must alternate user/assistant/user/assistant/...");
