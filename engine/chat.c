@@ -20,6 +20,8 @@
  * caller's data; eng_tok_chat_encode reads special tokens only from the
  * former, so a user cannot inject <|im_end|>.
  */
+#include "config.h" /* _GNU_SOURCE: memmem */
+
 #include <dirent.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -570,14 +572,16 @@ static int cut_at_tag(jj_result *r, char *err, size_t errlen)
     static const char tag[] = CONTINUE_TAG;
     const size_t tl = sizeof tag - 2; /* without the space */
     char *at = NULL;
-    for (char *p = r->text; (p = strstr(p, "CONTINUE_FINAL_MESSAGE_TAG")); p++) at = p;
+    /* the last occurrence; by length, as the text may hold NUL bytes (a
+     * \u0000 in a message is text) */
+    for (char *p = r->text, *end = r->text + r->len; (p = memmem(p, (size_t)(end - p), tag, tl)); p++) at = p;
     if (!at) {
         return eng__errf(err, errlen, ENG_EINVAL,
                          "continue_final_message: the final message does not appear in the rendered chat (the "
                          "chat template changes or drops it)");
     }
     size_t cut = (size_t)(at - r->text);
-    if (strncmp(at, tag, tl + 1) != 0)
+    if ((size_t)(r->text + r->len - at) <= tl || at[tl] != ' ')
         while (cut > 0 && (r->text[cut - 1] == ' ' || r->text[cut - 1] == '\t' || r->text[cut - 1] == '\n' ||
                            r->text[cut - 1] == '\r' || r->text[cut - 1] == '\v' || r->text[cut - 1] == '\f'))
             cut--;

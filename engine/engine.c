@@ -1,12 +1,14 @@
 /*
  * engine.c — the backend-neutral engine core: parameters, sequence slots,
- * block tables and the free-block list, step validation and batch packing.
+ * block tables, the free-block list and block sharing (fork), step validation
+ * and batch packing.
  * The numbers (weights in the backend's form, the K/V pool, EMA state, the
  * forward pass) live behind e->ops (engine_priv.h): engine/cpu/backend.c, the
  * reference, or engine/cuda/ when built with CUDA and chosen at run time.
  */
 #include "config.h"
 
+#include <assert.h>
 #include <limits.h>
 #include <math.h>
 #include <stdio.h>
@@ -163,6 +165,7 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
     int fail = 0;
     e->block_table = xcalloc((size_t)p.max_seqs * e->max_blocks_per_seq, sizeof(int), &fail);
     e->free_blocks = xcalloc((size_t)p.n_blocks, sizeof(int), &fail);
+    e->block_ref = xcalloc((size_t)p.n_blocks, sizeof(int), &fail);
     e->seqs = xcalloc((size_t)p.max_seqs, sizeof(eng_seq), &fail);
     for (int s = 0; !fail && s < p.max_seqs; s++) {
         eng_seq *sq = &e->seqs[s];
@@ -209,6 +212,7 @@ void eng_free(eng_engine *e)
     free(e->seqs);
     free(e->block_table);
     free(e->free_blocks);
+    free(e->block_ref);
     free(e->tok); free(e->tok_item); free(e->tok_pos); free(e->item_start); free(e->sel_row);
     free(e->sel_logits); free(e->seen_seq); free(e->stage_kv); free(e->stage_ema);
     free(e);
@@ -252,16 +256,27 @@ int eng_seq_create(eng_engine *e, int *seq)
     return ENG_ENOSPC;
 }
 
-static void release_blocks(eng_engine *e, eng_seq *sq, int keep)
+int eng__block_push(eng_engine *e, eng_seq *sq)
 {
-    while (sq->n_blocks > keep) e->free_blocks[e->n_free++] = sq->blocks[--sq->n_blocks];
+    int b = e->free_blocks[--e->n_free];
+    e->block_ref[b] = 1;
+    sq->blocks[sq->n_blocks++] = b;
+    return b;
+}
+
+void eng__blocks_release(eng_engine *e, eng_seq *sq, int keep)
+{
+    while (sq->n_blocks > keep) {
+        int b = sq->blocks[--sq->n_blocks];
+        if (--e->block_ref[b] == 0) e->free_blocks[e->n_free++] = b;
+    }
 }
 
 void eng_seq_free(eng_engine *e, int seq)
 {
     eng_seq *sq = eng__seq(e, seq);
     if (!sq) return;
-    release_blocks(e, sq, 0);
+    eng__blocks_release(e, sq, 0);
     sq->in_use = 0;
     sq->n_tokens = 0;
     sq->l3_n = 0;
@@ -287,9 +302,47 @@ int eng_seq_truncate(eng_engine *e, int seq, int n)
     if (n % e->B != 0) return ENG_EINVAL;
     int rc = e->ops->ema_reset(e, seq, n == 0 ? -1 : sq->blocks[n / e->B - 1], NULL, 0);
     if (rc != ENG_OK) return rc;
-    release_blocks(e, sq, n / e->B);
+    eng__blocks_release(e, sq, n / e->B);
     sq->n_tokens = n;
     return ENG_OK;
+}
+
+int eng_seq_fork(eng_engine *e, int src, int dst, int n_tokens)
+{
+    eng_seq *s = eng__seq(e, src), *d = eng__seq(e, dst);
+    if (!s || !d || src == dst || d->n_tokens != 0 || n_tokens < 0 || n_tokens > s->n_tokens)
+        return ENG_EINVAL;
+    int n_full = n_tokens / e->B, tail = n_tokens % e->B != 0;
+    if (tail && n_tokens != s->n_tokens) return ENG_EINVAL; /* no EMA state to start from */
+    if (tail && e->n_free < 1) return ENG_ENOSPC;
+    int rc = e->ops->l3_set(e, dst, s->l3_n, s->l3_mu, NULL, 0);
+    if (rc != ENG_OK) return rc;
+    /* Full blocks are shared; a partial last block is copied, since dst will
+     * write into it. */
+    for (int i = 0; i < n_full; i++) {
+        d->blocks[d->n_blocks++] = s->blocks[i];
+        e->block_ref[s->blocks[i]]++;
+    }
+    if (tail) {
+        int b = eng__block_push(e, d);
+        if ((rc = e->ops->block_get(e, s->blocks[n_full], e->stage_kv, NULL, NULL, 0)) != ENG_OK ||
+            (rc = e->ops->block_set(e, b, e->stage_kv, NULL, NULL, 0)) != ENG_OK ||
+            (rc = e->ops->ema_get(e, src, e->stage_ema, NULL, 0)) != ENG_OK ||
+            (rc = e->ops->ema_set(e, dst, e->stage_ema, NULL, 0)) != ENG_OK)
+            goto fail;
+    } else if ((rc = e->ops->ema_reset(e, dst, n_full > 0 ? s->blocks[n_full - 1] : -1, NULL, 0)) != ENG_OK) {
+        goto fail;
+    }
+    memcpy(d->tokens, s->tokens, (size_t)n_tokens * sizeof(int32_t));
+    if (s->l3_n > 0) memcpy(d->l3_mu, s->l3_mu, (size_t)s->l3_n * e->n_layers * e->D * sizeof(float));
+    d->l3_n = s->l3_n;
+    d->n_tokens = n_tokens;
+    return ENG_OK;
+fail: /* back to an empty dst with its own bank */
+    eng__blocks_release(e, d, 0);
+    e->ops->ema_reset(e, dst, -1, NULL, 0);
+    e->ops->l3_set(e, dst, d->l3_n, d->l3_mu, NULL, 0);
+    return rc;
 }
 
 int eng_seq_set_l3_bank(eng_engine *e, int seq, int n_chunks, const float *mu)
@@ -361,7 +414,10 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
         eng_seq *sq = &e->seqs[it->seq];
         e->item_start[i] = T;
         int need = (sq->n_tokens + it->n_tokens + e->B - 1) / e->B;
-        while (sq->n_blocks < need) sq->blocks[sq->n_blocks++] = e->free_blocks[--e->n_free];
+        /* The block the first new position lands in must be this sequence's
+         * alone: only full blocks are ever shared. */
+        assert(sq->n_tokens % e->B == 0 || e->block_ref[sq->blocks[sq->n_tokens / e->B]] == 1);
+        while (sq->n_blocks < need) eng__block_push(e, sq);
         for (int j = 0; j < it->n_tokens; j++, T++) {
             e->tok[T] = it->tokens[j];
             e->tok_item[T] = i;
@@ -375,7 +431,7 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
         /* Give back the blocks taken for positions that were not computed. */
         for (int i = 0; i < n_items; i++) {
             eng_seq *sq = &e->seqs[items[i].seq];
-            release_blocks(e, sq, (sq->n_tokens + e->B - 1) / e->B);
+            eng__blocks_release(e, sq, (sq->n_tokens + e->B - 1) / e->B);
         }
         return rc;
     }

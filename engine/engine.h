@@ -4,9 +4,9 @@
  * The engine loads a Hugging Face model directory, owns a paged K/V block
  * pool and a table of sequence slots, runs batched FastMKA forward steps over
  * ragged batches (some sequences prefilling a chunk, others decoding one
- * token), samples tokens, and exports/imports a sequence's whole state as one
- * versioned host buffer for the memstore.  It knows nothing about HTTP or
- * RocksDB.  FASTMKA.md (shared/) defines the math; docs/model-format.md the
+ * token), samples tokens, shares full K/V blocks between sequences with a
+ * common prefix, and exports/imports a sequence's state for the memstore,
+ * block by block or whole.  It knows nothing about HTTP or RocksDB.  FASTMKA.md (shared/) defines the math; docs/model-format.md the
  * accepted model directories.
  *
  * Status codes: 0 is success, negative values are errors (ENG_E*).  Functions
@@ -134,8 +134,8 @@ typedef struct eng_stats {
     int blocks_used;
     int seqs_active;
     size_t kv_bytes;      /* bytes of the K/V pool (K/V + EMA checkpoints) */
-    const char *kv_dtype; /* "f32" or "bf16": K/V are kept in the model's dtype (bf16 for
-                             bf16 models; always bf16 on CUDA) */
+    const char *kv_dtype; /* "f32" or "bf16": the CPU keeps K/V in bf16 for a bf16
+                             checkpoint, else f32; CUDA always in bf16 */
 } eng_stats;
 void eng_get_stats(const eng_engine *e, eng_stats *out);
 
@@ -153,8 +153,21 @@ int eng_seq_len(const eng_engine *e, int seq);
 const int32_t *eng_seq_tokens(const eng_engine *e, int seq);
 /* Cuts the sequence back to its first n tokens.  n must be 0, the current
  * length, or a multiple of block_size (the EMA state is checkpointed only at
- * block boundaries).  Frees the blocks past n. */
+ * block boundaries).  Lets go of the blocks past n (a block shared with
+ * another sequence stays with it). */
 int eng_seq_truncate(eng_engine *e, int seq, int n);
+/* Makes the empty sequence dst start as the first n_tokens tokens of src:
+ * the same token ids, L3 bank, K/V and EMA state, so that both continue
+ * exactly as src alone would (n `choices`, a common prefix).  src's full
+ * blocks among them are shared, not copied: a full block is never written
+ * again, and returns to the pool when the last sequence holding it lets go.
+ * n_tokens must be a multiple of block_size (the EMA state is checkpointed
+ * only at block ends) or src's whole length; then a partial last block is
+ * copied into a fresh block and src's running EMA state taken.  ENG_EINVAL
+ * for anything else (dst not empty, dst == src, a slot not in use);
+ * ENG_ENOSPC when the partial block finds no free block.  On error dst is
+ * unchanged. */
+int eng_seq_fork(eng_engine *e, int src, int dst, int n_tokens);
 /* Installs the sequence's L3 bank: n_chunks memory chunks, chunk r's per-layer
  * value vectors mu (n_chunks, n_layers, D) (copied; keys are mu/|mu|).  Only
  * on an empty sequence (length 0) and only for mka_levels == 3; n_chunks == 0
@@ -177,14 +190,68 @@ typedef struct eng_batch_item {
  * error no sequence is changed. */
 int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err, size_t errlen);
 
-/* ---- sequence state export / import ------------------------------------ */
+/* ---- sequence state by blocks ------------------------------------------- */
+
+/* A sequence's K/V live in blocks of B = block_size positions.  A full block
+ * never changes once its last position is written; it is the unit a turn
+ * persists (only the blocks that turn filled) and a resume loads (the first
+ * k blocks of a stored session; the rest is prefilled).
+ *
+ * One block's record, as eng_seq_blocks_export writes it and
+ * eng_seq_blocks_import reads it (little-endian, no padding, no header):
+ *   kv   [n_layers][2][B][kv_dim] in kv_dtype   fused K (after RoPE), then V
+ *   ema  [n_layers][d_model] float               EMA state after the block's
+ *                                                last position (the checkpoint)
+ * kv_bytes + ema_bytes = block_bytes; n blocks are n records back to back.
+ * A record has no identity of its own: its K/V and EMA depend on the model,
+ * the sequence's L3 bank and every token id up to the block's end, so the
+ * caller keys and checks it by all three (and by this format). */
+enum { ENG_KV_F32 = 0, ENG_KV_BF16 = 1 }; /* element type of K/V */
+
+typedef struct eng_block_format {
+    int block_tokens;   /* B */
+    int n_layers;
+    int kv_dim;         /* n_kv_heads * head_dim */
+    int d_model;        /* D */
+    int kv_dtype;       /* ENG_KV_*: bf16 on CUDA and for bf16 checkpoints, else f32 */
+    size_t kv_bytes;    /* n_layers * 2 * B * kv_dim * (4 for f32, 2 for bf16) */
+    size_t ema_bytes;   /* n_layers * d_model * 4 */
+    size_t block_bytes; /* kv_bytes + ema_bytes: one record */
+} eng_block_format;
+
+void eng_get_block_format(const eng_engine *e, eng_block_format *out);
+/* Full blocks of the sequence (its length / B); ENG_EINVAL for a free slot. */
+int eng_seq_n_full_blocks(const eng_engine *e, int seq);
+/* Writes full blocks [first, first + n) of the sequence to buf as n records.
+ * A block's bytes never change, so what an earlier call wrote for it stays
+ * valid.  ENG_EINVAL unless 0 <= first and first + n <= the full blocks;
+ * ENG_ERANGE when len < n * block_bytes. */
+int eng_seq_blocks_export(const eng_engine *e, int seq, int first, int n, void *buf, size_t len);
+/* Appends n_blocks full blocks to the sequence seq, whose length must be a
+ * multiple of B (0 for a new one): tokens (n_blocks * B ids, borrowed) are
+ * the positions they hold, buf (len == n_blocks * block_bytes, borrowed) the
+ * records eng_seq_blocks_export wrote for the same model and block format.
+ * The sequence's EMA state becomes the last record's checkpoint, so the next
+ * eng_step continues exactly as if those tokens had been prefilled.
+ * The L3 bank is not part of a record: bind the session's bank with
+ * eng_seq_set_l3_bank on the empty sequence first; records computed under
+ * another bank import without complaint and continue wrongly.
+ * Errors, with a message: ENG_EINVAL (slot not in use, length not a multiple
+ * of B, len not n_blocks records, a token id out of range), ENG_ERANGE (past
+ * max_ctx), ENG_ENOSPC (fewer than n_blocks free blocks).  On error the
+ * sequence is unchanged. */
+int eng_seq_blocks_import(eng_engine *e, int seq, const int32_t *tokens, int n_blocks, const void *buf,
+                          size_t len, char *err, size_t errlen);
+
+/* ---- whole sequence state export / import ------------------------------- */
 
 /* Bytes eng_seq_export needs for the sequence in its current state. */
 size_t eng_seq_export_size(const eng_engine *e, int seq);
 /* Writes the sequence's complete state (token ids, fused K/V of every
  * position, the EMA state at every block boundary and at the end, the L3
- * bank, the model fingerprint) to buf in the versioned layout of
- * docs/model-format.md ("Sequence state"). */
+ * bank, the model fingerprint) to buf in the versioned, checksummed layout of
+ * docs/model-format.md ("Sequence state"); its full blocks are the records
+ * above. */
 int eng_seq_export(const eng_engine *e, int seq, void *buf, size_t len);
 /* Loads a state written by eng_seq_export into the empty sequence `seq`.
  * Checks magic, version, sizes, checksum and model fingerprint; on any
@@ -202,6 +269,9 @@ typedef struct eng_sampler_params {
     float min_p;              /* 0 = off */
     float repetition_penalty; /* 1 = off; HF semantics over the history */
     uint64_t seed;            /* same seed, same logits => same tokens */
+    float presence_penalty;   /* 0 = off; [-2, 2]; OpenAI semantics over the tokens this
+                                 sampler has returned (see eng_sampler_sample) */
+    float frequency_penalty;  /* 0 = off; [-2, 2]; likewise */
 } eng_sampler_params;
 
 eng_sampler_params eng_sampler_default_params(void);
@@ -210,8 +280,18 @@ int eng_sampler_params_validate(const eng_sampler_params *p, char *err, size_t e
 /* Allocates the sampler's scratch (vocab-sized) once. */
 int eng_sampler_create(int vocab_size, const eng_sampler_params *p, eng_sampler **out);
 void eng_sampler_free(eng_sampler *s);
+/* OpenAI's logit_bias: bias[i] (in [-100, 100]) is added to the logit of
+ * ids[i] before every sample; -100 all but bans a token, 100 all but forces
+ * it.  Replaces any earlier bias (n = 0 clears it); the arrays are copied.
+ * ENG_EINVAL (nothing changed) for an id outside the vocabulary, a bias out
+ * of range, or a repeated id. */
+int eng_sampler_set_logit_bias(eng_sampler *s, const int32_t *ids, const float *bias, int n);
 /* Picks the next token from logits (vocab_size, modified in place).
- * history (n_history ids, may be NULL) feeds the repetition penalty. */
+ * history (n_history ids, may be NULL) feeds the repetition penalty.  In
+ * order: logit bias; repetition penalty; presence and frequency penalties
+ * (logit[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0),
+ * c[t] = how many times this sampler has returned t: the completion so far,
+ * as OpenAI counts); then temperature, top-k, top-p, min-p. */
 int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history, int n_history);
 
 /* ---- tokenizer ---------------------------------------------------------- */

@@ -2,12 +2,12 @@
  * engine_priv.h — the engine core and the backend interface.
  *
  * The core (engine.c, state.c) is backend-neutral: it owns the sequence
- * slots, their token ids and block tables, the free-block list, step
- * validation and batch packing, and the state layout.  Everything that holds
- * numbers the forward pass computes — weights in the backend's form, the K/V
- * pool, the EMA checkpoints, each sequence's running EMA state and L3 bank,
- * step scratch — belongs to the backend, reached only through the ops table
- * below (engine/cpu/ is the reference, engine/cuda/ the GPU twin).  Data
+ * slots, their token ids and block tables, the free-block list and the
+ * blocks' reference counts, step validation and batch packing, and the state
+ * layouts.  Everything that holds numbers the forward pass computes —
+ * weights in the backend's form, the K/V pool, the EMA checkpoints, each
+ * sequence's running EMA state and L3 bank, step scratch — belongs to the
+ * backend, reached only through the ops table below (engine/cpu/ is the reference, engine/cuda/ the GPU twin).  Data
  * moves between core and backend as host buffers in the layouts documented
  * here, so state can move between backends and memory tiers unchanged.
  */
@@ -16,15 +16,15 @@
 
 #include "internal.h"
 
-/* Element type of the K/V pool (and of K/V in the sequence state). */
-enum { ENG_KV_F32 = 0, ENG_KV_BF16 = 1 };
+/* ENG_KV_F32 / ENG_KV_BF16 (engine.h) name e->kv_dtype. */
 
 typedef struct eng_seq {
     int in_use;
     int n_tokens;     /* positions whose K/V are in the blocks */
     int32_t *tokens;  /* (max_ctx) */
     int *blocks;      /* (max_blocks_per_seq) row of e->block_table: block i holds
-                         positions [i*B, (i+1)*B) */
+                         positions [i*B, (i+1)*B); full blocks may be shared with
+                         other sequences (e->block_ref), the partial last one never */
     int n_blocks;
     int l3_n;         /* chunks in the L3 bank */
     float *l3_mu;     /* (l3_max_chunks, n_layers, D) host copy of the bank's values,
@@ -52,9 +52,14 @@ typedef struct eng_plan {
 /* A backend.  Every op returns 0 or a negative ENG_E* status and fills
  * (err, errlen) on failure.  Host buffers are borrowed for the call.
  *
- * Block layout (host side of block_get/block_set):
+ * Block layout (host side of block_get/block_set; engine.h documents the
+ * same layout as the public block payload):
  *   kv   (n_layers, 2, B, kv_dim) in e->kv_dtype: fused K (after RoPE), then V
  *   ema  (n_layers, D) f32: the EMA state after the block's last position
+ *
+ * A step writes K/V only at positions >= the sequence's length, and a
+ * checkpoint only when a position closes a block, so it never touches a full
+ * block: that is what lets the core share full blocks between sequences.
  */
 typedef struct eng_backend {
     const char *name; /* "cpu", "cuda" */
@@ -101,6 +106,7 @@ struct eng_engine {
     size_t be_mem_avail;    /* set by init: bytes the pool may take, 0 = unknown */
 
     int *block_table;       /* (max_seqs, max_blocks_per_seq) */
+    int *block_ref;         /* (n_blocks) sequences whose table holds the block; 0: free */
     int *free_blocks;       /* stack of free block ids */
     int n_free;
     eng_seq *seqs;          /* (max_seqs) */
@@ -119,6 +125,12 @@ struct eng_engine {
 
 /* The sequence in slot `seq`, or NULL when out of range or free. */
 eng_seq *eng__seq(const eng_engine *e, int seq);
+/* Appends a free block (reference count 1) to sq's table; the caller has
+ * checked e->n_free.  Returns the block id. */
+int eng__block_push(eng_engine *e, eng_seq *sq);
+/* Drops sq's blocks past the first `keep`; each goes back to the free stack
+ * when no other sequence holds it. */
+void eng__blocks_release(eng_engine *e, eng_seq *sq, int keep);
 
 /* bf16 <-> f32.  Narrowing rounds to nearest even (NaN stays NaN). */
 static inline uint16_t eng__f32_to_bf16(float f)

@@ -99,6 +99,10 @@ void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, flo
 /* y (M, D) = RMSNorm(x) * w */
 void eng_cpu_rmsnorm(const float *x, const float *w, int M, int D, float eps, float *y);
 float eng_cpu_dot(const float *a, const float *b, int n);
+float eng_cpu_dot_bf16(const float *a, const uint16_t *b, int n); /* b widened from bf16 */
+/* y (n) += a * x (n) */
+void eng_cpu_axpy(float *y, float a, const float *x, int n);
+void eng_cpu_axpy_bf16(float *y, float a, const uint16_t *x, int n);
 
 /* ---- JSON files of a model directory (engine/json_load.c) ---------------
  * Like jansson's loaders, except that an integer literal outside int64 (as

@@ -18,6 +18,8 @@
 #include <sys/stat.h>
 
 #include <jansson.h>
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #include "internal.h"
 #include "safetensors.h"
@@ -26,8 +28,6 @@
 #define CFG_MAX_BYTES (16u * 1024u * 1024u)
 /* Tensors start on 64-byte boundaries inside the arena. */
 #define ARENA_ALIGN 64
-/* The fingerprint hashes at most this many bytes at each end of a tensor. */
-#define FP_EDGE_BYTES (64u * 1024u)
 
 enum { ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3, ROPE_YARN };
 
@@ -778,31 +778,30 @@ static int ld_bind_all(loader *L, eng_model *m)
     return ENG_OK;
 }
 
-/* FNV-1a over the config bytes, then per tensor in name order: name NUL,
- * dtype NUL, ndim and dims as u64 little-endian, then the data (all of it up
- * to 128 KiB, else the first and the last 64 KiB). */
+/* XXH3-64 over the config bytes, then per tensor in name order: name NUL,
+ * dtype NUL, ndim and dims as u64 little-endian, then ALL its data bytes, so
+ * that any change to any weight changes the fingerprint (the memstore binds
+ * persisted sessions to it).  XXH3 reads ~20 GB/s per core: a 15 GB model
+ * costs about a second on top of reading it. */
 static uint64_t fingerprint(const char *cfg, size_t cfg_len, const eng_st_set *st)
 {
-    uint64_t h = eng__fnv1a64(ENG_FNV_INIT, cfg, cfg_len);
+    XXH3_state_t hs;
+    XXH3_64bits_reset(&hs);
+    XXH3_64bits_update(&hs, cfg, cfg_len);
     for (size_t i = 0; i < st->n_tensors; i++) {
         const eng_st_tensor *t = st->tensors[i];
-        h = eng__fnv1a64(h, t->name, strlen(t->name) + 1);
-        h = eng__fnv1a64(h, t->dtype_name, strlen(t->dtype_name) + 1);
+        XXH3_64bits_update(&hs, t->name, strlen(t->name) + 1);
+        XXH3_64bits_update(&hs, t->dtype_name, strlen(t->dtype_name) + 1);
         unsigned char le[8 * (ENG_ST_MAX_DIMS + 1)];
         size_t o = 0;
         for (int d = -1; d < t->ndim; d++) {
             uint64_t x = d < 0 ? (uint64_t)t->ndim : (uint64_t)t->shape[d];
             for (int b = 0; b < 8; b++) le[o++] = (unsigned char)(x >> (8 * b));
         }
-        h = eng__fnv1a64(h, le, o);
-        if (t->nbytes <= 2 * FP_EDGE_BYTES) {
-            h = eng__fnv1a64(h, t->data, t->nbytes);
-        } else {
-            h = eng__fnv1a64(h, t->data, FP_EDGE_BYTES);
-            h = eng__fnv1a64(h, t->data + t->nbytes - FP_EDGE_BYTES, FP_EDGE_BYTES);
-        }
+        XXH3_64bits_update(&hs, le, o);
+        XXH3_64bits_update(&hs, t->data, t->nbytes);
     }
-    return h;
+    return XXH3_64bits_digest(&hs);
 }
 
 /* ---- public ---------------------------------------------------------------- */

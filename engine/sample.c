@@ -1,12 +1,14 @@
 /*
- * sample.c — token sampling: repetition penalty, temperature, top-k, top-p,
- * min-p, and a per-sampler seeded generator (xoshiro256**), so that the same
- * seed and the same logits give the same tokens on every run.
+ * sample.c — token sampling: logit bias, repetition, presence and
+ * frequency penalties, temperature, top-k, top-p, min-p, and a per-sampler
+ * seeded generator (xoshiro256**), so that the same seed and the same
+ * logits give the same tokens on every run.
  *
- * Order, as Hugging Face applies its logits processors: repetition penalty,
+ * Order: OpenAI's logit bias and penalties first (they change the logits),
+ * then as Hugging Face applies its logits processors: repetition penalty,
  * temperature, top-k, top-p, min-p; then a draw from the renormalised
  * distribution.  Temperature 0 is greedy (argmax, lowest id on ties) and
- * ignores the rest but the penalty.
+ * ignores the rest but the bias and the penalties.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -20,11 +22,19 @@ struct eng_sampler {
     uint64_t rng[4];
     int32_t *idx;          /* (vocab) candidate ids */
     unsigned char *mark;   /* (vocab) repetition-penalty marks */
+    /* presence/frequency penalties (allocated only when one is set) */
+    int32_t *count;        /* (vocab) times each id was returned */
+    int32_t *returned;     /* (vocab) the distinct ids returned, n_returned of them */
+    int n_returned;
+    /* logit bias (sparse) */
+    int32_t *bias_ids;     /* (n_bias) */
+    float *bias;           /* (n_bias) */
+    int n_bias;
 };
 
 eng_sampler_params eng_sampler_default_params(void)
 {
-    eng_sampler_params p = { 1.0f, 0, 1.0f, 0.0f, 1.0f, 0 };
+    eng_sampler_params p = { 1.0f, 0, 1.0f, 0.0f, 1.0f, 0, 0.0f, 0.0f };
     return p;
 }
 
@@ -39,6 +49,10 @@ int eng_sampler_params_validate(const eng_sampler_params *p, char *err, size_t e
         return eng__errf(err, errlen, ENG_EINVAL, "min_p must be in [0, 1]");
     if (!(p->repetition_penalty > 0.0f && p->repetition_penalty <= 100.0f))
         return eng__errf(err, errlen, ENG_EINVAL, "repetition_penalty must be in (0, 100]");
+    if (!(p->presence_penalty >= -2.0f && p->presence_penalty <= 2.0f))
+        return eng__errf(err, errlen, ENG_EINVAL, "presence_penalty must be in [-2, 2]");
+    if (!(p->frequency_penalty >= -2.0f && p->frequency_penalty <= 2.0f))
+        return eng__errf(err, errlen, ENG_EINVAL, "frequency_penalty must be in [-2, 2]");
     return ENG_OK;
 }
 
@@ -73,6 +87,11 @@ int eng_sampler_create(int vocab_size, const eng_sampler_params *p, eng_sampler 
     s->idx = malloc((size_t)vocab_size * sizeof *s->idx);
     s->mark = calloc((size_t)vocab_size, 1);
     if (!s->idx || !s->mark) { eng_sampler_free(s); return ENG_ENOMEM; }
+    if (p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f) {
+        s->count = calloc((size_t)vocab_size, sizeof *s->count);
+        s->returned = malloc((size_t)vocab_size * sizeof *s->returned);
+        if (!s->count || !s->returned) { eng_sampler_free(s); return ENG_ENOMEM; }
+    }
     uint64_t x = p->seed;
     for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
     *out = s;
@@ -84,7 +103,53 @@ void eng_sampler_free(eng_sampler *s)
     if (!s) return;
     free(s->idx);
     free(s->mark);
+    free(s->count);
+    free(s->returned);
+    free(s->bias_ids);
+    free(s->bias);
     free(s);
+}
+
+int eng_sampler_set_logit_bias(eng_sampler *s, const int32_t *ids, const float *bias, int n)
+{
+    if (n < 0 || (n > 0 && (!ids || !bias))) return ENG_EINVAL;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= s->vocab || !(bias[i] >= -100.0f && bias[i] <= 100.0f))
+            return ENG_EINVAL;
+        if (s->mark[ids[i]]) { /* repeated id */
+            for (int k = 0; k < i; k++) s->mark[ids[k]] = 0;
+            return ENG_EINVAL;
+        }
+        s->mark[ids[i]] = 1;
+    }
+    for (int i = 0; i < n; i++) s->mark[ids[i]] = 0;
+    int32_t *ni = NULL;
+    float *nb = NULL;
+    if (n > 0) {
+        ni = malloc((size_t)n * sizeof *ni);
+        nb = malloc((size_t)n * sizeof *nb);
+        if (!ni || !nb) {
+            free(ni);
+            free(nb);
+            return ENG_ENOMEM;
+        }
+        memcpy(ni, ids, (size_t)n * sizeof *ni);
+        memcpy(nb, bias, (size_t)n * sizeof *nb);
+    }
+    free(s->bias_ids);
+    free(s->bias);
+    s->bias_ids = ni;
+    s->bias = nb;
+    s->n_bias = n;
+    return ENG_OK;
+}
+
+/* The id the sampler returns: counted for the presence/frequency penalties. */
+static int32_t note_returned(eng_sampler *s, int32_t tok)
+{
+    if (s->count && tok >= 0 && tok < s->vocab && s->count[tok]++ == 0)
+        s->returned[s->n_returned++] = tok;
+    return tok;
 }
 
 /* qsort has no context argument; one sampler runs on one thread at a time. */
@@ -127,6 +192,7 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
     int V = s->vocab;
     const eng_sampler_params *p = &s->p;
 
+    for (int i = 0; i < s->n_bias; i++) logits[s->bias_ids[i]] += s->bias[i];
     if (p->repetition_penalty != 1.0f && history) {
         for (int i = 0; i < n_history; i++) {
             int32_t t = history[i];
@@ -139,19 +205,24 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
             if (history[i] >= 0 && history[i] < V) s->mark[history[i]] = 0;
     }
 
+    for (int i = 0; i < s->n_returned; i++) {
+        int32_t t = s->returned[i];
+        logits[t] -= p->frequency_penalty * (float)s->count[t] + p->presence_penalty;
+    }
+
     int best = 0; /* argmax over the non-NaN logits, lowest id on ties */
     while (best < V - 1 && logits[best] != logits[best]) best++;
     for (int i = best + 1; i < V; i++)
         if (logits[i] > logits[best]) best = i;
-    if (p->temperature == 0.0f) return best;
+    if (p->temperature == 0.0f) return note_returned(s, best);
 
     /* Candidates: everything, or the top k. Exclude NaN logits. */
     float top = logits[best];
-    if (!isfinite(top)) return best;
+    if (!isfinite(top)) return note_returned(s, best);
     int n = 0;
     for (int i = 0; i < V; i++)
         if (logits[i] == logits[i]) { s->idx[n++] = i; logits[i] = (logits[i] - top) / p->temperature; }
-    if (n == 0) return best;
+    if (n == 0) return note_returned(s, best);
     int k = p->top_k > 0 && p->top_k < n ? p->top_k : n;
     /* Top-p without top-k would sort the whole vocabulary every token.  The
      * nucleus holds the most probable tokens, so when those within e^-30 of
@@ -209,7 +280,7 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
     double u = (double)(next_u64(s->rng) >> 11) * 0x1.0p-53 * sum, cum = 0.0;
     for (int i = 0; i < n; i++) {
         cum += logits[s->idx[i]];
-        if (u < cum) return s->idx[i];
+        if (u < cum) return note_returned(s, s->idx[i]);
     }
-    return s->idx[n - 1];
+    return note_returned(s, s->idx[n - 1]);
 }

@@ -1,10 +1,12 @@
 /*
- * state.c — a sequence's complete state as one host buffer, for the memstore
- * (FASTMKA.md, "What a session must persist to resume exactly").  Backend
- * neutral: blocks and EMA state move through the backend's ops, so a state
- * exported by one backend imports into another.
+ * state.c — a sequence's state as host buffers, for the memstore (FASTMKA.md,
+ * "What a session must persist to resume exactly"): block by block
+ * (eng_seq_blocks_export/import: raw K/V + EMA checkpoint records, engine.h
+ * documents the layout) and whole (eng_seq_export/import: one versioned,
+ * checksummed buffer).  Backend neutral: blocks and EMA state move through
+ * the backend's ops, so a state exported by one backend imports into another.
  *
- * Layout, version 2, little-endian, no padding between fields:
+ * Whole-sequence layout, version 2, little-endian, no padding between fields:
  *
  *   header (80 bytes)
  *     char     magic[4]        "MKAS"
@@ -25,11 +27,13 @@
  *       kv     kv[n_layers][2][n_b][kv_dim]         fused K then V, in kv_dtype
  *       float  ema_ckpt[n_layers][d_model]          only when n_b == block_size
  *
- * A reader checks magic, version, header size, dimensions, model
- * fingerprint, that the payload size follows from the header, and the
- * checksum, before it touches the sequence.  K/V written in another dtype
- * than the engine keeps are converted (bf16 widens exactly; f32 narrows to
- * bf16 rounding to nearest even).
+ * So the full blocks of a whole state are, byte for byte, the records that
+ * eng_seq_blocks_export writes (when kv_dtype is the engine's).  A reader
+ * checks magic, version, header size, dimensions, model fingerprint, that the
+ * payload size follows from the header, and the checksum, before it touches
+ * the sequence.  K/V written in another dtype than the engine keeps are
+ * converted (bf16 widens exactly; f32 narrows to bf16 rounding to nearest
+ * even).  Block records carry no header: the caller checks their identity.
  */
 #include <string.h>
 
@@ -58,72 +62,23 @@ _Static_assert(sizeof(state_header) == HEADER_BYTES, "state header must be 80 by
 
 static size_t kv_elem(int dtype) { return dtype == ENG_KV_BF16 ? 2 : 4; }
 
+static size_t ema_bytes(const eng_engine *e) { return (size_t)e->n_layers * e->D * sizeof(float); }
+
+/* Tokens, the running EMA state, the bank, then the block records: K/V rows
+ * of every position and the EMA checkpoint of every full block. */
 static size_t payload_bytes(const eng_engine *e, int n_tokens, int l3_n, int kv_dtype)
 {
-    size_t ld = (size_t)e->n_layers * e->D * sizeof(float);
-    size_t n = (size_t)n_tokens * sizeof(int32_t) + ld + (size_t)l3_n * ld;
-    for (int b = 0; b * e->B < n_tokens; b++) {
-        int nb = n_tokens - b * e->B < e->B ? n_tokens - b * e->B : e->B;
-        n += (size_t)e->n_layers * 2 * nb * e->kv_dim * kv_elem(kv_dtype);
-        if (nb == e->B) n += ld;
-    }
-    return n;
+    size_t kv_per_pos = (size_t)e->n_layers * 2 * e->kv_dim * kv_elem(kv_dtype);
+    return (size_t)n_tokens * (sizeof(int32_t) + kv_per_pos) +
+           (size_t)(1 + l3_n + n_tokens / e->B) * ema_bytes(e);
 }
 
-size_t eng_seq_export_size(const eng_engine *e, int seq)
-{
-    const eng_seq *sq = eng__seq(e, seq);
-    return sq ? HEADER_BYTES + payload_bytes(e, sq->n_tokens, sq->l3_n, e->kv_dtype) : 0;
-}
+/* ---- block records ------------------------------------------------------- */
 
 static unsigned char *put(unsigned char *p, const void *src, size_t n)
 {
     memcpy(p, src, n);
     return p + n;
-}
-
-int eng_seq_export(const eng_engine *ce, int seq, void *buf, size_t len)
-{
-    /* Exporting changes no state, but reads through the backend and uses
-     * the engine's staging buffers. */
-    eng_engine *e = (eng_engine *)ce;
-    const eng_seq *sq = eng__seq(e, seq);
-    if (!sq || !buf) return ENG_EINVAL;
-    size_t pl = payload_bytes(e, sq->n_tokens, sq->l3_n, e->kv_dtype);
-    if (len < HEADER_BYTES + pl) return ENG_ERANGE;
-    int D = e->D, rc;
-    size_t ld = (size_t)e->n_layers * D, row = (size_t)e->kv_dim * kv_elem(e->kv_dtype);
-    unsigned char *p = (unsigned char *)buf + HEADER_BYTES;
-    p = put(p, sq->tokens, (size_t)sq->n_tokens * sizeof(int32_t));
-    if ((rc = e->ops->ema_get(e, seq, e->stage_ema, NULL, 0)) != ENG_OK) return rc;
-    p = put(p, e->stage_ema, ld * sizeof(float));
-    p = put(p, sq->l3_mu, (size_t)sq->l3_n * ld * sizeof(float));
-    for (int b = 0; b < sq->n_blocks; b++) {
-        int nb = sq->n_tokens - b * e->B < e->B ? sq->n_tokens - b * e->B : e->B;
-        if ((rc = e->ops->block_get(e, sq->blocks[b], e->stage_kv, e->stage_ema, NULL, 0)) != ENG_OK)
-            return rc;
-        for (int lk = 0; lk < e->n_layers * 2; lk++)
-            p = put(p, e->stage_kv + (size_t)lk * e->B * row, (size_t)nb * row);
-        if (nb == e->B) p = put(p, e->stage_ema, ld * sizeof(float));
-    }
-    state_header h;
-    memset(&h, 0, sizeof h);
-    memcpy(h.magic, STATE_MAGIC, 4);
-    h.version = STATE_VERSION;
-    h.header_bytes = HEADER_BYTES;
-    h.n_layers = (uint32_t)e->n_layers;
-    h.d_model = (uint32_t)D;
-    h.kv_dim = (uint32_t)e->kv_dim;
-    h.block_size = (uint32_t)e->B;
-    h.n_tokens = (uint32_t)sq->n_tokens;
-    h.l3_n = (uint32_t)sq->l3_n;
-    h.levels = (uint32_t)e->levels;
-    h.kv_dtype = (uint32_t)e->kv_dtype;
-    memcpy(h.fingerprint, e->m->info.fingerprint, 16);
-    h.payload_bytes = pl;
-    h.checksum = eng__fnv1a64(ENG_FNV_INIT, (unsigned char *)buf + HEADER_BYTES, pl);
-    memcpy(buf, &h, sizeof h);
-    return ENG_OK;
 }
 
 /* n K/V elements from src (in dtype `from`, possibly unaligned) into dst (in
@@ -147,6 +102,179 @@ static void kv_convert(void *dst, int to, const unsigned char *src, int from, si
             d[i] = eng__f32_to_bf16(f);
         }
     }
+}
+
+/* Writes the records of sq's positions [first * B, first * B + n_tokens) to
+ * *p (advanced): per block its K/V rows, then its EMA checkpoint when full. */
+static int export_blocks(eng_engine *e, const eng_seq *sq, int first, int n_tokens, unsigned char **p)
+{
+    size_t row = (size_t)e->kv_dim * kv_elem(e->kv_dtype);
+    for (int b = first, off = 0; off < n_tokens; b++, off += e->B) {
+        int rows = n_tokens - off < e->B ? n_tokens - off : e->B;
+        int rc = e->ops->block_get(e, sq->blocks[b], e->stage_kv, rows == e->B ? e->stage_ema : NULL,
+                                   NULL, 0);
+        if (rc != ENG_OK) return rc;
+        for (int lk = 0; lk < e->n_layers * 2; lk++)
+            *p = put(*p, e->stage_kv + (size_t)lk * e->B * row, (size_t)rows * row);
+        if (rows == e->B) *p = put(*p, e->stage_ema, ema_bytes(e));
+    }
+    return ENG_OK;
+}
+
+/* The reverse: appends to sq blocks for n_tokens positions read from *p
+ * (advanced), K/V in dtype kvt.  The caller has checked that enough blocks
+ * are free; on failure the blocks taken are given back. */
+static int import_blocks(eng_engine *e, eng_seq *sq, int n_tokens, const unsigned char **p, int kvt,
+                         char *err, size_t errlen)
+{
+    int keep = sq->n_blocks;
+    size_t row = (size_t)e->kv_dim * kv_elem(e->kv_dtype), row_in = (size_t)e->kv_dim * kv_elem(kvt);
+    for (int off = 0; off < n_tokens; off += e->B) {
+        int rows = n_tokens - off < e->B ? n_tokens - off : e->B, blk = eng__block_push(e, sq);
+        if (rows < e->B) memset(e->stage_kv, 0, e->block_kv_bytes);
+        for (int lk = 0; lk < e->n_layers * 2; lk++, *p += (size_t)rows * row_in)
+            kv_convert(e->stage_kv + (size_t)lk * e->B * row, e->kv_dtype, *p, kvt, (size_t)rows * e->kv_dim);
+        const float *ck = NULL;
+        if (rows == e->B) {
+            memcpy(e->stage_ema, *p, ema_bytes(e));
+            *p += ema_bytes(e);
+            ck = e->stage_ema;
+        }
+        int rc = e->ops->block_set(e, blk, e->stage_kv, ck, err, errlen);
+        if (rc != ENG_OK) {
+            eng__blocks_release(e, sq, keep);
+            return rc;
+        }
+    }
+    return ENG_OK;
+}
+
+/* 1 when a token id among toks (n, possibly unaligned) is outside [0, V);
+ * *bad receives it. */
+static int bad_token(const eng_engine *e, const void *toks, int n, int32_t *bad)
+{
+    for (int i = 0; i < n; i++) {
+        memcpy(bad, (const unsigned char *)toks + (size_t)i * sizeof *bad, sizeof *bad);
+        if (*bad < 0 || *bad >= e->V) return 1;
+    }
+    return 0;
+}
+
+/* ---- by blocks -------------------------------------------------------------- */
+
+void eng_get_block_format(const eng_engine *e, eng_block_format *f)
+{
+    f->block_tokens = e->B;
+    f->n_layers = e->n_layers;
+    f->kv_dim = e->kv_dim;
+    f->d_model = e->D;
+    f->kv_dtype = e->kv_dtype;
+    f->kv_bytes = e->block_kv_bytes;
+    f->ema_bytes = ema_bytes(e);
+    f->block_bytes = f->kv_bytes + f->ema_bytes;
+}
+
+int eng_seq_n_full_blocks(const eng_engine *e, int seq)
+{
+    const eng_seq *sq = eng__seq(e, seq);
+    return sq ? sq->n_tokens / e->B : ENG_EINVAL;
+}
+
+int eng_seq_blocks_export(const eng_engine *ce, int seq, int first, int n, void *buf, size_t len)
+{
+    /* Exporting changes no state, but reads through the backend and uses
+     * the engine's staging buffers. */
+    eng_engine *e = (eng_engine *)ce;
+    const eng_seq *sq = eng__seq(e, seq);
+    if (!sq || first < 0 || n < 0 || first > sq->n_tokens / e->B - n || (n > 0 && !buf))
+        return ENG_EINVAL;
+    if (len < (size_t)n * (e->block_kv_bytes + ema_bytes(e))) return ENG_ERANGE;
+    unsigned char *p = buf;
+    return export_blocks(e, sq, first, n * e->B, &p);
+}
+
+int eng_seq_blocks_import(eng_engine *e, int seq, const int32_t *tokens, int n_blocks, const void *buf,
+                          size_t len, char *err, size_t errlen)
+{
+    eng_seq *sq = eng__seq(e, seq);
+    if (!sq) return eng__errf(err, errlen, ENG_EINVAL, "blocks import: sequence %d is not in use", seq);
+    if (sq->n_tokens % e->B != 0)
+        return eng__errf(err, errlen, ENG_EINVAL,
+                         "blocks import: sequence %d holds %d tokens, not a multiple of the block size %d",
+                         seq, sq->n_tokens, e->B);
+    if (n_blocks < 0 || (n_blocks > 0 && (!tokens || !buf)))
+        return eng__errf(err, errlen, ENG_EINVAL, "blocks import: %d blocks, tokens %s, buffer %s", n_blocks,
+                         tokens ? "given" : "NULL", buf ? "given" : "NULL");
+    size_t rec = e->block_kv_bytes + ema_bytes(e);
+    if (len / rec != (size_t)n_blocks || len % rec != 0)
+        return eng__errf(err, errlen, ENG_EINVAL,
+                         "blocks import: %zu bytes for %d blocks of %zu bytes (another block format?)", len,
+                         n_blocks, rec);
+    if (n_blocks > (e->prm.max_ctx - sq->n_tokens) / e->B)
+        return eng__errf(err, errlen, ENG_ERANGE, "blocks import: %d + %d x %d tokens > max_ctx %d",
+                         sq->n_tokens, n_blocks, e->B, e->prm.max_ctx);
+    int n_tokens = n_blocks * e->B;
+    int32_t bad;
+    if (bad_token(e, tokens, n_tokens, &bad))
+        return eng__errf(err, errlen, ENG_EINVAL, "blocks import: token id %d out of range [0, %d)",
+                         (int)bad, e->V);
+    if (n_blocks > e->n_free)
+        return eng__errf(err, errlen, ENG_ENOSPC, "blocks import: needs %d K/V blocks, %d free", n_blocks,
+                         e->n_free);
+    if (n_blocks == 0) return ENG_OK;
+    const unsigned char *p = buf;
+    int keep = sq->n_blocks;
+    int rc = import_blocks(e, sq, n_tokens, &p, e->kv_dtype, err, errlen);
+    if (rc == ENG_OK) rc = e->ops->ema_reset(e, seq, sq->blocks[sq->n_blocks - 1], err, errlen);
+    if (rc != ENG_OK) {
+        eng__blocks_release(e, sq, keep);
+        return rc;
+    }
+    memcpy(sq->tokens + sq->n_tokens, tokens, (size_t)n_tokens * sizeof(int32_t));
+    sq->n_tokens += n_tokens;
+    return ENG_OK;
+}
+
+/* ---- whole sequence ----------------------------------------------------------- */
+
+size_t eng_seq_export_size(const eng_engine *e, int seq)
+{
+    const eng_seq *sq = eng__seq(e, seq);
+    return sq ? HEADER_BYTES + payload_bytes(e, sq->n_tokens, sq->l3_n, e->kv_dtype) : 0;
+}
+
+int eng_seq_export(const eng_engine *ce, int seq, void *buf, size_t len)
+{
+    eng_engine *e = (eng_engine *)ce; /* see eng_seq_blocks_export */
+    const eng_seq *sq = eng__seq(e, seq);
+    if (!sq || !buf) return ENG_EINVAL;
+    size_t pl = payload_bytes(e, sq->n_tokens, sq->l3_n, e->kv_dtype);
+    if (len < HEADER_BYTES + pl) return ENG_ERANGE;
+    int rc;
+    unsigned char *p = (unsigned char *)buf + HEADER_BYTES;
+    p = put(p, sq->tokens, (size_t)sq->n_tokens * sizeof(int32_t));
+    if ((rc = e->ops->ema_get(e, seq, e->stage_ema, NULL, 0)) != ENG_OK) return rc;
+    p = put(p, e->stage_ema, ema_bytes(e));
+    p = put(p, sq->l3_mu, (size_t)sq->l3_n * ema_bytes(e));
+    if ((rc = export_blocks(e, sq, 0, sq->n_tokens, &p)) != ENG_OK) return rc;
+    state_header h;
+    memset(&h, 0, sizeof h);
+    memcpy(h.magic, STATE_MAGIC, 4);
+    h.version = STATE_VERSION;
+    h.header_bytes = HEADER_BYTES;
+    h.n_layers = (uint32_t)e->n_layers;
+    h.d_model = (uint32_t)e->D;
+    h.kv_dim = (uint32_t)e->kv_dim;
+    h.block_size = (uint32_t)e->B;
+    h.n_tokens = (uint32_t)sq->n_tokens;
+    h.l3_n = (uint32_t)sq->l3_n;
+    h.levels = (uint32_t)e->levels;
+    h.kv_dtype = (uint32_t)e->kv_dtype;
+    memcpy(h.fingerprint, e->m->info.fingerprint, 16);
+    h.payload_bytes = pl;
+    h.checksum = eng__fnv1a64(ENG_FNV_INIT, (unsigned char *)buf + HEADER_BYTES, pl);
+    memcpy(buf, &h, sizeof h);
+    return ENG_OK;
 }
 
 int eng_seq_import(eng_engine *e, int seq, const void *buf, size_t len, char *err, size_t errlen)
@@ -194,48 +322,28 @@ int eng_seq_import(eng_engine *e, int seq, const void *buf, size_t len, char *er
     if (n_blocks > e->n_free)
         return eng__errf(err, errlen, ENG_ENOSPC, "state import: needs %d K/V blocks, %d free", n_blocks,
                          e->n_free);
-    const int32_t *toks = (const int32_t *)p;
-    for (int i = 0; i < n_tokens; i++) {
-        int32_t t;
-        memcpy(&t, toks + i, sizeof t);
-        if (t < 0 || t >= e->V)
-            return eng__errf(err, errlen, ENG_EFORMAT, "state import: token id %d out of range", (int)t);
-    }
+    int32_t bad;
+    if (bad_token(e, p, n_tokens, &bad))
+        return eng__errf(err, errlen, ENG_EFORMAT, "state import: token id %d out of range", (int)bad);
 
     int rc;
-    size_t ld = (size_t)e->n_layers * e->D;
-    size_t row_in = (size_t)e->kv_dim * kv_elem(kvt), row = (size_t)e->kv_dim * kv_elem(e->kv_dtype);
     memcpy(sq->tokens, p, (size_t)n_tokens * sizeof(int32_t));
     p += (size_t)n_tokens * sizeof(int32_t);
     const unsigned char *ema_end = p;
-    p += ld * sizeof(float);
+    p += ema_bytes(e);
     if (h.l3_n > 0) {
-        memcpy(sq->l3_mu, p, (size_t)h.l3_n * ld * sizeof(float));
-        p += (size_t)h.l3_n * ld * sizeof(float);
+        memcpy(sq->l3_mu, p, (size_t)h.l3_n * ema_bytes(e));
+        p += (size_t)h.l3_n * ema_bytes(e);
         if ((rc = e->ops->l3_set(e, seq, (int)h.l3_n, sq->l3_mu, err, errlen)) != ENG_OK) return rc;
     }
     sq->l3_n = (int)h.l3_n;
-    for (int b = 0; b < n_blocks; b++) {
-        int blk = e->free_blocks[--e->n_free];
-        sq->blocks[sq->n_blocks++] = blk;
-        int nb = n_tokens - b * e->B < e->B ? n_tokens - b * e->B : e->B;
-        memset(e->stage_kv, 0, e->block_kv_bytes);
-        for (int lk = 0; lk < e->n_layers * 2; lk++, p += (size_t)nb * row_in)
-            kv_convert(e->stage_kv + (size_t)lk * e->B * row, e->kv_dtype, p, kvt, (size_t)nb * e->kv_dim);
-        const float *ck = NULL;
-        if (nb == e->B) {
-            memcpy(e->stage_ema, p, ld * sizeof(float));
-            p += ld * sizeof(float);
-            ck = e->stage_ema;
-        }
-        if ((rc = e->ops->block_set(e, blk, e->stage_kv, ck, err, errlen)) != ENG_OK) goto fail;
-    }
-    memcpy(e->stage_ema, ema_end, ld * sizeof(float));
+    if ((rc = import_blocks(e, sq, n_tokens, &p, kvt, err, errlen)) != ENG_OK) goto fail;
+    memcpy(e->stage_ema, ema_end, ema_bytes(e));
     if ((rc = e->ops->ema_set(e, seq, e->stage_ema, err, errlen)) != ENG_OK) goto fail;
     sq->n_tokens = n_tokens;
     return ENG_OK;
 fail:
-    while (sq->n_blocks > 0) e->free_blocks[e->n_free++] = sq->blocks[--sq->n_blocks];
+    eng__blocks_release(e, sq, 0);
     sq->l3_n = 0;
     return rc;
 }

@@ -29,42 +29,30 @@ void srv_error_set(srv_error *e, int status, const char *type, const char *param
     va_start(ap, fmt);
     int n = vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
-    if (n >= 0 && (size_t)n >= sizeof e->message) {
-        /* cut at a character boundary: the message goes into JSON */
-        size_t len = strlen(e->message), j = len;
-        while (j > 0 && ((unsigned char)e->message[j - 1] & 0xC0) == 0x80) j--;
-        if (j > 0) {
-            unsigned char lead = (unsigned char)e->message[j - 1];
-            size_t need = lead < 0x80 ? 1 : (lead >> 5) == 6 ? 2 : (lead >> 4) == 14 ? 3 : (lead >> 3) == 30 ? 4 : 1;
-            if (j - 1 + need > len) e->message[j - 1] = 0;
-        }
+    if (n >= (int)sizeof e->message) {
+        /* cut to the buffer: drop a character the cut split */
+        size_t len = strlen(e->message), p = len;
+        while (p > 0 && len - p < 4 && ((unsigned char)e->message[p - 1] & 0xc0) == 0x80) p--;
+        if (p > 0 && (unsigned char)e->message[p - 1] >= 0xc0 &&
+            srv_utf8_char_len(e->message + p - 1, len - p + 1) == 0)
+            e->message[p - 1] = '\0';
     }
 }
 
-/* A JSON string from arbitrary bytes: invalid UTF-8 becomes U+FFFD. */
+/* A JSON string from arbitrary bytes: invalid UTF-8 becomes U+FFFD (one
+ * per invalid byte).  NULL only when memory runs out. */
 static json_t *json_text(const char *s, size_t n)
 {
     json_t *j = json_stringn(s ? s : "", s ? n : 0);
     if (j) return j;
     srv_buf b = { 0 };
     for (size_t i = 0; i < n;) {
-        unsigned char c = (unsigned char)s[i];
-        size_t len = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-        int ok = len > 0 && i + len <= n && c != 0;
-        for (size_t k = 1; ok && k < len; k++) ok = ((unsigned char)s[i + k] >> 6) == 2;
-        if (ok && len > 1) {
-            /* let jansson judge overlongs and surrogates on the one sequence */
-            json_t *t = json_stringn(s + i, len);
-            ok = t != NULL;
-            json_decref(t);
+        size_t len = srv_utf8_char_len(s + i, n - i);
+        if (len == 0 ? srv_buf_append(&b, "\xef\xbf\xbd", 3) : srv_buf_append(&b, s + i, len)) {
+            srv_buf_free(&b);
+            return NULL;
         }
-        if (ok) {
-            srv_buf_append(&b, s + i, len);
-            i += len;
-        } else {
-            srv_buf_append(&b, "\xef\xbf\xbd", 3);
-            i++;
-        }
+        i += len ? len : 1;
     }
     j = json_stringn(b.data ? b.data : "", b.len);
     srv_buf_free(&b);
@@ -73,14 +61,13 @@ static json_t *json_text(const char *s, size_t n)
 
 char *srv_error_json(const srv_error *e)
 {
-    json_t *o = json_pack("{s:{s:s, s:s, s:o, s:o}}", "error", "message", e->message, "type",
+    json_t *o = json_pack("{s:{s:o, s:s, s:o, s:o}}", "error", "message",
+                          json_text(e->message, strlen(e->message)), "type",
                           e->type ? e->type : "invalid_request_error", "param",
-                          e->param[0] ? json_string(e->param) : json_null(), "code",
+                          e->param[0] ? json_text(e->param, strlen(e->param)) : json_null(), "code",
                           e->code ? json_string(e->code) : json_null());
     char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
-    if (!s) s = strdup("{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\","
-                       "\"param\":null,\"code\":null}}");
     return s;
 }
 
@@ -237,8 +224,9 @@ static int check_message(json_t *m, const char *param, srv_error *err)
     json_t *role = json_object_get(m, "role");
     if (!json_is_string(role)) BAD(param, "'%s.role' must be a string", param);
     const char *rs = json_string_value(role);
-    int ok = 0;
-    for (size_t k = 0; k < sizeof roles / sizeof *roles; k++) ok |= strcmp(rs, roles[k]) == 0;
+    int ok = 0; /* by length: "user\u0000..." is no role */
+    for (size_t k = 0; k < sizeof roles / sizeof *roles; k++)
+        ok |= json_string_length(role) == strlen(roles[k]) && strcmp(rs, roles[k]) == 0;
     if (!ok) BAD(param, "'%s.role' must be one of system, developer, user, assistant, tool", param);
     int assistant = strcmp(rs, "assistant") == 0;
     json_t *c = json_object_get(m, "content");
@@ -360,12 +348,51 @@ static int parse_stop(json_t *root, srv_genreq *r, srv_error *err)
         if (!json_is_string(items[i])) BAD("stop", "'stop' must be a string or an array of strings");
         size_t len = json_string_length(items[i]);
         if (len > SRV_MAX_STOP_LEN) BAD("stop", "stop strings may be at most %d bytes", SRV_MAX_STOP_LEN);
-        if (len == 0 || memchr(json_string_value(items[i]), 0, len)) continue;
-        if (!(r->stop[r->n_stop] = strdup(json_string_value(items[i])))) {
+        if (len == 0) continue;
+        if (!(r->stop[r->n_stop] = malloc(len))) {
             srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
             return -1;
         }
-        r->n_stop++;
+        memcpy(r->stop[r->n_stop], json_string_value(items[i]), len);
+        r->stop_len[r->n_stop++] = len;
+    }
+    return 0;
+fail:
+    return -1;
+}
+
+/* logit_bias: {"<token id>": bias in [-100, 100], ...} (OpenAI).  Ids are
+ * written in plain decimal, so that two keys never name one token. */
+static int parse_logit_bias(json_t *root, srv_genreq *r, int vocab, srv_error *err)
+{
+    json_t *v = json_object_get(root, "logit_bias");
+    if (!v || json_is_null(v)) return 0;
+    if (!json_is_object(v)) BAD("logit_bias", "'logit_bias' must be an object of token id -> bias");
+    size_t n = json_object_size(v);
+    if (n == 0) return 0;
+    r->bias_ids = malloc(n * sizeof *r->bias_ids);
+    r->bias = malloc(n * sizeof *r->bias);
+    if (!r->bias_ids || !r->bias) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    const char *key;
+    size_t key_len;
+    json_t *val;
+    json_object_keylen_foreach(v, key, key_len, val) {
+        char q[32];
+        srv_utf8_clip(q, sizeof q, key, key_len);
+        long long id = -1;
+        size_t digits = strspn(key, "0123456789");
+        if (digits > 0 && digits <= 9 && digits == key_len && (key[0] != '0' || digits == 1))
+            id = strtoll(key, NULL, 10);
+        if (id < 0 || id >= vocab)
+            BAD("logit_bias", "'logit_bias' key '%s' is not a token id in [0, %d)", q, vocab);
+        double b = json_number_value(val);
+        if (!json_is_number(val) || !(b >= -100 && b <= 100))
+            BAD("logit_bias", "'logit_bias' value for token %lld must be a number in [-100, 100]", id);
+        r->bias_ids[r->n_bias] = (int32_t)id;
+        r->bias[r->n_bias++] = (float)b;
     }
     return 0;
 fail:
@@ -386,12 +413,63 @@ static int valid_session_id(const char *s, size_t n)
 
 static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err);
 
+/* The JSON object of a request body, or NULL with err filled. */
+static json_t *load_object(const char *body, size_t len, srv_error *err)
+{
+    /* Raw NUL bytes are never valid JSON, but jansson's lexer skips some. */
+    if (body && memchr(body, 0, len)) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "invalid_json",
+                      "the request body contains a NUL byte");
+        return NULL;
+    }
+    /* JSON_ALLOW_NUL: "\u0000" is valid JSON and valid text (Python clients
+     * send it); every string is then handled with its length. */
+    json_error_t jerr;
+    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
+    if (!root) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "invalid_json",
+                      "We could not parse the JSON body of your request: %s (line %d, column %d)",
+                      jerr.text, jerr.line, jerr.column);
+        return NULL;
+    }
+    if (!json_is_object(root)) {
+        json_decref(root);
+        srv_error_set(err, 400, "invalid_request_error", NULL, "invalid_json",
+                      "the request body must be a JSON object");
+        return NULL;
+    }
+    return root;
+}
+
+/* 'model' must name the served model (404 otherwise); when optional, it
+ * may be absent. */
+static int check_model(json_t *root, const srv_model_desc *md, int optional, srv_error *err)
+{
+    json_t *model = json_object_get(root, "model");
+    if (!model || json_is_null(model)) {
+        if (optional) return 0;
+        BAD("model", "'model' is required");
+    }
+    if (!json_is_string(model)) BAD("model", "'model' must be a string");
+    if (json_string_length(model) != strlen(md->name) ||
+        memcmp(json_string_value(model), md->name, strlen(md->name)) != 0) {
+        char q[80];
+        srv_utf8_clip(q, sizeof q, json_string_value(model), json_string_length(model));
+        srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
+                      "The model '%s' does not exist; this server serves '%s'", q, md->name);
+        return -1;
+    }
+    return 0;
+fail:
+    return -1;
+}
+
 int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_desc *md,
                      const char *session_hdr, srv_genreq **out, srv_error *err)
 {
     *out = NULL;
-    json_error_t jerr;
-    json_t *root = json_loadb(body ? body : "", len, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *root = load_object(body, len, err);
+    if (!root) return -1;
     srv_genreq *r = calloc(1, sizeof *r);
     long long iv;
     double dv;
@@ -402,25 +480,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
         return -1;
     }
     r->chat = chat;
-    /* Raw NUL bytes are never valid JSON, but jansson's lexer skips some. */
-    if (body && memchr(body, 0, len))
-        BADC("invalid_json", NULL, "the request body contains a NUL byte");
-    if (!root)
-        BADC("invalid_json", NULL, "We could not parse the JSON body of your request: %s "
-             "(line %d, column %d)", jerr.text, jerr.line, jerr.column);
-    if (!json_is_object(root)) BADC("invalid_json", NULL, "the request body must be a JSON object");
-
-    json_t *model = json_object_get(root, "model");
-    if (!model || json_is_null(model)) BAD("model", "'model' is required");
-    if (!json_is_string(model)) BAD("model", "'model' must be a string");
-    if (strcmp(json_string_value(model), md->name) != 0) {
-        char q[80];
-        snprintf(q, sizeof q, "%.64s", json_string_value(model));
-        srv_error_set(err, 404, "invalid_request_error", "model", "model_not_found",
-                      "The model '%s' does not exist; this server serves '%s'", q, md->name);
-        goto fail;
-    }
-    if (!(r->model = strdup(json_string_value(model)))) {
+    if (check_model(root, md, 0, err) != 0) goto fail;
+    if (!(r->model = strdup(md->name))) {
         srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
         goto fail;
     }
@@ -438,6 +499,10 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (got) r->sp.min_p = (float)dv;
     if ((got = get_num(root, "repetition_penalty", 0, 10, 1, &dv, err)) < 0) goto fail;
     if (got) r->sp.repetition_penalty = (float)dv;
+    if ((got = get_num(root, "presence_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
+    if (got) r->sp.presence_penalty = (float)dv;
+    if ((got = get_num(root, "frequency_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
+    if (got) r->sp.frequency_penalty = (float)dv;
     if ((got = get_int(root, "seed", INT64_MIN, INT64_MAX, &iv, err)) < 0) goto fail;
     if (got) {
         r->sp.seed = (uint64_t)iv;
@@ -451,17 +516,11 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (got && iv != 1) BAD("n", "'n' > 1 is not supported; send %lld requests with different seeds", iv);
     if ((got = get_int(root, "best_of", 1, 128, &iv, err)) < 0) goto fail;
     if (got && iv != 1) BAD("best_of", "'best_of' > 1 is not supported");
-    if ((got = get_bool(root, "echo", &bv, err)) < 0) goto fail;
-    if (got && bv) BAD("echo", "'echo' is not supported");
-    if ((got = get_num(root, "presence_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
-    if (got && dv != 0) BAD("presence_penalty", "'presence_penalty' is not supported (use the 'repetition_penalty' extension)");
-    if ((got = get_num(root, "frequency_penalty", -2, 2, 0, &dv, err)) < 0) goto fail;
-    if (got && dv != 0) BAD("frequency_penalty", "'frequency_penalty' is not supported (use the 'repetition_penalty' extension)");
+    if (get_bool(root, "echo", &r->echo, err) < 0) goto fail;
+    if (r->echo && chat) BAD("echo", "'echo' is only supported on /v1/completions");
     json_t *v = json_object_get(root, "suffix");
     if (v && !json_is_null(v)) BAD("suffix", "'suffix' is not supported");
-    v = json_object_get(root, "logit_bias");
-    if (v && !json_is_null(v) && !(json_is_object(v) && json_object_size(v) == 0))
-        BAD("logit_bias", "'logit_bias' is not supported");
+    if (parse_logit_bias(root, r, md->vocab_size, err) < 0) goto fail;
     /* chat: tools go to the chat template (parse_messages); the model's
      * calls come back as text in the content (no tool-call parser) */
     v = json_object_get(root, "tools");
@@ -545,7 +604,8 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
         r->n_stop_ids = md->codec->stop_ids(md->codec->ctx, chat, r->stop_ids, 8);
 
     r->max_tokens_req = -1;
-    if ((got = get_int(root, "max_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
+    /* max_tokens 0 with echo: only the prompt (and its logprobs) comes back */
+    if ((got = get_int(root, "max_tokens", r->echo ? 0 : 1, 1 << 30, &iv, err)) < 0) goto fail;
     if (got) r->max_tokens_req = iv;
     if (chat) {
         if ((got = get_int(root, "max_completion_tokens", 1, 1 << 30, &iv, err)) < 0) goto fail;
@@ -565,32 +625,69 @@ fail:
     return -1;
 }
 
+/* echo: the prompt as text: the string as sent, or the token ids decoded
+ * (without a tokenizer, the ids in decimal, as generated tokens show). */
+static int echo_text(srv_genreq *r, const srv_model_desc *md, srv_error *err)
+{
+    srv_buf b = { 0 };
+    char msg[160] = "";
+    if (r->pending) {
+        srv_buf_append(&b, json_string_value(r->pending), json_string_length(r->pending));
+    } else if (md->codec) {
+        if (md->codec->decode(md->codec->ctx, r->prompt, r->n_prompt, &r->echo_text, &r->echo_len, msg,
+                              sizeof msg) != 0) {
+            srv_error_set(err, 500, "server_error", "prompt", NULL, "the prompt cannot be decoded: %s",
+                          msg);
+            return -1;
+        }
+        return 0;
+    } else {
+        for (int i = 0; i < r->n_prompt; i++) srv_buf_printf(&b, i ? " %d" : "%d", (int)r->prompt[i]);
+    }
+    if (srv_buf_append(&b, "", 0) != 0 || b.failed) {
+        srv_buf_free(&b);
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    r->echo_text = b.data;
+    r->echo_len = b.len;
+    return 0;
+}
+
+/* A chat codec's failure as the request's error: the template's own
+ * refusal ("roles must alternate", ...) and a template that cannot render
+ * are the request's 400; a model without a usable template says so (see
+ * docs/api.md). */
+static void chat_error(int rc, const char *msg, srv_error *err)
+{
+    if (rc == ENG_ENOMEM)
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+    else if (rc == ENG_EUNSUPPORTED)
+        srv_error_set(err, 400, "invalid_request_error", "messages", "chat_template_unavailable",
+                      "this model has no usable chat template: %s", msg);
+    else
+        srv_error_set(err, 400, "invalid_request_error", "messages", "chat_template_error", "%s", msg);
+}
+
 /* Tokenizes the text prompt or renders the messages (r->pending), then
  * checks the lengths against the context. */
 static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err)
 {
     int chat = r->chat;
+    if (r->echo && echo_text(r, md, err) != 0) return -1;
+    r->prompt_logprobs = r->echo && r->logprobs;
     if (r->pending) {
         char msg[512] = "";
         const char *param = chat ? "messages" : "prompt";
         int rc = chat ? md->codec->chat(md->codec->ctx, r->pending, &r->prompt, &r->n_prompt, msg,
                                         sizeof msg)
                       : md->codec->encode(md->codec->ctx, json_string_value(r->pending),
-                                          json_string_length(r->pending), &r->prompt, &r->n_prompt,
-                                          msg, sizeof msg);
+                                          json_string_length(r->pending), 1, &r->prompt,
+                                          &r->n_prompt, msg, sizeof msg);
         json_decref(r->pending);
         r->pending = NULL;
         if (rc != 0 && chat) {
-            /* the template's own refusal ("roles must alternate", ...) and a
-             * template that cannot render are the request's 400; a model
-             * without a usable template says so (see docs/api.md) */
-            if (rc == ENG_ENOMEM)
-                srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
-            else if (rc == ENG_EUNSUPPORTED)
-                srv_error_set(err, 400, "invalid_request_error", param, "chat_template_unavailable",
-                              "this model has no usable chat template: %s", msg);
-            else
-                srv_error_set(err, 400, "invalid_request_error", param, "chat_template_error", "%s", msg);
+            chat_error(rc, msg, err);
             return -1;
         }
         if (rc != 0) {
@@ -612,7 +709,8 @@ static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *er
              md->max_ctx, r->n_prompt);
     if (max_tokens < 0) {
         int room = md->max_ctx - r->n_prompt;
-        max_tokens = chat || md->default_max_tokens <= 0 ? room
+        r->max_tokens_auto = chat || md->default_max_tokens <= 0;
+        max_tokens = r->max_tokens_auto ? room
                      : (md->default_max_tokens < room ? md->default_max_tokens : room);
     } else if (r->n_prompt + max_tokens > md->max_ctx) {
         BADC("context_length_exceeded", mt_name,
@@ -631,9 +729,108 @@ void srv_genreq_free(srv_genreq *r)
     if (!r) return;
     free(r->model);
     free(r->prompt);
+    free(r->bias_ids);
+    free(r->bias);
+    free(r->echo_text);
     json_decref(r->pending);
     for (int i = 0; i < r->n_stop; i++) free(r->stop[i]);
     free(r);
+}
+
+/* ---- /tokenize and /detokenize (vLLM's shapes) ------------------------------- */
+
+static json_t *ids_json(const int32_t *ids, int n);
+static json_t *json_text(const char *s, size_t n);
+static char *dump_free(json_t *o);
+
+char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err)
+{
+    json_t *root = load_object(body, len, err);
+    if (!root) return NULL;
+    srv_genreq tmp = { 0 }; /* parse_messages' result: the chat request for the codec */
+    int32_t *ids = NULL;
+    int n = 0, b, rc = 0;
+    char msg[512] = "";
+    char *out = NULL;
+    if (check_model(root, md, 1, err) != 0) goto fail;
+    if (!md->codec) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "no_tokenizer",
+                      "this model directory has no tokenizer.json");
+        goto fail;
+    }
+    if ((rc = get_bool(root, "return_token_strs", &b, err)) < 0) goto fail;
+    if (rc && b) BAD("return_token_strs", "'return_token_strs' is not supported");
+    json_t *msgs = json_object_get(root, "messages");
+    if (msgs && !json_is_null(msgs)) {
+        int add_special = 0;
+        if (get_bool(root, "add_special_tokens", &add_special, err) < 0) goto fail;
+        if (add_special)
+            BAD("add_special_tokens", "'add_special_tokens' with 'messages' is not supported: the "
+                "chat template writes the special tokens");
+        /* the same validation, template fields (add_generation_prompt,
+         * continue_final_message, tools, documents, chat_template_kwargs)
+         * and template as /v1/chat/completions */
+        if (parse_messages(root, &tmp, md, err) < 0) goto fail;
+        if (tmp.pending) {
+            rc = md->codec->chat(md->codec->ctx, tmp.pending, &ids, &n, msg, sizeof msg);
+            if (rc != 0) {
+                chat_error(rc, msg, err);
+                goto fail;
+            }
+        } else { /* the prompt_token_ids extension */
+            ids = tmp.prompt;
+            n = tmp.n_prompt;
+            tmp.prompt = NULL;
+        }
+    } else {
+        json_t *p = json_object_get(root, "prompt");
+        if (!json_is_string(p)) BAD("prompt", "'prompt' (a string) or 'messages' is required");
+        int add_special = 1;
+        if (get_bool(root, "add_special_tokens", &add_special, err) < 0) goto fail;
+        if (md->codec->encode(md->codec->ctx, json_string_value(p), json_string_length(p), add_special,
+                              &ids, &n, msg, sizeof msg) != 0)
+            BAD("prompt", "'prompt' cannot be tokenized: %s", msg);
+    }
+    out = dump_free(json_pack("{s:i, s:i, s:o, s:n}", "count", n, "max_model_len", md->max_ctx,
+                              "tokens", ids_json(ids, n), "token_strs"));
+    if (!out) srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+fail:
+    free(ids);
+    free(tmp.prompt);
+    json_decref(tmp.pending);
+    json_decref(root);
+    return out;
+}
+
+char *srv_detokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err)
+{
+    json_t *root = load_object(body, len, err);
+    if (!root) return NULL;
+    int32_t *ids = NULL;
+    int n = 0;
+    char *text = NULL, *out = NULL;
+    size_t tlen = 0;
+    char msg[256] = "";
+    if (check_model(root, md, 1, err) != 0) goto fail;
+    if (!md->codec) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "no_tokenizer",
+                      "this model directory has no tokenizer.json");
+        goto fail;
+    }
+    json_t *t = json_object_get(root, "tokens");
+    if (!json_is_array(t)) BAD("tokens", "'tokens' (an array of token ids) is required");
+    if (json_array_size(t) > 0 && !(ids = parse_ids(t, "tokens", md->vocab_size, &n, err))) goto fail;
+    if (md->codec->decode(md->codec->ctx, ids, n, &text, &tlen, msg, sizeof msg) != 0) {
+        srv_error_set(err, 500, "server_error", "tokens", NULL, "the tokens cannot be decoded: %s", msg);
+        goto fail;
+    }
+    out = dump_free(json_pack("{s:o}", "prompt", json_text(text, tlen)));
+    if (!out) srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+fail:
+    free(ids);
+    free(text);
+    json_decref(root);
+    return out;
 }
 
 /* ---- text ------------------------------------------------------------------- */
@@ -661,19 +858,19 @@ static size_t utf8_boundary(const char *t, size_t len, size_t end)
     return (p - 1) + need > end ? p - 1 : end;
 }
 
-size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop, int n_stop,
-                     int *stopped)
+size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
+                     const size_t *stop_len, int n_stop, int *stopped)
 {
     *stopped = 0;
     if (n_stop == 0) return utf8_boundary(text, len, len);
     size_t maxlen = 0;
     for (int i = 0; i < n_stop; i++)
-        if (strlen(stop[i]) > maxlen) maxlen = strlen(stop[i]);
+        if (stop_len[i] > maxlen) maxlen = stop_len[i];
     /* A match must end after `emitted` (earlier text was checked before). */
     size_t from = emitted >= maxlen ? emitted - maxlen + 1 : 0;
     size_t best = (size_t)-1;
     for (int i = 0; i < n_stop; i++) {
-        size_t sl = strlen(stop[i]);
+        size_t sl = stop_len[i];
         for (size_t p = from; p + sl <= len; p++) {
             if (memcmp(text + p, stop[i], sl) == 0) {
                 if (p < best) best = p;
@@ -688,7 +885,7 @@ size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *
     /* Hold back the longest tail that is a proper prefix of a stop string. */
     size_t hold = 0;
     for (int i = 0; i < n_stop; i++) {
-        size_t sl = strlen(stop[i]);
+        size_t sl = stop_len[i];
         for (size_t k = sl - 1; k > hold; k--) {
             if (k <= len && memcmp(text + len - k, stop[i], k) == 0) {
                 hold = k;
@@ -735,11 +932,15 @@ static json_t *bytes_json(const srv_codec *c, int32_t tok)
     return a;
 }
 
-/* logprobs object: chat {"content": [...]}, completions {tokens, token_logprobs,
- * top_logprobs, text_offset}.  text_base: byte offset of the first token. */
-static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *lp, int n, size_t text_base)
+/* logprobs object: chat {"content": [...]}, completions {tokens,
+ * token_logprobs, top_logprobs, text_offset} over the prompt's positions
+ * (plp, n_plp: echo; an entry with n_top < 0, the first prompt token, has
+ * null for its logprob and alternatives) and then the generated ones (lp,
+ * n).  text_base: byte offset of the first token's text. */
+static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *plp, int n_plp,
+                             const srv_logprob *lp, int n, size_t text_base)
 {
-    if (!r->logprobs || n == 0) return json_null();
+    if (!r->logprobs || n + n_plp == 0) return json_null();
     if (r->chat) {
         json_t *content = json_array();
         for (int i = 0; content && i < n; i++) {
@@ -758,20 +959,26 @@ static json_t *logprobs_json(const srv_genreq *r, const srv_logprob *lp, int n, 
     }
     json_t *tokens = json_array(), *tlp = json_array(), *top = json_array(), *off = json_array();
     size_t pos = text_base;
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n_plp + n; i++) {
+        const srv_logprob *e = i < n_plp ? &plp[i] : &lp[i - n_plp];
         char piece[SRV_PIECE_MAX];
-        size_t pl = srv_token_piece(r->codec, lp[i].token, pos == 0, piece);
+        size_t pl = srv_token_piece(r->codec, e->token, pos == 0, piece);
         json_array_append_new(tokens, json_text(piece, pl));
-        json_array_append_new(tlp, json_real(lp[i].logprob));
+        json_array_append_new(off, json_integer((json_int_t)pos));
+        pos += pl;
+        if (e->n_top < 0) {
+            json_array_append_new(tlp, json_null());
+            json_array_append_new(top, json_null());
+            continue;
+        }
+        json_array_append_new(tlp, json_real(e->logprob));
         json_t *alt = json_object();
-        for (int k = 0; alt && k < lp[i].n_top; k++) {
-            json_t *key = tok_str(r->codec, lp[i].top_tokens[k]);
-            if (key) json_object_set_new(alt, json_string_value(key), json_real(lp[i].top_logprobs[k]));
+        for (int k = 0; alt && k < e->n_top; k++) {
+            json_t *key = tok_str(r->codec, e->top_tokens[k]);
+            if (key) json_object_set_new(alt, json_string_value(key), json_real(e->top_logprobs[k]));
             json_decref(key);
         }
         json_array_append_new(top, alt);
-        json_array_append_new(off, json_integer((json_int_t)pos));
-        pos += pl;
     }
     return json_pack("{s:o, s:o, s:o, s:o}", "tokens", tokens, "token_logprobs", tlp,
                      "top_logprobs", top, "text_offset", off);
@@ -785,17 +992,29 @@ static char *dump_free(json_t *o)
 }
 
 char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *lp,
-                           int n_lp, const char *finish, const srv_usage *u)
+                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
+                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
+                           const srv_usage *u)
 {
     json_t *choice;
-    if (r->chat)
+    if (r->chat) {
         choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
                            "assistant", "content", json_text(text, text_len), "logprobs",
-                           logprobs_json(r, lp, n_lp, 0), "finish_reason", finish);
-    else
-        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", json_text(text, text_len),
-                           "logprobs", logprobs_json(r, lp, n_lp, 0), "finish_reason", finish);
+                           logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", finish);
+    } else {
+        json_t *t;
+        if (r->echo) { /* the prompt, then the completion */
+            srv_buf b = { 0 };
+            srv_buf_append(&b, r->echo_text, r->echo_len);
+            srv_buf_append(&b, text, text_len);
+            t = b.failed ? NULL : json_text(b.data, b.len);
+            srv_buf_free(&b);
+        } else {
+            t = json_text(text, text_len);
+        }
+        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", t, "logprobs",
+                           logprobs_json(r, plp, n_plp, lp, n_lp, 0), "finish_reason", finish);
+    }
     if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
     json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o}", "id", id, "object",
                           r->chat ? "chat.completion" : "text_completion", "created",
@@ -804,13 +1023,14 @@ char *srv_build_completion(const srv_genreq *r, const char *id, long created, co
     return dump_free(o);
 }
 
+/* One event in one append: on failure `out` holds no partial event. */
 static int sse_data(srv_buf *out, json_t *o)
 {
     char *s = dump_free(o);
     if (!s) return -1;
-    int rc = srv_buf_puts(out, "data: ") | srv_buf_puts(out, s) | srv_buf_puts(out, "\n\n");
+    int rc = srv_buf_printf(out, "data: %s\n\n", s);
     free(s);
-    return rc ? -1 : 0;
+    return rc;
 }
 
 int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
@@ -822,17 +1042,32 @@ int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long create
     if (r->chat) {
         json_t *delta = json_object();
         if (first) json_object_set_new(delta, "role", json_string("assistant"));
-        if (text_len || (first && !finish)) json_object_set_new(delta, "content", json_text(text, text_len));
+        /* a token's chunk always has "content" ("" while text is held
+         * back); the final chunk only when held-back text ends there */
+        if (text_len || !finish) json_object_set_new(delta, "content", json_text(text, text_len));
         choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs",
-                           logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
+                           logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", fin);
     } else {
         choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", json_text(text, text_len),
-                           "logprobs", logprobs_json(r, lp, n_lp, 0), "finish_reason", fin);
+                           "logprobs", logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", fin);
     }
     if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
     json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", id, "object",
                           r->chat ? "chat.completion.chunk" : "text_completion", "created",
                           (json_int_t)created, "model", r->model, "choices", choice);
+    if (o && r->include_usage) json_object_set_new(o, "usage", json_null());
+    return sse_data(out, o);
+}
+
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                 const srv_logprob *plp, int n_plp)
+{
+    json_t *choice = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text",
+                               json_text(r->echo_text, r->echo_len), "logprobs",
+                               logprobs_json(r, plp, n_plp, NULL, 0, 0), "finish_reason");
+    if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", json_array());
+    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o]}", "id", id, "object", "text_completion",
+                          "created", (json_int_t)created, "model", r->model, "choices", choice);
     if (o && r->include_usage) json_object_set_new(o, "usage", json_null());
     return sse_data(out, o);
 }
@@ -850,10 +1085,9 @@ int srv_sse_error(srv_buf *out, const srv_error *e)
 {
     char *s = srv_error_json(e);
     if (!s) return -1;
-    int rc = srv_buf_puts(out, "event: error\ndata: ") | srv_buf_puts(out, s) |
-             srv_buf_puts(out, "\n\n");
+    int rc = srv_buf_printf(out, "event: error\ndata: %s\n\n", s);
     free(s);
-    return rc ? -1 : 0;
+    return rc;
 }
 
 int srv_sse_done(srv_buf *out)

@@ -68,11 +68,17 @@ static const option_def options[] = {
     { "http", "host", OPT_STR, O(host), "127.0.0.1", 0, 0, "address to listen on" },
     { "http", "port", OPT_INT, O(port), "8080", 0, 65535, "TCP port, 0 = an ephemeral port (logged)" },
     { "http", "max_connections", OPT_INT, O(max_connections), "1024", 1, 1 << 20,
-      "simultaneous HTTP connections" },
+      "simultaneous HTTP connections (more are closed at once)" },
+    { "http", "max_connections_per_ip", OPT_INT, O(max_connections_per_ip), "256", 0, 1 << 20,
+      "simultaneous connections from one client address, 0 = no limit (behind a reverse proxy: "
+      "0, or at least max_connections)" },
     { "http", "max_body_kb", OPT_INT, O(max_body_kb), "4096", 1, 1 << 20,
       "request body limit in KiB (413 above it)" },
     { "http", "http_timeout", OPT_INT, O(http_timeout_s), "30", 1, 86400,
-      "seconds an idle or slow connection may stay open" },
+      "seconds a connection may stay idle (no byte received or sent)" },
+    { "http", "request_read_timeout", OPT_INT, O(request_read_timeout_s), "30", 1, 86400,
+      "seconds a client has to send one whole request, headers and body, counted from the "
+      "connection's start or the end of its previous response; then the connection is closed" },
     { "http", "request_timeout", OPT_INT, O(request_timeout_s), "600", 1, 86400,
       "seconds one generation request may take before it is cancelled" },
     { "http", "shutdown_timeout", OPT_INT, O(shutdown_timeout_s), "30", 0, 3600,
@@ -86,10 +92,23 @@ static const option_def options[] = {
       "max_tokens of /v1/completions when the request has none (OpenAI: 16; 0 = until the context is full)" },
     { "auth", "api_keys", OPT_STR, O(api_keys), "", 0, 0,
       "comma-separated bearer keys; empty (and no keys file) = no authentication" },
+    { "auth", "admin_users", OPT_STR, O(admin_users), "", 0, 0,
+      "users (the USER of USER:KEY keys) allowed on the /admin routes, comma-separated; without keys, "
+      "/admin is open to loopback clients only" },
     { "auth", "api_keys_file", OPT_STR, O(api_keys_file), "", 0, 0,
       "file of API keys (one per line, '#' starts a comment); a file with no key is refused" },
     { "state", "state_dir", OPT_STR, O(state_dir), "", 0, 0,
-      "directory for persistent state (created if missing; systemd: /var/lib/mkad)" },
+      "directory for persistent state (created if missing; systemd: /var/lib/mkad): sessions persist "
+      "in <dir>/sessions (RocksDB) across restarts; empty = sessions live only while resident" },
+    { "state", "session_warm_mb", OPT_INT, O(session_warm_mb), "1024", 0, 1 << 24,
+      "host-memory tier of the session store in MiB (K/V blocks of idle sessions; 0 = disk only)" },
+    { "state", "session_sync", OPT_BOOL, O(session_sync), "true", 0, 1,
+      "fsync every turn's write (true: an answered turn survives a power loss; false: the OS "
+      "flushes it later, a crash of mkad alone still loses nothing)" },
+    { "state", "session_ttl", OPT_INT, O(session_ttl_s), "2592000", 0, 1 << 30,
+      "seconds after its last turn a stored session is deleted (default 30 days; 0 = never)" },
+    { "state", "session_disk_mb", OPT_INT, O(session_disk_mb), "0", 0, 1 << 30,
+      "cap on stored sessions in MiB: the least recently used go first (0 = no cap)" },
 };
 #pragma GCC diagnostic pop
 #define N_OPTIONS (sizeof options / sizeof *options)

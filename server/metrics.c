@@ -32,8 +32,11 @@ struct srv_metrics {
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
     unsigned long preemptions;
+    unsigned long read_timeouts;
     char backend[8], kv_dtype[8]; /* "" until the engine exists */
     size_t kv_bytes;
+    int have_store;
+    srv_store_stats store;
 };
 
 static void histo_init(histo *h, const double *le, int n)
@@ -75,7 +78,8 @@ void srv_metrics_free(srv_metrics *m)
 const char *srv_route_name(int route)
 {
     static const char *const names[SRV_ROUTE_COUNT] = {
-        "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "other"
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+        "/detokenize", "other"
     };
     return route >= 0 && route < SRV_ROUTE_COUNT ? names[route] : "other";
 }
@@ -130,6 +134,13 @@ void srv_metrics_preempted(srv_metrics *m)
     pthread_mutex_unlock(&m->mu);
 }
 
+void srv_metrics_read_timeout(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->read_timeouts++;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions)
 {
@@ -148,6 +159,14 @@ void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtyp
     snprintf(m->backend, sizeof m->backend, "%s", backend ? backend : "");
     snprintf(m->kv_dtype, sizeof m->kv_dtype, "%s", kv_dtype ? kv_dtype : "");
     m->kv_bytes = kv_bytes;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_store(srv_metrics *m, const srv_store_stats *st)
+{
+    pthread_mutex_lock(&m->mu);
+    m->have_store = 1;
+    m->store = *st;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -194,7 +213,7 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
                                srv_route_name(r), s, m->requests[r][s]);
     counter(o, "mkad_prompt_tokens_total", "Prompt tokens of finished requests.", m->prompt_tokens);
     counter(o, "mkad_generation_tokens_total", "Generated tokens.", m->generated_tokens);
-    counter(o, "mkad_cached_tokens_total", "Prompt tokens reused from a resident session.",
+    counter(o, "mkad_cached_tokens_total", "Prompt tokens reused from a session (resident, or loaded from the session store).",
             m->cached_tokens);
     srv_buf_puts(o, "# HELP mkad_requests_cancelled_total Sequences cancelled before they finished, by reason.\n"
                     "# TYPE mkad_requests_cancelled_total counter\n");
@@ -224,10 +243,36 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
                           "# TYPE mkad_backend_info gauge\n"
                           "mkad_backend_info{backend=\"%s\",kv_dtype=\"%s\"} 1\n",
                        m->backend, m->kv_dtype);
+    counter(o, "mkad_http_read_timeouts_total",
+            "Connections closed because a request did not arrive whole within request_read_timeout.",
+            m->read_timeouts);
     counter(o, "mkad_preemptions_total",
             "Running sequences preempted (K/V pool full) and later resumed by recomputation.",
             m->preemptions);
     gauge(o, "mkad_sessions_resident", "Sessions whose state is resident in the engine.", m->sessions);
+    if (m->have_store) { /* only with a state directory */
+        const srv_store_stats *st = &m->store;
+        counter(o, "mkad_session_writes_total", "Session turns written to the session store.",
+                (unsigned long)st->writes);
+        counter(o, "mkad_session_write_failures_total",
+                "Session turns whose write failed (logged as session_write_failed).",
+                (unsigned long)st->write_failures);
+        counter(o, "mkad_session_blocks_written_total", "K/V blocks written to the session store.",
+                (unsigned long)st->blocks_written);
+        counter(o, "mkad_session_lookups_total", "Requests on a non-resident session looked up in the store.",
+                (unsigned long)st->lookups);
+        srv_buf_puts(o, "# HELP mkad_session_blocks_loaded_total K/V blocks loaded for resumed sessions, by tier.\n"
+                        "# TYPE mkad_session_blocks_loaded_total counter\n");
+        srv_buf_printf(o, "mkad_session_blocks_loaded_total{tier=\"host\"} %ld\n"
+                          "mkad_session_blocks_loaded_total{tier=\"disk\"} %ld\n",
+                       st->loaded_blocks_warm, st->loaded_blocks_disk);
+        gauge(o, "mkad_session_write_queue", "Session store tasks queued (write-behind and lookups).",
+              st->queue_depth);
+        srv_buf_puts(o, "# HELP mkad_session_deleted_total Stored sessions deleted, by reason.\n"
+                        "# TYPE mkad_session_deleted_total counter\n");
+        srv_buf_printf(o, "mkad_session_deleted_total{reason=\"ttl\"} %ld\n"
+                          "mkad_session_deleted_total{reason=\"disk_budget\"} %ld\n", st->expired, st->evicted);
+    }
     pthread_mutex_unlock(&m->mu);
-    return 0;
+    return o->failed ? -1 : 0;
 }

@@ -24,12 +24,18 @@
  * again: every job it holds or later receives gets a 503 FINAL, and the loop
  * shuts the daemon down with a non-zero status so that systemd restarts it.
  *
- * Sessions (in memory for now): a session id maps to an engine sequence that
- * stays resident after its request ends.  A new request on the session keeps
- * the longest common token prefix (block-aligned) and prefills the rest.
- * Session resolution is a separate step (session_resolve) so that a later
- * tier can make it asynchronous: a job whose state is still loading simply
- * stays in the waiting list.
+ * Sessions: a session id maps to an engine sequence that stays resident
+ * after its request ends (hot).  A new request on the session keeps the
+ * longest common token prefix (block-aligned) and prefills the rest.  With a
+ * state directory, every finished turn also goes to the session store
+ * (store.c: the blocks that became full since the last write, exported here
+ * and written behind on the store's thread).  A request on a session that is
+ * not resident — evicted, or from before a restart — waits in the queue
+ * while the store looks it up (STORE_LOADING); when the answer comes back
+ * through the inbox, admit imports the stored blocks of the common prefix
+ * (eng_seq_blocks_import) and prefills only the rest.  Sessions are keyed
+ * by (user, id): the user comes from the request's API key (auth.c), so one
+ * user's session id never reaches another user's state.
  */
 #include "config.h"
 
@@ -40,6 +46,9 @@
 #include <string.h>
 
 #include "srv_internal.h"
+
+/* srv_job.store_state */
+enum { STORE_NONE = 0, STORE_LOADING, STORE_READY };
 
 /* ---- the planner (pure) ------------------------------------------------------ */
 
@@ -94,6 +103,7 @@ int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
         if (best < 0) break;
         int t = seqs[best].prefill_left;
         if (t > chunk) t = chunk;
+        if (seqs[best].chunk > 0 && t > seqs[best].chunk) t = seqs[best].chunk;
         if (t > left) t = left;
         out[n++] = (srv_plan_item){ best, t };
         left -= t;
@@ -117,10 +127,12 @@ int srv_reuse_len(const int32_t *have, int n_have, const int32_t *prompt, int n_
 /* ---- the engine thread -------------------------------------------------------- */
 
 typedef struct session {
+    char user[SRV_USER_MAX + 1];
     char id[SRV_SESSION_ID_MAX + 1];
     int seq;              /* resident engine sequence */
     int busy;             /* a running job uses it */
     uint64_t last_used;
+    int persisted;        /* full blocks already in the session store */
 } session;
 
 typedef struct eseq {
@@ -132,13 +144,28 @@ typedef struct eseq {
     int32_t *replay;      /* owned: prompt + fed generated tokens of a preempted sequence */
     int resuming;         /* prefilling the replay: its last chunk needs no sampling */
     int n_gen;            /* tokens sampled */
+    int max_gen;          /* the request's max_tokens, or for max_tokens_auto what the pool holds */
     int32_t next_tok;     /* sampled, fed in the next step */
+    srv_logprob *plp;     /* (n_src) echo + logprobs: the prompt's log-probabilities, collected
+                             one prefill token per step (the engine returns the logits after
+                             an item's last token only); NULL once posted to the loop */
     int cached;
     eng_sampler *smp;     /* kept across a preemption: the RNG continues exactly */
     uint64_t order;       /* admission order (older = smaller) */
     int last_step;
     session *sess;
 } eseq;
+
+/* Frees what a sequence owns besides its engine slot. */
+static void eseq_release(eseq *es)
+{
+    eng_sampler_free(es->smp);
+    free(es->replay);
+    free(es->plp);
+    es->smp = NULL;
+    es->replay = NULL;
+    es->plp = NULL;
+}
 
 struct srv_engine {
     const srv_config *cfg;
@@ -175,6 +202,12 @@ struct srv_engine {
     int step_no;
     uint64_t order, clock;
     int dead;             /* an engine call returned ENG_EDEVICE: never call it again */
+    srv_store *store;     /* the session store, or NULL (no state directory) */
+    eng_block_format bf;
+    srv_loaded *loaded;   /* lookups the store's thread answered, guarded by mu */
+    srv_sess_op *ops;     /* admin questions about resident sessions, guarded by mu */
+    pthread_cond_t ops_cv;/* signalled when ops were answered */
+    int ops_closed;       /* guarded by mu: the thread has ended, ops are answered at once */
 };
 
 int srv_config_backend(const srv_config *cfg, int *backend)
@@ -277,16 +310,14 @@ static void fail_all_dead(srv_engine *se)
     for (int r = 0; r < se->n_run; r++) {
         eseq *es = &se->run[r];
         srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
-        eng_sampler_free(es->smp);
-        free(es->replay);
+        eseq_release(es);
         post_final_code(se, es->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
     }
     se->n_run = 0;
     for (int k = 0; k < se->n_pre; k++) {
         eseq *p = &se->pre[k];
         srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
-        eng_sampler_free(p->smp);
-        free(p->replay);
+        eseq_release(p);
         post_final_code(se, p->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
     }
     se->n_pre = 0;
@@ -333,20 +364,52 @@ static int evict_lru(srv_engine *se, const session *except)
     return 1;
 }
 
-static session *session_find(srv_engine *se, const char *id)
+static session *session_find(srv_engine *se, const char *user, const char *id)
 {
     for (int i = 0; i < se->n_sess; i++)
-        if (strcmp(se->sess[i].id, id) == 0) return &se->sess[i];
+        if (strcmp(se->sess[i].id, id) == 0 && strcmp(se->sess[i].user, user) == 0) return &se->sess[i];
     return NULL;
+}
+
+/* Writes a session's turn behind: the blocks that became full since the
+ * last write (exported here, on the engine thread) and all its token ids.
+ * With final, the store posts that event after the write; returns 0 when it
+ * took it, -1 when the caller must post it. */
+static int persist(srv_engine *se, session *s, const srv_event *final)
+{
+    if (!se->store) return -1;
+    int n_full = eng_seq_n_full_blocks(se->eng, s->seq);
+    int first = s->persisted < n_full ? s->persisted : n_full;
+    size_t len = (size_t)(n_full - first) * se->bf.block_bytes;
+    void *buf = malloc(len ? len : 1);
+    int rc = buf ? eng_seq_blocks_export(se->eng, s->seq, first, n_full - first, buf, len) : ENG_ENOMEM;
+    if (rc != ENG_OK) {
+        free(buf);
+        if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_export", rc, NULL);
+        srv_log("error", "session_write_failed", " session=%s error=\"export: %s\"", s->id, eng_strerror(rc));
+        return -1;
+    }
+    if (final) flush_events(se); /* the job's tokens go out before its deferred FINAL */
+    if (srv_store_write(se->store, s->user, s->id, eng_seq_tokens(se->eng, s->seq), eng_seq_len(se->eng, s->seq),
+                        n_full, first, buf, final) != 0)
+        return -1;
+    s->persisted = n_full;
+    return final ? 0 : -1;
 }
 
 static void finish_seq(srv_engine *se, int r, int finish, int status, const char *msg)
 {
     eseq *es = &se->run[r];
     srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
+    int posted = 0;
     if (es->sess && finish != SRV_FINISH_ERROR) {
         es->sess->busy = 0;
         es->sess->last_used = ++se->clock;
+        /* session_sync: the response completes once the turn is durable */
+        srv_event fin = { .type = SRV_EV_FINAL, .job = es->job, .finish = finish, .status = status,
+                          .usage = u };
+        if (msg) snprintf(fin.msg, sizeof fin.msg, "%s", msg);
+        posted = persist(se, es->sess, se->cfg->session_sync ? &fin : NULL) == 0;
     } else if (es->sess) {
         es->sess->busy = 0;
         session_drop(se, es->sess); /* frees the sequence */
@@ -354,9 +417,8 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     } else {
         eng_seq_free(se->eng, es->seq);
     }
-    eng_sampler_free(es->smp);
-    free(es->replay);
-    post_final(se, es->job, finish, status, msg, &u);
+    eseq_release(es);
+    if (!posted) post_final(se, es->job, finish, status, msg, &u);
     se->run[r] = se->run[--se->n_run];
 }
 
@@ -444,8 +506,10 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     const srv_genreq *rq = es->job->req;
     es->seq = s->seq;
     int have = eng_seq_len(se->eng, s->seq);
-    int keep = srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
-                             se->info.block_size);
+    /* prompt logprobs need the logits of every prompt position: no reuse */
+    int keep = rq->prompt_logprobs ? 0
+               : srv_reuse_len(eng_seq_tokens(se->eng, s->seq), have, rq->prompt, rq->n_prompt,
+                               se->info.block_size);
     if (keep != have) {
         int rc = eng_seq_truncate(se->eng, s->seq, keep);
         if (rc != ENG_OK && rc != ENG_EDEVICE) {
@@ -453,6 +517,9 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
             keep = 0;
         }
         if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_truncate", rc, NULL);
+        /* blocks past the cut were persisted for the old history: the
+         * next write covers the new ones (their identities differ) */
+        if (s->persisted > keep / se->info.block_size) s->persisted = keep / se->info.block_size;
     }
     es->cached = keep;
     es->n_past = keep;
@@ -460,6 +527,111 @@ static int session_resolve(srv_engine *se, eseq *es, session *s)
     s->last_used = ++se->clock;
     es->sess = s;
     return 1;
+}
+
+/* Imports the blocks a store lookup found into the empty sequence seq;
+ * returns how many (0: recompute everything). */
+static int import_loaded(srv_engine *se, srv_job *job, int seq)
+{
+    srv_loaded *ld = job->loaded;
+    const char *sid = job->req->session_id;
+    if (!ld->found) {
+        srv_log("debug", "session_new", " session=%s", sid);
+        return 0;
+    }
+    char err[256] = "";
+    int rc = ld->n_blocks > 0 ? eng_seq_blocks_import(se->eng, seq, job->req->prompt, ld->n_blocks, ld->buf,
+                                                      (size_t)ld->n_blocks * se->bf.block_bytes, err, sizeof err)
+                              : ENG_OK;
+    if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_import", rc, err);
+    int n = rc == ENG_OK ? ld->n_blocks : 0;
+    char q[300];
+    srv_log("info", "session_resumed", " session=%s tokens=%d blocks_warm=%d blocks_disk=%d load_ms=%.2f "
+            "prefill_tokens=%d%s%s", sid, n * se->info.block_size, ld->blocks_warm, ld->blocks_disk,
+            ld->load_s * 1000.0, job->req->n_prompt - n * se->info.block_size, rc == ENG_OK ? "" : " error=",
+            rc == ENG_OK ? "" : srv_log_quote(err, q, sizeof q));
+    return n;
+}
+
+/* Hands the store's answers to their waiting jobs; an answer for a job that
+ * is gone (cancelled meanwhile) is dropped. */
+static void take_loaded(srv_engine *se)
+{
+    pthread_mutex_lock(&se->mu);
+    srv_loaded *l = se->loaded;
+    se->loaded = NULL;
+    pthread_mutex_unlock(&se->mu);
+    while (l) {
+        srv_loaded *next = l->next;
+        l->next = NULL;
+        srv_job *job = NULL;
+        for (int i = 0; i < se->n_wait && !job; i++)
+            if (se->wait[i]->id == l->job_id && se->wait[i]->store_state == STORE_LOADING) job = se->wait[i];
+        if (job) {
+            job->store_state = STORE_READY;
+            job->loaded = l;
+        } else {
+            srv_loaded_free(l);
+        }
+        l = next;
+    }
+}
+
+/* The store's callback (on its thread). */
+static void store_loaded(void *ctx, srv_loaded *res)
+{
+    srv_engine *se = ctx;
+    pthread_mutex_lock(&se->mu);
+    res->next = se->loaded;
+    se->loaded = res;
+    pthread_cond_signal(&se->cv);
+    pthread_mutex_unlock(&se->mu);
+}
+
+/* Answers the admin questions about resident sessions (under mu). */
+static void answer_ops(srv_engine *se)
+{
+    for (srv_sess_op *op = se->ops; op; op = op->next) {
+        session *s = se->dead ? NULL : session_find(se, op->user, op->id);
+        op->found = s != NULL;
+        if (s) {
+            op->busy = s->busy;
+            op->tokens = eng_seq_len(se->eng, s->seq);
+            op->persisted_blocks = s->persisted;
+            if (op->op == SRV_SESS_DROP && !s->busy) {
+                srv_log("info", "session_evicted", " session=%s user=%s reason=admin", s->id, s->user);
+                session_drop(se, s);
+            }
+        }
+        op->done = 1;
+    }
+    se->ops = NULL;
+    pthread_cond_broadcast(&se->ops_cv);
+}
+
+int srv_engine_session_op(srv_engine *se, srv_sess_op *op)
+{
+    pthread_mutex_lock(&se->mu);
+    op->done = 0;
+    if (se->ops_closed || se->stop) {
+        op->found = 0;
+        op->done = 1;
+    } else {
+        op->next = se->ops;
+        se->ops = op;
+        pthread_cond_signal(&se->cv);
+        while (!op->done) pthread_cond_wait(&se->ops_cv, &se->mu);
+    }
+    pthread_mutex_unlock(&se->mu);
+    return op->found;
+}
+
+/* Waiting jobs whose session lookup is still running. */
+static int n_loading(const srv_engine *se)
+{
+    int n = 0;
+    for (int i = 0; i < se->n_wait; i++) n += se->wait[i]->store_state == STORE_LOADING;
+    return n;
 }
 
 /* Admits preempted sequences (oldest first), then waiting jobs FIFO, while
@@ -491,13 +663,33 @@ static void admit(srv_engine *se)
     while (!se->dead && i < se->n_wait && se->n_run < max_seqs) {
         srv_job *job = se->wait[i];
         const srv_genreq *rq = job->req;
-        session *s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
+        session *s = rq->session_id[0] ? session_find(se, rq->user, rq->session_id) : NULL;
         if (s && s->busy) { i++; continue; } /* same session in flight: let others pass */
-        int need = blocks_for(se, rq->n_prompt + rq->max_tokens);
+        if (!s && rq->session_id[0] && se->store && !rq->prompt_logprobs && job->store_state != STORE_READY) {
+            /* not resident: ask the store first (the job waits meanwhile) */
+            if (job->store_state == STORE_NONE) {
+                if (srv_store_lookup(se->store, job->id, rq->user, rq->session_id, rq->prompt,
+                                     rq->n_prompt) == 0)
+                    job->store_state = STORE_LOADING;
+                else
+                    job->store_state = STORE_READY; /* out of memory: recompute */
+            }
+            if (job->store_state == STORE_LOADING) { i++; continue; }
+        }
+        /* Without max_tokens a request runs until the context or the pool
+         * is full: it may grow to the whole pool (others are preempted). */
+        int max_gen = rq->max_tokens;
+        int pool_room = se->info.n_blocks * se->info.block_size - rq->n_prompt;
+        if (rq->max_tokens_auto && max_gen > pool_room) max_gen = pool_room;
+        int need = blocks_for(se, rq->n_prompt + (max_gen > 1 ? max_gen : 1));
         if (need > se->info.n_blocks) {
             char msg[160];
-            snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
-                     "lower max_tokens", need, se->info.n_blocks);
+            if (rq->max_tokens_auto)
+                snprintf(msg, sizeof msg, "the prompt needs more K/V memory than the pool holds "
+                         "(%d blocks of %d tokens)", se->info.n_blocks, se->info.block_size);
+            else
+                snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
+                         "lower max_tokens", need, se->info.n_blocks);
             fail_job(se, job, 400, msg);
             memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
             se->n_wait--;
@@ -509,29 +701,42 @@ static void admit(srv_engine *se)
         if (want < 0) want = 0;
         want += se->n_run;
         while (free_blocks(se) < want && evict_lru(se, s))
-            s = rq->session_id[0] ? session_find(se, rq->session_id) : NULL;
+            s = rq->session_id[0] ? session_find(se, rq->user, rq->session_id) : NULL;
         if (free_blocks(se) < want && se->n_run > 0) break;
         eseq es = { .job = job, .seq = -1, .src = rq->prompt, .n_src = rq->n_prompt,
-                    .order = ++se->order, .last_step = se->step_no };
+                    .max_gen = max_gen, .order = ++se->order, .last_step = se->step_no };
         if (s) {
             if (session_resolve(se, &es, s) != 1) { i++; continue; }
         } else {
             int seq;
             if (take_slot(se, &seq) != ENG_OK) break;
             es.seq = seq;
+            int imported = job->loaded ? import_loaded(se, job, seq) : 0;
+            es.cached = es.n_past = imported * se->info.block_size;
             if (rq->session_id[0]) {
                 if (se->n_sess == se->cfg->max_sessions) evict_lru(se, NULL);
                 if (se->n_sess < se->cfg->max_sessions) {
                     session *ns = &se->sess[se->n_sess++];
                     snprintf(ns->id, sizeof ns->id, "%s", rq->session_id);
+                    snprintf(ns->user, sizeof ns->user, "%s", rq->user);
                     ns->seq = seq;
                     ns->busy = 1;
                     ns->last_used = ++se->clock;
+                    ns->persisted = imported;
                     es.sess = ns;
                 }
             }
         }
-        if (eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK) {
+        srv_loaded_free(job->loaded);
+        job->loaded = NULL;
+        if (rq->prompt_logprobs && (es.plp = calloc((size_t)rq->n_prompt, sizeof *es.plp))) {
+            es.plp[0].token = rq->prompt[0];
+            es.plp[0].n_top = -1; /* the first token has no distribution */
+        }
+        if ((rq->prompt_logprobs && !es.plp) ||
+            eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK ||
+            eng_sampler_set_logit_bias(es.smp, rq->bias_ids, rq->bias, rq->n_bias) != ENG_OK) {
+            eseq_release(&es);
             if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
             else eng_seq_free(se->eng, es.seq);
             fail_job(se, job, 500, "out of memory (sampler)");
@@ -573,12 +778,51 @@ static void fill_logprob(const float *raw, int V, int32_t tok, int n_top, srv_lo
     for (int k = 0; k < lp->n_top; k++) lp->top_logprobs[k] -= lse;
 }
 
+/* Hands the prompt's logprobs (echo) to the loop; -1 when memory runs out. */
+static int post_prompt_logprobs(srv_engine *se, eseq *es)
+{
+    srv_event *e = ev_new(se, SRV_EV_PROMPT_LOGPROBS, es->job);
+    if (!e) {
+        flush_events(se);
+        e = ev_new(se, SRV_EV_PROMPT_LOGPROBS, es->job);
+    }
+    if (!e) return -1;
+    e->lp = es->plp; /* the loop frees it */
+    e->n_lp = es->n_src;
+    es->plp = NULL;
+    return 0;
+}
+
+/* Posts a TOKEN event, with its logprobs (the top n_top alternatives) when
+ * n_top >= 0.  -1 when memory runs out: nothing was posted. */
+static int post_token(srv_engine *se, srv_job *job, int32_t tok, int n_top)
+{
+    srv_logprob *lp = NULL;
+    if (n_top >= 0) {
+        if (!(lp = malloc(sizeof *lp))) return -1;
+        fill_logprob(se->scratch, se->info.mi.vocab_size, tok, n_top, lp);
+    }
+    srv_event *e = ev_new(se, SRV_EV_TOKEN, job);
+    if (!e) { /* hand what is there to the loop, then retry once */
+        flush_events(se);
+        e = ev_new(se, SRV_EV_TOKEN, job);
+    }
+    if (!e) {
+        free(lp);
+        return -1;
+    }
+    e->token = tok;
+    e->lp = lp;
+    return 0;
+}
+
 static void publish_state(srv_engine *se)
 {
     eng_stats st;
     eng_get_stats(se->eng, &st);
     srv_metrics_state(se->met, se->n_run, se->n_wait + se->n_pre, st.blocks_used, st.blocks_total,
                       se->n_sess);
+
 }
 
 /* New K/V blocks the planned item k needs. */
@@ -597,7 +841,8 @@ static int plan_fitting(srv_engine *se)
     for (;;) {
         for (int r = 0; r < se->n_run; r++) {
             eseq *es = &se->run[r];
-            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step };
+            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step,
+                                           es->plp ? 1 : 0 };
         }
         int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
                               se->cfg->prefill_chunk, se->plan);
@@ -647,7 +892,8 @@ static void run_step(srv_engine *se)
             .seq = es->seq,
             .tokens = prefill ? es->src + es->n_past : &es->next_tok,
             .n_tokens = t,
-            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming)
+            /* logits to sample from, or (plp) for the next prompt token's logprob */
+            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming) || es->plp
                           ? se->logits + (size_t)k * V : NULL,
         };
         n_tok += t;
@@ -683,6 +929,7 @@ static void run_step(srv_engine *se)
         const srv_genreq *rq = es->job->req;
         es->last_step = se->step_no;
         int prefill = es->n_past < es->n_src;
+        int pos = es->n_past; /* the item's first token */
         if (prefill) es->n_past += se->plan[k].n_tokens;
         if (es->resuming && es->n_past == es->n_src) {
             /* the replay is back in the engine: decode next_tok as before */
@@ -693,24 +940,33 @@ static void run_step(srv_engine *se)
         }
         if (!se->items[k].logits) continue;
         float *lg = se->items[k].logits;
-        srv_logprob *lp = NULL;
+        int fin = SRV_FINISH_NONE;
+        if (es->plp) {
+            if (es->n_past < es->n_src) { /* one token in: the next one's logprob */
+                fill_logprob(lg, V, es->src[pos + 1], rq->top_logprobs, &es->plp[pos + 1]);
+                continue;
+            }
+            /* the whole prompt is in: its logprobs go out before the first token */
+            if (post_prompt_logprobs(se, es) != 0) fin = SRV_FINISH_ERROR;
+        }
+        if (!fin && es->max_gen == 0) fin = SRV_FINISH_LENGTH; /* echo only */
+        if (fin) {
+            done[n_done] = r;
+            done_fin[n_done++] = fin;
+            continue;
+        }
         if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
         int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
                                          eng_seq_len(se->eng, es->seq));
         es->n_gen++;
-        if (rq->logprobs && (lp = malloc(sizeof *lp)))
-            fill_logprob(se->scratch, V, tok, rq->top_logprobs, lp);
-        int fin = SRV_FINISH_NONE;
         int is_stop = tok == eos;
         for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
         if (is_stop && !rq->ignore_eos) {
             fin = SRV_FINISH_STOP;
-            free(lp);
+        } else if (post_token(se, es->job, tok, rq->logprobs ? rq->top_logprobs : -1) != 0) {
+            fin = SRV_FINISH_ERROR; /* the client must not get text with a token missing */
         } else {
-            srv_event *e = ev_new(se, SRV_EV_TOKEN, es->job);
-            if (e) { e->token = tok; e->lp = lp; }
-            else free(lp);
-            if (es->n_gen >= rq->max_tokens ||
+            if (es->n_gen >= es->max_gen ||
                 eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
                 fin = SRV_FINISH_LENGTH;
             es->next_tok = tok;
@@ -724,7 +980,12 @@ static void run_step(srv_engine *se)
                 int t = done[a]; done[a] = done[b]; done[b] = t;
                 t = done_fin[a]; done_fin[a] = done_fin[b]; done_fin[b] = t;
             }
-    for (int a = 0; a < n_done; a++) finish_seq(se, done[a], done_fin[a], 0, NULL);
+    for (int a = 0; a < n_done; a++)
+        if (done_fin[a] == SRV_FINISH_ERROR)
+            finish_seq(se, done[a], SRV_FINISH_ERROR, 500, "out of memory: a generated token could "
+                       "not be delivered");
+        else
+            finish_seq(se, done[a], done_fin[a], 0, NULL);
 }
 
 static void drop_cancelled(srv_engine *se)
@@ -753,8 +1014,7 @@ static void drop_cancelled(srv_engine *se)
         srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
         post_final(se, p->job, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0,
                    NULL, &u);
-        eng_sampler_free(p->smp);
-        free(p->replay);
+        eseq_release(p);
         se->pre[k] = se->pre[--se->n_pre];
     }
 }
@@ -769,6 +1029,32 @@ static void engine_progress(void *ctx, const char *line)
     size_t n = strlen(msg);
     while (n && (msg[n - 1] == '\n' || msg[n - 1] == '\r')) msg[--n] = '\0';
     srv_log("info", "engine_progress", " msg=%s", srv_log_quote(msg, q, sizeof q));
+}
+
+/* Opens the session store in the state directory, bound to this model and
+ * this engine's block format (a store of another is refused: the daemon
+ * stops rather than serve without the sessions it promised to keep). */
+static int open_store(srv_engine *se, char *err, size_t errlen)
+{
+    const eng_model_info *mi = eng_model_get_info(se->model);
+    char identity[256];
+    snprintf(identity, sizeof identity, "model=%s arch=%s layers=%d hidden=%d kv_dim=%d kv_dtype=%s block_bytes=%zu",
+             mi->fingerprint, mi->arch, mi->n_layers, mi->d_model, se->bf.kv_dim,
+             se->bf.kv_dtype == ENG_KV_BF16 ? "bf16" : "f32", se->bf.block_bytes);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/sessions", se->cfg->state_dir);
+    srv_store_params sp = { .dir = path, .identity = identity, .block_tokens = se->bf.block_tokens,
+                            .block_bytes = se->bf.block_bytes,
+                            .warm_bytes = (size_t)se->cfg->session_warm_mb << 20,
+                            .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
+                            .met = se->met, .post = se->post, .post_arg = se->post_arg,
+                            .ttl_s = se->cfg->session_ttl_s,
+                            .disk_budget = (uint64_t)se->cfg->session_disk_mb << 20 };
+    double t0 = srv_now();
+    if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;
+    srv_log("info", "session_store_opened", " dir=%s warm_mib=%d durability=%s open_s=%.3f", path,
+            se->cfg->session_warm_mb, se->cfg->session_sync ? "sync" : "async", srv_now() - t0);
+    return 0;
 }
 
 static int load(srv_engine *se)
@@ -794,6 +1080,11 @@ static int load(srv_engine *se)
     p.max_batch_tokens = se->cfg->max_batch_tokens;
     p.kv_mem_mb = se->cfg->kv_mem_mb;
     if ((rc = eng_create(se->model, &p, &se->eng, err, sizeof err)) != ENG_OK) goto fail;
+    eng_get_block_format(se->eng, &se->bf);
+    if (se->cfg->state_dir && *se->cfg->state_dir && open_store(se, err, sizeof err) != 0) {
+        rc = ENG_EINVAL;
+        goto fail;
+    }
     char tinfo[160];
     if (srv_text_load(se->cfg->model, se->cfg->chat_template, &se->codec, tinfo, sizeof tinfo, err,
                       sizeof err) != 0) {
@@ -851,14 +1142,34 @@ fail:
     return -1;
 }
 
+static void close_ops(srv_engine *se)
+{
+    pthread_mutex_lock(&se->mu);
+    se->ops_closed = 1;
+    for (srv_sess_op *op = se->ops; op; op = op->next) {
+        op->found = 0;
+        op->done = 1;
+    }
+    se->ops = NULL;
+    pthread_cond_broadcast(&se->ops_cv);
+    pthread_mutex_unlock(&se->mu);
+}
+
 static void *engine_main(void *arg)
 {
     srv_engine *se = arg;
-    if (load(se) != 0) return NULL;
+    if (load(se) != 0) {
+        close_ops(se);
+        return NULL;
+    }
     for (;;) {
         pthread_mutex_lock(&se->mu);
-        while (!se->stop && se->n_inbox == 0 && se->n_run == 0 && se->n_wait == 0 && se->n_pre == 0)
+        /* sleep while nothing can move: no new job, no store answer, nothing
+         * running, and every waiting job waits for the store */
+        while (!se->stop && se->n_inbox == 0 && !se->loaded && !se->ops && se->n_run == 0 &&
+               se->n_pre == 0 && se->n_wait == n_loading(se))
             pthread_cond_wait(&se->cv, &se->mu);
+        if (se->ops) answer_ops(se);
         if (se->stop) {
             pthread_mutex_unlock(&se->mu);
             break;
@@ -877,6 +1188,7 @@ static void *engine_main(void *arg)
             se->n_inbox -= n;
         }
         pthread_mutex_unlock(&se->mu);
+        take_loaded(se);
 
         if (se->dead) { /* new jobs after a device fault: answer them at once */
             fail_all_dead(se);
@@ -885,13 +1197,16 @@ static void *engine_main(void *arg)
         }
         drop_cancelled(se);
         admit(se);
-        if (!se->dead && se->n_run == 0 && se->n_wait > 0) {
+        if (!se->dead && se->n_run == 0 && se->n_wait > n_loading(se)) {
             /* Nothing runs and nothing could be admitted: only busy sessions
              * block the head, which cannot happen with n_run == 0, or the
              * pool is exhausted by idle sessions, which admit evicts.  Fail
-             * the head rather than spin. */
-            fail_job(se, se->wait[0], 503, "no sequence slot or K/V memory available");
-            memmove(se->wait, se->wait + 1, (size_t)(se->n_wait - 1) * sizeof *se->wait);
+             * the first job that is not waiting for the store rather than
+             * spin. */
+            int h = 0;
+            while (se->wait[h]->store_state == STORE_LOADING) h++;
+            fail_job(se, se->wait[h], 503, "no sequence slot or K/V memory available");
+            memmove(se->wait + h, se->wait + h + 1, (size_t)(se->n_wait - h - 1) * sizeof *se->wait);
             se->n_wait--;
         }
         if (!se->dead) run_step(se);
@@ -899,6 +1214,7 @@ static void *engine_main(void *arg)
         flush_events(se);
         if (!se->dead) publish_state(se);
     }
+    close_ops(se);
     return NULL;
 }
 
@@ -913,6 +1229,7 @@ int srv_engine_start(const srv_config *cfg, srv_metrics *m, srv_post_fn post, vo
     se->post_arg = arg;
     pthread_mutex_init(&se->mu, NULL);
     pthread_cond_init(&se->cv, NULL);
+    pthread_cond_init(&se->ops_cv, NULL);
     if (pthread_create(&se->th, NULL, engine_main, se) != 0) {
         pthread_mutex_destroy(&se->mu);
         pthread_cond_destroy(&se->cv);
@@ -922,6 +1239,11 @@ int srv_engine_start(const srv_config *cfg, srv_metrics *m, srv_post_fn post, vo
     se->started = 1;
     *out = se;
     return 0;
+}
+
+srv_store *srv_engine_store(srv_engine *se)
+{
+    return se->store;
 }
 
 const srv_engine_info *srv_engine_get_info(const srv_engine *se)
@@ -968,13 +1290,21 @@ void srv_engine_stop(srv_engine *se)
     pthread_cond_signal(&se->cv);
     pthread_mutex_unlock(&se->mu);
     if (se->started) pthread_join(se->th, NULL);
+    srv_store_close(se->store); /* finishes every queued write */
+    while (se->loaded) {
+        srv_loaded *n = se->loaded->next;
+        srv_loaded_free(se->loaded);
+        se->loaded = n;
+    }
+    for (int i = 0; i < se->n_wait; i++) {
+        srv_loaded_free(se->wait[i]->loaded);
+        se->wait[i]->loaded = NULL;
+    }
     for (int r = 0; r < se->n_run; r++) {
-        eng_sampler_free(se->run[r].smp);
-        free(se->run[r].replay);
+        eseq_release(&se->run[r]);
     }
     for (int k = 0; k < se->n_pre; k++) {
-        eng_sampler_free(se->pre[k].smp);
-        free(se->pre[k].replay);
+        eseq_release(&se->pre[k]);
     }
     free(se->pre);
     eng_free(se->eng);
@@ -993,5 +1323,6 @@ void srv_engine_stop(srv_engine *se)
     free(se->evs);
     pthread_mutex_destroy(&se->mu);
     pthread_cond_destroy(&se->cv);
+    pthread_cond_destroy(&se->ops_cv);
     free(se);
 }

@@ -9,9 +9,9 @@
 
 #include <stddef.h>
 
-/* Every tunable of the daemon.  Strings are owned by the config and freed by
- * srv_config_free; main.c's option table is the one place that names,
- * bounds and documents each field. */
+/* Every tunable of the daemon.  main.c fills it from its option table (the
+ * one place that names, bounds and documents each field) and owns the
+ * strings; srv_run only borrows the config. */
 typedef struct srv_config {
     /* model and engine */
     char *model;            /* model directory (required) */
@@ -32,8 +32,10 @@ typedef struct srv_config {
     char *host;
     int port;               /* 0 = an ephemeral port (logged as event=listening) */
     int max_connections;
+    int max_connections_per_ip; /* 0 = no per-address limit */
     int max_body_kb;        /* request body limit (413 above it) */
     int http_timeout_s;     /* idle connection timeout (slow clients) */
+    int request_read_timeout_s; /* a whole request (headers + body) must arrive within this */
     int request_timeout_s;  /* whole-request deadline, then cancelled */
     int shutdown_timeout_s; /* SIGTERM: running requests get this long to finish */
     /* scheduling */
@@ -43,7 +45,13 @@ typedef struct srv_config {
     /* auth and state */
     char *api_keys;         /* comma-separated bearer keys; empty = no auth */
     char *api_keys_file;    /* one key per line ('#' comments); merged with api_keys */
-    char *state_dir;        /* directory for persistent state (created if missing) */
+    char *admin_users;      /* users (from USER:KEY keys) allowed on /admin; comma-separated */
+    char *state_dir;        /* directory for persistent state (created if missing); empty = sessions
+                               are kept only while resident */
+    int session_warm_mb;    /* host-memory tier of the session store, MiB */
+    int session_sync;       /* 1: a turn is durable (fsync'd) when its write completes */
+    int session_ttl_s;      /* stored sessions idle this long are deleted, 0 = never */
+    int session_disk_mb;    /* stored sessions beyond this many MiB: least recently used deleted, 0 = no cap */
     int log_requests;       /* one access line per request */
 } srv_config;
 

@@ -6,7 +6,15 @@
  *              (pure functions: no I/O, no threads; unit-tested)
  *   sched.c    the step planner (pure; unit-tested) and the engine thread
  *   metrics.c  counters/histograms and the Prometheus text exposition
- *   http.c     libuv loop + libmicrohttpd (external epoll), routing, streaming
+ *   text.c     the tokenizer adapter (srv_codec over eng_tok)
+ *   auth.c     API keys: the table and the bearer-token check
+ *   daemon.c   srv_run: startup, engine events, signals, timers, drain, exit
+ *   http.c     libmicrohttpd under libuv: connections, routing, responses
+ *   job.c      a generation job on the loop: engine tokens -> text, stop
+ *              strings, SSE chunks or the JSON body
+ *
+ * Names: whatever more than one file uses carries the srv_ prefix and is
+ * declared here; names private to one file (static) carry none.
  *
  * Threads: the loop thread owns every srv_job field marked "loop"; the engine
  * thread reads the fields marked "immutable" (set before submission) and the
@@ -17,12 +25,15 @@
 #ifndef MKAD_SRV_INTERNAL_H
 #define MKAD_SRV_INTERNAL_H
 
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include <jansson.h>
+#include <microhttpd.h>
+#include <uv.h>
 
 #include "engine.h"
 #include "server.h"
@@ -34,9 +45,12 @@ typedef struct srv_metrics srv_metrics;
 typedef struct srv_buf {
     char *data;
     size_t len, cap;
+    int failed;           /* an append failed since the last reset: a builder of
+                             many pieces checks this once at the end */
 } srv_buf;
 
-/* All return 0, or -1 when memory runs out (the buffer is unchanged). */
+/* All return 0, or -1 when memory runs out (the buffer is unchanged but
+ * `failed` is set). */
 int srv_buf_append(srv_buf *b, const void *p, size_t n);
 int srv_buf_puts(srv_buf *b, const char *s);
 int srv_buf_printf(srv_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -51,6 +65,12 @@ void srv_log(const char *level, const char *event, const char *fmt, ...)
 /* Quotes s for a key=value log line into buf (truncating); returns buf. */
 const char *srv_log_quote(const char *s, char *buf, size_t len);
 double srv_now(void); /* monotonic seconds */
+/* Length of the valid UTF-8 character at s[0, n) (1-4), or 0 if invalid. */
+size_t srv_utf8_char_len(const char *s, size_t n);
+/* Copies at most n bytes of s (up to a NUL) into dst (cap bytes, always
+ * NUL-terminated), never cutting a UTF-8 character; a cut shows as "...".
+ * For quoting a client's string in a message. */
+void srv_utf8_clip(char *dst, size_t cap, const char *s, size_t n);
 
 /* ---- api.c: requests ------------------------------------------------------ */
 
@@ -60,6 +80,8 @@ enum srv_route {
     SRV_ROUTE_MODELS,
     SRV_ROUTE_HEALTH,
     SRV_ROUTE_METRICS,
+    SRV_ROUTE_TOKENIZE,
+    SRV_ROUTE_DETOKENIZE,
     SRV_ROUTE_OTHER,
     SRV_ROUTE_COUNT
 };
@@ -68,22 +90,30 @@ enum srv_route {
 #define SRV_MAX_STOP_LEN 256
 #define SRV_MAX_TOP_LOGPROBS 20
 #define SRV_SESSION_ID_MAX 128
+#define SRV_USER_MAX 64
 
 /* A tokenizer as the server uses it (an adapter over the engine's
  * tokenizer; tests plug in a fake).  Every function must be callable from
  * several threads at once.  Results are new arrays the caller frees. */
 typedef struct srv_codec {
     void *ctx;
-    /* text -> token ids; 0, or -1 with a message in err */
-    int (*encode)(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                  size_t errlen);
+    /* text -> token ids (special tokens written in the text are recognised;
+     * add_special: the post-processor runs, e.g. Llama-3's BOS); 0, or -1
+     * with a message in err */
+    int (*encode)(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                  char *err, size_t errlen);
     /* a chat request -> ids of the chat template.  req is an object with
      * "messages" (validated OpenAI messages) and optionally "tools",
      * "documents", "chat_template_kwargs", "add_generation_prompt" (default
-     * true), "continue_final_message".  Returns 0, or a negative ENG_*
-     * status with a message in err (ENG_ENOMEM: ours; others: the request's
-     * or the template's) */
+     * true: the prompt ends with the assistant turn's prefix),
+     * "continue_final_message".  Returns 0, or a negative ENG_* status with
+     * a message in err (ENG_ENOMEM: ours; others: the request's or the
+     * template's) */
     int (*chat)(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size_t errlen);
+    /* ids -> text (special tokens included, invalid UTF-8 as U+FFFD); *text
+     * is NUL-terminated, caller frees; 0 or -1 */
+    int (*decode)(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                  size_t errlen);
     /* the raw bytes of one token (possibly part of a UTF-8 character);
      * returns the count (<= cap), or -1 */
     int (*token_bytes)(void *ctx, int32_t tok, char *buf, size_t cap);
@@ -109,17 +139,28 @@ typedef struct srv_genreq {
     char *model;               /* as the client named it */
     int32_t *prompt;           /* token ids (n_prompt) */
     int n_prompt;
-    int max_tokens;            /* >= 1; -1: until the context is full */
+    int max_tokens;            /* >= 1 (0 with echo: the prompt only); the room left in the
+                                  context when max_tokens_auto */
+    int max_tokens_auto;       /* not given: until the context or the K/V pool is full */
     eng_sampler_params sp;
+    int32_t *bias_ids;         /* logit_bias: n_bias distinct ids and their biases */
+    float *bias;
+    int n_bias;
     int has_seed;              /* else the caller picks a random seed */
     int ignore_eos;            /* extension */
-    char *stop[SRV_MAX_STOP];  /* NUL-terminated, non-empty */
+    char *stop[SRV_MAX_STOP];  /* non-empty; may hold NULs (\u0000), hence stop_len */
+    size_t stop_len[SRV_MAX_STOP];
     int n_stop;
     int stream;
     int include_usage;         /* stream_options.include_usage */
     int logprobs;              /* 0: off; 1: on */
     int top_logprobs;          /* 0..20 alternatives per position */
+    int echo;                  /* completions: the prompt comes back before the completion */
+    char *echo_text;           /* echo: the prompt as text (echo_len bytes) */
+    size_t echo_len;
+    int prompt_logprobs;       /* echo + logprobs: log-probabilities of the prompt tokens */
     char session_id[SRV_SESSION_ID_MAX + 1]; /* "" = none */
+    char user[SRV_USER_MAX + 1]; /* who sent it (auth.c); sessions are per user */
     int return_token_ids;      /* extension: choices[].token_ids */
     const srv_codec *codec;    /* borrowed from the model description */
     int32_t stop_ids[8];       /* end the completion (unless ignore_eos), besides the model eos */
@@ -149,9 +190,12 @@ typedef struct srv_error {
     char message[512];
 } srv_error;
 
+/* The message is cut to its buffer on a character boundary; invalid bytes
+ * in it (from a client's string) become U+FFFD in the JSON. */
 void srv_error_set(srv_error *e, int status, const char *type, const char *param,
                    const char *code, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
-/* {"error":{...}} as a new string; caller frees. */
+/* {"error":{...}} as a new string; caller frees.  NULL only when memory
+ * runs out. */
 char *srv_error_json(const srv_error *e);
 
 /* Parses and validates a request body, tokenizing a text prompt or chat
@@ -164,13 +208,22 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
                      const char *session_hdr, srv_genreq **out, srv_error *err);
 void srv_genreq_free(srv_genreq *r);
 
+/* POST /tokenize and /detokenize with vLLM's shapes: {"prompt": text,
+ * "add_special_tokens"} or {"messages", "add_generation_prompt"} ->
+ * {"count", "max_model_len", "tokens", "token_strs": null}; {"tokens"} ->
+ * {"prompt": text}.  The 200 body as a new string, or NULL with err
+ * filled.  Pure apart from the read-only codec, like srv_genreq_parse. */
+char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err);
+char *srv_detokenize(const char *body, size_t len, const srv_model_desc *md, srv_error *err);
+
 /* ---- api.c: responses ----------------------------------------------------- */
 
 typedef struct srv_usage {
     int prompt_tokens, completion_tokens, cached_tokens;
 } srv_usage;
 
-/* One generated position's log-probabilities. */
+/* One position's log-probabilities: of a generated token, or with echo of
+ * a prompt token (the first prompt token has no distribution: n_top = -1). */
 typedef struct srv_logprob {
     int32_t token;
     float logprob;
@@ -191,19 +244,25 @@ size_t srv_token_piece(const srv_codec *c, int32_t tok, int first, char *buf);
  * still begin in the tail, less a tail that is a proper prefix of a stop
  * string.  When a stop string occurs, *stopped = 1 and the returned end is
  * where it starts (the stop string is not part of the output). */
-size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop, int n_stop,
-                     int *stopped);
+size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
+                     const size_t *stop_len, int n_stop, int *stopped);
 
-/* Full (non-streaming) response bodies; new strings, caller frees. */
+/* Full (non-streaming) response bodies; new strings, caller frees.  With
+ * echo the text starts with the prompt's, and plp (n_plp: one per prompt
+ * token, or 0 without logprobs) come before the generated lp. */
 char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *lp,
-                           int n_lp, const char *finish, const srv_usage *u);
+                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
+                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
+                           const srv_usage *u);
 
 /* SSE framing.  Each appends one complete event ("data: ...\n\n") to out;
- * 0 or -1 (out of memory). */
+ * 0, or -1 when memory runs out (out then holds no part of the event). */
 int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const char *text, size_t text_len, const int32_t *ids, int n_ids,
                   const srv_logprob *lp, int n_lp, const char *finish, int first);
+/* echo: the chunk with the prompt's text (and its logprobs), first in the stream. */
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+                 const srv_logprob *plp, int n_plp);
 int srv_sse_usage(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const srv_usage *u);
 int srv_sse_error(srv_buf *out, const srv_error *e);
@@ -216,6 +275,7 @@ typedef struct srv_plan_seq {
     int prefill_left;   /* prompt tokens not yet in the engine; 0 = decoding */
     uint64_t order;     /* arrival order (smaller = older) */
     int last_step;      /* step index of the sequence's last turn (fairness) */
+    int chunk;          /* cap on this sequence's prefill chunk, 0 = the step's */
 } srv_plan_seq;
 
 typedef struct srv_plan_item {
@@ -225,8 +285,8 @@ typedef struct srv_plan_item {
 
 /* Plans one step: every decoding sequence gets one token (the oldest turns
  * first if there are more decoders than budget), then prefilling sequences
- * in arrival order get chunks of at most `chunk` tokens from what is left
- * of `budget`.  Returns the number of items written to out (capacity
+ * in arrival order get chunks of at most `chunk` tokens (or their own
+ * smaller cap) from what is left of `budget`.  Returns the number of items written to out (capacity
  * n_seqs).  Pure: no engine, no threads. */
 int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
                   srv_plan_item *out);
@@ -258,6 +318,68 @@ enum srv_finish {
 
 struct srv_conn;
 
+/* ---- store.c: the session tier (memstore/ on a worker thread) ------------ */
+
+typedef struct srv_store srv_store;
+struct srv_event;
+
+/* What a lookup found: the blocks of the longest block-aligned prefix the
+ * stored session shares with the prompt, ready for eng_seq_blocks_import. */
+typedef struct srv_loaded {
+    uint64_t job_id;  /* the job that asked */
+    int found;        /* the session has a stored record */
+    int n_blocks;     /* blocks in buf */
+    void *buf;        /* (n_blocks, block_bytes) */
+    int blocks_warm, blocks_disk; /* where they came from */
+    double load_s;
+    struct srv_loaded *next; /* free for the receiver's list */
+} srv_loaded;
+void srv_loaded_free(srv_loaded *r);
+
+/* Called on the store's thread when a lookup ends; the receiver owns res. */
+typedef void (*srv_store_loaded_fn)(void *ctx, srv_loaded *res);
+
+typedef struct srv_store_params {
+    const char *dir;      /* the state directory */
+    const char *identity; /* model fingerprint + block format: a store of another is refused */
+    int block_tokens;
+    size_t block_bytes;   /* eng_block_format.block_bytes */
+    size_t warm_bytes;    /* host-memory tier budget */
+    int sync;             /* 1: a turn is durable (fsync) when its write completes */
+    srv_store_loaded_fn loaded;
+    void *loaded_ctx;
+    struct srv_metrics *met; /* counters published after every task; may be NULL */
+    void (*post)(const struct srv_event *ev, int n, void *arg); /* posts deferred FINAL events */
+    void *post_arg;
+    int ttl_s;               /* delete sessions idle this long (0: never) */
+    uint64_t disk_budget;    /* stored session bytes beyond which the least recently used go (0: none) */
+    double maint_interval_s; /* how often expiry and the budget are applied (0: 60 s) */
+} srv_store_params;
+
+typedef struct srv_store_stats {
+    int queue_depth;
+    long writes, write_failures, blocks_written;
+    long lookups, loaded_blocks_warm, loaded_blocks_disk;
+    long expired, evicted;   /* sessions deleted by the TTL / the disk budget */
+} srv_store_stats;
+
+int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen);
+/* Queues a turn's write: the session's token ids (copied) and the blocks
+ * [first, n_full) in buf (taken over, freed by the store).  With final, that
+ * event is posted (params.post) after the write: the caller must not post
+ * it.  Returns -1 (nothing queued, buf freed) when memory runs out. */
+int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
+                    int n_full, int first, void *buf, const struct srv_event *final);
+/* Queues a lookup for a job's prompt; the answer comes through the callback
+ * with the same job id. */
+int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id,
+                     const int32_t *prompt, int n_prompt);
+void srv_store_get_stats(srv_store *st, srv_store_stats *out);
+/* The memstore under it, for the admin routes (thread-safe calls). */
+struct ms_store *srv_store_ms(srv_store *st);
+/* Finishes every queued task (writes are never dropped), then closes. */
+void srv_store_close(srv_store *st);
+
 typedef struct srv_job {
     /* immutable once submitted (read by the engine thread) */
     uint64_t id;
@@ -265,6 +387,9 @@ typedef struct srv_job {
     double t_arrival;
     /* shared */
     atomic_int cancel;          /* enum srv_cancel */
+    /* engine thread only */
+    int store_state;            /* STORE_*: the session lookup of a non-resident session */
+    srv_loaded *loaded;         /* its result, until admitted */
     /* loop only */
     int refs;                   /* 2 at submit: the engine's final event, the connection */
     struct srv_conn *conn;      /* NULL once the connection is gone */
@@ -277,8 +402,11 @@ typedef struct srv_job {
     int n_ids, cap_ids;
     srv_logprob *lps;           /* per generated token when logprobs */
     int n_lps, cap_lps;
+    srv_logprob *plps;          /* echo + logprobs: per prompt token (n_plps) */
+    int n_plps;
     srv_buf sse;                /* SSE bytes not yet taken by MHD */
     size_t sse_off;
+    int sse_broken;             /* an event could not be appended: cut the stream */
     int first_chunk_sent;
     int finished;               /* the response is complete (text-wise) */
     int finish;                 /* enum srv_finish */
@@ -295,6 +423,7 @@ enum srv_event_type {
     SRV_EV_DEVICE_FAILED, /* an engine call returned ENG_EDEVICE (job NULL; msg says what):
                              every job gets a 503 FINAL, the daemon must exit non-zero */
     SRV_EV_START,      /* admitted: usage.cached_tokens known */
+    SRV_EV_PROMPT_LOGPROBS, /* echo + logprobs: the prompt's, before the first TOKEN */
     SRV_EV_TOKEN,
     SRV_EV_FINAL       /* engine is done with the job; last event for it */
 };
@@ -307,7 +436,9 @@ typedef struct srv_event {
     int status;            /* FINAL with SRV_FINISH_ERROR: HTTP status */
     const char *code;      /* FINAL with SRV_FINISH_ERROR: OpenAI error code (static) or NULL */
     srv_usage usage;       /* START / FINAL */
-    srv_logprob *lp;       /* TOKEN with logprobs; the loop frees it */
+    srv_logprob *lp;       /* TOKEN with logprobs (one), PROMPT_LOGPROBS (n_lp, one per prompt
+                              token); the loop frees it */
+    int n_lp;
     char msg[160];         /* FINAL error / LOAD_FAILED */
 } srv_event;
 
@@ -330,6 +461,23 @@ int srv_config_backend(const srv_config *cfg, int *backend);
 /* post(ev, n, arg): called on the engine thread with a batch of events; must
  * copy them and return quickly. */
 typedef void (*srv_post_fn)(const srv_event *ev, int n, void *arg);
+
+/* A question about a resident session (hot tier), answered by the engine
+ * thread: INFO fills the fields, DROP also evicts it from the engine when it
+ * is idle (busy: left alone).  srv_engine_session_op blocks until answered
+ * (at once when the engine has stopped): call it from the thread pool,
+ * never from the loop.  Returns found. */
+enum { SRV_SESS_INFO, SRV_SESS_DROP };
+typedef struct srv_sess_op {
+    int op;
+    const char *user, *id;
+    int found, busy, tokens, persisted_blocks;
+    int done;
+    struct srv_sess_op *next;
+} srv_sess_op;
+int srv_engine_session_op(srv_engine *se, srv_sess_op *op);
+/* The session store, or NULL (no state directory); valid after READY. */
+srv_store *srv_engine_store(srv_engine *se);
 
 /* Starts the engine thread; it loads the model, then posts READY or
  * LOAD_FAILED.  cfg is borrowed until srv_engine_stop. */
@@ -354,15 +502,151 @@ void srv_metrics_ttft(srv_metrics *m, double s);
 void srv_metrics_itl(srv_metrics *m, double s);
 /* From the engine thread after each step. */
 void srv_metrics_step(srv_metrics *m, int n_seqs, int n_tokens, double step_s);
+void srv_metrics_store(srv_metrics *m, const srv_store_stats *st);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
 void srv_metrics_preempted(srv_metrics *m);
+void srv_metrics_read_timeout(srv_metrics *m);
 /* Once the engine exists: its backend ("cpu"/"cuda"), K/V dtype and pool size
  * (the strings are copied). */
 void srv_metrics_engine(srv_metrics *m, const char *backend, const char *kv_dtype, size_t kv_bytes);
 void srv_metrics_cancelled(srv_metrics *m, int reason);
-/* The Prometheus text exposition; appends to out. */
+/* The Prometheus text exposition; appends to out.  0, or -1 when memory
+ * ran out (out is incomplete). */
 int srv_metrics_render(srv_metrics *m, srv_buf *out);
 const char *srv_route_name(int route);
+
+/* ---- the loop thread: auth.c -------------------------------------------- */
+
+typedef struct srv_auth srv_auth;
+
+/* Builds the key table from cfg->api_keys and cfg->api_keys_file.  0 and a
+ * new table in *out, or -1 (logged) when it cannot be built (a source
+ * unreadable or naming no key, memory exhausted); the caller then refuses
+ * to start or, on SIGHUP, keeps the old table.  With neither source set
+ * the table admits every request. */
+int srv_auth_load(const srv_config *cfg, srv_auth **out);
+void srv_auth_free(srv_auth *a);
+/* Keys in force; 0 = authentication is off. */
+int srv_auth_count(const srv_auth *a);
+/* Who a request is. */
+typedef struct srv_identity {
+    char user[SRV_USER_MAX + 1];
+    int admin; /* may use /admin */
+} srv_identity;
+/* 1 when a request with this Authorization header (may be NULL) may pass,
+ * with *who filled; a NULL table admits nobody.  Without keys: user
+ * "local", admin when the peer is on loopback. */
+int srv_auth_check(const srv_auth *a, const char *authorization, int loopback, srv_identity *who);
+/* A valid user name: 1-SRV_USER_MAX of [A-Za-z0-9._-]. */
+int srv_user_name_ok(const char *s, size_t n);
+
+/* ---- the loop thread: daemon.c, http.c, job.c ------------------------------ */
+
+typedef struct srv_server srv_server;
+
+/* A connection that stopped watching its fd drops the pointer (c = NULL);
+ * the handle is freed when libuv has closed it. */
+typedef struct srv_watch {
+    uv_poll_t h;
+    struct srv_conn *c;
+} srv_watch;
+
+typedef struct srv_parse_work srv_parse_work; /* http.c */
+
+/* One TCP connection, from accept to close (MHD_OPTION_NOTIFY_CONNECTION),
+ * across its keep-alive requests; for the request_read_timeout deadline. */
+typedef struct srv_sock {
+    struct MHD_Connection *mc;
+    double t_wait;           /* the current request began to be awaited: the
+                                connection's start or the end of the previous response */
+    int receiving;           /* the current request has not fully arrived */
+    int in_request;          /* the access handler has seen the current request */
+    struct srv_sock *prev, *next;
+} srv_sock;
+
+/* One HTTP request, from the access handler's first call to MHD's
+ * completed callback (loop thread only). */
+typedef struct srv_conn {
+    struct MHD_Connection *mc;
+    srv_server *s;
+    int route;
+    int is_post;
+    char method[8];
+    char path[64];
+    srv_buf body;
+    int too_big;
+    int suspended;
+    srv_watch *w;            /* the disconnect watch while suspended */
+    srv_job *job;
+    srv_parse_work *parse;   /* body parsing in flight on the thread pool */
+    srv_sock *sock;          /* its connection (NULL if it could not be tracked) */
+    int close;               /* answer with Connection: close */
+    int status;              /* status of the queued response, 0 = none yet */
+    srv_identity who;        /* set once the key was checked */
+    double t0;
+    struct srv_conn *prev, *next;
+} srv_conn;
+
+struct srv_server {
+    const srv_config *cfg;
+    uv_loop_t *loop;
+    struct MHD_Daemon *d;
+    uv_poll_t mhd_poll;
+    uv_timer_t mhd_timer, sweep, progress, watchdog;
+    uv_async_t async;
+    uv_signal_t sigterm, sigint, sigpipe, sighup;
+    int in_mhd;
+    srv_engine *eng;
+    srv_metrics *met;
+    int ready, draining, stopping, exit_code;
+    double drain_deadline, t_start;
+    srv_model_desc md;
+    char model_name[256];
+    char backend[8];         /* the engine's backend, once ready */
+    srv_auth *auth;
+    pthread_mutex_t out_mu;
+    srv_event *out, *out2;   /* engine -> loop events; out2 is the loop's swap buffer */
+    int n_out, cap_out, cap_out2;
+    srv_job *jobs;           /* in flight in the engine */
+    int n_inflight;
+    int n_parse;             /* parse/tokenize work items on the thread pool */
+    srv_conn *conns;         /* every live request context */
+    srv_sock *socks;         /* every open connection */
+    char mhd_last[256];      /* MHD's last log message, for collapsing repeats */
+    double mhd_last_t;
+    int mhd_repeats;
+    uint64_t rng, next_id;
+    long created_at;
+};
+
+/* http.c */
+/* Starts MHD on the listening socket lfd (taken over) under s->loop. */
+int srv_http_start(srv_server *s, int lfd, int v6);
+/* Runs MHD once and re-arms its timer; call after anything that may have
+ * given MHD work (a resume, a queued response). */
+void srv_http_run(srv_server *s);
+/* Every second (daemon.c's sweep): closes connections whose request has
+ * not fully arrived within request_read_timeout; flushes collapsed MHD log
+ * lines. */
+void srv_http_sweep(srv_server *s);
+/* Stops accepting: closes the listening socket. */
+void srv_http_quiesce(srv_server *s);
+/* Resumes every suspended connection, then stops MHD (its completed
+ * callback runs for each connection left). */
+void srv_http_stop(srv_server *s);
+void srv_conn_resume(srv_conn *c);
+
+/* job.c */
+/* A validated request becomes a job: linked in flight, handed to the
+ * engine (takes ownership of r).  NULL when memory runs out. */
+srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r);
+void srv_job_unref(srv_job *j);
+/* Sets the job's cancel reason unless it has one, and wakes the engine. */
+void srv_job_cancel(srv_server *s, srv_job *j, int reason);
+void srv_job_started(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_prompt_logprobs(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev);
 
 #endif /* MKAD_SRV_INTERNAL_H */

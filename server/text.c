@@ -3,14 +3,15 @@
  * eng_tok (tokenizer.json + chat template of the model directory).
  *
  *   /v1/completions text prompt  -> eng_tok_encode with special tokens
- *                                   recognised and the post-processor applied
+ *   (and /tokenize)                 recognised and the post-processor applied
  *                                   (what `tokenizer(text)` does in HF)
  *   /v1/chat/completions         -> eng_tok_chat_encode: the model's Jinja
- *                                   chat template (or --chat-template)
+ *   (and /tokenize)                 chat template (or --chat-template)
  *                                   over messages, tools, documents and
  *                                   chat_template_kwargs; special tokens
  *                                   come only from the template, never
  *                                   from the request's data
+ *   /detokenize                  -> eng_tok_decode, special tokens included
  *   generated token -> text      -> the token's bytes; special tokens give no
  *                                   text (skip_special_tokens); UTF-8
  *                                   characters split across tokens are held
@@ -35,12 +36,13 @@ typedef struct text_ctx {
     eng_tok *tok;
 } text_ctx;
 
-static int t_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                    size_t errlen)
+static int t_encode(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                    char *err, size_t errlen)
 {
     text_ctx *t = ctx;
     size_t nn = 0;
-    int rc = eng_tok_encode(t->tok, text, len, ENG_TOK_ALLOW_SPECIAL | ENG_TOK_ADD_SPECIAL, ids, &nn,
+    int rc = eng_tok_encode(t->tok, text, len,
+                            ENG_TOK_ALLOW_SPECIAL | (add_special ? ENG_TOK_ADD_SPECIAL : 0), ids, &nn,
                             err, errlen);
     if (rc != ENG_OK) return -1;
     if (nn > (1u << 24)) {
@@ -69,6 +71,13 @@ static int t_chat(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size
     }
     *n = (int)nn;
     return 0;
+}
+
+static int t_decode(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                    size_t errlen)
+{
+    text_ctx *t = ctx;
+    return eng_tok_decode(t->tok, ids, (size_t)n, 0, text, len, err, errlen) == ENG_OK ? 0 : -1;
 }
 
 static int t_bytes(void *ctx, int32_t tok, char *buf, size_t cap)
@@ -167,6 +176,7 @@ int srv_text_load(const char *model_dir, const char *chat_template, srv_codec **
     c->ctx = t;
     c->encode = t_encode;
     c->chat = t_chat;
+    c->decode = t_decode;
     c->token_bytes = t_bytes;
     c->stop_ids = t_stop_ids;
     const eng_tok_info *ti = eng_tok_get_info(t->tok);

@@ -28,7 +28,10 @@ static int buf_reserve(srv_buf *b, size_t extra)
 
 int srv_buf_append(srv_buf *b, const void *p, size_t n)
 {
-    if (buf_reserve(b, n) != 0) return -1;
+    if (buf_reserve(b, n) != 0) {
+        b->failed = 1;
+        return -1;
+    }
     if (n) memcpy(b->data + b->len, p, n);
     b->len += n;
     b->data[b->len] = '\0';
@@ -47,9 +50,15 @@ int srv_buf_printf(srv_buf *b, const char *fmt, ...)
     char tmp[256];
     int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
     va_end(ap);
-    if (n < 0) return -1;
+    if (n < 0) {
+        b->failed = 1;
+        return -1;
+    }
     if ((size_t)n < sizeof tmp) return srv_buf_append(b, tmp, (size_t)n);
-    if (buf_reserve(b, (size_t)n) != 0) return -1;
+    if (buf_reserve(b, (size_t)n) != 0) {
+        b->failed = 1;
+        return -1;
+    }
     va_start(ap, fmt);
     vsnprintf(b->data + b->len, (size_t)n + 1, fmt, ap);
     va_end(ap);
@@ -60,6 +69,7 @@ int srv_buf_printf(srv_buf *b, const char *fmt, ...)
 void srv_buf_reset(srv_buf *b)
 {
     b->len = 0;
+    b->failed = 0;
     if (b->data) b->data[0] = '\0';
 }
 
@@ -68,6 +78,49 @@ void srv_buf_free(srv_buf *b)
     free(b->data);
     b->data = NULL;
     b->len = b->cap = 0;
+    b->failed = 0;
+}
+
+/* Length of the valid UTF-8 character at s[0, n), or 0 when the bytes there
+ * are not one (bad lead, missing continuation, overlong, surrogate, > U+10FFFF). */
+size_t srv_utf8_char_len(const char *s, size_t n)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    if (n == 0) return 0;
+    if (u[0] < 0x80) return 1;
+    size_t len = (u[0] >> 5) == 6 ? 2 : (u[0] >> 4) == 14 ? 3 : (u[0] >> 3) == 30 ? 4 : 0;
+    if (len == 0 || len > n) return 0;
+    for (size_t k = 1; k < len; k++)
+        if ((u[k] >> 6) != 2) return 0;
+    uint32_t cp = len == 2 ? (uint32_t)(u[0] & 0x1f) << 6 | (u[1] & 0x3f)
+                : len == 3 ? (uint32_t)(u[0] & 0x0f) << 12 | (uint32_t)(u[1] & 0x3f) << 6 | (u[2] & 0x3f)
+                : (uint32_t)(u[0] & 0x07) << 18 | (uint32_t)(u[1] & 0x3f) << 12 |
+                  (uint32_t)(u[2] & 0x3f) << 6 | (u[3] & 0x3f);
+    static const uint32_t min[5] = { 0, 0, 0x80, 0x800, 0x10000 };
+    if (cp < min[len] || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+    return len;
+}
+
+void srv_utf8_clip(char *dst, size_t cap, const char *s, size_t n)
+{
+    if (cap == 0) return;
+    size_t o = 0;
+    for (size_t i = 0; i < n && s[i];) {
+        size_t len = srv_utf8_char_len(s + i, n - i);
+        if (len == 0) len = 1; /* an invalid byte: copied, the JSON builder replaces it */
+        int last = i + len >= n || !s[i + len];
+        /* room for this character, and for "..." unless it is the last */
+        if (o + len + (last ? 0 : 3) > cap - 1) {
+            size_t room = cap - 1 - o;
+            memcpy(dst + o, "...", room < 3 ? room : 3);
+            o += room < 3 ? room : 3;
+            break;
+        }
+        memcpy(dst + o, s + i, len);
+        o += len;
+        i += len;
+    }
+    dst[o] = '\0';
 }
 
 double srv_now(void)

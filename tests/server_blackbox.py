@@ -10,6 +10,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -32,8 +33,8 @@ PROMPT = [1, 15, 27, 300, 42, 7]
 class Daemon:
     """One mkad process; stderr is collected in a thread."""
 
-    def __init__(self, *args, wait_ready=True, env=None):
-        self.state = tempfile.mkdtemp(prefix="mkad-bb-")
+    def __init__(self, *args, wait_ready=True, env=None, state=None):
+        self.state = state or tempfile.mkdtemp(prefix="mkad-bb-")
         cmd = [ARGS.mkad, "--model", ARGS.model, "--host", "127.0.0.1", "--port", "0",
                "--state-dir", self.state] + list(args)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -146,6 +147,44 @@ def test_health_models_metrics():
     assert m["mkad_kv_blocks_total"] > 0
 
 
+def test_error_text_utf8():
+    """Error messages that quote the client's bytes stay valid JSON: an
+    invalid byte, or a quote clipped at 64 bytes inside a character, used to
+    make the error object fail to build ("out of memory")."""
+    for path, want in ((b"/v1/models/%ff", "\ufffd"),
+                       (b"/v1/models/" + b"a" * 63 + b"%C3%A9", "a" * 63)):
+        s = socket.create_connection(("127.0.0.1", D.port), timeout=10)
+        s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        s.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404"), data[:300]
+        err = json.loads(body)["error"]
+        assert want in err["message"] and "memory" not in err["message"], err
+        assert err["code"] == "model_not_found", err
+    st, _, body = http("POST", D.base + "/v1/completions",
+                       {"model": "b" * 63 + "\u00e9", "prompt": PROMPT, "max_tokens": 1})
+    assert_error(st, body, 404, "model")
+    assert "b" * 63 in json.loads(body)["error"]["message"], body
+
+
+# The CPU backend is bit-exact whatever the batch, chunking or where a
+# session's state came from, so outputs can be compared for equality.  On
+# CUDA (bf16, cuBLAS algorithms per shape) they agree only within tolerance
+# (tests/test_cuda.c), and a sampled token may flip: there the suite checks
+# what does not depend on the last bits (lengths, counts, errors).
+EXACT = True
+
+
+def same(a, b, what=None):
+    if EXACT:
+        assert a == b, what if what is not None else (a, b)
+    elif not isinstance(a, str):
+        assert len(a) == len(b), what if what is not None else (a, b)
+
+
 def completion(c, seed, max_tokens=16, prompt=PROMPT, temperature=1.0, **kw):
     return c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens,
                                 temperature=temperature, seed=seed, **kw)
@@ -190,6 +229,47 @@ def test_completions_stream_include_usage():
     assert all(ch.choices for ch in chunks)
 
 
+def sse_events(resp):
+    """The data payloads of an SSE response read with http.client."""
+    body = resp.read().decode()
+    return [e[len("data: "):] for e in body.split("\n\n") if e.startswith("data: ")]
+
+
+def test_stream_one_event_per_token_keepalive():
+    """Every generated token is one SSE event, also when its text is empty
+    (a special token; the lead byte of a character that the next token
+    completes or breaks): text is held back, the event still comes.  Several
+    streams in turn on one keep-alive connection."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", D.port, timeout=30)
+    special, lead_byte = 1, 130  # <|im_start|>; the byte 0xC3 ("\u00c3" in tokenizer.json)
+    cases = [("/v1/completions", {"prompt": PROMPT, "logit_bias": {str(special): 100}}, 5),
+             ("/v1/completions", {"prompt": PROMPT, "logit_bias": {str(lead_byte): 100}}, 4),
+             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                       "logit_bias": {str(special): 100}}, 3),
+             ("/v1/completions", {"prompt": PROMPT}, 6)]
+    for i, (path, extra, n) in enumerate(cases * 2):
+        ids = i >= len(cases)  # the second round carries token_ids
+        body = dict(model=MODEL_NAME, max_tokens=n, stream=True, seed=2, ignore_eos=True,
+                    return_token_ids=ids, stream_options={"include_usage": True}, **extra)
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and not resp.will_close, (resp.status, resp.getheaders())
+        events = sse_events(resp)
+        assert events[-1] == "[DONE]", events
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == n, chunks[-1]
+        token_events = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"] is None]
+        assert len(token_events) == n, (path, extra, len(token_events), events)
+        if "chat" in path:
+            assert all("content" in c["choices"][0]["delta"] for c in token_events), chunks
+        if ids:
+            assert all(len(c["choices"][0]["token_ids"]) == 1 for c in token_events), chunks
+            if extra.get("logit_bias") == {str(special): 100}:
+                assert all(c["choices"][0]["token_ids"] == [special] for c in token_events)
+    conn.close()
+
+
 def test_chat_stream_and_not():
     c = D.client()
     msgs = [{"role": "system", "content": "Be brief."},
@@ -227,6 +307,18 @@ def test_chat_template_fields():
                                   seed=1, extra_body={"chat_template_kwargs": {"enable_thinking": False},
                                                       "ignore_eos": True})
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+    # /tokenize takes the same template fields (as vLLM's) and counts what the chat route bills
+    body = {"model": MODEL_NAME, "messages": msgs, "tools": tools, "chat_template_kwargs": {"enable_thinking": False}}
+    st, _, b = http("POST", D.base + "/tokenize", body)
+    t = json.loads(b)
+    assert st == 200 and t["count"] == r.usage.prompt_tokens, (t, r.usage)
+    cont = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon"}]
+    st, _, b = http("POST", D.base + "/tokenize", {"messages": cont, "continue_final_message": True})
+    assert st == 200, b
+    st, _, b = http("POST", D.base + "/detokenize", {"tokens": json.loads(b)["tokens"]})
+    assert json.loads(b)["prompt"].endswith("assistant\nOnce upon"), b
+    assert_error(*http("POST", D.base + "/tokenize", {"messages": cont, "chat_template": "{{ 1 }}"})[::2],
+                 400, "chat_template")
     # OpenAI's null content of a tool-call turn reads as empty text (as in vLLM), so a template
     # that reads every message's content (Qwen2's, the bundled model's) renders it
     msgs[1]["content"] = None
@@ -261,11 +353,17 @@ def test_chat_template_override_and_errors():
         except openai.BadRequestError as e:
             assert "the first message must be system" in e.body["message"], e.body
             assert e.body["code"] == "chat_template_error" and e.body["param"] == "messages", e.body
+        st, _, b = http("POST", d.base + "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+        assert_error(st, b, 400, "messages")
+        err = json.loads(b)["error"]
+        assert err["code"] == "chat_template_error" and "the first message must be system" in err["message"], err
         sys_hi = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
         a = c.chat.completions.create(model=MODEL_NAME, messages=sys_hi, max_tokens=1, extra_body={"ignore_eos": True})
         b = c.chat.completions.create(model=MODEL_NAME, messages=sys_hi, max_tokens=1,
                                       extra_body={"ignore_eos": True, "chat_template_kwargs": {"greeting": "Hello there"}})
         assert b.usage.prompt_tokens > a.usage.prompt_tokens, (a.usage, b.usage)
+        st, _, t = http("POST", d.base + "/tokenize", {"messages": sys_hi, "chat_template_kwargs": {"greeting": "Hello there"}})
+        assert st == 200 and json.loads(t)["count"] == b.usage.prompt_tokens, (t, b.usage)
     finally:
         assert d.stop() == 0
     # an override that cannot be read or parsed stops the daemon at start, naming it
@@ -319,6 +417,9 @@ def test_no_tokenizer():
         r = completion(c, seed=1, max_tokens=4, extra_body={"ignore_eos": True})
         ids = r.choices[0].model_extra["token_ids"]
         assert r.choices[0].text == " ".join(map(str, ids))  # ids as text, space-separated
+        r = completion(c, seed=1, max_tokens=4, echo=True, logprobs=0, extra_body={"ignore_eos": True})
+        assert r.choices[0].text == " ".join(map(str, PROMPT + ids)), r.choices[0].text
+        assert r.choices[0].logprobs.tokens[:2] == [str(PROMPT[0]), " " + str(PROMPT[1])]
         # a stop string that begins after the first token: the text before it is returned
         stop = " " + str(ids[1])
         for stream in (False, True):
@@ -380,6 +481,71 @@ def test_stop_strings():
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == ""
 
 
+def test_nul_in_json_strings_is_text():
+    """A \\u0000 escape is valid JSON and valid text: accepted wherever text
+    is (prompt, message content, stop strings) instead of invalid_json; a
+    raw NUL byte stays invalid JSON; a model name with a NUL is not ours."""
+    c = D.client()
+    a = c.completions.create(model=MODEL_NAME, prompt="a\u0000b", max_tokens=2, seed=1)
+    b = c.completions.create(model=MODEL_NAME, prompt="ab", max_tokens=2, seed=1)
+    assert a.usage.prompt_tokens > b.usage.prompt_tokens, (a.usage, b.usage)
+    r = c.chat.completions.create(model=MODEL_NAME, max_tokens=2, seed=1, stop=["\u0000", "x\u0000y"],
+                                  messages=[{"role": "user", "content": "nul \u0000 here"},
+                                            {"role": "user", "content": [{"type": "text", "text": "\u0000"}]}])
+    assert r.choices[0].finish_reason in ("length", "stop"), r
+    try:
+        c.completions.create(model=MODEL_NAME + "\u0000", prompt="a", max_tokens=1)
+        raise AssertionError("accepted a model name with a NUL")
+    except openai.NotFoundError:
+        pass
+    st, _, body = http("POST", D.base + "/v1/completions",
+                       b'{"model":"mkad-tiny","prompt":"a\x00b","max_tokens":1}')
+    assert_error(st, body, 400)
+    assert json.loads(body)["error"]["code"] == "invalid_json"
+
+
+def test_tokenize_detokenize():
+    """POST /tokenize and /detokenize with vLLM's shapes; the counts agree
+    with what the generation routes (through the openai client) bill."""
+    c = D.client()
+
+    def post(path, body):
+        st, _, b = http("POST", D.base + path, body)
+        return st, json.loads(b)
+
+    text = "Once upon a time, \u00e9l\u00e8ve \u0000 <|im_start|>"
+    st, t = post("/tokenize", {"model": MODEL_NAME, "prompt": text})
+    assert st == 200 and set(t) == {"count", "max_model_len", "tokens", "token_strs"}, t
+    assert t["count"] == len(t["tokens"]) and t["max_model_len"] == 4096 and t["token_strs"] is None
+    assert 1 in t["tokens"]  # a special token written in the text is recognised, as in HF
+    r = c.completions.create(model=MODEL_NAME, prompt=text, max_tokens=1)
+    assert r.usage.prompt_tokens == t["count"], (r.usage, t)
+    st, d = post("/detokenize", {"model": MODEL_NAME, "tokens": t["tokens"]})
+    assert st == 200 and d == {"prompt": text}, d
+    assert post("/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"] == t["tokens"]
+    assert post("/detokenize", {"tokens": []}) == (200, {"prompt": ""})
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi \u0000"}]
+    st, m = post("/tokenize", {"model": MODEL_NAME, "messages": msgs})
+    st2, m2 = post("/tokenize", {"messages": msgs, "add_generation_prompt": False})
+    assert st == st2 == 200 and m["count"] > m2["count"] and m["tokens"][:m2["count"]] == m2["tokens"]
+    r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=1)
+    assert r.usage.prompt_tokens == m["count"], (r.usage, m)
+    # the \u0000 in the message reached the template as text
+    assert "hi \u0000" in post("/detokenize", {"tokens": m["tokens"]})[1]["prompt"]
+    big = " Elizabeth" * 2001  # over 16 KiB: tokenized on the thread pool
+    assert post("/tokenize", {"prompt": big})[1]["count"] == 2001
+    for path, body, status, param in (
+            ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+            ("/tokenize", {"prompt": 5}, 400, "prompt"),
+            ("/tokenize", {}, 400, "prompt"),
+            ("/tokenize", {"prompt": "a", "return_token_strs": True}, 400, "return_token_strs"),
+            ("/tokenize", {"messages": [{"role": "nobody", "content": "x"}]}, 400, "messages[0]"),
+            ("/detokenize", {"tokens": [1, 4096]}, 400, "tokens"),
+            ("/detokenize", {"tokens": "1 2"}, 400, "tokens")):
+        assert_error(*http("POST", D.base + path, body)[::2], status, param)
+    assert_error(*http("GET", D.base + "/tokenize")[::2], 405)
+
+
 def test_logprobs():
     r = completion(D.client(), seed=2, max_tokens=4, logprobs=3, extra_body={"ignore_eos": True})
     lp = r.choices[0].logprobs
@@ -391,6 +557,106 @@ def test_logprobs():
                                            extra_body={"prompt_token_ids": PROMPT, "ignore_eos": True})
     content = r.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+def test_logit_bias_and_penalties():
+    """logit_bias, presence_penalty and frequency_penalty with OpenAI's
+    semantics, through the official client; deterministic."""
+    c = D.client()
+    r = completion(c, seed=3, max_tokens=6, logit_bias={"42": 100}, extra_body=IDS)
+    assert r.choices[0].model_extra["token_ids"] == [42] * 6, r
+    greedy = completion(c, seed=3, max_tokens=6, temperature=0, extra_body=IDS)
+    first = greedy.choices[0].model_extra["token_ids"][0]
+    banned = completion(c, seed=3, max_tokens=6, temperature=0, logit_bias={str(first): -100},
+                        extra_body=IDS)
+    assert first not in banned.choices[0].model_extra["token_ids"], banned
+    ch = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                   max_tokens=4, logit_bias={"42": 100}, seed=1,
+                                   extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert ch.choices[0].model_extra["token_ids"] == [42] * 4, ch
+
+    def ids(**kw):
+        r = completion(c, seed=4, max_tokens=48, temperature=0, extra_body=IDS, **kw)
+        return r.choices[0].model_extra["token_ids"]
+
+    plain, freq = ids(), ids(frequency_penalty=2.0)
+    assert freq == ids(frequency_penalty=2.0)  # deterministic
+    assert max(map(freq.count, freq)) < max(map(plain.count, plain)), (plain, freq)
+    pres = ids(presence_penalty=2.0)
+    assert len(set(pres)) > len(set(plain)), (plain, pres)
+    assert len(set(ids(presence_penalty=-2.0))) <= len(set(plain))
+    try:
+        completion(c, seed=1, max_tokens=2, presence_penalty=2.5)
+        raise AssertionError("presence_penalty 2.5 accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "presence_penalty", e
+
+
+def test_echo_prompt_logprobs():
+    """echo with logprobs: the prompt's tokens and their log-probabilities
+    (first null) before the completion's, as OpenAI's legacy completions and
+    vLLM return them (what lm-evaluation-harness scores with).  Each prompt
+    logprob equals the one a completion of the prompt's prefix reports for
+    that token."""
+    c = D.client()
+    prompt = "It is a truth universally acknowledged"
+    r = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0, echo=True, logprobs=2,
+                             temperature=0)
+    ch, n = r.choices[0], r.usage.prompt_tokens
+    assert ch.text == prompt and ch.finish_reason == "length" and r.usage.completion_tokens == 0, r
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n, lp
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == prompt and lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    ids = json.loads(http("POST", D.base + "/tokenize", {"prompt": prompt})[2])["tokens"]
+    assert len(ids) == n
+    for i in (1, n // 2, n - 1):  # the same number from a plain completion of the prefix
+        one = c.completions.create(model=MODEL_NAME, prompt=ids[:i], max_tokens=1, logprobs=0,
+                                   logit_bias={str(ids[i]): 100}, temperature=0,
+                                   extra_body={"return_token_ids": True})
+        assert one.choices[0].model_extra["token_ids"] == [ids[i]]
+        assert abs(one.choices[0].logprobs.token_logprobs[0] - lp.token_logprobs[i]) < (1e-4 if EXACT else 5e-2), i
+    # with a completion: prompt then completion, text and logprobs alike
+    r2 = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, echo=True, logprobs=1,
+                              seed=5, extra_body={"ignore_eos": True})
+    plain = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, logprobs=1, seed=5,
+                                 extra_body={"ignore_eos": True})
+    assert r2.choices[0].text.startswith(prompt)
+    same(r2.choices[0].text, prompt + plain.choices[0].text)
+    l2 = r2.choices[0].logprobs
+    assert l2.token_logprobs[:n] == lp.token_logprobs and len(l2.tokens) == n + 3
+    assert l2.token_logprobs[n:] == plain.choices[0].logprobs.token_logprobs
+    assert l2.text_offset[n] == len(prompt.encode())
+    # streaming: the prompt's chunk first
+    chunks = list(c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, echo=True,
+                                       logprobs=1, seed=5, stream=True, extra_body={"ignore_eos": True}))
+    assert chunks[0].choices[0].text == prompt
+    assert chunks[0].choices[0].logprobs.token_logprobs == lp.token_logprobs
+    assert "".join(ch.choices[0].text for ch in chunks) == r2.choices[0].text
+    # a session's resident prefix is not reused: every prompt position needs its logits
+    for _ in range(2):
+        rs = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=1, echo=True, logprobs=2,
+                                  temperature=0, extra_body={"session_id": "bb-echo"})
+        assert rs.usage.prompt_tokens_details.cached_tokens == 0
+        assert rs.choices[0].logprobs.token_logprobs[:n] == lp.token_logprobs
+    # echo alone; token-id prompts; echo is for completions only
+    r3 = c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, echo=True, seed=1)
+    assert r3.choices[0].text.startswith(prompt) and r3.choices[0].logprobs is None
+    r4 = c.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=0, echo=True)
+    assert r4.choices[0].text == prompt
+    try:
+        c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                  extra_body={"echo": True})
+        raise AssertionError("echo accepted on chat")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "echo", e
+    try:
+        c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=0)
+        raise AssertionError("max_tokens 0 accepted without echo")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "max_tokens", e
 
 
 def test_concurrent_streams_independent():
@@ -417,7 +683,7 @@ def test_concurrent_streams_independent():
     with cf.ThreadPoolExecutor(n) as ex:
         results = list(ex.map(run, range(n)))
     for i, text in results:
-        assert text == solo[i], (i, text, solo[i])
+        same(text, solo[i], (i, text, solo[i]))
     after = metrics(D)
     # the engine really batched: some step carried more than one sequence
     big = after['mkad_batch_sequences_bucket{le="1"}'] - before['mkad_batch_sequences_bucket{le="1"}']
@@ -425,10 +691,10 @@ def test_concurrent_streams_independent():
     assert total > big, (total, big)
 
 
-def wait_metric(pred, timeout=10):
+def wait_metric(pred, timeout=10, d=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        m = metrics(D)
+        m = metrics(d or D)
         if pred(m):
             return m
         time.sleep(0.05)
@@ -438,13 +704,15 @@ def wait_metric(pred, timeout=10):
 def test_preemption_keeps_outputs():
     """A K/V pool too small for all streams: some are preempted and resumed,
     and every stream still equals its solo run."""
-    d = Daemon("--kv-mem-mb", "2")   # about 30 blocks of 32 tokens (f32 K/V; ~60 with bf16)
+    d = Daemon("--kv-mem-mb", "1")   # about 15 blocks of 32 tokens (f32 K/V; ~30 with bf16)
     try:
         c = d.client()
-        # Each stream ends holding 7 blocks; run enough of them that the pool
-        # (whose block count depends on the backend's K/V dtype) cannot hold all.
-        mt = 200
-        n = min(16, int(metrics(d)["mkad_kv_blocks_total"]) // 7 + 2)
+        # 16 streams, each long enough to end holding 1/4 of the pool (whose
+        # block count depends on the backend's K/V dtype): even when a fast
+        # machine finishes early streams before late ones are admitted, the
+        # streams that do overlap cannot all fit.
+        n = 16
+        mt = 32 * (int(metrics(d)["mkad_kv_blocks_total"]) // 4 + 1)
         solo = [completion(c, seed=50 + i, max_tokens=mt, prompt=PROMPT + [i], temperature=1.5,
                            extra_body=IDS).choices[0].model_extra["token_ids"] for i in range(n)]
         assert metrics(d)["mkad_preemptions_total"] == 0
@@ -456,7 +724,8 @@ def test_preemption_keeps_outputs():
 
         with cf.ThreadPoolExecutor(n) as ex:
             both = list(ex.map(run, range(n)))
-        assert both == solo
+        for b, so in zip(both, solo):
+            same(b, so)
         m = metrics(d)
         assert m["mkad_preemptions_total"] >= 1, m["mkad_preemptions_total"]
         assert m["mkad_kv_blocks_used"] == 0
@@ -511,7 +780,7 @@ def test_sessions_reuse_prefix():
     assert cached == 100 + 10 - 1, cached  # everything the session held
     # same result as without a session (the engine is exact)
     r3 = completion(c, seed=9, max_tokens=10, prompt=p2, extra_body=eb)
-    assert r3.choices[0].text == r2.choices[0].text
+    same(r3.choices[0].text, r2.choices[0].text)
     assert r3.usage.prompt_tokens_details.cached_tokens == 0
     # a diverging prompt keeps only the block-aligned common prefix
     p4 = p1[:50] + [9, 9, 9]
@@ -522,6 +791,142 @@ def test_sessions_reuse_prefix():
     assert json.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
     m = metrics(D)
     assert m["mkad_sessions_resident"] >= 1 and m["mkad_cached_tokens_total"] >= cached + 32
+
+
+def test_session_survives_restart():
+    """A session's turns persist in the state directory: after a restart the
+    session resumes from the store (blocks loaded, only the rest prefilled)
+    with the same output as recomputing it; a store of another model shape
+    and a second daemon on the same directory are refused."""
+    d = Daemon()
+    eb = dict(IDS, session_id="bb-persist")
+    p1 = list(range(3, 103))
+    try:
+        c = d.client()
+        r1 = completion(c, seed=3, max_tokens=12, prompt=p1, extra_body=eb)
+        p2 = p1 + r1.choices[0].model_extra["token_ids"] + [7, 8, 9]
+        r2 = completion(c, seed=4, max_tokens=12, prompt=p2, extra_body=eb)
+        assert r2.usage.prompt_tokens_details.cached_tokens == 100 + 12 - 1
+        wait_metric(lambda m: m["mkad_session_writes_total"] >= 2 and m["mkad_session_write_queue"] == 0, d=d)
+        # a second daemon on the same state directory is refused, the first one keeps serving
+        second = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state],
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+        assert second.returncode != 0 and "in use by another process" in second.stderr, second.stderr[-2000:]
+        assert http("GET", d.base + "/health")[0] == 200
+    finally:
+        assert d.stop() == 0
+    p3 = p2 + r2.choices[0].model_extra["token_ids"] + [11, 12]
+    d = Daemon(state=d.state)
+    try:
+        c = d.client()
+        r3 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=eb)
+        held = len(p2) + 12 - 1  # what the session held when the first daemon stopped
+        assert r3.usage.prompt_tokens_details.cached_tokens == held // 32 * 32, r3.usage
+        m = metrics(d)
+        assert m["mkad_session_lookups_total"] == 1
+        assert m['mkad_session_blocks_loaded_total{tier="disk"}'] == held // 32, m
+        # the same as recomputing everything (the CPU engine is exact)
+        r4 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=IDS)
+        assert r4.usage.prompt_tokens_details.cached_tokens == 0
+        same(r4.choices[0].model_extra["token_ids"], r3.choices[0].model_extra["token_ids"])
+        assert any("event=session_resumed session=bb-persist" in l for l in d.lines)
+    finally:
+        assert d.stop() == 0
+    # a store written for another block format is refused, and left as it was
+    other = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state,
+                            "--block-size", "16"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=30)
+    assert other.returncode != 0 and "written for another model" in other.stderr, other.stderr[-2000:]
+    d = Daemon(state=d.state)
+    try:
+        r5 = completion(d.client(), seed=5, max_tokens=12, prompt=p3, extra_body=eb)
+        assert r5.usage.prompt_tokens_details.cached_tokens > 0
+    finally:
+        assert d.stop() == 0
+
+
+def test_sigkill_keeps_acknowledged_turns():
+    """Kill -9 at random moments while sessions are written: after a restart
+    every turn whose response completed (with session_sync, the response
+    completes only once its turn is on disk) resumes from the store, exact,
+    and nothing stored is reported corrupt."""
+    rng = random.Random(11)
+    state = tempfile.mkdtemp(prefix="mkad-bb-kill-")
+    acked = {}  # session -> (prompt, output ids) of its last completed turn
+    for it in range(6):
+        d = Daemon(state=state)
+        stop = threading.Event()
+
+        def client(k):
+            sid = f"kill-{k}"
+            c = d.client()
+            while not stop.is_set():
+                p, o = acked.get(sid, ([k + 1] * 40, []))
+                prompt = p + o + [rng.randrange(5, 4000) for _ in range(3)]
+                if len(prompt) > 3000:
+                    return
+                try:
+                    r = completion(c, seed=k, max_tokens=8, prompt=prompt, extra_body=dict(IDS, session_id=sid))
+                except Exception:  # noqa: BLE001 - the daemon was killed
+                    return
+                acked[sid] = (prompt, r.choices[0].model_extra["token_ids"])
+
+        ths = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in ths:
+            t.start()
+        time.sleep(0.2 + rng.random() * 0.6)
+        d.proc.kill()
+        stop.set()
+        for t in ths:
+            t.join()
+        d.proc.wait()
+        assert not [l for l in d.lines if "memstore_corrupt" in l], d.lines[-20:]
+    assert len(acked) == 4 and sum(len(p) for p, _ in acked.values()) > 4 * 60, "too few turns completed"
+    d = Daemon(state=state)
+    try:
+        c = d.client()
+        for sid, (p, o) in sorted(acked.items()):
+            held = len(p) + len(o) - 1
+            prompt = p + o + [9, 9]
+            r = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=dict(IDS, session_id=sid))
+            assert r.usage.prompt_tokens_details.cached_tokens >= held // 32 * 32, (sid, held, r.usage)
+            ref = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=IDS)
+            same(r.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"], sid)
+        assert not [l for l in d.lines if "memstore_corrupt" in l or "session_write_failed" in l]
+    finally:
+        assert d.stop() == 0
+
+
+def test_session_ttl_and_disk_budget():
+    """Stored sessions idle longer than session_ttl are deleted, and beyond
+    session_disk_mb the least recently used go first (applied at startup and
+    then periodically)."""
+    d = Daemon()
+    c = d.client()
+    for k in range(3):  # 3 sessions of ~12 blocks (~440 KiB each with mkad-tiny)
+        completion(c, seed=k, max_tokens=4, prompt=[k + 2] * 400, extra_body=dict(IDS, session_id=f"ttl-{k}"))
+        time.sleep(1.1)  # distinct last-use times (the store keeps milliseconds)
+    wait_metric(lambda m: m["mkad_session_writes_total"] == 3, d=d)
+    assert d.stop() == 0
+    d = Daemon("--session-disk-mb", "1", state=d.state)
+    try:
+        wait_metric(lambda m: m.get('mkad_session_deleted_total{reason="disk_budget"}') == 1, d=d)
+        c = d.client()
+        r0 = completion(c, seed=0, max_tokens=4, prompt=[2] * 400 + [7], extra_body=dict(IDS, session_id="ttl-0"))
+        r2 = completion(c, seed=0, max_tokens=4, prompt=[4] * 400 + [7], extra_body=dict(IDS, session_id="ttl-2"))
+        assert r0.usage.prompt_tokens_details.cached_tokens == 0  # the oldest went
+        assert r2.usage.prompt_tokens_details.cached_tokens == 384
+    finally:
+        assert d.stop() == 0
+    time.sleep(2.1)
+    d = Daemon("--session-ttl", "2", state=d.state)
+    try:
+        wait_metric(lambda m: m.get('mkad_session_deleted_total{reason="ttl"}') == 3, d=d)  # ttl-0 was written again above
+        r = completion(d.client(), seed=0, max_tokens=4, prompt=[4] * 400 + [7],
+                       extra_body=dict(IDS, session_id="ttl-2"))
+        assert r.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        assert d.stop() == 0
 
 
 def test_session_concurrent_requests_serialize():
@@ -566,7 +971,9 @@ def test_long_prompt_does_not_starve_decoders():
 
 
 def test_request_timeout():
-    d = Daemon("--request-timeout", "1")
+    # the CPU backend on one thread: slow enough everywhere for 4000 tokens
+    # to outlast one second (a GPU decodes the tiny model faster than that)
+    d = Daemon("--request-timeout", "1", "--backend", "cpu", "--threads", "1")
     try:
         t0 = time.time()
         try:
@@ -720,6 +1127,174 @@ def test_slowloris():
     assert http("GET", D.base + "/health")[0] == 200
 
 
+def raw_exchange(data, port=None, timeout=10, src=None):
+    """Sends raw bytes, reads until the server closes: (bytes, seconds)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    if src:
+        s.bind((src, 0))
+    s.connect(("127.0.0.1", port or D.port))
+    t0 = time.time()
+    s.sendall(data)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    return out, time.time() - t0
+
+
+def json_error_once(out, status):
+    """One response, the OpenAI error object, then the connection closed."""
+    assert len(re.findall(rb"HTTP/1\.1 \d{3} ", out)) == 1, out[:600]
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), out[:300]
+    assert b"connection: close" in head.lower(), head
+    n = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))
+    assert len(body) == n, (n, body)
+    return json.loads(body)["error"]
+
+
+def test_http_framing():
+    """RFC 9112 §6.3: a body length a proxy could read differently is a 400
+    (501 for a transfer coding we do not know) and the connection closes;
+    a Content-Length libmicrohttpd cannot parse gets our JSON error once
+    (MHD 0.9.75 itself sent an HTML page with its status line twice)."""
+    body = b'{"model":"mkad-tiny","prompt":[1],"max_tokens":1}'
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = [
+        (400, post + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(body) + body),
+        (400, post + b"Transfer-Encoding: gzip\r\n\r\n" + body),
+        (400, post + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n"),
+        (501, post + b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+        (400, post + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        (400, post + b"Content-Length: abc\r\n\r\n" + body),
+        (400, post + b"Content-Length: -1\r\n\r\n"),
+        (400, post + b"Content-Length: 69 \r\n\r\n" + body),
+        (400, post + b"Content-Length: 5, 5\r\n\r\nhello"),
+        (413, post + b"Content-Length: 99999999999999999999999\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+    ]
+    for status, data in cases:
+        out, dt = raw_exchange(data)
+        err = json_error_once(out, status)
+        assert err["type"] == "invalid_request_error" and dt < 2, (data, err, dt)
+    # the same value twice is one length (RFC 9112 allows it); HTTP/1.0 needs no Host
+    out, _ = raw_exchange(post + b"Content-Length: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                          % (len(body), len(body)) + body)
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    out, _ = raw_exchange(b"GET /health HTTP/1.0\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200"), out[:300]
+    assert http("GET", D.base + "/health")[0] == 200
+
+
+def test_mhd_own_errors():
+    """What libmicrohttpd 0.9.75 answers before mkad sees the request
+    (docs/api.md, Errors): an HTML page with the right status, once, and the
+    connection closed."""
+    cases = [
+        (505, b"GET /health HTTP/2.0\r\nHost: x\r\n\r\n"),
+        (400, b"GET /health\r\n\r\n"),
+        (400, b"GET /health HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n"),
+        (414, b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (431, b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"v" * 40000 + b"\r\n\r\n"),
+    ]
+    for status, data in cases:
+        out, dt = raw_exchange(data)
+        assert out.startswith(b"HTTP/1.1 %d " % status), out[:300]
+        assert len(re.findall(rb"HTTP/1\.1 \d{3} ", out)) == 1 and b"<html>" in out, out[:300]
+        assert dt < 2, dt
+    assert http("GET", D.base + "/health")[0] == 200
+
+
+def test_request_read_deadline():
+    """A request must arrive whole within request_read_timeout, whatever the
+    pace: a client trickling a byte at a time (which restarted the idle
+    timeout on every byte) is cut off; a slow but timely one is served."""
+    d = Daemon("--request-read-timeout", "1", "--http-timeout", "10", "--log-requests=false")
+    try:
+        def trickle(data, pause):
+            s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            t0 = time.time()
+            try:
+                for i in range(len(data)):
+                    s.sendall(data[i:i + 1])
+                    time.sleep(pause)
+                    if time.time() - t0 > 8:
+                        break
+                s.settimeout(5)
+                out = s.recv(4096)
+            except (BrokenPipeError, ConnectionResetError):
+                out = b""
+            s.close()
+            return out, time.time() - t0
+
+        body = json.dumps({"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 1}).encode()
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        for data in (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 20,  # headers
+                     head + body):                                               # body
+            out, dt = trickle(data, 0.25)
+            assert out == b"" and dt < 3.5, (out, dt)
+        # keep-alive: the deadline restarts after each response
+        s = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+        for _ in range(3):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            time.sleep(0.6)
+        s.close()
+        out, dt = trickle(head + body, 0.5 / len(head + body))  # slow, within the deadline
+        assert out.startswith(b"HTTP/1.1 200"), out
+        assert metrics(d)["mkad_http_read_timeouts_total"] == 2
+    finally:
+        assert d.stop() == 0
+
+
+def test_per_ip_limit_keeps_health_reachable():
+    """1,030 half-sent requests from one client address take at most
+    max_connections_per_ip slots (the rest are closed at once): /health
+    stays reachable from another address; the log collapses the refusals."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    d = Daemon("--log-requests=false")
+    socks = []
+    try:
+        for _ in range(1030):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", d.port))
+            s.sendall(b"GET /hea")
+            socks.append(s)
+        t0 = time.time()
+        st, _, body = http("GET", d.base + "/health", timeout=5)
+        assert st == 200 and time.time() - t0 < 2, (st, body)
+        time.sleep(0.5)
+        closed = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                closed += s.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except ConnectionResetError:
+                closed += 1
+        assert closed == 1030 - 256, closed  # max_connections_per_ip defaults to 256
+        with d.cv:
+            refusals = [l for l in d.lines if "connection limit" in l]
+        assert 1 <= len(refusals) <= 10, refusals[:20]
+        assert any("repeated=" in l for l in refusals) or len(refusals) == 1, refusals
+    finally:
+        for s in socks:
+            s.close()
+        assert d.stop() == 0
+
+
 def test_auth():
     d = Daemon("--api-keys", "k1,k2")
     try:
@@ -736,6 +1311,8 @@ def test_auth():
             pass
         r = completion(d.client(key="k2"), seed=1, max_tokens=2)
         assert r.usage.completion_tokens >= 1
+        assert_error(*http("POST", d.base + "/tokenize", {"prompt": "a"})[::2], 401)
+        assert http("POST", d.base + "/tokenize", {"prompt": "a"}, {"Authorization": "Bearer k1"})[0] == 200
     finally:
         assert d.stop() == 0
 
@@ -784,6 +1361,10 @@ def test_keys_file_comments_and_empty_file():
         p = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--api-keys-file", f.name],
                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
         assert p.returncode != 0 and "holds no key" in p.stderr, p.stderr[-500:]
+    # api_keys that name no key (a stray comma) used to turn authentication off
+    p = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--api-keys", " , "],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20)
+    assert p.returncode != 0 and "no key" in p.stderr, p.stderr[-500:]
 
 
 def test_body_on_get_is_answered():
@@ -826,6 +1407,34 @@ def test_small_kv_pool_long_prompts_complete():
         [t.join() for t in ths]
         for i in range(2):
             assert res[i][0] == 200 and res[i][1] < 20, res[i]
+    finally:
+        assert d.stop() == 0
+
+
+def test_no_max_tokens_stops_at_pool_limit():
+    """Without max_tokens a chat (and a completion with default_max_tokens 0)
+    runs until the context or the K/V pool is full and ends with
+    finish_reason "length", even when the pool holds less than one context
+    (it was a 400 "needs 128 K/V blocks")."""
+    d = Daemon("--kv-mem-mb", "1", "--default-max-tokens", "0", "--log-requests=false")
+    try:
+        pool = int(metrics(d)["mkad_kv_blocks_total"]) * 32
+        assert pool < 4096, pool  # less than one full context (max_ctx 4096)
+        c = d.client()
+        r = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                      seed=1, extra_body={"ignore_eos": True})
+        assert r.choices[0].finish_reason == "length", r
+        assert r.usage.prompt_tokens + r.usage.completion_tokens == pool, (r.usage, pool)
+        chunks = list(c.completions.create(model=MODEL_NAME, prompt=PROMPT, seed=1, stream=True,
+                                           stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}))
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == pool - len(PROMPT), chunks[-1].usage
+        # an explicit max_tokens beyond the pool is still refused
+        st, _, body = http("POST", d.base + "/v1/completions",
+                           {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": pool})
+        assert_error(st, body, 400)
+        assert metrics(d)["mkad_kv_blocks_used"] == 0
     finally:
         assert d.stop() == 0
 
@@ -993,7 +1602,7 @@ def test_still_healthy():
 
 
 def main():
-    global ARGS, D
+    global ARGS, D, EXACT
     ap = argparse.ArgumentParser()
     ap.add_argument("--mkad", default=os.path.join(BUILD, "mkad"))
     ap.add_argument("--model", default=os.path.join(SRC, "models", "mkad-tiny"))
@@ -1001,6 +1610,8 @@ def main():
     ARGS = ap.parse_args()
     tests = [(n, f) for n, f in globals().items() if n.startswith("test_") and ARGS.k in n]
     D = Daemon("--http-timeout", "2", "--log-requests=false")
+    EXACT = json.loads(http("GET", D.base + "/v1/models")[2])["data"][0].get("backend", "cpu") == "cpu"
+    print("backend exact:", EXACT, flush=True)
     failed = 0
     t_all = time.time()
     try:

@@ -28,8 +28,17 @@
  *                 (eng_seq_truncate), the real prompt replayed -> vs the CPU
  *                 one-shot (within TOL);
  *   (e) export    export on CUDA -> import on CPU -> continue, and CPU ->
- *                 CUDA -> continue, vs the CPU-only run (within TOL).
+ *                 CUDA -> continue, vs the CPU-only run (within TOL);
+ *   (f) blocks    the first full blocks exported on CUDA, imported into a
+ *                 fresh CUDA sequence (and a CPU one where the block formats
+ *                 agree: bf16 models), the rest prefilled; forks on CUDA at
+ *                 a block boundary and at the whole length (a partial block
+ *                 copied), source and forks continuing; vs the CPU one-shot
+ *                 (within TOL), and a fork takes at most one new block.
  * One summary line per shape: its rel. errors and greedy equal n/m.
+ * Then, per shape, the tensor-core attention against the simple kernel on
+ * the same device (fast_vs_simple below): 5000-token contexts, ragged
+ * batches, forced key splits.
  *
  * TOL = 2e-2 (CUDA_TOL in the environment overrides it).  Why: the CUDA
  * backend feeds bf16 activations into its GEMMs (8-bit significand, relative
@@ -536,13 +545,59 @@ START_TEST(cuda_vs_cpu)
     expect(&v, err_e1 <= tol, "(e) export cuda -> import cpu -> continue rel err %.3e > %.0e", err_e1, tol);
     expect(&v, err_e2 <= tol, "(e) export cpu -> import cuda -> continue rel err %.3e > %.0e", err_e2, tol);
 
+    /* (f) blocks import and forks. */
+    double err_f = 0;
+    {
+        int p = 2, n = PROMPT_LEN[p], cut = 70; /* 2 full blocks + a partial one */
+        int cc[] = { cut }, rest[] = { 17, 44 };
+        eng_block_format fg, fc;
+        eng_get_block_format(gpu, &fg);
+        eng_get_block_format(cpu, &fc);
+        int s = new_seq(gpu, bank_n, bank[p]), nb = cut / fg.block_tokens, at_block = nb * fg.block_tokens;
+        feed(gpu, s, prompt[p], cut, cc, 1, NULL);
+        ck_assert_int_eq(eng_seq_n_full_blocks(gpu, s), nb);
+        size_t len = (size_t)nb * fg.block_bytes;
+        unsigned char *buf = malloc(len);
+        ck_assert_ptr_nonnull(buf);
+        ck_assert_int_eq(eng_seq_blocks_export(gpu, s, 0, nb, buf, len), ENG_OK);
+        eng_engine *to[2] = { gpu, cpu };
+        for (int k = 0; k < 2; k++) {
+            if (k == 1 && fc.kv_dtype != fg.kv_dtype) continue; /* f32 K/V on the CPU: another format */
+            int t = new_seq(to[k], bank_n, bank[p]);
+            int rc = eng_seq_blocks_import(to[k], t, prompt[p], nb, buf, len, err, sizeof err);
+            ck_assert_msg(rc == ENG_OK, "blocks import cuda -> %s: %s", eng_backend_name(to[k]), err);
+            feed(to[k], t, prompt[p] + at_block, n - at_block, rest, 2, tmp);
+            err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+            eng_seq_free(to[k], t);
+        }
+        free(buf);
+        const int at[2] = { at_block, cut };
+        for (int k = 0; k < 2; k++) {
+            int f;
+            ck_assert_int_eq(eng_seq_create(gpu, &f), ENG_OK);
+            eng_get_stats(gpu, &st);
+            int used = st.blocks_used;
+            ck_assert_int_eq(eng_seq_fork(gpu, s, f, at[k]), ENG_OK);
+            eng_get_stats(gpu, &st);
+            ck_assert_int_eq(st.blocks_used, used + (at[k] % fg.block_tokens != 0));
+            feed(gpu, f, prompt[p] + at[k], n - at[k], rest, 2, tmp);
+            err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+            eng_seq_free(gpu, f);
+        }
+        feed(gpu, s, prompt[p] + cut, n - cut, rest, 2, tmp);
+        err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+        eng_seq_free(gpu, s);
+    }
+    expect(&v, err_f <= tol, "(f) blocks import / fork + continue (cuda) vs cpu rel err %.3e > %.0e", err_f, tol);
+
     eng_get_stats(gpu, &st);
     ck_assert_int_eq(st.blocks_used, 0);
     ck_assert_int_eq(st.seqs_active, 0);
 
     printf("cuda %-31s prefill %.2e decode %.2e greedy equal %d/%d (median min top-2 gap %.1e) "
-           "chunked %.2e ragged %.2e truncate %.2e export cuda->cpu %.2e cpu->cuda %.2e  %s (%.1fs)\n",
-           sh->name, err_a, err_b, equal, NPROMPT, median_gap, err_c, err_r, err_d, err_e1, err_e2,
+           "chunked %.2e ragged %.2e truncate %.2e export cuda->cpu %.2e cpu->cuda %.2e blocks/fork %.2e  %s "
+           "(%.1fs)\n",
+           sh->name, err_a, err_b, equal, NPROMPT, median_gap, err_c, err_r, err_d, err_e1, err_e2, err_f,
            v.len ? "FAIL" : "ok", now_s() - t0);
     fflush(stdout);
 
@@ -557,6 +612,160 @@ START_TEST(cuda_vs_cpu)
     eng_model_free(m);
     ck_assert_msg(v.len == 0, "%s: %s", sh->name, v.msg);
     g_shapes_failed--;
+}
+END_TEST
+
+/* ---- the tensor-core attention against the simple kernel ------------------------
+ *
+ * On the same device: an engine with the simple attention kernel (the
+ * oracle, MKAD_CUDA_ATTN=simple), one with the tensor-core kernels and their
+ * automatic key splits, and one that splits every row group's keys into
+ * single 64-key tiles (MKAD_CUDA_ATTN_SPLIT=1, so that the combine runs for
+ * prefill tiles and multi-row decode groups too) get the same work:
+ *   a 5000-token prompt in chunks of 2048, 1500, 1452 rows (prefill kernel,
+ *   contexts up to 5000);
+ *   one ragged step: that sequence decodes a token, a 100-token one takes a
+ *   37-row chunk (decode kernel, groups of several rows), a new one a
+ *   130-row prompt (prefill kernel, a partial last tile), a 64-token one a
+ *   3-row chunk;
+ *   8 decode steps of the long and the 100-token sequence together.
+ * Every logits row of the fast engines must match the simple one within TOL. */
+#define LONG_LEN 5000
+#define LONG_CTX 6144
+
+/* Restores an environment variable saved as a copy (NULL: was unset). */
+static void env_restore(const char *name, char *saved)
+{
+    if (saved) setenv(name, saved, 1);
+    else unsetenv(name);
+    free(saved);
+}
+
+static char *env_save(const char *name)
+{
+    const char *v = getenv(name);
+    return v ? strdup(v) : NULL;
+}
+
+static eng_engine *mk_long(const eng_model *m, const char *attn, const char *split)
+{
+    char *old_attn = env_save("MKAD_CUDA_ATTN"), *old_split = env_save("MKAD_CUDA_ATTN_SPLIT");
+    setenv("MKAD_CUDA_ATTN", attn, 1);
+    if (split) setenv("MKAD_CUDA_ATTN_SPLIT", split, 1);
+    else unsetenv("MKAD_CUDA_ATTN_SPLIT");
+    eng_params p = eng_default_params();
+    p.backend = ENG_BACKEND_CUDA;
+    p.max_seqs = 4;
+    p.max_ctx = LONG_CTX;
+    p.max_batch_tokens = 2048;
+    p.kv_mem_mb = 1024;
+    eng_engine *e = NULL;
+    char err[512];
+    int rc = eng_create(m, &p, &e, err, sizeof err);
+    env_restore("MKAD_CUDA_ATTN", old_attn);
+    env_restore("MKAD_CUDA_ATTN_SPLIT", old_split);
+    ck_assert_msg(rc == ENG_OK, "eng_create(cuda, MKAD_CUDA_ATTN=%s): %s", attn, err);
+    return e;
+}
+
+START_TEST(fast_vs_simple)
+{
+    const shape *sh = &SHAPES[_i];
+    const char *only = getenv("TEST_CUDA_ONLY");
+    if (only && *only && !strstr(sh->name, only)) return;
+    double t0 = now_s();
+    eng_model *m = load_shape(sh, _i);
+    const eng_model_info *mi = eng_model_get_info(m);
+    const int V = mi->vocab_size, L = mi->n_layers, D = mi->d_model;
+    uint64_t rs = 0xa77e0000ull + (uint64_t)_i;
+    char err[512];
+
+    int bank_n = 0;
+    if (mi->mka_levels == 3) bank_n = sh->bank < mi->l3_top_r ? sh->bank : mi->l3_top_r;
+    float *bank = NULL;
+    if (bank_n > 0) {
+        size_t n = (size_t)bank_n * L * D;
+        bank = malloc(n * sizeof(float));
+        ck_assert_ptr_nonnull(bank);
+        for (size_t i = 0; i < n; i++) bank[i] = rng_uniform(&rs);
+    }
+    const int n_tok = LONG_LEN + 400;
+    int32_t *tk = malloc((size_t)n_tok * sizeof(int32_t));
+    ck_assert_ptr_nonnull(tk);
+    for (int i = 0; i < n_tok; i++) tk[i] = (int32_t)(rng_next(&rs) % (uint64_t)V);
+    const int32_t *t_long = tk, *t_b = tk + LONG_LEN, *t_c = tk + LONG_LEN + 150,
+                  *t_d = tk + LONG_LEN + 290;
+
+    enum { NE = 3, NOUT = 4 };
+    const char *name[NE] = { "simple", "fast", "fast split 1" };
+    eng_engine *en[NE] = { mk_long(m, "simple", NULL), mk_long(m, "fast", NULL),
+                           mk_long(m, "fast", "1") };
+    float *out[NE];
+    for (int k = 0; k < NE; k++) {
+        out[k] = malloc((size_t)NOUT * V * sizeof(float));
+        ck_assert_ptr_nonnull(out[k]);
+    }
+    double err_p[NE] = { 0 }, err_r[NE] = { 0 }, err_d[NE] = { 0 };
+    int sa[NE], sb[NE];
+    /* The long prefill. */
+    const int chunks[] = { 2048, 1500, 1452 };
+    for (int k = 0; k < NE; k++) {
+        sa[k] = new_seq(en[k], bank_n, bank);
+        feed(en[k], sa[k], t_long, LONG_LEN, chunks, 3, out[k]);
+        if (k > 0) err_p[k] = rel_err(out[k], out[0], V);
+    }
+    /* The ragged step. */
+    for (int k = 0; k < NE; k++) {
+        eng_engine *e = en[k];
+        sb[k] = new_seq(e, bank_n, bank);
+        int sc = new_seq(e, 0, NULL), sd = new_seq(e, bank_n, bank);
+        const int c100[] = { 100 }, c64[] = { 64 };
+        feed(e, sb[k], t_b, 100, c100, 1, NULL);
+        feed(e, sd, t_d, 64, c64, 1, NULL);
+        eng_batch_item items[NOUT] = {
+            { sa[k], t_long + LONG_LEN - 1, 1, out[k] }, /* any token: the same on every engine */
+            { sb[k], t_b + 100, 37, out[k] + V },
+            { sc, t_c, 130, out[k] + 2 * (size_t)V },
+            { sd, t_d + 64, 3, out[k] + 3 * (size_t)V },
+        };
+        ck_assert_msg(eng_step(e, items, NOUT, err, sizeof err) == ENG_OK, "ragged step (%s): %s",
+                      name[k], err);
+        eng_seq_free(e, sc);
+        eng_seq_free(e, sd);
+    }
+    for (int k = 1; k < NE; k++)
+        for (int i = 0; i < NOUT; i++)
+            err_r[k] = fmax(err_r[k], rel_err(out[k] + (size_t)i * V, out[0] + (size_t)i * V, V));
+    /* Decode steps, both sequences in one batch, fed the simple engine's argmax. */
+    for (int step = 0; step < 8; step++) {
+        int32_t nx[2] = { argmax(out[0], V), argmax(out[0] + V, V) };
+        for (int k = 0; k < NE; k++) {
+            eng_batch_item items[2] = { { sa[k], &nx[0], 1, out[k] }, { sb[k], &nx[1], 1, out[k] + V } };
+            ck_assert_msg(eng_step(en[k], items, 2, err, sizeof err) == ENG_OK, "decode (%s): %s",
+                          name[k], err);
+        }
+        for (int k = 1; k < NE; k++)
+            for (int i = 0; i < 2; i++)
+                err_d[k] = fmax(err_d[k], rel_err(out[k] + (size_t)i * V, out[0] + (size_t)i * V, V));
+    }
+    int ok = 1;
+    for (int k = 1; k < NE; k++) ok &= err_p[k] <= g_tol && err_r[k] <= g_tol && err_d[k] <= g_tol;
+    printf("attn %-31s vs simple: fast prefill %.2e ragged %.2e decode %.2e; split-1 prefill %.2e "
+           "ragged %.2e decode %.2e  %s (%.1fs)\n",
+           sh->name, err_p[1], err_r[1], err_d[1], err_p[2], err_r[2], err_d[2], ok ? "ok" : "FAIL",
+           now_s() - t0);
+    fflush(stdout);
+    for (int k = 0; k < NE; k++) {
+        eng_seq_free(en[k], sa[k]);
+        eng_seq_free(en[k], sb[k]);
+        eng_free(en[k]);
+        free(out[k]);
+    }
+    free(tk);
+    free(bank);
+    eng_model_free(m);
+    ck_assert_msg(ok, "%s: tensor-core attention differs from the simple kernel by more than %.0e "
+                  "(see the line above)", sh->name, g_tol);
 }
 END_TEST
 
@@ -607,6 +816,7 @@ int main(int argc, char **argv)
     TCase *tc = tcase_create("cuda_vs_cpu");
     tcase_add_test(tc, auto_picks_cuda);
     tcase_add_loop_test(tc, cuda_vs_cpu, 0, NSHAPES);
+    tcase_add_loop_test(tc, fast_vs_simple, 0, NSHAPES);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_set_fork_status(sr, CK_NOFORK); /* a CUDA context does not survive fork() */

@@ -1,6 +1,7 @@
 /*
  * test_sample.c — sampling semantics: greedy, seeds, temperature, top-k,
- * top-p, min-p, repetition penalty, parameter validation.
+ * top-p, min-p, repetition penalty, presence and frequency penalties,
+ * logit bias, parameter validation.
  */
 #include <check.h>
 #include <math.h>
@@ -35,7 +36,7 @@ static int argmax(void)
 
 static eng_sampler *mk(float temp, int k, float p, float minp, float rep, uint64_t seed)
 {
-    eng_sampler_params sp = { temp, k, p, minp, rep, seed };
+    eng_sampler_params sp = { temp, k, p, minp, rep, seed, 0.0f, 0.0f };
     eng_sampler *s = NULL;
     ck_assert_int_eq(eng_sampler_create(V, &sp, &s), ENG_OK);
     return s;
@@ -70,7 +71,7 @@ END_TEST
 START_TEST(frequencies_follow_softmax)
 {
     /* Two live tokens with logits 0 and ln 3: expect 1/4 and 3/4. */
-    eng_sampler_params sp = { 1.0f, 0, 1.0f, 0.0f, 1.0f, 7 };
+    eng_sampler_params sp = { 1.0f, 0, 1.0f, 0.0f, 1.0f, 7, 0.0f, 0.0f };
     eng_sampler *s = NULL;
     ck_assert_int_eq(eng_sampler_create(V, &sp, &s), ENG_OK);
     int hits = 0, n = 20000;
@@ -140,7 +141,7 @@ START_TEST(top_p_nucleus_is_exact_on_a_large_vocab)
         if (cum >= 0.7) break;
     }
     ck_assert(nucleus > 3 && nucleus < 100);
-    eng_sampler_params sp = { 1.0f, 0, 0.7f, 0.0f, 1.0f, 5 };
+    eng_sampler_params sp = { 1.0f, 0, 0.7f, 0.0f, 1.0f, 5, 0.0f, 0.0f };
     eng_sampler *s = NULL;
     ck_assert_int_eq(eng_sampler_create(NV, &sp, &s), ENG_OK);
     static int seen[NV];
@@ -160,7 +161,7 @@ END_TEST
 
 START_TEST(repetition_penalty_follows_hf)
 {
-    eng_sampler_params sp = { 0.0f, 0, 1.0f, 0.0f, 2.0f, 0 };
+    eng_sampler_params sp = { 0.0f, 0, 1.0f, 0.0f, 2.0f, 0, 0.0f, 0.0f };
     eng_sampler *s = NULL;
     ck_assert_int_eq(eng_sampler_create(V, &sp, &s), ENG_OK);
     float l[V];
@@ -201,6 +202,72 @@ START_TEST(extreme_logits_and_temperatures)
 }
 END_TEST
 
+/* OpenAI: logit[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0),
+ * c[t] = how often the sampler has returned t so far (the completion). */
+START_TEST(presence_and_frequency_follow_openai)
+{
+    eng_sampler_params sp = eng_sampler_default_params();
+    sp.temperature = 0.0f;
+    sp.presence_penalty = 0.5f;
+    sp.frequency_penalty = 0.25f;
+    eng_sampler *s = NULL;
+    ck_assert_int_eq(eng_sampler_create(4, &sp, &s), ENG_OK);
+    /* token 0 leads by 1.2: penalised 0, 0.75, 1.0, then 1.25 > 1.2, so
+     * token 1 (penalised 0.75 from then on) comes once; a prompt history
+     * does not count (OpenAI: the completion only). */
+    int32_t hist[3] = { 1, 1, 1 };
+    float want[6] = { 0, 0, 0, 1, 0, 0 }, got[6];
+    for (int i = 0; i < 6; i++) {
+        float l[4] = { 1.2f, 0.0f, -0.4f, -5.0f };
+        got[i] = (float)eng_sampler_sample(s, l, hist, 3);
+        if (i == 0) ck_assert(l[0] == 1.2f); /* nothing counted yet */
+        if (i == 2) ck_assert(fabsf(l[0] - (1.2f - 0.5f - 0.5f)) < 1e-6f); /* c = 2 */
+    }
+    for (int i = 0; i < 6; i++) ck_assert_msg(got[i] == want[i], "step %d: %g", i, got[i]);
+    eng_sampler_free(s);
+    /* negative values encourage repetition */
+    sp.presence_penalty = -2.0f;
+    sp.frequency_penalty = 0.0f;
+    ck_assert_int_eq(eng_sampler_create(4, &sp, &s), ENG_OK);
+    for (int i = 0; i < 5; i++) {
+        float l[4] = { 0.0f, 0.5f, 0.0f, 0.0f };
+        if (i > 0) l[1] = -1.0f; /* 1 was returned: -1 + 2 = 1 still wins */
+        ck_assert_int_eq(eng_sampler_sample(s, l, NULL, 0), 1);
+    }
+    eng_sampler_free(s);
+}
+END_TEST
+
+START_TEST(logit_bias_forces_and_bans)
+{
+    eng_sampler *s = mk(1.0f, 0, 1.0f, 0.0f, 1.0f, 3);
+    int32_t ids[2] = { 7, argmax() };
+    float bias[2] = { 100.0f, -100.0f };
+    ck_assert_int_eq(eng_sampler_set_logit_bias(s, ids, bias, 2), ENG_OK);
+    for (int i = 0; i < 50; i++) ck_assert_int_eq(sample_once(s, NULL, 0), 7);
+    /* replaced, not added to: a ban alone */
+    ck_assert_int_eq(eng_sampler_set_logit_bias(s, ids + 1, bias + 1, 1), ENG_OK);
+    for (int i = 0; i < 200; i++) ck_assert_int_ne(sample_once(s, NULL, 0), ids[1]);
+    ck_assert_int_eq(eng_sampler_set_logit_bias(s, NULL, NULL, 0), ENG_OK);
+    eng_sampler_free(s);
+    /* greedy: the bias moves the argmax */
+    s = mk(0.0f, 0, 1.0f, 0.0f, 1.0f, 0);
+    float small = 0.01f;
+    int32_t second = argmax() == 0 ? 1 : 0;
+    float l[V];
+    fill(l);
+    float b2 = l[argmax()] - l[second] + small;
+    ck_assert_int_eq(eng_sampler_set_logit_bias(s, &second, &b2, 1), ENG_OK);
+    ck_assert_int_eq(sample_once(s, NULL, 0), second);
+    /* out of range */
+    int32_t bad = V;
+    float one = 1.0f, big = 101.0f;
+    ck_assert_int_eq(eng_sampler_set_logit_bias(s, &bad, &one, 1), ENG_EINVAL);
+    ck_assert_int_eq(eng_sampler_set_logit_bias(s, &second, &big, 1), ENG_EINVAL);
+    eng_sampler_free(s);
+}
+END_TEST
+
 START_TEST(validation_names_the_field)
 {
     char err[128];
@@ -219,6 +286,14 @@ START_TEST(validation_names_the_field)
     p.top_k = -2;
     ck_assert_int_eq(eng_sampler_params_validate(&p, err, sizeof err), ENG_EINVAL);
     ck_assert(strstr(err, "top_k") != NULL);
+    eng_sampler_params q = eng_sampler_default_params();
+    q.presence_penalty = 2.5f;
+    ck_assert_int_eq(eng_sampler_params_validate(&q, err, sizeof err), ENG_EINVAL);
+    ck_assert(strstr(err, "presence_penalty") != NULL);
+    q = eng_sampler_default_params();
+    q.frequency_penalty = NAN;
+    ck_assert_int_eq(eng_sampler_params_validate(&q, err, sizeof err), ENG_EINVAL);
+    ck_assert(strstr(err, "frequency_penalty") != NULL);
     eng_sampler *s = NULL;
     ck_assert_int_eq(eng_sampler_create(V, &p, &s), ENG_EINVAL);
     ck_assert_ptr_null(s);
@@ -236,6 +311,8 @@ int main(void)
     tcase_add_test(tc, top_p_nucleus_is_exact_on_a_large_vocab);
     tcase_add_test(tc, repetition_penalty_follows_hf);
     tcase_add_test(tc, extreme_logits_and_temperatures);
+    tcase_add_test(tc, presence_and_frequency_follow_openai);
+    tcase_add_test(tc, logit_bias_forces_and_bans);
     tcase_add_test(tc, validation_names_the_field);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);

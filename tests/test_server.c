@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include <check.h>
+#include <stdatomic.h>
 #include <time.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,59 @@
 #include "srv_internal.h"
 
 static const srv_model_desc MD = { "tiny", 4096, 128, NULL, 16 };
+
+/* Allocation failures on demand: this program is linked with
+ * -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc, so the server's and the
+ * engine's allocations come here (jansson's and libc's own do not).  When
+ * armed, the allocation number `countdown` (0 = the next one) of a size
+ * equal to `size` (0 = any size) fails. */
+void *__real_malloc(size_t n);
+void *__real_calloc(size_t k, size_t n);
+void *__real_realloc(void *p, size_t n);
+void *__wrap_malloc(size_t n);
+void *__wrap_calloc(size_t k, size_t n);
+void *__wrap_realloc(void *p, size_t n);
+static struct {
+    atomic_int armed, countdown, failed;
+    size_t size;
+} FI;
+
+static void fail_alloc(int countdown, size_t size)
+{
+    FI.size = size;
+    atomic_store(&FI.countdown, countdown);
+    atomic_store(&FI.failed, 0);
+    atomic_store(&FI.armed, 1);
+}
+
+static void fail_alloc_off(void)
+{
+    atomic_store(&FI.armed, 0);
+}
+
+static int should_fail(size_t n)
+{
+    if (!atomic_load(&FI.armed) || (FI.size && n != FI.size)) return 0;
+    if (atomic_fetch_sub(&FI.countdown, 1) != 0) return 0;
+    atomic_store(&FI.armed, 0);
+    atomic_store(&FI.failed, 1);
+    return 1;
+}
+
+void *__wrap_malloc(size_t n)
+{
+    return should_fail(n) ? NULL : __real_malloc(n);
+}
+
+void *__wrap_calloc(size_t k, size_t n)
+{
+    return should_fail(k * n) ? NULL : __real_calloc(k, n);
+}
+
+void *__wrap_realloc(void *p, size_t n)
+{
+    return should_fail(n) ? NULL : __real_realloc(p, n);
+}
 
 static srv_genreq *parse_ok(const char *body, int chat)
 {
@@ -52,12 +106,65 @@ START_TEST(parse_completion_valid)
     ck_assert_int_eq(r->sp.top_k, 40);
     ck_assert(r->has_seed && r->sp.seed == (uint64_t)-7);
     ck_assert_int_eq(r->n_stop, 2);
-    ck_assert_str_eq(r->stop[1], "bc");
+    ck_assert(r->stop_len[1] == 2 && memcmp(r->stop[1], "bc", 2) == 0);
     ck_assert(r->stream && r->include_usage);
     ck_assert(r->logprobs && r->top_logprobs == 2);
     ck_assert_str_eq(r->session_id, "s-1");
     ck_assert(r->return_token_ids); /* no tokenizer: ids are returned */
+    ck_assert(r->sp.presence_penalty == 0.0f && r->n_bias == 0);
     ck_assert(!r->chat);
+    srv_genreq_free(r);
+}
+END_TEST
+
+static json_t *load(const char *s);
+
+START_TEST(parse_echo)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[5,6],\"echo\":true,\"max_tokens\":0,"
+                             "\"logprobs\":1}", 0);
+    ck_assert(r->echo && r->prompt_logprobs && r->max_tokens == 0);
+    ck_assert_str_eq(r->echo_text, "5 6"); /* no tokenizer: ids in decimal */
+    srv_genreq_free(r);
+    r = parse_ok("{\"model\":\"tiny\",\"prompt\":[5],\"echo\":true}", 0);
+    ck_assert(r->echo && !r->prompt_logprobs && r->max_tokens == 16);
+    /* the completion text follows the prompt's; the prompt's first logprob is null */
+    srv_logprob plp[2] = { { .token = 5, .n_top = -1 }, { .token = 6, .logprob = -2.0f } };
+    srv_usage u = { 2, 0, 0 };
+    char *s = srv_build_completion(r, "c", 1, " 7", 2, NULL, 0, plp, 2, NULL, 0, "length", &u);
+    json_t *o = load(s);
+    json_t *c = json_array_get(json_object_get(o, "choices"), 0);
+    ck_assert_str_eq(json_string_value(json_object_get(c, "text")), "5 7");
+    ck_assert(json_is_null(json_object_get(c, "logprobs"))); /* logprobs were not asked for */
+    json_decref(o);
+    free(s);
+    r->logprobs = 1;
+    s = srv_build_completion(r, "c", 1, " 7", 2, NULL, 0, plp, 2, NULL, 0, "length", &u);
+    o = load(s);
+    json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
+    ck_assert(json_is_null(json_array_get(json_object_get(l, "token_logprobs"), 0)));
+    ck_assert(json_is_null(json_array_get(json_object_get(l, "top_logprobs"), 0)));
+    ck_assert(json_real_value(json_array_get(json_object_get(l, "token_logprobs"), 1)) == -2.0);
+    ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(l, "text_offset"), 1)), 1);
+    json_decref(o);
+    free(s);
+    srv_genreq_free(r);
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[5],\"max_tokens\":0}", 0, 400, "max_tokens");
+}
+END_TEST
+
+START_TEST(parse_penalties_and_bias)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":-1.5,"
+                             "\"frequency_penalty\":0.5,\"logit_bias\":{\"7\":-100,\"0\":2.5,\"4095\":100}}", 0);
+    ck_assert(r->sp.presence_penalty == -1.5f && r->sp.frequency_penalty == 0.5f);
+    ck_assert_int_eq(r->n_bias, 3);
+    float sum = 0;
+    for (int i = 0; i < 3; i++) sum += r->bias[i] * (float)(r->bias_ids[i] + 1);
+    ck_assert(sum == -100.0f * 8 + 2.5f * 1 + 100.0f * 4096);
+    srv_genreq_free(r);
+    r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{}}", 0);
+    ck_assert_int_eq(r->n_bias, 0);
     srv_genreq_free(r);
 }
 END_TEST
@@ -66,6 +173,7 @@ START_TEST(parse_defaults)
 {
     srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[[5,6]]}", 0);
     ck_assert_int_eq(r->max_tokens, 16);      /* completions default */
+    ck_assert(!r->max_tokens_auto);
     ck_assert(r->sp.temperature == 1.0f);     /* OpenAI default */
     ck_assert(!r->has_seed && !r->stream && !r->logprobs);
     srv_genreq_free(r);
@@ -76,10 +184,11 @@ START_TEST(parse_defaults)
     r = parse_ok(body, 0);
     ck_assert_int_eq(r->max_tokens, 8);
     srv_genreq_free(r);
-    /* chat: until the context is full */
+    /* chat: until the context (or the K/V pool: sched.c) is full */
     r = parse_ok("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
                  "\"prompt_token_ids\":[1,2,3,4]}", 1);
     ck_assert_int_eq(r->max_tokens, 124);
+    ck_assert(r->max_tokens_auto);
     ck_assert(r->chat);
     srv_genreq_free(r);
     /* max_completion_tokens wins in chat */
@@ -139,10 +248,19 @@ START_TEST(parse_rejects)
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":128}", 0, 400, "max_tokens");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":2}", 0, 400, "n");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":0}", 0, 400, "n");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"echo\":true}", 0, 400, "echo");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
+              "\"prompt_token_ids\":[1],\"echo\":true}", 1, 400, "echo");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"echo\":1}", 0, 400, "echo");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"best_of\":3}", 0, 400, "best_of");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":1}", 0, 400, "presence_penalty");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"presence_penalty\":2.5}", 0, 400, "presence_penalty");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"frequency_penalty\":\"1\"}", 0, 400, "frequency_penalty");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":[5]}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"4096\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"05\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"-1\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"a\":1}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":101}}", 0, 400, "logit_bias");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"logit_bias\":{\"5\":\"1\"}}", 0, 400, "logit_bias");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":\"yes\"}", 0, 400, "stream");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream_options\":{\"include_usage\":true}}", 0, 400, "stream_options");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":true,\"stream_options\":{\"include_usage\":1}}", 0, 400,
@@ -237,6 +355,46 @@ START_TEST(error_object)
 }
 END_TEST
 
+/* Error text is always valid UTF-8 in valid JSON: an invalid byte (a
+ * URL-decoded %ff) becomes U+FFFD, a message cut inside a character by its
+ * buffer loses the partial character, and a user string quoted into a
+ * message is clipped on a character boundary.  None of it is reported as
+ * an allocation failure. */
+START_TEST(error_object_utf8)
+{
+    srv_error e;
+    srv_error_set(&e, 404, "invalid_request_error", "model", "model_not_found",
+                  "The model '%s' does not exist", "\xff\xfex");
+    char *s = srv_error_json(&e);
+    json_t *o = json_loads(s, 0, NULL);
+    ck_assert_msg(o != NULL, "%s", s);
+    const char *m = json_string_value(json_object_get(json_object_get(o, "error"), "message"));
+    ck_assert_str_eq(m, "The model '\xef\xbf\xbd\xef\xbf\xbdx' does not exist");
+    json_decref(o);
+    free(s);
+    /* 511 bytes of 'a' then a 2-byte character: vsnprintf keeps its first byte */
+    char big[520];
+    memset(big, 'a', 510);
+    strcpy(big + 510, "\xc3\xa9tail");
+    srv_error_set(&e, 400, "invalid_request_error", NULL, NULL, "%s", big);
+    s = srv_error_json(&e);
+    o = json_loads(s, 0, NULL);
+    ck_assert_msg(o != NULL, "%s", s);
+    m = json_string_value(json_object_get(json_object_get(o, "error"), "message"));
+    ck_assert_uint_eq(strlen(m), 510);
+    json_decref(o);
+    free(s);
+    /* clipping a quoted user string: never inside a character */
+    char q[16];
+    srv_utf8_clip(q, sizeof q, "abcdefghijkl\xc3\xa9xyz", 17);
+    ck_assert_str_eq(q, "abcdefghijkl...");
+    srv_utf8_clip(q, sizeof q, "ab\xc3\xa9", 4);
+    ck_assert_str_eq(q, "ab\xc3\xa9");
+    srv_utf8_clip(q, sizeof q, "a\0b", 3);
+    ck_assert_str_eq(q, "a");
+}
+END_TEST
+
 static json_t *load(const char *s)
 {
     json_error_t je;
@@ -250,7 +408,7 @@ START_TEST(build_completion_json)
     srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1,2]}", 0);
     int32_t ids[3] = { 7, 8, 9 };
     srv_usage u = { 2, 3, 1 };
-    char *s = srv_build_completion(r, "cmpl-1", 123, "7 8 9", 5, ids, 3, NULL, 0, "length", &u);
+    char *s = srv_build_completion(r, "cmpl-1", 123, "7 8 9", 5, ids, 3, NULL, 0, NULL, 0, "length", &u);
     json_t *o = load(s);
     ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "text_completion");
     ck_assert_str_eq(json_string_value(json_object_get(o, "id")), "cmpl-1");
@@ -272,7 +430,7 @@ START_TEST(build_completion_json)
     srv_logprob lp = { .token = 7, .logprob = -0.5f, .n_top = 1, .top_tokens = { 7 },
                        .top_logprobs = { -0.5f } };
     /* invalid UTF-8 in generated text must still give valid JSON */
-    s = srv_build_completion(r, "chatcmpl-1", 1, "a\xff" "b", 3, ids, 1, &lp, 1, "stop", &u);
+    s = srv_build_completion(r, "chatcmpl-1", 1, "a\xff" "b", 3, ids, 1, NULL, 0, &lp, 1, "stop", &u);
     o = load(s);
     ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "chat.completion");
     c = json_array_get(json_object_get(o, "choices"), 0);
@@ -354,31 +512,56 @@ START_TEST(sse_framing)
 }
 END_TEST
 
+/* An event that cannot be appended leaves no part of itself behind. */
+START_TEST(sse_no_partial_event)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1],\"stream\":true}", 0);
+    srv_buf b = { 0 };
+    srv_error e;
+    srv_error_set(&e, 500, "server_error", NULL, NULL, "x");
+    for (int k = 0; k < 2; k++) {
+        fail_alloc(0, 0);
+        int rc = k == 0 ? srv_sse_chunk(&b, r, "c1", 9, "abc", 3, NULL, 0, NULL, 0, NULL, 1)
+                        : srv_sse_error(&b, &e);
+        fail_alloc_off();
+        ck_assert_int_eq(rc, -1);
+        ck_assert_uint_eq(b.len, 0);
+        ck_assert(b.failed);
+        srv_buf_reset(&b);
+    }
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "abc", 3, NULL, 0, NULL, 0, NULL, 1), 0);
+    ck_assert(strncmp(b.data, "data: {", 7) == 0 && !b.failed);
+    srv_buf_free(&b);
+    srv_genreq_free(r);
+}
+END_TEST
+
 START_TEST(stop_scan)
 {
     char *stops[] = { "END", "xy" };
+    size_t lens[] = { 3, 2 };
     int st;
     /* no stop strings: everything goes */
-    ck_assert_uint_eq(srv_stop_scan("abc", 3, 0, stops, 0, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abc", 3, 0, stops, lens, 0, &st), 3);
     ck_assert(!st);
     /* a tail that may start a stop string is held back */
-    ck_assert_uint_eq(srv_stop_scan("abcEN", 5, 0, stops, 2, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abcEN", 5, 0, stops, lens, 2, &st), 3);
     ck_assert(!st);
-    ck_assert_uint_eq(srv_stop_scan("abcx", 4, 0, stops, 2, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abcx", 4, 0, stops, lens, 2, &st), 3);
     /* then released when it turns out not to be one */
-    ck_assert_uint_eq(srv_stop_scan("abcENq", 6, 3, stops, 2, &st), 6);
+    ck_assert_uint_eq(srv_stop_scan("abcENq", 6, 3, stops, lens, 2, &st), 6);
     ck_assert(!st);
     /* a match ends the text where the stop string begins */
-    ck_assert_uint_eq(srv_stop_scan("abcEND tail", 11, 3, stops, 2, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("abcEND tail", 11, 3, stops, lens, 2, &st), 3);
     ck_assert(st);
-    ck_assert_uint_eq(srv_stop_scan("1 xy 2", 6, 0, stops, 2, &st), 2);
+    ck_assert_uint_eq(srv_stop_scan("1 xy 2", 6, 0, stops, lens, 2, &st), 2);
     ck_assert(st);
     /* the earliest match wins */
-    ck_assert_uint_eq(srv_stop_scan("xyEND", 5, 0, stops, 2, &st), 0);
+    ck_assert_uint_eq(srv_stop_scan("xyEND", 5, 0, stops, lens, 2, &st), 0);
     ck_assert(st);
     /* never splits a UTF-8 sequence */
-    ck_assert_uint_eq(srv_stop_scan("a\xc3", 2, 0, stops, 0, &st), 1);
-    ck_assert_uint_eq(srv_stop_scan("a\xc3\xa9", 3, 0, stops, 0, &st), 3);
+    ck_assert_uint_eq(srv_stop_scan("a\xc3", 2, 0, stops, lens, 0, &st), 1);
+    ck_assert_uint_eq(srv_stop_scan("a\xc3\xa9", 3, 0, stops, lens, 0, &st), 3);
 }
 END_TEST
 
@@ -394,10 +577,11 @@ END_TEST
 
 /* A fake byte-level tokenizer: byte b is token b + 3; the chat template is
  * "role: content\n" per message, then "assistant: ". */
-static int fake_encode(void *ctx, const char *text, size_t len, int32_t **ids, int *n, char *err,
-                       size_t errlen)
+static int fake_encode(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
+                       char *err, size_t errlen)
 {
     (void)ctx;
+    (void)add_special; /* no post-processor */
     if (len >= 5 && memcmp(text, "BOOM!", 5) == 0) {
         snprintf(err, errlen, "fake failure");
         return -1;
@@ -432,8 +616,9 @@ static int fake_chat(void *ctx, json_t *req, int32_t **ids, int *n, char *err, s
         srv_buf_printf(&b, "%s: %s\n", json_string_value(json_object_get(m, "role")),
                        json_is_string(c) ? json_string_value(c) : "");
     }
-    srv_buf_puts(&b, "assistant: ");
-    int rc = fake_encode(ctx, b.data, b.len, ids, n, err, errlen);
+    json_t *agp = json_object_get(req, "add_generation_prompt"); /* default true */
+    if (!agp || json_is_true(agp)) srv_buf_puts(&b, "assistant: ");
+    int rc = fake_encode(ctx, b.data, b.len, 1, ids, n, err, errlen);
     srv_buf_free(&b);
     return rc;
 }
@@ -448,7 +633,21 @@ static int fake_bytes(void *ctx, int32_t tok, char *buf, size_t cap)
     return snprintf(buf, cap, "<%d>", (int)tok);
 }
 
-static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_bytes, NULL };
+static int fake_decode(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
+                       size_t errlen)
+{
+    srv_buf b = { 0 };
+    for (int i = 0; i < n; i++) {
+        char p[SRV_PIECE_MAX];
+        srv_buf_append(&b, p, (size_t)fake_bytes(ctx, ids[i], p, sizeof p));
+    }
+    srv_buf_append(&b, "", 0);
+    *text = b.data;
+    *len = b.len;
+    return 0;
+}
+
+static const srv_codec FAKE = { NULL, fake_encode, fake_chat, fake_decode, fake_bytes, NULL };
 
 START_TEST(parse_with_tokenizer)
 {
@@ -501,6 +700,20 @@ START_TEST(parse_with_tokenizer)
     ck_assert_ptr_nonnull(strstr(e.message, "no chat template"));
     json_decref(fake_last_req);
     fake_last_req = NULL;
+    /* \u0000 is text: it reaches the tokenizer, and a stop string may hold it */
+    b = "{\"model\":\"tiny\",\"prompt\":\"A\\u0000B\",\"stop\":[\"\\u0000\",\"x\\u0000y\"]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), 0);
+    ck_assert_int_eq(r->n_prompt, 3);
+    ck_assert_int_eq(r->prompt[1], 0 + 3);
+    ck_assert_int_eq(r->n_stop, 2);
+    ck_assert(r->stop_len[0] == 1 && r->stop[0][0] == '\0' && r->stop_len[1] == 3);
+    int st;
+    ck_assert_uint_eq(srv_stop_scan("ab\0cd", 5, 0, r->stop, r->stop_len, 2, &st), 2);
+    ck_assert(st);
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\\u0000\",\"prompt\":\"A\"}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
+    ck_assert_int_eq(e.status, 404);
     b = "{\"model\":\"tiny\",\"prompt\":\"BOOM!\"}";
     ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), -1);
     ck_assert_str_eq(e.param, "prompt");
@@ -522,7 +735,7 @@ START_TEST(parse_with_tokenizer)
     srv_logprob lp = { .token = 'q' + 3, .logprob = -1, .n_top = 1, .top_tokens = { 'q' + 3 },
                        .top_logprobs = { -1 } };
     srv_usage u = { 1, 1, 0 };
-    char *s = srv_build_completion(r, "c", 1, "q", 1, NULL, 0, &lp, 1, "length", &u);
+    char *s = srv_build_completion(r, "c", 1, "q", 1, NULL, 0, NULL, 0, &lp, 1, "length", &u);
     json_t *o = json_loads(s, 0, NULL);
     json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
     ck_assert_str_eq(json_string_value(json_array_get(json_object_get(l, "tokens"), 0)), "q");
@@ -534,11 +747,125 @@ START_TEST(parse_with_tokenizer)
 }
 END_TEST
 
+/* Authentication fails closed: whichever allocation fails while the key
+ * table is built, the build fails, or the table it gives admits exactly
+ * the configured keys. */
+START_TEST(auth_fails_closed)
+{
+    srv_config c;
+    memset(&c, 0, sizeof c);
+    c.api_keys = "k1,k2";
+    srv_identity who;
+    int failures = 0;
+    for (int k = 0; k < 50; k++) {
+        srv_auth *a = NULL;
+        fail_alloc(k, 0);
+        int rc = srv_auth_load(&c, &a);
+        int failed = atomic_load(&FI.failed);
+        fail_alloc_off();
+        if (rc != 0) {
+            ck_assert_ptr_null(a);
+            failures++;
+            continue;
+        }
+        ck_assert_int_eq(srv_auth_count(a), 2);
+        ck_assert(srv_auth_check(a, "Bearer k2", 0, &who));
+        ck_assert(!srv_auth_check(a, NULL, 0, &who));
+        ck_assert(!srv_auth_check(a, "Bearer k3", 0, &who));
+        srv_auth_free(a);
+        if (!failed) break; /* every allocation of the build was tried */
+    }
+    ck_assert_int_gt(failures, 0);
+    /* a NULL table (never built) admits nobody */
+    ck_assert(!srv_auth_check(NULL, "Bearer k1", 0, &who));
+    /* api_keys that name no key do not turn authentication off */
+    c.api_keys = " , ,";
+    srv_auth *a = NULL;
+    ck_assert_int_eq(srv_auth_load(&c, &a), -1);
+    /* no key configured at all: open, as documented */
+    c.api_keys = "";
+    ck_assert_int_eq(srv_auth_load(&c, &a), 0);
+    ck_assert(srv_auth_check(a, NULL, 0, &who));
+    ck_assert_str_eq(who.user, "local");
+    ck_assert(!who.admin); /* not on loopback */
+    srv_auth_free(a);
+}
+END_TEST
+
+START_TEST(tokenize_shapes)
+{
+    srv_model_desc md = { "tiny", 4096, 128, &FAKE, 16 };
+    srv_error e;
+    const char *b = "{\"prompt\":\"AB\"}";
+    char *out = srv_tokenize(b, strlen(b), &md, &e);
+    ck_assert_ptr_nonnull(out);
+    json_t *o = load(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "count")), 2);
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "max_model_len")), 128);
+    ck_assert_int_eq(json_integer_value(json_array_get(json_object_get(o, "tokens"), 1)), 'B' + 3);
+    ck_assert(json_is_null(json_object_get(o, "token_strs")));
+    json_decref(o);
+    free(out);
+    /* messages: the chat template, with or without the generation prompt */
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],"
+        "\"add_generation_prompt\":false}";
+    out = srv_tokenize(b, strlen(b), &md, &e);
+    ck_assert_ptr_nonnull(out);
+    o = load(out);
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "count")), (int)strlen("user: hi\n"));
+    json_decref(o);
+    free(out);
+    /* the chat template's fields reach the codec as on the chat route */
+    b = "{\"messages\":[{\"role\":\"assistant\",\"content\":\"Once\"}],\"continue_final_message\":true,"
+        "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+        "\"chat_template_kwargs\":{\"enable_thinking\":false}}";
+    out = srv_tokenize(b, strlen(b), &md, &e);
+    ck_assert_msg(out != NULL, "%s", e.message);
+    free(out);
+    ck_assert(json_is_array(json_object_get(fake_last_req, "tools")));
+    ck_assert(json_is_false(json_object_get(json_object_get(fake_last_req, "chat_template_kwargs"), "enable_thinking")));
+    ck_assert(json_is_true(json_object_get(fake_last_req, "continue_final_message")));
+    ck_assert(json_is_false(json_object_get(fake_last_req, "add_generation_prompt")));
+    /* a role with a NUL in it is no role */
+    b = "{\"messages\":[{\"role\":\"user\\u0000x\",\"content\":\"x\"}]}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.param, "messages[0]");
+    /* the template's errors are the chat route's */
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"RAISE\"}]}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.code, "chat_template_error");
+    ck_assert_str_eq(e.param, "messages");
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"NOTEMPLATE\"}]}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.code, "chat_template_unavailable");
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"chat_template\":\"{{ 1 }}\"}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.param, "chat_template");
+    json_decref(fake_last_req);
+    fake_last_req = NULL;
+    b = "{\"tokens\":[75,108,108]}"; /* "Hii" */
+    out = srv_detokenize(b, strlen(b), &md, &e);
+    ck_assert_str_eq(out, "{\"prompt\":\"Hii\"}");
+    free(out);
+    b = "{\"model\":\"other\",\"tokens\":[]}";
+    ck_assert_ptr_null(srv_detokenize(b, strlen(b), &md, &e));
+    ck_assert_int_eq(e.status, 404);
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"add_special_tokens\":true}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.param, "add_special_tokens");
+    /* no tokenizer */
+    b = "{\"prompt\":\"AB\"}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &MD, &e));
+    ck_assert_str_eq(e.code, "no_tokenizer");
+}
+END_TEST
+
 START_TEST(plan_decoders_and_chunks)
 {
     /* 3 decoders, 2 prefills (one huge) under a budget of 64, chunk 32. */
     srv_plan_seq s[5] = {
-        { 0, 1, 0 }, { 1000, 2, 0 }, { 0, 3, 0 }, { 10, 4, 0 }, { 0, 5, 0 },
+        { 0, 1, 0, 0 }, { 1000, 2, 0, 0 }, { 0, 3, 0, 0 }, { 10, 4, 0, 0 }, { 0, 5, 0, 0 },
     };
     srv_plan_item it[5];
     int n = srv_plan_step(s, 5, 64, 32, it);
@@ -563,13 +890,20 @@ START_TEST(plan_decoders_and_chunks)
     ck_assert_int_eq(got[0] + got[2] + got[4], 3);
     ck_assert_int_eq(got[1], 17);
     ck_assert_int_eq(got[3], 0);
+    /* a sequence's own chunk cap (echo with logprobs prefills one token a step) */
+    s[1].chunk = 1;
+    n = srv_plan_step(s, 5, 64, 32, it);
+    memset(got, 0, sizeof got);
+    for (int i = 0; i < n; i++) got[it[i].idx] = it[i].n_tokens;
+    ck_assert_int_eq(got[1], 1);
+    ck_assert_int_eq(got[3], 10);
 }
 END_TEST
 
 START_TEST(plan_fifo_prefill)
 {
     /* Arrival order, not array order, decides who prefills first. */
-    srv_plan_seq s[3] = { { 100, 9, 0 }, { 100, 3, 0 }, { 100, 5, 0 } };
+    srv_plan_seq s[3] = { { 100, 9, 0, 0 }, { 100, 3, 0, 0 }, { 100, 5, 0, 0 } };
     srv_plan_item it[3];
     int n = srv_plan_step(s, 3, 150, 100, it);
     ck_assert_int_eq(n, 2);
@@ -585,7 +919,7 @@ START_TEST(plan_more_decoders_than_budget)
     /* 6 decoders, budget 4: the ones that ran longest ago go first; over
      * two steps everyone runs. */
     srv_plan_seq s[6];
-    for (int i = 0; i < 6; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0 };
+    for (int i = 0; i < 6; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0, 0 };
     srv_plan_item it[6];
     int ran[6] = { 0 };
     for (int step = 1; step <= 2; step++) {
@@ -915,6 +1249,38 @@ START_TEST(engine_preemption_is_exact)
 }
 END_TEST
 
+/* A token whose logprobs cannot be allocated is never dropped silently:
+ * every TOKEN event carries its logprobs, and the job then ends with an
+ * error (the stream ends with an error event) instead of missing text. */
+START_TEST(engine_oom_ends_with_error)
+{
+    srv_config c = test_cfg();
+    srv_metrics *m = srv_metrics_create();
+    srv_engine *se = start_engine(&c, m);
+    srv_job *j = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":20,"
+                         "\"logprobs\":2,\"ignore_eos\":true,\"seed\":1}");
+    fail_alloc(5, sizeof(srv_logprob)); /* the 6th token's logprobs */
+    srv_engine_submit(se, j);
+    int f = wait_event(SRV_EV_FINAL, j);
+    fail_alloc_off();
+    ck_assert(atomic_load(&FI.failed));
+    ck_assert_int_eq(EV.ev[f].finish, SRV_FINISH_ERROR);
+    ck_assert_int_eq(EV.ev[f].status, 500);
+    int n = 0;
+    pthread_mutex_lock(&EV.mu);
+    for (int i = 0; i < EV.n; i++)
+        if (EV.ev[i].type == SRV_EV_TOKEN && EV.ev[i].job == j) {
+            ck_assert_ptr_nonnull(EV.ev[i].lp);
+            n++;
+        }
+    pthread_mutex_unlock(&EV.mu);
+    ck_assert_int_eq(n, 5);
+    srv_engine_stop(se);
+    free_job(j);
+    srv_metrics_free(m);
+}
+END_TEST
+
 START_TEST(engine_load_failure)
 {
     srv_config c = test_cfg();
@@ -938,15 +1304,21 @@ static Suite *suite(void)
     TCase *api = tcase_create("api");
     tcase_add_test(api, parse_completion_valid);
     tcase_add_test(api, parse_defaults);
+    tcase_add_test(api, parse_penalties_and_bias);
+    tcase_add_test(api, parse_echo);
     tcase_add_test(api, parse_session_header);
     tcase_add_test(api, parse_rejects);
     tcase_add_test(api, parse_no_tokenizer_message);
     tcase_add_test(api, error_object);
+    tcase_add_test(api, error_object_utf8);
     tcase_add_test(api, build_completion_json);
     tcase_add_test(api, sse_framing);
+    tcase_add_test(api, sse_no_partial_event);
     tcase_add_test(api, stop_scan);
     tcase_add_test(api, token_text);
     tcase_add_test(api, parse_with_tokenizer);
+    tcase_add_test(api, auth_fails_closed);
+    tcase_add_test(api, tokenize_shapes);
     suite_add_tcase(s, api);
     TCase *sched = tcase_create("sched");
     tcase_add_test(sched, plan_decoders_and_chunks);
@@ -959,6 +1331,7 @@ static Suite *suite(void)
     tcase_add_test(eng, engine_generate_and_sessions);
     tcase_add_test(eng, engine_cancel_frees_blocks);
     tcase_add_test(eng, engine_preemption_is_exact);
+    tcase_add_test(eng, engine_oom_ends_with_error);
     tcase_add_test(eng, engine_load_failure);
     suite_add_tcase(s, eng);
     return s;

@@ -761,6 +761,16 @@ START_TEST(chat_message_shapes)
     ck_assert_str_eq(text, "user:q|assistant:Once upon");
     free(text);
     json_decref(cont);
+    /* a \u0000 in the messages is text, also before the cut */
+    cont = json_loads("[{\"role\": \"user\", \"content\": \"q\\u0000\"}, {\"role\": \"assistant\", "
+                      "\"content\": \"Once\\u0000upon\"}]", JSON_ALLOW_NUL, &je);
+    ck_assert_ptr_nonnull(cont);
+    p.messages = cont;
+    ck_assert_int_eq(eng_tok_chat_apply(t, &p, &text, &tl, err, sizeof err), 0);
+    ck_assert_uint_eq(tl, sizeof "user:q\0|assistant:Once\0upon" - 1);
+    ck_assert_mem_eq(text, "user:q\0|assistant:Once\0upon", tl);
+    free(text);
+    json_decref(cont);
     json_decref(kw);
     json_decref(msgs);
     eng_tok_free(t);

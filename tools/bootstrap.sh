@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBS="build-essential autoconf automake pkg-config libjansson-dev libuv1-dev
-      libmicrohttpd-dev librocksdb-dev check libsubunit-dev libsystemd-dev libpcre2-dev libinih-dev
+      libmicrohttpd-dev librocksdb-dev libxxhash-dev check libsubunit-dev libsystemd-dev libpcre2-dev libinih-dev
       python3 python3-pip curl"
 JOBS=${JOBS:-$(nproc)}
 

@@ -20,7 +20,7 @@
 #       falls back to autoreconf on the device, which works while it has
 #       autotools), or when the apt/pip sets should be refreshed.
 #
-#   tools/device.sh gpu [all|cuda]
+#   tools/device.sh gpu [all|cuda|bench]
 #       There, from the repository root, with .carry carried:
 #       unpack the debs into /tmp/mkad-deps (never into /), the autotools files
 #       over the tree, the wheels into /tmp/mkad-site (on PYTHONPATH for the
@@ -32,7 +32,9 @@
 #         the GPU group: tests/test_cuda (CUDA vs CPU), tests/cuda_hf.sh
 #           (CUDA vs transformers run now), tests/cuda_blackbox.sh (the
 #           black-box suite on mkad --backend cuda) — i.e. make check-cuda.
-#       `cuda` runs the GPU group only.  Ends with ONE table (test, result,
+#       `cuda` runs the GPU group only; `bench` runs no tests but
+#       tools/bench_cuda.sh (make bench-cuda: the Qwen2.5-7B shape, its table
+#       in $OUT/bench_cuda.txt).  Ends with ONE table (test, result,
 #       seconds, key number) and exits 0 only when nothing failed.  Files in
 #       $OUT (the device tool's folder; ./device-out elsewhere): summary.txt
 #       (the table), device.log (everything printed), build.log, logs.tar.gz
@@ -62,7 +64,7 @@ die() { log "$*"; exit 1; }
 # ---- Debian packages (the recipe of device-deps.sh, verified 2026-12-02:
 #      Debian 12 fetch -> Ubuntu 24.04 / glibc 2.39 install) -------------------
 
-DEV_PKGS="libuv1-dev libmicrohttpd-dev libjansson-dev librocksdb-dev libpcre2-dev
+DEV_PKGS="libuv1-dev libmicrohttpd-dev libjansson-dev librocksdb-dev libxxhash-dev libpcre2-dev
           libinih-dev check libsubunit-dev libsystemd-dev"
 # Fallback tools, used on the target only when it lacks them.
 TOOL_PKGS="pkgconf pkgconf-bin libpkgconf3 make"
@@ -294,6 +296,9 @@ run_test() {
         case $name in
         *blackbox*) env=(PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}") ;;
         esac
+        # The CPU group's black-box suite runs the CPU backend (where it
+        # checks exact outputs); cuda_blackbox.sh runs it on CUDA.
+        case $name in server_blackbox.sh) env+=(MKAD_EXTRA_ARGS="--backend cpu") ;; esac
         local cmd=("./$t")
         [ -x "$t" ] || case $t in *.sh) cmd=(bash "$t") ;; esac
         rc=0
@@ -319,7 +324,7 @@ gpu() {
     local mode=${1:-all} outdir=$2 t_start
     t_start=$(date +%s)
     DEADLINE=$((t_start + ${DEVICE_DEADLINE:-540}))
-    case $mode in all | cuda) ;; *) die "gpu: expected all or cuda, got '$mode'" ;; esac
+    case $mode in all | cuda | bench) ;; *) die "gpu: expected all, cuda or bench, got '$mode'" ;; esac
     [ -d "$CARRY/debs" ] || die "no $CARRY/debs: run 'tools/device.sh fetch' on the development machine and carry .carry"
     LOGDIR=$(mktemp -d /tmp/mkad-device-logs.XXXXXX)
     RESULTS=$LOGDIR/results.tsv
@@ -356,6 +361,12 @@ gpu() {
     if [ $rc -ne 0 ]; then
         log "build failed; the end of build.log:"
         tail -n 60 "$LOGDIR/build.log" >&2
+    elif [ "$mode" = bench ]; then
+        local left=$((DEADLINE - $(date +%s))) brc=0
+        t0=$(date +%s)
+        timeout "$left" tools/bench_cuda.sh . "$outdir" 2>"$LOGDIR/bench_cuda.log" || brc=$?
+        printf 'bench_cuda\t%s\t%s\t%s\n' "$([ $brc -eq 0 ] && echo PASS || echo "FAIL($brc)")" \
+            "$(($(date +%s) - t0))" "table in bench_cuda.txt" >>"$RESULTS"
     else
         local all_tests cuda_tests cpu_tests="" t
         all_tests=$(make -s list-tests)

@@ -30,7 +30,7 @@ static void usage(FILE *f)
         "  --chat-template-kwargs J extra template variables as a JSON object, e.g.\n"
         "                           '{\"enable_thinking\": false}'\n"
         "  --print-prompt           print the rendered chat prompt and exit (no weights needed)\n"
-        "  --prompt-ids LIST        comma-separated prompt token ids\n"
+        "  --prompt-ids LIST        comma-separated prompt token ids (@FILE: read them from FILE)\n"
         "  --max-tokens N           tokens to generate (default 16; 0 = only evaluate the prompt)\n"
         "  --temperature T          0 = greedy (default 0)\n"
         "  --top-k K                (default 0 = off)\n"
@@ -90,6 +90,34 @@ static int parse_float(const char *opt, const char *s, float *out)
     return 0;
 }
 
+/* The whole file as a NUL-terminated string (caller frees; *len, when
+ * given, its size), or NULL with errno set. */
+static char *read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, n = 0, r;
+    char *buf = malloc(cap + 1);
+    while (buf && (r = fread(buf + n, 1, cap - n, f)) > 0) {
+        n += r;
+        if (n == cap) {
+            char *b2 = realloc(buf, (cap *= 2) + 1);
+            if (!b2) free(buf);
+            buf = b2;
+        }
+    }
+    if (buf && ferror(f)) {
+        free(buf);
+        buf = NULL;
+        errno = EIO;
+    }
+    fclose(f);
+    if (!buf) return NULL;
+    buf[n] = '\0';
+    if (len) *len = n;
+    return buf;
+}
+
 /* Parses "1,2,3" into a new array; caller frees. */
 static int32_t *parse_ids(const char *s, int *n)
 {
@@ -120,25 +148,6 @@ static int32_t *parse_ids(const char *s, int *n)
     }
     *n = cnt;
     return ids;
-}
-
-/* Reads a whole file; caller frees. */
-static void *read_file(const char *path, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    void *buf = NULL;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long n = ftell(f);
-        if (n >= 0 && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)n + 1)) &&
-            fread(buf, 1, (size_t)n, f) != (size_t)n) {
-            free(buf);
-            buf = NULL;
-        }
-        *len = (size_t)n;
-    }
-    fclose(f);
-    return buf;
 }
 
 /* The chat request for --chat/--messages: an object with "messages" and the
@@ -340,6 +349,17 @@ int main(int argc, char **argv)
         }
         n_prompt = (int)n_ids;
         fprintf(stderr, "event=prompt_encoded tokens=%d\n", n_prompt);
+    } else if (ids_arg[0] == '@') {
+        /* --prompt-ids @FILE: long prompts exceed one argument's size limit. */
+        char *text = read_file(ids_arg + 1, NULL);
+        if (!text) {
+            fprintf(stderr, "mkad-cli: --prompt-ids: cannot read %s\n", ids_arg + 1);
+            return 2;
+        }
+        text[strcspn(text, "\r\n")] = '\0';
+        prompt = parse_ids(text, &n_prompt);
+        free(text);
+        if (!prompt) return 2;
     } else if (!(prompt = parse_ids(ids_arg, &n_prompt))) {
         return 2;
     }

@@ -8,7 +8,11 @@
  * sequence's own blocks) does not look at other rows, so a ragged batch gives
  * each sequence the same bits as running it alone.  Everything the step
  * touches is allocated in init/pool_alloc; the token loop allocates nothing.
- * K/V are kept in f32: this backend is the oracle the others are held to.
+ *
+ * K/V are kept in the model's dtype: bf16 for a bf16 checkpoint (rounded to
+ * nearest even when written, half the bytes per token), f32 otherwise.  The
+ * attention of a prefill chunk reads its own K/V back from the pool, rounded,
+ * exactly as a later decode step will, so chunking never changes a bit.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -20,7 +24,8 @@
 
 typedef struct cpu_be {
     eng_pool *pool;
-    float *kv;              /* (n_blocks, n_layers, 2, B, kv_dim) fused K and V */
+    unsigned char *kv;      /* (n_blocks, n_layers, 2, B, kv_dim) fused K and V, in e->kv_dtype */
+    size_t kv_elem;         /* bytes per K/V element: 2 (bf16) or 4 (f32) */
     float *ema_ckpt;        /* (n_blocks, n_layers, D) EMA after the block's last position */
     float *ema;             /* (max_seqs, n_layers, D) running EMA state per slot */
     float *l3_mu;           /* (max_seqs, n_layers, R, D) L3 chunk values, R = l3_max_chunks */
@@ -39,11 +44,24 @@ typedef struct cpu_be {
 
 #define CB(e) ((cpu_be *)(e)->be)
 
-/* K (kind 0) or V (kind 1) row of layer l at offset off of block b: (kv_dim). */
-static inline float *kv_ptr(const eng_engine *e, int b, int l, int kind, int off)
+/* K (kind 0) or V (kind 1) row of layer l at offset off of block b: (kv_dim)
+ * elements of e->kv_dtype. */
+static inline unsigned char *kv_row(const eng_engine *e, int b, int l, int kind, int off)
 {
-    return CB(e)->kv + (size_t)b * (e->block_kv_bytes / sizeof(float)) +
-           (((size_t)l * 2 + kind) * e->B + off) * e->kv_dim;
+    return CB(e)->kv + (size_t)b * e->block_kv_bytes +
+           (((size_t)l * 2 + kind) * e->B + off) * e->kv_dim * CB(e)->kv_elem;
+}
+
+/* Writes one K or V row (kv_dim) into the pool, narrowing to bf16 if that is
+ * what the pool keeps. */
+static void kv_store(const eng_engine *e, unsigned char *dst, const float *src)
+{
+    if (e->kv_dtype == ENG_KV_BF16) {
+        uint16_t *d = (uint16_t *)(void *)dst;
+        for (int i = 0; i < e->kv_dim; i++) d[i] = eng__f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)e->kv_dim * sizeof(float));
+    }
 }
 
 /* ---- the forward step ------------------------------------------------------ */
@@ -171,20 +189,22 @@ static void rope_store_task(void *vctx, int t, int thread)
             v[i + half] = b * cs + a * sn;
         }
     }
-    float *kb = kv_ptr(e, sq->blocks[pos / e->B], c->layer, 0, pos % e->B);
-    float *vb = kv_ptr(e, sq->blocks[pos / e->B], c->layer, 1, pos % e->B);
-    memcpy(kb, k, (size_t)e->kv_dim * sizeof(float));
-    memcpy(vb, CB(e)->v + (size_t)t * e->kv_dim, (size_t)e->kv_dim * sizeof(float));
+    int blk = sq->blocks[pos / e->B];
+    kv_store(e, kv_row(e, blk, c->layer, 0, pos % e->B), k);
+    kv_store(e, kv_row(e, blk, c->layer, 1, pos % e->B), CB(e)->v + (size_t)t * e->kv_dim);
 }
 
 /* Causal GQA attention of token t, head h over positions 0..pos of its
- * sequence, reading K/V through the block table. */
+ * sequence, reading K/V (the stored, possibly rounded values) block by block
+ * through the block table. */
 static void attn_task(void *vctx, int task, int thread)
 {
     step_ctx *c = vctx;
     eng_engine *e = c->e;
     int H = e->m->info.n_heads, group = H / e->m->info.n_kv_heads;
-    int t = task / H, h = task % H, kvh = h / group, hd = e->hd;
+    int t = task / H, h = task % H, kvh = h / group, hd = e->hd, B = e->B;
+    int bf16 = e->kv_dtype == ENG_KV_BF16;
+    size_t stride = (size_t)e->kv_dim * CB(e)->kv_elem, head = (size_t)kvh * hd * CB(e)->kv_elem;
     const eng_seq *sq = &e->seqs[c->items[c->p->tok_item[t]].seq];
     int pos = c->p->tok_pos[t];
     const float *q = CB(e)->q + (size_t)t * e->q_dim + (size_t)h * hd;
@@ -192,18 +212,27 @@ static void attn_task(void *vctx, int task, int thread)
     float *sc = CB(e)->scores + (size_t)thread * (e->prm.max_ctx > e->prm.l3_max_chunks
                                                   ? e->prm.max_ctx : e->prm.l3_max_chunks);
     float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0.0f;
-    for (int j = 0; j <= pos; j++) {
-        const float *kj = kv_ptr(e, sq->blocks[j / e->B], c->layer, 0, j % e->B) + kvh * hd;
-        sc[j] = eng_cpu_dot(q, kj, hd) * scale;
-        mx = sc[j] > mx ? sc[j] : mx;
+    for (int j0 = 0; j0 <= pos; j0 += B) {
+        const unsigned char *kr = kv_row(e, sq->blocks[j0 / B], c->layer, 0, 0) + head;
+        int n = pos + 1 - j0 < B ? pos + 1 - j0 : B;
+        for (int r = 0; r < n; r++, kr += stride) {
+            float d = bf16 ? eng_cpu_dot_bf16(q, (const uint16_t *)(const void *)kr, hd)
+                           : eng_cpu_dot(q, (const float *)(const void *)kr, hd);
+            sc[j0 + r] = d * scale;
+            mx = sc[j0 + r] > mx ? sc[j0 + r] : mx;
+        }
     }
     for (int j = 0; j <= pos; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
     float inv = 1.0f / sum;
     memset(out, 0, (size_t)hd * sizeof(float));
-    for (int j = 0; j <= pos; j++) {
-        const float *vj = kv_ptr(e, sq->blocks[j / e->B], c->layer, 1, j % e->B) + kvh * hd;
-        float pj = sc[j] * inv;
-        for (int i = 0; i < hd; i++) out[i] += pj * vj[i];
+    for (int j0 = 0; j0 <= pos; j0 += B) {
+        const unsigned char *vr = kv_row(e, sq->blocks[j0 / B], c->layer, 1, 0) + head;
+        int n = pos + 1 - j0 < B ? pos + 1 - j0 : B;
+        for (int r = 0; r < n; r++, vr += stride) {
+            float pj = sc[j0 + r] * inv;
+            if (bf16) eng_cpu_axpy_bf16(out, pj, (const uint16_t *)(const void *)vr, hd);
+            else eng_cpu_axpy(out, pj, (const float *)(const void *)vr, hd);
+        }
     }
 }
 
@@ -310,7 +339,10 @@ static int cpu_init(eng_engine *e, char *err, size_t errlen)
     cpu_be *cb = calloc(1, sizeof *cb);
     if (!cb) return ENG_ENOMEM;
     e->be = cb;
-    e->kv_dtype = ENG_KV_F32;
+    /* K/V in the model's dtype: bf16 for a bf16 checkpoint, else f32 (an
+     * f16 checkpoint's K/V would lose bits in bf16 and there is no f16 pool). */
+    e->kv_dtype = strcmp(e->m->info.dtype, "bf16") == 0 ? ENG_KV_BF16 : ENG_KV_F32;
+    cb->kv_elem = e->kv_dtype == ENG_KV_BF16 ? 2 : 4;
     e->be_mem_avail = 0;
     int fail = 0;
     if (eng_pool_create(p->n_threads, &cb->pool) != ENG_OK) fail = 1;
@@ -409,7 +441,7 @@ static int cpu_block_get(eng_engine *e, int block, void *kv, float *ema, char *e
 {
     (void)err; (void)errlen;
     size_t ld = (size_t)e->n_layers * e->D;
-    if (kv) memcpy(kv, kv_ptr(e, block, 0, 0, 0), e->block_kv_bytes);
+    if (kv) memcpy(kv, kv_row(e, block, 0, 0, 0), e->block_kv_bytes);
     if (ema) memcpy(ema, CB(e)->ema_ckpt + (size_t)block * ld, ld * sizeof(float));
     return ENG_OK;
 }
@@ -418,7 +450,7 @@ static int cpu_block_set(eng_engine *e, int block, const void *kv, const float *
 {
     (void)err; (void)errlen;
     size_t ld = (size_t)e->n_layers * e->D;
-    if (kv) memcpy(kv_ptr(e, block, 0, 0, 0), kv, e->block_kv_bytes);
+    if (kv) memcpy(kv_row(e, block, 0, 0, 0), kv, e->block_kv_bytes);
     if (ema) memcpy(CB(e)->ema_ckpt + (size_t)block * ld, ema, ld * sizeof(float));
     return ENG_OK;
 }

@@ -1,8 +1,8 @@
 /*
  * ops.c — dense kernels of the CPU reference backend.
  *
- * Weights are f32 or bf16 (widened exactly to f32 in registers); activations
- * and accumulation are f32.
+ * Weights and K/V rows are f32 or bf16 (widened exactly to f32 in registers,
+ * by a 16-bit shift); activations and accumulation are f32.
  *
  * Batch invariance: every output element of eng_cpu_linear is computed as
  * eight lane-wise partial sums over k (stride 8), summed in one fixed order,
@@ -174,6 +174,28 @@ ENG_CLONES float eng_cpu_dot(const float *a, const float *b, int n)
     float s = hsum8(&acc), t = 0.0f;
     for (; k < n; k++) t += a[k] * b[k];
     return s + t;
+}
+
+ENG_CLONES float eng_cpu_dot_bf16(const float *a, const uint16_t *b, int n)
+{
+    v8 acc = {0};
+    int k = 0;
+    for (; k + 8 <= n; k += 8) acc += load8(a + k) * load8_bf16(b + k);
+    float s = hsum8(&acc), t = 0.0f;
+    for (; k < n; k++) t += a[k] * eng__bf16_to_f32(b[k]);
+    return s + t;
+}
+
+/* y += a * x element by element: no reduction, so the order of lanes cannot
+ * change a result. */
+ENG_CLONES void eng_cpu_axpy(float *y, float a, const float *x, int n)
+{
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+ENG_CLONES void eng_cpu_axpy_bf16(float *y, float a, const uint16_t *x, int n)
+{
+    for (int i = 0; i < n; i++) y[i] += a * eng__bf16_to_f32(x[i]);
 }
 
 void eng_cpu_rmsnorm(const float *x, const float *w, int M, int D, float eps, float *y)

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attn_plan.h"
 #include "cuda_priv.h"
 
 #define MIB (1024.0 * 1024.0)
@@ -115,12 +116,24 @@ static size_t layout_weights(cuda_state *cs, const eng_engine *e, uintptr_t base
     return b.off;
 }
 
+/* Attention work units of a step of up to T rows: one per row group (at
+ * most T groups) and split; splitting adds fewer than att_target units
+ * (plan_attention). */
+static size_t att_max_units(const cuda_state *cs, const eng_engine *e)
+{
+    return (size_t)e->prm.max_batch_tokens + (size_t)cs->att_target;
+}
+
 /* Ints of the plan for a step of up to T rows and S items: tok, pos, item
- * (T each), items (S cu_item), block tables (S, MB), selected rows (S). */
-static size_t plan_ints(const eng_engine *e)
+ * (T each), items (S cu_item), block tables (S, MB), selected rows (S), and
+ * for the tensor-core attention its units and combine entries (one per row
+ * at most). */
+static size_t plan_ints(const cuda_state *cs, const eng_engine *e)
 {
     size_t T = (size_t)e->prm.max_batch_tokens, S = (size_t)e->prm.max_seqs;
-    return 3 * T + S * (sizeof(cu_item) / sizeof(int)) + S * (size_t)e->max_blocks_per_seq + S;
+    size_t n = 3 * T + S * (sizeof(cu_item) / sizeof(int)) + S * (size_t)e->max_blocks_per_seq + S;
+    if (!cs->att_simple) n += att_max_units(cs, e) * CU_ATT_UNIT_INTS + T * CU_ATT_COMB_INTS;
+    return n;
 }
 
 /* Places the sequence state and step scratch; returns the arena's bytes. */
@@ -149,8 +162,12 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->logits = take_f32(&b, S * e->V);
     cs->blas_ws_bytes = BLAS_WS_BYTES;
     cs->blas_ws = take(&b, BLAS_WS_BYTES);
-    cs->plan_ints = plan_ints(e);
+    cs->plan_ints = plan_ints(cs, e);
     cs->plan_dev = (int *)take(&b, cs->plan_ints * sizeof(int));
+    /* Split-attention partials (f32): outputs, then (max, sum) pairs. */
+    const size_t H = (size_t)e->q_dim / (size_t)e->hd;
+    cs->att_part_o = cs->att_simple ? NULL : take_f32(&b, (size_t)CU_ATT_PART_ROWS * e->q_dim);
+    cs->att_part_ml = cs->att_simple ? NULL : take_f32(&b, (size_t)CU_ATT_PART_ROWS * H * 2);
     return b.off;
 }
 
@@ -431,6 +448,26 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     cudaDeviceProp prop;
     CUDA_TRY(cudaGetDeviceProperties(&prop, 0));
     snprintf(cs->dev_name, sizeof cs->dev_name, "%s", prop.name);
+    cs->n_sm = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
+    /* Attention: the tensor-core kernels unless MKAD_CUDA_ATTN=simple asks for
+     * the simple one (the oracle) or the head size is not theirs. */
+    const char *am = getenv("MKAD_CUDA_ATTN");
+    if (am && *am && strcmp(am, "simple") != 0 && strcmp(am, "fast") != 0)
+        return eng__errf(err, errlen, ENG_EINVAL,
+                         "cuda: MKAD_CUDA_ATTN=%s: expected \"fast\" or \"simple\"", am);
+    cs->att_simple = (am && !strcmp(am, "simple")) || !eng__cu_attention_fast_hd(e->hd);
+    cs->att_target = 2 * cs->n_sm;
+    if (!cs->att_simple) {
+        int per_sm = 0;
+        CUDA_TRY(eng__cu_attention_setup(e->hd, &per_sm));
+        if (per_sm > 0) cs->att_target = per_sm * cs->n_sm;
+    }
+    /* MKAD_CUDA_ATTN_SPLIT=N (tests): split every row group's keys into
+     * pieces of N tiles of CU_ATT_KT keys, whatever the load. */
+    const char *sp = getenv("MKAD_CUDA_ATTN_SPLIT");
+    cs->att_force_tiles = sp && *sp ? atoi(sp) : 0;
+    if (cs->att_force_tiles < 0) cs->att_force_tiles = 0;
+    cs->att_max_units = att_max_units(cs, e);
     CUDA_TRY(cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking));
     CUBLAS_TRY(cublasCreate(&cs->blas));
     /* cublasSetStream resets a user workspace, so the workspace comes after. */
@@ -487,6 +524,9 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     f->ema = cs->ema;
     f->l3_mu = cs->l3_mu;
     f->l3_kappa = cs->l3_kappa;
+    f->att_simple = cs->att_simple;
+    f->att_part_o = cs->att_part_o;
+    f->att_part_ml = cs->att_part_ml;
 
     CUDA_TRY(cudaStreamSynchronize(cs->stream));
     e->kv_dtype = ENG_KV_BF16;
@@ -684,6 +724,12 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
                              p->sel_row[s]);
     *o_sel = o;
     for (int s = 0; s < p->n_sel; s++) hp[o++] = p->sel_row[s];
+    if (!cs->att_simple) {
+        const cu_att_limits lim = {cs->att_target, cs->att_force_tiles,
+                                   (long long)cs->att_max_units};
+        int rc = plan_attention(&lim, items, n, hp, &o, cs->plan_dev, f, err, errlen);
+        if (rc) return rc;
+    }
     *n_ints = o;
 
     const int *dp = cs->plan_dev;

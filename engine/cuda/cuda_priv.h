@@ -56,6 +56,19 @@ typedef __nv_bfloat16 bf16;
 /* Largest L3 bank: its scores live in the L3 kernel's shared memory. */
 #define CU_MAX_L3_CHUNKS 4096
 
+/* Tensor-core attention (kernels.cu, "paged causal GQA attention"):
+ * keys per K/V tile in shared memory; items with at least CU_ATT_PF_ROWS
+ * rows take the prefill kernel (64-row query tiles), shorter ones the decode
+ * kernel (one row's query heads per tile); the most key splits of one row
+ * group; the partial-result rows (one row's H heads of one split) the
+ * scratch holds; ints per work unit and per combine entry in the plan. */
+#define CU_ATT_KT 64
+#define CU_ATT_PF_ROWS 64
+#define CU_ATT_MAX_SPLITS 256
+#define CU_ATT_PART_ROWS 2048
+#define CU_ATT_UNIT_INTS 8
+#define CU_ATT_COMB_INTS 4
+
 /* A linear layer on the device: y = x W^T + b. */
 typedef struct cu_linear {
     bf16 *w;  /* (rows, cols) */
@@ -111,6 +124,24 @@ typedef struct cu_fwd {
     float *ema;          /* (max_seqs, n_layers, D) running EMA state */
     const float *l3_mu;    /* (max_seqs, n_layers, R, D) */
     const float *l3_kappa; /* (max_seqs, n_layers, R, D) */
+
+    /* Attention work of the step (built by the host with the plan; unused
+     * by the simple kernel).  A unit is CU_ATT_UNIT_INTS ints
+     *   {item, t0, nr, pos0, kb, ke, part, ns}:
+     * rows t0 .. t0+nr-1 of `item` (positions pos0 ..), keys kb .. ke-1;
+     * part < 0: the unit covers every key of its rows and writes att;
+     * else it is one of the ns splits of its rows' keys: part = the group's
+     * first partial row + the split's index, and row t0+i writes partial
+     * row part + i*ns.  A combine entry is CU_ATT_COMB_INTS ints
+     * {row, prow, ns, 0}: partial rows prow .. prow+ns-1 make att row `row`. */
+    const int *att_units; /* (att_n_dec + att_n_pf, CU_ATT_UNIT_INTS): decode units first */
+    int att_n_dec, att_n_pf;
+    const int *att_comb;  /* (att_n_comb, CU_ATT_COMB_INTS) */
+    int att_n_comb;
+    int att_simple;       /* 1: the simple kernel (MKAD_CUDA_ATTN=simple, or a head size
+                             the tensor-core kernels do not take) */
+    float *att_part_o;    /* (CU_ATT_PART_ROWS, H, hd) partial outputs, unnormalised */
+    float *att_part_ml;   /* (CU_ATT_PART_ROWS, H, 2) their running max (log2 units) and sum */
 } cu_fwd;
 
 /* The backend's private state (e->be). */
@@ -148,6 +179,8 @@ typedef struct cuda_state {
     void *blas_ws;   /* cuBLAS workspace */
     size_t blas_ws_bytes;
     int *plan_dev;   /* (plan_ints) */
+    float *att_part_o;  /* (CU_ATT_PART_ROWS, H, hd) or NULL (simple attention) */
+    float *att_part_ml; /* (CU_ATT_PART_ROWS, H, 2) or NULL */
 
     /* Pinned host buffers. */
     int *plan_host;      /* (plan_ints): tok, pos, item, items, bt of one step */
@@ -161,6 +194,13 @@ typedef struct cuda_state {
     float *ema_ckpt; /* (n_blocks, n_layers, D) */
     int n_blocks;
     size_t blk_bytes; /* n_layers * 2 * B * kv_dim * sizeof(bf16) */
+
+    /* Attention planning (fixed at init). */
+    int n_sm;           /* multiprocessors */
+    int att_simple;     /* the simple attention kernel only */
+    int att_target;     /* thread blocks of one attention launch that fill the device once */
+    int att_force_tiles;/* MKAD_CUDA_ATTN_SPLIT: key tiles per split (0 = automatic) */
+    size_t att_max_units; /* capacity of the unit list in the plan */
 
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
 } cuda_state;
@@ -194,9 +234,17 @@ cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float 
  * writes k, v (bf16) into the pool; kv (T, 2*kv_dim). */
 cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
                                const float *kv, const float *bkv, cudaStream_t s);
-/* att (T, q_dim) bf16 = causal GQA attention of q over each row's sequence. */
+/* att (T, q_dim) bf16 = causal GQA attention of q over each row's sequence:
+ * the simple kernel when f->att_simple, else the tensor-core kernels over
+ * f's attention units and the combine of split rows. */
 cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *att,
                               cudaStream_t s);
+/* 1 when the tensor-core attention kernels take head size hd. */
+int eng__cu_attention_fast_hd(int hd);
+/* Once at init, for head size hd (a fast one): raises the kernels' dynamic
+ * shared-memory limit and gives the decode kernel's resident blocks per
+ * multiprocessor (*per_sm). */
+cudaError_t eng__cu_attention_setup(int hd, int *per_sm);
 /* act (M, F) = silu(gate + b_gate) * (up + b_up) from gu (M, 2F); b (2F) or NULL. */
 cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
                            cudaStream_t s);

@@ -368,7 +368,86 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
     return cudaGetLastError();
 }
 
-/* ---- paged causal GQA attention --------------------------------------------
+/* ---- paged causal GQA attention ----------------------------------------------
+ *
+ * Design (issue 11).  Attention reads, per row and KV head, the K/V of every
+ * earlier position through the sequence's block table; K/V of one block and
+ * layer are (B, kv_dim) bf16 rows, K then V, so one key of one KV head is hd
+ * contiguous bf16 (256 bytes at hd 128).  Three kernels, one launch sequence
+ * per step for any ragged batch (the host plans the work with the step:
+ * attn_plan.h, plan_attention):
+ *
+ * 1. attn_tc_kernel<HD, 1> ("decode"): rows of items with fewer than
+ *    CU_ATT_PF_ROWS rows (decode tokens, short chunks).  A thread block takes
+ *    one row group x one KV head's query heads (up to 16: GQA packing, the
+ *    (row, head) pairs of 16 // G consecutive rows and G heads form the 16
+ *    query slots of one m16n8k16 MMA tile) x one key split.  Each K/V tile
+ *    (64 keys) is loaded once into shared memory and serves all G query heads;
+ *    the 4 warps split the tile's keys (16 each), each keeps its own online
+ *    softmax, and the four are merged at the end.
+ * 2. attn_tc_kernel<HD, 4> ("prefill", FlashAttention-2 style): rows of items
+ *    with at least CU_ATT_PF_ROWS rows, in tiles of 64 consecutive rows of one
+ *    query head; warp w owns query rows 16w .. 16w+15 against the whole 64-key
+ *    tile.  The 7 query heads of a KV head (GQA) re-read the same K/V tiles at
+ *    about the same time (the head is the fastest block index), so the
+ *    repeats come from L2, not HBM.  Per tile and warp: S = Q K^T (16 x 64,
+ *    hd/16 x 8 MMAs), causal mask, online softmax in f32 (log2 domain,
+ *    exp2f), P rounded to bf16 straight from the S accumulators into A
+ *    fragments (the C layout of two n8 tiles is the A layout of one k16
+ *    step), O += P V (4 x hd/8 MMAs, V fragments by ldmatrix.trans).
+ * 3. attn_combine_kernel: rows whose keys were split merge their splits'
+ *    (max, sum, unnormalised O) partials: O = sum_s 2^(m_s - M) O_s / sum_s
+ *    2^(m_s - M) l_s.
+ *
+ * Both tensor-core kernels: 128 threads; Q (f32 after RoPE) is rounded to
+ * bf16 into A fragments once per block; K/V tiles arrive by 16-byte cp.async
+ * (a half-warp reads one key's 256 contiguous bytes; rows past the range are
+ * zero-filled, never read) into two shared-memory stages, so the next tile
+ * loads while this one is computed; rows are padded by 8 bf16 (16 bytes), so
+ * that ldmatrix's eight 16-byte rows fall in distinct banks.  Shared memory:
+ * 2 stages x (K + V) x 64 x (hd + 8) x 2 bytes = 69,632 at hd 128 (36,864 at
+ * 64); after the loop the same bytes hold the warps' f32 O for the merge and
+ * the coalesced output write.  Accumulation is f32 throughout; the only
+ * roundings beyond the bf16 K/V are q and p to bf16 (relative 2^-9).
+ *
+ * Splits (flash-decoding).  Without splits a batch-1 decode step has only
+ * H_kv (4) blocks per layer.  The host counts the blocks of the step without
+ * splits; when they are fewer than att_target (the decode kernel's resident
+ * blocks on the whole device: 3 x 132 on an H200), a row group of `tiles`
+ * key tiles gets ns = floor(tiles * att_target / W) splits (W: blocks x
+ * tiles summed over all groups; at least 1, at most tiles and
+ * CU_ATT_MAX_SPLITS), its tiles spread evenly over them: one launch is then
+ * at most one wave of equal blocks.  Batch-1 decode, 4K context: 65 splits
+ * of one tile x 4 KV heads = 260 blocks; 32K: 99 splits of 5-6 tiles = 396
+ * blocks; batch 8 at 4K: 12 splits each, 384 blocks; batch 64 at 4K: 256
+ * blocks, no split.  A split may hold no key of some row of its group
+ * (m = -inf, l = 0, weight 0 in the combine); the first split holds key 0.
+ * Partials are f32 (CU_ATT_PART_ROWS rows of H x hd, 29 MB for the
+ * Qwen2.5-7B shape); a plan that would need more gets fewer splits.
+ *
+ * Expected cost (H200, Qwen2.5-7B shape: 28 layers, 4 KV heads, hd 128; K/V
+ * 2 KB per token and layer): batch-1 decode reads 8 MB of K/V per layer at
+ * 4K (about 2 us at 4.2 TB/s; launch and combine latency dominate: ~5-8 us
+ * a layer, ~0.2 ms a step) and 64 MB at 32K (15 us at the floor, expect
+ * 70-80 % of it: ~20-25 us a layer with the combine, ~0.7 ms a step),
+ * where the simple kernel took about 27 and 215 ms a step (a linear fit of
+ * the 34.6 and 222.7 ms steps measured at 4K and 32K; the rest of the step,
+ * ~7.7 ms, is not attention).  Prefill: 4 x hd FLOPs per (query head, key)
+ * on tensor cores through mma.sync (Hopper runs it at a fraction of the
+ * wgmma rate; FlashAttention-2 reaches ~350 TFLOP/s with it on H100, this
+ * simpler kernel perhaps 150-250).
+ *
+ * The simple kernel (attention_simple_kernel) stays as the oracle
+ * (MKAD_CUDA_ATTN=simple) and for head sizes the tensor-core kernels do not
+ * take (hd not 32, 64 or 128).
+ *
+ * Files: the tensor-core kernels are in attn_tc.cuh and the host planner in
+ * attn_plan.h, so that attn_emu.cc can run both on the CPU (every thread a
+ * fiber, ldmatrix / mma.sync / cp.async emulated as PTX defines them) and
+ * check their indexing without a GPU; tests/test_cuda.c compares them with
+ * the simple kernel on the device. */
+
+/* ---- the simple kernel --------------------------------------------------------
  *
  * One block per (row t, query head h), ATT_WARPS warps.  Warp w takes keys
  * j = w, w + ATT_WARPS, ... up to the row's position, each through the
@@ -380,7 +459,7 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
 #define ATT_PAIRS (CU_MAX_HEAD_DIM / 64) /* pairs per lane */
 
 static __global__ void __launch_bounds__(ATT_WARPS * 32)
-    attention_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
+    attention_simple_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
 {
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
     __shared__ float sm_acc[ATT_WARPS][CU_MAX_HEAD_DIM];
@@ -468,11 +547,146 @@ static __global__ void __launch_bounds__(ATT_WARPS * 32)
     }
 }
 
+/* ---- the tensor-core kernels ---------------------------------------------------- */
+
+static __device__ __forceinline__ uint32_t smem_addr(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16 bytes global -> shared, asynchronously (L2 only: K/V are streamed). */
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void cp_async_commit()
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+/* Waits until at most N of this thread's committed groups are pending. */
+template <int N> static __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/* Four 8x8 b16 matrices; lane l addresses row l % 8 of matrix l / 8 and
+ * receives of matrix i, in r[i], the elements (row l / 4, columns 2 (l % 4)
+ * and +1); .trans: (rows 2 (l % 4) and +1, column l / 4). */
+static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void *p)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+/* c (16x8 f32) += a (16x16 bf16, row) b (16x8 bf16, col).  With g = lane / 4
+ * and q = lane % 4, a thread holds
+ *   a[0] = A[g][2q, 2q+1]   a[1] = A[g+8][2q, 2q+1]
+ *   a[2] = A[g][2q+8, +9]   a[3] = A[g+8][2q+8, +9]
+ *   b0 = B[2q, 2q+1][g]     b1 = B[2q+8, 2q+9][g]
+ *   c[0], c[1] = C[g][2q, 2q+1]   c[2], c[3] = C[g+8][2q, 2q+1]
+ * (pairs: the lower column or row in the lower 16 bits). */
+static __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4],
+                                                uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* bf16 pair (lo in the lower 16 bits), rounded to nearest even. */
+static __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &v, sizeof r);
+    return r;
+}
+
+/* The block's dynamic shared memory (attn_tc.cuh). */
+#define FA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+
+#include "attn_tc.cuh"
+
+int eng__cu_attention_fast_hd(int hd) { return hd == 32 || hd == 64 || hd == 128; }
+
+template <int HD> static cudaError_t attn_setup_hd(int *per_sm)
+{
+    const int smem = (int)fa_smem_bytes(HD);
+    cudaError_t rc = cudaFuncSetAttribute(attn_tc_kernel<HD, 1>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (rc == cudaSuccess)
+        rc = cudaFuncSetAttribute(attn_tc_kernel<HD, 4>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (rc == cudaSuccess)
+        rc = cudaOccupancyMaxActiveBlocksPerMultiprocessor(per_sm, attn_tc_kernel<HD, 1>,
+                                                           FA_THREADS, (size_t)smem);
+    return rc;
+}
+
+cudaError_t eng__cu_attention_setup(int hd, int *per_sm)
+{
+    *per_sm = 0;
+    switch (hd) {
+    case 32: return attn_setup_hd<32>(per_sm);
+    case 64: return attn_setup_hd<64>(per_sm);
+    case 128: return attn_setup_hd<128>(per_sm);
+    default: return cudaErrorInvalidValue;
+    }
+}
+
+template <int HD>
+static cudaError_t attn_launch_hd(const cu_fwd *f, int layer, const float *q, bf16 *att,
+                                  cudaStream_t s)
+{
+    const size_t smem = fa_smem_bytes(HD);
+    const int G = f->H / f->H_kv, gb = G < 16 ? G : 16, nhg = (G + gb - 1) / gb;
+    if (f->att_n_dec > 0) {
+        const int nhb = f->H_kv * nhg;
+        attn_tc_kernel<HD, 1><<<(unsigned)f->att_n_dec * (unsigned)nhb, FA_THREADS, smem, s>>>(
+            *f, layer, q, att, f->att_units, nhb, gb, nhg);
+        cudaError_t rc = cudaGetLastError();
+        if (rc != cudaSuccess) return rc;
+    }
+    if (f->att_n_pf > 0) {
+        attn_tc_kernel<HD, 4><<<(unsigned)f->att_n_pf * (unsigned)f->H, FA_THREADS, smem, s>>>(
+            *f, layer, q, att, f->att_units + (size_t)f->att_n_dec * CU_ATT_UNIT_INTS, f->H, 1, 1);
+        cudaError_t rc = cudaGetLastError();
+        if (rc != cudaSuccess) return rc;
+    }
+    if (f->att_n_comb > 0) {
+        dim3 grid((unsigned)f->att_n_comb, (unsigned)f->H);
+        attn_combine_kernel<<<grid, 128, 0, s>>>(*f, att);
+    }
+    return cudaGetLastError();
+}
+
 cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *att,
                               cudaStream_t s)
 {
+    if (!f->att_simple) {
+        switch (f->hd) {
+        case 32: return attn_launch_hd<32>(f, layer, q, att, s);
+        case 64: return attn_launch_hd<64>(f, layer, q, att, s);
+        case 128: return attn_launch_hd<128>(f, layer, q, att, s);
+        default: return cudaErrorInvalidValue; /* init chose the simple kernel for these */
+        }
+    }
     dim3 grid((unsigned)f->T, (unsigned)f->H);
-    attention_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
+    attention_simple_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
     return cudaGetLastError();
 }
 

@@ -14,6 +14,9 @@
       exit 0 when all match, 1 (naming the files) otherwise.  config.json is
       also accepted when it parses to the same JSON as recorded (a different
       jansson may print numbers differently).
+  compare.py kv-dtype MODEL_DIR
+      prints the dtype mkad's CPU backend keeps K/V in for this model: bf16
+      when model.embed_tokens.weight is stored as BF16, else f32
   compare.py ids N V|MODEL_DIR [SEED]
       prints N deterministic token ids in [0, V), comma-separated (V read from
       MODEL_DIR/config.json when a directory is given)
@@ -24,6 +27,10 @@ import os
 import sys
 
 import numpy as np
+
+sys.dont_write_bytecode = True
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import st  # noqa: E402
 
 
 def cmd_logits(args):
@@ -124,6 +131,9 @@ def main(argv):
         return 0
     if cmd == "check-model" and len(args) == 2:
         return cmd_check_model(args)
+    if cmd == "kv-dtype" and len(args) == 1:
+        print("bf16" if st.tensor_dtype(args[0], "model.embed_tokens.weight") == "BF16" else "f32")
+        return 0
     if cmd == "ids" and len(args) in (2, 3):
         n = int(args[0])
         if os.path.isdir(args[1]):

@@ -13,7 +13,10 @@ logits after the last token are compared with those mkad-cli dumps:
 
 Error: max|mkad - hf| / max|hf|.  Tolerances: --tol (2e-2) for CUDA — its
 GEMMs take bf16 activations and it keeps K/V in bf16 (see tests/test_cuda.c);
---cpu-tol (1e-4) for the CPU backend, the reference (tests/parity_hf.sh).
+--cpu-tol (1e-4) for the CPU backend, the reference (tests/parity_hf.sh),
+and --cpu-tol-bf16 (1e-2) for it on bf16 checkpoints, whose K/V it keeps in
+bf16 as transformers would in bf16, while transformers runs here in f32 (see
+tests/parity_common.sh: measured 2e-7 .. 3e-3).
 Exit 0 when every comparison is within its tolerance, 1 otherwise.
 """
 import argparse
@@ -76,6 +79,7 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--tol", type=float, default=2e-2)
     ap.add_argument("--cpu-tol", type=float, default=1e-4)
+    ap.add_argument("--cpu-tol-bf16", type=float, default=1e-2)
     ap.add_argument("--cases", help="comma-separated subset")
     a = ap.parse_args()
 
@@ -137,7 +141,8 @@ def main():
                 continue
             e, ec = rel_err(got, ref), rel_err(cpu, ref)
             worst, worst_cpu = max(worst, e), max(worst_cpu, ec)
-            ok = e <= a.tol and ec <= a.cpu_tol
+            ok = e <= a.tol and ec <= (a.cpu_tol_bf16 if "--dtype" in args and
+                                        args[args.index("--dtype") + 1] == "bf16" else a.cpu_tol)
             fails += not ok
             print("%s %s: cuda %.3e  cpu %.3e  (max|hf| %.3f, argmax %s)"
                   % ("ok  " if ok else "FAIL", label, e, ec, float(np.max(np.abs(ref))),

@@ -7,7 +7,8 @@ f32, f16 or bf16 storage) with FastMKA router weights (levels 2 or 3) or
 without them (plain attention: lambda = [1, 0, 0], which must reproduce
 Hugging Face transformers).
 
-  fastmka_ref.py --model DIR --ids 1,2,3 [--l3-bank FILE] --out FILE [--verbose]
+  fastmka_ref.py --model DIR --ids 1,2,3 [--l3-bank FILE] [--kv-dtype auto|f32|bf16]
+                 --out FILE [--verbose]
       writes the last-position logits as raw little-endian float32 (vocab floats)
   fastmka_ref.py --model DIR --make-bank R [--seed S] --out-bank FILE
       writes a random L3 bank: float32 (R, n_layers, D), values uniform(-1, 1)
@@ -19,6 +20,10 @@ R = filesize / (n_layers * D * 4).  Keys are kappa = mu / |mu|.
 The whole computation is a single prefill over positions 0..T-1 of a fresh
 session (EMA state starts at 0), in float32 throughout, with the operation
 order of transformers' eager implementation where that is cheap to follow.
+One deliberate rounding: the K/V cache holds what mkad's CPU backend keeps,
+so with --kv-dtype bf16 (the default, auto, for a checkpoint whose
+embed_tokens are bf16, as the engine decides) the fused K (after RoPE) and V
+are rounded to bf16, nearest even, before attention reads them.
 """
 import argparse
 import json
@@ -144,6 +149,7 @@ class Model:
         self.beta = F32(mka.get("ema_beta", 0.9))
         self.inv_freq, self.att_scale = rope_inv_freq(cfg, self.hd)
         w = self.w = st.load_model_dir(d)
+        self.kv_bf16 = st.tensor_dtype(d, "model.embed_tokens.weight") == "BF16"
 
         def get(name, required=True):
             if name in w:
@@ -269,6 +275,8 @@ def forward(m, ids, bank=None, verbose=False):
         vh = v.reshape(T, K, hd).transpose(1, 0, 2)
         qh = (qh * cos + rotate_half(qh) * sin).astype(F32)
         kh = (kh * cos + rotate_half(kh) * sin).astype(F32)
+        if m.kv_bf16:                                             # the K/V cache's dtype
+            kh, vh = st.bf16_round(kh), st.bf16_round(vh)
         rep = H // K
         kh = np.repeat(kh, rep, axis=0)                           # head j uses kv head j // rep
         vh = np.repeat(vh, rep, axis=0)
@@ -314,6 +322,8 @@ def main(argv=None):
     ap.add_argument("--make-bank", type=int, metavar="R", help="write a random L3 bank of R chunks")
     ap.add_argument("--seed", type=int, default=1, help="seed for --make-bank")
     ap.add_argument("--out-bank", help="bank output file for --make-bank")
+    ap.add_argument("--kv-dtype", choices=("auto", "f32", "bf16"), default="auto",
+                    help="K/V cache dtype (auto: bf16 for a bf16 checkpoint, as mkad's CPU backend)")
     ap.add_argument("--verbose", action="store_true", help="router statistics on stderr")
     a = ap.parse_args(argv)
     try:
@@ -331,6 +341,8 @@ def main(argv=None):
         if not a.ids or not a.out:
             ap.error("--ids and --out are required (or --make-bank)")
         m = Model(a.model)
+        if a.kv_dtype != "auto":
+            m.kv_bf16 = a.kv_dtype == "bf16"
         ids = parse_ids(a.ids, m.V)
         bank = None
         if a.l3_bank:

@@ -3,6 +3,8 @@
 read_header(path) -> (header dict without __metadata__, data start offset)
 load(path, names=None) -> {name: np.ndarray float32}   (F32, F16, BF16 converted to float32)
 load_model_dir(dir) -> {name: np.ndarray float32}       (model.safetensors or sharded + index)
+tensor_dtype(dir, name) -> "F32", "BF16", ... as stored, or None when absent
+bf16_round(a) -> a rounded to bf16 (nearest even) and widened back to float32
 save(path, {name: np.ndarray}, dtype="F32"|"F16"|"BF16") writes a file (bf16 by round-to-nearest-even)
 """
 import json
@@ -67,6 +69,18 @@ def load_model_dir(d):
             raise ValueError("%s: tensors repeated across shards: %s" % (fn, sorted(dup)[:3]))
         out.update(t)
     return out
+
+
+def tensor_dtype(d, name):
+    for fn in model_files(d):
+        hdr, _ = read_header(os.path.join(d, fn))
+        if name in hdr:
+            return hdr[name]["dtype"]
+    return None
+
+
+def bf16_round(a):
+    return (f32_to_bf16_bits(a).astype(np.uint32) << 16).view(np.float32).reshape(np.shape(a))
 
 
 def f32_to_bf16_bits(a):

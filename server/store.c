@@ -1,0 +1,464 @@
+/*
+ * store.c — the session tier behind the scheduler: memstore/ (RocksDB + the
+ * warm host-memory tier) driven by one worker thread, so that neither the
+ * loop thread nor the engine thread ever waits for a disk.
+ *
+ * The engine thread hands it two kinds of work, served in FIFO order (so a
+ * lookup always sees the writes queued before it):
+ *   write   after a session's turn: the session record (all token ids) and
+ *           the blocks that became full since the last write, exported by
+ *           the engine thread into a host buffer that the task owns.  Written
+ *           as one atomic batch.  With session_sync the batch is fsync'd and
+ *           the job's FINAL event travels with the task: the response
+ *           completes only once its turn is on stable storage, so a client
+ *           never holds an answer whose session a crash could lose.
+ *   lookup  a request on a session that is not resident: the stored record,
+ *           the longest block-aligned common prefix with the prompt, and
+ *           those blocks read from the fastest tier that holds them (warm,
+ *           else disk).  The result goes back through the `loaded` callback
+ *           (the engine's inbox).  A block that is missing or fails its
+ *           checks ends the prefix there: the rest is recomputed.
+ */
+#include "config.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "memstore.h"
+#include "srv_internal.h"
+
+typedef struct task {
+    int kind; /* TASK_WRITE, TASK_LOOKUP */
+    char user[MS_MAX_NAME + 1], id[SRV_SESSION_ID_MAX + 1];
+    int32_t *tokens; /* owned: the session's (write) or the prompt (lookup) */
+    int n_tokens;
+    int n_full;      /* write: full blocks the session holds */
+    int first;       /* write: the first block in buf */
+    void *buf;       /* write: blocks [first, n_full), owned */
+    srv_loaded *res; /* lookup: the answer, allocated up front (job_id set) */
+    srv_event final; /* write: the job's FINAL event, posted once the write is done */
+    int has_final;
+    struct task *next;
+} task;
+
+enum { TASK_WRITE, TASK_LOOKUP };
+
+struct srv_store {
+    ms_store *ms;
+    int block_tokens;
+    size_t block_bytes;
+    int sync;
+    srv_store_loaded_fn loaded;
+    void *loaded_ctx;
+    srv_metrics *met;
+    srv_post_fn post;
+    void *post_arg;
+    int ttl_s;                /* 0: sessions never expire */
+    uint64_t disk_budget;     /* bytes, 0: no budget */
+    double maint_interval_s;
+    int gc_pending;           /* worker only: a deletion left blocks to collect */
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    task *head, *tail; /* guarded by mu */
+    int depth;         /* queued tasks, guarded by mu */
+    int stop;          /* guarded by mu */
+    /* counters (atomic) */
+    long writes, write_failures, blocks_written, lookups, loaded_blocks_warm, loaded_blocks_disk;
+    long expired, evicted;
+};
+
+/* memstore reports "event=NAME k=v ...": logged as that event, a warning
+ * when it found a damaged or unreadable value. */
+static void memstore_log(void *ctx, const char *msg)
+{
+    (void)ctx;
+    char ev[64] = "memstore";
+    const char *rest = msg;
+    if (strncmp(msg, "event=", 6) == 0) {
+        size_t n = strcspn(msg + 6, " ");
+        snprintf(ev, sizeof ev, "%.*s", (int)(n < sizeof ev ? n : sizeof ev - 1), msg + 6);
+        rest = msg + 6 + n;
+    }
+    int bad = strstr(ev, "corrupt") || strstr(ev, "skip");
+    srv_log(bad ? "warn" : "info", ev, "%s%s", *rest == ' ' || !*rest ? "" : " ", rest);
+}
+
+static void task_free(task *t)
+{
+    if (!t) return;
+    free(t->tokens);
+    free(t->buf);
+    srv_loaded_free(t->res);
+    free(t);
+}
+
+static void do_write(srv_store *st, task *t)
+{
+    char err[512];
+    int nb = t->n_full, n_new = nb - t->first;
+    uint8_t *h = malloc((size_t)(nb > 0 ? nb : 1) * MS_HASH_BYTES);
+    ms_block *blk = malloc((size_t)(n_new > 0 ? n_new : 1) * sizeof *blk);
+    int rc;
+    if (!h || !blk) {
+        snprintf(err, sizeof err, "out of memory");
+        rc = MS_ENOMEM;
+    } else {
+        ms_block_hashes(st->ms, t->user, NULL, 0, t->tokens, nb * st->block_tokens, h);
+        for (int i = 0; i < n_new; i++)
+            blk[i] = (ms_block){ h + (size_t)(t->first + i) * MS_HASH_BYTES,
+                                 (const char *)t->buf + (size_t)i * st->block_bytes, st->block_bytes };
+        int64_t now = (int64_t)time(NULL) * 1000;
+        ms_session s = { .user = t->user, .id = t->id, .tokens = t->tokens, .n_tokens = t->n_tokens,
+                         .n_blocks = nb, .hashes = h, .created_ms = now, .used_ms = now };
+        /* Keep the creation time of an existing record. */
+        ms_session *old = NULL;
+        if (ms_session_get(st->ms, t->user, t->id, &old, err, sizeof err) == MS_OK) s.created_ms = old->created_ms;
+        ms_session_free(old);
+        rc = ms_session_put(st->ms, &s, blk, n_new, st->sync, err, sizeof err);
+    }
+    free(h);
+    free(blk);
+    if (rc == MS_OK) {
+        __atomic_add_fetch(&st->writes, 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&st->blocks_written, n_new, __ATOMIC_RELAXED);
+    } else {
+        char q[600];
+        __atomic_add_fetch(&st->write_failures, 1, __ATOMIC_RELAXED);
+        srv_log("error", "session_write_failed", " session=%s tokens=%d new_blocks=%d error=%s", t->id,
+                t->n_tokens, n_new, srv_log_quote(err, q, sizeof q));
+    }
+}
+
+static void do_lookup(srv_store *st, task *t)
+{
+    srv_loaded *res = t->res;
+    t->res = NULL; /* handed to the receiver below */
+    char err[512];
+    double t0 = srv_now();
+    ms_session *s = NULL;
+    int rc = ms_session_get(st->ms, t->user, t->id, &s, err, sizeof err);
+    if (rc == MS_OK) {
+        res->found = 1;
+        int keep = srv_reuse_len(s->tokens, s->n_blocks * st->block_tokens, t->tokens, t->n_tokens,
+                                 st->block_tokens);
+        int n = keep / st->block_tokens;
+        res->buf = n > 0 ? malloc((size_t)n * st->block_bytes) : NULL;
+        if (n > 0 && !res->buf) n = 0;
+        for (int i = 0; i < n; i++) {
+            int tier = 0;
+            rc = ms_block_get(st->ms, s->hashes + (size_t)i * MS_HASH_BYTES,
+                              (char *)res->buf + (size_t)i * st->block_bytes, st->block_bytes, &tier, err,
+                              sizeof err);
+            if (rc != MS_OK) {
+                char q[600];
+                srv_log("warn", "session_block_unavailable", " session=%s block=%d status=%s error=%s", t->id,
+                        i, ms_strerror(rc), srv_log_quote(err, q, sizeof q));
+                n = i; /* recompute from here */
+                break;
+            }
+            if (tier == MS_TIER_WARM) res->blocks_warm++;
+            else res->blocks_disk++;
+        }
+        res->n_blocks = n;
+        ms_session_free(s);
+    } else if (rc != MS_ENOTFOUND) {
+        char q[600];
+        srv_log("warn", "session_lookup_failed", " session=%s status=%s error=%s", t->id, ms_strerror(rc),
+                srv_log_quote(err, q, sizeof q));
+    }
+    res->load_s = srv_now() - t0;
+    __atomic_add_fetch(&st->lookups, 1, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->loaded_blocks_warm, res->blocks_warm, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->loaded_blocks_disk, res->blocks_disk, __ATOMIC_RELAXED);
+    st->loaded(st->loaded_ctx, res);
+}
+
+static void publish(srv_store *st)
+{
+    if (!st->met) return;
+    srv_store_stats ss;
+    srv_store_get_stats(st, &ss);
+    srv_metrics_store(st->met, &ss);
+}
+
+/* ---- maintenance: expiry, the disk budget, garbage collection ------------ */
+
+typedef struct sess_ref {
+    char user[MS_MAX_NAME + 1], id[SRV_SESSION_ID_MAX + 1];
+    int64_t used_ms;
+    uint64_t bytes; /* its blocks (shared ones counted in each session) + record */
+} sess_ref;
+
+typedef struct sess_list {
+    sess_ref *v;
+    size_t n, cap;
+    size_t block_bytes;
+    int oom;
+} sess_list;
+
+static int collect(void *ctx, const ms_session *s)
+{
+    sess_list *l = ctx;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 256;
+        sess_ref *v = realloc(l->v, cap * sizeof *v);
+        if (!v) {
+            l->oom = 1;
+            return 1;
+        }
+        l->v = v;
+        l->cap = cap;
+    }
+    sess_ref *r = &l->v[l->n++];
+    snprintf(r->user, sizeof r->user, "%s", s->user);
+    snprintf(r->id, sizeof r->id, "%s", s->id);
+    r->used_ms = s->used_ms;
+    r->bytes = (uint64_t)s->n_blocks * l->block_bytes + (uint64_t)s->n_tokens * 4;
+    return 0;
+}
+
+static int by_use(const void *a, const void *b)
+{
+    const sess_ref *x = a, *y = b;
+    return (x->used_ms > y->used_ms) - (x->used_ms < y->used_ms);
+}
+
+/* Deletes sessions idle longer than the TTL, then the least recently used
+ * ones while the stored bytes exceed the disk budget, then every block no
+ * session refers to.  Runs on the worker between tasks. */
+static void maintain(srv_store *st)
+{
+    char err[512];
+    sess_list l = { .block_bytes = st->block_bytes };
+    if (ms_session_list(st->ms, NULL, NULL, NULL, collect, &l, err, sizeof err) != MS_OK || l.oom) {
+        srv_log("warn", "session_maintenance_failed", " error=\"%s\"", l.oom ? "out of memory" : err);
+        free(l.v);
+        return;
+    }
+    int64_t now = (int64_t)time(NULL) * 1000;
+    long expired = 0, evicted = 0;
+    uint64_t total = 0;
+    qsort(l.v, l.n, sizeof *l.v, by_use);
+    for (size_t i = 0; i < l.n; i++) total += l.v[i].bytes;
+    for (size_t i = 0; i < l.n; i++) {
+        sess_ref *r = &l.v[i];
+        int old = st->ttl_s > 0 && now - r->used_ms > (int64_t)st->ttl_s * 1000;
+        int over = st->disk_budget > 0 && total > st->disk_budget;
+        if (!old && !over) break; /* sorted by last use: the rest are newer */
+        if (ms_session_delete(st->ms, r->user, r->id, err, sizeof err) != MS_OK) continue;
+        total -= r->bytes;
+        if (old) expired++;
+        else evicted++;
+        srv_log("info", old ? "session_expired" : "session_evicted_disk", " session=%s idle_s=%lld", r->id,
+                (long long)((now - r->used_ms) / 1000));
+    }
+    free(l.v);
+    long gc = 0;
+    if (expired + evicted > 0 || st->gc_pending) {
+        if (ms_gc(st->ms, &gc, err, sizeof err) == MS_OK) st->gc_pending = 0;
+        else srv_log("warn", "session_gc_failed", " error=\"%s\"", err);
+    }
+    __atomic_add_fetch(&st->expired, expired, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&st->evicted, evicted, __ATOMIC_RELAXED);
+    if (expired + evicted + gc > 0)
+        srv_log("info", "session_maintenance", " expired=%ld evicted=%ld blocks_deleted=%ld stored_bytes=%llu",
+                expired, evicted, gc, (unsigned long long)total);
+}
+
+static void *worker(void *arg)
+{
+    srv_store *st = arg;
+    double next_maint = srv_now() + 1.0; /* soon after start: expire what aged while down */
+    for (;;) {
+        pthread_mutex_lock(&st->mu);
+        while (!st->head && !st->stop && srv_now() < next_maint) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1; /* wake at least every second to check the maintenance clock */
+            pthread_cond_timedwait(&st->cv, &st->mu, &ts);
+        }
+        task *t = st->head;
+        if (!t && !st->stop) {
+            pthread_mutex_unlock(&st->mu);
+            maintain(st);
+            next_maint = srv_now() + st->maint_interval_s;
+            publish(st);
+            continue;
+        }
+        if (!t) { /* stop, and the queue is drained */
+            pthread_mutex_unlock(&st->mu);
+            return NULL;
+        }
+        st->head = t->next;
+        if (!st->head) st->tail = NULL;
+        pthread_mutex_unlock(&st->mu);
+        if (t->kind == TASK_WRITE) {
+            do_write(st, t);
+            /* the turn is acknowledged only now (durable when sync) */
+            if (t->has_final) st->post(&t->final, 1, st->post_arg);
+        } else {
+            do_lookup(st, t);
+        }
+        task_free(t);
+        pthread_mutex_lock(&st->mu);
+        st->depth--;
+        pthread_cond_broadcast(&st->cv);
+        pthread_mutex_unlock(&st->mu);
+        publish(st);
+    }
+}
+
+static void enqueue(srv_store *st, task *t)
+{
+    pthread_mutex_lock(&st->mu);
+    if (st->tail) st->tail->next = t;
+    else st->head = t;
+    st->tail = t;
+    st->depth++;
+    pthread_cond_broadcast(&st->cv);
+    pthread_mutex_unlock(&st->mu);
+    publish(st);
+}
+
+static task *task_new(int kind, const char *user, const char *id, const int32_t *tokens, int n)
+{
+    task *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->kind = kind;
+    snprintf(t->user, sizeof t->user, "%s", user);
+    snprintf(t->id, sizeof t->id, "%s", id);
+    t->tokens = malloc((size_t)(n > 0 ? n : 1) * sizeof *tokens);
+    if (!t->tokens) {
+        free(t);
+        return NULL;
+    }
+    if (n > 0) memcpy(t->tokens, tokens, (size_t)n * sizeof *tokens);
+    t->n_tokens = n;
+    return t;
+}
+
+int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    srv_store *st = calloc(1, sizeof *st);
+    if (!st) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    ms_options o = { .dir = p->dir, .fingerprint = p->identity, .block_tokens = p->block_tokens,
+                     .warm_bytes = p->warm_bytes, .log = memstore_log };
+    int rc = ms_open(&o, &st->ms, err, errlen);
+    if (rc != MS_OK) {
+        free(st);
+        return -1;
+    }
+    st->block_tokens = p->block_tokens;
+    st->block_bytes = p->block_bytes;
+    st->sync = p->sync;
+    st->loaded = p->loaded;
+    st->loaded_ctx = p->loaded_ctx;
+    st->met = p->met;
+    st->post = p->post;
+    st->post_arg = p->post_arg;
+    st->ttl_s = p->ttl_s;
+    st->disk_budget = p->disk_budget;
+    st->maint_interval_s = p->maint_interval_s > 0 ? p->maint_interval_s : 60.0;
+    pthread_mutex_init(&st->mu, NULL);
+    pthread_cond_init(&st->cv, NULL);
+    if (pthread_create(&st->th, NULL, worker, st) != 0) {
+        ms_close(st->ms);
+        pthread_mutex_destroy(&st->mu);
+        pthread_cond_destroy(&st->cv);
+        free(st);
+        snprintf(err, errlen, "cannot start the session store's thread");
+        return -1;
+    }
+    publish(st);
+    *out = st;
+    return 0;
+}
+
+int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
+                    int n_full, int first, void *buf, const srv_event *final)
+{
+    task *t = task_new(TASK_WRITE, user, id, tokens, n_tokens);
+    if (!t) {
+        free(buf);
+        __atomic_add_fetch(&st->write_failures, 1, __ATOMIC_RELAXED);
+        srv_log("error", "session_write_failed", " session=%s error=\"out of memory\"", id);
+        return -1;
+    }
+    t->n_full = n_full;
+    t->first = first;
+    t->buf = buf;
+    if (final && st->post) {
+        t->final = *final;
+        t->has_final = 1;
+    }
+    enqueue(st, t);
+    return 0;
+}
+
+int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id, const int32_t *prompt,
+                     int n_prompt)
+{
+    task *t = task_new(TASK_LOOKUP, user, id, prompt, n_prompt);
+    if (!t || !(t->res = calloc(1, sizeof *t->res))) {
+        task_free(t);
+        return -1;
+    }
+    t->res->job_id = job_id;
+    enqueue(st, t);
+    return 0;
+}
+
+ms_store *srv_store_ms(srv_store *st)
+{
+    return st ? st->ms : NULL;
+}
+
+void srv_loaded_free(srv_loaded *r)
+{
+    if (!r) return;
+    free(r->buf);
+    free(r);
+}
+
+void srv_store_get_stats(srv_store *st, srv_store_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (!st) return;
+    pthread_mutex_lock(&st->mu);
+    out->queue_depth = st->depth;
+    pthread_mutex_unlock(&st->mu);
+    out->writes = __atomic_load_n(&st->writes, __ATOMIC_RELAXED);
+    out->write_failures = __atomic_load_n(&st->write_failures, __ATOMIC_RELAXED);
+    out->blocks_written = __atomic_load_n(&st->blocks_written, __ATOMIC_RELAXED);
+    out->lookups = __atomic_load_n(&st->lookups, __ATOMIC_RELAXED);
+    out->loaded_blocks_warm = __atomic_load_n(&st->loaded_blocks_warm, __ATOMIC_RELAXED);
+    out->loaded_blocks_disk = __atomic_load_n(&st->loaded_blocks_disk, __ATOMIC_RELAXED);
+    out->expired = __atomic_load_n(&st->expired, __ATOMIC_RELAXED);
+    out->evicted = __atomic_load_n(&st->evicted, __ATOMIC_RELAXED);
+}
+
+void srv_store_close(srv_store *st)
+{
+    if (!st) return;
+    double t0 = srv_now();
+    pthread_mutex_lock(&st->mu);
+    int depth = st->depth;
+    st->stop = 1;
+    pthread_cond_broadcast(&st->cv);
+    pthread_mutex_unlock(&st->mu);
+    pthread_join(st->th, NULL); /* the worker drains the queue first */
+    ms_close(st->ms);
+    srv_log("info", "session_store_closed", " flushed_tasks=%d writes=%ld write_failures=%ld flush_s=%.3f", depth,
+            st->writes, st->write_failures, srv_now() - t0);
+    pthread_mutex_destroy(&st->mu);
+    pthread_cond_destroy(&st->cv);
+    free(st);
+}
