@@ -368,6 +368,8 @@ typedef struct eng_tok_info {
     int32_t bos_id;   /* from tokenizer_config.json bos_token/eos_token/pad_token; -1 when absent */
     int32_t eos_id;
     int32_t pad_id;
+    int64_t model_max_length; /* tokenizer_config.json; 0 when absent, null or no limit (transformers
+                                 writes 1e30 for that); the context is the model's, never more */
 } eng_tok_info;
 
 /* Flags for encode and decode. */
@@ -378,10 +380,10 @@ enum {
     ENG_TOK_SKIP_SPECIAL = 4   /* decode: leave special tokens out */
 };
 
-/* Loads `path`: a model directory (tokenizer.json, plus tokenizer_config.json
- * and chat_template.jinja when present) or a tokenizer.json file (its
- * directory is searched for the others).  *out owns the tokenizer; free it
- * with eng_tok_free. */
+/* Loads `path`: a model directory (tokenizer.json, plus tokenizer_config.json,
+ * generation_config.json and the chat template files when present) or a
+ * tokenizer.json file (its directory is searched for the others).  *out
+ * owns the tokenizer; free it with eng_tok_free. */
 int eng_tok_load(const char *path, eng_tok **out, char *err, size_t errlen);
 void eng_tok_free(eng_tok *tok);
 /* Borrowed; valid until eng_tok_free. */
@@ -439,42 +441,76 @@ int eng_tok_stream_flush(eng_tok_stream *s, const char **text, size_t *len);
 /* Drops held bytes and starts over. */
 void eng_tok_stream_reset(eng_tok_stream *s);
 
-/* Chat templates (engine/chat.c). */
+/* ---- chat templates (engine/chat.c, interpreted by engine/jinja*.c) ------
+ *
+ * A model directory's chat template is Jinja2 text, rendered here the way
+ * transformers' apply_chat_template renders it (docs/tokenizer.md).  It is
+ * read when the tokenizer loads: chat_template.jinja (plus
+ * additional_chat_templates/NAME.jinja), else tokenizer_config.json's
+ * chat_template (a string, or a list of {name, template}), else
+ * chat_template.json.  Of several named templates, "tool_use" serves
+ * requests with tools when there is one, "default" the others.  A template
+ * that is missing or does not parse does not stop the tokenizer from
+ * loading; eng_tok_chat_template_check reports it and every chat call fails
+ * with it (ENG_EUNSUPPORTED), naming the file and the template line. */
 
-/* The chat_template text from the model directory; borrowed, NULL if none. */
+struct json_t; /* jansson */
+
+/* The default template's text; borrowed, NULL when there is none. */
 const char *eng_tok_chat_template_source(const eng_tok *tok);
+/* 0 when chat calls can render; else ENG_EUNSUPPORTED with err saying why
+ * (no template, or which file and line does not parse). */
+int eng_tok_chat_template_check(const eng_tok *tok, char *err, size_t errlen);
+/* Replaces the directory's template(s) with `text` (len bytes): the
+ * --chat-template override.  origin names it in messages (e.g. the file).
+ * Call before the tokenizer is shared between threads.  A template that
+ * does not parse is ENG_EUNSUPPORTED (err: "origin: line N: ...") and is
+ * kept as the template, so chat calls fail rather than fall back. */
+int eng_tok_set_chat_template(eng_tok *tok, const char *text, size_t len, const char *origin, char *err,
+                              size_t errlen);
 
-typedef struct eng_tok_message {
-    const char *role;    /* "system", "user", "assistant", "tool" (NUL-terminated) */
-    const char *content; /* UTF-8, content_len bytes */
-    size_t content_len;
-} eng_tok_message;
+typedef struct eng_chat_params {
+    /* Borrowed JSON values (jansson).  messages: an array of objects in
+     * OpenAI's shape (role, content as a string or a list of parts,
+     * tool_calls, tool_call_id, name, reasoning_content, ...).  tools and
+     * documents: arrays or NULL.  kwargs: an object of extra template
+     * variables (chat_template_kwargs, e.g. {"enable_thinking": false}) or
+     * NULL; it may override the special tokens but not messages, tools,
+     * documents or add_generation_prompt. */
+    struct json_t *messages, *tools, *documents, *kwargs;
+    int add_generation_prompt;
+    int continue_final_message; /* end the prompt inside the last message (which must have
+                                   text content), as transformers does */
+    int64_t now;                /* the clock of strftime_now (seconds since the epoch, local
+                                   time); 0: the current time */
+} eng_chat_params;
 
-typedef struct eng_tok_chat_params {
-    const char *template_name; /* NULL: recognise the directory's chat_template; else one of
-                                  "chatml", "qwen2", "qwen2.5", "llama3", "llama3.1", "llama3.2" */
-    const char *date_string;   /* Llama 3.1/3.2 "Today Date"; NULL: the family default
-                                  ("26 Jul 2024" for 3.1, today for 3.2) */
-} eng_tok_chat_params;
+/* Fills *p from an object shaped like a /v1/chat/completions body:
+ * "messages", "tools", "documents", "chat_template_kwargs" (borrowed from
+ * req), "add_generation_prompt" (default true, false when
+ * "continue_final_message" is true and it is not given). */
+void eng_chat_params_from_json(eng_chat_params *p, struct json_t *req);
 
-/* Resolves the template: *name receives a static string ("qwen2.5", ...).
- * ENG_EUNSUPPORTED with a message when the directory's template is not one
- * we know (we never guess a prompt format). */
-int eng_tok_chat_template_name(const eng_tok *tok, const eng_tok_chat_params *p, const char **name,
-                               char *err, size_t errlen);
-/* Renders messages as the template does (what transformers'
- * apply_chat_template(tokenize=False) gives).  *text NUL-terminated, caller frees. */
-int eng_tok_chat_apply(const eng_tok *tok, const eng_tok_message *msgs, size_t n, int add_generation_prompt,
-                       const eng_tok_chat_params *p, char **text, size_t *len, char *err, size_t errlen);
-/* Renders and encodes: special tokens come only from the template, never
- * from message content (so a user cannot inject <|im_end|>).  Equal to
- * apply_chat_template(tokenize=True) when no content contains a special token. */
-int eng_tok_chat_encode(const eng_tok *tok, const eng_tok_message *msgs, size_t n, int add_generation_prompt,
-                        const eng_tok_chat_params *p, int32_t **ids, size_t *n_ids, char *err, size_t errlen);
-/* The ids that end an assistant turn for this template (e.g. <|im_end|>,
- * <|endoftext|>; <|eot_id|>, <|end_of_text|>, <|eom_id|>): up to max ids into
- * out; returns the count, or a negative status. */
-int eng_tok_chat_stop_ids(const eng_tok *tok, const eng_tok_chat_params *p, int32_t *out, int max);
+/* Renders the messages as the template does (what apply_chat_template(
+ * tokenize=False) gives).  *text: NUL-terminated, caller frees.  Errors:
+ * ENG_EUNSUPPORTED (no usable template), ENG_EINVAL (messages the template
+ * refuses: its raise_exception message, or an error while rendering that
+ * names the template line), ENG_ERANGE (the render hit a size, time or
+ * depth bound), ENG_ENOMEM. */
+int eng_tok_chat_apply(const eng_tok *tok, const eng_chat_params *p, char **text, size_t *len, char *err,
+                       size_t errlen);
+/* Renders and encodes: special tokens are read only from the template's own
+ * text and the special-token variables, never from the caller's data
+ * (message contents, tools, kwargs), so a user who writes "<|im_end|>" gets
+ * that text, not the token.  Equal to apply_chat_template(tokenize=True)
+ * whenever the data holds no special token's text. */
+int eng_tok_chat_encode(const eng_tok *tok, const eng_chat_params *p, int32_t **ids, size_t *n_ids, char *err,
+                        size_t errlen);
+/* The ids that end an assistant turn: the tokenizer's eos, the eos ids of
+ * generation_config.json, and the end-of-turn special tokens the vocabulary
+ * has (<|im_end|>, <|eot_id|>, <|eom_id|>, <|end|>, <end_of_turn>,
+ * <|endoftext|>, ...).  Up to max ids into out; returns the count. */
+int eng_tok_chat_stop_ids(const eng_tok *tok, int32_t *out, int max);
 
 #ifdef __cplusplus
 }

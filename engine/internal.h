@@ -104,6 +104,27 @@ float eng_cpu_dot_bf16(const float *a, const uint16_t *b, int n); /* b widened f
 void eng_cpu_axpy(float *y, float a, const float *x, int n);
 void eng_cpu_axpy_bf16(float *y, float a, const uint16_t *x, int n);
 
+/* ---- JSON files of a model directory (engine/json_load.c) ---------------
+ * Like jansson's loaders, except that an integer literal outside int64 (as
+ * Python writes them) is read as a real instead of failing the file.  name
+ * is how messages call the file.  *out: a new reference. */
+struct json_t;
+int eng__json_loadb(const char *buf, size_t len, const char *name, struct json_t **out, char *err, size_t errlen);
+int eng__json_load_file(const char *path, const char *name, struct json_t **out, char *err, size_t errlen);
+
+/* ---- chat templates (engine/chat.c) --------------------------------------- */
+typedef struct eng_chat eng_chat;
+/* Reads the chat template(s) of model directory dir (chat_template.jinja,
+ * additional_chat_templates/, tokenizer_config.json's chat_template given as
+ * cfg, or chat_template.json) and parses them.  A missing or unparsable
+ * template is recorded, not an error: the tokenizer still loads and chat
+ * calls report it.  Fails only when memory runs out. */
+int eng__chat_load(const eng_tok *tok, const char *dir, const struct json_t *cfg, eng_chat **out, char *err,
+                   size_t errlen);
+void eng__chat_free(eng_chat *c);
+/* The tokenizer's chat state (tokenizer.c); borrowed. */
+eng_chat *eng__tok_chat(const eng_tok *tok);
+
 /* ---- 64-bit hashing (engine/util.c) ------------------------------------- */
 uint64_t eng__fnv1a64(uint64_t h, const void *data, size_t n);
 #define ENG_FNV_INIT 0xcbf29ce484222325ULL

@@ -71,7 +71,12 @@ static int cfg_int(json_t *o, const char *pre, const char *k, int required, int6
         *out = def;
         return ENG_OK;
     }
-    if (!json_is_integer(v) || json_integer_value(v) <= 0 || json_integer_value(v) > INT_MAX)
+    /* Python ints have no bound; json_load.c reads ones beyond int64 as reals */
+    if ((json_is_integer(v) && json_integer_value(v) > INT_MAX) ||
+        (json_is_real(v) && json_real_value(v) > INT_MAX && json_real_value(v) == floor(json_real_value(v))))
+        return eng__errf(err, errlen, ENG_EFORMAT, CFG ": field '%s%s' is out of range (%.17g; at most %d)",
+                         pre, k, json_number_value(v), INT_MAX);
+    if (!json_is_integer(v) || json_integer_value(v) <= 0)
         return eng__errf(err, errlen, ENG_EFORMAT, CFG ": field '%s%s' must be a positive integer",
                          pre, k);
     *out = (int64_t)json_integer_value(v);
@@ -118,7 +123,8 @@ static int cfg_token(json_t *o, const char *k, int *out, char *err, size_t errle
     if (!v) return ENG_OK;
     if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > INT_MAX)
         return eng__errf(err, errlen, ENG_EFORMAT,
-                         CFG ": field '%s' must be a token id, a list of token ids or null", k);
+                         CFG ": field '%s' must be a token id (0..%d), a list of token ids or null", k,
+                         INT_MAX);
     *out = (int)json_integer_value(v);
     return ENG_OK;
 }
@@ -849,13 +855,7 @@ int eng_model_load(const char *dir, eng_model **out, char *err, size_t errlen)
     sprintf(path, "%s/" CFG, dir);
     if ((rc = eng_st_read_file(path, CFG, CFG_MAX_BYTES, &cfg_buf, &cfg_len, err, errlen)))
         goto done;
-    json_error_t jerr;
-    root = json_loadb(cfg_buf, cfg_len, 0, &jerr);
-    if (!root) {
-        rc = eng__errf(err, errlen, ENG_EFORMAT, CFG ": invalid JSON at line %d column %d: %s",
-                       jerr.line, jerr.column, jerr.text);
-        goto done;
-    }
+    if ((rc = eng__json_loadb(cfg_buf, cfg_len, CFG, &root, err, errlen))) goto done;
     if ((rc = cfg_parse(root, &c, err, errlen))) goto done;
     if ((rc = eng_st_set_open(dir, &L.st, err, errlen))) goto done;
 

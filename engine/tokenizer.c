@@ -1139,7 +1139,7 @@ struct eng_tok {
     int n_post_pre, n_post_post;
 
     eng_tok_info info;
-    char *chat_template;
+    eng_chat *chat;         /* chat template(s) (chat.c) */
     char *bos_token, *eos_token, *pad_token;
 };
 
@@ -1794,45 +1794,41 @@ static int32_t token_id_of(const eng_tok *t, const char *s)
     return vocab_find(t, s, strlen(s));
 }
 
+/* model_max_length: transformers writes 1000000000000000019884624838656
+ * (VERY_LARGE_INTEGER) when a tokenizer has no limit; anything that is not
+ * a usable positive length reads as none (0). */
+static int64_t config_max_length(json_t *cfg)
+{
+    json_t *v = json_object_get(cfg, "model_max_length");
+    double x = json_is_integer(v) ? (double)json_integer_value(v) : json_is_real(v) ? json_real_value(v) : 0;
+    return x >= 1 && x <= INT32_MAX ? (int64_t)x : 0;
+}
+
 static int load_config(eng_tok *t, const char *dir, char *err, size_t errlen)
 {
     char path[4200];
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    json_error_t je;
     json_t *cfg = NULL;
     struct stat st;
+    int rc;
     if (stat(path, &st) == 0) {
-        cfg = json_load_file(path, 0, &je);
-        if (!cfg)
-            return eng__errf(err, errlen, ENG_EFORMAT, "%s: line %d: %s", path, je.line, je.text);
+        if ((rc = eng__json_load_file(path, path, &cfg, err, errlen))) return rc;
         t->bos_token = config_token(cfg, "bos_token");
         t->eos_token = config_token(cfg, "eos_token");
         t->pad_token = config_token(cfg, "pad_token");
-        json_t *ct = json_object_get(cfg, "chat_template");
-        if (json_is_string(ct)) {
-            t->chat_template = strdup(json_string_value(ct));
-        } else if (json_is_array(ct)) { /* [{"name": "default", "template": ...}, ...] */
-            size_t i;
-            json_t *x;
-            json_array_foreach(ct, i, x) {
-                const char *name = jstr(x, "name"), *tpl = jstr(x, "template");
-                if (name && tpl && strcmp(name, "default") == 0) t->chat_template = strdup(tpl);
-            }
-        }
-        json_decref(cfg);
-    }
-    /* newer transformers write the template to its own file */
-    snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
-    size_t len;
-    char *jinja = stat(path, &st) == 0 ? read_whole(path, &len) : NULL;
-    if (jinja) {
-        free(t->chat_template);
-        t->chat_template = jinja;
+        t->info.model_max_length = config_max_length(cfg);
     }
     t->info.bos_id = token_id_of(t, t->bos_token);
     t->info.eos_id = token_id_of(t, t->eos_token);
     t->info.pad_id = token_id_of(t, t->pad_token);
-    return 0;
+    rc = eng__chat_load(t, dir, cfg, &t->chat, err, errlen);
+    json_decref(cfg);
+    return rc;
+}
+
+eng_chat *eng__tok_chat(const eng_tok *t)
+{
+    return t->chat;
 }
 
 void eng_tok_free(eng_tok *t)
@@ -1850,7 +1846,7 @@ void eng_tok_free(eng_tok *t)
     for (int i = 0; i < t->n_re; i++) pcre2_code_free(t->re[i].re);
     free(t->post_pre);
     free(t->post_post);
-    free(t->chat_template);
+    eng__chat_free(t->chat);
     free(t->bos_token);
     free(t->eos_token);
     free(t->pad_token);
@@ -1941,11 +1937,6 @@ fail:
 const eng_tok_info *eng_tok_get_info(const eng_tok *t)
 {
     return &t->info;
-}
-
-const char *eng_tok_chat_template_source(const eng_tok *t)
-{
-    return t->chat_template;
 }
 
 const char *eng_tok_special_text(const eng_tok *t, const char *which)

@@ -1,5 +1,6 @@
 /* util.c — status strings, error formatting and hashing shared by the engine. */
 #include <stdio.h>
+#include <string.h>
 
 #include "internal.h"
 
@@ -25,8 +26,19 @@ int eng__errf(char *err, size_t errlen, int status, const char *fmt, ...)
     if (err && errlen > 0) {
         va_list ap;
         va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
+        int n = vsnprintf(err, errlen, fmt, ap);
         va_end(ap);
+        if (n >= 0 && (size_t)n >= errlen) {
+            /* cut: never leave half a UTF-8 character at the end (messages
+             * go into JSON, which must be valid UTF-8) */
+            size_t len = strlen(err), j = len;
+            while (j > 0 && ((unsigned char)err[j - 1] & 0xC0) == 0x80) j--;
+            if (j > 0) {
+                unsigned char lead = (unsigned char)err[j - 1];
+                size_t need = lead < 0x80 ? 1 : (lead >> 5) == 6 ? 2 : (lead >> 4) == 14 ? 3 : (lead >> 3) == 30 ? 4 : 1;
+                if (j - 1 + need > len) err[j - 1] = 0;
+            }
+        }
     }
     return status;
 }

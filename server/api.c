@@ -214,42 +214,96 @@ fail:
     return -1;
 }
 
-/* Chat: validates 'messages'; the prompt comes from the tokenizer's chat
- * template or, as an extension, from 'prompt_token_ids'. */
-static int parse_messages(json_t *root, srv_genreq *r, const srv_model_desc *md, srv_error *err)
+/* OpenAI's message shapes, checked before the template sees them: roles,
+ * content as a string or a list of text parts (null or absent for an
+ * assistant turn), an assistant's tool_calls, a tool turn's tool_call_id. */
+static int check_message(json_t *m, const char *param, srv_error *err)
 {
     static const char *const roles[] = { "system", "developer", "user", "assistant", "tool" };
+    if (!json_is_object(m)) BAD(param, "'%s' must be an object", param);
+    json_t *role = json_object_get(m, "role");
+    if (!json_is_string(role)) BAD(param, "'%s.role' must be a string", param);
+    const char *rs = json_string_value(role);
+    int ok = 0; /* by length: "user\u0000..." is no role */
+    for (size_t k = 0; k < sizeof roles / sizeof *roles; k++)
+        ok |= json_string_length(role) == strlen(roles[k]) && strcmp(rs, roles[k]) == 0;
+    if (!ok) BAD(param, "'%s.role' must be one of system, developer, user, assistant, tool", param);
+    int assistant = strcmp(rs, "assistant") == 0;
+    json_t *c = json_object_get(m, "content");
+    if (json_is_array(c)) {
+        for (size_t k = 0; k < json_array_size(c); k++) {
+            json_t *part = json_array_get(c, k);
+            json_t *type = json_object_get(part, "type");
+            if (!json_is_object(part) || !json_is_string(type) ||
+                strcmp(json_string_value(type), "text") != 0 ||
+                !json_is_string(json_object_get(part, "text")))
+                BAD(param, "'%s.content' parts must be {\"type\": \"text\", \"text\": ...} (this server "
+                    "serves text models)", param);
+        }
+    } else if (!json_is_string(c) && !((!c || json_is_null(c)) && assistant)) {
+        BAD(param, "'%s.content' must be a string or an array of text parts", param);
+    }
+    json_t *calls = json_object_get(m, "tool_calls");
+    if (calls && !json_is_null(calls)) {
+        if (!assistant) BAD(param, "'%s.tool_calls' is only allowed in an assistant message", param);
+        if (!json_is_array(calls)) BAD(param, "'%s.tool_calls' must be an array", param);
+        for (size_t k = 0; k < json_array_size(calls); k++) {
+            json_t *fn = json_object_get(json_array_get(calls, k), "function");
+            json_t *args = json_object_get(fn, "arguments");
+            if (!json_is_string(json_object_get(fn, "name")) ||
+                !(json_is_string(args) || json_is_object(args)))
+                BAD(param, "'%s.tool_calls[%zu]' must be {\"type\": \"function\", \"function\": "
+                    "{\"name\": string, \"arguments\": string}}", param, k);
+        }
+    }
+    static const char *const strs[] = { "name", "tool_call_id", "reasoning_content", "reasoning" };
+    for (size_t k = 0; k < sizeof strs / sizeof *strs; k++) {
+        json_t *v = json_object_get(m, strs[k]);
+        if (v && !json_is_null(v) && !json_is_string(v)) BAD(param, "'%s.%s' must be a string", param, strs[k]);
+    }
+    return 0;
+fail:
+    return -1;
+}
+
+/* Chat: validates 'messages' and the fields the chat template sees; the
+ * prompt comes from the tokenizer's chat template or, as an extension,
+ * from 'prompt_token_ids'. */
+static int parse_messages(json_t *root, srv_genreq *r, const srv_model_desc *md, srv_error *err)
+{
     json_t *msgs = json_object_get(root, "messages");
     if (!msgs || json_is_null(msgs)) BAD("messages", "'messages' is required");
     if (!json_is_array(msgs) || json_array_size(msgs) == 0)
         BAD("messages", "'messages' must be a non-empty array");
     for (size_t i = 0; i < json_array_size(msgs); i++) {
-        json_t *m = json_array_get(msgs, i);
         char param[48];
         snprintf(param, sizeof param, "messages[%zu]", i);
-        if (!json_is_object(m)) BAD(param, "'%s' must be an object", param);
-        json_t *role = json_object_get(m, "role");
-        if (!json_is_string(role)) BAD(param, "'%s.role' must be a string", param);
-        int ok = 0;
-        for (size_t k = 0; k < sizeof roles / sizeof *roles; k++)
-            ok |= strcmp(json_string_value(role), roles[k]) == 0;
-        if (!ok)
-            BAD(param, "'%s.role' must be one of system, developer, user, assistant, tool", param);
-        json_t *c = json_object_get(m, "content");
-        if (json_is_array(c)) {
-            for (size_t k = 0; k < json_array_size(c); k++) {
-                json_t *part = json_array_get(c, k);
-                json_t *type = json_object_get(part, "type");
-                if (!json_is_object(part) || !json_is_string(type) ||
-                    strcmp(json_string_value(type), "text") != 0 ||
-                    !json_is_string(json_object_get(part, "text")))
-                    BAD(param, "'%s.content' parts must be {\"type\": \"text\", \"text\": ...}", param);
-            }
-        } else if (!json_is_string(c) &&
-                   !(json_is_null(c) && strcmp(json_string_value(role), "assistant") == 0)) {
-            BAD(param, "'%s.content' must be a string or an array of text parts", param);
+        if (check_message(json_array_get(msgs, i), param, err) < 0) return -1;
+    }
+    json_t *tools = json_object_get(root, "tools");
+    if (tools && !json_is_null(tools)) {
+        if (!json_is_array(tools)) BAD("tools", "'tools' must be an array");
+        for (size_t i = 0; i < json_array_size(tools); i++) {
+            json_t *t = json_array_get(tools, i), *fn = json_object_get(t, "function");
+            if (!json_is_object(t) || !json_is_string(json_object_get(fn, "name")))
+                BAD("tools", "'tools[%zu]' must be {\"type\": \"function\", \"function\": {\"name\": ...}}", i);
         }
     }
+    json_t *docs = json_object_get(root, "documents");
+    if (docs && !json_is_null(docs) && !json_is_array(docs)) BAD("documents", "'documents' must be an array");
+    json_t *kw = json_object_get(root, "chat_template_kwargs");
+    if (kw && !json_is_null(kw) && !json_is_object(kw))
+        BAD("chat_template_kwargs", "'chat_template_kwargs' must be an object");
+    json_t *ct = json_object_get(root, "chat_template");
+    if (ct && !json_is_null(ct))
+        BAD("chat_template", "a chat template per request is not supported; start mkad with --chat-template FILE");
+    int agp = 1, cfm = 0;
+    if (get_bool(root, "add_generation_prompt", &agp, err) < 0 ||
+        get_bool(root, "continue_final_message", &cfm, err) < 0)
+        return -1;
+    if (agp && cfm && json_is_true(json_object_get(root, "add_generation_prompt")))
+        BAD("continue_final_message", "'continue_final_message' and 'add_generation_prompt' cannot both be true");
+    if (cfm) agp = 0; /* vLLM: continuing the last message means no new assistant turn */
     json_t *ids = json_object_get(root, "prompt_token_ids");
     if (ids && !json_is_null(ids)) {
         if (!json_is_array(ids)) BAD("prompt_token_ids", "'prompt_token_ids' must be an array of token ids");
@@ -261,7 +315,16 @@ static int parse_messages(json_t *root, srv_genreq *r, const srv_model_desc *md,
                       no_tokenizer_msg);
         return -1;
     }
-    r->pending = json_incref(msgs); /* rendered by srv_genreq_tokenize */
+    /* rendered by finish_request */
+    r->pending = json_pack("{s:O, s:b, s:b}", "messages", msgs, "add_generation_prompt", agp,
+                           "continue_final_message", cfm);
+    if (!r->pending ||
+        (tools && !json_is_null(tools) && json_object_set(r->pending, "tools", tools)) ||
+        (docs && !json_is_null(docs) && json_object_set(r->pending, "documents", docs)) ||
+        (kw && !json_is_null(kw) && json_object_set(r->pending, "chat_template_kwargs", kw))) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
     return 0;
 fail:
     return -1;
@@ -458,9 +521,16 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     json_t *v = json_object_get(root, "suffix");
     if (v && !json_is_null(v)) BAD("suffix", "'suffix' is not supported");
     if (parse_logit_bias(root, r, md->vocab_size, err) < 0) goto fail;
+    /* chat: tools go to the chat template (parse_messages); the model's
+     * calls come back as text in the content (no tool-call parser) */
     v = json_object_get(root, "tools");
-    if (v && !json_is_null(v) && !(json_is_array(v) && json_array_size(v) == 0))
-        BAD("tools", "'tools' is not supported");
+    if (!chat && v && !json_is_null(v) && !(json_is_array(v) && json_array_size(v) == 0))
+        BAD("tools", "'tools' is only accepted by /v1/chat/completions");
+    v = json_object_get(root, "tool_choice");
+    if (v && !json_is_null(v) && !(json_is_string(v) && (!strcmp(json_string_value(v), "auto") ||
+                                                         !strcmp(json_string_value(v), "none"))))
+        BAD("tool_choice", "only tool_choice \"auto\" and \"none\" are supported (the model decides; nothing "
+            "constrains its output)");
     v = json_object_get(root, "functions");
     if (v && !json_is_null(v)) BAD("functions", "'functions' is not supported");
     v = json_object_get(root, "response_format");
@@ -584,6 +654,21 @@ static int echo_text(srv_genreq *r, const srv_model_desc *md, srv_error *err)
     return 0;
 }
 
+/* A chat codec's failure as the request's error: the template's own
+ * refusal ("roles must alternate", ...) and a template that cannot render
+ * are the request's 400; a model without a usable template says so (see
+ * docs/api.md). */
+static void chat_error(int rc, const char *msg, srv_error *err)
+{
+    if (rc == ENG_ENOMEM)
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+    else if (rc == ENG_EUNSUPPORTED)
+        srv_error_set(err, 400, "invalid_request_error", "messages", "chat_template_unavailable",
+                      "this model has no usable chat template: %s", msg);
+    else
+        srv_error_set(err, 400, "invalid_request_error", "messages", "chat_template_error", "%s", msg);
+}
+
 /* Tokenizes the text prompt or renders the messages (r->pending), then
  * checks the lengths against the context. */
 static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *err)
@@ -592,19 +677,21 @@ static int finish_request(srv_genreq *r, const srv_model_desc *md, srv_error *er
     if (r->echo && echo_text(r, md, err) != 0) return -1;
     r->prompt_logprobs = r->echo && r->logprobs;
     if (r->pending) {
-        char msg[256] = "";
+        char msg[512] = "";
         const char *param = chat ? "messages" : "prompt";
-        int rc = chat ? md->codec->chat(md->codec->ctx, r->pending, 1, &r->prompt, &r->n_prompt, msg,
+        int rc = chat ? md->codec->chat(md->codec->ctx, r->pending, &r->prompt, &r->n_prompt, msg,
                                         sizeof msg)
                       : md->codec->encode(md->codec->ctx, json_string_value(r->pending),
                                           json_string_length(r->pending), 1, &r->prompt,
                                           &r->n_prompt, msg, sizeof msg);
         json_decref(r->pending);
         r->pending = NULL;
+        if (rc != 0 && chat) {
+            chat_error(rc, msg, err);
+            return -1;
+        }
         if (rc != 0) {
-            srv_error_set(err, 400, "invalid_request_error", param, NULL, chat
-                          ? "'messages' cannot be rendered with the chat template: %s"
-                          : "'prompt' cannot be tokenized: %s", msg);
+            srv_error_set(err, 400, "invalid_request_error", param, NULL, "'prompt' cannot be tokenized: %s", msg);
             return -1;
         }
         if (r->n_prompt == 0) {
@@ -660,10 +747,10 @@ char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_e
 {
     json_t *root = load_object(body, len, err);
     if (!root) return NULL;
-    srv_genreq tmp = { 0 }; /* parse_messages' result: the validated messages */
+    srv_genreq tmp = { 0 }; /* parse_messages' result: the chat request for the codec */
     int32_t *ids = NULL;
     int n = 0, b, rc = 0;
-    char msg[256] = "";
+    char msg[512] = "";
     char *out = NULL;
     if (check_model(root, md, 1, err) != 0) goto fail;
     if (!md->codec) {
@@ -675,21 +762,21 @@ char *srv_tokenize(const char *body, size_t len, const srv_model_desc *md, srv_e
     if (rc && b) BAD("return_token_strs", "'return_token_strs' is not supported");
     json_t *msgs = json_object_get(root, "messages");
     if (msgs && !json_is_null(msgs)) {
-        int add_gen = 1, add_special = 0, cont = 0;
-        if (get_bool(root, "add_generation_prompt", &add_gen, err) < 0 ||
-            get_bool(root, "add_special_tokens", &add_special, err) < 0 ||
-            get_bool(root, "continue_final_message", &cont, err) < 0)
-            goto fail;
+        int add_special = 0;
+        if (get_bool(root, "add_special_tokens", &add_special, err) < 0) goto fail;
         if (add_special)
             BAD("add_special_tokens", "'add_special_tokens' with 'messages' is not supported: the "
                 "chat template writes the special tokens");
-        if (cont) BAD("continue_final_message", "'continue_final_message' is not supported");
-        /* the same validation and template as /v1/chat/completions */
+        /* the same validation, template fields (add_generation_prompt,
+         * continue_final_message, tools, documents, chat_template_kwargs)
+         * and template as /v1/chat/completions */
         if (parse_messages(root, &tmp, md, err) < 0) goto fail;
         if (tmp.pending) {
-            rc = md->codec->chat(md->codec->ctx, tmp.pending, add_gen, &ids, &n, msg, sizeof msg);
-            if (rc != 0)
-                BAD("messages", "'messages' cannot be rendered with the chat template: %s", msg);
+            rc = md->codec->chat(md->codec->ctx, tmp.pending, &ids, &n, msg, sizeof msg);
+            if (rc != 0) {
+                chat_error(rc, msg, err);
+                goto fail;
+            }
         } else { /* the prompt_token_ids extension */
             ids = tmp.prompt;
             n = tmp.n_prompt;

@@ -46,6 +46,9 @@ static const option_def options[] = {
       "model directory (config.json, model.safetensors, tokenizer.json); required" },
     { "model", "model_name", OPT_STR, O(model_name), "", 0, 0,
       "model id served in /v1/models and expected in requests (default: the directory name)" },
+    { "model", "chat_template", OPT_STR, O(chat_template), "", 0, 0,
+      "a Jinja chat template file (or the template text) used instead of the model's own "
+      "(tokenizer_config.json / chat_template.jinja)" },
     { "engine", "backend", OPT_ENUM, O(backend), "auto", 0, 0,
       "where the forward pass runs: cuda (the first GPU), cpu, or auto (cuda when mkad was built "
       "with CUDA and a GPU answers, else cpu)", "auto|cpu|cuda" },

@@ -1091,7 +1091,8 @@ static int load(srv_engine *se)
         goto fail;
     }
     char tinfo[160];
-    if (srv_text_load(se->cfg->model, &se->codec, tinfo, sizeof tinfo, err, sizeof err) != 0) {
+    if (srv_text_load(se->cfg->model, se->cfg->chat_template, &se->codec, tinfo, sizeof tinfo, err,
+                      sizeof err) != 0) {
         rc = ENG_EFORMAT;
         goto fail;
     }

@@ -16,6 +16,8 @@ typedef struct srv_config {
     /* model and engine */
     char *model;            /* model directory (required) */
     char *model_name;       /* id served in /v1/models; NULL: the directory's basename */
+    char *chat_template;    /* --chat-template: a Jinja file (or text) replacing the model's
+                               chat template; NULL/"": the model directory's */
     char *backend;          /* "auto", "cpu" or "cuda" (main.c checks the spelling);
                                NULL = "auto" */
     int threads;            /* engine CPU threads, 0 = all online CPUs */

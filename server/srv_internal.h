@@ -103,10 +103,14 @@ typedef struct srv_codec {
      * with a message in err */
     int (*encode)(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
                   char *err, size_t errlen);
-    /* validated OpenAI messages -> ids of the chat template, ending with the
-     * assistant turn's prefix when add_generation_prompt */
-    int (*chat)(void *ctx, json_t *messages, int add_generation_prompt, int32_t **ids, int *n,
-                char *err, size_t errlen);
+    /* a chat request -> ids of the chat template.  req is an object with
+     * "messages" (validated OpenAI messages) and optionally "tools",
+     * "documents", "chat_template_kwargs", "add_generation_prompt" (default
+     * true: the prompt ends with the assistant turn's prefix),
+     * "continue_final_message".  Returns 0, or a negative ENG_* status with
+     * a message in err (ENG_ENOMEM: ours; others: the request's or the
+     * template's) */
+    int (*chat)(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size_t errlen);
     /* ids -> text (special tokens included, invalid UTF-8 as U+FFFD); *text
      * is NUL-terminated, caller frees; 0 or -1 */
     int (*decode)(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
@@ -121,10 +125,13 @@ typedef struct srv_codec {
 
 /* text.c: the codec over the model directory's tokenizer.json.  *out is
  * NULL (and 0 returned) when the directory has no tokenizer.json; info
- * receives a short key=value description for the log.  Free with
- * srv_text_free. */
-int srv_text_load(const char *model_dir, srv_codec **out, char *info, size_t infolen, char *err,
-                  size_t errlen);
+ * receives a short key=value description for the log.  chat_template
+ * (NULL or "": the directory's) is --chat-template, a file or the template
+ * text; one that cannot be read or parsed fails the load.  A directory
+ * template that does not parse is logged and answered per chat request.
+ * Free with srv_text_free. */
+int srv_text_load(const char *model_dir, const char *chat_template, srv_codec **out, char *info,
+                  size_t infolen, char *err, size_t errlen);
 void srv_text_free(srv_codec *c);
 
 /* A validated generation request.  Owned by its srv_job; srv_genreq_free. */

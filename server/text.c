@@ -5,9 +5,12 @@
  *   /v1/completions text prompt  -> eng_tok_encode with special tokens
  *   (and /tokenize)                 recognised and the post-processor applied
  *                                   (what `tokenizer(text)` does in HF)
- *   /v1/chat/completions         -> eng_tok_chat_encode (special tokens come
- *   (and /tokenize)                 only from the template, never from
- *                                   message content)
+ *   /v1/chat/completions         -> eng_tok_chat_encode: the model's Jinja
+ *   (and /tokenize)                 chat template (or --chat-template)
+ *                                   over messages, tools, documents and
+ *                                   chat_template_kwargs; special tokens
+ *                                   come only from the template, never
+ *                                   from the request's data
  *   /detokenize                  -> eng_tok_decode, special tokens included
  *   generated token -> text      -> the token's bytes; special tokens give no
  *                                   text (skip_special_tokens); UTF-8
@@ -21,6 +24,7 @@
  */
 #include "config.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,8 +34,6 @@
 
 typedef struct text_ctx {
     eng_tok *tok;
-    const char *template_name; /* NULL: no usable chat template */
-    char template_err[256];
 } text_ctx;
 
 static int t_encode(void *ctx, const char *text, size_t len, int add_special, int32_t **ids, int *n,
@@ -53,56 +55,22 @@ static int t_encode(void *ctx, const char *text, size_t len, int add_special, in
     return 0;
 }
 
-static int t_chat(void *ctx, json_t *msgs, int add_generation_prompt, int32_t **ids, int *n,
-                  char *err, size_t errlen)
+static int t_chat(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size_t errlen)
 {
     text_ctx *t = ctx;
-    if (!t->template_name) {
-        snprintf(err, errlen, "%s", t->template_err);
-        return -1;
-    }
-    size_t nm = json_array_size(msgs);
-    eng_tok_message *m = calloc(nm ? nm : 1, sizeof *m);
-    srv_buf *joined = calloc(nm ? nm : 1, sizeof *joined);
-    int rc = -1;
-    if (!m || !joined) {
-        snprintf(err, errlen, "out of memory");
-        goto out;
-    }
-    for (size_t i = 0; i < nm; i++) {
-        json_t *msg = json_array_get(msgs, i);
-        const char *role = json_string_value(json_object_get(msg, "role"));
-        m[i].role = strcmp(role, "developer") == 0 ? "system" : role;
-        json_t *c = json_object_get(msg, "content");
-        if (json_is_string(c)) {
-            m[i].content = json_string_value(c);
-            m[i].content_len = json_string_length(c);
-        } else if (json_is_array(c)) {
-            /* text parts are joined, as OpenAI does for a plain-text model */
-            for (size_t k = 0; k < json_array_size(c); k++) {
-                json_t *tx = json_object_get(json_array_get(c, k), "text");
-                if (srv_buf_append(&joined[i], json_string_value(tx), json_string_length(tx)) != 0) {
-                    snprintf(err, errlen, "out of memory");
-                    goto out;
-                }
-            }
-            m[i].content = joined[i].data ? joined[i].data : "";
-            m[i].content_len = joined[i].len;
-        } else {
-            m[i].content = "";
-            m[i].content_len = 0;
-        }
-    }
+    eng_chat_params p;
+    eng_chat_params_from_json(&p, req);
     size_t nn = 0;
-    if (eng_tok_chat_encode(t->tok, m, nm, add_generation_prompt, NULL, ids, &nn, err, errlen) != ENG_OK)
-        goto out;
+    int rc = eng_tok_chat_encode(t->tok, &p, ids, &nn, err, errlen);
+    if (rc != ENG_OK) return rc;
+    if (nn > (1u << 24)) {
+        free(*ids);
+        *ids = NULL;
+        snprintf(err, errlen, "too many tokens");
+        return ENG_ERANGE;
+    }
     *n = (int)nn;
-    rc = 0;
-out:
-    for (size_t i = 0; joined && i < nm; i++) srv_buf_free(&joined[i]);
-    free(joined);
-    free(m);
-    return rc;
+    return 0;
 }
 
 static int t_decode(void *ctx, const int32_t *ids, int n, char **text, size_t *len, char *err,
@@ -128,8 +96,8 @@ static int t_stop_ids(void *ctx, int chat, int32_t *out, int max)
 {
     text_ctx *t = ctx;
     int n = 0;
-    if (chat && t->template_name) {
-        n = eng_tok_chat_stop_ids(t->tok, NULL, out, max);
+    if (chat) {
+        n = eng_tok_chat_stop_ids(t->tok, out, max);
         if (n < 0) n = 0;
     }
     int32_t eos = eng_tok_get_info(t->tok)->eos_id;
@@ -141,15 +109,49 @@ static int t_stop_ids(void *ctx, int chat, int32_t *out, int max)
     return n;
 }
 
-int srv_text_load(const char *model_dir, srv_codec **out, char *info, size_t infolen, char *err,
-                  size_t errlen)
+/* --chat-template: a file, or (as vLLM takes it) the template text itself. */
+static int load_override(eng_tok *tok, const char *arg, char *err, size_t errlen)
+{
+    FILE *f = fopen(arg, "rb");
+    if (!f) {
+        if (!strstr(arg, "{{") && !strstr(arg, "{%")) {
+            snprintf(err, errlen, "--chat-template %s: %s", arg, strerror(errno));
+            return -1;
+        }
+        return eng_tok_set_chat_template(tok, arg, strlen(arg), "--chat-template", err, errlen) ? -1 : 0;
+    }
+    srv_buf b = { 0 };
+    char chunk[65536];
+    size_t n;
+    int bad = 0;
+    while ((n = fread(chunk, 1, sizeof chunk, f)) > 0) bad |= srv_buf_append(&b, chunk, n) != 0;
+    bad |= ferror(f);
+    fclose(f);
+    if (bad) {
+        srv_buf_free(&b);
+        snprintf(err, errlen, "--chat-template %s: cannot read the file", arg);
+        return -1;
+    }
+    int rc = eng_tok_set_chat_template(tok, b.data ? b.data : "", b.len, arg, err, errlen);
+    srv_buf_free(&b);
+    return rc ? -1 : 0;
+}
+
+int srv_text_load(const char *model_dir, const char *chat_template, srv_codec **out, char *info,
+                  size_t infolen, char *err, size_t errlen)
 {
     *out = NULL;
     snprintf(info, infolen, "none");
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenizer.json", model_dir);
     struct stat st;
-    if (stat(path, &st) != 0) return 0; /* no tokenizer: token-id prompts only */
+    if (stat(path, &st) != 0) { /* no tokenizer: token-id prompts only */
+        if (chat_template && *chat_template) {
+            snprintf(err, errlen, "--chat-template needs a tokenizer, but %s has no tokenizer.json", model_dir);
+            return -1;
+        }
+        return 0;
+    }
     text_ctx *t = calloc(1, sizeof *t);
     srv_codec *c = calloc(1, sizeof *c);
     if (!t || !c) {
@@ -158,16 +160,18 @@ int srv_text_load(const char *model_dir, srv_codec **out, char *info, size_t inf
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    if (eng_tok_load(model_dir, &t->tok, err, errlen) != ENG_OK) {
+    if (eng_tok_load(model_dir, &t->tok, err, errlen) != ENG_OK ||
+        (chat_template && *chat_template && load_override(t->tok, chat_template, err, errlen) != 0)) {
+        eng_tok_free(t->tok);
         free(t);
         free(c);
         return -1;
     }
-    char terr[160] = "";
-    if (eng_tok_chat_template_name(t->tok, NULL, &t->template_name, terr, sizeof terr) != ENG_OK) {
-        t->template_name = NULL;
-        snprintf(t->template_err, sizeof t->template_err, "the model has no usable chat template: %s",
-                 terr[0] ? terr : "none found");
+    char terr[1024];
+    if (eng_tok_chat_template_check(t->tok, terr, sizeof terr) != ENG_OK) {
+        char q[1100];
+        /* the daemon serves completions; chat requests get this message as a 400 */
+        srv_log("warn", "chat_template_unusable", " error=%s", srv_log_quote(terr, q, sizeof q));
     }
     c->ctx = t;
     c->encode = t_encode;
@@ -177,7 +181,7 @@ int srv_text_load(const char *model_dir, srv_codec **out, char *info, size_t inf
     c->stop_ids = t_stop_ids;
     const eng_tok_info *ti = eng_tok_get_info(t->tok);
     snprintf(info, infolen, "vocab=%d chat_template=%s eos=%d", ti->vocab_size,
-             t->template_name ? t->template_name : "none", (int)ti->eos_id);
+             eng_tok_chat_template_check(t->tok, NULL, 0) == ENG_OK ? "ok" : "unusable", (int)ti->eos_id);
     *out = c;
     return 0;
 }

@@ -294,6 +294,109 @@ def test_chat_stream_and_not():
     assert r.usage.prompt_tokens == len(PROMPT)
 
 
+def test_chat_template_fields():
+    """tools, tool_calls and chat_template_kwargs reach the model's Jinja template."""
+    c = D.client()
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    msgs = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "20 C"}]
+    r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, tools=tools, tool_choice="auto", max_tokens=4,
+                                  seed=1, extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                                                      "ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+    # /tokenize takes the same template fields (as vLLM's) and counts what the chat route bills
+    body = {"model": MODEL_NAME, "messages": msgs, "tools": tools, "chat_template_kwargs": {"enable_thinking": False}}
+    st, _, b = http("POST", D.base + "/tokenize", body)
+    t = json.loads(b)
+    assert st == 200 and t["count"] == r.usage.prompt_tokens, (t, r.usage)
+    cont = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon"}]
+    st, _, b = http("POST", D.base + "/tokenize", {"messages": cont, "continue_final_message": True})
+    assert st == 200, b
+    st, _, b = http("POST", D.base + "/detokenize", {"tokens": json.loads(b)["tokens"]})
+    assert json.loads(b)["prompt"].endswith("assistant\nOnce upon"), b
+    assert_error(*http("POST", D.base + "/tokenize", {"messages": cont, "chat_template": "{{ 1 }}"})[::2],
+                 400, "chat_template")
+    # OpenAI's null content of a tool-call turn reads as empty text (as in vLLM), so a template
+    # that reads every message's content (Qwen2's, the bundled model's) renders it
+    msgs[1]["content"] = None
+    r2 = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=1, extra_body={"ignore_eos": True})
+    assert r2.usage.prompt_tokens == r.usage.prompt_tokens, (r.usage, r2.usage)
+    for bad, param in (({"tool_choice": "required"}, "tool_choice"),
+                       ({"extra_body": {"chat_template_kwargs": [1]}}, "chat_template_kwargs")):
+        try:
+            c.chat.completions.create(model=MODEL_NAME, messages=msgs, tools=tools, max_tokens=2, **bad)
+            raise AssertionError("accepted %r" % bad)
+        except openai.BadRequestError as e:
+            assert e.body["param"] == param, e.body
+
+
+def test_chat_template_override_and_errors():
+    """--chat-template replaces the model's template; a template's raise_exception is a 400
+    with its message; a directory template that does not parse leaves completions working and
+    answers chat with a 400 naming the file and line."""
+    tmp = tempfile.mkdtemp(prefix="mkad-tpl-")
+    tpl = os.path.join(tmp, "t.jinja")
+    with open(tpl, "w") as f:
+        f.write("{% if messages[0].role != 'system' %}{{ raise_exception('the first message must be system') }}{% endif %}"
+                "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if greeting is defined %}{{ greeting }}{% endif %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}\n")
+    d = Daemon("--chat-template", tpl)
+    try:
+        c = d.client()
+        try:
+            c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            raise AssertionError("the template's raise_exception was ignored")
+        except openai.BadRequestError as e:
+            assert "the first message must be system" in e.body["message"], e.body
+            assert e.body["code"] == "chat_template_error" and e.body["param"] == "messages", e.body
+        st, _, b = http("POST", d.base + "/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+        assert_error(st, b, 400, "messages")
+        err = json.loads(b)["error"]
+        assert err["code"] == "chat_template_error" and "the first message must be system" in err["message"], err
+        sys_hi = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+        a = c.chat.completions.create(model=MODEL_NAME, messages=sys_hi, max_tokens=1, extra_body={"ignore_eos": True})
+        b = c.chat.completions.create(model=MODEL_NAME, messages=sys_hi, max_tokens=1,
+                                      extra_body={"ignore_eos": True, "chat_template_kwargs": {"greeting": "Hello there"}})
+        assert b.usage.prompt_tokens > a.usage.prompt_tokens, (a.usage, b.usage)
+        st, _, t = http("POST", d.base + "/tokenize", {"messages": sys_hi, "chat_template_kwargs": {"greeting": "Hello there"}})
+        assert st == 200 and json.loads(t)["count"] == b.usage.prompt_tokens, (t, b.usage)
+    finally:
+        assert d.stop() == 0
+    # an override that cannot be read or parsed stops the daemon at start, naming it
+    for arg, what in ((os.path.join(tmp, "missing.jinja"), "missing.jinja"), ("{% if x %}", "line 1")):
+        r = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--chat-template", arg],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and what in r.stderr, (r.returncode, r.stderr[-2000:])
+    # the model directory's own template does not parse
+    model = os.path.join(tmp, MODEL_NAME)
+    os.mkdir(model)
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        os.symlink(os.path.join(os.path.abspath(ARGS.model), f), os.path.join(model, f))
+    with open(os.path.join(model, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "model_max_length": 1000000000000000019884624838656,
+                   "chat_template": "{% for m in messages %}\n{{ m.content | no_such_filter }}\n{% endfor %}"}, f)
+    d = Daemon("--model", model)
+    try:
+        c = d.client()
+        r = c.completions.create(model=MODEL_NAME, prompt="Once", max_tokens=2, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 2
+        try:
+            c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            raise AssertionError("chat with a broken template")
+        except openai.BadRequestError as e:
+            msg = e.body["message"]
+            assert e.body["code"] == "chat_template_unavailable", e.body
+            assert "tokenizer_config.json" in msg and "line 2" in msg and "no_such_filter" in msg, msg
+        with d.cv:
+            assert any("event=chat_template_unusable" in l for l in d.lines), d.lines
+    finally:
+        assert d.stop() == 0
+
+
 def test_no_tokenizer():
     """A model directory without tokenizer.json: token ids only, text is a clear 400."""
     tmp = tempfile.mkdtemp(prefix="mkad-notok-")
@@ -427,6 +530,8 @@ def test_tokenize_detokenize():
     assert st == st2 == 200 and m["count"] > m2["count"] and m["tokens"][:m2["count"]] == m2["tokens"]
     r = c.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=1)
     assert r.usage.prompt_tokens == m["count"], (r.usage, m)
+    # the \u0000 in the message reached the template as text
+    assert "hi \u0000" in post("/detokenize", {"tokens": m["tokens"]})[1]["prompt"]
     big = " Elizabeth" * 2001  # over 16 KiB: tokenized on the thread pool
     assert post("/tokenize", {"prompt": big})[1]["count"] == 2001
     for path, body, status, param in (

@@ -1278,6 +1278,63 @@ START_TEST(test_config_wrong_type)
 }
 END_TEST
 
+/* config.json as transformers 4.x and 5.x write it: keys the loader does not
+ * use, nulls, Python ints beyond int64 (VERY_LARGE_INTEGER), v5's dtype and
+ * rope_parameters; and out-of-range integers named in the error. */
+static void write_config_text(const char *dir, json_t *cfg, const char *extra)
+{
+    char *s = json_dumps(cfg, JSON_INDENT(2));
+    size_t n = strlen(s);
+    ck_assert(n > 2 && s[n - 1] == '}');
+    size_t cap = n + strlen(extra) + 8;
+    char *t = malloc(cap);
+    snprintf(t, cap, "%.*s,\n  %s\n}", (int)(n - 2), s, extra); /* s ends with "\n}" */
+    ck_assert_int_eq(tu_write_file(dir, "config.json", t, strlen(t)), 0);
+    free(t);
+    free(s);
+}
+
+START_TEST(test_config_real_shapes)
+{
+    char dir[1024];
+    tm_params p = P();
+    tm_model tm;
+    tm_build(&tm, &p);
+    test_dir("cfg_v4", dir, sizeof dir);
+    tm_write(&tm, dir);
+    write_config_text(dir, tm.config,
+                      "\"_name_or_path\": \"HuggingFaceTB/SmolLM2-135M-Instruct\", \"torch_dtype\": \"bfloat16\", "
+                      "\"transformers_version\": \"4.42.3\", \"use_cache\": true, \"pretraining_tp\": 1, "
+                      "\"rope_scaling\": null, \"pad_token_id\": null, \"is_llama_config\": true, "
+                      "\"rope_interleaved\": false, \"attention_dropout\": 0.0, \"initializer_range\": 0.02, "
+                      "\"sliding_window\": null, \"max_window_layers\": 21, \"quantization_config\": null, "
+                      "\"model_max_length\": 1000000000000000019884624838656, \"unknown_future_key\": {\"a\": [1, null]}");
+    eng_model *m = load_ok(dir);
+    eng_model_free(m);
+    test_dir("cfg_v5", dir, sizeof dir);
+    tm_write(&tm, dir);
+    json_object_del(tm.config, "rope_theta");
+    write_config_text(dir, tm.config,
+                      "\"dtype\": \"bfloat16\", \"transformers_version\": \"5.0.0\", "
+                      "\"rope_parameters\": {\"rope_theta\": 10000.0, \"rope_type\": \"default\"}, "
+                      "\"layer_types\": [\"full_attention\", \"full_attention\"], \"output_router_logits\": false, "
+                      "\"big\": -99999999999999999999999");
+    m = load_ok(dir);
+    eng_model_free(m);
+    /* a used key out of range says which and why */
+    test_dir("cfg_range", dir, sizeof dir);
+    tm_write(&tm, dir);
+    json_object_del(tm.config, "max_position_embeddings");
+    write_config_text(dir, tm.config, "\"max_position_embeddings\": 1000000000000000019884624838656");
+    load_fail(dir, ENG_EFORMAT, "config.json", "'max_position_embeddings' is out of range", NULL);
+    json_object_set_new(tm.config, "max_position_embeddings", json_integer(4096));
+    json_object_del(tm.config, "num_hidden_layers");
+    write_config_text(dir, tm.config, "\"num_hidden_layers\": 4294967296");
+    load_fail(dir, ENG_EFORMAT, "config.json", "'num_hidden_layers' is out of range", NULL);
+    tm_free(&tm);
+}
+END_TEST
+
 START_TEST(test_config_inconsistent)
 {
     config_case("cfg_gqa", "num_key_value_heads", json_integer(3), ENG_EFORMAT, "config.json",
@@ -1823,6 +1880,7 @@ static Suite *loader_suite(void)
     tcase_add_test(bad, test_bad_json);
     tcase_add_test(bad, test_config_missing_field);
     tcase_add_test(bad, test_config_wrong_type);
+    tcase_add_test(bad, test_config_real_shapes);
     tcase_add_test(bad, test_config_inconsistent);
     tcase_add_test(bad, test_unknown_architecture);
     tcase_add_test(bad, test_unsupported_features);

@@ -290,6 +290,24 @@ START_TEST(parse_rejects)
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", 1, 400, "messages");
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"prompt_token_ids\":[1],"
               "\"top_logprobs\":2}", 1, 400, "top_logprobs");
+    /* the fields a chat template sees */
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\"}]}]}", 1, 400,
+              "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\",\"tool_calls\":[]}]}", 1, 400,
+              "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"assistant\",\"tool_calls\":[{\"function\":{\"name\":1}}]}]}",
+              1, 400, "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"tool\",\"content\":\"x\",\"tool_call_id\":5}]}", 1, 400,
+              "messages[0]");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":{}}", 1, 400, "tools");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\"}]}",
+              1, 400, "tools");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"chat_template_kwargs\":[1]}", 1,
+              400, "chat_template_kwargs");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"chat_template\":\"{{x}}\"}", 1,
+              400, "chat_template");
+    parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"add_generation_prompt\":true,"
+              "\"continue_final_message\":true}", 1, 400, "continue_final_message");
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"prompt_token_ids\":[1],"
               "\"max_completion_tokens\":-3}", 1, 400, "max_completion_tokens");
 }
@@ -309,6 +327,19 @@ END_TEST
 START_TEST(error_object)
 {
     srv_error e;
+    /* a message cut at the buffer's end never ends inside a UTF-8 character */
+    char longmsg[700];
+    for (int i = 0; i < 699; i += 3) memcpy(longmsg + i, "\xe2\x82\xac", 3); /* 233 x U+20AC */
+    longmsg[699] = 0;
+    for (int shift = 0; shift < 3; shift++) {
+        srv_error_set(&e, 400, "invalid_request_error", NULL, NULL, "%.*s%s", shift, "xx", longmsg);
+        char *js = srv_error_json(&e);
+        json_t *jo = json_loads(js, 0, NULL);
+        ck_assert_msg(jo != NULL, "shift %d: %s", shift, js);
+        ck_assert_ptr_null(strstr(js, "out of memory"));
+        json_decref(jo);
+        free(js);
+    }
     srv_error_set(&e, 400, "invalid_request_error", "temperature", NULL, "bad \"x\" %d", 3);
     char *s = srv_error_json(&e);
     json_error_t je;
@@ -561,9 +592,23 @@ static int fake_encode(void *ctx, const char *text, size_t len, int add_special,
     return 0;
 }
 
-static int fake_chat(void *ctx, json_t *msgs, int add_generation_prompt, int32_t **ids, int *n,
-                     char *err, size_t errlen)
+/* The last chat request the fake saw (a reference). */
+static json_t *fake_last_req;
+
+static int fake_chat(void *ctx, json_t *req, int32_t **ids, int *n, char *err, size_t errlen)
 {
+    json_decref(fake_last_req);
+    fake_last_req = json_incref(req);
+    json_t *msgs = json_object_get(req, "messages");
+    const char *first = json_string_value(json_object_get(json_array_get(msgs, 0), "content"));
+    if (first && !strcmp(first, "RAISE")) { /* a template's raise_exception */
+        snprintf(err, errlen, "the chat template refused the messages: roles must alternate");
+        return ENG_EINVAL;
+    }
+    if (first && !strcmp(first, "NOTEMPLATE")) {
+        snprintf(err, errlen, "the model directory x has no chat template");
+        return ENG_EUNSUPPORTED;
+    }
     srv_buf b = { 0 };
     for (size_t i = 0; i < json_array_size(msgs); i++) {
         json_t *m = json_array_get(msgs, i);
@@ -571,7 +616,8 @@ static int fake_chat(void *ctx, json_t *msgs, int add_generation_prompt, int32_t
         srv_buf_printf(&b, "%s: %s\n", json_string_value(json_object_get(m, "role")),
                        json_is_string(c) ? json_string_value(c) : "");
     }
-    if (add_generation_prompt) srv_buf_puts(&b, "assistant: ");
+    json_t *agp = json_object_get(req, "add_generation_prompt"); /* default true */
+    if (!agp || json_is_true(agp)) srv_buf_puts(&b, "assistant: ");
     int rc = fake_encode(ctx, b.data, b.len, 1, ids, n, err, errlen);
     srv_buf_free(&b);
     return rc;
@@ -623,6 +669,37 @@ START_TEST(parse_with_tokenizer)
     ck_assert_int_eq(r->n_prompt, (int)strlen("user: hi\nassistant: "));
     ck_assert_int_eq(r->max_tokens, 128 - r->n_prompt);
     srv_genreq_free(r);
+    /* the chat request the codec gets: messages plus the template's fields */
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":\"a\"}]},"
+        "{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\","
+        "\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]},{\"role\":\"tool\",\"tool_call_id\":\"c1\","
+        "\"content\":\"4\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+        "\"chat_template_kwargs\":{\"enable_thinking\":false},\"documents\":[{\"title\":\"t\",\"text\":\"x\"}]}";
+    ck_assert_msg(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e) == 0, "%s", e.message);
+    ck_assert(json_is_array(json_object_get(fake_last_req, "tools")));
+    ck_assert(json_is_false(json_object_get(json_object_get(fake_last_req, "chat_template_kwargs"), "enable_thinking")));
+    ck_assert(json_is_array(json_object_get(fake_last_req, "documents")));
+    ck_assert(json_is_true(json_object_get(fake_last_req, "add_generation_prompt")));
+    srv_genreq_free(r);
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"assistant\",\"content\":\"Once\"}],"
+        "\"continue_final_message\":true}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), 0);
+    ck_assert(json_is_false(json_object_get(fake_last_req, "add_generation_prompt")));
+    ck_assert(json_is_true(json_object_get(fake_last_req, "continue_final_message")));
+    srv_genreq_free(r);
+    /* a template's refusal is the request's 400, with its message */
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"RAISE\"}]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), -1);
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.code, "chat_template_error");
+    ck_assert_ptr_nonnull(strstr(e.message, "roles must alternate"));
+    b = "{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"NOTEMPLATE\"}]}";
+    ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 1, &md, NULL, &r, &e), -1);
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.code, "chat_template_unavailable");
+    ck_assert_ptr_nonnull(strstr(e.message, "no chat template"));
+    json_decref(fake_last_req);
+    fake_last_req = NULL;
     /* \u0000 is text: it reaches the tokenizer, and a stop string may hold it */
     b = "{\"model\":\"tiny\",\"prompt\":\"A\\u0000B\",\"stop\":[\"\\u0000\",\"x\\u0000y\"]}";
     ck_assert_int_eq(srv_genreq_parse(b, strlen(b), 0, &md, NULL, &r, &e), 0);
@@ -678,6 +755,7 @@ START_TEST(auth_fails_closed)
     srv_config c;
     memset(&c, 0, sizeof c);
     c.api_keys = "k1,k2";
+    srv_identity who;
     int failures = 0;
     for (int k = 0; k < 50; k++) {
         srv_auth *a = NULL;
@@ -691,15 +769,15 @@ START_TEST(auth_fails_closed)
             continue;
         }
         ck_assert_int_eq(srv_auth_count(a), 2);
-        ck_assert(srv_auth_check(a, "Bearer k2"));
-        ck_assert(!srv_auth_check(a, NULL));
-        ck_assert(!srv_auth_check(a, "Bearer k3"));
+        ck_assert(srv_auth_check(a, "Bearer k2", 0, &who));
+        ck_assert(!srv_auth_check(a, NULL, 0, &who));
+        ck_assert(!srv_auth_check(a, "Bearer k3", 0, &who));
         srv_auth_free(a);
         if (!failed) break; /* every allocation of the build was tried */
     }
     ck_assert_int_gt(failures, 0);
     /* a NULL table (never built) admits nobody */
-    ck_assert(!srv_auth_check(NULL, "Bearer k1"));
+    ck_assert(!srv_auth_check(NULL, "Bearer k1", 0, &who));
     /* api_keys that name no key do not turn authentication off */
     c.api_keys = " , ,";
     srv_auth *a = NULL;
@@ -707,7 +785,9 @@ START_TEST(auth_fails_closed)
     /* no key configured at all: open, as documented */
     c.api_keys = "";
     ck_assert_int_eq(srv_auth_load(&c, &a), 0);
-    ck_assert(srv_auth_check(a, NULL));
+    ck_assert(srv_auth_check(a, NULL, 0, &who));
+    ck_assert_str_eq(who.user, "local");
+    ck_assert(!who.admin); /* not on loopback */
     srv_auth_free(a);
 }
 END_TEST
@@ -735,6 +815,35 @@ START_TEST(tokenize_shapes)
     ck_assert_int_eq(json_integer_value(json_object_get(o, "count")), (int)strlen("user: hi\n"));
     json_decref(o);
     free(out);
+    /* the chat template's fields reach the codec as on the chat route */
+    b = "{\"messages\":[{\"role\":\"assistant\",\"content\":\"Once\"}],\"continue_final_message\":true,"
+        "\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\"}}],"
+        "\"chat_template_kwargs\":{\"enable_thinking\":false}}";
+    out = srv_tokenize(b, strlen(b), &md, &e);
+    ck_assert_msg(out != NULL, "%s", e.message);
+    free(out);
+    ck_assert(json_is_array(json_object_get(fake_last_req, "tools")));
+    ck_assert(json_is_false(json_object_get(json_object_get(fake_last_req, "chat_template_kwargs"), "enable_thinking")));
+    ck_assert(json_is_true(json_object_get(fake_last_req, "continue_final_message")));
+    ck_assert(json_is_false(json_object_get(fake_last_req, "add_generation_prompt")));
+    /* a role with a NUL in it is no role */
+    b = "{\"messages\":[{\"role\":\"user\\u0000x\",\"content\":\"x\"}]}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.param, "messages[0]");
+    /* the template's errors are the chat route's */
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"RAISE\"}]}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_int_eq(e.status, 400);
+    ck_assert_str_eq(e.code, "chat_template_error");
+    ck_assert_str_eq(e.param, "messages");
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"NOTEMPLATE\"}]}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.code, "chat_template_unavailable");
+    b = "{\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],\"chat_template\":\"{{ 1 }}\"}";
+    ck_assert_ptr_null(srv_tokenize(b, strlen(b), &md, &e));
+    ck_assert_str_eq(e.param, "chat_template");
+    json_decref(fake_last_req);
+    fake_last_req = NULL;
     b = "{\"tokens\":[75,108,108]}"; /* "Hii" */
     out = srv_detokenize(b, strlen(b), &md, &e);
     ck_assert_str_eq(out, "{\"prompt\":\"Hii\"}");

