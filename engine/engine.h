@@ -76,6 +76,11 @@ int eng_model_load(const char *dir, eng_model **out, char *err, size_t errlen);
 void eng_model_free(eng_model *m);
 /* Borrowed; valid until eng_model_free. */
 const eng_model_info *eng_model_get_info(const eng_model *m);
+/* out (d_model) = the mean of the token embeddings of tokens[0..n) — the
+ * L3 retrieval key of a prompt (FASTMKA.md "L3"), the same quantity as
+ * eng_chunk.emb.  Thread-safe (reads the weights only).  ENG_EINVAL for an
+ * id out of range or n <= 0. */
+int eng_model_embed_mean(const eng_model *m, const int32_t *tokens, int n, float *out);
 
 /* ---- engine ----------------------------------------------------------- */
 

@@ -815,6 +815,21 @@ void eng_model_free(eng_model *m)
     free(m);
 }
 
+int eng_model_embed_mean(const eng_model *m, const int32_t *tokens, int n, float *out)
+{
+    const int D = m->info.d_model, V = m->info.vocab_size;
+    if (n <= 0) return ENG_EINVAL;
+    for (int d = 0; d < D; d++) out[d] = 0.0f;
+    for (int t = 0; t < n; t++) {
+        if (tokens[t] < 0 || tokens[t] >= V) return ENG_EINVAL;
+        size_t row = (size_t)tokens[t] * (size_t)D;
+        const eng_linear *e = &m->embed;
+        for (int d = 0; d < D; d++) out[d] += e->w ? e->w[row + d] : eng__bf16_to_f32(e->w16[row + d]);
+    }
+    for (int d = 0; d < D; d++) out[d] /= (float)n;
+    return ENG_OK;
+}
+
 const eng_model_info *eng_model_get_info(const eng_model *m)
 {
     return m ? &m->info : NULL;

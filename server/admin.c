@@ -162,7 +162,11 @@ static int session_detail(const srv_admin_req *q, ms_store *ms, const char *id, 
                                               : json_null());
         if (s) {
             json_t *bank = json_array();
-            for (int i = 0; bank && i < s->n_bank; i++) json_array_append_new(bank, json_integer((json_int_t)s->bank[i]));
+            for (int i = 0; bank && i < s->n_bank; i++) { /* chunk ids as hex: they use all 64 bits */
+                char hex[17];
+                snprintf(hex, sizeof hex, "%016" PRIx64, s->bank[i]);
+                json_array_append_new(bank, json_string(hex));
+            }
             json_object_set_new(root, "l3_bank", bank);
         }
     }

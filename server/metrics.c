@@ -266,6 +266,8 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
         srv_buf_printf(o, "mkad_session_blocks_loaded_total{tier=\"host\"} %ld\n"
                           "mkad_session_blocks_loaded_total{tier=\"disk\"} %ld\n",
                        st->loaded_blocks_warm, st->loaded_blocks_disk);
+        counter(o, "mkad_longterm_chunks_written_total", "L3 memory chunks stored as users' long-term memory.",
+                (unsigned long)st->chunks_written);
         gauge(o, "mkad_session_write_queue", "Session store tasks queued (write-behind and lookups).",
               st->queue_depth);
         srv_buf_puts(o, "# HELP mkad_session_deleted_total Stored sessions deleted, by reason.\n"

@@ -133,6 +133,8 @@ typedef struct session {
     int busy;             /* a running job uses it */
     uint64_t last_used;
     int persisted;        /* full blocks already in the session store */
+    uint64_t bank[SRV_MAX_BANK]; /* its L3 bank (long-term chunk ids), fixed for its lifetime */
+    int n_bank;
 } session;
 
 typedef struct eseq {
@@ -391,7 +393,7 @@ static int persist(srv_engine *se, session *s, const srv_event *final)
     }
     if (final) flush_events(se); /* the job's tokens go out before its deferred FINAL */
     if (srv_store_write(se->store, s->user, s->id, eng_seq_tokens(se->eng, s->seq), eng_seq_len(se->eng, s->seq),
-                        n_full, first, buf, final) != 0)
+                        n_full, first, buf, s->bank, s->n_bank, final) != 0)
         return -1;
     s->persisted = n_full;
     return final ? 0 : -1;
@@ -535,19 +537,27 @@ static int import_loaded(srv_engine *se, srv_job *job, int seq)
 {
     srv_loaded *ld = job->loaded;
     const char *sid = job->req->session_id;
+    char err[256] = "";
+    if (ld->n_bank > 0) { /* the session's L3 bank, bound before any K/V is made or imported */
+        int rc = eng_seq_set_l3_bank(se->eng, seq, ld->n_bank, ld->bank_mu);
+        if (rc != ENG_OK) {
+            srv_log("warn", "l3_bank_refused", " session=%s chunks=%d status=%s", sid, ld->n_bank, eng_strerror(rc));
+            ld->n_bank = 0;
+            ld->n_blocks = 0; /* stored K/V were made under that bank */
+        }
+    }
     if (!ld->found) {
-        srv_log("debug", "session_new", " session=%s", sid);
+        srv_log("info", "session_new", " session=%s user=%s l3_bank=%d", sid, job->req->user, ld->n_bank);
         return 0;
     }
-    char err[256] = "";
     int rc = ld->n_blocks > 0 ? eng_seq_blocks_import(se->eng, seq, job->req->prompt, ld->n_blocks, ld->buf,
                                                       (size_t)ld->n_blocks * se->bf.block_bytes, err, sizeof err)
                               : ENG_OK;
     if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_import", rc, err);
     int n = rc == ENG_OK ? ld->n_blocks : 0;
     char q[300];
-    srv_log("info", "session_resumed", " session=%s tokens=%d blocks_warm=%d blocks_disk=%d load_ms=%.2f "
-            "prefill_tokens=%d%s%s", sid, n * se->info.block_size, ld->blocks_warm, ld->blocks_disk,
+    srv_log("info", "session_resumed", " session=%s tokens=%d l3_bank=%d blocks_warm=%d blocks_disk=%d load_ms=%.2f "
+            "prefill_tokens=%d%s%s", sid, n * se->info.block_size, ld->n_bank, ld->blocks_warm, ld->blocks_disk,
             ld->load_s * 1000.0, job->req->n_prompt - n * se->info.block_size, rc == ENG_OK ? "" : " error=",
             rc == ENG_OK ? "" : srv_log_quote(err, q, sizeof q));
     return n;
@@ -629,6 +639,21 @@ int srv_engine_session_op(srv_engine *se, srv_sess_op *op)
     }
     pthread_mutex_unlock(&se->mu);
     return op->found;
+}
+
+/* The step's completed L3 memory chunks of session sequences become their
+ * users' long-term memory (written behind by the store). */
+static void keep_chunks(srv_engine *se)
+{
+    const eng_chunk *ch;
+    int n = se->store ? eng_step_chunks(se->eng, &ch) : 0;
+    for (int i = 0; i < n; i++)
+        for (int r = 0; r < se->n_run; r++) {
+            const eseq *es = &se->run[r];
+            if (es->seq != ch[i].seq) continue;
+            if (es->sess) srv_store_chunk(se->store, es->sess->user, es->sess->id, ch[i].index, ch[i].emb, ch[i].mu);
+            break;
+        }
 }
 
 /* Waiting jobs whose session lookup is still running. */
@@ -728,6 +753,8 @@ static void admit(srv_engine *se)
                     ns->busy = 1;
                     ns->last_used = ++se->clock;
                     ns->persisted = imported;
+                    ns->n_bank = job->loaded ? job->loaded->n_bank : 0;
+                    if (ns->n_bank > 0) memcpy(ns->bank, job->loaded->bank_ids, (size_t)ns->n_bank * sizeof *ns->bank);
                     es.sess = ns;
                 }
             }
@@ -923,6 +950,7 @@ static void run_step(srv_engine *se)
         return;
     }
     srv_metrics_step(se->met, n, n_tok, dt);
+    keep_chunks(se);
     /* Sample; collect finished indices, then remove from the highest down. */
     int done[n];
     int done_fin[n];
@@ -1054,6 +1082,7 @@ static int open_store(srv_engine *se, char *err, size_t errlen)
                             .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
                             .met = se->met, .post = se->post, .post_arg = se->post_arg,
                             .ttl_s = se->cfg->session_ttl_s,
+                            .model = eng_get_params(se->eng)->l3_capture ? se->model : NULL,
                             .disk_budget = (uint64_t)se->cfg->session_disk_mb << 20 };
     double t0 = srv_now();
     if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;
@@ -1084,6 +1113,9 @@ static int load(srv_engine *se)
     p.max_ctx = se->cfg->max_ctx;
     p.max_batch_tokens = se->cfg->max_batch_tokens;
     p.kv_mem_mb = se->cfg->kv_mem_mb;
+    /* long-term memory: sessions' chunks are kept when they are stored, for
+     * models whose router reads L3 */
+    p.l3_capture = se->cfg->state_dir && *se->cfg->state_dir && eng_model_get_info(se->model)->mka_levels >= 3;
     if ((rc = eng_create(se->model, &p, &se->eng, err, sizeof err)) != ENG_OK) goto fail;
     eng_get_block_format(se->eng, &se->bf);
     if (se->cfg->state_dir && *se->cfg->state_dir && open_store(se, err, sizeof err) != 0) {

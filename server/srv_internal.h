@@ -323,6 +323,7 @@ struct srv_conn;
 
 typedef struct srv_store srv_store;
 struct srv_event;
+#define SRV_MAX_BANK 64 /* chunks in one session's L3 bank at most */
 
 /* What a lookup found: the blocks of the longest block-aligned prefix the
  * stored session shares with the prompt, ready for eng_seq_blocks_import. */
@@ -333,6 +334,9 @@ typedef struct srv_loaded {
     void *buf;        /* (n_blocks, block_bytes) */
     int blocks_warm, blocks_disk; /* where they came from */
     double load_s;
+    float *bank_mu;   /* (n_bank, n_layers, d_model): the L3 bank to bind before importing */
+    uint64_t bank_ids[SRV_MAX_BANK];
+    int n_bank;
     struct srv_loaded *next; /* free for the receiver's list */
 } srv_loaded;
 void srv_loaded_free(srv_loaded *r);
@@ -355,6 +359,7 @@ typedef struct srv_store_params {
     int ttl_s;               /* delete sessions idle this long (0: never) */
     uint64_t disk_budget;    /* stored session bytes beyond which the least recently used go (0: none) */
     double maint_interval_s; /* how often expiry and the budget are applied (0: 60 s) */
+    const eng_model *model;  /* L3: the prompt's retrieval key; NULL: no long-term memory */
 } srv_store_params;
 
 typedef struct srv_store_stats {
@@ -362,6 +367,7 @@ typedef struct srv_store_stats {
     long writes, write_failures, blocks_written;
     long lookups, loaded_blocks_warm, loaded_blocks_disk;
     long expired, evicted;   /* sessions deleted by the TTL / the disk budget */
+    long chunks_written;     /* long-term memory chunks stored */
 } srv_store_stats;
 
 int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen);
@@ -370,9 +376,16 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
  * event is posted (params.post) after the write: the caller must not post
  * it.  Returns -1 (nothing queued, buf freed) when memory runs out. */
 int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
-                    int n_full, int first, void *buf, const struct srv_event *final);
+                    int n_full, int first, void *buf, const uint64_t *bank, int n_bank,
+                    const struct srv_event *final);
+/* Queues a long-term memory chunk of a session (the engine's eng_chunk:
+ * emb (D), mu (n_layers, D), copied) as its user's memory. */
+int srv_store_chunk(srv_store *st, const char *user, const char *id, int index, const float *emb,
+                    const float *mu);
 /* Queues a lookup for a job's prompt; the answer comes through the callback
- * with the same job id. */
+ * with the same job id.  A stored session comes with the blocks of the common
+ * prefix and its L3 bank; a new one (with a model given) with a bank chosen
+ * from the user's long-term chunks of other sessions. */
 int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id,
                      const int32_t *prompt, int n_prompt);
 void srv_store_get_stats(srv_store *st, srv_store_stats *out);

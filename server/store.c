@@ -25,13 +25,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <time.h>
 
 #include "memstore.h"
 #include "srv_internal.h"
 
+#define XXH_INLINE_ALL
+#include <xxhash.h>
+
 typedef struct task {
-    int kind; /* TASK_WRITE, TASK_LOOKUP */
+    int kind; /* TASK_WRITE, TASK_LOOKUP, TASK_CHUNK */
     char user[MS_MAX_NAME + 1], id[SRV_SESSION_ID_MAX + 1];
     int32_t *tokens; /* owned: the session's (write) or the prompt (lookup) */
     int n_tokens;
@@ -41,10 +45,21 @@ typedef struct task {
     srv_loaded *res; /* lookup: the answer, allocated up front (job_id set) */
     srv_event final; /* write: the job's FINAL event, posted once the write is done */
     int has_final;
+    uint64_t bank[SRV_MAX_BANK]; /* write: the session's L3 bank (chunk ids) */
+    int n_bank;
+    int chunk_index; /* chunk: its index in the session; buf holds emb (D) then mu (L, D) */
     struct task *next;
 } task;
 
-enum { TASK_WRITE, TASK_LOOKUP };
+enum { TASK_WRITE, TASK_LOOKUP, TASK_CHUNK };
+
+/* A long-term chunk as stored (memstore's envelope around it carries the
+ * checksum): a header, the source session's id, e (D) and mu (L, D) f32. */
+typedef struct chunk_hdr {
+    uint32_t magic; /* CHUNK_MAGIC */
+    uint32_t n_layers, d_model, index, sid_len;
+} chunk_hdr;
+#define CHUNK_MAGIC 0x314b4333u /* "3CK1" */
 
 struct srv_store {
     ms_store *ms;
@@ -60,6 +75,8 @@ struct srv_store {
     uint64_t disk_budget;     /* bytes, 0: no budget */
     double maint_interval_s;
     int gc_pending;           /* worker only: a deletion left blocks to collect */
+    const eng_model *model;   /* for the prompt's retrieval key; NULL: no L3 */
+    int n_layers, d_model, top_r;
     pthread_t th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -68,7 +85,7 @@ struct srv_store {
     int stop;          /* guarded by mu */
     /* counters (atomic) */
     long writes, write_failures, blocks_written, lookups, loaded_blocks_warm, loaded_blocks_disk;
-    long expired, evicted;
+    long expired, evicted, chunks_written;
 };
 
 /* memstore reports "event=NAME k=v ...": logged as that event, a warning
@@ -107,13 +124,14 @@ static void do_write(srv_store *st, task *t)
         snprintf(err, sizeof err, "out of memory");
         rc = MS_ENOMEM;
     } else {
-        ms_block_hashes(st->ms, t->user, NULL, 0, t->tokens, nb * st->block_tokens, h);
+        ms_block_hashes(st->ms, t->user, t->bank, t->n_bank, t->tokens, nb * st->block_tokens, h);
         for (int i = 0; i < n_new; i++)
             blk[i] = (ms_block){ h + (size_t)(t->first + i) * MS_HASH_BYTES,
                                  (const char *)t->buf + (size_t)i * st->block_bytes, st->block_bytes };
         int64_t now = (int64_t)time(NULL) * 1000;
         ms_session s = { .user = t->user, .id = t->id, .tokens = t->tokens, .n_tokens = t->n_tokens,
-                         .n_blocks = nb, .hashes = h, .created_ms = now, .used_ms = now };
+                         .n_blocks = nb, .hashes = h, .bank = t->bank, .n_bank = t->n_bank,
+                         .created_ms = now, .used_ms = now };
         /* Keep the creation time of an existing record. */
         ms_session *old = NULL;
         if (ms_session_get(st->ms, t->user, t->id, &old, err, sizeof err) == MS_OK) s.created_ms = old->created_ms;
@@ -133,6 +151,116 @@ static void do_write(srv_store *st, task *t)
     }
 }
 
+/* The chunk id of (user, session, index): stable, so a rewrite replaces. */
+static uint64_t chunk_id(const char *user, const char *sid, int index)
+{
+    XXH3_state_t hs;
+    XXH3_64bits_reset(&hs);
+    XXH3_64bits_update(&hs, user, strlen(user) + 1);
+    XXH3_64bits_update(&hs, sid, strlen(sid) + 1);
+    XXH3_64bits_update(&hs, &index, sizeof index);
+    return XXH3_64bits_digest(&hs);
+}
+
+/* A stored chunk's parts, or 0 when it is not one of ours for this model. */
+static int chunk_parts(const srv_store *st, const void *data, size_t len, const char **sid, size_t *sid_len,
+                       const float **emb, const float **mu)
+{
+    chunk_hdr h;
+    if (len < sizeof h) return 0;
+    memcpy(&h, data, sizeof h);
+    size_t vec = (size_t)st->d_model * sizeof(float);
+    if (h.magic != CHUNK_MAGIC || (int)h.n_layers != st->n_layers || (int)h.d_model != st->d_model ||
+        h.sid_len > SRV_SESSION_ID_MAX || len != sizeof h + h.sid_len + vec * (1 + (size_t)st->n_layers))
+        return 0;
+    *sid = (const char *)data + sizeof h;
+    *sid_len = h.sid_len;
+    *emb = (const float *)(const void *)(*sid + h.sid_len); /* memstore values are malloc'd: aligned */
+    *mu = *emb + st->d_model;
+    return 1;
+}
+
+typedef struct pick {
+    const srv_store *st;
+    const char *sid;       /* the session being started: its own chunks are not memories of it */
+    const float *q;        /* the prompt's retrieval key */
+    double qn;
+    int r, n;              /* wanted, held */
+    uint64_t ids[SRV_MAX_BANK];
+    double score[SRV_MAX_BANK];
+} pick;
+
+/* Keeps the top r chunks by cosine similarity of e to the query. */
+static int pick_chunk(void *ctx, uint64_t id, const void *data, size_t len)
+{
+    pick *p = ctx;
+    const char *sid;
+    size_t sl;
+    const float *e, *mu;
+    if (!chunk_parts(p->st, data, len, &sid, &sl, &e, &mu)) return 0;
+    if (sl == strlen(p->sid) && memcmp(sid, p->sid, sl) == 0) return 0;
+    double dot = 0, en = 0;
+    for (int d = 0; d < p->st->d_model; d++) {
+        dot += (double)e[d] * p->q[d];
+        en += (double)e[d] * e[d];
+    }
+    double sc = en > 0 && p->qn > 0 ? dot / sqrt(en * p->qn) : -2.0;
+    if (p->n == p->r && sc <= p->score[p->n - 1]) return 0; /* no better than the worst kept */
+    int i = p->n < p->r ? p->n++ : p->r - 1;               /* the slot: a new one, or the worst's */
+    while (i > 0 && p->score[i - 1] < sc) {                /* keep them sorted, best first */
+        p->score[i] = p->score[i - 1];
+        p->ids[i] = p->ids[i - 1];
+        i--;
+    }
+    p->score[i] = sc;
+    p->ids[i] = id;
+    return 0;
+}
+
+/* Loads the chunks ids[0..n) as a bank (res->bank_mu, res->bank_ids);
+ * returns how many loaded (stops at the first missing one). */
+static int load_bank(srv_store *st, const char *user, const uint64_t *ids, int n, srv_loaded *res)
+{
+    size_t per = (size_t)st->n_layers * st->d_model;
+    res->bank_mu = n > 0 ? malloc((size_t)n * per * sizeof(float)) : NULL;
+    if (n > 0 && !res->bank_mu) return 0;
+    int k = 0;
+    for (; k < n; k++) {
+        void *data;
+        size_t len;
+        char err[256];
+        const char *sid;
+        size_t sl;
+        const float *e, *mu;
+        if (ms_chunk_get(st->ms, user, ids[k], &data, &len, err, sizeof err) != MS_OK) break;
+        int ok = chunk_parts(st, data, len, &sid, &sl, &e, &mu);
+        if (ok) memcpy(res->bank_mu + (size_t)k * per, mu, per * sizeof(float));
+        free(data);
+        if (!ok) break;
+        res->bank_ids[k] = ids[k];
+    }
+    res->n_bank = k;
+    return k;
+}
+
+/* A new session's L3 bank: the user's top R chunks of other sessions by
+ * similarity to the prompt's mean token embedding. */
+static void choose_bank(srv_store *st, task *t, srv_loaded *res)
+{
+    if (!st->model || st->top_r <= 0 || t->n_tokens <= 0) return;
+    pick p = { .st = st, .sid = t->id, .r = st->top_r < SRV_MAX_BANK ? st->top_r : SRV_MAX_BANK };
+    float *q = malloc((size_t)st->d_model * sizeof *q);
+    if (!q) return;
+    if (eng_model_embed_mean(st->model, t->tokens, t->n_tokens, q) == ENG_OK) {
+        p.q = q;
+        for (int d = 0; d < st->d_model; d++) p.qn += (double)q[d] * q[d];
+        char err[256];
+        if (ms_chunk_list(st->ms, t->user, pick_chunk, &p, err, sizeof err) == MS_OK && p.n > 0)
+            load_bank(st, t->user, p.ids, p.n, res);
+    }
+    free(q);
+}
+
 static void do_lookup(srv_store *st, task *t)
 {
     srv_loaded *res = t->res;
@@ -141,6 +269,17 @@ static void do_lookup(srv_store *st, task *t)
     double t0 = srv_now();
     ms_session *s = NULL;
     int rc = ms_session_get(st->ms, t->user, t->id, &s, err, sizeof err);
+    if (rc == MS_OK && s->n_bank > 0 && (s->n_bank > SRV_MAX_BANK || !st->model ||
+                                         load_bank(st, t->user, s->bank, s->n_bank, res) != s->n_bank)) {
+        /* its K/V were computed under a bank that is gone: recompute all */
+        srv_log("warn", "session_bank_unavailable", " session=%s bank=%d", t->id, s->n_bank);
+        free(res->bank_mu);
+        res->bank_mu = NULL;
+        res->n_bank = 0;
+        ms_session_free(s);
+        s = NULL;
+        rc = MS_ENOTFOUND;
+    }
     if (rc == MS_OK) {
         res->found = 1;
         int keep = srv_reuse_len(s->tokens, s->n_blocks * st->block_tokens, t->tokens, t->n_tokens,
@@ -170,11 +309,30 @@ static void do_lookup(srv_store *st, task *t)
         srv_log("warn", "session_lookup_failed", " session=%s status=%s error=%s", t->id, ms_strerror(rc),
                 srv_log_quote(err, q, sizeof q));
     }
+    if (!res->found) choose_bank(st, t, res); /* a new session: memories of the user's others */
     res->load_s = srv_now() - t0;
     __atomic_add_fetch(&st->lookups, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st->loaded_blocks_warm, res->blocks_warm, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st->loaded_blocks_disk, res->blocks_disk, __ATOMIC_RELAXED);
     st->loaded(st->loaded_ctx, res);
+}
+
+static void do_chunk(srv_store *st, task *t)
+{
+    char err[256];
+    size_t vec = (size_t)st->d_model * sizeof(float), sl = strlen(t->id);
+    size_t len = sizeof(chunk_hdr) + sl + vec * (1 + (size_t)st->n_layers);
+    char *v = malloc(len);
+    if (!v) return;
+    chunk_hdr h = { CHUNK_MAGIC, (uint32_t)st->n_layers, (uint32_t)st->d_model, (uint32_t)t->chunk_index,
+                    (uint32_t)sl };
+    memcpy(v, &h, sizeof h);
+    memcpy(v + sizeof h, t->id, sl);
+    memcpy(v + sizeof h + sl, t->buf, vec * (1 + (size_t)st->n_layers));
+    int rc = ms_chunk_put(st->ms, t->user, chunk_id(t->user, t->id, t->chunk_index), v, len, 0, err, sizeof err);
+    free(v);
+    if (rc == MS_OK) __atomic_add_fetch(&st->chunks_written, 1, __ATOMIC_RELAXED);
+    else srv_log("warn", "longterm_write_failed", " session=%s chunk=%d error=\"%s\"", t->id, t->chunk_index, err);
 }
 
 static void publish(srv_store *st)
@@ -300,8 +458,10 @@ static void *worker(void *arg)
             do_write(st, t);
             /* the turn is acknowledged only now (durable when sync) */
             if (t->has_final) st->post(&t->final, 1, st->post_arg);
-        } else {
+        } else if (t->kind == TASK_LOOKUP) {
             do_lookup(st, t);
+        } else {
+            do_chunk(st, t);
         }
         task_free(t);
         pthread_mutex_lock(&st->mu);
@@ -367,6 +527,13 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
     st->ttl_s = p->ttl_s;
     st->disk_budget = p->disk_budget;
     st->maint_interval_s = p->maint_interval_s > 0 ? p->maint_interval_s : 60.0;
+    st->model = p->model;
+    if (p->model) {
+        const eng_model_info *mi = eng_model_get_info(p->model);
+        st->n_layers = mi->n_layers;
+        st->d_model = mi->d_model;
+        st->top_r = mi->l3_top_r;
+    }
     pthread_mutex_init(&st->mu, NULL);
     pthread_cond_init(&st->cv, NULL);
     if (pthread_create(&st->th, NULL, worker, st) != 0) {
@@ -383,7 +550,7 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
 }
 
 int srv_store_write(srv_store *st, const char *user, const char *id, const int32_t *tokens, int n_tokens,
-                    int n_full, int first, void *buf, const srv_event *final)
+                    int n_full, int first, void *buf, const uint64_t *bank, int n_bank, const srv_event *final)
 {
     task *t = task_new(TASK_WRITE, user, id, tokens, n_tokens);
     if (!t) {
@@ -395,10 +562,29 @@ int srv_store_write(srv_store *st, const char *user, const char *id, const int32
     t->n_full = n_full;
     t->first = first;
     t->buf = buf;
+    t->n_bank = n_bank < SRV_MAX_BANK ? n_bank : SRV_MAX_BANK;
+    if (t->n_bank > 0) memcpy(t->bank, bank, (size_t)t->n_bank * sizeof *bank);
     if (final && st->post) {
         t->final = *final;
         t->has_final = 1;
     }
+    enqueue(st, t);
+    return 0;
+}
+
+int srv_store_chunk(srv_store *st, const char *user, const char *id, int index, const float *emb,
+                    const float *mu)
+{
+    task *t = task_new(TASK_CHUNK, user, id, NULL, 0);
+    size_t vec = (size_t)st->d_model;
+    if (t) t->buf = malloc(vec * (1 + (size_t)st->n_layers) * sizeof(float));
+    if (!t || !t->buf) {
+        task_free(t);
+        return -1;
+    }
+    memcpy(t->buf, emb, vec * sizeof(float));
+    memcpy((float *)t->buf + vec, mu, vec * (size_t)st->n_layers * sizeof(float));
+    t->chunk_index = index;
     enqueue(st, t);
     return 0;
 }
@@ -425,6 +611,7 @@ void srv_loaded_free(srv_loaded *r)
 {
     if (!r) return;
     free(r->buf);
+    free(r->bank_mu);
     free(r);
 }
 
@@ -443,6 +630,7 @@ void srv_store_get_stats(srv_store *st, srv_store_stats *out)
     out->loaded_blocks_disk = __atomic_load_n(&st->loaded_blocks_disk, __ATOMIC_RELAXED);
     out->expired = __atomic_load_n(&st->expired, __ATOMIC_RELAXED);
     out->evicted = __atomic_load_n(&st->evicted, __ATOMIC_RELAXED);
+    out->chunks_written = __atomic_load_n(&st->chunks_written, __ATOMIC_RELAXED);
 }
 
 void srv_store_close(srv_store *st)

@@ -1367,7 +1367,7 @@ def test_users_isolated_and_admin_routes():
         disk = json.loads(http("GET", d.base + "/admin/memory", headers=H("kr"))[2])["tiers"]["disk"]
         assert disk["sessions"] == 1 and disk["blocks"] == 3, (disk, mem)  # alice's 3 full blocks
         st, _, body = http("GET", d.base + "/admin/users/alice/longterm", headers=H("kr"))
-        assert st == 200 and json.loads(body)["chunks"] == 0
+        assert st == 200 and json.loads(body)["chunks"] == 1, body  # positions 0..63 of her session
         # alice resumes from the store (no longer resident); bob's is gone
         r = completion(ca, seed=3, max_tokens=4, prompt=pa2 + [6], extra_body=eb)
         assert r.usage.prompt_tokens_details.cached_tokens >= 96, r.usage
@@ -1377,6 +1377,49 @@ def test_users_isolated_and_admin_routes():
     # without keys every request is the local user and /admin answers loopback
     st, _, body = http("GET", D.base + "/admin/memory")
     assert st == 200 and "tiers" in json.loads(body), body
+
+
+def test_longterm_memory_follows_the_user():
+    """FastMKA's L3: the chunks of a user's sessions become that user's
+    long-term memory; a new session of the user binds the top R of them as
+    its L3 bank (another user's new session gets none), the bank is stored
+    with the session and bound again when it resumes after a restart (same
+    output as the resident run), and deleting the memory empties it."""
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root")
+    H = {"Authorization": "Bearer kr"}
+    pa, pq = list(range(5, 205)), list(range(7, 100))
+    try:
+        ca = d.client(key="ka")
+        completion(ca, seed=1, max_tokens=8, prompt=pa, extra_body=dict(IDS, session_id="A"))
+        wait_metric(lambda m: m.get("mkad_longterm_chunks_written_total", 0) >= 3 and
+                    m["mkad_session_write_queue"] == 0, d=d)
+        rb = completion(ca, seed=2, max_tokens=8, prompt=pq, extra_body=dict(IDS, session_id="B"))
+        completion(d.client(key="kb"), seed=2, max_tokens=8, prompt=pq, extra_body=dict(IDS, session_id="C"))
+        assert any("event=session_new session=B user=alice l3_bank=3" in l for l in d.lines), d.lines[-10:]
+        assert any("event=session_new session=C user=bob l3_bank=0" in l for l in d.lines), d.lines[-10:]
+        pq2 = pq + rb.choices[0].model_extra["token_ids"] + [9]
+        r_res = completion(ca, seed=3, max_tokens=8, prompt=pq2, extra_body=dict(IDS, session_id="B"))
+        det = json.loads(http("GET", d.base + "/admin/sessions/B?user=alice", headers=H)[2])
+        assert len(det["l3_bank"]) == 3, det
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0, d=d)
+    finally:
+        assert d.stop() == 0
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root", state=d.state)
+    try:
+        ca = d.client(key="ka")
+        r_st = completion(ca, seed=3, max_tokens=8, prompt=pq2, extra_body=dict(IDS, session_id="B"))
+        assert r_st.usage.prompt_tokens_details.cached_tokens > 0
+        assert any("event=session_resumed session=B" in l and "l3_bank=3" in l for l in d.lines), d.lines[-10:]
+        same(r_st.choices[0].model_extra["token_ids"], r_res.choices[0].model_extra["token_ids"])
+        st, _, body = http("GET", d.base + "/admin/users/alice/longterm", headers=H)
+        assert st == 200 and json.loads(body)["chunks"] >= 4, body  # A's 3 and B's first
+        assert json.loads(http("GET", d.base + "/admin/users/bob/longterm", headers=H)[2])["chunks"] == 1
+        st, _, body = http("DELETE", d.base + "/admin/users/alice/longterm", headers=H)
+        assert st == 200 and json.loads(body)["deleted_chunks"] >= 4, body
+        completion(ca, seed=2, max_tokens=4, prompt=pq, extra_body=dict(IDS, session_id="D"))
+        assert any("event=session_new session=D user=alice l3_bank=0" in l for l in d.lines), d.lines[-10:]
+    finally:
+        assert d.stop() == 0
 
 
 def test_sighup_reloads_keys():
