@@ -564,7 +564,7 @@ static char *session_encode(const ms_session *s, size_t *len)
                (size_t)s->n_bank * 8;
     char *p = malloc(n), *q = p;
     if (!p) return NULL;
-#define PUT(src, sz) (memcpy(q, (src), (sz)), q += (sz))
+#define PUT(src, sz) ((sz) ? (memcpy(q, (src), (sz)), q += (sz)) : q)
     PUT(h, sizeof h);
     PUT(&s->created_ms, 8);
     PUT(&s->used_ms, 8);
@@ -572,7 +572,7 @@ static char *session_encode(const ms_session *s, size_t *len)
     PUT(s->id, h[4]);
     PUT(s->tokens, (size_t)s->n_tokens * 4);
     PUT(s->hashes, (size_t)s->n_blocks * MS_HASH_BYTES);
-    if (s->n_bank) PUT(s->bank, (size_t)s->n_bank * 8);
+    PUT(s->bank, (size_t)s->n_bank * 8);
 #undef PUT
     *len = n;
     return p;
@@ -879,7 +879,7 @@ int ms_gc(ms_store *st, long *n_deleted, char *err, size_t errlen)
     if (rc == MS_OK && ls.oom) rc = errf(err, errlen, MS_ENOMEM, "memstore: out of memory");
     long del = 0;
     if (rc == MS_OK) {
-        qsort(ls.h, ls.n, MS_HASH_BYTES, cmp_hash);
+        if (ls.n) qsort(ls.h, ls.n, MS_HASH_BYTES, cmp_hash);
         scan sc;
         rocksdb_writebatch_t *wb = rocksdb_writebatch_create();
         if (!wb || scan_open(st, CF_BLOCKS, NULL, 0, NULL, 0, &sc) != MS_OK) {

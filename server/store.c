@@ -400,7 +400,7 @@ static void maintain(srv_store *st)
     int64_t now = (int64_t)time(NULL) * 1000;
     long expired = 0, evicted = 0;
     uint64_t total = 0;
-    qsort(l.v, l.n, sizeof *l.v, by_use);
+    if (l.n) qsort(l.v, l.n, sizeof *l.v, by_use);
     for (size_t i = 0; i < l.n; i++) total += l.v[i].bytes;
     for (size_t i = 0; i < l.n; i++) {
         sess_ref *r = &l.v[i];
