@@ -564,7 +564,7 @@ static char *session_encode(const ms_session *s, size_t *len)
                (size_t)s->n_bank * 8;
     char *p = malloc(n), *q = p;
     if (!p) return NULL;
-#define PUT(src, sz) ((sz) ? (memcpy(q, (src), (sz)), q += (sz)) : q)
+#define PUT(src, sz) ((sz) != 0 ? (memcpy(q, (src), (sz)), q += (sz)) : q)
     PUT(h, sizeof h);
     PUT(&s->created_ms, 8);
     PUT(&s->used_ms, 8);
