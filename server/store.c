@@ -162,9 +162,11 @@ static uint64_t chunk_id(const char *user, const char *sid, int index)
     return XXH3_64bits_digest(&hs);
 }
 
-/* A stored chunk's parts, or 0 when it is not one of ours for this model. */
+/* A stored chunk's parts, or 0 when it is not one of ours for this model.
+ * emb and mu point at f32 vectors that may be unaligned (values come from
+ * RocksDB buffers): read them with memcpy. */
 static int chunk_parts(const srv_store *st, const void *data, size_t len, const char **sid, size_t *sid_len,
-                       const float **emb, const float **mu)
+                       const char **emb, const char **mu)
 {
     chunk_hdr h;
     if (len < sizeof h) return 0;
@@ -175,8 +177,8 @@ static int chunk_parts(const srv_store *st, const void *data, size_t len, const 
         return 0;
     *sid = (const char *)data + sizeof h;
     *sid_len = h.sid_len;
-    *emb = (const float *)(const void *)(*sid + h.sid_len); /* memstore values are malloc'd: aligned */
-    *mu = *emb + st->d_model;
+    *emb = *sid + h.sid_len;
+    *mu = *emb + vec;
     return 1;
 }
 
@@ -184,6 +186,7 @@ typedef struct pick {
     const srv_store *st;
     const char *sid;       /* the session being started: its own chunks are not memories of it */
     const float *q;        /* the prompt's retrieval key */
+    float *e;              /* (d_model) scratch: a chunk's key, aligned */
     double qn;
     int r, n;              /* wanted, held */
     uint64_t ids[SRV_MAX_BANK];
@@ -194,11 +197,12 @@ typedef struct pick {
 static int pick_chunk(void *ctx, uint64_t id, const void *data, size_t len)
 {
     pick *p = ctx;
-    const char *sid;
+    const char *sid, *eb, *mu;
     size_t sl;
-    const float *e, *mu;
-    if (!chunk_parts(p->st, data, len, &sid, &sl, &e, &mu)) return 0;
+    if (!chunk_parts(p->st, data, len, &sid, &sl, &eb, &mu)) return 0;
     if (sl == strlen(p->sid) && memcmp(sid, p->sid, sl) == 0) return 0;
+    const float *e = p->e;
+    memcpy(p->e, eb, (size_t)p->st->d_model * sizeof *p->e);
     double dot = 0, en = 0;
     for (int d = 0; d < p->st->d_model; d++) {
         dot += (double)e[d] * p->q[d];
@@ -229,9 +233,8 @@ static int load_bank(srv_store *st, const char *user, const uint64_t *ids, int n
         void *data;
         size_t len;
         char err[256];
-        const char *sid;
+        const char *sid, *e, *mu;
         size_t sl;
-        const float *e, *mu;
         if (ms_chunk_get(st->ms, user, ids[k], &data, &len, err, sizeof err) != MS_OK) break;
         int ok = chunk_parts(st, data, len, &sid, &sl, &e, &mu);
         if (ok) memcpy(res->bank_mu + (size_t)k * per, mu, per * sizeof(float));
@@ -250,7 +253,12 @@ static void choose_bank(srv_store *st, task *t, srv_loaded *res)
     if (!st->model || st->top_r <= 0 || t->n_tokens <= 0) return;
     pick p = { .st = st, .sid = t->id, .r = st->top_r < SRV_MAX_BANK ? st->top_r : SRV_MAX_BANK };
     float *q = malloc((size_t)st->d_model * sizeof *q);
-    if (!q) return;
+    p.e = malloc((size_t)st->d_model * sizeof *p.e);
+    if (!q || !p.e) {
+        free(q);
+        free(p.e);
+        return;
+    }
     if (eng_model_embed_mean(st->model, t->tokens, t->n_tokens, q) == ENG_OK) {
         p.q = q;
         for (int d = 0; d < st->d_model; d++) p.qn += (double)q[d] * q[d];
@@ -259,6 +267,7 @@ static void choose_bank(srv_store *st, task *t, srv_loaded *res)
             load_bank(st, t->user, p.ids, p.n, res);
     }
     free(q);
+    free(p.e);
 }
 
 static void do_lookup(srv_store *st, task *t)

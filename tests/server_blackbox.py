@@ -872,9 +872,14 @@ def test_sigkill_keeps_acknowledged_turns():
                 acked[sid] = (prompt, r.choices[0].model_extra["token_ids"])
 
         ths = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        n0 = sum(len(p) for p, _ in acked.values())
         for t in ths:
             t.start()
-        time.sleep(0.2 + rng.random() * 0.6)
+        # let some turns complete first (slow builds, e.g. under ASan), then a random moment
+        deadline = time.time() + 20
+        while sum(len(p) for p, _ in acked.values()) < n0 + 4 * 43 and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.random() * 0.6)
         d.proc.kill()
         stop.set()
         for t in ths:
