@@ -807,7 +807,15 @@ def test_session_survives_restart():
         p2 = p1 + r1.choices[0].model_extra["token_ids"] + [7, 8, 9]
         r2 = completion(c, seed=4, max_tokens=12, prompt=p2, extra_body=eb)
         assert r2.usage.prompt_tokens_details.cached_tokens == 100 + 12 - 1
-        wait_metric(lambda m: m["mkad_session_writes_total"] >= 2 and m["mkad_session_write_queue"] == 0, d=d)
+        # out of the engine, into the host-memory tier: the same turn again
+        # loads its blocks from there and gives the same tokens
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0, d=d)
+        assert http("DELETE", d.base + "/admin/sessions/bb-persist?user=local&tier=hbm")[0] == 200
+        r2b = completion(c, seed=4, max_tokens=12, prompt=p2, extra_body=eb)
+        assert r2b.usage.prompt_tokens_details.cached_tokens == (len(p2) - 1) // 32 * 32, r2b.usage
+        same(r2b.choices[0].model_extra["token_ids"], r2.choices[0].model_extra["token_ids"])
+        assert metrics(d)['mkad_session_blocks_loaded_total{tier="host"}'] == (len(p2) - 1) // 32
+        wait_metric(lambda m: m["mkad_session_writes_total"] >= 3 and m["mkad_session_write_queue"] == 0, d=d)
         # a second daemon on the same state directory is refused, the first one keeps serving
         second = subprocess.run([ARGS.mkad, "--model", ARGS.model, "--port", "0", "--state-dir", d.state],
                                 stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
