@@ -416,7 +416,17 @@ static enum MHD_Result handle_admin(srv_conn *c, const char *url, const char *me
         if (v) snprintf((char *)q + args[i].off, args[i].len, "%s", v);
     }
     const char *lim = MHD_lookup_connection_value(c->mc, MHD_GET_ARGUMENT_KIND, "limit");
-    q->limit = lim ? atoi(lim) : 0;
+    if (lim) {
+        char *end;
+        long v = strtol(lim, &end, 10);
+        if (!*lim || *end || v < 1 || v > 1000) {
+            free(q);
+            free(w);
+            return fail(c, 400, "invalid_request_error", "invalid_parameter",
+                        "'limit' must be an integer in [1, 1000]", 0, NULL);
+        }
+        q->limit = (int)v;
+    }
     q->eng = s->eng;
     w->admin = q;
     w->c = c;

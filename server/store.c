@@ -74,7 +74,6 @@ struct srv_store {
     int ttl_s;                /* 0: sessions never expire */
     uint64_t disk_budget;     /* bytes, 0: no budget */
     double maint_interval_s;
-    int gc_pending;           /* worker only: a deletion left blocks to collect */
     const eng_model *model;   /* for the prompt's retrieval key; NULL: no L3 */
     int n_layers, d_model, top_r;
     pthread_t th;
@@ -425,10 +424,8 @@ static void maintain(srv_store *st)
     }
     free(l.v);
     long gc = 0;
-    if (expired + evicted > 0 || st->gc_pending) {
-        if (ms_gc(st->ms, &gc, err, sizeof err) == MS_OK) st->gc_pending = 0;
-        else srv_log("warn", "session_gc_failed", " error=\"%s\"", err);
-    }
+    if (expired + evicted > 0 && ms_gc(st->ms, &gc, err, sizeof err) != MS_OK)
+        srv_log("warn", "session_gc_failed", " error=\"%s\"", err);
     __atomic_add_fetch(&st->expired, expired, __ATOMIC_RELAXED);
     __atomic_add_fetch(&st->evicted, evicted, __ATOMIC_RELAXED);
     if (expired + evicted + gc > 0)

@@ -1366,6 +1366,10 @@ def test_users_isolated_and_admin_routes():
         det = json.loads(body)
         assert st == 200 and det["tiers"]["hbm"]["busy"] is False and det["tiers"]["disk"]["blocks"] >= 3, det
         assert_error(*http("GET", d.base + "/admin/sessions/nope?user=bob", headers=H("kr"))[::2], 404)
+        for bad in ("0", "abc", "5000", ""):
+            st, _, body = http("GET", d.base + "/admin/sessions?limit=" + bad, headers=H("kr"))
+            assert_error(st, body, 400)
+            assert "limit" in json.loads(body)["error"]["message"], body
         # evict bob's session everywhere; alice's with the same id stays
         st, _, body = http("DELETE", d.base + "/admin/sessions/same-name?user=bob", headers=H("kr"))
         assert st == 200 and json.loads(body)["evicted"] == ["hbm", "host", "disk"], body
