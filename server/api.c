@@ -512,10 +512,18 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
     if (eng_sampler_params_validate(&r->sp, emsg, sizeof emsg) != ENG_OK) BAD(NULL, "%s", emsg);
 
     /* Unsupported features: refuse non-default values rather than ignore them. */
+    /* n choices share the prompt's K/V blocks (sched.c forks them); the
+     * scheduler refuses an n that can never fit the slots or the pool */
+    r->n = 1;
     if ((got = get_int(root, "n", 1, 128, &iv, err)) < 0) goto fail;
-    if (got && iv != 1) BAD("n", "'n' > 1 is not supported; send %lld requests with different seeds", iv);
+    if (got) r->n = (int)iv;
+    /* best_of = n returns every candidate, which is what n alone does;
+     * ranking more candidates than are returned is not implemented */
     if ((got = get_int(root, "best_of", 1, 128, &iv, err)) < 0) goto fail;
-    if (got && iv != 1) BAD("best_of", "'best_of' > 1 is not supported");
+    if (got && iv < r->n) BAD("best_of", "'best_of' (%lld) must be at least 'n' (%d)", iv, r->n);
+    if (got && iv > r->n)
+        BAD("best_of", "'best_of' greater than 'n' is not supported; ask for n=%lld choices and rank "
+            "them by their logprobs", iv);
     if (get_bool(root, "echo", &r->echo, err) < 0) goto fail;
     if (r->echo && chat) BAD("echo", "'echo' is only supported on /v1/completions");
     json_t *v = json_object_get(root, "suffix");
@@ -596,6 +604,9 @@ int srv_genreq_parse(const char *body, size_t len, int chat, const srv_model_des
                 SRV_SESSION_ID_MAX);
         strcpy(r->session_id, session_hdr);
     }
+    if (r->session_id[0] && r->n > 1)
+        BAD("n", "'n' > 1 cannot be used with a session: only one choice could continue the session; "
+            "send n=1 with the session, or n>1 without one");
 
     if (parse_stop(root, r, err) < 0) goto fail;
     if ((chat ? parse_messages(root, r, md, err) : parse_prompt(root, r, md, err)) < 0) goto fail;
@@ -991,34 +1002,40 @@ static char *dump_free(json_t *o)
     return s;
 }
 
-char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
-                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
-                           const srv_usage *u)
+char *srv_build_completion(const srv_genreq *r, const char *id, long created, const srv_choice_out *ch,
+                           int n_ch, const srv_logprob *plp, int n_plp, const srv_usage *u)
 {
-    json_t *choice;
-    if (r->chat) {
-        choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", 0, "message", "role",
-                           "assistant", "content", json_text(text, text_len), "logprobs",
-                           logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", finish);
-    } else {
-        json_t *t;
-        if (r->echo) { /* the prompt, then the completion */
-            srv_buf b = { 0 };
-            srv_buf_append(&b, r->echo_text, r->echo_len);
-            srv_buf_append(&b, text, text_len);
-            t = b.failed ? NULL : json_text(b.data, b.len);
-            srv_buf_free(&b);
+    json_t *choices = json_array();
+    for (int i = 0; choices && i < n_ch; i++) {
+        const srv_choice_out *c = &ch[i];
+        json_t *choice;
+        if (r->chat) {
+            choice = json_pack("{s:i, s:{s:s, s:o}, s:o, s:s}", "index", i, "message", "role",
+                               "assistant", "content", json_text(c->text, c->text_len), "logprobs",
+                               logprobs_json(r, NULL, 0, c->lp, c->n_lp, 0), "finish_reason", c->finish);
         } else {
-            t = json_text(text, text_len);
+            json_t *t;
+            if (r->echo) { /* the prompt, then the completion */
+                srv_buf b = { 0 };
+                srv_buf_append(&b, r->echo_text, r->echo_len);
+                srv_buf_append(&b, c->text, c->text_len);
+                t = b.failed ? NULL : json_text(b.data, b.len);
+                srv_buf_free(&b);
+            } else {
+                t = json_text(c->text, c->text_len);
+            }
+            choice = json_pack("{s:i, s:o, s:o, s:s}", "index", i, "text", t, "logprobs",
+                               logprobs_json(r, plp, n_plp, c->lp, c->n_lp, 0), "finish_reason", c->finish);
         }
-        choice = json_pack("{s:i, s:o, s:o, s:s}", "index", 0, "text", t, "logprobs",
-                           logprobs_json(r, plp, n_plp, lp, n_lp, 0), "finish_reason", finish);
+        if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(c->ids, c->n_ids));
+        if (!choice || json_array_append_new(choices, choice) != 0) {
+            json_decref(choices);
+            choices = NULL;
+        }
     }
-    if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
-    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:[o], s:o}", "id", id, "object",
+    json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:o, s:o}", "id", id, "object",
                           r->chat ? "chat.completion" : "text_completion", "created",
-                          (json_int_t)created, "model", r->model, "choices", choice, "usage",
+                          (json_int_t)created, "model", r->model, "choices", choices, "usage",
                           usage_json(u));
     return dump_free(o);
 }
@@ -1033,7 +1050,7 @@ static int sse_data(srv_buf *out, json_t *o)
     return rc;
 }
 
-int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
+int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created, int index,
                   const char *text, size_t text_len, const int32_t *ids, int n_ids,
                   const srv_logprob *lp, int n_lp, const char *finish, int first)
 {
@@ -1045,10 +1062,10 @@ int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long create
         /* a token's chunk always has "content" ("" while text is held
          * back); the final chunk only when held-back text ends there */
         if (text_len || !finish) json_object_set_new(delta, "content", json_text(text, text_len));
-        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "delta", delta, "logprobs",
+        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "delta", delta, "logprobs",
                            logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", fin);
     } else {
-        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", 0, "text", json_text(text, text_len),
+        choice = json_pack("{s:i, s:o, s:o, s:o}", "index", index, "text", json_text(text, text_len),
                            "logprobs", logprobs_json(r, NULL, 0, lp, n_lp, 0), "finish_reason", fin);
     }
     if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", ids_json(ids, n_ids));
@@ -1059,10 +1076,10 @@ int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long create
     return sse_data(out, o);
 }
 
-int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created, int index,
                  const srv_logprob *plp, int n_plp)
 {
-    json_t *choice = json_pack("{s:i, s:o, s:o, s:n}", "index", 0, "text",
+    json_t *choice = json_pack("{s:i, s:o, s:o, s:n}", "index", index, "text",
                                json_text(r->echo_text, r->echo_len), "logprobs",
                                logprobs_json(r, plp, n_plp, NULL, 0, 0), "finish_reason");
     if (choice && r->return_token_ids) json_object_set_new(choice, "token_ids", json_array());

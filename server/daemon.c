@@ -106,6 +106,9 @@ static void on_async(uv_async_t *h)
         case SRV_EV_TOKEN:
             srv_job_token(s, ev->job, ev);
             break;
+        case SRV_EV_CHOICE_END:
+            srv_job_choice_end(s, ev->job, ev);
+            break;
         case SRV_EV_FINAL:
             srv_job_final(s, ev->job, ev);
             break;

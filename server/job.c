@@ -32,11 +32,22 @@ srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r)
 {
     if (!r->has_seed) r->sp.seed = splitmix64(&s->rng);
     snprintf(r->user, sizeof r->user, "%s", c->who.user);
+    int n = r->n > 0 ? r->n : 1;
     srv_job *j = calloc(1, sizeof *j);
-    if (!j) {
+    srv_choice *ch = calloc((size_t)n, sizeof *ch);
+    atomic_int *stop = calloc((size_t)n, sizeof *stop);
+    if (!j || !ch || !stop) {
+        free(j);
+        free(ch);
+        free(stop);
         srv_genreq_free(r);
         return NULL;
     }
+    r->n = n;
+    for (int i = 0; i < n; i++) atomic_init(&stop[i], 0);
+    j->ch = ch;
+    j->n_open = n;
+    j->choice_stop = stop;
     j->id = ++s->next_id;
     j->req = r;
     j->t_arrival = c->t0;
@@ -58,11 +69,15 @@ srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r)
 void srv_job_unref(srv_job *j)
 {
     if (--j->refs > 0) return;
+    for (int i = 0; i < j->req->n; i++) {
+        srv_buf_free(&j->ch[i].text);
+        free(j->ch[i].ids);
+        free(j->ch[i].lps);
+    }
+    free(j->ch);
+    free(j->choice_stop);
     srv_genreq_free(j->req);
-    srv_buf_free(&j->text);
     srv_buf_free(&j->sse);
-    free(j->ids);
-    free(j->lps);
     free(j->plps);
     free(j->body);
     free(j);
@@ -95,10 +110,11 @@ static void cancel_error(srv_server *s, srv_job *j)
                       "the server is shutting down");
 }
 
-/* The job's text is complete: emit what is left and the end of the stream,
- * or build the full body; then wake the connection.  A stream whose events
- * cannot be appended (memory) ends with an error event, or, when even that
- * does not fit, is cut (sse_broken): never a stream with text missing. */
+/* The job's text is complete (every choice finished, or an error): emit
+ * the end of the stream, or build the full body; then wake the connection.
+ * A stream whose events cannot be appended (memory) ends with an error
+ * event, or, when even that does not fit, is cut (sse_broken): never a
+ * stream with text missing. */
 static void job_finish(srv_server *s, srv_job *j, int finish)
 {
     if (j->finished) return;
@@ -107,18 +123,14 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
     const srv_genreq *r = j->req;
     if (finish == SRV_FINISH_CANCELLED) cancel_error(s, j);
     int err = finish == SRV_FINISH_ERROR || finish == SRV_FINISH_CANCELLED;
+    if (!err) {
+        j->usage.completion_tokens = 0;
+        for (int i = 0; i < r->n; i++) j->usage.completion_tokens += j->ch[i].n_tokens;
+    }
     if (r->stream) {
         int rc = 0;
         if (!err) {
-            /* text held back so far (an unfinished character, a possible
-             * stop-string start) goes out with the finish_reason */
-            rc = srv_sse_chunk(&j->sse, r, j->cid, j->created, j->text.data + j->emitted,
-                               j->text.len - j->emitted, NULL, 0, NULL, 0, finish_name(finish),
-                               !j->first_chunk_sent);
-            j->emitted = j->text.len;
-            j->first_chunk_sent = 1;
-            if (rc == 0 && r->include_usage)
-                rc = srv_sse_usage(&j->sse, r, j->cid, j->created, &j->usage);
+            if (r->include_usage) rc = srv_sse_usage(&j->sse, r, j->cid, j->created, &j->usage);
             if (rc == 0) rc = srv_sse_done(&j->sse);
             if (rc != 0) {
                 j->finish = SRV_FINISH_ERROR;
@@ -127,9 +139,16 @@ static void job_finish(srv_server *s, srv_job *j, int finish)
         }
         if ((err || rc != 0) && srv_sse_error(&j->sse, &j->error) != 0) j->sse_broken = 1;
     } else if (!err) {
-        j->body = srv_build_completion(r, j->cid, j->created, j->text.data, j->text.len, j->ids,
-                                       j->n_ids, j->plps, j->n_plps, j->lps, j->n_lps,
-                                       finish_name(finish), &j->usage);
+        int n_ch = r->n > 0 ? r->n : 1;
+        srv_choice_out *out = calloc((size_t)n_ch, sizeof *out);
+        for (int i = 0; out && i < n_ch; i++) {
+            const srv_choice *c = &j->ch[i];
+            out[i] = (srv_choice_out){ c->text.data, c->text.len, c->ids, c->n_ids, c->lps, c->n_lps,
+                                       finish_name(c->finish) };
+        }
+        j->body = out ? srv_build_completion(r, j->cid, j->created, out, n_ch, j->plps, j->n_plps, &j->usage)
+                      : NULL;
+        free(out);
         if (!j->body) {
             srv_error_set(&j->error, 500, "server_error", NULL, NULL, "out of memory");
             j->finish = SRV_FINISH_ERROR;
@@ -147,13 +166,46 @@ static void job_oom(srv_server *s, srv_job *j)
     job_finish(s, j, SRV_FINISH_ERROR);
 }
 
-/* A stream with echo: the prompt's chunk first. */
+/* Choice i's text is complete (finish: stop or length; n_tokens: what it
+ * generated): a stream gets its last chunk with the finish_reason; the
+ * engine is told to stop it; the last one to finish ends the job. */
+static void choice_finish(srv_server *s, srv_job *j, int i, int finish, int n_tokens)
+{
+    srv_choice *c = &j->ch[i];
+    if (c->finished || j->finished) return;
+    c->finished = 1;
+    c->finish = finish;
+    c->n_tokens = n_tokens;
+    atomic_store(&j->choice_stop[i], 1);
+    if (j->req->stream) {
+        /* text held back so far (an unfinished character, a possible
+         * stop-string start) goes out with the finish_reason */
+        if (srv_sse_chunk(&j->sse, j->req, j->cid, j->created, i, c->text.data + c->emitted,
+                          c->text.len - c->emitted, NULL, 0, NULL, 0, finish_name(finish),
+                          !c->first_chunk_sent) != 0) {
+            job_oom(s, j);
+            return;
+        }
+        c->emitted = c->text.len;
+        c->first_chunk_sent = 1;
+    }
+    if (--j->n_open == 0) {
+        srv_job_cancel(s, j, SRV_CANCEL_STOP); /* the engine lets go of what is left */
+        job_finish(s, j, SRV_FINISH_STOP);
+    } else {
+        srv_engine_wake(s->eng); /* it stops the choice at its next step */
+        if (j->req->stream && j->conn) srv_conn_resume(j->conn);
+    }
+}
+
+/* A stream with echo: the prompt's chunk first, once per choice. */
 static void job_echo(srv_server *s, srv_job *j)
 {
-    if (srv_sse_echo(&j->sse, j->req, j->cid, j->created, j->plps, j->n_plps) != 0) {
-        job_oom(s, j);
-        return;
-    }
+    for (int i = 0; i < j->req->n; i++)
+        if (srv_sse_echo(&j->sse, j->req, j->cid, j->created, i, j->plps, j->n_plps) != 0) {
+            job_oom(s, j);
+            return;
+        }
     if (j->conn) srv_conn_resume(j->conn);
 }
 
@@ -179,66 +231,65 @@ void srv_job_prompt_logprobs(srv_server *s, srv_job *j, const srv_event *ev)
 void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
 {
     srv_logprob *evlp = ev->lp; /* ours to free */
-    if (j->finished) {
+    if (j->finished || ev->choice < 0 || ev->choice >= j->req->n || j->ch[ev->choice].finished) {
         free(evlp);
         return;
     }
+    srv_choice *c = &j->ch[ev->choice];
     double now = srv_now();
-    if (j->n_ids == 0) {
+    if (j->n_gen_seen++ == 0) {
         j->t_first = now;
         srv_metrics_ttft(s->met, now - j->t_arrival);
     } else {
         srv_metrics_itl(s->met, now - j->t_last);
     }
     j->t_last = now;
-    if (j->n_ids == j->cap_ids) {
-        int cap = j->cap_ids ? j->cap_ids * 2 : 32;
-        int32_t *ids = realloc(j->ids, (size_t)cap * sizeof *ids);
+    if (c->n_ids == c->cap_ids) {
+        int cap = c->cap_ids ? c->cap_ids * 2 : 32;
+        int32_t *ids = realloc(c->ids, (size_t)cap * sizeof *ids);
         if (!ids) goto oom;
-        j->ids = ids;
-        j->cap_ids = cap;
+        c->ids = ids;
+        c->cap_ids = cap;
     }
     srv_logprob *lp = NULL;
     if (evlp) {
-        if (j->n_lps == j->cap_lps) {
-            int cap = j->cap_lps ? j->cap_lps * 2 : 32;
-            srv_logprob *l = realloc(j->lps, (size_t)cap * sizeof *l);
+        if (c->n_lps == c->cap_lps) {
+            int cap = c->cap_lps ? c->cap_lps * 2 : 32;
+            srv_logprob *l = realloc(c->lps, (size_t)cap * sizeof *l);
             if (!l) goto oom;
-            j->lps = l;
-            j->cap_lps = cap;
+            c->lps = l;
+            c->cap_lps = cap;
         }
-        lp = &j->lps[j->n_lps++];
+        lp = &c->lps[c->n_lps++];
         *lp = *evlp;
         free(evlp);
         evlp = NULL;
     }
-    j->ids[j->n_ids++] = ev->token;
+    c->ids[c->n_ids++] = ev->token;
     char piece[SRV_PIECE_MAX];
     /* without a tokenizer ids are space-separated: none before the first,
      * unless the echoed prompt comes before it */
-    size_t n = srv_token_piece(j->req->codec, ev->token, j->n_ids == 1 && !j->req->echo, piece);
-    if (srv_buf_append(&j->text, piece, n) != 0) goto oom;
+    size_t n = srv_token_piece(j->req->codec, ev->token, c->n_ids == 1 && !j->req->echo, piece);
+    if (srv_buf_append(&c->text, piece, n) != 0) goto oom;
     int stopped = 0;
-    size_t end = srv_stop_scan(j->text.data, j->text.len, j->emitted, j->req->stop,
+    size_t end = srv_stop_scan(c->text.data, c->text.len, c->emitted, j->req->stop,
                                j->req->stop_len, j->req->n_stop, &stopped);
     /* One event per token, also when its text is empty or held back (an
      * unfinished character, a possible stop-string start): clients count
      * tokens and time them by events, as llama.cpp's server sends them. */
     if (j->req->stream) {
-        if (srv_sse_chunk(&j->sse, j->req, j->cid, j->created, j->text.data + j->emitted,
-                          end - j->emitted, &ev->token, 1, lp, lp ? 1 : 0, NULL,
-                          !j->first_chunk_sent) != 0)
+        if (srv_sse_chunk(&j->sse, j->req, j->cid, j->created, ev->choice, c->text.data + c->emitted,
+                          end - c->emitted, &ev->token, 1, lp, lp ? 1 : 0, NULL,
+                          !c->first_chunk_sent) != 0)
             goto oom;
-        j->first_chunk_sent = 1;
-        j->emitted = end;
+        c->first_chunk_sent = 1;
+        c->emitted = end;
     }
     if (stopped) {
-        j->text.len = end;
-        j->text.data[end] = '\0';
-        j->emitted = end;
-        j->usage.completion_tokens = j->n_ids;
-        srv_job_cancel(s, j, SRV_CANCEL_STOP);
-        job_finish(s, j, SRV_FINISH_STOP);
+        c->text.len = end;
+        c->text.data[end] = '\0';
+        c->emitted = end;
+        choice_finish(s, j, ev->choice, SRV_FINISH_STOP, c->n_ids);
         return;
     }
     if (j->req->stream && j->conn) srv_conn_resume(j->conn);
@@ -248,6 +299,12 @@ oom:
     job_oom(s, j);
 }
 
+void srv_job_choice_end(srv_server *s, srv_job *j, const srv_event *ev)
+{
+    if (j->finished || ev->choice < 0 || ev->choice >= j->req->n) return;
+    choice_finish(s, j, ev->choice, ev->finish, ev->n_gen);
+}
+
 void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev)
 {
     j->engine_done = 1;
@@ -255,13 +312,21 @@ void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev)
                        ev->usage.cached_tokens);
     if (!j->finished) {
         j->usage.prompt_tokens = ev->usage.prompt_tokens;
-        j->usage.completion_tokens = ev->usage.completion_tokens;
         j->usage.cached_tokens = ev->usage.cached_tokens;
-        if (ev->finish == SRV_FINISH_ERROR)
-            srv_error_set(&j->error, ev->status ? ev->status : 500,
-                          ev->status == 400 ? "invalid_request_error" : "server_error", NULL, ev->code,
-                          "%s", ev->msg[0] ? ev->msg : "generation failed");
-        job_finish(s, j, ev->finish);
+        if (ev->finish == SRV_FINISH_ERROR || ev->finish == SRV_FINISH_CANCELLED) {
+            if (ev->finish == SRV_FINISH_ERROR)
+                srv_error_set(&j->error, ev->status ? ev->status : 500,
+                              ev->status == 400 ? "invalid_request_error" : "server_error", NULL,
+                              ev->code, "%s", ev->msg[0] ? ev->msg : "generation failed");
+            job_finish(s, j, ev->finish);
+        } else {
+            /* the last choice ends here; choices that never started (a
+             * request for the prompt only) end the same way, empty */
+            if (ev->choice >= 0 && ev->choice < j->req->n)
+                choice_finish(s, j, ev->choice, ev->finish, ev->n_gen);
+            for (int i = 0; i < j->req->n && !j->finished; i++)
+                choice_finish(s, j, i, ev->finish, j->ch[i].n_ids);
+        }
     }
     if (j->prev) j->prev->next = j->next;
     else s->jobs = j->next;

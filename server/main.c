@@ -88,6 +88,13 @@ static const option_def options[] = {
       "requests that may wait beyond max_seqs; more get 429" },
     { "scheduler", "max_sessions", OPT_INT, O(max_sessions), "32", 0, 4096,
       "sessions kept resident between requests (LRU-evicted when slots or blocks run short)" },
+    { "scheduler", "prefix_sharing", OPT_BOOL, O(prefix_sharing), "true", 0, 1,
+      "a prompt starts from the K/V blocks of a resident sequence (running request, session, or "
+      "prefix-cache entry) of the same user and L3 bank that holds the same block-aligned prefix, "
+      "instead of prefilling it; never across users" },
+    { "scheduler", "prefix_cache", OPT_INT, O(prefix_cache), "16", 0, 4096,
+      "finished requests without a session kept resident (full blocks) for prefix sharing; "
+      "LRU-evicted first when slots or blocks run short; 0 = none" },
     { "scheduler", "default_max_tokens", OPT_INT, O(default_max_tokens), "16", 0, 1 << 20,
       "max_tokens of /v1/completions when the request has none (OpenAI: 16; 0 = until the context is full)" },
     { "auth", "api_keys", OPT_STR, O(api_keys), "", 0, 0,

@@ -32,6 +32,8 @@ struct srv_metrics {
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
     unsigned long preemptions;
+    unsigned long prefix_hits, prefix_tokens; /* hot-tier prefix sharing */
+    int pc_entries, pc_blocks;
     unsigned long read_timeouts;
     char backend[8], kv_dtype[8]; /* "" until the engine exists */
     size_t kv_bytes;
@@ -138,6 +140,22 @@ void srv_metrics_read_timeout(srv_metrics *m)
 {
     pthread_mutex_lock(&m->mu);
     m->read_timeouts++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_prefix_shared(srv_metrics *m, int tokens)
+{
+    pthread_mutex_lock(&m->mu);
+    m->prefix_hits++;
+    m->prefix_tokens += (unsigned long)tokens;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_prefix_cache(srv_metrics *m, int entries, int blocks)
+{
+    pthread_mutex_lock(&m->mu);
+    m->pc_entries = entries;
+    m->pc_blocks = blocks;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -250,6 +268,17 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
             "Running sequences preempted (K/V pool full) and later resumed by recomputation.",
             m->preemptions);
     gauge(o, "mkad_sessions_resident", "Sessions whose state is resident in the engine.", m->sessions);
+    counter(o, "mkad_prefix_shared_total",
+            "Requests that forked a prompt prefix from a resident sequence of the same user.",
+            m->prefix_hits);
+    counter(o, "mkad_prefix_shared_tokens_total",
+            "Prompt tokens forked from a resident sequence of the same user instead of prefilled "
+            "(also counted in mkad_cached_tokens_total).", m->prefix_tokens);
+    gauge(o, "mkad_prefix_cache_sequences",
+          "Finished plain requests kept resident for prefix sharing (prefix_cache).", m->pc_entries);
+    gauge(o, "mkad_prefix_cache_blocks",
+          "K/V blocks in the tables of prefix-cache sequences (a block shared by several counts once per table).",
+          m->pc_blocks);
     if (m->have_store) { /* only with a state directory */
         const srv_store_stats *st = &m->store;
         counter(o, "mkad_session_writes_total", "Session turns written to the session store.",

@@ -156,7 +156,20 @@ typedef struct eseq {
     uint64_t order;       /* admission order (older = smaller) */
     int last_step;
     session *sess;
+    int choice;           /* which of the request's n choices (0..n-1) */
+    int *forks;           /* (n_forks) choice 0 before its first token: empty slots reserved for
+                             choices 1..n-1, forked from it once the prompt is in (-1 while
+                             preempted); NULL afterwards */
+    int n_forks;
 } eseq;
+
+/* A finished plain request's sequence kept resident (its full blocks) so that
+ * a later prompt of the same user with the same prefix forks them. */
+typedef struct pcache {
+    char user[SRV_USER_MAX + 1];
+    int seq;
+    uint64_t last_used;
+} pcache;
 
 /* Frees what a sequence owns besides its engine slot. */
 static void eseq_release(eseq *es)
@@ -164,9 +177,12 @@ static void eseq_release(eseq *es)
     eng_sampler_free(es->smp);
     free(es->replay);
     free(es->plp);
+    free(es->forks);
     es->smp = NULL;
     es->replay = NULL;
     es->plp = NULL;
+    es->forks = NULL;
+    es->n_forks = 0;
 }
 
 struct srv_engine {
@@ -194,6 +210,9 @@ struct srv_engine {
     int n_pre, cap_pre;
     session *sess;        /* (max_sessions) */
     int n_sess;
+    pcache *pc;           /* (cfg->prefix_cache) finished plain requests kept for prefix sharing */
+    int n_pc;
+    float *fork_lg;       /* (vocab) a copy of the logits each forked choice samples from */
     float *logits;        /* (max_seqs, vocab) */
     float *scratch;       /* (vocab) raw logits for logprobs */
     eng_batch_item *items;
@@ -242,36 +261,73 @@ static void flush_events(srv_engine *se)
 
 /* A FINAL event must never be lost (the loop frees the job on it): when the
  * event vector cannot grow, flush what is there and retry. */
-static void post_final_code(srv_engine *se, srv_job *job, int finish, int status, const char *code,
-                            const char *msg, const srv_usage *u)
+static void post_end(srv_engine *se, int type, srv_job *job, int finish, int status, const char *code,
+                     const char *msg, const srv_usage *u, int choice, int n_gen)
 {
-    srv_event *e = ev_new(se, SRV_EV_FINAL, job);
+    srv_event tmp = { .type = type, .job = job };
+    srv_event *e = ev_new(se, type, job);
     if (!e) {
         flush_events(se);
-        e = ev_new(se, SRV_EV_FINAL, job);
-        if (!e) {
-            srv_event tmp = { .type = SRV_EV_FINAL, .job = job };
-            e = &tmp;
-            e->finish = finish;
-            e->status = status;
-            e->code = code;
-            if (u) e->usage = *u;
-            if (msg) snprintf(e->msg, sizeof e->msg, "%s", msg);
-            se->post(e, 1, se->post_arg);
-            return;
-        }
+        e = ev_new(se, type, job);
     }
+    if (!e) e = &tmp;
     e->finish = finish;
     e->status = status;
     e->code = code;
+    e->choice = choice;
+    e->n_gen = n_gen;
     if (u) e->usage = *u;
     if (msg) snprintf(e->msg, sizeof e->msg, "%s", msg);
+    if (e == &tmp) se->post(e, 1, se->post_arg);
+}
+
+static void post_final_code(srv_engine *se, srv_job *job, int finish, int status, const char *code,
+                            const char *msg, const srv_usage *u)
+{
+    post_end(se, SRV_EV_FINAL, job, finish, status, code, msg, u, 0, u ? u->completion_tokens : 0);
 }
 
 static void post_final(srv_engine *se, srv_job *job, int finish, int status, const char *msg,
                        const srv_usage *u)
 {
     post_final_code(se, job, finish, status, NULL, msg, u);
+}
+
+/* One of a job's sequences (a choice) ended; the engine no longer holds it.
+ * A job's last sequence posts its FINAL (usage: the sum over its choices);
+ * one that ends while others go on posts CHOICE_END.  An error in one
+ * choice is the job's: the others end with it at the next drop_cancelled,
+ * and the last one posts it. */
+static void eseq_end(srv_engine *se, const eseq *es, int finish, int status, const char *code, const char *msg)
+{
+    srv_job *job = es->job;
+    job->eng_live--;
+    job->eng_gen += es->n_gen;
+    if (finish == SRV_FINISH_ERROR && !job->eng_err_status) {
+        job->eng_err_status = status ? status : 500;
+        job->eng_err_code = code;
+        snprintf(job->eng_err_msg, sizeof job->eng_err_msg, "%s", msg ? msg : "");
+    }
+    if (job->eng_live > 0) {
+        if (!job->eng_err_status && finish != SRV_FINISH_CANCELLED)
+            post_end(se, SRV_EV_CHOICE_END, job, finish, 0, NULL, NULL, NULL, es->choice, es->n_gen);
+        return;
+    }
+    srv_usage u = { job->req->n_prompt, job->eng_gen, es->cached };
+    if (job->eng_err_status)
+        post_end(se, SRV_EV_FINAL, job, SRV_FINISH_ERROR, job->eng_err_status, job->eng_err_code,
+                 job->eng_err_msg, &u, es->choice, es->n_gen);
+    else
+        post_end(se, SRV_EV_FINAL, job, finish, status, code, msg, &u, es->choice, es->n_gen);
+}
+
+/* Lets go of the slots choice 0 holds for its forks (before it forked). */
+static void forks_release(srv_engine *se, eseq *es)
+{
+    for (int i = 0; i < es->n_forks; i++) {
+        if (es->forks[i] >= 0 && !se->dead) eng_seq_free(se->eng, es->forks[i]);
+        es->forks[i] = -1;
+    }
 }
 
 /* ---- device faults ---------------------------------------------------------------- */
@@ -311,18 +367,17 @@ static void fail_all_dead(srv_engine *se)
 {
     for (int r = 0; r < se->n_run; r++) {
         eseq *es = &se->run[r];
-        srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
         eseq_release(es);
-        post_final_code(se, es->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
+        eseq_end(se, es, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG);
     }
     se->n_run = 0;
     for (int k = 0; k < se->n_pre; k++) {
         eseq *p = &se->pre[k];
-        srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
         eseq_release(p);
-        post_final_code(se, p->job, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
+        eseq_end(se, p, SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG);
     }
     se->n_pre = 0;
+    se->n_pc = 0;
     for (int i = 0; i < se->n_wait; i++) {
         srv_usage u = { se->wait[i]->req->n_prompt, 0, 0 };
         post_final_code(se, se->wait[i], SRV_FINISH_ERROR, 503, "device_error", DEVICE_FAILED_MSG, &u);
@@ -350,9 +405,25 @@ static void session_drop(srv_engine *se, session *s)
     se->n_sess--;
 }
 
-/* Evicts the least recently used idle session other than `except`; 0 if none. */
+/* Drops prefix-cache entry i (its blocks stay with any sequence that forked them). */
+static void pcache_drop(srv_engine *se, int i)
+{
+    eng_seq_free(se->eng, se->pc[i].seq);
+    se->pc[i] = se->pc[--se->n_pc];
+}
+
+/* Evicts the least recently used prefix-cache entry, else the least recently
+ * used idle session other than `except`; 0 if none.  A block shared with a
+ * sequence that stays goes back to the pool only when that one lets go. */
 static int evict_lru(srv_engine *se, const session *except)
 {
+    if (se->n_pc > 0) {
+        int old = 0;
+        for (int i = 1; i < se->n_pc; i++)
+            if (se->pc[i].last_used < se->pc[old].last_used) old = i;
+        pcache_drop(se, old);
+        return 1;
+    }
     session *best = NULL;
     for (int i = 0; i < se->n_sess; i++) {
         session *s = &se->sess[i];
@@ -399,28 +470,56 @@ static int persist(srv_engine *se, session *s, const srv_event *final)
     return final ? 0 : -1;
 }
 
+/* A finished plain request's sequence: kept (its full blocks) as a
+ * prefix-cache entry of its user, or freed. */
+static void pcache_keep(srv_engine *se, const eseq *es)
+{
+    int B = se->info.block_size;
+    int n_full = eng_seq_len(se->eng, es->seq) / B;
+    if (!se->cfg->prefix_sharing || se->cfg->prefix_cache <= 0 || n_full == 0 ||
+        eng_seq_truncate(se->eng, es->seq, n_full * B) != ENG_OK) {
+        eng_seq_free(se->eng, es->seq);
+        return;
+    }
+    if (se->n_pc == se->cfg->prefix_cache) {
+        int old = 0;
+        for (int i = 1; i < se->n_pc; i++)
+            if (se->pc[i].last_used < se->pc[old].last_used) old = i;
+        pcache_drop(se, old);
+    }
+    pcache *p = &se->pc[se->n_pc++];
+    snprintf(p->user, sizeof p->user, "%s", es->job->req->user);
+    p->seq = es->seq;
+    p->last_used = ++se->clock;
+}
+
 static void finish_seq(srv_engine *se, int r, int finish, int status, const char *msg)
 {
     eseq *es = &se->run[r];
-    srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
     int posted = 0;
+    forks_release(se, es);
     if (es->sess && finish != SRV_FINISH_ERROR) {
+        /* sessions have one choice: this is the job's FINAL */
+        srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
         es->sess->busy = 0;
         es->sess->last_used = ++se->clock;
         /* session_sync: the response completes once the turn is durable */
         srv_event fin = { .type = SRV_EV_FINAL, .job = es->job, .finish = finish, .status = status,
-                          .usage = u };
+                          .usage = u, .choice = es->choice, .n_gen = es->n_gen };
         if (msg) snprintf(fin.msg, sizeof fin.msg, "%s", msg);
         posted = persist(se, es->sess, se->cfg->session_sync ? &fin : NULL) == 0;
+        if (posted) es->job->eng_live--;
     } else if (es->sess) {
         es->sess->busy = 0;
         session_drop(se, es->sess); /* frees the sequence */
         es = &se->run[r];
+    } else if (es->choice == 0 && (finish == SRV_FINISH_STOP || finish == SRV_FINISH_LENGTH)) {
+        pcache_keep(se, es);
     } else {
         eng_seq_free(se->eng, es->seq);
     }
     eseq_release(es);
-    if (!posted) post_final(se, es->job, finish, status, msg, &u);
+    if (!posted) eseq_end(se, es, finish, status, NULL, msg);
     se->run[r] = se->run[--se->n_run];
 }
 
@@ -475,6 +574,7 @@ static void preempt(srv_engine *se, int r)
         es.resuming = 1;
     }
     es.n_past = 0; /* a prefilling sequence simply starts its prefill again */
+    forks_release(se, &es); /* taken again when it is readmitted */
     if (es.sess) {
         session *s = es.sess;
         es.sess = NULL;
@@ -664,6 +764,73 @@ static int n_loading(const srv_engine *se)
     return n;
 }
 
+static int free_slots(const srv_engine *se)
+{
+    eng_stats st;
+    eng_get_stats(se->eng, &st);
+    return se->info.max_seqs - st.seqs_active;
+}
+
+/* Tokens of the prompt that sequence src can give by eng_seq_fork: the
+ * common prefix, at least one prompt token left to prefill (its logits),
+ * cut to whole blocks (a fork shares full blocks and starts from the EMA
+ * checkpoint at a block end). */
+static int share_len(const srv_engine *se, int src, const int32_t *prompt, int n_prompt)
+{
+    int len = eng_seq_len(se->eng, src);
+    const int32_t *t = eng_seq_tokens(se->eng, src);
+    int k = 0, max = len < n_prompt - 1 ? len : n_prompt - 1;
+    while (k < max && t[k] == prompt[k]) k++;
+    return k / se->info.block_size * se->info.block_size;
+}
+
+/* Hot-tier prefix sharing: the empty sequence seq (bound to the job's L3
+ * bank, if any) starts as the longest block-aligned prefix of the prompt
+ * that a resident sequence holds -- a running request, a resident session,
+ * or a prefix-cache entry -- by forking its blocks instead of prefilling
+ * them.  Only sequences of the same user with the same L3 bank qualify:
+ * K/V depend on the bank (FASTMKA.md), and sharing across users would let
+ * one user learn from the time to first token whether another sent a
+ * prompt (docs/architecture.md).  Exact: a fork continues bit for bit as
+ * the prefill would have on the CPU backend.  Returns the tokens shared. */
+static int share_prefix(srv_engine *se, const srv_job *job, int seq)
+{
+    const srv_genreq *rq = job->req;
+    if (!se->cfg->prefix_sharing || rq->n_prompt <= se->info.block_size) return 0;
+    const uint64_t *bank = job->loaded ? job->loaded->bank_ids : NULL;
+    int n_bank = job->loaded ? job->loaded->n_bank : 0;
+    int best = -1, best_k = 0, best_pc = -1;
+    for (int r = 0; r < se->n_run; r++) { /* running plain requests (no bank) */
+        const eseq *es = &se->run[r];
+        if (es->seq < 0 || es->sess || n_bank != 0 || strcmp(es->job->req->user, rq->user) != 0) continue;
+        int k = share_len(se, es->seq, rq->prompt, rq->n_prompt);
+        if (k > best_k) { best = es->seq; best_k = k; best_pc = -1; }
+    }
+    for (int i = 0; i < se->n_sess; i++) { /* sessions, busy or idle */
+        const session *ss = &se->sess[i];
+        if (ss->seq == seq || strcmp(ss->user, rq->user) != 0 || ss->n_bank != n_bank ||
+            (n_bank && memcmp(ss->bank, bank, (size_t)n_bank * sizeof *bank) != 0))
+            continue;
+        int k = share_len(se, ss->seq, rq->prompt, rq->n_prompt);
+        if (k > best_k) { best = ss->seq; best_k = k; best_pc = -1; }
+    }
+    for (int i = 0; i < se->n_pc && n_bank == 0; i++) { /* finished plain requests */
+        if (strcmp(se->pc[i].user, rq->user) != 0) continue;
+        int k = share_len(se, se->pc[i].seq, rq->prompt, rq->n_prompt);
+        if (k > best_k) { best = se->pc[i].seq; best_k = k; best_pc = i; }
+    }
+    if (best < 0) return 0;
+    int rc = eng_seq_fork(se->eng, best, seq, best_k);
+    if (rc != ENG_OK) {
+        if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_fork", rc, NULL);
+        srv_log("warn", "prefix_share_failed", " tokens=%d status=%s", best_k, eng_strerror(rc));
+        return 0;
+    }
+    if (best_pc >= 0) se->pc[best_pc].last_used = ++se->clock;
+    srv_metrics_prefix_shared(se->met, best_k);
+    return best_k;
+}
+
 /* Admits preempted sequences (oldest first), then waiting jobs FIFO, while
  * a slot and the blocks for the prompt are free, keeping one block of
  * headroom per running sequence so that admission does not immediately
@@ -677,11 +844,19 @@ static void admit(srv_engine *se)
         for (int k = 1; k < se->n_pre; k++)
             if (se->pre[k].order < se->pre[oldest].order) oldest = k;
         eseq *p = &se->pre[oldest];
-        int need = blocks_for(se, p->n_src + 1) + se->n_run;
+        int need = blocks_for(se, p->n_src + 1) + se->n_run + p->n_forks;
         while (free_blocks(se) < need && evict_lru(se, NULL)) {}
         if (free_blocks(se) < need && se->n_run > 0) return; /* preempted ones go first */
         int seq;
         if (take_slot(se, &seq) != ENG_OK) return;
+        /* choice 0 before its forks: their slots again */
+        int got = 0;
+        while (got < p->n_forks && take_slot(se, &p->forks[got]) == ENG_OK) got++;
+        if (got < p->n_forks) {
+            forks_release(se, p);
+            eng_seq_free(se->eng, seq);
+            return;
+        }
         p->seq = seq;
         p->n_past = 0;
         p->last_step = se->step_no;
@@ -707,19 +882,25 @@ static void admit(srv_engine *se)
             if (job->store_state == STORE_LOADING) { i++; continue; }
         }
         /* Without max_tokens a request runs until the context or the pool
-         * is full: it may grow to the whole pool (others are preempted). */
+         * is full: it may grow to the whole pool (others are preempted).
+         * n choices share the prompt's full blocks; each needs the rest. */
+        int n_ch = rq->n, B = se->info.block_size, F = rq->n_prompt / B;
         int max_gen = rq->max_tokens;
-        int pool_room = se->info.n_blocks * se->info.block_size - rq->n_prompt;
+        int pool_room = (se->info.n_blocks - F) / n_ch * B - (rq->n_prompt - F * B);
         if (rq->max_tokens_auto && max_gen > pool_room) max_gen = pool_room;
-        int need = blocks_for(se, rq->n_prompt + (max_gen > 1 ? max_gen : 1));
-        if (need > se->info.n_blocks) {
+        int need = F + n_ch * (blocks_for(se, rq->n_prompt + (max_gen > 1 ? max_gen : 1)) - F);
+        if (need > se->info.n_blocks || n_ch > max_seqs) {
             char msg[160];
-            if (rq->max_tokens_auto)
+            if (n_ch > max_seqs)
+                snprintf(msg, sizeof msg, "n = %d choices need %d sequence slots; this server has %d "
+                         "(max_seqs)", n_ch, n_ch, max_seqs);
+            else if (rq->max_tokens_auto)
                 snprintf(msg, sizeof msg, "the prompt needs more K/V memory than the pool holds "
-                         "(%d blocks of %d tokens)", se->info.n_blocks, se->info.block_size);
+                         "(%d blocks of %d tokens)%s", se->info.n_blocks, se->info.block_size,
+                         n_ch > 1 ? " for n choices; lower n" : "");
             else
                 snprintf(msg, sizeof msg, "the request needs %d K/V blocks but the pool has %d; "
-                         "lower max_tokens", need, se->info.n_blocks);
+                         "lower max_tokens%s", need, se->info.n_blocks, n_ch > 1 ? " or n" : "");
             fail_job(se, job, 400, msg);
             memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
             se->n_wait--;
@@ -729,10 +910,14 @@ static void admit(srv_engine *se)
         int held = s ? blocks_for(se, eng_seq_len(se->eng, s->seq)) : 0;
         int want = blocks_for(se, rq->n_prompt + 1) - held;
         if (want < 0) want = 0;
-        want += se->n_run;
+        want += se->n_run + (n_ch - 1); /* the forks' copies of a partial last block */
         while (free_blocks(se) < want && evict_lru(se, s))
             s = rq->session_id[0] ? session_find(se, rq->user, rq->session_id) : NULL;
         if (free_blocks(se) < want && se->n_run > 0) break;
+        if (n_ch > 1) { /* every choice's slot now: choice 0 forks the others into them */
+            while (free_slots(se) < n_ch && evict_lru(se, NULL)) {}
+            if (free_slots(se) < n_ch) break;
+        }
         eseq es = { .job = job, .seq = -1, .src = rq->prompt, .n_src = rq->n_prompt,
                     .max_gen = max_gen, .order = ++se->order, .last_step = se->step_no };
         if (s) {
@@ -743,6 +928,8 @@ static void admit(srv_engine *se)
             es.seq = seq;
             int imported = job->loaded ? import_loaded(se, job, seq) : 0;
             es.cached = es.n_past = imported * se->info.block_size;
+            if (imported == 0 && !rq->prompt_logprobs)
+                es.cached = es.n_past = share_prefix(se, job, seq);
             if (rq->session_id[0]) {
                 if (se->n_sess == se->cfg->max_sessions) evict_lru(se, NULL);
                 if (se->n_sess < se->cfg->max_sessions) {
@@ -765,14 +952,20 @@ static void admit(srv_engine *se)
             es.plp[0].token = rq->prompt[0];
             es.plp[0].n_top = -1; /* the first token has no distribution */
         }
-        if ((rq->prompt_logprobs && !es.plp) ||
+        if (n_ch > 1 && (es.forks = malloc((size_t)(n_ch - 1) * sizeof *es.forks))) {
+            for (es.n_forks = 0; es.n_forks < n_ch - 1; es.n_forks++)
+                if (eng_seq_create(se->eng, &es.forks[es.n_forks]) != ENG_OK) break; /* slots were counted */
+        }
+        if ((rq->prompt_logprobs && !es.plp) || es.n_forks != n_ch - 1 ||
             eng_sampler_create(se->info.mi.vocab_size, &rq->sp, &es.smp) != ENG_OK ||
             eng_sampler_set_logit_bias(es.smp, rq->bias_ids, rq->bias, rq->n_bias) != ENG_OK) {
+            forks_release(se, &es);
             eseq_release(&es);
             if (es.sess) { es.sess->busy = 0; session_drop(se, es.sess); }
             else eng_seq_free(se->eng, es.seq);
             fail_job(se, job, 500, "out of memory (sampler)");
         } else {
+            job->eng_live = 1;
             se->run[se->n_run++] = es;
             srv_event *e = ev_new(se, SRV_EV_START, job);
             if (e) e->usage = (srv_usage){ rq->n_prompt, 0, es.cached };
@@ -827,7 +1020,7 @@ static int post_prompt_logprobs(srv_engine *se, eseq *es)
 
 /* Posts a TOKEN event, with its logprobs (the top n_top alternatives) when
  * n_top >= 0.  -1 when memory runs out: nothing was posted. */
-static int post_token(srv_engine *se, srv_job *job, int32_t tok, int n_top)
+static int post_token(srv_engine *se, srv_job *job, int choice, int32_t tok, int n_top)
 {
     srv_logprob *lp = NULL;
     if (n_top >= 0) {
@@ -844,6 +1037,7 @@ static int post_token(srv_engine *se, srv_job *job, int32_t tok, int n_top)
         return -1;
     }
     e->token = tok;
+    e->choice = choice;
     e->lp = lp;
     return 0;
 }
@@ -854,6 +1048,9 @@ static void publish_state(srv_engine *se)
     eng_get_stats(se->eng, &st);
     srv_metrics_state(se->met, se->n_run, se->n_wait + se->n_pre, st.blocks_used, st.blocks_total,
                       se->n_sess);
+    int pc_blocks = 0;
+    for (int i = 0; i < se->n_pc; i++) pc_blocks += eng_seq_len(se->eng, se->pc[i].seq) / se->info.block_size;
+    srv_metrics_prefix_cache(se->met, se->n_pc, pc_blocks);
 
 }
 
@@ -862,7 +1059,13 @@ static int item_blocks(const srv_engine *se, int k)
 {
     const eseq *es = &se->run[se->plan[k].idx];
     int len = eng_seq_len(se->eng, es->seq);
-    return blocks_for(se, len + se->plan[k].n_tokens) - blocks_for(se, len);
+    int n = blocks_for(se, len + se->plan[k].n_tokens) - blocks_for(se, len);
+    /* the chunk that ends the prompt of choice 0: each fork copies the
+     * partial last block right after the step */
+    if (es->n_forks > 0 && es->n_past + se->plan[k].n_tokens == es->n_src &&
+        es->n_src % se->info.block_size != 0)
+        n += es->n_forks;
+    return n;
 }
 
 /* Plans the next step so that its new blocks fit the pool: idle sessions
@@ -910,6 +1113,88 @@ static int plan_fitting(srv_engine *se)
     }
 }
 
+/* done_fin of choice 0 when its forks could not be made */
+#define FIN_FORK_FAILED (-1)
+
+/* Samples the sequence's next token from lg (vocab_size, modified) and
+ * posts it; returns SRV_FINISH_NONE while it goes on, else how it ended. */
+static int sample_next(srv_engine *se, eseq *es, float *lg)
+{
+    const srv_genreq *rq = es->job->req;
+    int V = se->info.mi.vocab_size;
+    if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
+    int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
+                                     eng_seq_len(se->eng, es->seq));
+    es->n_gen++;
+    int is_stop = tok == se->info.mi.eos_token_id;
+    for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
+    if (is_stop && !rq->ignore_eos) return SRV_FINISH_STOP;
+    if (post_token(se, es->job, es->choice, tok, rq->logprobs ? rq->top_logprobs : -1) != 0)
+        return SRV_FINISH_ERROR; /* the client must not get text with a token missing */
+    es->next_tok = tok;
+    if (es->n_gen >= es->max_gen || eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
+        return SRV_FINISH_LENGTH;
+    return SRV_FINISH_NONE;
+}
+
+/* The seed of choice i: choice 0 has the request's own (so n = 1 and choice
+ * 0 of n > 1 agree), the others a well-mixed function of (seed, i), so that
+ * a seeded request gives the same n choices every time while no two
+ * choices share a random stream (engine/sample.c seeds xoshiro256** with
+ * splitmix64 of the seed: seeds seed+1, seed+2 ... would give overlapping
+ * states). */
+static uint64_t choice_seed(uint64_t seed, int i)
+{
+    if (i == 0) return seed;
+    uint64_t z = seed ^ ((uint64_t)i * 0xd1b54a32d192ed03ULL);
+    z = (z ^ (z >> 33)) * 0xff51afd7ed558ccdULL;
+    z = (z ^ (z >> 33)) * 0xc4ceb9fe1a85ec53ULL;
+    return z ^ (z >> 33);
+}
+
+/* Choice 0 (run[r]) has its whole prompt in the engine: forks choices
+ * 1..n-1 into the slots it reserved (eng_seq_fork: the prompt's full blocks
+ * are shared, a partial last block copied) and appends them to the run
+ * array, decoding from the same logits.  All or nothing: -1 (nothing
+ * forked, the slots released) when a sampler or a block cannot be had. */
+static int fork_choices(srv_engine *se, int r)
+{
+    eseq *es = &se->run[r];
+    const srv_genreq *rq = es->job->req;
+    int n = es->n_forks, len = eng_seq_len(se->eng, es->seq), made = 0, rc = ENG_OK;
+    eng_sampler *smp[n];
+    for (int i = 0; i < n; i++) {
+        eng_sampler_params sp = rq->sp;
+        sp.seed = choice_seed(rq->sp.seed, i + 1);
+        smp[i] = NULL;
+        if (eng_sampler_create(se->info.mi.vocab_size, &sp, &smp[i]) != ENG_OK ||
+            eng_sampler_set_logit_bias(smp[i], rq->bias_ids, rq->bias, rq->n_bias) != ENG_OK)
+            rc = ENG_ENOMEM;
+    }
+    for (; rc == ENG_OK && made < n; made++)
+        if ((rc = eng_seq_fork(se->eng, es->seq, es->forks[made], len)) != ENG_OK) break;
+    if (rc != ENG_OK) {
+        if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_fork", rc, NULL);
+        srv_log("error", "fork_failed", " choices=%d forked=%d tokens=%d status=%s", n + 1, made, len,
+                eng_strerror(rc));
+        for (int i = 0; i < n; i++) eng_sampler_free(smp[i]);
+        forks_release(se, es); /* forked ones included: freeing a slot frees its blocks */
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        eseq kid = { .job = es->job, .seq = es->forks[i], .src = es->src, .n_src = es->n_src,
+                     .n_past = es->n_src, .max_gen = es->max_gen, .cached = es->cached,
+                     .smp = smp[i], .order = ++se->order, .last_step = es->last_step,
+                     .choice = i + 1 };
+        se->run[se->n_run++] = kid;
+    }
+    es->job->eng_live += n;
+    free(es->forks);
+    es->forks = NULL;
+    es->n_forks = 0;
+    return 0;
+}
+
 static void run_step(srv_engine *se)
 {
     int V = se->info.mi.vocab_size;
@@ -951,11 +1236,11 @@ static void run_step(srv_engine *se)
     }
     srv_metrics_step(se->met, n, n_tok, dt);
     keep_chunks(se);
-    /* Sample; collect finished indices, then remove from the highest down. */
-    int done[n];
-    int done_fin[n];
+    /* Sample; collect finished indices, then remove from the highest down.
+     * Forked choices join the run array (at the end) during the loop. */
+    int done[se->info.max_seqs];
+    int done_fin[se->info.max_seqs];
     int n_done = 0;
-    int eos = se->info.mi.eos_token_id;
     for (int k = 0; k < n; k++) {
         int r = se->plan[k].idx;
         eseq *es = &se->run[r];
@@ -988,23 +1273,28 @@ static void run_step(srv_engine *se)
             done_fin[n_done++] = fin;
             continue;
         }
-        if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
-        int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
-                                         eng_seq_len(se->eng, es->seq));
-        es->n_gen++;
-        int is_stop = tok == eos;
-        for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
-        if (is_stop && !rq->ignore_eos) {
-            fin = SRV_FINISH_STOP;
-        } else if (post_token(se, es->job, tok, rq->logprobs ? rq->top_logprobs : -1) != 0) {
-            fin = SRV_FINISH_ERROR; /* the client must not get text with a token missing */
-        } else {
-            if (es->n_gen >= es->max_gen ||
-                eng_seq_len(se->eng, es->seq) >= se->info.max_ctx)
-                fin = SRV_FINISH_LENGTH;
-            es->next_tok = tok;
+        if (es->n_forks > 0) {
+            /* choice 0's prompt is in: the other choices start here, sharing
+             * its blocks, each sampling its first token from these logits */
+            int first = se->n_run;
+            if (fork_choices(se, r) != 0) {
+                done[n_done] = r;
+                done_fin[n_done++] = FIN_FORK_FAILED;
+                continue;
+            }
+            es = &se->run[r];
+            for (int q = first; q < se->n_run; q++) {
+                memcpy(se->fork_lg, lg, (size_t)V * sizeof *lg);
+                if ((fin = sample_next(se, &se->run[q], se->fork_lg)) != SRV_FINISH_NONE) {
+                    done[n_done] = q;
+                    done_fin[n_done++] = fin;
+                }
+            }
         }
-        if (fin) { done[n_done] = r; done_fin[n_done++] = fin; }
+        if ((fin = sample_next(se, es, lg)) != SRV_FINISH_NONE) {
+            done[n_done] = r;
+            done_fin[n_done++] = fin;
+        }
     }
     /* remove finished ones from the highest index down so indices stay valid */
     for (int a = 0; a < n_done; a++)
@@ -1017,8 +1307,36 @@ static void run_step(srv_engine *se)
         if (done_fin[a] == SRV_FINISH_ERROR)
             finish_seq(se, done[a], SRV_FINISH_ERROR, 500, "out of memory: a generated token could "
                        "not be delivered");
+        else if (done_fin[a] == FIN_FORK_FAILED)
+            finish_seq(se, done[a], SRV_FINISH_ERROR, 503, "the n choices could not be started "
+                       "(no free K/V block for their copies of the prompt's last block)");
         else
             finish_seq(se, done[a], done_fin[a], 0, NULL);
+}
+
+/* Why a running or preempted sequence must end now: 0 (it goes on), or
+ * *finish (and a metrics reason in *why, 0 for none) from its job's cancel
+ * flag, its choice's stop flag (the loop matched a stop string in it), or
+ * an error of another choice of the job. */
+static int must_end(const eseq *es, int *finish, int *why)
+{
+    const srv_job *job = es->job;
+    int c = atomic_load(&job->cancel);
+    *why = 0;
+    if (c != SRV_CANCEL_NONE) {
+        *finish = c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED;
+        *why = c == SRV_CANCEL_STOP ? 0 : c;
+        return 1;
+    }
+    if (job->eng_err_status) {
+        *finish = SRV_FINISH_ERROR;
+        return 1;
+    }
+    if (atomic_load(&((srv_job *)job)->choice_stop[es->choice])) {
+        *finish = SRV_FINISH_STOP;
+        return 1;
+    }
+    return 0;
 }
 
 static void drop_cancelled(srv_engine *se)
@@ -1033,21 +1351,20 @@ static void drop_cancelled(srv_engine *se)
         memmove(&se->wait[i], &se->wait[i + 1], (size_t)(se->n_wait - i - 1) * sizeof *se->wait);
         se->n_wait--;
     }
+    int finish, why;
     for (int r = se->n_run - 1; r >= 0; r--) {
-        int c = atomic_load(&se->run[r].job->cancel);
-        if (c == SRV_CANCEL_NONE) continue;
-        if (c != SRV_CANCEL_STOP) srv_metrics_cancelled(se->met, c);
-        finish_seq(se, r, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0, NULL);
+        if (!must_end(&se->run[r], &finish, &why)) continue;
+        /* a job's cancel reason is counted once, with its last sequence */
+        if (why && se->run[r].job->eng_live == 1) srv_metrics_cancelled(se->met, why);
+        const srv_job *job = se->run[r].job;
+        finish_seq(se, r, finish, job->eng_err_status, job->eng_err_msg);
     }
     for (int k = se->n_pre - 1; k >= 0; k--) {
         eseq *p = &se->pre[k];
-        int c = atomic_load(&p->job->cancel);
-        if (c == SRV_CANCEL_NONE) continue;
-        if (c != SRV_CANCEL_STOP) srv_metrics_cancelled(se->met, c);
-        srv_usage u = { p->job->req->n_prompt, p->n_gen, p->cached };
-        post_final(se, p->job, c == SRV_CANCEL_STOP ? SRV_FINISH_STOP : SRV_FINISH_CANCELLED, 0,
-                   NULL, &u);
+        if (!must_end(p, &finish, &why)) continue;
+        if (why && p->job->eng_live == 1) srv_metrics_cancelled(se->met, why);
         eseq_release(p);
+        eseq_end(se, p, finish, p->job->eng_err_status, p->job->eng_err_code, p->job->eng_err_msg);
         se->pre[k] = se->pre[--se->n_pre];
     }
 }
@@ -1142,11 +1459,14 @@ static int load(srv_engine *se)
     se->run = calloc((size_t)ep->max_seqs, sizeof *se->run);
     se->sess = calloc((size_t)(se->cfg->max_sessions > 0 ? se->cfg->max_sessions : 1), sizeof *se->sess);
     se->logits = malloc((size_t)ep->max_seqs * V * sizeof *se->logits);
+    se->fork_lg = malloc((size_t)V * sizeof *se->fork_lg);
+    se->pc = calloc((size_t)(se->cfg->prefix_cache > 0 ? se->cfg->prefix_cache : 1), sizeof *se->pc);
     se->scratch = malloc((size_t)V * sizeof *se->scratch);
     se->items = calloc((size_t)ep->max_seqs, sizeof *se->items);
     se->pseqs = calloc((size_t)ep->max_seqs, sizeof *se->pseqs);
     se->plan = calloc((size_t)ep->max_seqs, sizeof *se->plan);
-    if (!se->run || !se->sess || !se->logits || !se->scratch || !se->items || !se->pseqs || !se->plan) {
+    if (!se->run || !se->sess || !se->logits || !se->scratch || !se->items || !se->pseqs || !se->plan ||
+        !se->fork_lg || !se->pc) {
         snprintf(err, sizeof err, "out of memory for the scheduler tables");
         rc = ENG_ENOMEM;
         goto fail;
@@ -1350,6 +1670,8 @@ void srv_engine_stop(srv_engine *se)
     free(se->run);
     free(se->sess);
     free(se->logits);
+    free(se->fork_lg);
+    free(se->pc);
     free(se->scratch);
     free(se->items);
     free(se->pseqs);

@@ -41,6 +41,9 @@ typedef struct srv_config {
     /* scheduling */
     int max_queue;          /* admitted-but-waiting requests beyond max_seqs; then 429 */
     int max_sessions;       /* idle sessions kept resident */
+    int prefix_sharing;     /* 1: a prompt forks the blocks of a resident sequence of the same user
+                               with the same prefix instead of prefilling them */
+    int prefix_cache;       /* finished plain requests kept resident for prefix sharing */
     int default_max_tokens; /* /v1/completions without max_tokens (OpenAI: 16) */
     /* auth and state */
     char *api_keys;         /* comma-separated bearer keys; empty = no auth */

@@ -143,6 +143,7 @@ typedef struct srv_genreq {
     int max_tokens;            /* >= 1 (0 with echo: the prompt only); the room left in the
                                   context when max_tokens_auto */
     int max_tokens_auto;       /* not given: until the context or the K/V pool is full */
+    int n;                     /* choices (1..128): one prefill, n-1 forks of it (sched.c) */
     eng_sampler_params sp;
     int32_t *bias_ids;         /* logit_bias: n_bias distinct ids and their biases */
     float *bias;
@@ -248,21 +249,33 @@ size_t srv_token_piece(const srv_codec *c, int32_t tok, int first, char *buf);
 size_t srv_stop_scan(const char *text, size_t len, size_t emitted, char *const *stop,
                      const size_t *stop_len, int n_stop, int *stopped);
 
-/* Full (non-streaming) response bodies; new strings, caller frees.  With
- * echo the text starts with the prompt's, and plp (n_plp: one per prompt
- * token, or 0 without logprobs) come before the generated lp. */
-char *srv_build_completion(const srv_genreq *r, const char *id, long created, const char *text,
-                           size_t text_len, const int32_t *ids, int n_ids, const srv_logprob *plp,
-                           int n_plp, const srv_logprob *lp, int n_lp, const char *finish,
-                           const srv_usage *u);
+/* One choice of a full response (borrowed for the call). */
+typedef struct srv_choice_out {
+    const char *text;
+    size_t text_len;
+    const int32_t *ids;
+    int n_ids;
+    const srv_logprob *lp;
+    int n_lp;
+    const char *finish;
+} srv_choice_out;
+
+/* Full (non-streaming) response bodies; new strings, caller frees.  Choice
+ * i of ch (n_ch) gets "index": i.  With echo every choice's text starts
+ * with the prompt's, and plp (n_plp: one per prompt token, or 0 without
+ * logprobs) come before its generated lp. */
+char *srv_build_completion(const srv_genreq *r, const char *id, long created, const srv_choice_out *ch,
+                           int n_ch, const srv_logprob *plp, int n_plp, const srv_usage *u);
 
 /* SSE framing.  Each appends one complete event ("data: ...\n\n") to out;
- * 0, or -1 when memory runs out (out then holds no part of the event). */
-int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created,
+ * 0, or -1 when memory runs out (out then holds no part of the event).
+ * index: the choice the chunk belongs to (0..n-1), as OpenAI and vLLM
+ * stream n > 1 choices interleaved. */
+int srv_sse_chunk(srv_buf *out, const srv_genreq *r, const char *id, long created, int index,
                   const char *text, size_t text_len, const int32_t *ids, int n_ids,
                   const srv_logprob *lp, int n_lp, const char *finish, int first);
 /* echo: the chunk with the prompt's text (and its logprobs), first in the stream. */
-int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created,
+int srv_sse_echo(srv_buf *out, const srv_genreq *r, const char *id, long created, int index,
                  const srv_logprob *plp, int n_plp);
 int srv_sse_usage(srv_buf *out, const srv_genreq *r, const char *id, long created,
                   const srv_usage *u);
@@ -394,34 +407,50 @@ struct ms_store *srv_store_ms(srv_store *st);
 /* Finishes every queued task (writes are never dropped), then closes. */
 void srv_store_close(srv_store *st);
 
-typedef struct srv_job {
-    /* immutable once submitted (read by the engine thread) */
-    uint64_t id;
-    srv_genreq *req;
-    double t_arrival;
-    /* shared */
-    atomic_int cancel;          /* enum srv_cancel */
-    /* engine thread only */
-    int store_state;            /* STORE_*: the session lookup of a non-resident session */
-    srv_loaded *loaded;         /* its result, until admitted */
-    /* loop only */
-    int refs;                   /* 2 at submit: the engine's final event, the connection */
-    struct srv_conn *conn;      /* NULL once the connection is gone */
-    struct srv_job *prev, *next;/* in-flight list */
-    char cid[40];               /* "cmpl-..." / "chatcmpl-..." */
-    long created;
+/* One choice of a job on the loop thread (job.c). */
+typedef struct srv_choice {
     srv_buf text;               /* all generated text */
     size_t emitted;             /* text released to the client */
     int32_t *ids;               /* generated ids (capacity cap_ids) */
     int n_ids, cap_ids;
     srv_logprob *lps;           /* per generated token when logprobs */
     int n_lps, cap_lps;
+    int first_chunk_sent;
+    int finished;               /* its text is complete */
+    int finish;                 /* enum srv_finish, once finished */
+    int n_tokens;               /* completion tokens, once finished */
+} srv_choice;
+
+typedef struct srv_job {
+    /* immutable once submitted (read by the engine thread) */
+    uint64_t id;
+    srv_genreq *req;
+    double t_arrival;
+    /* shared */
+    atomic_int cancel;          /* enum srv_cancel: the whole job */
+    atomic_int *choice_stop;    /* (req->n) 1: that choice ended on the loop (a stop string) */
+    /* engine thread only */
+    int store_state;            /* STORE_*: the session lookup of a non-resident session */
+    srv_loaded *loaded;         /* its result, until admitted */
+    int eng_live;               /* its sequences in the engine (running or preempted) */
+    int eng_gen;                /* tokens generated by its choices that ended */
+    int eng_err_status;         /* != 0: one choice failed, the others end with this error */
+    const char *eng_err_code;
+    char eng_err_msg[160];
+    /* loop only */
+    int refs;                   /* 2 at submit: the engine's final event, the connection */
+    struct srv_conn *conn;      /* NULL once the connection is gone */
+    struct srv_job *prev, *next;/* in-flight list */
+    char cid[40];               /* "cmpl-..." / "chatcmpl-..." */
+    long created;
+    srv_choice *ch;             /* (req->n) */
+    int n_open;                 /* choices not finished */
+    int n_gen_seen;             /* TOKEN events so far, over all choices */
     srv_logprob *plps;          /* echo + logprobs: per prompt token (n_plps) */
     int n_plps;
     srv_buf sse;                /* SSE bytes not yet taken by MHD */
     size_t sse_off;
     int sse_broken;             /* an event could not be appended: cut the stream */
-    int first_chunk_sent;
     int finished;               /* the response is complete (text-wise) */
     int finish;                 /* enum srv_finish */
     srv_error error;            /* when finish == SRV_FINISH_ERROR */
@@ -439,14 +468,18 @@ enum srv_event_type {
     SRV_EV_START,      /* admitted: usage.cached_tokens known */
     SRV_EV_PROMPT_LOGPROBS, /* echo + logprobs: the prompt's, before the first TOKEN */
     SRV_EV_TOKEN,
-    SRV_EV_FINAL       /* engine is done with the job; last event for it */
+    SRV_EV_CHOICE_END, /* n > 1: one choice ended (finish, n_gen), others go on */
+    SRV_EV_FINAL       /* engine is done with the job; last event for it (and the end of
+                          its last choice: choice, n_gen) */
 };
 
 typedef struct srv_event {
     int type;
     srv_job *job;
     int32_t token;
-    int finish;            /* FINAL: enum srv_finish */
+    int choice;            /* TOKEN, CHOICE_END, FINAL: the choice (0..n-1) */
+    int n_gen;             /* CHOICE_END, FINAL: tokens that choice generated */
+    int finish;            /* CHOICE_END, FINAL: enum srv_finish */
     int status;            /* FINAL with SRV_FINISH_ERROR: HTTP status */
     const char *code;      /* FINAL with SRV_FINISH_ERROR: OpenAI error code (static) or NULL */
     srv_usage usage;       /* START / FINAL */
@@ -521,6 +554,10 @@ void srv_metrics_store(srv_metrics *m, const srv_store_stats *st);
 void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used, int blocks_total,
                        int sessions);
 void srv_metrics_preempted(srv_metrics *m);
+/* A request forked `tokens` prompt tokens from a resident sequence. */
+void srv_metrics_prefix_shared(srv_metrics *m, int tokens);
+/* The prefix cache now: entries and the blocks in their tables. */
+void srv_metrics_prefix_cache(srv_metrics *m, int entries, int blocks);
 void srv_metrics_read_timeout(srv_metrics *m);
 /* Once the engine exists: its backend ("cpu"/"cuda"), K/V dtype and pool size
  * (the strings are copied). */
@@ -681,6 +718,7 @@ void srv_job_cancel(srv_server *s, srv_job *j, int reason);
 void srv_job_started(srv_server *s, srv_job *j, const srv_event *ev);
 void srv_job_prompt_logprobs(srv_server *s, srv_job *j, const srv_event *ev);
 void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev);
+void srv_job_choice_end(srv_server *s, srv_job *j, const srv_event *ev);
 void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev);
 
 #endif /* MKAD_SRV_INTERNAL_H */

@@ -131,7 +131,7 @@ START_TEST(parse_echo)
     /* the completion text follows the prompt's; the prompt's first logprob is null */
     srv_logprob plp[2] = { { .token = 5, .n_top = -1 }, { .token = 6, .logprob = -2.0f } };
     srv_usage u = { 2, 0, 0 };
-    char *s = srv_build_completion(r, "c", 1, " 7", 2, NULL, 0, plp, 2, NULL, 0, "length", &u);
+    char *s = srv_build_completion(r, "c", 1, &(srv_choice_out){ " 7", 2, NULL, 0, NULL, 0, "length" }, 1, plp, 2, &u);
     json_t *o = load(s);
     json_t *c = json_array_get(json_object_get(o, "choices"), 0);
     ck_assert_str_eq(json_string_value(json_object_get(c, "text")), "5 7");
@@ -139,7 +139,7 @@ START_TEST(parse_echo)
     json_decref(o);
     free(s);
     r->logprobs = 1;
-    s = srv_build_completion(r, "c", 1, " 7", 2, NULL, 0, plp, 2, NULL, 0, "length", &u);
+    s = srv_build_completion(r, "c", 1, &(srv_choice_out){ " 7", 2, NULL, 0, NULL, 0, "length" }, 1, plp, 2, &u);
     o = load(s);
     json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
     ck_assert(json_is_null(json_array_get(json_object_get(l, "token_logprobs"), 0)));
@@ -246,7 +246,10 @@ START_TEST(parse_rejects)
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":99999999999999}", 0, 400, "max_tokens");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":\"5\"}", 0, 400, "max_tokens");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"max_tokens\":128}", 0, 400, "max_tokens");
-    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":2}", 0, 400, "n");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":129}", 0, 400, "n");
+    /* which choice would continue the session? */
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":2,\"session_id\":\"s\"}", 0, 400, "n");
+    parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":3,\"best_of\":2}", 0, 400, "best_of");
     parse_bad("{\"model\":\"tiny\",\"prompt\":[1],\"n\":0}", 0, 400, "n");
     parse_bad("{\"model\":\"tiny\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}],"
               "\"prompt_token_ids\":[1],\"echo\":true}", 1, 400, "echo");
@@ -403,12 +406,44 @@ static json_t *load(const char *s)
     return o;
 }
 
+/* n > 1: the request keeps n, the body has one choice per index with its
+ * own text and finish_reason, and SSE chunks carry their choice's index. */
+START_TEST(build_n_choices)
+{
+    srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1,2],\"n\":3,\"best_of\":3}", 0);
+    ck_assert_int_eq(r->n, 3);
+    srv_usage u = { 2, 5, 0 };
+    srv_choice_out ch[3] = { { "a", 1, NULL, 0, NULL, 0, "length" }, { "bb", 2, NULL, 0, NULL, 0, "stop" },
+                             { "", 0, NULL, 0, NULL, 0, "stop" } };
+    char *s = srv_build_completion(r, "cmpl-2", 1, ch, 3, NULL, 0, &u);
+    json_error_t je;
+    json_t *o = json_loads(s, 0, &je);
+    ck_assert_ptr_nonnull(o);
+    json_t *cs = json_object_get(o, "choices");
+    ck_assert_int_eq(json_array_size(cs), 3);
+    for (int i = 0; i < 3; i++) {
+        json_t *c = json_array_get(cs, i);
+        ck_assert_int_eq(json_integer_value(json_object_get(c, "index")), i);
+        ck_assert_str_eq(json_string_value(json_object_get(c, "text")), ch[i].text);
+        ck_assert_str_eq(json_string_value(json_object_get(c, "finish_reason")), ch[i].finish);
+    }
+    json_decref(o);
+    free(s);
+    srv_buf b = { 0 };
+    int32_t t = 5;
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c", 1, 2, "x", 1, &t, 1, NULL, 0, NULL, 1), 0);
+    ck_assert_ptr_nonnull(strstr(b.data, "\"index\":2"));
+    srv_buf_free(&b);
+    srv_genreq_free(r);
+}
+END_TEST
+
 START_TEST(build_completion_json)
 {
     srv_genreq *r = parse_ok("{\"model\":\"tiny\",\"prompt\":[1,2]}", 0);
     int32_t ids[3] = { 7, 8, 9 };
     srv_usage u = { 2, 3, 1 };
-    char *s = srv_build_completion(r, "cmpl-1", 123, "7 8 9", 5, ids, 3, NULL, 0, NULL, 0, "length", &u);
+    char *s = srv_build_completion(r, "cmpl-1", 123, &(srv_choice_out){ "7 8 9", 5, ids, 3, NULL, 0, "length" }, 1, NULL, 0, &u);
     json_t *o = load(s);
     ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "text_completion");
     ck_assert_str_eq(json_string_value(json_object_get(o, "id")), "cmpl-1");
@@ -430,7 +465,7 @@ START_TEST(build_completion_json)
     srv_logprob lp = { .token = 7, .logprob = -0.5f, .n_top = 1, .top_tokens = { 7 },
                        .top_logprobs = { -0.5f } };
     /* invalid UTF-8 in generated text must still give valid JSON */
-    s = srv_build_completion(r, "chatcmpl-1", 1, "a\xff" "b", 3, ids, 1, NULL, 0, &lp, 1, "stop", &u);
+    s = srv_build_completion(r, "chatcmpl-1", 1, &(srv_choice_out){ "a\xff" "b", 3, ids, 1, &lp, 1, "stop" }, 1, NULL, 0, &u);
     o = load(s);
     ck_assert_str_eq(json_string_value(json_object_get(o, "object")), "chat.completion");
     c = json_array_get(json_object_get(o, "choices"), 0);
@@ -467,9 +502,9 @@ START_TEST(sse_framing)
     srv_buf b = { 0 };
     int32_t t = 5;
     srv_usage u = { 1, 2, 0 };
-    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "5", 1, &t, 1, NULL, 0, NULL, 1), 0);
-    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, " 6", 2, &t, 1, NULL, 0, NULL, 0), 0);
-    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "", 0, NULL, 0, NULL, 0, "stop", 0), 0);
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, 0, "5", 1, &t, 1, NULL, 0, NULL, 1), 0);
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, 0, " 6", 2, &t, 1, NULL, 0, NULL, 0), 0);
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, 0, "", 0, NULL, 0, NULL, 0, "stop", 0), 0);
     ck_assert_int_eq(srv_sse_usage(&b, r, "c1", 9, &u), 0);
     ck_assert_int_eq(srv_sse_done(&b), 0);
     char ev[8][2048];
@@ -521,7 +556,7 @@ START_TEST(sse_no_partial_event)
     srv_error_set(&e, 500, "server_error", NULL, NULL, "x");
     for (int k = 0; k < 2; k++) {
         fail_alloc(0, 0);
-        int rc = k == 0 ? srv_sse_chunk(&b, r, "c1", 9, "abc", 3, NULL, 0, NULL, 0, NULL, 1)
+        int rc = k == 0 ? srv_sse_chunk(&b, r, "c1", 9, 0, "abc", 3, NULL, 0, NULL, 0, NULL, 1)
                         : srv_sse_error(&b, &e);
         fail_alloc_off();
         ck_assert_int_eq(rc, -1);
@@ -529,7 +564,7 @@ START_TEST(sse_no_partial_event)
         ck_assert(b.failed);
         srv_buf_reset(&b);
     }
-    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, "abc", 3, NULL, 0, NULL, 0, NULL, 1), 0);
+    ck_assert_int_eq(srv_sse_chunk(&b, r, "c1", 9, 0, "abc", 3, NULL, 0, NULL, 0, NULL, 1), 0);
     ck_assert(strncmp(b.data, "data: {", 7) == 0 && !b.failed);
     srv_buf_free(&b);
     srv_genreq_free(r);
@@ -735,7 +770,7 @@ START_TEST(parse_with_tokenizer)
     srv_logprob lp = { .token = 'q' + 3, .logprob = -1, .n_top = 1, .top_tokens = { 'q' + 3 },
                        .top_logprobs = { -1 } };
     srv_usage u = { 1, 1, 0 };
-    char *s = srv_build_completion(r, "c", 1, "q", 1, NULL, 0, NULL, 0, &lp, 1, "length", &u);
+    char *s = srv_build_completion(r, "c", 1, &(srv_choice_out){ "q", 1, NULL, 0, &lp, 1, "length" }, 1, NULL, 0, &u);
     json_t *o = json_loads(s, 0, NULL);
     json_t *l = json_object_get(json_array_get(json_object_get(o, "choices"), 0), "logprobs");
     ck_assert_str_eq(json_string_value(json_array_get(json_object_get(l, "tokens"), 0)), "q");
@@ -1057,19 +1092,29 @@ static srv_engine *start_engine(const srv_config *c, srv_metrics *m)
     return se;
 }
 
+/* What srv_job_start does besides submitting: a stop flag per choice. */
+static void job_choices(srv_job *j)
+{
+    atomic_init(&j->cancel, SRV_CANCEL_NONE);
+    j->choice_stop = calloc((size_t)j->req->n, sizeof *j->choice_stop);
+    ck_assert_ptr_nonnull(j->choice_stop);
+    for (int i = 0; i < j->req->n; i++) atomic_init(&j->choice_stop[i], 0);
+}
+
 static srv_job *new_job(const char *body)
 {
     srv_model_desc md = { "mkad-tiny", 4096, 256, NULL, 16 };
     srv_job *j = calloc(1, sizeof *j);
     srv_error e;
     ck_assert_msg(srv_genreq_parse(body, strlen(body), 0, &md, NULL, &j->req, &e) == 0, "%s", e.message);
-    atomic_init(&j->cancel, SRV_CANCEL_NONE);
+    job_choices(j);
     return j;
 }
 
 static void free_job(srv_job *j)
 {
     srv_genreq_free(j->req);
+    free(j->choice_stop);
     free(j);
 }
 
@@ -1207,6 +1252,7 @@ START_TEST(engine_preemption_is_exact)
     for (int k = 0; k < 4; k++) {
         jobs[k] = calloc(1, sizeof *jobs[k]);
         ck_assert_int_eq(srv_genreq_parse(bodies[k], strlen(bodies[k]), 0, &md, NULL, &jobs[k]->req, &e), 0);
+        job_choices(jobs[k]);
     }
     /* alone */
     srv_engine_submit(se, jobs[0]);
@@ -1239,6 +1285,7 @@ START_TEST(engine_preemption_is_exact)
     snprintf(bb, sizeof bb, "{\"model\":\"mkad-tiny\",\"prompt\":[1],\"max_tokens\":%d}", nb * 8 + 8);
     jobs[4] = calloc(1, sizeof *jobs[4]);
     ck_assert_int_eq(srv_genreq_parse(bb, strlen(bb), 0, &md, NULL, &jobs[4]->req, &e), 0);
+    job_choices(jobs[4]);
     srv_engine_submit(se, jobs[4]);
     int fb = wait_event(SRV_EV_FINAL, jobs[4]);
     ck_assert_int_eq(EV.ev[fb].finish, SRV_FINISH_ERROR);
@@ -1303,6 +1350,7 @@ static Suite *suite(void)
     Suite *s = suite_create("server");
     TCase *api = tcase_create("api");
     tcase_add_test(api, parse_completion_valid);
+    tcase_add_test(api, build_n_choices);
     tcase_add_test(api, parse_defaults);
     tcase_add_test(api, parse_penalties_and_bias);
     tcase_add_test(api, parse_echo);
