@@ -32,7 +32,7 @@ struct srv_metrics {
     histo ttft, itl, batch_tokens, batch_seqs, step_seconds;
     int running, waiting, blocks_used, blocks_total, sessions;
     unsigned long preemptions;
-    unsigned long prefix_hits, prefix_tokens; /* hot-tier prefix sharing */
+    unsigned long prefix_hits, prefix_tokens, pc_evicted; /* hot-tier prefix sharing */
     int pc_entries, pc_blocks;
     unsigned long read_timeouts;
     char backend[8], kv_dtype[8]; /* "" until the engine exists */
@@ -148,6 +148,13 @@ void srv_metrics_prefix_shared(srv_metrics *m, int tokens)
     pthread_mutex_lock(&m->mu);
     m->prefix_hits++;
     m->prefix_tokens += (unsigned long)tokens;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void srv_metrics_prefix_evicted(srv_metrics *m)
+{
+    pthread_mutex_lock(&m->mu);
+    m->pc_evicted++;
     pthread_mutex_unlock(&m->mu);
 }
 
@@ -276,6 +283,9 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
             "(also counted in mkad_cached_tokens_total).", m->prefix_tokens);
     gauge(o, "mkad_prefix_cache_sequences",
           "Finished plain requests kept resident for prefix sharing (prefix_cache).", m->pc_entries);
+    counter(o, "mkad_prefix_cache_evicted_total",
+            "Prefix-cache sequences evicted to make room (blocks a fork still holds stay with it).",
+            m->pc_evicted);
     gauge(o, "mkad_prefix_cache_blocks",
           "K/V blocks in the tables of prefix-cache sequences (a block shared by several counts once per table).",
           m->pc_blocks);

@@ -422,6 +422,7 @@ static int evict_lru(srv_engine *se, const session *except)
         for (int i = 1; i < se->n_pc; i++)
             if (se->pc[i].last_used < se->pc[old].last_used) old = i;
         pcache_drop(se, old);
+        srv_metrics_prefix_evicted(se->met);
         return 1;
     }
     session *best = NULL;
@@ -480,6 +481,15 @@ static void pcache_keep(srv_engine *se, const eseq *es)
         eng_seq_truncate(se->eng, es->seq, n_full * B) != ENG_OK) {
         eng_seq_free(se->eng, es->seq);
         return;
+    }
+    /* entries of this user that the new one covers add nothing */
+    int len = n_full * B;
+    const int32_t *t = eng_seq_tokens(se->eng, es->seq);
+    for (int i = se->n_pc - 1; i >= 0; i--) {
+        int l = eng_seq_len(se->eng, se->pc[i].seq);
+        if (l <= len && strcmp(se->pc[i].user, es->job->req->user) == 0 &&
+            memcmp(eng_seq_tokens(se->eng, se->pc[i].seq), t, (size_t)l * sizeof *t) == 0)
+            pcache_drop(se, i);
     }
     if (se->n_pc == se->cfg->prefix_cache) {
         int old = 0;

@@ -556,6 +556,8 @@ void srv_metrics_state(srv_metrics *m, int running, int waiting, int blocks_used
 void srv_metrics_preempted(srv_metrics *m);
 /* A request forked `tokens` prompt tokens from a resident sequence. */
 void srv_metrics_prefix_shared(srv_metrics *m, int tokens);
+/* A prefix-cache entry was evicted for room. */
+void srv_metrics_prefix_evicted(srv_metrics *m);
 /* The prefix cache now: entries and the blocks in their tables. */
 void srv_metrics_prefix_cache(srv_metrics *m, int entries, int blocks);
 void srv_metrics_read_timeout(srv_metrics *m);

@@ -728,7 +728,8 @@ def test_preemption_keeps_outputs():
             same(b, so)
         m = metrics(d)
         assert m["mkad_preemptions_total"] >= 1, m["mkad_preemptions_total"]
-        assert m["mkad_kv_blocks_used"] == 0
+        # finished requests stay as prefix-cache entries; nothing else holds blocks
+        assert m["mkad_kv_blocks_used"] <= m["mkad_prefix_cache_blocks"], m
     finally:
         assert d.stop() == 0
 
@@ -768,6 +769,190 @@ def test_disconnect_nonstream():
     wait_metric(lambda m: m["mkad_sequences_running"] == 0)
 
 
+def test_n_choices():
+    """n > 1: one prefill, n-1 forks; choices sample independently with
+    seeded streams, choice 0 is the n = 1 output, greedy choices are equal,
+    usage sums them, each choice has its own finish and logprobs."""
+    c = D.client()
+    eb = dict(IDS)
+    r = completion(c, seed=11, max_tokens=12, n=4, extra_body=eb)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
+    toks = [ch.model_extra["token_ids"] for ch in r.choices]
+    assert all(len(t) == 12 and ch.finish_reason == "length" for t, ch in zip(toks, r.choices))
+    assert len({tuple(t) for t in toks}) == 4, toks  # temperature 1: independent streams
+    assert r.usage.completion_tokens == 48 and r.usage.prompt_tokens == len(PROMPT)
+    # seeded: the same n choices again; choice 0 is what n = 1 gives
+    again = completion(c, seed=11, max_tokens=12, n=4, extra_body=eb)
+    same([ch.model_extra["token_ids"] for ch in again.choices], toks)
+    one = completion(c, seed=11, max_tokens=12, extra_body=eb)
+    same(one.choices[0].model_extra["token_ids"], toks[0])
+    # greedy: every choice equals the n = 1 greedy output
+    g1 = completion(c, seed=1, max_tokens=10, temperature=0, extra_body=eb).choices[0]
+    g3 = completion(c, seed=2, max_tokens=10, temperature=0, n=3, extra_body=eb)
+    for ch in g3.choices:
+        same(ch.model_extra["token_ids"], g1.model_extra["token_ids"])
+        same(ch.text, g1.text)
+    # logprobs per choice
+    lp = completion(c, seed=5, max_tokens=6, n=2, logprobs=2, extra_body=eb)
+    for ch in lp.choices:
+        assert len(ch.logprobs.tokens) == 6 and len(ch.logprobs.top_logprobs) == 6
+    assert lp.choices[0].logprobs.token_logprobs != lp.choices[1].logprobs.token_logprobs
+    # chat, with a stop string that ends choices at different lengths
+    ch = c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hello there"}],
+                                   max_tokens=20, n=3, seed=4, stop=["e"])
+    assert [x.index for x in ch.choices] == [0, 1, 2]
+    for x in ch.choices:
+        assert "e" not in x.message.content and x.finish_reason in ("stop", "length"), x
+    assert ch.usage.completion_tokens >= 3
+    # best_of = n is n; the rest is a clear 400
+    assert len(completion(c, seed=1, max_tokens=2, n=2, best_of=2).choices) == 2
+    for body, param in (({"n": 2, "session_id": "bb-n"}, "n"), ({"n": 129}, "n"),
+                        ({"n": 2, "best_of": 3}, "best_of"), ({"n": 100}, None)):
+        st, _, b = http("POST", D.base + "/v1/completions",
+                        dict({"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4}, **body))
+        assert_error(st, b, 400, param)
+    st, _, b = http("POST", D.base + "/v1/completions",
+                    {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, "n": 100})
+    assert b"max_seqs" in b, b
+
+
+def test_n_choices_stream():
+    """Streamed n > 1: chunks carry their choice's index, each choice ends
+    with one finish_reason, the texts equal the non-streamed ones, and the
+    usage chunk sums the choices."""
+    c = D.client()
+    full = completion(c, seed=21, max_tokens=9, n=3, extra_body=IDS)
+    chunks = list(completion(c, seed=21, max_tokens=9, n=3, stream=True,
+                             stream_options={"include_usage": True}, extra_body=IDS))
+    text, ids, fins = {}, {}, {}
+    for ch in chunks[:-1]:
+        assert len(ch.choices) == 1
+        x = ch.choices[0]
+        text[x.index] = text.get(x.index, "") + x.text
+        ids.setdefault(x.index, []).extend(x.model_extra.get("token_ids") or [])
+        if x.finish_reason:
+            assert x.index not in fins
+            fins[x.index] = x.finish_reason
+    assert fins == {0: "length", 1: "length", 2: "length"}, fins
+    for x in full.choices:
+        assert text[x.index] == x.text and ids[x.index] == x.model_extra["token_ids"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 27
+    # chat: the first chunk of every choice carries the role
+    roles = {}
+    for ch in c.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=4, n=2, seed=3, stream=True):
+        for x in ch.choices:
+            roles.setdefault(x.index, x.delta.role)
+    assert roles == {0: "assistant", 1: "assistant"}, roles
+
+
+def test_n_choices_cancel_frees_forks():
+    """A client that goes away frees every forked sequence and its blocks."""
+    wait_metric(lambda m: m["mkad_sequences_running"] == 0)
+    base = metrics(D)
+    cancelled0 = base.get('mkad_requests_cancelled_total{reason="client"}', 0)
+    body = json.dumps({"model": MODEL_NAME, "prompt": list(range(1, 41)), "max_tokens": 3000, "n": 4,
+                       "stream": True, "ignore_eos": True}).encode()
+    s = socket.create_connection(("127.0.0.1", D.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    got = b""
+    while got.count(b"data: ") < 12:
+        got += s.recv(4096)
+    assert got.startswith(b"HTTP/1.1 200")
+    for i in range(4):
+        assert b'"index":%d' % i in got, got[:2000]
+    m = wait_metric(lambda m: m["mkad_sequences_running"] == 4)
+    s.close()
+    m = wait_metric(lambda m: m["mkad_sequences_running"] == 0 and
+                    m.get('mkad_requests_cancelled_total{reason="client"}', 0) == cancelled0 + 1)
+    assert m["mkad_kv_blocks_used"] == base["mkad_kv_blocks_used"], (m["mkad_kv_blocks_used"], base)
+
+
+def test_prefix_sharing_exact_and_per_user():
+    """A prompt that shares whole blocks with a resident sequence of the same
+    user forks them instead of prefilling: cached_tokens counts them, the
+    output (tokens and logprobs) is bit-for-bit the full prefill's, another
+    user never shares, and evicting the source keeps the blocks the fork
+    holds."""
+    d = Daemon("--api-keys", "alice:ka,bob:kb,carol:kc,dave:kd,erin:ke", "--kv-mem-mb", "1")
+    try:
+        ca, cb, cc = d.client("ka"), d.client("kb"), d.client("kc")
+        # dave and erin send each prompt once: their outputs are full prefills
+        B = 32
+        p = [(i * 7) % 500 + 3 for i in range(3 * B)]  # three full blocks
+        kw = dict(temperature=0, logprobs=2, extra_body=IDS)
+
+        def out(r):
+            x = r.choices[0]
+            return x.model_extra["token_ids"], x.logprobs.token_logprobs, x.logprobs.top_logprobs
+
+        r1 = completion(ca, seed=1, max_tokens=8, prompt=p + [9], **kw)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        r2 = completion(ca, seed=1, max_tokens=8, prompt=p + [9], **kw)
+        assert r2.usage.prompt_tokens_details.cached_tokens == 3 * B, r2.usage
+        same(out(r2), out(r1))
+        # bob sends the same prompt: nothing of alice's is his
+        r3 = completion(cb, seed=1, max_tokens=8, prompt=p + [9], **kw)
+        assert r3.usage.prompt_tokens_details.cached_tokens == 0
+        same(out(r3), out(r1))
+        # a longer prompt with the same first blocks, sampled: equal to bob's full prefill
+        q = p + [5] * 40
+        ref = completion(d.client("kd"), seed=8, max_tokens=6, prompt=q, temperature=1.3, extra_body=IDS)
+        assert ref.usage.prompt_tokens_details.cached_tokens == 0
+        rq = completion(ca, seed=8, max_tokens=6, prompt=q, temperature=1.3, extra_body=IDS)
+        assert rq.usage.prompt_tokens_details.cached_tokens == 3 * B, rq.usage
+        same(rq.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"])
+        m = metrics(d)
+        assert m["mkad_prefix_shared_total"] >= 2 and m["mkad_prefix_shared_tokens_total"] >= 6 * B, m
+        assert m["mkad_prefix_cache_sequences"] >= 2
+        # n choices that can never fit the pool: a 400, not a wait
+        blocks = int(m["mkad_kv_blocks_total"])
+        st, _, b = http("POST", d.base + "/v1/completions",
+                        {"model": MODEL_NAME, "prompt": PROMPT, "n": 8, "max_tokens": 32 * blocks // 4},
+                        {"Authorization": "Bearer ka"})
+        assert_error(st, b, 400)
+        assert b"lower max_tokens or n" in b, b
+
+        # eviction respects references: alice streams a fork of her cached
+        # prefix while carol's long request needs the pool, which evicts the
+        # cache entries; the stream is still bob's full-prefill output
+        long_q = p + [11] * 8
+        ref = completion(d.client("ke"), seed=3, max_tokens=120, prompt=long_q, temperature=1.0,
+                         extra_body=IDS)
+        assert ref.usage.prompt_tokens_details.cached_tokens == 0
+        ref = ref.choices[0].model_extra["token_ids"]
+        completion(ca, seed=3, max_tokens=2, prompt=p + [12], temperature=1.0, extra_body=IDS)
+
+        def stream_alice():
+            st = completion(ca, seed=3, max_tokens=120, prompt=long_q, temperature=1.0, stream=True,
+                            stream_options={"include_usage": True}, extra_body=IDS)
+            toks, usage = [], None
+            for ch in st:
+                for x in ch.choices:
+                    toks += x.model_extra.get("token_ids") or []
+                usage = ch.usage or usage
+            return toks, usage
+
+        def carol():
+            time.sleep(0.05)
+            return completion(cc, seed=4, max_tokens=200, prompt=[7] * 200, extra_body=IDS)
+
+        ev0 = metrics(d)["mkad_prefix_cache_evicted_total"]
+        with cf.ThreadPoolExecutor(2) as ex:
+            fa, fc = ex.submit(stream_alice), ex.submit(carol)
+            toks, usage = fa.result()
+            fc.result()
+        assert usage.prompt_tokens_details.cached_tokens == 3 * B, usage
+        same(toks, ref)
+        m = wait_metric(lambda m: m["mkad_sequences_running"] == 0, d=d)
+        assert m["mkad_prefix_cache_evicted_total"] > ev0, m  # cache entries were evicted meanwhile
+        # nothing but the prefix cache holds blocks now
+        assert m["mkad_kv_blocks_used"] <= m["mkad_prefix_cache_blocks"], m
+    finally:
+        assert d.stop() == 0
+
+
 def test_sessions_reuse_prefix():
     c = D.client()
     p1 = list(range(1, 101))
@@ -781,7 +966,8 @@ def test_sessions_reuse_prefix():
     # same result as without a session (the engine is exact)
     r3 = completion(c, seed=9, max_tokens=10, prompt=p2, extra_body=eb)
     same(r3.choices[0].text, r2.choices[0].text)
-    assert r3.usage.prompt_tokens_details.cached_tokens == 0
+    # without a session it forks the session's whole blocks (same user)
+    assert r3.usage.prompt_tokens_details.cached_tokens == (len(p2) - 1) // 32 * 32, r3.usage
     # a diverging prompt keeps only the block-aligned common prefix
     p4 = p1[:50] + [9, 9, 9]
     st, _, body = http("POST", D.base + "/v1/completions",
@@ -824,7 +1010,9 @@ def test_session_survives_restart():
     finally:
         assert d.stop() == 0
     p3 = p2 + r2.choices[0].model_extra["token_ids"] + [11, 12]
-    d = Daemon(state=d.state)
+    # without prefix sharing r4 below recomputes everything instead of
+    # forking the resumed session's blocks
+    d = Daemon("--prefix-sharing=false", state=d.state)
     try:
         c = d.client()
         r3 = completion(c, seed=5, max_tokens=12, prompt=p3, extra_body=eb)
@@ -1024,7 +1212,8 @@ def test_malformed_corpus():
         (400, ["-d", json.dumps(dict(ok, temperature=1e308)), *J]),
         (400, ["-d", json.dumps(dict(ok, prompt=[1, 99999999])), *J]),
         (400, ["-d", json.dumps(dict(ok, prompt=[[1], [2]])), *J]),
-        (400, ["-d", json.dumps(dict(ok, n=3)), *J]),
+        (400, ["-d", json.dumps(dict(ok, n=0)), *J]),
+        (400, ["-d", json.dumps(dict(ok, n=3, session_id="x")), *J]),
         (400, ["-d", json.dumps(dict(ok, stop={"a": 1})), *J]),
         (400, ["-d", json.dumps(dict(ok, max_tokens=5000)), *J]),
         (400, [b'{"model":"mkad-tiny","prompt":[1],"user":"\xc3\x28"}', *J]),
@@ -1556,7 +1745,8 @@ def test_no_max_tokens_stops_at_pool_limit():
         st, _, body = http("POST", d.base + "/v1/completions",
                            {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": pool})
         assert_error(st, body, 400)
-        assert metrics(d)["mkad_kv_blocks_used"] == 0
+        m = metrics(d)
+        assert m["mkad_kv_blocks_used"] <= m["mkad_prefix_cache_blocks"], m
     finally:
         assert d.stop() == 0
 
