@@ -1202,6 +1202,97 @@ START_TEST(engine_generate_and_sessions)
 }
 END_TEST
 
+/* n > 1 at the engine thread: one START, the choices' TOKEN events tagged
+ * with their index, CHOICE_END for all but the last, one FINAL with the
+ * summed usage; choice 0 equals n = 1; a stop flag ends one choice early;
+ * then a same-user prompt forks the finished request's full block; n above
+ * the slots is a 400. */
+START_TEST(engine_n_choices_and_prefix_sharing)
+{
+    srv_config c = test_cfg();
+    c.prefix_sharing = 1;
+    c.prefix_cache = 2;
+    srv_metrics *m = srv_metrics_create();
+    srv_engine *se = start_engine(&c, m);
+    const char *b3 = "{\"model\":\"mkad-tiny\",\"prompt\":[1,15,27,300,42,7,9,9,9,9],\"max_tokens\":5,"
+                     "\"seed\":9,\"ignore_eos\":true,\"n\":3}";
+    srv_job *j3 = new_job(b3);
+    srv_engine_submit(se, j3);
+    int f = wait_event(SRV_EV_FINAL, j3);
+    ck_assert_int_eq(EV.ev[f].finish, SRV_FINISH_LENGTH);
+    ck_assert_int_eq(EV.ev[f].usage.completion_tokens, 15);
+    ck_assert_int_eq(EV.ev[f].n_gen, 5);
+    int32_t per[3][5];
+    int n_per[3] = { 0 }, n_end = 0, n_start = 0;
+    pthread_mutex_lock(&EV.mu);
+    for (int i = 0; i < EV.n; i++) {
+        if (EV.ev[i].job != j3) continue;
+        if (EV.ev[i].type == SRV_EV_START) n_start++;
+        if (EV.ev[i].type == SRV_EV_CHOICE_END) {
+            n_end++;
+            ck_assert_int_eq(EV.ev[i].n_gen, 5);
+            ck_assert_int_ne(EV.ev[i].choice, EV.ev[f].choice);
+        }
+        if (EV.ev[i].type == SRV_EV_TOKEN) {
+            int ch = EV.ev[i].choice;
+            ck_assert(ch >= 0 && ch < 3 && n_per[ch] < 5);
+            per[ch][n_per[ch]++] = EV.ev[i].token;
+        }
+    }
+    pthread_mutex_unlock(&EV.mu);
+    ck_assert_int_eq(n_start, 1);
+    ck_assert_int_eq(n_end, 2);
+    for (int ch = 0; ch < 3; ch++) ck_assert_int_eq(n_per[ch], 5);
+    ck_assert(memcmp(per[0], per[1], sizeof per[0]) != 0 || memcmp(per[0], per[2], sizeof per[0]) != 0);
+    /* n = 1, same seed: choice 0 */
+    char b1[256];
+    snprintf(b1, sizeof b1, "%.*s}", (int)(strstr(b3, ",\"n\":3") - b3), b3);
+    srv_job *j1 = new_job(b1);
+    srv_engine_submit(se, j1);
+    wait_event(SRV_EV_FINAL, j1);
+    int32_t one[5];
+    ck_assert_int_eq(count_tokens(j1, one, 5), 5);
+    ck_assert_mem_eq(one, per[0], sizeof one);
+    /* a choice whose stop flag is set (the loop matched a stop string) ends
+     * early; the others run to max_tokens */
+    srv_job *js = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,2,3],\"max_tokens\":200,\"ignore_eos\":true,"
+                          "\"n\":2,\"seed\":1}");
+    atomic_store(&js->choice_stop[1], 1);
+    srv_engine_submit(se, js);
+    f = wait_event(SRV_EV_FINAL, js);
+    ck_assert_int_eq(EV.ev[f].choice, 0);
+    ck_assert_int_eq(EV.ev[f].n_gen, 200);
+    ck_assert_int_lt(EV.ev[f].usage.completion_tokens, 400);
+    /* the n = 1 request's sequence stayed as a prefix-cache entry: its full
+     * block (8 of its 15 tokens) is forked by a longer prompt of the user */
+    srv_job *jp = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,15,27,300,42,7,9,9,9,9,4,4,4],"
+                          "\"max_tokens\":2,\"seed\":9,\"ignore_eos\":true}");
+    srv_engine_submit(se, jp);
+    int st = wait_event(SRV_EV_START, jp);
+    ck_assert_int_eq(EV.ev[st].usage.cached_tokens, 8);
+    wait_event(SRV_EV_FINAL, jp);
+    ck_assert_int_ge(metric(m, "mkad_prefix_shared_tokens_total"), 8);
+    /* another user's identical prompt shares nothing */
+    srv_job *jo = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,15,27,300,42,7,9,9,9,9,4,4,4],"
+                          "\"max_tokens\":2,\"seed\":9,\"ignore_eos\":true}");
+    snprintf(jo->req->user, sizeof jo->req->user, "other");
+    srv_engine_submit(se, jo);
+    st = wait_event(SRV_EV_START, jo);
+    ck_assert_int_eq(EV.ev[st].usage.cached_tokens, 0);
+    wait_event(SRV_EV_FINAL, jo);
+    /* more choices than sequence slots can never run */
+    srv_job *jn = new_job("{\"model\":\"mkad-tiny\",\"prompt\":[1,2],\"max_tokens\":2,\"n\":5}");
+    srv_engine_submit(se, jn);
+    f = wait_event(SRV_EV_FINAL, jn);
+    ck_assert_int_eq(EV.ev[f].finish, SRV_FINISH_ERROR);
+    ck_assert_int_eq(EV.ev[f].status, 400);
+    srv_engine_stop(se);
+    srv_job *all[] = { j3, j1, js, jp, jo, jn };
+    for (size_t k = 0; k < sizeof all / sizeof *all; k++) free_job(all[k]);
+    srv_metrics_free(m);
+}
+END_TEST
+
 START_TEST(engine_cancel_frees_blocks)
 {
     srv_config c = test_cfg();
@@ -1378,6 +1469,7 @@ static Suite *suite(void)
     tcase_set_timeout(eng, 120);
     tcase_add_test(eng, engine_generate_and_sessions);
     tcase_add_test(eng, engine_cancel_frees_blocks);
+    tcase_add_test(eng, engine_n_choices_and_prefix_sharing);
     tcase_add_test(eng, engine_preemption_is_exact);
     tcase_add_test(eng, engine_oom_ends_with_error);
     tcase_add_test(eng, engine_load_failure);
