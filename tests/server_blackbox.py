@@ -804,6 +804,11 @@ def test_n_choices():
     for x in ch.choices:
         assert "e" not in x.message.content and x.finish_reason in ("stop", "length"), x
     assert ch.usage.completion_tokens >= 3
+    # echo: every choice starts with the prompt (and its logprobs)
+    e = completion(c, seed=3, max_tokens=2, n=2, prompt="Once upon", echo=True, logprobs=1)
+    for x in e.choices:
+        assert x.text.startswith("Once upon") and x.logprobs.token_logprobs[0] is None, x
+    assert e.choices[0].logprobs.token_logprobs[:3] == e.choices[1].logprobs.token_logprobs[:3]
     # best_of = n is n; the rest is a clear 400
     assert len(completion(c, seed=1, max_tokens=2, n=2, best_of=2).choices) == 2
     for body, param in (({"n": 2, "session_id": "bb-n"}, "n"), ({"n": 129}, "n"),
