@@ -120,6 +120,7 @@ typedef struct cu_fwd {
     const int *bt;       /* (n_items, MB) block tables of the items; first n_blocks valid */
     const int *tok_chunk;/* (T) the L3 memory chunk row t completes, or -1; NULL when the
                             step captures no chunks (eng_plan.tok_chunk) */
+    int any_l3;          /* some item of the step has an L3 bank */
     /* Pool and per-slot state. */
     bf16 *kv_pool;       /* (n_blocks, n_layers, 2, B, kv_dim) */
     float *ema_ckpt;     /* (n_blocks, n_layers, D) */
@@ -208,6 +209,11 @@ typedef struct cuda_state {
     int att_force_tiles;/* MKAD_CUDA_ATTN_SPLIT: key tiles per split (0 = automatic) */
     size_t att_max_units; /* capacity of the unit list in the plan */
 
+    /* Projections of at most gemv_max_m rows (decode steps) take the GEMV
+     * kernel (MKAD_CUDA_GEMV=cublas: never). */
+    int gemv_max_m;
+    struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
+
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
 } cuda_state;
 
@@ -254,6 +260,16 @@ cudaError_t eng__cu_attention_setup(int hd, int *per_sm);
 /* act (M, F) = silu(gate + b_gate) * (up + b_up) from gu (M, 2F); b (2F) or NULL. */
 cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
                            cudaStream_t s);
+
+/* Decode projections (gemv.cu): y (M, N) = x (M, K) W^T (+ beta * y)
+ * (+ bias, when non-NULL) for W (N, K) bf16, x (M, K) bf16, y f32, and
+ * yb (M, N) = bf16(y) when yb is non-NULL.  eng__cu_gemv_fits says whether the
+ * kernel takes the call (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte
+ * aligned W and x); eng__cu_gemv returns cudaErrorInvalidValue when not. */
+#define CU_GEMV_MAX_M 8
+int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
+cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
+                         const float *bias, bf16 *yb, cudaStream_t s);
 
 /* L3 memory chunks (chunks.cu): adds src (T, D) — the embeddings (place
  * n_layers) or layer `place`'s x — to each item's slot sums in acc in
