@@ -20,6 +20,16 @@
 #   (4 * n_layers * q_dim * mean context per token).
 # The table goes to stdout and, with OUT_DIR, to OUT_DIR/bench_cuda.txt.
 #
+# BENCH_VARIANTS runs each context once per variant, a label and the
+# environment of the run ("label:VAR=x,VAR=y"; default "mkad:" — the
+# defaults), so that e.g. cuBLAS against the GEMV kernel, or with and without
+# CUDA graphs, are measured in the same run; BENCH_PROFILE=1 adds a run per
+# context with MKAD_CUDA_PROFILE=1 whose per-stage table of one decode step
+# (time, bytes, bandwidth) follows the main table.
+# BENCH_BATCH (default "8 32 64"; "" for none) adds batched decode at
+# context BENCH_BATCH_CTX (4096): mkad-cli --batch N, N sequences prefilled
+# with the prompt on blocks of their own, decoded together; tokens/s of all
+# of them against the floor (weights once + N contexts of K/V per step).
 # Env: BENCH_CTX (default "4096 32768"), BENCH_GEN (64), BENCH_CHUNK (4096),
 # BENCH_DIR (where the ~15 GB model is written, default /tmp/mkad-bench),
 # BENCH_PRESET (qwen2.5-7b), PYTHON (python3 with torch, for the floor).
@@ -108,28 +118,73 @@ EOF
 log "$GPU: read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s;" \
     "weights read per step $(awk -v x="$WBYTES" 'BEGIN{printf "%.2f", x/1e9}') GB, K/V $KVTOK B/token"
 
+VARIANTS=${BENCH_VARIANTS:-mkad:}
 table=$(mktemp)
-printf '%-8s %12s %10s %14s %10s %8s %12s\n' context prefill_tok/s ttft_s decode_ms/tok floor_ms ratio prefill/gemm >"$table"
+prof=$(mktemp)
+printf '%-8s %-14s %12s %10s %14s %10s %8s %12s\n' context variant prefill_tok/s ttft_s decode_ms/tok floor_ms ratio prefill/gemm >"$table"
 for C in $CTX; do
     ids=$(mktemp)
     "$py" -c "import sys; print(','.join(str((i * 7919 + 13) % ($VOCAB - 1000) + 100) for i in range($C)))" >"$ids"
-    log "context $C: prefill in chunks of $CHUNK, then $G decode steps"
-    line=$("$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" --max-tokens $((G + 1)) \
-        --ignore-eos --chunk "$CHUNK" 2>&1 >/dev/null | tee /dev/stderr | grep '^event=done') || {
-        log "mkad-cli failed at context $C"; rm -f "$ids"; continue; }
+    runs=$VARIANTS
+    [ "${BENCH_PROFILE:-0}" = 1 ] && runs="$runs profile:MKAD_CUDA_PROFILE=1"
+    for v in $runs; do
+        label=${v%%:*}
+        envs=$(tr ',' ' ' <<<"${v#*:}")
+        log "context $C, $label ($envs): prefill in chunks of $CHUNK, then $G decode steps"
+        # shellcheck disable=SC2086
+        out_all=$(env $envs "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" \
+            --max-tokens $((G + 1)) --ignore-eos --chunk "$CHUNK" 2>&1 >/dev/null) || {
+            printf '%s\n' "$out_all" >&2; log "mkad-cli failed at context $C ($label)"; continue; }
+        printf '%s\n' "$out_all" >&2
+        line=$(grep '^event=done' <<<"$out_all")
+        if [ "$label" = profile ]; then
+            { echo "context $C, one decode step (MKAD_CUDA_PROFILE=1):"
+              grep -o 'cuda profile: .*' <<<"$out_all" | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
+        fi
+        get() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$line"; }
+        awk -v C="$C" -v V="$label" -v G="$G" -v pf="$(get prefill_tok_s)" -v ps="$(get prefill_s)" -v dt="$(get decode_tok_s)" \
+            -v bw="$BW" -v gemm="$GEMM" -v wb="$WBYTES" -v kv="$KVTOK" -v wf="$WFLOP" -v af="$ATTF" 'BEGIN {
+            dms = 1000 / dt
+            floor = 1000 * (wb + kv * (C + G / 2)) / bw
+            pflops = pf * (wf + af * C / 2)      # model FLOPs/s during prefill
+            printf "%-8d %-14s %12.0f %10.3f %14.2f %10.2f %8.2f %11.1f%%\n", C, V, pf, ps, dms, floor, dms / floor, 100 * pflops / gemm
+        }' >>"$table"
+    done
     rm -f "$ids"
-    get() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$line"; }
-    awk -v C="$C" -v G="$G" -v pf="$(get prefill_tok_s)" -v ps="$(get prefill_s)" -v dt="$(get decode_tok_s)" \
-        -v bw="$BW" -v gemm="$GEMM" -v wb="$WBYTES" -v kv="$KVTOK" -v wf="$WFLOP" -v af="$ATTF" 'BEGIN {
-        dms = 1000 / dt
-        floor = 1000 * (wb + kv * (C + G / 2)) / bw
-        pflops = pf * (wf + af * C / 2)      # model FLOPs/s during prefill
-        printf "%-8d %12.0f %10.3f %14.2f %10.2f %8.2f %11.1f%%\n", C, pf, ps, dms, floor, dms / floor, 100 * pflops / gemm
-    }' >>"$table"
 done
+btable=$(mktemp)
+BATCHES=${BENCH_BATCH-8 32 64}
+BC=${BENCH_BATCH_CTX:-4096}
+if [ -n "$BATCHES" ]; then
+    printf '%-6s %-8s %14s %12s %14s %8s\n' batch context decode_ms/step tokens/s floor_tok/s of_floor >"$btable"
+    ids=$(mktemp)
+    "$py" -c "import sys; print(','.join(str((i * 7919 + 13) % ($VOCAB - 1000) + 100) for i in range($BC)))" >"$ids"
+    for N in $BATCHES; do
+        log "batch $N at context $BC: $N prefills, then $G decode steps of all of them"
+        line=$("$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" --max-tokens $((G + 1)) \
+            --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null | tee /dev/stderr | grep '^event=done') || {
+            log "mkad-cli failed at batch $N"; continue; }
+        dt=$(sed -n 's/.* decode_tok_s=\([0-9.]*\).*/\1/p' <<<"$line")
+        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "$N" = "${BATCHES##* }" ]; then
+            log "batch $N at context $BC, profiled"
+            { echo "batch $N at context $BC, one decode step (MKAD_CUDA_PROFILE=1):"
+              MKAD_CUDA_PROFILE=1 "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" \
+                  --max-tokens 17 --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null |
+                  grep -o 'cuda profile: .*' | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
+        fi
+        awk -v N="$N" -v C="$BC" -v G="$G" -v dt="$dt" -v bw="$BW" -v wb="$WBYTES" -v kv="$KVTOK" 'BEGIN {
+            step = 1000 * N / dt
+            floor_tok = N / ((wb + N * kv * (C + G / 2)) / bw)
+            printf "%-6d %-8d %14.2f %12.0f %14.0f %7.1f%%\n", N, C, step, dt, floor_tok, 100 * dt / floor_tok
+        }' >>"$btable"
+    done
+    rm -f "$ids"
+fi
 {
     echo "mkad CUDA backend, $PRESET shape (FastMKA L=3, bf16), batch 1, $(date -u +%Y-%m-%d), $GPU"
     echo "read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s (torch, this run)"
     cat "$table"
+    [ -s "$btable" ] && { echo "batched decode:"; cat "$btable"; }
+    [ -s "$prof" ] && cat "$prof"
 } | tee ${out:+"$out/bench_cuda.txt"}
-rm -f "$table"
+rm -f "$table" "$prof" "$btable"

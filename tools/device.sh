@@ -34,7 +34,8 @@
 #           black-box suite on mkad --backend cuda) — i.e. make check-cuda.
 #       `cuda` runs the GPU group only; `bench` runs no tests but
 #       tools/bench_cuda.sh (make bench-cuda: the Qwen2.5-7B shape, its table
-#       in $OUT/bench_cuda.txt).  Ends with ONE table (test, result,
+#       in $OUT/bench_cuda.txt; BENCH_CHECK_FIRST=1 runs tests/test_cuda
+#       before it).  Ends with ONE table (test, result,
 #       seconds, key number) and exits 0 only when nothing failed.  Files in
 #       $OUT (the device tool's folder; ./device-out elsewhere): summary.txt
 #       (the table), device.log (everything printed), build.log, logs.tar.gz
@@ -362,6 +363,12 @@ gpu() {
         log "build failed; the end of build.log:"
         tail -n 60 "$LOGDIR/build.log" >&2
     elif [ "$mode" = bench ]; then
+        # BENCH_CHECK_FIRST=1: the CUDA-vs-CPU parity test before the bench,
+        # so that a speed change is measured only once it is shown exact.
+        if [ "${BENCH_CHECK_FIRST:-0}" = 1 ]; then
+            export top_srcdir=$PWD top_builddir=$PWD
+            run_test tests/test_cuda
+        fi
         local left=$((DEADLINE - $(date +%s))) brc=0
         t0=$(date +%s)
         timeout "$left" tools/bench_cuda.sh . "$outdir" 2>"$LOGDIR/bench_cuda.log" || brc=$?

@@ -46,6 +46,8 @@ static void usage(FILE *f)
         "                           mean attention input, then the mean token embedding\n"
         "  --l3-bank FILE           L3 bank: float32 LE (R, n_layers, hidden) chunk values\n"
         "  --chunk N                prefill chunk size in tokens (default 512)\n"
+        "  --batch N                decode N sequences at once (each prefilled with the prompt\n"
+        "                           on blocks of its own; ids printed for the first; a benchmark)\n"
         "  --backend B              auto, cpu or cuda (default auto: cuda when built with CUDA\n"
         "                           and a GPU answers, else cpu)\n"
         "  --threads N              CPU threads (default: all)\n"
@@ -198,7 +200,7 @@ int main(int argc, char **argv)
     const char *model_dir = NULL, *ids_arg = NULL, *dump = NULL, *bank_path = NULL, *text_arg = NULL;
     const char *dump_chunks = NULL;
     const char *messages_path = NULL, *template_path = NULL, *kwargs_arg = NULL;
-    int max_tokens = 16, chunk = 512, ignore_eos = 0, chat = 0, print_prompt = 0;
+    int max_tokens = 16, chunk = 512, ignore_eos = 0, chat = 0, print_prompt = 0, batch = 1;
     eng_tok *tkz = NULL;
     eng_params ep = eng_default_params();
     eng_sampler_params sp = eng_sampler_default_params();
@@ -206,7 +208,7 @@ int main(int argc, char **argv)
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
            O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND, O_MESSAGES,
-           O_TEMPLATE, O_KWARGS, O_PRINT, O_DUMP_CHUNKS };
+           O_TEMPLATE, O_KWARGS, O_PRINT, O_DUMP_CHUNKS, O_BATCH };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
         { "prompt-ids", required_argument, 0, O_IDS },
@@ -228,6 +230,7 @@ int main(int argc, char **argv)
         { "dump-chunks", required_argument, 0, O_DUMP_CHUNKS },
         { "l3-bank", required_argument, 0, O_BANK },
         { "chunk", required_argument, 0, O_CHUNK },
+        { "batch", required_argument, 0, O_BATCH },
         { "threads", required_argument, 0, O_THREADS },
         { "block-size", required_argument, 0, O_BLOCK },
         { "backend", required_argument, 0, O_BACKEND },
@@ -266,6 +269,7 @@ int main(int argc, char **argv)
         case O_DUMP_CHUNKS: dump_chunks = optarg; break;
         case O_BANK: bank_path = optarg; break;
         case O_CHUNK: bad |= parse_int("--chunk", optarg, 1, 1 << 20, &chunk); break;
+        case O_BATCH: bad |= parse_int("--batch", optarg, 1, 1024, &batch); break;
         case O_THREADS: bad |= parse_int("--threads", optarg, 1, 256, &ep.n_threads); break;
         case O_BLOCK: bad |= parse_int("--block-size", optarg, 1, 4096, &ep.block_size); break;
         case O_BACKEND:
@@ -388,18 +392,26 @@ int main(int argc, char **argv)
             mi->fingerprint, now_s() - t0);
 
     int total = n_prompt + max_tokens;
-    ep.max_seqs = 1;
+    ep.max_seqs = batch;
     ep.max_ctx = total;
     ep.max_batch_tokens = chunk < n_prompt ? chunk : n_prompt;
+    if (ep.max_batch_tokens < batch) ep.max_batch_tokens = batch;
     eng_engine *eng = NULL;
-    eng_sampler *smp = NULL;
-    float *logits = malloc((size_t)mi->vocab_size * sizeof *logits);
+    eng_sampler **smp = calloc((size_t)batch, sizeof *smp);
+    int *seqs = malloc((size_t)batch * sizeof *seqs);
+    eng_batch_item *items = calloc((size_t)batch, sizeof *items);
+    int32_t *toks = malloc((size_t)batch * sizeof *toks);
+    int32_t *next_ids = malloc((size_t)batch * sizeof *next_ids);
+    float *logits = malloc((size_t)batch * mi->vocab_size * sizeof *logits);
     int32_t *out_ids = malloc(((size_t)max_tokens + 1) * sizeof *out_ids);
     void *bank = NULL;
     float *chunks = NULL; /* (n_chunks, n_layers + 1, hidden) for --dump-chunks */
     size_t n_chunks = 0, per_chunk = ((size_t)mi->n_layers + 1) * mi->d_model;
     int seq = -1, status = 1;
-    if (!logits || !out_ids) { fprintf(stderr, "mkad-cli: out of memory\n"); goto done; }
+    if (!logits || !out_ids || !smp || !seqs || !items || !toks || !next_ids) {
+        fprintf(stderr, "mkad-cli: out of memory\n");
+        goto done;
+    }
     if (total > mi->max_position)
         fprintf(stderr, "mkad-cli: warning: %d tokens exceed max_position_embeddings %d\n", total,
                 mi->max_position);
@@ -414,10 +426,12 @@ int main(int argc, char **argv)
                 eng_backend_name(eng), st.blocks_total, (double)st.kv_bytes / (1024.0 * 1024.0),
                 st.kv_dtype ? st.kv_dtype : "?");
     }
-    if ((rc = eng_seq_create(eng, &seq)) != ENG_OK) {
-        fprintf(stderr, "mkad-cli: %s\n", eng_strerror(rc));
-        goto done;
-    }
+    for (int b = 0; b < batch; b++)
+        if ((rc = eng_seq_create(eng, &seqs[b])) != ENG_OK) {
+            fprintf(stderr, "mkad-cli: %s\n", eng_strerror(rc));
+            goto done;
+        }
+    seq = seqs[0];
     if (bank_path) {
         size_t len = 0;
         size_t per = (size_t)mi->n_layers * mi->d_model * sizeof(float);
@@ -428,21 +442,24 @@ int main(int argc, char **argv)
                     bank_path, len, per);
             goto done;
         }
-        if ((rc = eng_seq_set_l3_bank(eng, seq, (int)(len / per), bank)) != ENG_OK) {
-            fprintf(stderr, "mkad-cli: --l3-bank: %s (model mka_levels=%d, bank of %zu chunks)\n",
-                    eng_strerror(rc), mi->mka_levels, len / per);
+        for (int b = 0; b < batch; b++)
+            if ((rc = eng_seq_set_l3_bank(eng, seqs[b], (int)(len / per), bank)) != ENG_OK) {
+                fprintf(stderr, "mkad-cli: --l3-bank: %s (model mka_levels=%d, bank of %zu chunks)\n",
+                        eng_strerror(rc), mi->mka_levels, len / per);
+                goto done;
+            }
+    }
+    for (int b = 0; b < batch; b++)
+        if ((rc = eng_sampler_create(mi->vocab_size, &sp, &smp[b])) != ENG_OK) {
+            fprintf(stderr, "mkad-cli: sampler: %s\n", eng_strerror(rc));
             goto done;
         }
-    }
-    if ((rc = eng_sampler_create(mi->vocab_size, &sp, &smp)) != ENG_OK) {
-        fprintf(stderr, "mkad-cli: sampler: %s\n", eng_strerror(rc));
-        goto done;
-    }
 
     double tp = now_s();
     for (int off = 0; off < n_prompt; off += chunk) {
         int n = n_prompt - off < chunk ? n_prompt - off : chunk;
-        eng_batch_item it = { seq, prompt + off, n, off + n == n_prompt ? logits : NULL };
+        eng_batch_item it = { .seq = seq, .tokens = prompt + off, .n_tokens = n,
+                              .logits = off + n == n_prompt ? logits : NULL };
         if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
             fprintf(stderr, "mkad-cli: prefill: %s\n", err);
             goto done;
@@ -461,6 +478,19 @@ int main(int argc, char **argv)
         }
     }
     double prefill_s = now_s() - tp;
+    /* The other sequences of --batch: the same prompt, on blocks of their
+     * own (a decode step then reads as many K/V bytes as real ones do). */
+    for (int b = 1; b < batch; b++)
+        for (int off = 0; off < n_prompt; off += chunk) {
+            int n = n_prompt - off < chunk ? n_prompt - off : chunk;
+            eng_batch_item it = { .seq = seqs[b], .tokens = prompt + off, .n_tokens = n,
+                                  .logits = off + n == n_prompt ? logits + (size_t)b * mi->vocab_size
+                                                                : NULL };
+            if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
+                fprintf(stderr, "mkad-cli: prefill: %s\n", err);
+                goto done;
+            }
+        }
     if (dump_chunks) {
         FILE *f = fopen(dump_chunks, "wb");
         if (!f || (n_chunks > 0 && fwrite(chunks, sizeof(float), n_chunks * per_chunk, f) != n_chunks * per_chunk) ||
@@ -482,17 +512,31 @@ int main(int argc, char **argv)
     /* a chat's assistant turn also ends at the template's end-of-turn tokens */
     int32_t stop[8];
     int n_stop = chat && tkz ? eng_tok_chat_stop_ids(tkz, stop, 8) : 0;
+    /* Greedy without penalties: the engine's argmax (on the device with
+     * CUDA), so that one id per sequence comes back instead of the logits. */
+    const int fast_greedy = sp.temperature == 0.0f && sp.repetition_penalty == 1.0f &&
+                            sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
     double td = now_s();
     int n_out = 0;
     for (; n_out < max_tokens; n_out++) {
-        int32_t tok = eng_sampler_sample(smp, logits, eng_seq_tokens(eng, seq), eng_seq_len(eng, seq));
+        for (int b = 0; b < batch; b++) {
+            float *lg = logits + (size_t)b * mi->vocab_size;
+            if (!fast_greedy || n_out == 0)
+                toks[b] = eng_sampler_sample(smp[b], lg, eng_seq_tokens(eng, seqs[b]),
+                                             eng_seq_len(eng, seqs[b]));
+            else
+                toks[b] = next_ids[b];
+            items[b] = (eng_batch_item){ .seq = seqs[b], .tokens = &toks[b], .n_tokens = 1,
+                                         .logits = fast_greedy ? NULL : lg,
+                                         .argmax = fast_greedy ? &next_ids[b] : NULL };
+        }
+        int32_t tok = toks[0];
         out_ids[n_out] = tok;
         int is_stop = tok == mi->eos_token_id;
         for (int k = 0; k < n_stop; k++) is_stop |= tok == stop[k];
         if (!ignore_eos && is_stop) { n_out++; break; }
         if (n_out + 1 == max_tokens) { n_out++; break; }
-        eng_batch_item it = { seq, &tok, 1, logits };
-        if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
+        if ((rc = eng_step(eng, items, batch, err, sizeof err)) != ENG_OK) {
             fprintf(stderr, "mkad-cli: decode: %s\n", err);
             goto done;
         }
@@ -510,14 +554,20 @@ int main(int argc, char **argv)
         free(text);
     }
     fprintf(stderr, "event=done prompt_tokens=%d prefill_s=%.4f prefill_tok_s=%.1f generated=%d "
-            "decode_s=%.4f decode_tok_s=%.2f backend=%s threads=%d\n", n_prompt, prefill_s,
+            "decode_s=%.4f decode_tok_s=%.2f batch=%d backend=%s threads=%d\n", n_prompt, prefill_s,
             prefill_s > 0 ? n_prompt / prefill_s : 0.0, n_out, decode_s,
-            /* the first generated token came from the prefill logits */
-            n_out > 1 && decode_s > 0 ? (n_out - 1) / decode_s : 0.0, eng_backend_name(eng),
-            eng_get_params(eng)->n_threads);
+            /* the first generated token came from the prefill logits; with
+             * --batch, tokens of all sequences */
+            n_out > 1 && decode_s > 0 ? (double)batch * (n_out - 1) / decode_s : 0.0, batch,
+            eng_backend_name(eng), eng_get_params(eng)->n_threads);
     status = 0;
 done:
-    eng_sampler_free(smp);
+    for (int b = 0; smp && b < batch; b++) eng_sampler_free(smp[b]);
+    free(smp);
+    free(seqs);
+    free(items);
+    free(toks);
+    free(next_ids);
     eng_free(eng);
     eng_model_free(model);
     free(bank);

@@ -297,25 +297,76 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
 
 /* One block per (combine entry, query head): merges the ns partial rows of
  * the entry's row for head blockIdx.y and writes its attention output. */
-static __global__ void attn_combine_kernel(cu_fwd f, bf16 *att)
+/* One block (COMB_THREADS) per (split row, query head).  The splits' (m, l)
+ * are read by one thread each (M = max m, w_s = 2^(m_s - M), L = sum w_s
+ * l_s); then warp w sums w_s O_s over splits w, w + 4, ..., its lanes
+ * holding four dimensions each (float4), and the four warps' sums are added
+ * in shared memory: every load of the block is independent of the others. */
+#define COMB_THREADS 128
+static __global__ void __launch_bounds__(COMB_THREADS) attn_combine_kernel(cu_fwd f, bf16 *att)
 {
     __shared__ float w[CU_ATT_MAX_SPLITS];
+    __shared__ float red[COMB_THREADS / 32];
+    __shared__ float4 part[COMB_THREADS / 32][32];
     const int *c = f.att_comb + (size_t)blockIdx.x * CU_ATT_COMB_INTS;
     const int t = c[0], pr = c[1], ns = c[2], h = blockIdx.y, H = f.H, hd = f.hd;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nw = COMB_THREADS / 32;
     const float *ml = f.att_part_ml;
-    float M = -INFINITY;
-    for (int s = 0; s < ns; s++) M = fmaxf(M, ml[2 * ((size_t)(pr + s) * H + h)]);
-    const float Mu = M == -INFINITY ? 0.0f : M;
-    for (int s = threadIdx.x; s < ns; s += blockDim.x)
-        w[s] = exp2f(ml[2 * ((size_t)(pr + s) * H + h)] - Mu);
+
+    float mx = -INFINITY;
+    for (int s = tid; s < ns; s += COMB_THREADS)
+        mx = fmaxf(mx, ml[2 * ((size_t)(pr + s) * H + h)]);
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) red[warp] = mx;
     __syncthreads();
+    float M = -INFINITY;
+    for (int i = 0; i < nw; i++) M = fmaxf(M, red[i]);
+    const float Mu = M == -INFINITY ? 0.0f : M;
+    __syncthreads(); /* red is reused */
+    float ls = 0.0f;
+    for (int s = tid; s < ns; s += COMB_THREADS) {
+        const size_t k = 2 * ((size_t)(pr + s) * H + h);
+        const float ws = exp2f(ml[k] - Mu);
+        w[s] = ws;
+        ls += ws * ml[k + 1];
+    }
+    for (int o = 16; o > 0; o >>= 1) ls += __shfl_xor_sync(0xffffffffu, ls, o);
+    if (lane == 0) red[warp] = ls;
+    __syncthreads(); /* also publishes w */
     float L = 0.0f;
-    for (int s = 0; s < ns; s++) L += w[s] * ml[2 * ((size_t)(pr + s) * H + h) + 1];
+    for (int i = 0; i < nw; i++) L += red[i];
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float o = 0.0f;
-        for (int s = 0; s < ns; s++) o += w[s] * f.att_part_o[((size_t)(pr + s) * H + h) * hd + d];
-        att[(size_t)t * f.q_dim + (size_t)h * hd + d] = __float2bfloat16_rn(o * inv);
+
+    const int hd4 = hd / 4; /* <= 32: the tensor-core kernels take hd <= 128 */
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (lane < hd4) {
+        const float4 *po = (const float4 *)f.att_part_o;
+#pragma unroll 4
+        for (int s = warp; s < ns; s += nw) {
+            const float4 v = po[((size_t)(pr + s) * H + h) * hd4 + lane];
+            const float ws = w[s];
+            acc.x += ws * v.x;
+            acc.y += ws * v.y;
+            acc.z += ws * v.z;
+            acc.w += ws * v.w;
+        }
+    }
+    part[warp][lane] = acc;
+    __syncthreads();
+    if (tid < hd4) {
+        float4 o = part[0][tid];
+        for (int i = 1; i < nw; i++) {
+            const float4 v = part[i][tid];
+            o.x += v.x;
+            o.y += v.y;
+            o.z += v.z;
+            o.w += v.w;
+        }
+        bf16 *dst = att + (size_t)t * f.q_dim + (size_t)h * hd + 4 * tid;
+        dst[0] = __float2bfloat16_rn(o.x * inv);
+        dst[1] = __float2bfloat16_rn(o.y * inv);
+        dst[2] = __float2bfloat16_rn(o.z * inv);
+        dst[3] = __float2bfloat16_rn(o.w * inv);
     }
 }
 

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "attn_plan.h"
 #include "cuda_priv.h"
@@ -161,6 +162,7 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->act = take_bf16(&b, T * e->F);
     cs->selb = take_bf16(&b, S * D);
     cs->logits = take_f32(&b, S * e->V);
+    cs->argmax = (int *)take(&b, S * sizeof(int));
     if (e->prm.l3_capture) {
         cs->chunk_acc = take_f32(&b, S * (NL + 1) * D);
         cs->chunk_out = take_f32(&b, (size_t)e->max_step_chunks * (NL + 1) * D);
@@ -368,6 +370,99 @@ static int upload_weights(cuda_state *cs, eng_engine *e, size_t content, char *e
     return rc;
 }
 
+/* ---- per-stage profile of decode steps (MKAD_CUDA_PROFILE=1) -----------------
+ * An event after every stage of a decode step (one row per sequence);
+ * at fini the log gets, per
+ * stage, its calls and device time per step, the bytes it must read (weights,
+ * or K/V for attention) and the bandwidth that makes, and the step's wall
+ * time against the sum of its stages (the rest is launch gaps and the host). */
+#define PROF_MAX_MARKS 4096
+#define PROF_MAX_STAGES 48
+#define PROF_MAX_ROWS 256 /* decode steps of up to this many sequences */
+struct cu_prof {
+    int active; /* this step is being profiled */
+    int n;      /* marks of this step */
+    cudaEvent_t ev[PROF_MAX_MARKS];
+    int stage[PROF_MAX_MARKS]; /* stage of the interval that ends at mark i */
+    double mbytes[PROF_MAX_MARKS];
+    int n_stages;
+    const char *name[PROF_MAX_STAGES];
+    double ms[PROF_MAX_STAGES], bytes[PROF_MAX_STAGES];
+    long long calls[PROF_MAX_STAGES];
+    long long steps;
+    double wall_ms;   /* host wall time of the profiled steps */
+    double att_bytes; /* K/V bytes one layer's attention reads in this step */
+};
+
+static int prof_mark(cuda_state *cs, const char *name, double bytes, char *err, size_t errlen)
+{
+    cu_prof *p = cs->prof;
+    if (!p || !p->active || p->n >= PROF_MAX_MARKS) return ENG_OK;
+    int k = 0;
+    while (k < p->n_stages && p->name[k] != name) k++;
+    if (k == p->n_stages) {
+        if (k == PROF_MAX_STAGES) return ENG_OK;
+        p->name[p->n_stages++] = name;
+    }
+    p->stage[p->n] = k;
+    p->mbytes[p->n] = bytes;
+    CUDA_TRY(cudaEventRecord(p->ev[p->n++], cs->stream));
+    return ENG_OK;
+}
+#define PROF(name, bytes)                                                      \
+    do {                                                                       \
+        int prof_rc_ = prof_mark(cs, (name), (double)(bytes), err, errlen);     \
+        if (prof_rc_) return prof_rc_;                                         \
+    } while (0)
+
+/* After the step's stream synchronisation. */
+static int prof_collect(cuda_state *cs, double wall_ms, char *err, size_t errlen)
+{
+    cu_prof *p = cs->prof;
+    if (!p || !p->active) return ENG_OK;
+    for (int i = 1; i < p->n; i++) {
+        float ms = 0.0f;
+        CUDA_TRY(cudaEventElapsedTime(&ms, p->ev[i - 1], p->ev[i]));
+        p->ms[p->stage[i]] += ms;
+        p->bytes[p->stage[i]] += p->mbytes[i];
+        p->calls[p->stage[i]]++;
+    }
+    p->steps++;
+    p->wall_ms += wall_ms;
+    p->active = 0;
+    return ENG_OK;
+}
+
+static void prof_report(const eng_engine *e, const cuda_state *cs)
+{
+    const cu_prof *p = cs->prof;
+    if (!p || p->steps == 0) return;
+    char line[256];
+    double total = 0;
+    for (int k = 0; k < p->n_stages; k++) total += p->ms[k];
+    const double n = (double)p->steps;
+    for (int k = -1; k <= p->n_stages; k++) {
+        if (k < 0)
+            snprintf(line, sizeof line, "cuda profile: %lld decode steps; %-12s %7s %10s %10s %9s",
+                     p->steps, "stage", "calls", "us/step", "MB/step", "GB/s");
+        else if (k == p->n_stages)
+            snprintf(line, sizeof line,
+                     "cuda profile: stages %.1f us/step on the device, step wall time %.1f us "
+                     "(the rest: launch gaps, host work, copies)",
+                     1000 * total / n, 1000 * p->wall_ms / n);
+        else if (p->calls[k] == 0)
+            continue;
+        else
+            snprintf(line, sizeof line, "cuda profile: %-12s %7.1f %10.1f %10.2f %9.0f", p->name[k],
+                     p->calls[k] / n, 1000 * p->ms[k] / n, p->bytes[k] / n / 1e6,
+                     p->ms[k] > 0 ? p->bytes[k] / (p->ms[k] / 1000) / 1e9 : 0.0);
+        if (e->prm.log)
+            e->prm.log(e->prm.log_ctx, line);
+        else
+            fprintf(stderr, "%s\n", line);
+    }
+}
+
 /* ---- init / fini ---------------------------------------------------------- */
 
 static void cuda_fini(eng_engine *e)
@@ -377,12 +472,19 @@ static void cuda_fini(eng_engine *e)
     /* Errors are ignored here: after a device fault these calls fail too,
      * and there is nothing left to do but release what can be released. */
     if (cs->stream) (void)cudaStreamSynchronize(cs->stream);
+    prof_report(e, cs);
+    if (cs->prof) {
+        for (int i = 0; i < PROF_MAX_MARKS; i++)
+            if (cs->prof->ev[i]) (void)cudaEventDestroy(cs->prof->ev[i]);
+        free(cs->prof);
+    }
     if (cs->blas) (void)cublasDestroy(cs->blas);
     (void)cudaFree(cs->pool_arena);
     (void)cudaFree(cs->work_arena);
     (void)cudaFree(cs->w_arena);
     if (cs->plan_host) (void)cudaFreeHost(cs->plan_host);
     if (cs->logits_host) (void)cudaFreeHost(cs->logits_host);
+    if (cs->argmax_host) (void)cudaFreeHost(cs->argmax_host);
     if (cs->l3_host) (void)cudaFreeHost(cs->l3_host);
     if (cs->chunk_host) (void)cudaFreeHost(cs->chunk_host);
     if (cs->stream) (void)cudaStreamDestroy(cs->stream);
@@ -474,7 +576,19 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     cs->att_force_tiles = sp && *sp ? atoi(sp) : 0;
     if (cs->att_force_tiles < 0) cs->att_force_tiles = 0;
     cs->att_max_units = att_max_units(cs, e);
+    /* MKAD_CUDA_GEMV=cublas: every projection through cuBLAS (to compare). */
+    const char *gv = getenv("MKAD_CUDA_GEMV");
+    if (gv && *gv && strcmp(gv, "cublas") != 0 && strcmp(gv, "own") != 0)
+        return eng__errf(err, errlen, ENG_EINVAL,
+                         "cuda: MKAD_CUDA_GEMV=%s: expected \"own\" or \"cublas\"", gv);
+    cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_MAX_M;
     CUDA_TRY(cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking));
+    const char *pf = getenv("MKAD_CUDA_PROFILE");
+    if (pf && !strcmp(pf, "1")) {
+        if (!(cs->prof = (cu_prof *)calloc(1, sizeof *cs->prof)))
+            return eng__errf(err, errlen, ENG_ENOMEM, "cuda: out of host memory");
+        for (int i = 0; i < PROF_MAX_MARKS; i++) CUDA_TRY(cudaEventCreate(&cs->prof->ev[i]));
+    }
     CUBLAS_TRY(cublasCreate(&cs->blas));
     /* cublasSetStream resets a user workspace, so the workspace comes after. */
     CUBLAS_TRY(cublasSetStream(cs->blas, cs->stream));
@@ -502,6 +616,7 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
                            cudaHostAllocDefault));
     CUDA_TRY(cudaHostAlloc((void **)&cs->logits_host, S * e->V * sizeof(float),
                            cudaHostAllocDefault));
+    CUDA_TRY(cudaHostAlloc((void **)&cs->argmax_host, S * sizeof(int), cudaHostAllocDefault));
     if (cs->l3_mu)
         CUDA_TRY(cudaHostAlloc((void **)&cs->l3_host, 2 * NL * R * D * sizeof(float),
                                cudaHostAllocDefault));
@@ -604,17 +719,28 @@ static int cuda_pool_alloc(eng_engine *e, char *err, size_t errlen)
 
 /* ---- the forward step -------------------------------------------------------- */
 
-/* Row-major y (M, W.rows) = x (M, W.cols) . W^T, + beta * y.  cuBLAS is
- * column-major: there the product is y^T = W x^T, with W read transposed. */
+/* Row-major y (M, W.rows) = x (M, W.cols) . W^T, + beta * y, + bias (when
+ * non-NULL); yb = bf16(y) when non-NULL.  A few rows (a decode step) take
+ * the GEMV kernel, bias and copy in its epilogue; else cuBLAS, column-major:
+ * there the product is y^T = W x^T, with W read transposed. */
 static int gemm(cuda_state *cs, const cu_linear *W, const bf16 *x, int M, float *y, float beta,
-                char *err, size_t errlen)
+                const float *bias, bf16 *yb, char *err, size_t errlen)
 {
+    if (M <= cs->gemv_max_m && eng__cu_gemv_fits(W->w, W->cols, x, M)) {
+        CUDA_TRY(eng__cu_gemv(W->w, W->rows, W->cols, x, M, y, beta, bias, yb, cs->stream));
+        return ENG_OK;
+    }
     const float alpha = 1.0f;
     CUBLAS_TRY(cublasGemmEx(cs->blas, CUBLAS_OP_T, CUBLAS_OP_N, W->rows, M, W->cols, &alpha, W->w,
                             CUDA_R_16BF, W->cols, x, CUDA_R_16BF, W->cols, &beta, y, CUDA_R_32F,
                             W->rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (yb)
+        CUDA_TRY(eng__cu_bias_bf16(y, bias, M, W->rows, yb, cs->stream));
+    else if (bias)
+        CUDA_TRY(eng__cu_add_bias(y, bias, M, W->rows, cs->stream));
     return ENG_OK;
 }
+#define WBYTES(l) ((double)(l).rows * (l).cols * sizeof(bf16))
 
 /* One decoder layer over all T rows (FASTMKA.md, "Decoder layer"). */
 static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, int max_n,
@@ -630,37 +756,52 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
      * memory chunks. */
     CUDA_TRY(eng__cu_rmsnorm(cs->h, NULL, T, D, L->attn_norm, eps,
                              e->levels > 0 || f->tok_chunk ? cs->x : NULL, cs->xb, st));
+    PROF("rmsnorm", 0);
     if (f->tok_chunk)
         CUDA_TRY(eng__cu_chunk_sums(f, l, e->l3_C, max_n, cs->x, cs->chunk_acc, cs->chunk_out, st));
-    /* q (T, q_dim), bias added below or in the RoPE kernel. */
-    if ((rc = gemm(cs, &L->q, cs->xb, T, cs->q, 0.0f, err, errlen))) return rc;
-    const float *bq = L->q.b;
+    /* q (T, q_dim).  With the router, which sees q with its bias before
+     * RoPE (in bf16, qatt), the bias is added here; else in the RoPE kernel. */
+    const float *bq = e->levels > 0 ? NULL : L->q.b;
+    if ((rc = gemm(cs, &L->q, cs->xb, T, cs->q, 0.0f, e->levels > 0 ? L->q.b : NULL,
+                   e->levels > 0 ? cs->qatt : NULL, err, errlen)))
+        return rc;
+    PROF("q", WBYTES(L->q));
     if (e->levels > 0) {
-        /* The router sees q with its bias, before RoPE. */
-        CUDA_TRY(eng__cu_bias_bf16(cs->q, L->q.b, T, e->q_dim, cs->qatt, st));
-        bq = NULL;
         float *rh = cs->wide; /* (T, D/2) */
-        if ((rc = gemm(cs, &L->r1, cs->qatt, T, rh, 0.0f, err, errlen))) return rc;
+        if ((rc = gemm(cs, &L->r1, cs->qatt, T, rh, 0.0f, NULL, NULL, err, errlen))) return rc;
+        PROF("router r1", WBYTES(L->r1));
         CUDA_TRY(eng__cu_router(f, rh, L->r1.rows, L->r1.b, L->r2.w, L->r2.b, cs->lam, st));
-        if (cs->mem) CUDA_TRY(eng__cu_l3_read(f, l, cs->x, cs->mem, st));
+        PROF("router", 0);
+        if (cs->mem && f->any_l3) {
+            CUDA_TRY(eng__cu_l3_read(f, l, cs->x, cs->mem, st));
+            PROF("l3 read", 0);
+        }
         /* The fused f replaces x as the K/V GEMM input in xb. */
         CUDA_TRY(eng__cu_ema_fuse(f, l, max_n, cs->x, cs->lam, cs->mem, cs->xb, st));
+        PROF("ema fuse", 0);
     }
     float *kv = cs->wide; /* (T, 2*kv_dim) */
-    if ((rc = gemm(cs, &L->kv, cs->xb, T, kv, 0.0f, err, errlen))) return rc;
+    if ((rc = gemm(cs, &L->kv, cs->xb, T, kv, 0.0f, NULL, NULL, err, errlen))) return rc;
+    PROF("kv", WBYTES(L->kv));
     CUDA_TRY(eng__cu_rope_store(f, l, cs->q, bq, kv, L->kv.b, st));
+    PROF("rope store", 0);
     CUDA_TRY(eng__cu_attention(f, l, cs->q, cs->qatt, st));
+    PROF("attention", cs->prof ? cs->prof->att_bytes : 0);
     /* h += W_o att (+ b_o): beta = 1 adds onto the residual in the GEMM. */
-    if ((rc = gemm(cs, &L->o, cs->qatt, T, cs->h, 1.0f, err, errlen))) return rc;
-    if (L->o.b) CUDA_TRY(eng__cu_add_bias(cs->h, L->o.b, T, D, st));
+    if ((rc = gemm(cs, &L->o, cs->qatt, T, cs->h, 1.0f, L->o.b, NULL, err, errlen))) return rc;
+    PROF("o", WBYTES(L->o));
 
     /* MLP: h += W_down (silu(W_gate n) * W_up n), n = RMSNorm(h). */
     CUDA_TRY(eng__cu_rmsnorm(cs->h, NULL, T, D, L->mlp_norm, eps, NULL, cs->xb, st));
+    PROF("rmsnorm", 0);
     float *gu = cs->wide; /* (T, 2F) */
-    if ((rc = gemm(cs, &L->gu, cs->xb, T, gu, 0.0f, err, errlen))) return rc;
+    if ((rc = gemm(cs, &L->gu, cs->xb, T, gu, 0.0f, NULL, NULL, err, errlen))) return rc;
+    PROF("gate up", WBYTES(L->gu));
     CUDA_TRY(eng__cu_swiglu(gu, L->gu.b, T, e->F, cs->act, st));
-    if ((rc = gemm(cs, &L->down, cs->act, T, cs->h, 1.0f, err, errlen))) return rc;
-    if (L->down.b) CUDA_TRY(eng__cu_add_bias(cs->h, L->down.b, T, D, st));
+    PROF("swiglu", 0);
+    if ((rc = gemm(cs, &L->down, cs->act, T, cs->h, 1.0f, L->down.b, NULL, err, errlen)))
+        return rc;
+    PROF("down", WBYTES(L->down));
     CUDA_TRY(cudaGetLastError());
     return ENG_OK;
 }
@@ -699,6 +840,7 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
         it->start = p->item_start[i];
         it->pos0 = sq->n_tokens;
         it->l3_n = cs->l3_mu ? sq->l3_n : 0;
+        if (it->l3_n > 0) f->any_l3 = 1;
         const int need = (it->pos0 + it->n_tokens + e->B - 1) / e->B;
         if (it->n_tokens <= 0 || it->start < 0 || it->start + it->n_tokens > T ||
             need > sq->n_blocks || sq->n_blocks > MB || it->l3_n < 0 || it->l3_n > f->R)
@@ -769,6 +911,47 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
     return ENG_OK;
 }
 
+/* The device work of a step after the plan's upload: embeddings, layers,
+ * final norm and LM head of the selected rows (into cs->logits). */
+static int forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, const eng_plan *p, int max_n,
+                   size_t o_sel, char *err, size_t errlen)
+{
+    const cudaStream_t st = cs->stream;
+    int rc;
+    PROF("start", 0);
+    CUDA_TRY(eng__cu_embed(f, cs->embed, cs->h, st));
+    /* h holds the embeddings until layer 0 adds to it. */
+    if (f->tok_chunk)
+        CUDA_TRY(eng__cu_chunk_sums(f, e->n_layers, e->l3_C, max_n, cs->h, cs->chunk_acc,
+                                    cs->chunk_out, st));
+    PROF("embed", 0);
+    for (int l = 0; l < e->n_layers; l++)
+        if ((rc = layer_forward(e, cs, f, l, max_n, err, errlen))) return rc;
+
+    /* Final norm and LM head only for the rows whose logits are wanted. */
+    if (p->n_sel > 0) {
+        CUDA_TRY(eng__cu_rmsnorm(cs->h, cs->plan_dev + o_sel, p->n_sel, e->D, cs->final_norm,
+                                 f->eps, NULL, cs->selb, st));
+        PROF("final norm", 0);
+        if ((rc = gemm(cs, &cs->lm_head, cs->selb, p->n_sel, cs->logits, 0.0f, NULL, NULL, err,
+                       errlen)))
+            return rc;
+        PROF("lm head", WBYTES(cs->lm_head));
+        if (p->argmax) {
+            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax, st));
+            PROF("argmax", 0);
+        }
+    }
+    return ENG_OK;
+}
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
 static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
 {
     cuda_state *cs = (cuda_state *)e->be;
@@ -780,6 +963,7 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
         return eng__errf(err, errlen, ENG_EINVAL,
                          "cuda: step: %d rows, %d items, %d selected rows out of range", p->T,
                          p->n_items, p->n_sel);
+    const double t0 = cs->prof ? now_ms() : 0.0;
     const cudaStream_t st = cs->stream;
     cu_fwd f = cs->fwd;
     int max_n = 0;
@@ -788,33 +972,32 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     if (rc) return rc;
     CUDA_TRY(cudaMemcpyAsync(cs->plan_dev, cs->plan_host, n_ints * sizeof(int),
                              cudaMemcpyHostToDevice, st));
-
-    CUDA_TRY(eng__cu_embed(&f, cs->embed, cs->h, st));
-    /* h holds the embeddings until layer 0 adds to it. */
-    if (f.tok_chunk)
-        CUDA_TRY(eng__cu_chunk_sums(&f, e->n_layers, e->l3_C, max_n, cs->h, cs->chunk_acc,
-                                    cs->chunk_out, st));
-    for (int l = 0; l < e->n_layers; l++)
-        if ((rc = layer_forward(e, cs, &f, l, max_n, err, errlen))) return rc;
-
-    /* Final norm and LM head only for the rows whose logits are wanted. */
-    if (p->n_sel > 0) {
-        CUDA_TRY(eng__cu_rmsnorm(cs->h, cs->plan_dev + o_sel, p->n_sel, e->D, cs->final_norm,
-                                 f.eps, NULL, cs->selb, st));
-        if ((rc = gemm(cs, &cs->lm_head, cs->selb, p->n_sel, cs->logits, 0.0f, err, errlen)))
-            return rc;
+    if (cs->prof && p->T == p->n_items && p->T <= PROF_MAX_ROWS) {
+        cs->prof->active = 1;
+        cs->prof->n = 0;
+        double ctx = 0;
+        for (int i = 0; i < p->n_items; i++)
+            ctx += e->seqs[p->items[i].seq].n_tokens + p->items[i].n_tokens;
+        cs->prof->att_bytes = ctx * 2.0 * e->kv_dim * sizeof(bf16);
+    }
+    if ((rc = forward(e, cs, &f, p, max_n, o_sel, err, errlen))) return rc;
+    if (p->n_sel > 0 && p->want_logits)
         CUDA_TRY(cudaMemcpyAsync(cs->logits_host, cs->logits,
                                  (size_t)p->n_sel * e->V * sizeof(float), cudaMemcpyDeviceToHost,
                                  st));
-    }
+    if (p->n_sel > 0 && p->argmax)
+        CUDA_TRY(cudaMemcpyAsync(cs->argmax_host, cs->argmax, (size_t)p->n_sel * sizeof(int),
+                                 cudaMemcpyDeviceToHost, st));
     const size_t chunk_bytes = (size_t)p->n_chunks * (e->n_layers + 1) * e->D * sizeof(float);
     if (f.tok_chunk && p->n_chunks > 0)
         CUDA_TRY(cudaMemcpyAsync(cs->chunk_host, cs->chunk_out, chunk_bytes, cudaMemcpyDeviceToHost,
                                  st));
     CUDA_TRY(cudaStreamSynchronize(st));
-    if (p->n_sel > 0)
+    if (p->n_sel > 0 && p->want_logits)
         memcpy(p->logits, cs->logits_host, (size_t)p->n_sel * e->V * sizeof(float));
+    for (int i = 0; p->argmax && i < p->n_sel; i++) p->argmax[i] = cs->argmax_host[i];
     if (f.tok_chunk && p->n_chunks > 0) memcpy(p->chunk_out, cs->chunk_host, chunk_bytes);
+    if (cs->prof && (rc = prof_collect(cs, now_ms() - t0, err, errlen))) return rc;
     return ENG_OK;
 }
 
@@ -984,4 +1167,5 @@ extern "C" const eng_backend eng_backend_cuda = {
     cuda_l3_set,
     cuda_block_get,
     cuda_block_set,
+    1, /* argmax on the device */
 };

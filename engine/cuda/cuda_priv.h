@@ -120,6 +120,7 @@ typedef struct cu_fwd {
     const int *bt;       /* (n_items, MB) block tables of the items; first n_blocks valid */
     const int *tok_chunk;/* (T) the L3 memory chunk row t completes, or -1; NULL when the
                             step captures no chunks (eng_plan.tok_chunk) */
+    int any_l3;          /* some item of the step has an L3 bank */
     /* Pool and per-slot state. */
     bf16 *kv_pool;       /* (n_blocks, n_layers, 2, B, kv_dim) */
     float *ema_ckpt;     /* (n_blocks, n_layers, D) */
@@ -178,6 +179,7 @@ typedef struct cuda_state {
     bf16 *act;       /* (T, F) SwiGLU output */
     bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
     float *logits;   /* (max_seqs, V) */
+    int *argmax;     /* (max_seqs) argmax of the selected rows' logits */
     float *chunk_acc;/* (max_seqs, n_layers + 1, D) running L3 chunk sums per slot: x of
                         every layer, then the embeddings; NULL without l3_capture */
     float *chunk_out;/* (max_step_chunks, n_layers + 1, D) the step's chunk means, or NULL */
@@ -191,6 +193,7 @@ typedef struct cuda_state {
     int *plan_host;      /* (plan_ints): tok, pos, item, items, bt of one step */
     size_t plan_ints;
     float *logits_host;  /* (max_seqs, V) */
+    int *argmax_host;    /* (max_seqs) */
     float *l3_host;      /* (2, n_layers, R, D): mu then kappa of one slot, or NULL */
     float *chunk_host;   /* (max_step_chunks, n_layers + 1, D), or NULL */
 
@@ -208,6 +211,11 @@ typedef struct cuda_state {
     int att_force_tiles;/* MKAD_CUDA_ATTN_SPLIT: key tiles per split (0 = automatic) */
     size_t att_max_units; /* capacity of the unit list in the plan */
 
+    /* Projections of at most gemv_max_m rows (decode steps) take the GEMV
+     * kernel (MKAD_CUDA_GEMV=cublas: never). */
+    int gemv_max_m;
+    struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
+
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
 } cuda_state;
 
@@ -221,6 +229,8 @@ cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream
  * (M, D) bf16 always. */
 cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
                             float eps, float *out, bf16 *outb, cudaStream_t s);
+/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule. */
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s);
 /* y (M, N) += b (when non-NULL); yb (M, N) = bf16(y). */
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s);
 /* y (M, N) += b. */
@@ -254,6 +264,16 @@ cudaError_t eng__cu_attention_setup(int hd, int *per_sm);
 /* act (M, F) = silu(gate + b_gate) * (up + b_up) from gu (M, 2F); b (2F) or NULL. */
 cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
                            cudaStream_t s);
+
+/* Decode projections (gemv.cu): y (M, N) = x (M, K) W^T (+ beta * y)
+ * (+ bias, when non-NULL) for W (N, K) bf16, x (M, K) bf16, y f32, and
+ * yb (M, N) = bf16(y) when yb is non-NULL.  eng__cu_gemv_fits says whether the
+ * kernel takes the call (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte
+ * aligned W and x); eng__cu_gemv returns cudaErrorInvalidValue when not. */
+#define CU_GEMV_MAX_M 8
+int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
+cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
+                         const float *bias, bf16 *yb, cudaStream_t s);
 
 /* L3 memory chunks (chunks.cu): adds src (T, D) — the embeddings (place
  * n_layers) or layer `place`'s x — to each item's slot sums in acc in

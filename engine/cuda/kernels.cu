@@ -77,28 +77,105 @@ cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream
 
 /* ---- RMSNorm ------------------------------------------------------------- */
 
-/* One block per output row; the sum of squares is reduced in f32. */
+/* One block per output row; the sum of squares is reduced in f32.  V = 4:
+ * float4 loads (D a multiple of 4), one or two per thread at the 7B shape's
+ * D = 3584, so that a decode step's norm is one round of loads, not a loop
+ * of dependent ones. */
+template <int V>
 static __global__ void rmsnorm_kernel(const float *in, const int *rows, const float *w, int D,
                                       float eps, float *out, bf16 *outb)
 {
     __shared__ float sh[33];
-    const int r = blockIdx.x;
+    const int r = blockIdx.x, nv = D / V;
     const float *x = in + (size_t)(rows ? rows[r] : r) * D;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += x[i] * x[i];
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float v[V];
+        if constexpr (V == 4) {
+            const float4 q = ((const float4 *)x)[i];
+            v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+        } else {
+            v[0] = x[i];
+        }
+#pragma unroll
+        for (int k = 0; k < V; k++) ss += v[k] * v[k];
+    }
     ss = block_sum(ss, sh);
     const float inv = 1.0f / sqrtf(ss / (float)D + eps);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float y = w[i] * (x[i] * inv);
-        if (out) out[(size_t)r * D + i] = y;
-        outb[(size_t)r * D + i] = __float2bfloat16_rn(y);
+    for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+        float y[V];
+#pragma unroll
+        for (int k = 0; k < V; k++) y[k] = w[i * V + k] * (x[i * V + k] * inv);
+        const size_t o = (size_t)r * D + (size_t)i * V;
+        if constexpr (V == 4) {
+            if (out) *(float4 *)(out + o) = make_float4(y[0], y[1], y[2], y[3]);
+            __nv_bfloat162 *ob = (__nv_bfloat162 *)(outb + o);
+            ob[0] = __floats2bfloat162_rn(y[0], y[1]);
+            ob[1] = __floats2bfloat162_rn(y[2], y[3]);
+        } else {
+            if (out) out[o] = y[0];
+            outb[o] = __float2bfloat16_rn(y[0]);
+        }
     }
 }
 
 cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
                             float eps, float *out, bf16 *outb, cudaStream_t s)
 {
-    rmsnorm_kernel<<<M, ROW_THREADS, 0, s>>>(in, rows, w, D, eps, out, outb);
+    const bool v4 = D % 4 == 0 && (((uintptr_t)in | (uintptr_t)w | (uintptr_t)out) & 15) == 0 &&
+                    ((uintptr_t)outb & 7) == 0;
+    const int n = v4 ? D / 4 : D;
+    int threads = (n + 31) / 32 * 32;
+    if (threads > 1024) threads = 1024;
+    if (v4)
+        rmsnorm_kernel<4><<<M, threads, 0, s>>>(in, rows, w, D, eps, out, outb);
+    else
+        rmsnorm_kernel<1><<<M, threads, 0, s>>>(in, rows, w, D, eps, out, outb);
+    return cudaGetLastError();
+}
+
+/* ---- argmax of logit rows -------------------------------------------------- */
+
+/* (value, id) a beats (value, id) b: larger value, lower id on ties; NaN
+ * never wins (eng__argmax's rule; id -1 marks "nothing yet"). */
+static __device__ __forceinline__ bool am_better(float av, int ai, float bv, int bi)
+{
+    if (ai < 0 || av != av) return false;
+    if (bi < 0) return true;
+    return av > bv || (av == bv && ai < bi);
+}
+
+/* One block per row: each thread scans a strided slice, then the block
+ * reduces; a row of only NaN gives n - 1, as the host rule does. */
+static __global__ void argmax_kernel(const float *x, int n, int *out)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *row = x + (size_t)blockIdx.x * n;
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = row[i];
+        if (am_better(v, i, bv, bi)) bv = v, bi = i;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (am_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sv[w] = bv, si[w] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < nw; k++)
+            if (am_better(sv[k], si[k], bv, bi)) bv = sv[k], bi = si[k];
+        out[blockIdx.x] = bi < 0 ? n - 1 : bi;
+    }
+}
+
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s)
+{
+    argmax_kernel<<<M, 1024, 0, s>>>(x, n, out);
     return cudaGetLastError();
 }
 
@@ -178,7 +255,7 @@ static __global__ void router_kernel(const float *rh, int Dh, const float *b1, c
 cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float *b1,
                            const bf16 *w2, const float *b2, float *lam, cudaStream_t s)
 {
-    router_kernel<<<f->T, ROW_THREADS, 0, s>>>(rh, Dh, b1, w2, b2, f->levels, lam);
+    router_kernel<<<f->T, 512, 0, s>>>(rh, Dh, b1, w2, b2, f->levels, lam);
     return cudaGetLastError();
 }
 
@@ -364,7 +441,7 @@ static __global__ void rope_store_kernel(cu_fwd f, int layer, float *q, const fl
 cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
                                const float *kv, const float *bkv, cudaStream_t s)
 {
-    rope_store_kernel<<<f->T, 128, 0, s>>>(*f, layer, q, bq, kv, bkv);
+    rope_store_kernel<<<f->T, 512, 0, s>>>(*f, layer, q, bq, kv, bkv);
     return cudaGetLastError();
 }
 
@@ -669,7 +746,7 @@ static cudaError_t attn_launch_hd(const cu_fwd *f, int layer, const float *q, bf
     }
     if (f->att_n_comb > 0) {
         dim3 grid((unsigned)f->att_n_comb, (unsigned)f->H);
-        attn_combine_kernel<<<grid, 128, 0, s>>>(*f, att);
+        attn_combine_kernel<<<grid, COMB_THREADS, 0, s>>>(*f, att);
     }
     return cudaGetLastError();
 }
