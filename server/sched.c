@@ -421,6 +421,8 @@ static int evict_lru(srv_engine *se, const session *except)
         int old = 0;
         for (int i = 1; i < se->n_pc; i++)
             if (se->pc[i].last_used < se->pc[old].last_used) old = i;
+        srv_log("debug", "prefix_cache_evicted", " user=%s tokens=%d", se->pc[old].user,
+                eng_seq_len(se->eng, se->pc[old].seq));
         pcache_drop(se, old);
         srv_metrics_prefix_evicted(se->met);
         return 1;
@@ -803,33 +805,59 @@ static int share_len(const srv_engine *se, int src, const int32_t *prompt, int n
  * one user learn from the time to first token whether another sent a
  * prompt (docs/architecture.md).  Exact: a fork continues bit for bit as
  * the prefill would have on the CPU backend.  Returns the tokens shared. */
-static int share_prefix(srv_engine *se, const srv_job *job, int seq)
+/* The best source for share_prefix: its tokens (0: none), *src its engine
+ * sequence, *pc its prefix-cache index or -1, *ss its session or NULL. */
+static int share_find(srv_engine *se, const srv_job *job, int seq, int *src, int *pc, session **ss_out)
 {
     const srv_genreq *rq = job->req;
-    if (!se->cfg->prefix_sharing || rq->n_prompt <= se->info.block_size) return 0;
+    *src = -1;
+    *pc = -1;
+    *ss_out = NULL;
+    if (!se->cfg->prefix_sharing || rq->n_prompt <= se->info.block_size || rq->prompt_logprobs) return 0;
     const uint64_t *bank = job->loaded ? job->loaded->bank_ids : NULL;
     int n_bank = job->loaded ? job->loaded->n_bank : 0;
-    int best = -1, best_k = 0, best_pc = -1;
+    int best_k = 0;
     for (int r = 0; r < se->n_run; r++) { /* running plain requests (no bank) */
         const eseq *es = &se->run[r];
         if (es->seq < 0 || es->sess || n_bank != 0 || strcmp(es->job->req->user, rq->user) != 0) continue;
         int k = share_len(se, es->seq, rq->prompt, rq->n_prompt);
-        if (k > best_k) { best = es->seq; best_k = k; best_pc = -1; }
+        if (k > best_k) { *src = es->seq; best_k = k; *pc = -1; *ss_out = NULL; }
     }
     for (int i = 0; i < se->n_sess; i++) { /* sessions, busy or idle */
-        const session *ss = &se->sess[i];
+        session *ss = &se->sess[i];
         if (ss->seq == seq || strcmp(ss->user, rq->user) != 0 || ss->n_bank != n_bank ||
             (n_bank && memcmp(ss->bank, bank, (size_t)n_bank * sizeof *bank) != 0))
             continue;
         int k = share_len(se, ss->seq, rq->prompt, rq->n_prompt);
-        if (k > best_k) { best = ss->seq; best_k = k; best_pc = -1; }
+        if (k > best_k) { *src = ss->seq; best_k = k; *pc = -1; *ss_out = ss; }
     }
     for (int i = 0; i < se->n_pc && n_bank == 0; i++) { /* finished plain requests */
         if (strcmp(se->pc[i].user, rq->user) != 0) continue;
         int k = share_len(se, se->pc[i].seq, rq->prompt, rq->n_prompt);
-        if (k > best_k) { best = se->pc[i].seq; best_k = k; best_pc = i; }
+        if (k > best_k) { *src = se->pc[i].seq; best_k = k; *pc = i; *ss_out = NULL; }
     }
-    if (best < 0) return 0;
+    return best_k;
+}
+
+/* Before admission makes room: the tokens share_prefix would fork, its
+ * source made the most recently used so that the evictions that make room
+ * for the rest of the prompt take it last. */
+static int share_plan(srv_engine *se, const srv_job *job)
+{
+    int src, pc;
+    session *ss;
+    int k = share_find(se, job, -1, &src, &pc, &ss);
+    if (k > 0 && pc >= 0) se->pc[pc].last_used = ++se->clock;
+    if (k > 0 && ss) ss->last_used = ++se->clock;
+    return k;
+}
+
+static int share_prefix(srv_engine *se, const srv_job *job, int seq)
+{
+    int best, best_pc;
+    session *ss;
+    int best_k = share_find(se, job, seq, &best, &best_pc, &ss);
+    if (best_k == 0) return 0;
     int rc = eng_seq_fork(se->eng, best, seq, best_k);
     if (rc != ENG_OK) {
         if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_fork", rc, NULL);
@@ -918,6 +946,8 @@ static void admit(srv_engine *se)
         }
         /* blocks for the prompt (a resident session already holds some) */
         int held = s ? blocks_for(se, eng_seq_len(se->eng, s->seq)) : 0;
+        if (!s && !(job->loaded && job->loaded->found && job->loaded->n_blocks > 0))
+            held = share_plan(se, job) / B; /* blocks it will fork, not take */
         int want = blocks_for(se, rq->n_prompt + 1) - held;
         if (want < 0) want = 0;
         want += se->n_run + (n_ch - 1); /* the forks' copies of a partial last block */

@@ -920,17 +920,19 @@ def test_prefix_sharing_exact_and_per_user():
         assert b"lower max_tokens or n" in b, b
 
         # eviction respects references: alice streams a fork of her cached
-        # prefix while carol's long request needs the pool, which evicts the
-        # cache entries; the stream is still bob's full-prefill output
+        # prefix while carol's long request needs more of the pool than is
+        # left (13 + 22 blocks of the 28-block pool: bf16 K/V of the bundled model), which
+        # evicts every cache entry, the fork's source too; the stream is
+        # still erin's full-prefill output
         long_q = p + [11] * 8
-        ref = completion(d.client("ke"), seed=3, max_tokens=120, prompt=long_q, temperature=1.0,
+        ref = completion(d.client("ke"), seed=3, max_tokens=300, prompt=long_q, temperature=1.0,
                          extra_body=IDS)
         assert ref.usage.prompt_tokens_details.cached_tokens == 0
         ref = ref.choices[0].model_extra["token_ids"]
         completion(ca, seed=3, max_tokens=2, prompt=p + [12], temperature=1.0, extra_body=IDS)
 
         def stream_alice():
-            st = completion(ca, seed=3, max_tokens=120, prompt=long_q, temperature=1.0, stream=True,
+            st = completion(ca, seed=3, max_tokens=300, prompt=long_q, temperature=1.0, stream=True,
                             stream_options={"include_usage": True}, extra_body=IDS)
             toks, usage = [], None
             for ch in st:
@@ -941,7 +943,7 @@ def test_prefix_sharing_exact_and_per_user():
 
         def carol():
             time.sleep(0.05)
-            return completion(cc, seed=4, max_tokens=200, prompt=[7] * 200, extra_body=IDS)
+            return completion(cc, seed=4, max_tokens=300, prompt=[7] * 400, extra_body=IDS)
 
         ev0 = metrics(d)["mkad_prefix_cache_evicted_total"]
         with cf.ThreadPoolExecutor(2) as ex:
@@ -951,7 +953,9 @@ def test_prefix_sharing_exact_and_per_user():
         assert usage.prompt_tokens_details.cached_tokens == 3 * B, usage
         same(toks, ref)
         m = wait_metric(lambda m: m["mkad_sequences_running"] == 0, d=d)
-        assert m["mkad_prefix_cache_evicted_total"] > ev0, m  # cache entries were evicted meanwhile
+        assert m["mkad_prefix_cache_evicted_total"] > ev0, m
+        # alice's entries, the fork's source among them, went while her fork ran
+        assert any("event=prefix_cache_evicted user=alice" in l for l in d.lines), d.lines[-40:]
         # nothing but the prefix cache holds blocks now
         assert m["mkad_kv_blocks_used"] <= m["mkad_prefix_cache_blocks"], m
     finally:
