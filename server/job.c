@@ -314,6 +314,7 @@ void srv_job_final(srv_server *s, srv_job *j, const srv_event *ev)
         j->usage.prompt_tokens = ev->usage.prompt_tokens;
         j->usage.cached_tokens = ev->usage.cached_tokens;
         if (ev->finish == SRV_FINISH_ERROR || ev->finish == SRV_FINISH_CANCELLED) {
+            j->usage.completion_tokens = ev->usage.completion_tokens; /* for the access log */
             if (ev->finish == SRV_FINISH_ERROR)
                 srv_error_set(&j->error, ev->status ? ev->status : 500,
                               ev->status == 400 ? "invalid_request_error" : "server_error", NULL,
