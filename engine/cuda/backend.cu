@@ -466,13 +466,12 @@ static void prof_report(const eng_engine *e, const cuda_state *cs)
 /* The decode graphs (cuda_step). */
 static void graphs_free(cuda_state *cs)
 {
-    for (int t = 0; t <= CU_GEMV_MAX_M; t++)
-        for (int a = 0; a < 2; a++)
-            for (int b = 0; b < 2; b++)
-                if (cs->graph[t][a][b]) {
-                    (void)cudaGraphExecDestroy(cs->graph[t][a][b]);
-                    cs->graph[t][a][b] = NULL;
-                }
+    cudaGraphExec_t *g = &cs->graph[0][0][0][0];
+    for (size_t i = 0; i < sizeof cs->graph / sizeof *g; i++)
+        if (g[i]) {
+            (void)cudaGraphExecDestroy(g[i]);
+            g[i] = NULL;
+        }
 }
 
 /* ---- init / fini ---------------------------------------------------------- */
@@ -1035,7 +1034,7 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     size_t n_ints = 0, o_sel = 0;
     /* A decode step of a few sequences (each one row, each with logits or
      * argmax) replays the graph of its shape. */
-    const int graph = cs->graphs_on && !cs->prof && !p->tok_chunk && p->T == p->n_items &&
+    const int graph = cs->graphs_on && !cs->prof && p->T == p->n_items &&
                       p->T <= CU_GEMV_MAX_M && p->n_sel == p->T;
     int rc = pack_plan(e, cs, p, &f, &max_n, &n_ints, &o_sel, graph, err, errlen);
     if (rc) return rc;
@@ -1049,7 +1048,8 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
             ctx += e->seqs[p->items[i].seq].n_tokens + p->items[i].n_tokens;
         cs->prof->att_bytes = ctx * 2.0 * e->kv_dim * sizeof(bf16);
     }
-    cudaGraphExec_t *g = graph ? &cs->graph[p->T][f.any_l3][p->argmax != NULL] : NULL;
+    cudaGraphExec_t *g =
+        graph ? &cs->graph[p->T][f.any_l3][p->argmax != NULL][f.tok_chunk != NULL] : NULL;
     if (g && !*g) capture(e, cs, &f, p, max_n, o_sel, g);
     if (g && *g)
         CUDA_TRY(cudaGraphLaunch(*g, st));

@@ -221,9 +221,10 @@ typedef struct cuda_state {
     int gemv_max_m;
     /* Decode steps of up to CU_GEMV_MAX_M sequences replay a CUDA graph
      * captured at the first step of their shape: [rows][some L3 bank][argmax]
-     * (MKAD_CUDA_GRAPH=0, a forced split or the simple attention: never). */
+     * [memory chunks captured] (MKAD_CUDA_GRAPH=0, a forced split or the
+     * simple attention: never). */
     int graphs_on;
-    cudaGraphExec_t graph[CU_GEMV_MAX_M + 1][2][2];
+    cudaGraphExec_t graph[CU_GEMV_MAX_M + 1][2][2][2];
     struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
 
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
