@@ -16,12 +16,14 @@
  *     PCRE2's Unicode version when it is the tables' base (14.0.0), PCRE2's
  *     \p{..} alone when it is the tables' version, and explicit code point
  *     ranges when it is neither or when a category lost code points (Cn, Mn);
+ *   - \p{..} with a script (Script, not Script_Extensions, as Oniguruma:
+ *     Han, Latin, Hira, Zyyy, Unknown, ...) becomes explicit ranges;
  *   - \d \D are \p{Nd} \P{Nd}; \s \S are White_Space; \v is U+000B;
  *     \uHHHH is \x{HHHH};
  *   - '.' matches a newline, '^' and '$' are line anchors, {,n} is {0,n},
  *     as in Oniguruma's syntax;
  *   - constructs whose meaning differs and that real tokenizers do not use
- *     (\w \b \h, scripts and other properties, POSIX brackets, nested classes,
+ *     (\w \b \h, binary properties, POSIX brackets, nested classes,
  *     &&, inline options other than i and x) are refused at load with the
  *     construct named, never translated into something that splits otherwise.
  * tests/tokenizer_unicode.sh checks all 1,114,112 code points in context
@@ -216,9 +218,48 @@ static int xl_refuse(xl *x, size_t at, size_t len, const char *why)
                      (int)(len > 24 ? 24 : len), x->pat + at, at, why, x->pat);
 }
 
-/* Reads a property name after "\p{" / "\P{" at x->i; sets *set to the
- * category set, complemented for \P and \p{^..}. */
-static int xl_prop(xl *x, int upper, uint32_t *set)
+/* A property: a General_Category set (script -1) or a script (its index;
+ * -2: Unknown, the code points of no script), negated or not. */
+typedef struct prop {
+    uint32_t set;
+    int script;
+    int neg;
+} prop;
+
+/* Appends the ranges of one script (all scripts for k == -2) or, with
+ * complement, the code points outside them; then \p{Cs} (see
+ * put_set_ranges). */
+static int put_script(tok_buf *o, int k, int complement)
+{
+    uint32_t lo = 0, hi = 0, next = 0;
+    int have = 0;
+    for (size_t i = 0; i <= tok_uc_n_script; i++) {
+        int end = i == tok_uc_n_script;
+        if (!end && k != -2 && (int)tok_uc_script[i][2] != k) continue;
+        uint32_t a = end ? 0x110000 : tok_uc_script[i][0], b = end ? 0x110000 : tok_uc_script[i][1];
+        if (!end && have && a == hi + 1) { hi = b; continue; }
+        if (have) { /* flush [lo, hi] */
+            if (complement ? lo > next && put_range(o, next, lo - 1) : put_range(o, lo, hi)) return ENG_ENOMEM;
+            next = hi + 1;
+        }
+        if (end) break;
+        lo = a; hi = b; have = 1;
+    }
+    if (complement && next <= 0x10FFFF && put_range(o, next, 0x10FFFF)) return ENG_ENOMEM;
+    return tok_buf_put(o, "\\p{Cs}", 6);
+}
+
+/* The class body of a property inside a class (complements included). */
+static int put_prop(tok_buf *o, const prop *p)
+{
+    if (p->script == -1) return put_set(o, p->neg ? GC_ALL & ~p->set : p->set);
+    return put_script(o, p->script, p->script == -2 ? !p->neg : p->neg);
+}
+
+/* Reads a property name after "\p{" / "\P{" at x->i into *pr: a
+ * General_Category (or Any, Assigned) or a script, negated for \P and
+ * \p{^..}. */
+static int xl_prop(xl *x, int upper, prop *pr)
 {
     size_t at = x->i, j = x->i + 3;
     const char *end = memchr(x->pat + j, '}', x->n - j);
@@ -235,15 +276,28 @@ static int xl_prop(xl *x, int upper, uint32_t *set)
         key[k++] = (char)(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
     }
     key[k] = 0;
+    pr->neg = neg;
+    pr->script = -1;
     for (size_t p = 0; p < sizeof gc_props / sizeof gc_props[0]; p++) {
         if (strcmp(key, gc_props[p].name) != 0) continue;
-        *set = neg ? GC_ALL & ~gc_props[p].set : gc_props[p].set;
+        pr->set = gc_props[p].set;
+        x->i = stop + 1;
+        return 0;
+    }
+    if (strcmp(key, "unknown") == 0 || strcmp(key, "zzzz") == 0) {
+        pr->script = -2;
+        x->i = stop + 1;
+        return 0;
+    }
+    for (size_t p = 0; p < tok_uc_n_script_names; p++) {
+        if (strcmp(key, tok_uc_script_names[p].name) != 0) continue;
+        pr->script = tok_uc_script_names[p].idx;
         x->i = stop + 1;
         return 0;
     }
     return xl_refuse(x, at, stop + 1 - at,
-                     "only General_Category properties such as L, Lu, Letter, P, Nd, and Any, Assigned are; "
-                     "scripts and binary properties are not");
+                     "only General_Category properties (L, Lu, Letter, P, Nd, ...), Any, Assigned and scripts "
+                     "(Han, Latin, Hira, ...) are; binary properties are not");
 }
 
 static int hexval(char c)
@@ -313,11 +367,11 @@ static int xl_class_item(xl *x)
     if (c == '&' && i + 1 < x->n && p[i + 1] == '&') return xl_refuse(x, i, 2, "class intersection");
     if (c == '\\' && i + 1 < x->n) {
         char e = p[i + 1];
-        uint32_t set;
+        prop pr;
         int rc;
         if ((e == 'p' || e == 'P') && i + 2 < x->n && p[i + 2] == '{') {
-            if ((rc = xl_prop(x, e == 'P', &set))) return rc;
-            return put_set(x->o, set);
+            if ((rc = xl_prop(x, e == 'P', &pr))) return rc;
+            return put_prop(x->o, &pr);
         }
         if (e == 'd' || e == 'D') { x->i += 2; return put_set(x->o, e == 'd' ? GC(ND) : GC_ALL & ~GC(ND)); }
         if (e == 's' || e == 'S') { x->i += 2; return put_space(x->o, e == 'S'); }
@@ -351,14 +405,16 @@ int tok__translate_regex(const char *pat, size_t n, tok_buf *o, char *err, size_
         }
         if (c == '\\' && i + 1 < n) {
             char e = pat[i + 1];
-            uint32_t set;
-            int neg = 0;
+            prop pr = { 0, -1, 0 };
             if ((e == 'p' || e == 'P') && i + 2 < n && pat[i + 2] == '{') {
-                if ((rc = xl_prop(&x, 0, &set))) return rc;
-                neg = e == 'P';
+                if ((rc = xl_prop(&x, e == 'P', &pr))) return rc;
+                if (pr.script != -1) {
+                    rc = tok_buf_put(o, "[", 1) || put_prop(o, &pr) || tok_buf_put(o, "]", 1);
+                    continue;
+                }
             } else if (e == 'd' || e == 'D') {
-                set = GC(ND);
-                neg = e == 'D';
+                pr.set = GC(ND);
+                pr.neg = e == 'D';
                 x.i += 2;
             } else if (e == 's' || e == 'S') {
                 x.i += 2;
@@ -368,7 +424,7 @@ int tok__translate_regex(const char *pat, size_t n, tok_buf *o, char *err, size_
                 rc = xl_escape(&x, 0);
                 continue;
             }
-            rc = tok_buf_put(o, neg ? "[^" : "[", neg ? 2 : 1) || put_set(o, set) || tok_buf_put(o, "]", 1);
+            rc = tok_buf_put(o, pr.neg ? "[^" : "[", pr.neg ? 2 : 1) || put_set(o, pr.set) || tok_buf_put(o, "]", 1);
             continue;
         }
         if (c == '.') { x.i++; rc = tok_buf_put(o, "(?s:.)", 6); continue; }

@@ -117,6 +117,11 @@ enum {
     TOK_GC_ZP, TOK_GC_CC, TOK_GC_CF, TOK_GC_CS, TOK_GC_CO, TOK_GC_CN, TOK_GC_COUNT
 };
 
+typedef struct tok_uc_name {
+    const char *name; /* lower case, without '_' '-' ' ' */
+    int idx;
+} tok_uc_name;
+
 extern const char tok_uc_version[], tok_uc_base_version[];
 extern const uint32_t tok_uc_ccc[][3];         /* first, last, combining class (HF's NFC) */
 extern const size_t tok_uc_n_ccc;
@@ -126,6 +131,10 @@ extern const uint32_t tok_uc_gc[][3];          /* first, last, TOK_GC_* (Oniguru
 extern const size_t tok_uc_n_gc;
 extern const uint32_t tok_uc_gc_changes[][4];  /* first, last, gc in base version, gc now */
 extern const size_t tok_uc_n_gc_changes;
+extern const uint32_t tok_uc_script[][3];      /* first, last, script index; the rest is Unknown */
+extern const size_t tok_uc_n_script;
+extern const tok_uc_name tok_uc_script_names[];/* every name of each script index */
+extern const size_t tok_uc_n_script_names;
 
 /* ---- UTF-8 and NFC (tok_normalize.c) ---------------------------------------- */
 

@@ -13,13 +13,16 @@ library does.  That library is not one Unicode version:
 Sources (pinned; a different version is refused):
   * unicodedata2 16.0.0 (PyPI): General_Category, combining classes and
     decompositions of Unicode 16.0.0;
+  * regex 2024.11.6 (PyPI), whose tables are Unicode 16.0.0: the Script
+    property and the names of the scripts (long names and ISO 15924 codes);
   * Python 3's own unicodedata (14.0.0 in Python 3.11, the version of
     PCRE2 10.42's tables): the base that the "changes" table patches;
   * tokenizers 0.23.3 (PyPI), asked which characters its NFC does not know
     and checked to agree with unicodedata2 on every general category.
 
     pip install unicodedata2==16.0.0 tokenizers==0.23.3
-    python3 engine/tok_unicode_tables.py            # rewrites engine/tok_unicode_tables.c
+    pip install --target /tmp/regex16 regex==2024.11.6   # beside a newer regex
+    PYTHONPATH=/tmp/regex16 python3 engine/tok_unicode_tables.py   # rewrites engine/tok_unicode_tables.c
     python3 engine/tok_unicode_tables.py --check    # only verifies the sources agree
 """
 import argparse
@@ -27,6 +30,8 @@ import os
 import sys
 import unicodedata as base_ud
 
+import regex
+import regex._regex_core
 import unicodedata2 as ud
 import tokenizers
 from tokenizers import normalizers, pre_tokenizers, Regex
@@ -36,6 +41,7 @@ OUT = os.path.join(HERE, "tok_unicode_tables.c")
 UNICODE = "16.0.0"
 BASE = "14.0.0"
 TOKENIZERS = "0.23.3"
+REGEX = "2024.11.6"
 # Index order of the general categories (tok_priv.h: TOK_GC_*).
 GC = ["Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Mc", "Me", "Nd", "Nl", "No", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf",
       "Po", "Sm", "Sc", "Sk", "So", "Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Co", "Cn"]
@@ -67,6 +73,48 @@ def check_gc():
             if bool(mem[cp]) != (ud.category(chr(cp)) == g):
                 sys.exit("U+%04X: \\p{%s} in tokenizers %s disagrees with unicodedata2 %s (%s)"
                          % (cp, g, tokenizers.__version__, ud.unidata_version, ud.category(chr(cp))))
+
+
+def onig_accepts(prop):
+    try:
+        pre_tokenizers.Split(Regex(r"\p{%s}" % prop), "isolated")
+        return True
+    except Exception:
+        return False
+
+
+def scripts():
+    """[(script names, [(first, last)...])] for every script but Unknown:
+    the names that both regex and Oniguruma know, lower case without
+    separators, as Oniguruma compares them."""
+    names = {}
+    for name, idx in regex._regex_core.PROPERTIES["SCRIPT"][1].items():
+        if onig_accepts(name):
+            names.setdefault(idx, []).append(name.lower())
+    parts = [(0, "".join(map(chr, range(0, 0xD800)))), (0xE000, "".join(map(chr, range(0xE000, 0x110000))))]
+    out = []
+    for idx in sorted(names):
+        if "unknown" in names[idx]:
+            continue
+        key = max(names[idx], key=len)
+        runs = [(base + m.start(), base + m.end() - 1)
+                for base, text in parts for m in regex.finditer(r"\p{Script=%s}+" % key, text)]
+        out.append((sorted(names[idx]), runs))
+    return out
+
+
+def check_scripts(scs):
+    """Every script as Oniguruma matches it (\p{Name}) equals regex's Script."""
+    for names, runs in scs:
+        mem = members(names[0], "\x00" if names[0] not in ("common", "zyyy") else "a")
+        want = bytearray(0x110000)
+        for lo, hi in runs:
+            want[lo:hi + 1] = b"\x01" * (hi + 1 - lo)
+        for cp in range(1, 0x110000):
+            if 0xD800 <= cp < 0xE000 or cp == ord("a"):
+                continue
+            if mem[cp] != want[cp]:
+                sys.exit("U+%04X: \\p{%s} in tokenizers %s disagrees with regex %s" % (cp, names[0], tokenizers.__version__, REGEX))
 
 
 def hf_nfc_unknown():
@@ -129,11 +177,17 @@ def main():
         sys.exit("needs unicodedata2==%s (pip install unicodedata2==%s), this is %s" % (UNICODE, UNICODE, ud.unidata_version))
     if base_ud.unidata_version != BASE:
         sys.exit("needs Python's own Unicode %s (Python 3.11), this is %s" % (BASE, base_ud.unidata_version))
+    if regex.__version__ != "2.5.148" or ud.category(chr(0x10940)) != "Cn" or regex.match(r"\p{Assigned}", chr(0x10940)):
+        sys.exit("needs regex==%s (Unicode %s; pip install --target DIR regex==%s, PYTHONPATH=DIR), this is %s"
+                 % (REGEX, UNICODE, REGEX, regex.__version__))
     if tokenizers.__version__ != TOKENIZERS:
         sys.exit("needs tokenizers==%s, this is %s" % (TOKENIZERS, tokenizers.__version__))
     check_gc()
+    scs = scripts()
+    check_scripts(scs)
     if a.check:
-        print("unicodedata2 %s agrees with tokenizers %s on every general category" % (UNICODE, TOKENIZERS))
+        print("unicodedata2 %s and regex %s agree with tokenizers %s on every general category and script"
+              % (UNICODE, REGEX, TOKENIZERS))
         return
     no_ccc, no_dec = hf_nfc_unknown()
 
@@ -158,8 +212,8 @@ def main():
 
     L = []
     L.append("/* tok_unicode_tables.c -- GENERATED by engine/tok_unicode_tables.py; do not edit.")
-    L.append(" * Sources: unicodedata2 %s, Python unicodedata %s, tokenizers %s. */"
-             % (ud.unidata_version, base_ud.unidata_version, tokenizers.__version__))
+    L.append(" * Sources: unicodedata2 %s, regex %s, Python unicodedata %s, tokenizers %s. */"
+             % (ud.unidata_version, REGEX, base_ud.unidata_version, tokenizers.__version__))
     L.append('#include "tok_priv.h"')
     L.append("")
     L.append('const char tok_uc_version[] = "%s";      /* the regex tables (Oniguruma in tokenizers) */' % UNICODE)
@@ -191,10 +245,24 @@ def main():
     L += wrap(["{0x%X,0x%X,%d,%d}," % (lo, hi, v >> 8, v & 255) for lo, hi, v in changes])
     L.append("};")
     L.append("const size_t tok_uc_n_gc_changes = sizeof tok_uc_gc_changes / sizeof tok_uc_gc_changes[0];")
+    L.append("")
+    L.append("/* Script of Unicode %s (regex %s): the runs of each script (first, last," % (UNICODE, REGEX))
+    L.append(" * script index) in code point order; code points in no run are Unknown. */")
+    allruns = sorted((lo, hi, i) for i, (_, runs) in enumerate(scs) for lo, hi in runs)
+    L.append("const uint32_t tok_uc_script[][3] = {")
+    L += wrap(["{0x%X,0x%X,%d}," % r for r in allruns])
+    L.append("};")
+    L.append("const size_t tok_uc_n_script = sizeof tok_uc_script / sizeof tok_uc_script[0];")
+    L.append("/* The names Oniguruma accepts for each script, lower case without '_' '-' ' ';")
+    L.append(' * index = position in tok_uc_script; "unknown" and "zzzz" are the rest. */')
+    L.append("const tok_uc_name tok_uc_script_names[] = {")
+    L += wrap(['{"%s",%d},' % (n, i) for i, (names, _) in enumerate(scs) for n in names])
+    L.append("};")
+    L.append("const size_t tok_uc_n_script_names = sizeof tok_uc_script_names / sizeof tok_uc_script_names[0];")
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
-    print("wrote %s: %d ccc ranges, %d decompositions, %d category runs, %d changes since %s"
-          % (a.out, len(ccc), len(dec), len(gc_runs), len(changes), BASE))
+    print("wrote %s: %d ccc ranges, %d decompositions, %d category runs, %d changes since %s, %d scripts in %d runs"
+          % (a.out, len(ccc), len(dec), len(gc_runs), len(changes), BASE, len(scs), len(allruns)))
 
 
 if __name__ == "__main__":

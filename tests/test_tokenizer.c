@@ -1064,6 +1064,12 @@ START_TEST(regex_unicode16)
         ck_assert_str_eq(out, "\xE1\x9C\x95|\xCD\xB8" "|a");
         split_str("[^\\P{Mc}]+|[\\p{^Cn}]+", "\xE1\x9C\x95" "a\xCD\xB8", out, sizeof out);
         ck_assert_str_eq(out, "\xE1\x9C\x95|a|\xCD\xB8");
+        /* scripts (Script, not Script_Extensions: U+3001 is Common), long
+         * names and ISO 15924 codes; U+31350 (CJK extension H, Unicode 15) is Han */
+        split_str("\\p{Han}+|\\p{Hira}+|\\P{Latin}", "\xE6\x97\xA5\xF0\xB1\x8D\x90\xE3\x81\x82\xE3\x80\x81" "a", out, sizeof out);
+        ck_assert_str_eq(out, "\xE6\x97\xA5\xF0\xB1\x8D\x90|\xE3\x81\x82|\xE3\x80\x81" "|a");
+        split_str("[\\p{Unknown}\\P{Old_Italic}]+", "\xCD\xB8" "a\xF0\x90\x8C\x80", out, sizeof out);
+        ck_assert_str_eq(out, "\xCD\xB8" "a|\xF0\x90\x8C\x80");
         /* long names, any case, '_' '-' ' ' ignored */
         split_str("\\p{uppercase letter}+|\\p{Decimal-Number}+|\\p{Other_Punctuation}+", "AB12!?c", out, sizeof out);
         ck_assert_str_eq(out, "AB|12|!?|c");
@@ -1093,7 +1099,7 @@ START_TEST(regex_syntax)
     ck_assert_str_eq(out, "x|\xD9\xA3\xF0\x9D\x9F\x8E" "1");
     /* what differs and has no translation is refused, naming it */
     const char *bad[][2] = {
-        { "\\w+", "\\w" }, { "\\bx", "\\b" }, { "\\h", "\\h" }, { "\\p{Han}", "\\p{Han}" },
+        { "\\w+", "\\w" }, { "\\bx", "\\b" }, { "\\h", "\\h" }, { "\\p{Emoji}", "\\p{Emoji}" },
         { "\\p{Alphabetic}", "Alphabetic" }, { "[[:alpha:]]", "[:" }, { "[a[b]]", "nested" },
         { "[a&&b]", "&&" }, { "(?m:a)", "(?m:" }, { "\\pL", "\\pL" }, { "[\\p{L}", "unterminated" },
         { "\\p{L", "unterminated" }, { "\\u12", "\\u" },

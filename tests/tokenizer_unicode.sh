@@ -3,7 +3,8 @@
 # in context, through mkad's pre-tokenizer and through the Hugging Face
 # `tokenizers` library, for each Split regex style the loader meets (GPT-2's
 # ByteLevel regex, Llama-3, Qwen2, DeepSeek V3's three Splits, o200k's
-# letter-case classes, every General_Category by name, complements):
+# letter-case classes, every General_Category and every script by name,
+# complements):
 # tests/ref/tok_sweep.py.  tokenizers is pinned (0.23.3: Oniguruma with
 # Unicode 16.0.0, the version of engine/tok_unicode_tables.c) and installed
 # from PyPI when missing; skips (exit 77) only when it cannot be installed.

@@ -46,9 +46,25 @@ CATEGORIES = "|".join(r"\p{%s}+" % n for n in [
 NEGATIONS = (r"[^\P{So}\p{Sm}]+|[\P{Assigned}\p{Zs}]+|\p{^L}\p{LC}|\p{Cased_Letter}+|[\p{Z}\p{C}]+|\P{Letter}\d+|"
              r"[\S\p{M}]\s|\D\p{Any}|\p{P}+")
 
+
+
+def scripts_regex():
+    """Every script on its own (and Unknown), by one of the names mkad's
+    tables list for it, long names and four-letter codes in turn."""
+    import re
+    src = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "engine", "tok_unicode_tables.c")).read()
+    names = {}
+    for name, idx in re.findall(r'\{"([a-z0-9]+)",(\d+)\}', src):
+        names.setdefault(int(idx), []).append(name)
+    pick = [sorted(v, key=len)[(i % 2) * (len(v) - 1)] for i, v in sorted(names.items())]
+    return "|".join(r"\p{%s}+" % n for n in pick + ["Unknown"])
+
+
+SCRIPTS = scripts_regex()
+
 STYLES = {
     "gpt2": GPT2, "llama3": [LLAMA3], "qwen2": [QWEN2], "deepseek_v3": DEEPSEEK_V3, "o200k": [O200K],
-    "categories": [CATEGORIES], "negations": [NEGATIONS],
+    "categories": [CATEGORIES], "negations": [NEGATIONS], "scripts": [SCRIPTS],
 }
 EXPLICIT = ["deepseek_v3", "categories"]
 CHUNK = 8192
