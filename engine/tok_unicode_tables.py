@@ -6,9 +6,9 @@ library does.  That library is not one Unicode version:
   * its NFC normalizer (crate unicode-normalization-alignments) knows
     Unicode 9.0: characters assigned later have combining class 0 and no
     decomposition;
-  * its regex engine, Oniguruma (crate onig, onig_sys 69.9 = Oniguruma
-    6.9.10), knows Unicode 16.0.0, while the PCRE2 that mkad links (10.42 in
-    Debian 12) knows 14.0.0.
+  * its regex engine, Oniguruma (Rust crate onig), knows Unicode 16.0.0
+    (check_gc and check_scripts below confirm it code point by code point),
+    while the PCRE2 that mkad links (10.42 in Debian 12) knows 14.0.0.
 
 Sources (pinned; a different version is refused):
   * unicodedata2 16.0.0 (PyPI): General_Category, combining classes and
