@@ -203,12 +203,19 @@ static int put_space(tok_buf *o, int negate)
 
 /* ---- the translation ----------------------------------------------------------- */
 
+#define XL_MAX_DEPTH 64
+
 typedef struct xl {
     const char *pat;
     size_t n, i;
     tok_buf *o;
     char *err;
     size_t errlen;
+    /* case-insensitive matching in force, per open group: Oniguruma does
+     * not fold \p{..} under (?i) and PCRE2 folds explicit ranges, so a
+     * property there is refused rather than translated */
+    int depth;
+    unsigned char ci[XL_MAX_DEPTH + 1];
 } xl;
 
 static int xl_refuse(xl *x, size_t at, size_t len, const char *why)
@@ -262,6 +269,7 @@ static int put_prop(tok_buf *o, const prop *p)
 static int xl_prop(xl *x, int upper, prop *pr)
 {
     size_t at = x->i, j = x->i + 3;
+    if (x->ci[x->depth]) return xl_refuse(x, at, 3, "a property under the case-insensitive option (?i)");
     const char *end = memchr(x->pat + j, '}', x->n - j);
     if (!end) return xl_refuse(x, at, x->n - at, "unterminated property");
     size_t stop = (size_t)(end - x->pat);
@@ -373,7 +381,11 @@ static int xl_class_item(xl *x)
             if ((rc = xl_prop(x, e == 'P', &pr))) return rc;
             return put_prop(x->o, &pr);
         }
-        if (e == 'd' || e == 'D') { x->i += 2; return put_set(x->o, e == 'd' ? GC(ND) : GC_ALL & ~GC(ND)); }
+        if (e == 'd' || e == 'D') {
+            if (x->ci[x->depth]) return xl_refuse(x, i, 2, "\\d under the case-insensitive option (?i)");
+            x->i += 2;
+            return put_set(x->o, e == 'd' ? GC(ND) : GC_ALL & ~GC(ND));
+        }
         if (e == 's' || e == 'S') { x->i += 2; return put_space(x->o, e == 'S'); }
         return xl_escape(x, 1);
     }
@@ -383,7 +395,7 @@ static int xl_class_item(xl *x)
 
 int tok__translate_regex(const char *pat, size_t n, tok_buf *o, char *err, size_t errlen)
 {
-    xl x = { pat, n, 0, o, err, errlen };
+    xl x = { .pat = pat, .n = n, .o = o, .err = err, .errlen = errlen };
     int rc = 0;
     while (x.i < n && !rc) {
         size_t i = x.i;
@@ -413,6 +425,7 @@ int tok__translate_regex(const char *pat, size_t n, tok_buf *o, char *err, size_
                     continue;
                 }
             } else if (e == 'd' || e == 'D') {
+                if (x.ci[x.depth]) return xl_refuse(&x, i, 2, "\\d under the case-insensitive option (?i)");
                 pr.set = GC(ND);
                 pr.neg = e == 'D';
                 x.i += 2;
@@ -431,16 +444,35 @@ int tok__translate_regex(const char *pat, size_t n, tok_buf *o, char *err, size_
         if (c == '^') { x.i++; rc = tok_buf_put(o, "(?m:^)", 6); continue; }
         if (c == '$') { x.i++; rc = tok_buf_put(o, "(?m:$)", 6); continue; }
         if (c == '{' && i + 1 < n && pat[i + 1] == ',') { x.i += 2; rc = tok_buf_put(o, "{0,", 3); continue; }
-        if (c == '(' && i + 2 < n && pat[i + 1] == '?') {
+        if (c == '(') {
             /* inline options: i and x mean the same in both engines, m and s do not */
             size_t j = i + 2;
-            while (j < n && (pat[j] == '-' || (pat[j] >= 'a' && pat[j] <= 'z') || (pat[j] >= 'A' && pat[j] <= 'Z'))) j++;
-            if (j > i + 2 && j < n && (pat[j] == ')' || pat[j] == ':')) {
-                for (size_t k = i + 2; k < j; k++)
-                    if (pat[k] != '-' && pat[k] != 'i' && pat[k] != 'x')
-                        return xl_refuse(&x, i, j + 1 - i, "inline options other than i and x");
+            int opts = 0, ci = x.ci[x.depth];
+            if (i + 1 < n && pat[i + 1] == '?') {
+                while (j < n && (pat[j] == '-' || (pat[j] >= 'a' && pat[j] <= 'z') || (pat[j] >= 'A' && pat[j] <= 'Z'))) j++;
+                opts = j > i + 2 && j < n && (pat[j] == ')' || pat[j] == ':');
+            }
+            if (opts) {
+                int on = 1;
+                for (size_t k = i + 2; k < j; k++) {
+                    if (pat[k] == '-') on = 0;
+                    else if (pat[k] == 'i') ci = on;
+                    else if (pat[k] != 'x') return xl_refuse(&x, i, j + 1 - i, "inline options other than i and x");
+                }
+            }
+            if (opts && pat[j] == ')') {
+                x.ci[x.depth] = (unsigned char)ci; /* for the rest of the enclosing group */
+            } else {
+                if (x.depth == XL_MAX_DEPTH) return xl_refuse(&x, i, 1, "groups nested deeper than 64");
+                x.ci[++x.depth] = (unsigned char)ci;
+            }
+            if (opts) { /* "(?i)" or "(?i:" as it is */
+                x.i = j + 1;
+                rc = tok_buf_put(o, pat + i, j + 1 - i);
+                continue;
             }
         }
+        if (c == ')' && x.depth > 0) x.depth--;
         x.i++;
         rc = tok_buf_put(o, &c, 1);
     }

@@ -1095,6 +1095,9 @@ START_TEST(regex_syntax)
     ck_assert_str_eq(out, "a|\x0B|\x0C");
     split_str("\\u0041", "bAb", out, sizeof out);
     ck_assert_str_eq(out, "b|A|b");
+    /* (?i) ends with its group; properties outside it are fine */
+    split_str("(?:(?i)k)\\p{Lu}|(?i:k)|(?-i)\\p{Lu}", "kKKk\xE2\x84\xAA", out, sizeof out);
+    ck_assert_str_eq(out, "kK|K|k\xE2\x84\xAA");
     split_str("\\d+", "x\xD9\xA3\xF0\x9D\x9F\x8E" "1", out, sizeof out);
     ck_assert_str_eq(out, "x|\xD9\xA3\xF0\x9D\x9F\x8E" "1");
     /* what differs and has no translation is refused, naming it */
@@ -1102,7 +1105,7 @@ START_TEST(regex_syntax)
         { "\\w+", "\\w" }, { "\\bx", "\\b" }, { "\\h", "\\h" }, { "\\p{Emoji}", "\\p{Emoji}" },
         { "\\p{Alphabetic}", "Alphabetic" }, { "[[:alpha:]]", "[:" }, { "[a[b]]", "nested" },
         { "[a&&b]", "&&" }, { "(?m:a)", "(?m:" }, { "\\pL", "\\pL" }, { "[\\p{L}", "unterminated" },
-        { "\\p{L", "unterminated" }, { "\\u12", "\\u" },
+        { "\\p{L", "unterminated" }, { "\\u12", "\\u" }, { "(?i)a\\p{Lu}", "(?i)" }, { "(?i:[\\d])", "(?i)" },
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char err[512];
