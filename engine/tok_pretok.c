@@ -17,15 +17,19 @@
  *     \p{..} alone when it is the tables' version, and explicit code point
  *     ranges when it is neither or when a category lost code points (Cn, Mn);
  *   - \p{..} with a script (Script, not Script_Extensions, as Oniguruma:
- *     Han, Latin, Hira, Zyyy, Unknown, ...) becomes explicit ranges;
- *   - \d \D are \p{Nd} \P{Nd}; \s \S are White_Space; \v is U+000B;
+ *     Han, Latin, Hira, Zyyy, Unknown, ...) or a binary property that the
+ *     tables have (Alphabetic, White_Space, Emoji, ...: those on which
+ *     Oniguruma and Unicode agree) becomes explicit ranges;
+ *   - \d \D are \p{Nd} \P{Nd}; \s \S are White_Space; \h \H an ASCII hex
+ *     digit or not; \v is U+000B;
  *     \uHHHH is \x{HHHH};
  *   - '.' matches a newline, '^' and '$' are line anchors, {,n} is {0,n},
  *     as in Oniguruma's syntax;
  *   - constructs whose meaning differs and that real tokenizers do not use
- *     (\w \b \h, binary properties, POSIX brackets, nested classes,
- *     &&, inline options other than i and x) are refused at load with the
- *     construct named, never translated into something that splits otherwise.
+ *     (\w \b: Oniguruma's Word is neither Unicode's nor PCRE2's; POSIX
+ *     brackets, nested classes, &&, inline options other than i and x, a
+ *     property under (?i)) are refused at load with the construct named,
+ *     never translated into something that splits otherwise.
  * tests/tokenizer_unicode.sh checks all 1,114,112 code points in context
  * against tokenizers for each pattern style the loader is known to meet.
  */
@@ -225,25 +229,26 @@ static int xl_refuse(xl *x, size_t at, size_t len, const char *why)
                      (int)(len > 24 ? 24 : len), x->pat + at, at, why, x->pat);
 }
 
-/* A property: a General_Category set (script -1) or a script (its index;
- * -2: Unknown, the code points of no script), negated or not. */
+/* A property: a General_Category set (script and binary -1), a script (its
+ * index; -2: Unknown, the code points of no script) or a binary property
+ * (its index), negated or not. */
 typedef struct prop {
     uint32_t set;
-    int script;
+    int script, binary;
     int neg;
 } prop;
 
-/* Appends the ranges of one script (all scripts for k == -2) or, with
- * complement, the code points outside them; then \p{Cs} (see
- * put_set_ranges). */
-static int put_script(tok_buf *o, int k, int complement)
+/* Appends the ranges of the runs of index k in a run table sorted by code
+ * point within each index (k == -2: of every index) or, with complement,
+ * the code points outside them; then \p{Cs} (see put_set_ranges). */
+static int put_runs(tok_buf *o, const uint32_t (*runs)[3], size_t n, int k, int complement)
 {
     uint32_t lo = 0, hi = 0, next = 0;
     int have = 0;
-    for (size_t i = 0; i <= tok_uc_n_script; i++) {
-        int end = i == tok_uc_n_script;
-        if (!end && k != -2 && (int)tok_uc_script[i][2] != k) continue;
-        uint32_t a = end ? 0x110000 : tok_uc_script[i][0], b = end ? 0x110000 : tok_uc_script[i][1];
+    for (size_t i = 0; i <= n; i++) {
+        int end = i == n;
+        if (!end && k != -2 && (int)runs[i][2] != k) continue;
+        uint32_t a = end ? 0x110000 : runs[i][0], b = end ? 0x110000 : runs[i][1];
         if (!end && have && a == hi + 1) { hi = b; continue; }
         if (have) { /* flush [lo, hi] */
             if (complement ? lo > next && put_range(o, next, lo - 1) : put_range(o, lo, hi)) return ENG_ENOMEM;
@@ -256,16 +261,24 @@ static int put_script(tok_buf *o, int k, int complement)
     return tok_buf_put(o, "\\p{Cs}", 6);
 }
 
+static int find_name(const tok_uc_name *names, size_t n, const char *key)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(key, names[i].name) == 0) return names[i].idx;
+    return -1;
+}
+
 /* The class body of a property inside a class (complements included). */
 static int put_prop(tok_buf *o, const prop *p)
 {
+    if (p->binary >= 0) return put_runs(o, tok_uc_binary, tok_uc_n_binary, p->binary, p->neg);
     if (p->script == -1) return put_set(o, p->neg ? GC_ALL & ~p->set : p->set);
-    return put_script(o, p->script, p->script == -2 ? !p->neg : p->neg);
+    return put_runs(o, tok_uc_script, tok_uc_n_script, p->script, p->script == -2 ? !p->neg : p->neg);
 }
 
 /* Reads a property name after "\p{" / "\P{" at x->i into *pr: a
- * General_Category (or Any, Assigned) or a script, negated for \P and
- * \p{^..}. */
+ * General_Category (or Any, Assigned), a script or a binary property,
+ * negated for \P and \p{^..}. */
 static int xl_prop(xl *x, int upper, prop *pr)
 {
     size_t at = x->i, j = x->i + 3;
@@ -285,27 +298,22 @@ static int xl_prop(xl *x, int upper, prop *pr)
     }
     key[k] = 0;
     pr->neg = neg;
-    pr->script = -1;
+    pr->script = pr->binary = -1;
+    x->i = stop + 1;
     for (size_t p = 0; p < sizeof gc_props / sizeof gc_props[0]; p++) {
         if (strcmp(key, gc_props[p].name) != 0) continue;
         pr->set = gc_props[p].set;
-        x->i = stop + 1;
         return 0;
     }
     if (strcmp(key, "unknown") == 0 || strcmp(key, "zzzz") == 0) {
         pr->script = -2;
-        x->i = stop + 1;
         return 0;
     }
-    for (size_t p = 0; p < tok_uc_n_script_names; p++) {
-        if (strcmp(key, tok_uc_script_names[p].name) != 0) continue;
-        pr->script = tok_uc_script_names[p].idx;
-        x->i = stop + 1;
-        return 0;
-    }
+    if ((pr->script = find_name(tok_uc_script_names, tok_uc_n_script_names, key)) >= 0) return 0;
+    if ((pr->binary = find_name(tok_uc_binary_names, tok_uc_n_binary_names, key)) >= 0) return 0;
     return xl_refuse(x, at, stop + 1 - at,
-                     "only General_Category properties (L, Lu, Letter, P, Nd, ...), Any, Assigned and scripts "
-                     "(Han, Latin, Hira, ...) are; binary properties are not");
+                     "not a General_Category, script or binary property that mkad's tables and Oniguruma "
+                     "agree on (engine/tok_unicode_tables.c lists them)");
 }
 
 static int hexval(char c)
@@ -387,6 +395,12 @@ static int xl_class_item(xl *x)
             return put_set(x->o, e == 'd' ? GC(ND) : GC_ALL & ~GC(ND));
         }
         if (e == 's' || e == 'S') { x->i += 2; return put_space(x->o, e == 'S'); }
+        if (e == 'h') { x->i += 2; return tok_buf_put(x->o, "0-9A-Fa-f", 9); } /* Oniguruma: a hex digit */
+        if (e == 'H') {
+            x->i += 2;
+            return put_range(x->o, 0, 0x2F) || put_range(x->o, 0x3A, 0x40) || put_range(x->o, 0x47, 0x60) ||
+                   put_range(x->o, 0x67, 0x10FFFF) ? ENG_ENOMEM : 0;
+        }
         return xl_escape(x, 1);
     }
     x->i++;
@@ -417,13 +431,17 @@ int tok__translate_regex(const char *pat, size_t n, tok_buf *o, char *err, size_
         }
         if (c == '\\' && i + 1 < n) {
             char e = pat[i + 1];
-            prop pr = { 0, -1, 0 };
+            prop pr = { 0, -1, -1, 0 };
             if ((e == 'p' || e == 'P') && i + 2 < n && pat[i + 2] == '{') {
                 if ((rc = xl_prop(&x, e == 'P', &pr))) return rc;
-                if (pr.script != -1) {
+                if (pr.script != -1 || pr.binary != -1) {
                     rc = tok_buf_put(o, "[", 1) || put_prop(o, &pr) || tok_buf_put(o, "]", 1);
                     continue;
                 }
+            } else if (e == 'h' || e == 'H') {
+                x.i += 2;
+                rc = tok_buf_put(o, e == 'h' ? "[0-9A-Fa-f]" : "[^0-9A-Fa-f]", e == 'h' ? 11 : 12);
+                continue;
             } else if (e == 'd' || e == 'D') {
                 if (x.ci[x.depth]) return xl_refuse(&x, i, 2, "\\d under the case-insensitive option (?i)");
                 pr.set = GC(ND);

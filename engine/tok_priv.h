@@ -135,6 +135,10 @@ extern const uint32_t tok_uc_script[][3];      /* first, last, script index; the
 extern const size_t tok_uc_n_script;
 extern const tok_uc_name tok_uc_script_names[];/* every name of each script index */
 extern const size_t tok_uc_n_script_names;
+extern const uint32_t tok_uc_binary[][3];      /* first, last, property index; by property, then code point */
+extern const size_t tok_uc_n_binary;
+extern const tok_uc_name tok_uc_binary_names[];/* every name of each binary property index */
+extern const size_t tok_uc_n_binary_names;
 
 /* ---- UTF-8 and NFC (tok_normalize.c) ---------------------------------------- */
 

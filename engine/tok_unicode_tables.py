@@ -14,7 +14,9 @@ Sources (pinned; a different version is refused):
   * unicodedata2 16.0.0 (PyPI): General_Category, combining classes and
     decompositions of Unicode 16.0.0;
   * regex 2024.11.6 (PyPI), whose tables are Unicode 16.0.0: the Script
-    property and the names of the scripts (long names and ISO 15924 codes);
+    property and the names of the scripts (long names and ISO 15924 codes),
+    the binary properties (Alphabetic, White_Space, Emoji, Word, ...) and
+    their names, each kept only where Oniguruma agrees on every code point;
   * Python 3's own unicodedata (14.0.0 in Python 3.11, the version of
     PCRE2 10.42's tables): the base that the "changes" table patches;
   * tokenizers 0.23.3 (PyPI), asked which characters its NFC does not know
@@ -103,6 +105,34 @@ def scripts():
     return out
 
 
+def binary_properties():
+    """[(names, runs)] for every binary property that regex and Oniguruma
+    both know by a name and that they agree on, code point by code point;
+    and the names of those on which they disagree (left out: refused)."""
+    props = {}
+    for name, (pid, values) in regex._regex_core.PROPERTIES.items():
+        if not ({"Y", "N"} <= set(values) and onig_accepts(name)):
+            continue
+        if name.lower() in ("any", "assigned"):  # General_Category sets in mkad
+            continue
+        props.setdefault(pid, []).append(name.lower())
+    parts = [(0, "".join(map(chr, range(0, 0xD800)))), (0xE000, "".join(map(chr, range(0xE000, 0x110000))))]
+    out, dropped = [], []
+    for pid in sorted(props):
+        names = sorted(props[pid])
+        key = max(names, key=len)
+        runs = [(base + m.start(), base + m.end() - 1)
+                for base, text in parts for m in regex.finditer(r"\p{%s}+" % key, text)]
+        want = bytearray(0x110000)
+        for lo, hi in runs:
+            want[lo:hi + 1] = b"\x01" * (hi + 1 - lo)
+        sep = next(ch for ch in "\x00a!" if not want[ord(ch)])
+        mem = members(key, sep)
+        same = all(mem[cp] == want[cp] for cp in range(0x110000) if not (0xD800 <= cp < 0xE000) and chr(cp) != sep)
+        (out if same else dropped).append((names, runs) if same else key)
+    return out, dropped
+
+
 def check_scripts(scs):
     """Every script as Oniguruma matches it (\p{Name}) equals regex's Script."""
     for names, runs in scs:
@@ -185,6 +215,7 @@ def main():
     check_gc()
     scs = scripts()
     check_scripts(scs)
+    bins, dropped = binary_properties()
     if a.check:
         print("unicodedata2 %s and regex %s agree with tokenizers %s on every general category and script"
               % (UNICODE, REGEX, TOKENIZERS))
@@ -259,10 +290,28 @@ def main():
     L += wrap(['{"%s",%d},' % (n, i) for i, (names, _) in enumerate(scs) for n in names])
     L.append("};")
     L.append("const size_t tok_uc_n_script_names = sizeof tok_uc_script_names / sizeof tok_uc_script_names[0];")
+    L.append("")
+    L.append("/* Binary properties of Unicode %s (regex %s) that Oniguruma has the same:" % (UNICODE, REGEX))
+    L.append(" * runs (first, last, property index) ordered by property, then code point.")
+    for k in range(0, len(dropped), 8):
+        L.append(" * %s %s" % ("Left out (they differ between the two, so mkad refuses them):" if k == 0 else "  ",
+                              ", ".join(dropped[k:k + 8])))
+    L.append(" */")
+    binruns = [(lo, hi, i) for i, (_, runs) in enumerate(bins) for lo, hi in runs]
+    L.append("const uint32_t tok_uc_binary[][3] = {")
+    L += wrap(["{0x%X,0x%X,%d}," % r for r in binruns])
+    L.append("};")
+    L.append("const size_t tok_uc_n_binary = sizeof tok_uc_binary / sizeof tok_uc_binary[0];")
+    L.append("const tok_uc_name tok_uc_binary_names[] = {")
+    L += wrap(['{"%s",%d},' % (n, i) for i, (names, _) in enumerate(bins) for n in names])
+    L.append("};")
+    L.append("const size_t tok_uc_n_binary_names = sizeof tok_uc_binary_names / sizeof tok_uc_binary_names[0];")
     with open(a.out, "w") as f:
         f.write("\n".join(L) + "\n")
-    print("wrote %s: %d ccc ranges, %d decompositions, %d category runs, %d changes since %s, %d scripts in %d runs"
-          % (a.out, len(ccc), len(dec), len(gc_runs), len(changes), BASE, len(scs), len(allruns)))
+    print("wrote %s: %d ccc ranges, %d decompositions, %d category runs, %d changes since %s, %d scripts in %d runs, "
+          "%d binary properties in %d runs (%d left out: %s)"
+          % (a.out, len(ccc), len(dec), len(gc_runs), len(changes), BASE, len(scs), len(allruns), len(bins), len(binruns),
+             len(dropped), " ".join(dropped)))
 
 
 if __name__ == "__main__":

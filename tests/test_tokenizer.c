@@ -1070,6 +1070,10 @@ START_TEST(regex_unicode16)
         ck_assert_str_eq(out, "\xE6\x97\xA5\xF0\xB1\x8D\x90|\xE3\x81\x82|\xE3\x80\x81" "|a");
         split_str("[\\p{Unknown}\\P{Old_Italic}]+", "\xCD\xB8" "a\xF0\x90\x8C\x80", out, sizeof out);
         ck_assert_str_eq(out, "\xCD\xB8" "a|\xF0\x90\x8C\x80");
+        /* binary properties; \h is an ASCII hex digit */
+        split_str("\\h+|\\p{Alphabetic}+|\\p{Emoji}+|[\\P{White_Space}\\p{Zs}]",
+                  "fF9g\xCD\x85x\xF0\x9F\x98\x80# \xE2\x80\xA8", out, sizeof out);
+        ck_assert_str_eq(out, "fF9|g\xCD\x85x|\xF0\x9F\x98\x80#| |\xE2\x80\xA8");
         /* long names, any case, '_' '-' ' ' ignored */
         split_str("\\p{uppercase letter}+|\\p{Decimal-Number}+|\\p{Other_Punctuation}+", "AB12!?c", out, sizeof out);
         ck_assert_str_eq(out, "AB|12|!?|c");
@@ -1102,8 +1106,8 @@ START_TEST(regex_syntax)
     ck_assert_str_eq(out, "x|\xD9\xA3\xF0\x9D\x9F\x8E" "1");
     /* what differs and has no translation is refused, naming it */
     const char *bad[][2] = {
-        { "\\w+", "\\w" }, { "\\bx", "\\b" }, { "\\h", "\\h" }, { "\\p{Emoji}", "\\p{Emoji}" },
-        { "\\p{Alphabetic}", "Alphabetic" }, { "[[:alpha:]]", "[:" }, { "[a[b]]", "nested" },
+        { "\\w+", "\\w" }, { "\\bx", "\\b" }, { "\\X", "\\X" }, { "\\p{XDigit}", "\\p{XDigit}" },
+        { "\\p{Word}", "\\p{Word}" }, { "[[:alpha:]]", "[:" }, { "[a[b]]", "nested" },
         { "[a&&b]", "&&" }, { "(?m:a)", "(?m:" }, { "\\pL", "\\pL" }, { "[\\p{L}", "unterminated" },
         { "\\p{L", "unterminated" }, { "\\u12", "\\u" }, { "(?i)a\\p{Lu}", "(?i)" }, { "(?i:[\\d])", "(?i)" },
     };

@@ -4,7 +4,7 @@
 # `tokenizers` library, for each Split regex style the loader meets (GPT-2's
 # ByteLevel regex, Llama-3, Qwen2, DeepSeek V3's three Splits, o200k's
 # letter-case classes, every General_Category and every script by name,
-# complements):
+# complements, binary properties):
 # tests/ref/tok_sweep.py.  tokenizers is pinned (0.23.3: Oniguruma with
 # Unicode 16.0.0, the version of engine/tok_unicode_tables.c) and installed
 # from PyPI when missing; skips (exit 77) only when it cannot be installed.

@@ -61,10 +61,14 @@ def scripts_regex():
 
 
 SCRIPTS = scripts_regex()
+# Binary properties (tables checked against Oniguruma when generated; this
+# checks how they reach PCRE2), and \h.
+BINARY = (r"\p{Alphabetic}+|\p{White_Space}+|\p{Emoji}+|\p{Extended_Pictographic}+|[\P{Cased}\p{Ideographic}]+|"
+          r"\p{Default_Ignorable_Code_Point}|\h")
 
 STYLES = {
     "gpt2": GPT2, "llama3": [LLAMA3], "qwen2": [QWEN2], "deepseek_v3": DEEPSEEK_V3, "o200k": [O200K],
-    "categories": [CATEGORIES], "negations": [NEGATIONS], "scripts": [SCRIPTS],
+    "categories": [CATEGORIES], "negations": [NEGATIONS], "scripts": [SCRIPTS], "binary": [BINARY],
 }
 EXPLICIT = ["deepseek_v3", "categories"]
 CHUNK = 8192
