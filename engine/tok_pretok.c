@@ -19,10 +19,10 @@
  *   - \p{..} with a script (Script, not Script_Extensions, as Oniguruma:
  *     Han, Latin, Hira, Zyyy, Unknown, ...) or a binary property that the
  *     tables have (Alphabetic, White_Space, Emoji, ...: those on which
- *     Oniguruma and Unicode agree) becomes explicit ranges;
+ *     Oniguruma and the regex package's Unicode 16 agree) becomes explicit
+ *     ranges;
  *   - \d \D are \p{Nd} \P{Nd}; \s \S are White_Space; \h \H an ASCII hex
- *     digit or not; \v is U+000B;
- *     \uHHHH is \x{HHHH};
+ *     digit or not; \v is U+000B; \uHHHH is \x{HHHH};
  *   - '.' matches a newline, '^' and '$' are line anchors, {,n} is {0,n},
  *     as in Oniguruma's syntax;
  *   - constructs whose meaning differs and that real tokenizers do not use
