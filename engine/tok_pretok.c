@@ -179,12 +179,20 @@ static int put_set(tok_buf *o, uint32_t set)
         int l = snprintf(item, sizeof item, "\\p{%s}", gc_name[k]);
         if (tok_buf_put(o, item, (size_t)l)) return ENG_ENOMEM;
     }
-    if (mode == UC_PATCH) /* what was Cn (or another category) in PCRE2's Unicode */
-        for (size_t i = 0; i < tok_uc_n_gc_changes; i++)
-            if (in_set(set, tok_uc_gc_changes[i][3]) && !in_set(set, tok_uc_gc_changes[i][2]) &&
-                put_range(o, tok_uc_gc_changes[i][0], tok_uc_gc_changes[i][1]))
-                return ENG_ENOMEM;
-    return 0;
+    if (mode != UC_PATCH) return 0;
+    /* what was Cn (or another category) in PCRE2's Unicode, adjacent runs
+     * merged: PCRE2 tries a class's ranges one by one for every character
+     * that its \p{..} items refuse, so fewer ranges match faster */
+    uint32_t lo = 0, hi = 0;
+    int have = 0;
+    for (size_t i = 0; i < tok_uc_n_gc_changes; i++) {
+        if (!in_set(set, tok_uc_gc_changes[i][3]) || in_set(set, tok_uc_gc_changes[i][2])) continue;
+        uint32_t a = tok_uc_gc_changes[i][0], b = tok_uc_gc_changes[i][1];
+        if (have && a == hi + 1) { hi = b; continue; }
+        if (have && put_range(o, lo, hi)) return ENG_ENOMEM;
+        lo = a; hi = b; have = 1;
+    }
+    return have && put_range(o, lo, hi) ? ENG_ENOMEM : 0;
 }
 
 /* Unicode White_Space (Oniguruma's \s), as ranges. */
