@@ -217,8 +217,8 @@ def main():
     check_scripts(scs)
     bins, dropped = binary_properties()
     if a.check:
-        print("unicodedata2 %s and regex %s agree with tokenizers %s on every general category and script"
-              % (UNICODE, REGEX, TOKENIZERS))
+        print("unicodedata2 %s and regex %s agree with tokenizers %s on every general category and script, "
+              "and on %d binary properties (not on %s)" % (UNICODE, REGEX, TOKENIZERS, len(bins), " ".join(dropped)))
         return
     no_ccc, no_dec = hf_nfc_unknown()
 
