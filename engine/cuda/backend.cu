@@ -162,6 +162,7 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->act = take_bf16(&b, T * e->F);
     cs->selb = take_bf16(&b, S * D);
     cs->logits = take_f32(&b, S * e->V);
+    cs->argmax = (int *)take(&b, S * sizeof(int));
     if (e->prm.l3_capture) {
         cs->chunk_acc = take_f32(&b, S * (NL + 1) * D);
         cs->chunk_out = take_f32(&b, (size_t)e->max_step_chunks * (NL + 1) * D);
@@ -483,6 +484,7 @@ static void cuda_fini(eng_engine *e)
     (void)cudaFree(cs->w_arena);
     if (cs->plan_host) (void)cudaFreeHost(cs->plan_host);
     if (cs->logits_host) (void)cudaFreeHost(cs->logits_host);
+    if (cs->argmax_host) (void)cudaFreeHost(cs->argmax_host);
     if (cs->l3_host) (void)cudaFreeHost(cs->l3_host);
     if (cs->chunk_host) (void)cudaFreeHost(cs->chunk_host);
     if (cs->stream) (void)cudaStreamDestroy(cs->stream);
@@ -614,6 +616,7 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
                            cudaHostAllocDefault));
     CUDA_TRY(cudaHostAlloc((void **)&cs->logits_host, S * e->V * sizeof(float),
                            cudaHostAllocDefault));
+    CUDA_TRY(cudaHostAlloc((void **)&cs->argmax_host, S * sizeof(int), cudaHostAllocDefault));
     if (cs->l3_mu)
         CUDA_TRY(cudaHostAlloc((void **)&cs->l3_host, 2 * NL * R * D * sizeof(float),
                                cudaHostAllocDefault));
@@ -934,6 +937,10 @@ static int forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, const eng_pla
                        errlen)))
             return rc;
         PROF("lm head", WBYTES(cs->lm_head));
+        if (p->argmax) {
+            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax, st));
+            PROF("argmax", 0);
+        }
     }
     return ENG_OK;
 }
@@ -974,17 +981,21 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
         cs->prof->att_bytes = ctx * 2.0 * e->kv_dim * sizeof(bf16);
     }
     if ((rc = forward(e, cs, &f, p, max_n, o_sel, err, errlen))) return rc;
-    if (p->n_sel > 0)
+    if (p->n_sel > 0 && p->want_logits)
         CUDA_TRY(cudaMemcpyAsync(cs->logits_host, cs->logits,
                                  (size_t)p->n_sel * e->V * sizeof(float), cudaMemcpyDeviceToHost,
                                  st));
+    if (p->n_sel > 0 && p->argmax)
+        CUDA_TRY(cudaMemcpyAsync(cs->argmax_host, cs->argmax, (size_t)p->n_sel * sizeof(int),
+                                 cudaMemcpyDeviceToHost, st));
     const size_t chunk_bytes = (size_t)p->n_chunks * (e->n_layers + 1) * e->D * sizeof(float);
     if (f.tok_chunk && p->n_chunks > 0)
         CUDA_TRY(cudaMemcpyAsync(cs->chunk_host, cs->chunk_out, chunk_bytes, cudaMemcpyDeviceToHost,
                                  st));
     CUDA_TRY(cudaStreamSynchronize(st));
-    if (p->n_sel > 0)
+    if (p->n_sel > 0 && p->want_logits)
         memcpy(p->logits, cs->logits_host, (size_t)p->n_sel * e->V * sizeof(float));
+    for (int i = 0; p->argmax && i < p->n_sel; i++) p->argmax[i] = cs->argmax_host[i];
     if (f.tok_chunk && p->n_chunks > 0) memcpy(p->chunk_out, cs->chunk_host, chunk_bytes);
     if (cs->prof && (rc = prof_collect(cs, now_ms() - t0, err, errlen))) return rc;
     return ENG_OK;
@@ -1156,4 +1167,5 @@ extern "C" const eng_backend eng_backend_cuda = {
     cuda_l3_set,
     cuda_block_get,
     cuda_block_set,
+    1, /* argmax on the device */
 };

@@ -179,6 +179,7 @@ typedef struct cuda_state {
     bf16 *act;       /* (T, F) SwiGLU output */
     bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
     float *logits;   /* (max_seqs, V) */
+    int *argmax;     /* (max_seqs) argmax of the selected rows' logits */
     float *chunk_acc;/* (max_seqs, n_layers + 1, D) running L3 chunk sums per slot: x of
                         every layer, then the embeddings; NULL without l3_capture */
     float *chunk_out;/* (max_step_chunks, n_layers + 1, D) the step's chunk means, or NULL */
@@ -192,6 +193,7 @@ typedef struct cuda_state {
     int *plan_host;      /* (plan_ints): tok, pos, item, items, bt of one step */
     size_t plan_ints;
     float *logits_host;  /* (max_seqs, V) */
+    int *argmax_host;    /* (max_seqs) */
     float *l3_host;      /* (2, n_layers, R, D): mu then kappa of one slot, or NULL */
     float *chunk_host;   /* (max_step_chunks, n_layers + 1, D), or NULL */
 
@@ -227,6 +229,8 @@ cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream
  * (M, D) bf16 always. */
 cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
                             float eps, float *out, bf16 *outb, cudaStream_t s);
+/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule. */
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s);
 /* y (M, N) += b (when non-NULL); yb (M, N) = bf16(y). */
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s);
 /* y (M, N) += b. */
