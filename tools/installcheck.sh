@@ -13,6 +13,7 @@ set -eu
 : "${bindir:?}" "${pkgsysconfdir:?}" "${modeldir:?}" "${docdir:?}" "${VERSION:?}"
 D=${DESTDIR:-}
 fail() { echo "installcheck: $*" >&2; exit 1; }
+command -v curl >/dev/null 2>&1 || fail "curl is required (apt-get install curl)"
 
 expected=$(mktemp)
 tmp=$(mktemp -d)
