@@ -48,6 +48,8 @@ typedef __nv_bfloat16 bf16;
                              __FILE__, __LINE__, cublasGetStatusString(cublas_try_rc_));      \
     } while (0)
 
+/* Projections of at most this many rows take the GEMV kernel (gemv.cu). */
+#define CU_GEMV_MAX_M 8
 /* The router has at most this many levels; lam rows are padded to it. */
 #define CU_MAX_LEVELS 3
 /* Largest head size the attention and RoPE kernels hold in registers and
@@ -141,6 +143,9 @@ typedef struct cu_fwd {
     int att_n_dec, att_n_pf;
     const int *att_comb;  /* (att_n_comb, CU_ATT_COMB_INTS) */
     int att_n_comb;
+    const int *att_count; /* NULL, or (3) device: the step's decode units, prefill units and
+                             combine entries, when the launches above are sized for a bound
+                             instead (a replayed decode graph; extra blocks return at once) */
     int att_simple;       /* 1: the simple kernel (MKAD_CUDA_ATTN=simple, or a head size
                              the tensor-core kernels do not take) */
     float *att_part_o;    /* (CU_ATT_PART_ROWS, H, hd) partial outputs, unnormalised */
@@ -214,6 +219,12 @@ typedef struct cuda_state {
     /* Projections of at most gemv_max_m rows (decode steps) take the GEMV
      * kernel (MKAD_CUDA_GEMV=cublas: never). */
     int gemv_max_m;
+    /* Decode steps of up to CU_GEMV_MAX_M sequences replay a CUDA graph
+     * captured at the first step of their shape: [rows][some L3 bank][argmax]
+     * [memory chunks captured] (MKAD_CUDA_GRAPH=0, a forced split or the
+     * simple attention: never). */
+    int graphs_on;
+    cudaGraphExec_t graph[CU_GEMV_MAX_M + 1][2][2][2];
     struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
 
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
@@ -270,7 +281,6 @@ cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *
  * yb (M, N) = bf16(y) when yb is non-NULL.  eng__cu_gemv_fits says whether the
  * kernel takes the call (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte
  * aligned W and x); eng__cu_gemv returns cudaErrorInvalidValue when not. */
-#define CU_GEMV_MAX_M 8
 int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
 cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
                          const float *bias, bf16 *yb, cudaStream_t s);
