@@ -40,7 +40,8 @@
 
 /* ---- instruction-set selection ------------------------------------------ */
 
-static int isa_level = -1;
+static _Atomic int isa_level = -1;
+static int isa_hw = -1; /* in use; the widest the CPU (and MKAD_CPU_ISA) allow */
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 
 static void isa_detect(void)
@@ -59,7 +60,7 @@ static void isa_detect(void)
               : strcmp(cap, "avx512") == 0   ? ENG_ISA_AVX512 : lv;
         if (c < lv) lv = c;
     }
-    isa_level = lv;
+    isa_level = isa_hw = lv;
 }
 
 int eng_cpu_isa(void)
@@ -70,9 +71,9 @@ int eng_cpu_isa(void)
 
 int eng_cpu_isa_set(int level)
 {
-    int hw = eng_cpu_isa();
+    eng_cpu_isa();
     if (level < ENG_ISA_PORTABLE || level > ENG_ISA_AVX512) return ENG_EINVAL;
-    isa_level = level < hw ? level : hw;
+    isa_level = level < isa_hw ? level : isa_hw;
     return isa_level == level ? ENG_OK : ENG_EINVAL;
 }
 
