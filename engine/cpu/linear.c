@@ -313,6 +313,7 @@ typedef struct lin_ctx {
     const float *x;
     float *y;
     int M, n_nb, isa;
+    int m_group; /* input rows per task: a multiple of LIN_MB */
 } lin_ctx;
 
 #define PANEL_MIN_M 8 /* rows from which widening the weight panel once pays */
@@ -331,39 +332,48 @@ static void linear_task(void *vctx, int task, int thread)
 {
     const lin_ctx *c = vctx;
     const eng_linear *l = c->l;
-    int nb = task % c->n_nb, mb = task / c->n_nb, K = l->cols;
+    int nb = task % c->n_nb, mg = task / c->n_nb, K = l->cols;
     int n0 = nb * LIN_NB, n1 = n0 + LIN_NB < l->rows ? n0 + LIN_NB : l->rows;
-    int m0 = mb * LIN_MB, m1 = m0 + LIN_MB < c->M ? m0 + LIN_MB : c->M;
+    int g0 = mg * c->m_group, g1 = g0 + c->m_group < c->M ? g0 + c->m_group : c->M;
     int W16 = l->w16 != NULL;
     const void *w = W16 ? (const void *)(l->w16 + (size_t)n0 * K) : (const void *)(l->w + (size_t)n0 * K);
 #ifdef ENG_X86
     if (c->isa == ENG_ISA_AVX512) {
         /* Many rows: widen the task's weight panel once (exact), so that the
          * tiles stream f32 without a conversion per use.  Same bits. */
-        float *panel = W16 && m1 - m0 >= PANEL_MIN_M
+        float *panel = W16 && g1 - g0 >= PANEL_MIN_M
                        ? eng_pool_scratch(c->pool, thread, (size_t)(n1 - n0) * K * sizeof(float)) : NULL;
-        if (panel) {
-            widen_512(w, (size_t)(n1 - n0) * K, panel);
-            block512_f32(c->x, panel, l->b, K, l->rows, c->y, m0, m1, n0, n1);
-        } else {
-            (W16 ? block512_bf16 : block512_f32)(c->x, w, l->b, K, l->rows, c->y, m0, m1, n0, n1);
+        if (panel) widen_512(w, (size_t)(n1 - n0) * K, panel);
+        /* row blocks of LIN_MB: their x rows stay in L2 while the panel's
+         * columns go by */
+        for (int m0 = g0; m0 < g1; m0 += LIN_MB) {
+            int m1 = m0 + LIN_MB < g1 ? m0 + LIN_MB : g1;
+            if (panel) block512_f32(c->x, panel, l->b, K, l->rows, c->y, m0, m1, n0, n1);
+            else (W16 ? block512_bf16 : block512_f32)(c->x, w, l->b, K, l->rows, c->y, m0, m1, n0, n1);
         }
         return;
     }
     if (c->isa == ENG_ISA_AVX2) {
-        (W16 ? block256_bf16 : block256_f32)(c->x, w, l->b, K, l->rows, c->y, m0, m1, n0, n1);
+        (W16 ? block256_bf16 : block256_f32)(c->x, w, l->b, K, l->rows, c->y, g0, g1, n0, n1);
         return;
     }
 #else
     (void)thread;
 #endif
-    block_portable(W16, c->x, w, l->b, K, l->rows, c->y, m0, m1, n0, n1);
+    block_portable(W16, c->x, w, l->b, K, l->rows, c->y, g0, g1, n0, n1);
 }
 
 void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y)
 {
     if (M <= 0) return;
-    lin_ctx c = { p, l, x, y, M, (l->rows + LIN_NB - 1) / LIN_NB, eng_cpu_isa() };
-    int n_mb = (M + LIN_MB - 1) / LIN_MB;
-    eng_pool_run(p, c.n_nb * n_mb, linear_task, &c);
+    lin_ctx c = { p, l, x, y, M, (l->rows + LIN_NB - 1) / LIN_NB, eng_cpu_isa(), LIN_MB };
+    /* Rows per task: as many LIN_MB blocks as keep at least 4 tasks per
+     * thread (fewer panel widenings); the split never touches an element's
+     * order of operations. */
+    int want = 4 * eng_pool_threads(p), n_mb = (M + LIN_MB - 1) / LIN_MB;
+    int per = n_mb * c.n_nb / want;
+    per = per < 1 ? 1 : per > n_mb ? n_mb : per;
+    c.m_group = per * LIN_MB;
+    int n_mg = (M + c.m_group - 1) / c.m_group;
+    eng_pool_run(p, c.n_nb * n_mg, linear_task, &c);
 }
