@@ -277,15 +277,34 @@ static void norm_task(void *vctx, int t, int thread)
                     e->m->rms_eps, CB(e)->x + (size_t)t * e->D);
 }
 
-static void swiglu(eng_engine *e, int T)
+/* Element-wise work over T rows, split by rows over the pool (no reduction:
+ * the split cannot change a bit). */
+#define EW_ROWS 8
+typedef struct ew_ctx {
+    eng_engine *e;
+    int T, op;      /* EW_SWIGLU: gate = silu(gate) * up; EW_ADD: h += tmp */
+} ew_ctx;
+enum { EW_SWIGLU, EW_ADD };
+
+static void ew_task(void *vctx, int task, int thread)
 {
-    size_t n = (size_t)T * e->F;
-    for (size_t i = 0; i < n; i++) CB(e)->gate[i] = silu(CB(e)->gate[i]) * CB(e)->up[i];
+    (void)thread;
+    const ew_ctx *c = vctx;
+    cpu_be *cb = CB(c->e);
+    int t0 = task * EW_ROWS, t1 = t0 + EW_ROWS < c->T ? t0 + EW_ROWS : c->T;
+    if (c->op == EW_SWIGLU) {
+        size_t F = (size_t)c->e->F;
+        for (size_t i = (size_t)t0 * F; i < (size_t)t1 * F; i++) cb->gate[i] = silu(cb->gate[i]) * cb->up[i];
+    } else {
+        size_t D = (size_t)c->e->D;
+        for (size_t i = (size_t)t0 * D; i < (size_t)t1 * D; i++) cb->h[i] += cb->tmp[i];
+    }
 }
 
-static void add_into(float *dst, const float *src, size_t n)
+static void elementwise(eng_engine *e, int T, int op)
 {
-    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+    ew_ctx c = { e, T, op };
+    eng_pool_run(CB(e)->pool, (T + EW_ROWS - 1) / EW_ROWS, ew_task, &c);
 }
 
 static void layer_forward(step_ctx *c, int l)
@@ -318,15 +337,15 @@ static void layer_forward(step_ctx *c, int l)
     eng_pool_run(CB(e)->pool, T, rope_store_task, c);
     eng_pool_run(CB(e)->pool, T * e->m->info.n_kv_heads, attn_task, c);
     eng_cpu_linear(CB(e)->pool, &L->o, CB(e)->att, T, CB(e)->tmp);
-    add_into(CB(e)->h, CB(e)->tmp, (size_t)T * D);
+    elementwise(e, T, EW_ADD);                                       /* h += o */
 
     c->norm_w = L->mlp_norm;
     eng_pool_run(CB(e)->pool, T, norm_task, c);
     eng_cpu_linear(CB(e)->pool, &L->gate, CB(e)->x, T, CB(e)->gate);
     eng_cpu_linear(CB(e)->pool, &L->up, CB(e)->x, T, CB(e)->up);
-    swiglu(e, T);
+    elementwise(e, T, EW_SWIGLU);
     eng_cpu_linear(CB(e)->pool, &L->down, CB(e)->gate, T, CB(e)->tmp);
-    add_into(CB(e)->h, CB(e)->tmp, (size_t)T * D);
+    elementwise(e, T, EW_ADD);
 }
 
 static int cpu_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
