@@ -93,6 +93,7 @@ START_TEST(linear_bf16_is_batch_thread_and_isa_invariant)
 {
     linear_case(1, 896, 70, 1);  /* K a multiple of 16; N not of 4 or 32 */
     linear_case(1, 100, 37, 0);  /* a K tail */
+    linear_case(1, 50, 17, 1);   /* the decode path's 32-, 16-wide steps and a tail */
 }
 END_TEST
 

@@ -178,6 +178,41 @@ T512 static INL void tile512(int MR, int NR, int W16, const float *x, int K, con
 }
 
 /* w points at weight row n0 */
+/* Decode: one x row against eight bf16 weight rows, a whole 64-byte line of
+ * each per step (two 16-lane FMAs into the same accumulator, in k order: the
+ * contract's operations exactly), the next rows prefetched. */
+T512 static INL void gemv8_512(const float *x, int K, const uint16_t *w, const float *b, float *y)
+{
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            const uint16_t *r = w + (size_t)j * K + k;
+            _mm_prefetch((const char *)(r + 8 * (size_t)K), _MM_HINT_T0);
+            __m512i h = _mm512_loadu_si512((const void *)r);
+            __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+            __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_castpd_si256(_mm512_extractf64x4_pd(_mm512_castsi512_pd(h), 1))), 16));
+            acc[j] = _mm512_fmadd_ps(x0, w0, acc[j]);
+            acc[j] = _mm512_fmadd_ps(x1, w1, acc[j]);
+        }
+    }
+    for (; k + 16 <= K; k += 16) {
+        __m512 x0 = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(x0, ld16(w, 1, (size_t)j * K + k), acc[j]);
+    }
+    for (int j = 0; j < 8; j++) {
+        float s = reduce16_512(acc[j]);
+        for (int kk = k; kk < K; kk++) s = fmaf(x[kk], eng__bf16_to_f32(w[(size_t)j * K + kk]), s);
+        y[j] = b ? s + b[j] : s;
+    }
+}
+
 #define WROW(n) (W16 ? (const void *)((const uint16_t *)w + (size_t)((n) - n0) * K) \
                      : (const void *)((const float *)w + (size_t)((n) - n0) * K))
 #define TILE(F, MR, NR, m, n) \
@@ -190,7 +225,13 @@ T512 static INL void block512(int W16, const float *x, const void *w, const floa
     int n = n0;
     if (m1 - m0 < 4) /* decode: eight weight rows streamed at once */
         for (; n + 8 <= n1; n += 8)
-            for (int m = m0; m < m1; m++) TILE(tile512, 1, 8, m, n);
+            for (int m = m0; m < m1; m++) {
+                if (W16)
+                    gemv8_512(x + (size_t)m * K, K, (const uint16_t *)WROW(n), b ? b + n : NULL,
+                              y + (size_t)m * N + n);
+                else
+                    TILE(tile512, 1, 8, m, n);
+            }
     for (; n + 4 <= n1; n += 4) {
         int m = m0;
         for (; m + 4 <= m1; m += 4) TILE(tile512, 4, 4, m, n);
