@@ -20,7 +20,10 @@ What it does, caching every step under --work (default BUILD/tests/tmp/peer):
  4. --rounds rounds, each running in turn: the read bandwidth of the weights'
     size with --threads threads (bench-kernels), llama-bench and mkad-cli for
     prefill of 512 and 2,048 tokens, and --gen decoded tokens after a prompt
-    of each of --depths tokens.  The table holds medians over rounds, the
+    of each of --depths tokens (depths above --deep only in the first
+    --deep-rounds rounds: an 8,192-token prefill takes minutes per engine).
+    mkad's prefill of 2,048 is timed in the same run as its decode at depth
+    2,048 (mkad-cli reports both); llama-bench runs them separately.  The table holds medians over rounds, the
     ratio mkad / llama.cpp, and the decode bandwidth floor: read GB/s divided
     by the bytes a decode step reads (the weights, model.safetensors).
 Runtime is printed at the end.  Exit 77 when PyPI cannot be reached.
@@ -195,6 +198,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--depths", default="0,2048,8192")
     ap.add_argument("--gen", type=int, default=128)
+    ap.add_argument("--deep", type=int, default=4096, help="depths above this are measured in --deep-rounds rounds")
+    ap.add_argument("--deep-rounds", type=int, default=1)
     a = ap.parse_args()
     a.build = os.path.abspath(a.build)
     a.work = os.path.abspath(a.work or os.path.join(a.build, "tests", "tmp", "peer"))
@@ -211,28 +216,37 @@ def main():
 
     def add(key, who, v):
         res.setdefault(key, {}).setdefault(who, []).append(v)
+        log("  %-22s %-6s %.2f" % (key, who, v))
 
     for r in range(a.rounds):
         log("round %d/%d" % (r + 1, a.rounds))
         add("read bandwidth GB/s", "bw", read_bandwidth(a, wbytes))
         for p in (512, 2048):
             add("prefill %d" % p, "llama", llama_bench(a, bench, gguf, p, 0, 0))
-            add("prefill %d" % p, "mkad", mkad_cli(a, mdir, ids(p), 0)[1])
+            if p not in depths:
+                add("prefill %d" % p, "mkad", mkad_cli(a, mdir, ids(p), 0)[1])
         for d in depths:
-            add("decode %d @ depth %d" % (a.gen, d), "llama", llama_bench(a, bench, gguf, 0, a.gen, d))
-            add("decode %d @ depth %d" % (a.gen, d), "mkad", mkad_cli(a, mdir, ids(max(d, 1)), a.gen)[2])
+            if d > a.deep and r >= a.deep_rounds:
+                continue
+            key = "decode %d @ depth %d" % (a.gen, d)
+            add(key, "llama", llama_bench(a, bench, gguf, 0, a.gen, d))
+            _, pf, dc = mkad_cli(a, mdir, ids(max(d, 1)), a.gen)
+            if d in (512, 2048):  # the same prompt: its prefill is the prefill measurement
+                add("prefill %d" % d, "mkad", pf)
+            add(key, "mkad", dc)
     bw = statistics.median(res.pop("read bandwidth GB/s")["bw"])
     floor = bw * 1e9 / wbytes
     print("\nmkad vs llama.cpp, tokens/s (median of %d interleaved rounds), %d threads, %s" %
           (a.rounds, a.threads, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
     print("model: Qwen2.5-0.5B shape (mkad-genmodel --levels 0, bf16), %.0f MB of weights; greedy tokens %s" %
           (wbytes / 1e6, "agree" if agree else "DIFFER"))
-    print("| measure | llama.cpp | mkad | mkad / llama.cpp | mkad / bandwidth floor |")
-    print("|---|---|---|---|---|")
-    for k, v in res.items():
+    print("| measure | runs | llama.cpp | mkad | mkad / llama.cpp | mkad / bandwidth floor |")
+    print("|---|---|---|---|---|---|")
+    for k in sorted(res, key=lambda k: (k.split()[0] != "prefill", int(k.split()[-1]))):
+        v = res[k]
         lm, mk = statistics.median(v["llama"]), statistics.median(v["mkad"])
         fl = "%.0f %%" % (100 * mk / floor) if k.startswith("decode") else ""
-        print("| %s | %.1f | %.1f | %.2f | %s |" % (k, lm, mk, mk / lm, fl))
+        print("| %s | %d | %.1f | %.1f | %.2f | %s |" % (k, len(v["mkad"]), lm, mk, mk / lm, fl))
     print("read bandwidth (%d threads, median): %.1f GB/s -> decode floor %.1f tokens/s" % (a.threads, bw, floor))
     print("runtime: %.0f s (of which setup/cached builds %.0f s)" % (time.time() - t0, t_setup))
     return 0 if agree else 1
