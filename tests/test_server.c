@@ -1092,12 +1092,16 @@ static srv_engine *start_engine(const srv_config *c, srv_metrics *m)
     return se;
 }
 
-/* What srv_job_start does besides submitting: a stop flag per choice. */
+/* What srv_job_start does besides submitting: the choices' loop state and
+ * a stop flag per choice. */
 static void job_choices(srv_job *j)
 {
     atomic_init(&j->cancel, SRV_CANCEL_NONE);
     j->choice_stop = calloc((size_t)j->req->n, sizeof *j->choice_stop);
+    j->ch = calloc((size_t)j->req->n, sizeof *j->ch);
+    j->n_open = j->req->n;
     ck_assert_ptr_nonnull(j->choice_stop);
+    ck_assert_ptr_nonnull(j->ch);
     for (int i = 0; i < j->req->n; i++) atomic_init(&j->choice_stop[i], 0);
 }
 
@@ -1115,6 +1119,7 @@ static void free_job(srv_job *j)
 {
     srv_genreq_free(j->req);
     free(j->choice_stop);
+    free(j->ch);
     free(j);
 }
 
@@ -1457,19 +1462,19 @@ START_TEST(job_token_oom_ends_with_error)
             fail_alloc_off();
             if (failed_at < 0) { /* every allocation of 80 tokens was tried */
                 ck_assert(!j->finished);
-                ck_assert_int_eq(j->n_ids, 100);
+                ck_assert_int_eq(j->ch[0].n_ids, 100);
                 srv_job_unref(j);
                 break;
             }
             failures++;
-            ck_assert_msg(j->finished && j->finish == SRV_FINISH_ERROR, "body %zu k %d: finished %d finish %d at %d n_ids %d", b, k, j->finished, j->finish, failed_at, j->n_ids);
+            ck_assert_msg(j->finished && j->finish == SRV_FINISH_ERROR, "body %zu k %d: finished %d finish %d at %d n_ids %d", b, k, j->finished, j->finish, failed_at, j->ch[0].n_ids);
             ck_assert_int_eq(j->error.status, 500);
             ck_assert_int_eq(atomic_load(&j->cancel), SRV_CANCEL_STOP);
             /* nothing taken after the failing token; the ids kept are the
              * tokens in order */
-            ck_assert_int_le(j->n_ids, failed_at + 1);
-            ck_assert_int_ge(j->n_ids, failed_at);
-            for (int i = 0; i < j->n_ids; i++) ck_assert_int_eq(j->ids[i], 100 + i);
+            ck_assert_int_le(j->ch[0].n_ids, failed_at + 1);
+            ck_assert_int_ge(j->ch[0].n_ids, failed_at);
+            for (int i = 0; i < j->ch[0].n_ids; i++) ck_assert_int_eq(j->ch[0].ids[i], 100 + i);
             if (j->req->stream) {
                 ck_assert_ptr_null(strstr(j->sse.data ? j->sse.data : "", "[DONE]"));
                 ck_assert(j->sse_broken || strstr(j->sse.data, "\"error\""));
