@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include <check.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <stdlib.h>
@@ -937,6 +938,95 @@ START_TEST(plan_more_decoders_than_budget)
 }
 END_TEST
 
+/* resume.c: the cost model of load / recompute / both. */
+START_TEST(resume_cost_model)
+{
+    srv_resume_rates r = { 0 };
+    unsigned char warm[8] = { 0 };
+    srv_resume_in in = { .policy = SRV_RESUME_AUTO, .n_blocks = 8, .block_tokens = 32, .block_bytes = 1 << 20,
+                         .warm = warm, .rates = &r };
+    srv_resume_plan pl;
+    /* nothing measured yet: load (it measures the bandwidth) */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    ck_assert_int_eq(pl.split, 0);
+    /* forced policies */
+    in.policy = SRV_RESUME_RECOMPUTE;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_RECOMPUTE);
+    ck_assert_int_eq(pl.split, 8);
+    in.policy = SRV_RESUME_LOAD;
+    r.disk_bps = 1e3; /* hopelessly slow disk: load anyway when told to */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 1e6;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    in.policy = SRV_RESUME_BOTH; /* unknown rates: split in the middle */
+    r = (srv_resume_rates){ 0 };
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 4);
+    in.policy = SRV_RESUME_AUTO;
+    /* GPU-like: host memory far faster than prefill -> load all */
+    r.warm_bps = 55e9;
+    r.disk_bps = 1.1e9;
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 2e4;
+    memset(warm, 1, sizeof warm);
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    /* CPU-like with a slow disk: prefill far faster than reading -> recompute all */
+    memset(warm, 0, sizeof warm);
+    r.disk_bps = 1e6;       /* 1 MiB blocks: ~1 s each */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 1e5; /* 32 tokens: 0.3 ms */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_RECOMPUTE);
+    ck_assert_int_eq(pl.split, 8);
+    /* equal speeds: both at once, split in the middle, and the estimate is
+     * half of either alone */
+    r.disk_bps = (double)(1 << 20); /* 1 s per block */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 32; /* 1 s per block */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 4);
+    ck_assert(fabs(pl.t_est - 4.0) < 1e-9);
+    ck_assert(fabs(pl.t_load - 8.0) < 1e-9 && fabs(pl.t_prefill - 8.0) < 1e-9);
+    /* prefill 3x faster than loading: recompute 3/4, load the last quarter */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 96;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 6);
+    /* the last blocks are warm (fast): they are the ones loaded */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 32;
+    r.warm_bps = 1e12;
+    warm[6] = warm[7] = 1;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 3); /* prefill 3 s vs load blocks 3..5 (3 s) + 2 warm (~0) */
+    /* loading nearly free: no split beats it */
+    memset(warm, 0, sizeof warm);
+    r.disk_bps = 1e12; /* loading nearly free */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    /* rates by position: a slow long-context bucket makes prefill of late positions cost more */
+    srv_resume_rates q = { 0 };
+    q.prefill_tps[0] = 1000;
+    ck_assert(fabs(srv_resume_prefill_s(&q, 0, 512) - 0.512) < 1e-9); /* nearest bucket's rate */
+    q.prefill_tps[1] = 256;
+    ck_assert(fabs(srv_resume_prefill_s(&q, 0, 512) - (0.256 + 1.0)) < 1e-9);
+    ck_assert(srv_resume_prefill_s(&(srv_resume_rates){ 0 }, 0, 10) < 0);
+    ck_assert_int_eq(srv_rate_bucket(0), 0);
+    ck_assert_int_eq(srv_rate_bucket(300), 1);
+    ck_assert_int_eq(srv_rate_bucket(1 << 30), SRV_RATE_BUCKETS - 1);
+    /* no blocks: nothing to do */
+    in.n_blocks = 0;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    ck_assert_int_eq(pl.split, 0);
+    ck_assert_int_eq(srv_resume_policy_parse("both"), SRV_RESUME_BOTH);
+    ck_assert_int_eq(srv_resume_policy_parse(""), SRV_RESUME_AUTO);
+    ck_assert_int_eq(srv_resume_policy_parse("fast"), -1);
+}
+END_TEST
+
 START_TEST(reuse_prefix)
 {
     int32_t have[70], p[80];
@@ -1325,6 +1415,7 @@ static Suite *suite(void)
     tcase_add_test(sched, plan_fifo_prefill);
     tcase_add_test(sched, plan_more_decoders_than_budget);
     tcase_add_test(sched, reuse_prefix);
+    tcase_add_test(sched, resume_cost_model);
     suite_add_tcase(s, sched);
     TCase *eng = tcase_create("engine_thread");
     tcase_set_timeout(eng, 120);
