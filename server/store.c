@@ -623,6 +623,7 @@ static int collect(void *ctx, const ms_session *s)
     snprintf(r->user, sizeof r->user, "%s", s->user);
     snprintf(r->id, sizeof r->id, "%s", s->id);
     r->used_ms = s->used_ms;
+    r->gone = 0;
     r->bytes = (uint64_t)s->n_blocks * l->block_bytes + (uint64_t)s->n_tokens * 4;
     return 0;
 }

@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -906,6 +907,107 @@ def test_sigkill_keeps_acknowledged_turns():
             ref = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=IDS)
             same(r.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"], sid)
         assert not [l for l in d.lines if "memstore_corrupt" in l or "session_write_failed" in l]
+    finally:
+        assert d.stop() == 0
+
+
+def test_resume_paths_identical():
+    """resume_policy: a stored session resumed by loading its blocks, by
+    recomputing them, or both at once (prefill from the start while the last
+    blocks load) gives the same tokens as recomputing without a session
+    (bit-identical on the CPU); /metrics counts each path and the log says
+    which way each resume went."""
+    eb = dict(IDS, session_id="bb-paths")
+    p1 = list(range(11, 311))  # 300 tokens
+    d = Daemon()
+    try:
+        c = d.client()
+        r1 = completion(c, seed=2, max_tokens=9, prompt=p1, extra_body=eb)
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_session_writes_total"] == 1, d=d)
+        p2 = p1 + r1.choices[0].model_extra["token_ids"] + [5, 6]
+        ref = completion(c, seed=6, max_tokens=12, prompt=p2, extra_body=IDS)
+    finally:
+        assert d.stop() == 0
+    held = len(p1) + 9 - 1
+    n = held // 32  # stored full blocks
+    want_cached = {"load": n * 32, "recompute": 0, "both": (n - n // 2) * 32}
+    for policy in ("load", "recompute", "both", "auto"):
+        state = tempfile.mkdtemp(prefix=f"mkad-bb-{policy}-")
+        shutil.copytree(d.state, state, dirs_exist_ok=True)
+        dd = Daemon("--resume-policy", policy, state=state)
+        try:
+            r = completion(dd.client(), seed=6, max_tokens=12, prompt=p2, extra_body=eb)
+            same(r.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"], policy)
+            path = "load" if policy == "auto" else policy  # nothing measured yet: auto loads
+            assert r.usage.prompt_tokens_details.cached_tokens == want_cached[path], (policy, r.usage)
+            m = metrics(dd)
+            for p in ("load", "recompute", "both"):
+                assert m[f'mkad_session_resumes_total{{path="{p}"}}'] == (p == path), (policy, p, m)
+            assert any("event=session_resumed session=bb-paths path=" + path in l for l in dd.lines), dd.lines[-8:]
+            if path == "both":
+                assert any("event=session_resume_split session=bb-paths path=both" in l and
+                           f"prefill_blocks={n // 2} load_blocks={n - n // 2}" in l for l in dd.lines), dd.lines[-8:]
+            # a second turn on the resumed session continues exactly too
+            wait_metric(lambda m: m["mkad_session_write_queue"] == 0, d=dd)
+            assert http("DELETE", dd.base + "/admin/sessions/bb-paths?user=local&tier=hbm")[0] == 200
+            p3 = p2 + r.choices[0].model_extra["token_ids"] + [8]
+            r3 = completion(dd.client(), seed=7, max_tokens=6, prompt=p3, extra_body=eb)
+            ref3 = completion(dd.client(), seed=7, max_tokens=6, prompt=p3, extra_body=IDS)
+            same(r3.choices[0].model_extra["token_ids"], ref3.choices[0].model_extra["token_ids"], policy)
+        finally:
+            assert dd.stop() == 0
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def test_user_quotas():
+    """user_session_mb: over quota, the user's own least recently used idle
+    sessions are deleted (never another user's, never one in flight, logged
+    and counted); user_chunks_max: likewise for long-term memory chunks."""
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root",
+               "--user-session-mb", "1", "--user-chunks-max", "4")
+    H = {"Authorization": "Bearer kr"}
+    try:
+        ca, cb = d.client(key="ka"), d.client(key="kb")
+        # each session: 330 tokens = 10 full blocks (~370 KiB with mkad-tiny): two fit in 1 MiB, three do not
+        for k in range(2):
+            completion(cb, seed=k, max_tokens=4, prompt=[k + 40] * 330, extra_body=dict(IDS, session_id=f"b-{k}"))
+        for k in range(2):
+            completion(ca, seed=k, max_tokens=4, prompt=[k + 2] * 330, extra_body=dict(IDS, session_id=f"a-{k}"))
+            time.sleep(1.1)  # distinct last-use times (the store keeps milliseconds)
+        wait_metric(lambda m: m["mkad_session_writes_total"] == 4 and m["mkad_session_write_queue"] == 0, d=d)
+        # a-0 (alice's least recently used) is in flight while a-2's write puts alice over quota:
+        # a-1 goes instead
+        started = threading.Event()
+
+        def long_turn():
+            s = ca.completions.create(model=MODEL_NAME, prompt=[2] * 330 + [7], max_tokens=1500, seed=1,
+                                      stream=True, extra_body=dict(IDS, session_id="a-0", ignore_eos=True))
+            for _ in s:
+                started.set()
+
+        th = threading.Thread(target=long_turn)
+        th.start()
+        assert started.wait(30)
+        completion(ca, seed=2, max_tokens=4, prompt=[4] * 330, extra_body=dict(IDS, session_id="a-2"))
+        assert th.is_alive()  # a-2's turn (its write and the quota) completed while a-0's ran
+        th.join()
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_session_writes_total"] == 6, d=d)
+        ev = [l for l in d.lines if "event=session_evicted_quota" in l]
+        assert ev and "user=alice session=a-1 " in ev[0], ev
+        assert not [l for l in ev if "user=bob" in l or "session=a-0 " in l], ev
+        m = metrics(d)
+        assert m['mkad_session_deleted_total{reason="user_quota"}'] == len(ev), (m, ev)
+        st, _, body = http("GET", d.base + "/admin/sessions?user=bob&tier=disk", headers=H)
+        assert st == 200 and len(json.loads(body)["data"]) == 2, body  # bob's are untouched
+        st, _, body = http("GET", d.base + "/admin/sessions?user=alice&tier=disk", headers=H)
+        ids = sorted(s["id"] for s in json.loads(body)["data"])
+        assert "a-1" not in ids and "a-0" in ids, ids
+        # long-term chunks (64 tokens each): everyone wrote more than 4; each user keeps 4 of their own
+        assert json.loads(http("GET", d.base + "/admin/users/alice/longterm", headers=H)[2])["chunks"] == 4
+        nb = json.loads(http("GET", d.base + "/admin/users/bob/longterm", headers=H)[2])["chunks"]
+        assert nb == 4, nb
+        assert m["mkad_longterm_chunks_deleted_quota_total"] >= 1
+        assert any("event=longterm_quota_evicted user=alice" in l for l in d.lines)
     finally:
         assert d.stop() == 0
 
