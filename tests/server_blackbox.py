@@ -859,11 +859,21 @@ def test_sigkill_keeps_acknowledged_turns():
     every turn whose response completed (with session_sync, the response
     completes only once its turn is on disk) resumes from the store, exact,
     and nothing stored is reported corrupt."""
-    rng = random.Random(11)
+    sigkill_loop([], 11)
+
+
+def test_sigkill_group_commit():
+    """The same with group commit (session_sync_ms): a turn's response
+    completes once the fsync of its group is done."""
+    sigkill_loop(["--session-sync=false", "--session-sync-ms", "30"], 12)
+
+
+def sigkill_loop(args, seed):
+    rng = random.Random(seed)
     state = tempfile.mkdtemp(prefix="mkad-bb-kill-")
     acked = {}  # session -> (prompt, output ids) of its last completed turn
     for it in range(6):
-        d = Daemon(state=state)
+        d = Daemon(*args, state=state)
         stop = threading.Event()
 
         def client(k):
@@ -896,7 +906,7 @@ def test_sigkill_keeps_acknowledged_turns():
         d.proc.wait()
         assert not [l for l in d.lines if "memstore_corrupt" in l], d.lines[-20:]
     assert len(acked) == 4 and sum(len(p) for p, _ in acked.values()) > 4 * 60, "too few turns completed"
-    d = Daemon(state=state)
+    d = Daemon(*args, state=state)
     try:
         c = d.client()
         for sid, (p, o) in sorted(acked.items()):
@@ -907,6 +917,9 @@ def test_sigkill_keeps_acknowledged_turns():
             ref = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=IDS)
             same(r.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"], sid)
         assert not [l for l in d.lines if "memstore_corrupt" in l or "session_write_failed" in l]
+        if "--session-sync-ms" in args:
+            assert any("durability=group_30ms" in l for l in d.lines)
+            wait_metric(lambda m: m["mkad_session_group_commits_total"] >= 1, d=d)
     finally:
         assert d.stop() == 0
 
