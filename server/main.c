@@ -120,6 +120,10 @@ static const option_def options[] = {
     { "state", "user_session_mb", OPT_INT, O(user_session_mb), "0", 0, 1 << 30,
       "per-user quota on stored sessions in MiB: over it, the user's own least recently used idle "
       "sessions are deleted (0 = no quota)" },
+    { "state", "longterm_index_mb", OPT_INT, O(longterm_index_mb), "256", 0, 1 << 20,
+      "memory for the retrieval index of users' long-term chunks (their keys, in RAM, exact: the same "
+      "top R as a scan); beyond it the least recently used users' indexes go and are rebuilt when needed "
+      "(0 = no index: every new session scans its user's chunks in the store)" },
     { "state", "user_chunks_max", OPT_INT, O(user_chunks_max), "0", 0, 1 << 30,
       "per-user quota on long-term memory chunks: over it, the user's least recently used chunks "
       "are deleted (0 = no quota)" },

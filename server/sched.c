@@ -1206,7 +1206,8 @@ static int open_store(srv_engine *se, char *err, size_t errlen)
                             .sync_ms = se->cfg->session_sync_ms,
                             .resume_policy = srv_resume_policy_parse(se->cfg->resume_policy),
                             .user_bytes = (uint64_t)se->cfg->user_session_mb << 20,
-                            .user_chunks = se->cfg->user_chunks_max };
+                            .user_chunks = se->cfg->user_chunks_max,
+                            .l3_index_bytes = (size_t)se->cfg->longterm_index_mb << 20 };
     if (sp.resume_policy < 0) sp.resume_policy = SRV_RESUME_AUTO; /* main.c checked it */
     double t0 = srv_now();
     if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;

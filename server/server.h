@@ -56,6 +56,7 @@ typedef struct srv_config {
     char *resume_policy;    /* "auto", "load", "recompute" or "both" (resume.c) */
     int user_session_mb;    /* per-user quota on stored session bytes, MiB; 0 = none */
     int user_chunks_max;    /* per-user quota on long-term chunks; 0 = none */
+    int longterm_index_mb;  /* in-memory retrieval index of long-term chunks, MiB; 0 = scan */
     int log_requests;       /* one access line per request */
 } srv_config;
 

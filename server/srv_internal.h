@@ -339,6 +339,32 @@ const char *srv_resume_path_name(int path);
 /* "auto" (or NULL/""), "load", "recompute", "both" -> SRV_RESUME_*; -1 otherwise. */
 int srv_resume_policy_parse(const char *s);
 
+/* ---- l3index.c: the retrieval index of users' long-term chunks -------------- */
+
+typedef struct srv_l3index srv_l3index;
+/* An empty index for retrieval keys of d_model floats; users' matrices
+ * together stay under budget bytes (the least recently used user's goes). */
+srv_l3index *srv_l3index_new(int d_model, size_t budget);
+void srv_l3index_free(srv_l3index *ix);
+/* 1 when the user's chunks are indexed (after srv_l3index_begin). */
+int srv_l3index_loaded(srv_l3index *ix, const char *user);
+/* Starts the user's index empty (replacing any); fill it with _put.  -1: out of memory. */
+int srv_l3index_begin(srv_l3index *ix, const char *user);
+/* Adds or replaces a chunk of an indexed user (e: d_model floats, copied);
+ * nothing for a user not indexed.  -1: out of memory (the user's index is dropped). */
+int srv_l3index_put(srv_l3index *ix, const char *user, uint64_t id, const char *sid, size_t sid_len,
+                    const float *e);
+void srv_l3index_del(srv_l3index *ix, const char *user, uint64_t id);
+/* Forgets the user's index (rebuilt on the next retrieval).  NULL-safe. */
+void srv_l3index_drop(srv_l3index *ix, const char *user);
+/* Chunks indexed for the user, -1 when not indexed. */
+int srv_l3index_count(srv_l3index *ix, const char *user);
+/* The top r chunks by cosine similarity of their key to q, not of session
+ * exclude_sid, best first (ties: smaller id first): ids and scores (r
+ * each).  Returns how many, or -1 when the user is not indexed. */
+int srv_l3index_top(srv_l3index *ix, const char *user, const char *exclude_sid, const float *q, int r,
+                    uint64_t *ids, double *scores);
+
 /* ---- sched.c: the engine thread ------------------------------------------- */
 
 enum srv_cancel {
@@ -409,6 +435,8 @@ typedef struct srv_store_params {
     int resume_policy;       /* SRV_RESUME_* */
     uint64_t user_bytes;     /* per-user quota on stored session bytes (0: none) */
     long user_chunks;        /* per-user quota on long-term chunks (0: none) */
+    size_t l3_index_bytes;   /* budget of the in-memory retrieval index (0: none, every
+                                retrieval scans the user's chunks in RocksDB) */
     const eng_model *model;  /* L3: the prompt's retrieval key; NULL: no long-term memory */
 } srv_store_params;
 
@@ -448,6 +476,9 @@ void srv_store_note_prefill(srv_store *st, int pos_end, int n, double dt);
 /* A session is in flight (busy = 1, from admission to the end of its turn):
  * quota eviction leaves it alone. */
 void srv_store_busy(srv_store *st, const char *user, const char *id, int busy);
+/* The user's long-term memory was deleted behind the store's back (admin):
+ * forget its index.  NULL-safe. */
+void srv_store_longterm_deleted(srv_store *st, const char *user);
 /* The memstore under it, for the admin routes (thread-safe calls). */
 struct ms_store *srv_store_ms(srv_store *st);
 /* Finishes every queued task (writes are never dropped), then closes. */

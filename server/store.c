@@ -116,6 +116,7 @@ struct srv_store {
     long user_chunks;
     busy_ent *busy;           /* guarded by mu */
     chunk_count *counts;      /* worker thread only */
+    srv_l3index *l3ix;        /* retrieval index of long-term chunks, or NULL: scan */
 };
 
 /* memstore reports "event=NAME k=v ...": logged as that event, a warning
@@ -304,8 +305,51 @@ static int load_bank(srv_store *st, const char *user, const uint64_t *ids, int n
     return k;
 }
 
+/* Fills the user's retrieval index with one scan of the user's chunks. */
+typedef struct ix_fill {
+    srv_store *st;
+    const char *user;
+    float *e; /* (d_model) aligned copy */
+    int failed;
+} ix_fill;
+
+static int ix_add(void *ctx, uint64_t id, const void *data, size_t len)
+{
+    ix_fill *f = ctx;
+    const char *sid, *eb, *mu;
+    size_t sl;
+    if (!chunk_parts(f->st, data, len, &sid, &sl, &eb, &mu, NULL)) return 0; /* the scan skips it too */
+    memcpy(f->e, eb, (size_t)f->st->d_model * sizeof *f->e);
+    if (srv_l3index_put(f->st->l3ix, f->user, id, sid, sl, f->e) != 0) {
+        f->failed = 1;
+        return 1;
+    }
+    return 0;
+}
+
+static int index_user(srv_store *st, const char *user)
+{
+    char err[256];
+    double t0 = srv_now();
+    ix_fill f = { st, user, malloc((size_t)st->d_model * sizeof(float)), 0 };
+    if (!f.e || srv_l3index_begin(st->l3ix, user) != 0) {
+        free(f.e);
+        return -1;
+    }
+    int rc = ms_chunk_list(st->ms, user, ix_add, &f, err, sizeof err);
+    free(f.e);
+    if (rc != MS_OK || f.failed) {
+        srv_l3index_drop(st->l3ix, user);
+        return -1;
+    }
+    srv_log("debug", "longterm_indexed", " user=%s chunks=%d index_s=%.3f", user, srv_l3index_count(st->l3ix, user),
+            srv_now() - t0);
+    return 0;
+}
+
 /* A new session's L3 bank: the user's top R chunks of other sessions by
- * similarity to the prompt's mean token embedding. */
+ * similarity to the prompt's mean token embedding: from the retrieval index
+ * (l3index.c; the same chunks the scan would pick), else by a scan. */
 static void choose_bank(srv_store *st, task *t, srv_loaded *res)
 {
     if (!st->model || st->top_r <= 0 || t->n_tokens <= 0) return;
@@ -321,9 +365,22 @@ static void choose_bank(srv_store *st, task *t, srv_loaded *res)
         p.q = q;
         for (int d = 0; d < st->d_model; d++) p.qn += (double)q[d] * q[d];
         char err[256];
+        for (int attempt = 0; st->l3ix && attempt < 2; attempt++) {
+            if (!srv_l3index_loaded(st->l3ix, t->user) && index_user(st, t->user) != 0) break;
+            p.n = srv_l3index_top(st->l3ix, t->user, t->id, q, p.r, p.ids, p.score);
+            if (p.n < 0) break; /* dropped meanwhile (budget, admin): scan */
+            if (p.n == 0 || load_bank(st, t->user, p.ids, p.n, res, 1) == p.n) goto done;
+            /* a chunk it named is gone (deleted behind its back): rebuild once */
+            free(res->bank_mu);
+            res->bank_mu = NULL;
+            res->n_bank = 0;
+            srv_l3index_drop(st->l3ix, t->user);
+        }
+        p.n = 0;
         if (ms_chunk_list(st->ms, t->user, pick_chunk, &p, err, sizeof err) == MS_OK && p.n > 0)
             load_bank(st, t->user, p.ids, p.n, res, 1);
     }
+done:
     free(q);
     free(p.e);
 }
@@ -545,7 +602,10 @@ static void chunk_quota(srv_store *st, const char *user)
     if (over > 0) {
         qsort(l.v, l.n, sizeof *l.v, by_age);
         for (size_t i = 0; i < l.n && deleted < over; i++)
-            if (ms_chunk_delete(st->ms, user, l.v[i].id, err, sizeof err) == MS_OK) deleted++;
+            if (ms_chunk_delete(st->ms, user, l.v[i].id, err, sizeof err) == MS_OK) {
+                if (st->l3ix) srv_l3index_del(st->l3ix, user, l.v[i].id);
+                deleted++;
+            }
         __atomic_add_fetch(&st->quota_chunks, deleted, __ATOMIC_RELAXED);
         srv_log("info", "longterm_quota_evicted", " user=%s chunks=%zu deleted=%ld quota=%ld", user, l.n, deleted,
                 st->user_chunks);
@@ -577,6 +637,7 @@ static void do_chunk(srv_store *st, task *t)
     free(old);
     int rc = ms_chunk_put(st->ms, t->user, cid, v, len, 0, err, sizeof err);
     free(v);
+    if (rc == MS_OK && st->l3ix) srv_l3index_put(st->l3ix, t->user, cid, t->id, sl, (const float *)t->buf);
     if (rc == MS_OK) __atomic_add_fetch(&st->chunks_written, 1, __ATOMIC_RELAXED);
     else srv_log("warn", "longterm_write_failed", " session=%s chunk=%d error=\"%s\"", t->id, t->chunk_index, err);
     if (rc == MS_OK && !existed && st->user_chunks > 0) chunk_quota(st, t->user);
@@ -905,11 +966,18 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
         st->n_layers = mi->n_layers;
         st->d_model = mi->d_model;
         st->top_r = mi->l3_top_r;
+        if (p->l3_index_bytes > 0 && !(st->l3ix = srv_l3index_new(st->d_model, p->l3_index_bytes))) {
+            ms_close(st->ms);
+            free(st);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
     }
     pthread_mutex_init(&st->mu, NULL);
     pthread_cond_init(&st->cv, NULL);
     if (pthread_create(&st->th, NULL, worker, st) != 0) {
         ms_close(st->ms);
+        srv_l3index_free(st->l3ix);
         pthread_mutex_destroy(&st->mu);
         pthread_cond_destroy(&st->cv);
         pthread_mutex_destroy(&st->rates_mu);
@@ -1046,5 +1114,11 @@ void srv_store_close(srv_store *st)
         st->counts = c;
     }
     free(st->pending);
+    srv_l3index_free(st->l3ix);
     free(st);
+}
+
+void srv_store_longterm_deleted(srv_store *st, const char *user)
+{
+    if (st) srv_l3index_drop(st->l3ix, user);
 }
