@@ -1027,6 +1027,60 @@ START_TEST(resume_cost_model)
 }
 END_TEST
 
+/* l3index.c: the retrieval index's bookkeeping (exactness against the scan:
+ * tests/l3_index.sh). */
+START_TEST(l3_index_sync)
+{
+    srv_l3index *ix = srv_l3index_new(2, 1 << 20);
+    ck_assert_ptr_nonnull(ix);
+    float e[2];
+    ck_assert_int_eq(srv_l3index_put(ix, "u", 1, "s", 1, (float[]){ 1, 0 }), 0); /* not indexed: nothing */
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), -1);
+    ck_assert_int_eq(srv_l3index_begin(ix, "u"), 0);
+    for (int i = 0; i < 200; i++) { /* keys at angles i degrees: chunk i+1 */
+        e[0] = (float)cos(i * M_PI / 180);
+        e[1] = (float)sin(i * M_PI / 180);
+        ck_assert_int_eq(srv_l3index_put(ix, "u", (uint64_t)i + 1, i < 100 ? "a" : "b", 1, e), 0);
+    }
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), 200);
+    uint64_t ids[4];
+    double sc[4];
+    float q[2] = { 1, 0 };
+    ck_assert_int_eq(srv_l3index_top(ix, "u", NULL, q, 4, ids, sc), 4);
+    ck_assert(ids[0] == 1 && ids[1] == 2 && ids[2] == 3 && ids[3] == 4);
+    ck_assert(sc[0] >= sc[1] && sc[1] >= sc[2]);
+    ck_assert_int_eq(srv_l3index_top(ix, "u", "a", q, 4, ids, sc), 4); /* session a's excluded */
+    ck_assert(ids[0] == 101);
+    srv_l3index_del(ix, "u", 1);
+    srv_l3index_del(ix, "u", 3);
+    srv_l3index_del(ix, "u", 999); /* unknown: nothing */
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), 198);
+    ck_assert_int_eq(srv_l3index_top(ix, "u", NULL, q, 3, ids, sc), 3);
+    ck_assert(ids[0] == 2 && ids[1] == 4 && ids[2] == 5);
+    /* a replaced key moves; equal scores go to the smaller id */
+    ck_assert_int_eq(srv_l3index_put(ix, "u", 150, "b", 1, (float[]){ 2, 0 }), 0);
+    ck_assert_int_eq(srv_l3index_put(ix, "u", 7, "a", 1, (float[]){ 1, 0 }), 0);
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), 198);
+    ck_assert_int_eq(srv_l3index_top(ix, "u", NULL, q, 3, ids, sc), 3);
+    ck_assert(ids[0] == 7 && ids[1] == 150 && ids[2] == 2);
+    ck_assert(sc[0] == sc[1]);
+    ck_assert_int_eq(srv_l3index_top(ix, "nobody", NULL, q, 3, ids, sc), -1);
+    srv_l3index_drop(ix, "u");
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), -1);
+    srv_l3index_free(ix);
+    /* over the budget, the least recently used user's index goes */
+    ix = srv_l3index_new(64, 64 * 1024);
+    float big[64] = { 1 };
+    ck_assert_int_eq(srv_l3index_begin(ix, "old"), 0);
+    ck_assert_int_eq(srv_l3index_put(ix, "old", 1, "s", 1, big), 0);
+    ck_assert_int_eq(srv_l3index_begin(ix, "new"), 0);
+    for (int i = 0; i < 400; i++) ck_assert_int_eq(srv_l3index_put(ix, "new", (uint64_t)i, "s", 1, big), 0);
+    ck_assert_int_eq(srv_l3index_count(ix, "old"), -1);
+    ck_assert_int_eq(srv_l3index_count(ix, "new"), 400); /* the user being filled stays */
+    srv_l3index_free(ix);
+}
+END_TEST
+
 START_TEST(reuse_prefix)
 {
     int32_t have[70], p[80];
@@ -1416,6 +1470,7 @@ static Suite *suite(void)
     tcase_add_test(sched, plan_more_decoders_than_budget);
     tcase_add_test(sched, reuse_prefix);
     tcase_add_test(sched, resume_cost_model);
+    tcase_add_test(sched, l3_index_sync);
     suite_add_tcase(s, sched);
     TCase *eng = tcase_create("engine_thread");
     tcase_set_timeout(eng, 120);
