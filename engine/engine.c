@@ -190,6 +190,7 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
     e->item_start = xcalloc((size_t)p.max_seqs, sizeof(int), &fail);
     e->sel_row = xcalloc((size_t)p.max_seqs, sizeof(int), &fail);
     e->sel_logits = xcalloc((size_t)p.max_seqs * e->V, sizeof(float), &fail);
+    e->sel_argmax = xcalloc((size_t)p.max_seqs, sizeof(int32_t), &fail);
     e->seen_seq = xcalloc((size_t)p.max_seqs, sizeof(unsigned char), &fail);
     e->stage_kv = xcalloc(e->block_kv_bytes, 1, &fail);
     e->stage_ema = xcalloc((size_t)e->n_layers * e->D, sizeof(float), &fail);
@@ -233,7 +234,7 @@ void eng_free(eng_engine *e)
     free(e->free_blocks);
     free(e->block_ref);
     free(e->tok); free(e->tok_item); free(e->tok_pos); free(e->item_start); free(e->sel_row);
-    free(e->sel_logits); free(e->seen_seq); free(e->stage_kv); free(e->stage_ema);
+    free(e->sel_logits); free(e->sel_argmax); free(e->seen_seq); free(e->stage_kv); free(e->stage_ema);
     free(e->tok_chunk); free(e->chunk_vals); free(e->chunks);
     free(e);
 }
@@ -457,7 +458,7 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
     if (rc != ENG_OK) return rc;
 
     /* Pack the tokens and take the blocks the new positions need. */
-    int T = 0, n_sel = 0, n_chunks = 0;
+    int T = 0, n_sel = 0, n_chunks = 0, want_logits = 0, want_argmax = 0;
     for (int i = 0; i < n_items; i++) {
         const eng_batch_item *it = &items[i];
         eng_seq *sq = &e->seqs[it->seq];
@@ -472,11 +473,17 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
             e->tok_item[T] = i;
             e->tok_pos[T] = sq->n_tokens + j;
         }
-        if (it->logits) e->sel_row[n_sel++] = T - 1;
+        if (it->logits || it->argmax) e->sel_row[n_sel++] = T - 1;
+        want_logits |= it->logits != NULL;
+        want_argmax |= it->argmax != NULL;
         if (e->tok_chunk) n_chunks = plan_chunks(e, sq, it, e->item_start[i], n_chunks);
     }
+    /* A backend without its own argmax hands the logits to the core, which
+     * takes the argmax from them. */
+    const int be_argmax = want_argmax && e->ops->argmax;
     eng_plan plan = { items, n_items, T, e->tok, e->tok_item, e->tok_pos, e->item_start,
-                      n_sel, e->sel_row, e->sel_logits, e->tok_chunk, n_chunks, e->chunk_vals };
+                      n_sel, e->sel_row, e->sel_logits, want_logits || !be_argmax,
+                      be_argmax ? e->sel_argmax : NULL, e->tok_chunk, n_chunks, e->chunk_vals };
     if ((rc = e->ops->step(e, &plan, err, errlen)) != ENG_OK) {
         /* Give back the blocks taken for positions that were not computed. */
         for (int i = 0; i < n_items; i++) {
@@ -492,10 +499,11 @@ int eng_step(eng_engine *e, const eng_batch_item *items, int n_items, char *err,
         eng_seq *sq = &e->seqs[items[i].seq];
         memcpy(sq->tokens + sq->n_tokens, items[i].tokens, (size_t)items[i].n_tokens * sizeof(int32_t));
         sq->n_tokens += items[i].n_tokens;
-        if (items[i].logits) {
-            memcpy(items[i].logits, e->sel_logits + (size_t)r * e->V, (size_t)e->V * sizeof(float));
-            r++;
-        }
+        if (!items[i].logits && !items[i].argmax) continue;
+        const float *row = e->sel_logits + (size_t)r * e->V;
+        if (items[i].logits) memcpy(items[i].logits, row, (size_t)e->V * sizeof(float));
+        if (items[i].argmax) *items[i].argmax = be_argmax ? e->sel_argmax[r] : eng__argmax(row, e->V);
+        r++;
     }
     return ENG_OK;
 }

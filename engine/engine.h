@@ -189,6 +189,12 @@ typedef struct eng_batch_item {
     int n_tokens;          /* >= 1 */
     float *logits;         /* NULL, or (vocab_size): receives the logits after
                               the item's last token */
+    int32_t *argmax;       /* NULL, or receives the id of the largest of those
+                              logits (lowest id on ties, NaN never chosen:
+                              eng_sampler's greedy pick without penalties or
+                              bias).  Asked without logits, the logits need not
+                              leave the device: greedy decoding copies one id
+                              per sequence instead of vocab_size floats */
 } eng_batch_item;
 
 /* Runs one batched forward step: every item appends its tokens to its

@@ -50,6 +50,10 @@ typedef struct eng_plan {
     int n_sel;                   /* rows whose logits are wanted */
     const int *sel_row;          /* (n_sel) those rows, in item order */
     float *logits;               /* (n_sel, V) host: receives their logits */
+    int want_logits;             /* 0: no item wants the logits themselves, only their
+                                    argmax; a backend with .argmax may leave logits unwritten */
+    int32_t *argmax;             /* (n_sel) host, or NULL: a backend with .argmax writes each
+                                    selected row's argmax here (eng__argmax's rule) */
     /* L3 memory chunks (engine.h), only with l3_capture; else tok_chunk is
      * NULL and the backend does no chunk work. */
     const int *tok_chunk;        /* (T) the chunk row t completes, 0..n_chunks-1, or -1 */
@@ -101,6 +105,7 @@ typedef struct eng_backend {
     /* Copies a whole block out of / into the pool (layouts above). */
     int (*block_get)(eng_engine *e, int block, void *kv, float *ema, char *err, size_t errlen);
     int (*block_set)(eng_engine *e, int block, const void *kv, const float *ema, char *err, size_t errlen);
+    int argmax; /* 1: step computes p->argmax itself (on the device); 0: the core does it */
 } eng_backend;
 
 extern const eng_backend eng_backend_cpu;
@@ -134,6 +139,7 @@ struct eng_engine {
     int *item_start;        /* (max_seqs) */
     int *sel_row;           /* (max_seqs) */
     float *sel_logits;      /* (max_seqs, V) */
+    int32_t *sel_argmax;    /* (max_seqs) */
     unsigned char *seen_seq;/* (max_seqs) */
     /* L3 memory chunks: l3_C always, the rest only with l3_capture (else NULL, 0). */
     int l3_C;               /* tokens per chunk: the model's l3_chunk_tokens */

@@ -35,6 +35,22 @@ static inline float eng__bf16_to_f32(uint16_t h)
 }
 
 /* Row r of a matrix (as a linear's weight) widened to f32 into dst (cols). */
+/* The id of the largest of x[0..n-1]: lowest id on ties, NaN never chosen
+ * (n - 1 when all are NaN).  The greedy pick of eng_sampler and of
+ * eng_batch_item.argmax; the CUDA argmax kernel follows the same rule. */
+static inline int eng__argmax(const float *x, int n)
+{
+    int best = 0;
+    while (best < n - 1 && x[best] != x[best]) best++;
+    float bv = x[best]; /* in a register: the scan has no load that waits on `best` */
+    for (int i = best + 1; i < n; i++)
+        if (x[i] > bv) {
+            best = i;
+            bv = x[i];
+        }
+    return best;
+}
+
 static inline void eng__linear_row(const eng_linear *l, int r, float *dst)
 {
     if (l->w16) {

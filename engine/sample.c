@@ -210,10 +210,7 @@ int32_t eng_sampler_sample(eng_sampler *s, float *logits, const int32_t *history
         logits[t] -= p->frequency_penalty * (float)s->count[t] + p->presence_penalty;
     }
 
-    int best = 0; /* argmax over the non-NaN logits, lowest id on ties */
-    while (best < V - 1 && logits[best] != logits[best]) best++;
-    for (int i = best + 1; i < V; i++)
-        if (logits[i] > logits[best]) best = i;
+    int best = eng__argmax(logits, V); /* over the non-NaN logits, lowest id on ties */
     if (p->temperature == 0.0f) return note_returned(s, best);
 
     /* Candidates: everything, or the top k. Exclude NaN logits. */

@@ -503,7 +503,8 @@ START_TEST(cuda_vs_cpu)
     for (int p = 0; p < NPROMPT; p++) min_gap[p] = INFINITY;
     memcpy(lc, cpu_one, (size_t)NPROMPT * V * sizeof(float));
     memcpy(lg, gpu_one, (size_t)NPROMPT * V * sizeof(float));
-    int32_t next[NPROMPT];
+    int32_t next[NPROMPT], amc[NPROMPT], amg[NPROMPT];
+    int am_bad = 0;
     eng_batch_item ic[NPROMPT], ig[NPROMPT];
     for (int t = 0; t <= NDECODE; t++) {
         for (int p = 0; p < NPROMPT; p++) {
@@ -521,16 +522,33 @@ START_TEST(cuda_vs_cpu)
         }
         if (t == NDECODE) break;
         for (int p = 0; p < NPROMPT; p++) {
-            ic[p] = (eng_batch_item){ sc[p], &next[p], 1, lc + (size_t)p * V };
-            ig[p] = (eng_batch_item){ sg[p], &next[p], 1, lg + (size_t)p * V };
+            ic[p] = (eng_batch_item){ sc[p], &next[p], 1, lc + (size_t)p * V, &amc[p] };
+            ig[p] = (eng_batch_item){ sg[p], &next[p], 1, lg + (size_t)p * V, &amg[p] };
         }
         ck_assert_msg(eng_step(cpu, ic, NPROMPT, err, sizeof err) == ENG_OK, "cpu decode: %s", err);
         ck_assert_msg(eng_step(gpu, ig, NPROMPT, err, sizeof err) == ENG_OK, "cuda decode: %s", err);
+        /* The argmax each backend returns is the greedy pick of the logits it
+         * returns (the CUDA one computed on the device). */
+        for (int p = 0; p < NPROMPT; p++)
+            am_bad += amc[p] != argmax(lc + (size_t)p * V, V) || amg[p] != argmax(lg + (size_t)p * V, V);
         for (int p = 0; p < NPROMPT; p++) {
             chunks_save(cpu, sc[p], &cref[p]);
             chunks_check(gpu, sg[p], &cref[p], &tg1);
         }
     }
+    expect(&v, am_bad == 0, "(b) %d argmax ids differ from the argmax of the returned logits", am_bad);
+    /* One more step asking the GPU for the ids alone (no logits copied out):
+     * the CPU's pick, except where the CPU's top-2 gap is a near tie. */
+    for (int p = 0; p < NPROMPT; p++) {
+        ic[p] = (eng_batch_item){ sc[p], &next[p], 1, lc + (size_t)p * V, &amc[p] };
+        ig[p] = (eng_batch_item){ .seq = sg[p], .tokens = &next[p], .n_tokens = 1, .argmax = &amg[p] };
+    }
+    ck_assert_msg(eng_step(cpu, ic, NPROMPT, err, sizeof err) == ENG_OK, "cpu decode: %s", err);
+    ck_assert_msg(eng_step(gpu, ig, NPROMPT, err, sizeof err) == ENG_OK, "cuda decode: %s", err);
+    int am_far = 0;
+    for (int p = 0; p < NPROMPT; p++)
+        am_far += !diverged[p] && amg[p] != amc[p] && top2_gap(lc + (size_t)p * V, V) > 2 * tol;
+    expect(&v, am_far == 0, "(b) %d ids-only argmax(es) differ from the CPU's away from a near tie", am_far);
     int cpu_chunks = 0;
     for (int p = 0; p < NPROMPT; p++)
         for (int k = 0; k < cref[p].n_ref; k++) cpu_chunks += cref[p].have[k];

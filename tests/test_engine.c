@@ -211,6 +211,46 @@ START_TEST(ragged_batch_equals_alone)
 }
 END_TEST
 
+/* An item may ask for the argmax of its logits instead of (or with) them:
+ * the id is the sampler's greedy pick from the same logits, and a sequence
+ * that asks for the id alone ends the step in the same state. */
+START_TEST(argmax_is_the_greedy_pick)
+{
+    const eng_model *m = _i ? g_mka3h : g_mka3;
+    int V = eng_model_get_info(m)->vocab_size;
+    eng_engine *e = mk_engine(m, 2, 2, 0);
+    int s0, s1, c40[] = { 40 };
+    ck_assert_int_eq(eng_seq_create(e, &s0), ENG_OK);
+    ck_assert_int_eq(eng_seq_create(e, &s1), ENG_OK);
+    feed(e, s0, g_prompt, 40, c40, 1, NULL);
+    feed(e, s1, g_prompt, 40, c40, 1, NULL);
+    eng_sampler_params sp = eng_sampler_default_params();
+    sp.temperature = 0.0f;
+    eng_sampler *smp = NULL;
+    ck_assert_int_eq(eng_sampler_create(V, &sp, &smp), ENG_OK);
+    float *o0 = malloc((size_t)V * 4), *o1 = malloc((size_t)V * 4);
+    int32_t t0 = g_prompt[40], t1 = g_prompt[40], a0 = -1, a1 = -1;
+    char err[256];
+    for (int step = 0; step < 8; step++) {
+        eng_batch_item items[2] = {
+            { .seq = s0, .tokens = &t0, .n_tokens = 1, .logits = o0, .argmax = &a0 },
+            { .seq = s1, .tokens = &t1, .n_tokens = 1, .argmax = &a1 },
+        };
+        ck_assert_msg(eng_step(e, items, 2, err, sizeof err) == ENG_OK, "%s", err);
+        memcpy(o1, o0, (size_t)V * 4);
+        int32_t pick = eng_sampler_sample(smp, o1, NULL, 0);
+        ck_assert_int_eq(a0, pick);
+        ck_assert_int_eq(a1, pick);
+        t0 = t1 = pick;
+    }
+    ck_assert_int_eq(eng_seq_len(e, s0), 48);
+    ck_assert_int_eq(eng_seq_len(e, s1), 48);
+    eng_sampler_free(smp);
+    free(o0); free(o1);
+    eng_free(e);
+}
+END_TEST
+
 START_TEST(thread_count_does_not_change_results)
 {
     const eng_model *m = _i ? g_mka3h : g_mka3;
@@ -1087,6 +1127,7 @@ int main(void)
     tcase_add_test(tc, l3_bank_changes_the_output);
     tcase_add_loop_test(tc, ragged_batch_equals_alone, 0, 2);
     tcase_add_loop_test(tc, thread_count_does_not_change_results, 0, 2);
+    tcase_add_loop_test(tc, argmax_is_the_greedy_pick, 0, 2);
     tcase_add_test(tc, kv_dtype_and_pool_bytes);
     tcase_add_loop_test(tc, blocks_export_is_incremental, 0, 2);
     tcase_add_loop_test(tc, blocks_import_then_prefill_the_rest, 0, 2);

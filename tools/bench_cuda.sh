@@ -138,8 +138,8 @@ for C in $CTX; do
         printf '%s\n' "$out_all" >&2
         line=$(grep '^event=done' <<<"$out_all")
         if [ "$label" = profile ]; then
-            { echo "context $C, one decode step (MKAD_CUDA_PROFILE=1, no graph):"
-              grep -o 'cuda profile: .*' <<<"$out_all" | sed 's/^cuda profile: /  /'; } >>"$prof"
+            { echo "context $C, one decode step (MKAD_CUDA_PROFILE=1):"
+              grep -o 'cuda profile: .*' <<<"$out_all" | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
         fi
         get() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$line"; }
         awk -v C="$C" -v V="$label" -v G="$G" -v pf="$(get prefill_tok_s)" -v ps="$(get prefill_s)" -v dt="$(get decode_tok_s)" \
@@ -170,7 +170,7 @@ if [ -n "$BATCHES" ]; then
             { echo "batch $N at context $BC, one decode step (MKAD_CUDA_PROFILE=1):"
               MKAD_CUDA_PROFILE=1 "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" \
                   --max-tokens 17 --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null |
-                  grep -o 'cuda profile: .*' | sed 's/^cuda profile: /  /'; } >>"$prof"
+                  grep -o 'cuda profile: .*' | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
         fi
         awk -v N="$N" -v C="$BC" -v G="$G" -v dt="$dt" -v bw="$BW" -v wb="$WBYTES" -v kv="$KVTOK" 'BEGIN {
             step = 1000 * N / dt

@@ -401,13 +401,14 @@ int main(int argc, char **argv)
     int *seqs = malloc((size_t)batch * sizeof *seqs);
     eng_batch_item *items = calloc((size_t)batch, sizeof *items);
     int32_t *toks = malloc((size_t)batch * sizeof *toks);
+    int32_t *next_ids = malloc((size_t)batch * sizeof *next_ids);
     float *logits = malloc((size_t)batch * mi->vocab_size * sizeof *logits);
     int32_t *out_ids = malloc(((size_t)max_tokens + 1) * sizeof *out_ids);
     void *bank = NULL;
     float *chunks = NULL; /* (n_chunks, n_layers + 1, hidden) for --dump-chunks */
     size_t n_chunks = 0, per_chunk = ((size_t)mi->n_layers + 1) * mi->d_model;
     int seq = -1, status = 1;
-    if (!logits || !out_ids || !smp || !seqs || !items || !toks) {
+    if (!logits || !out_ids || !smp || !seqs || !items || !toks || !next_ids) {
         fprintf(stderr, "mkad-cli: out of memory\n");
         goto done;
     }
@@ -457,7 +458,8 @@ int main(int argc, char **argv)
     double tp = now_s();
     for (int off = 0; off < n_prompt; off += chunk) {
         int n = n_prompt - off < chunk ? n_prompt - off : chunk;
-        eng_batch_item it = { seq, prompt + off, n, off + n == n_prompt ? logits : NULL };
+        eng_batch_item it = { .seq = seq, .tokens = prompt + off, .n_tokens = n,
+                              .logits = off + n == n_prompt ? logits : NULL };
         if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
             fprintf(stderr, "mkad-cli: prefill: %s\n", err);
             goto done;
@@ -481,8 +483,9 @@ int main(int argc, char **argv)
     for (int b = 1; b < batch; b++)
         for (int off = 0; off < n_prompt; off += chunk) {
             int n = n_prompt - off < chunk ? n_prompt - off : chunk;
-            eng_batch_item it = { seqs[b], prompt + off, n,
-                                  off + n == n_prompt ? logits + (size_t)b * mi->vocab_size : NULL };
+            eng_batch_item it = { .seq = seqs[b], .tokens = prompt + off, .n_tokens = n,
+                                  .logits = off + n == n_prompt ? logits + (size_t)b * mi->vocab_size
+                                                                : NULL };
             if ((rc = eng_step(eng, &it, 1, err, sizeof err)) != ENG_OK) {
                 fprintf(stderr, "mkad-cli: prefill: %s\n", err);
                 goto done;
@@ -509,14 +512,23 @@ int main(int argc, char **argv)
     /* a chat's assistant turn also ends at the template's end-of-turn tokens */
     int32_t stop[8];
     int n_stop = chat && tkz ? eng_tok_chat_stop_ids(tkz, stop, 8) : 0;
+    /* Greedy without penalties: the engine's argmax (on the device with
+     * CUDA), so that one id per sequence comes back instead of the logits. */
+    const int fast_greedy = sp.temperature == 0.0f && sp.repetition_penalty == 1.0f &&
+                            sp.presence_penalty == 0.0f && sp.frequency_penalty == 0.0f;
     double td = now_s();
     int n_out = 0;
     for (; n_out < max_tokens; n_out++) {
         for (int b = 0; b < batch; b++) {
             float *lg = logits + (size_t)b * mi->vocab_size;
-            toks[b] = eng_sampler_sample(smp[b], lg, eng_seq_tokens(eng, seqs[b]),
-                                         eng_seq_len(eng, seqs[b]));
-            items[b] = (eng_batch_item){ seqs[b], &toks[b], 1, lg };
+            if (!fast_greedy || n_out == 0)
+                toks[b] = eng_sampler_sample(smp[b], lg, eng_seq_tokens(eng, seqs[b]),
+                                             eng_seq_len(eng, seqs[b]));
+            else
+                toks[b] = next_ids[b];
+            items[b] = (eng_batch_item){ .seq = seqs[b], .tokens = &toks[b], .n_tokens = 1,
+                                         .logits = fast_greedy ? NULL : lg,
+                                         .argmax = fast_greedy ? &next_ids[b] : NULL };
         }
         int32_t tok = toks[0];
         out_ids[n_out] = tok;
@@ -555,6 +567,7 @@ done:
     free(seqs);
     free(items);
     free(toks);
+    free(next_ids);
     eng_free(eng);
     eng_model_free(model);
     free(bank);

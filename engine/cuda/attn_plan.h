@@ -16,6 +16,8 @@ typedef struct cu_att_limits {
     long long target;  /* thread blocks that fill the device once (att_target) */
     long long force_tiles; /* key tiles per split, 0 = automatic (MKAD_CUDA_ATTN_SPLIT) */
     long long max_units;   /* units the plan has room for */
+    long long fixed_units; /* > 0: the combine entries start this many units after the
+                              first, whatever the step's count (a replayed graph's layout) */
 } cu_att_limits;
 
 /* Calls fn(item, r, nr, pf) for every row group of the step's attention:
@@ -131,6 +133,13 @@ static int plan_attention(const cu_att_limits *lim, const cu_item *items, int n_
     *o += (size_t)nu * CU_ATT_UNIT_INTS;
 
     /* The combine entries: every row of a split group, in the same order. */
+    if (lim->fixed_units > 0) {
+        if (nu > lim->fixed_units)
+            return eng__errf(err, errlen, ENG_EINVAL,
+                             "cuda: step: %lld attention units exceed the graph's %lld", nu,
+                             lim->fixed_units);
+        *o += (size_t)(lim->fixed_units - nu) * CU_ATT_UNIT_INTS;
+    }
     int *comb = hp + *o;
     long long nc = 0;
     pbase = 0;

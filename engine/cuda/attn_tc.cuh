@@ -82,7 +82,11 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
     const int gq = lane >> 2, tq = lane & 3;
     const int wm = WM == 1 ? 0 : warp, wn = WM == 1 ? warp : 0;
 
-    const int *u = units + (size_t)(blockIdx.x / (unsigned)nhb) * CU_ATT_UNIT_INTS;
+    const unsigned unit = blockIdx.x / (unsigned)nhb;
+    /* A launch sized for a bound (a replayed graph): blocks past the step's
+     * units have nothing to do (block-uniform, before any barrier). */
+    if (f.att_count && (int)unit >= f.att_count[WM == 1 ? 0 : 1]) return;
+    const int *u = units + (size_t)unit * CU_ATT_UNIT_INTS;
     const int hb = (int)(blockIdx.x % (unsigned)nhb);
     const int item = u[0], t0 = u[1], nr = u[2], pos0 = u[3], kb = u[4], ke = u[5];
     const int part = u[6], ns = u[7];
@@ -305,6 +309,7 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
 #define COMB_THREADS 128
 static __global__ void __launch_bounds__(COMB_THREADS) attn_combine_kernel(cu_fwd f, bf16 *att)
 {
+    if (f.att_count && (int)blockIdx.x >= f.att_count[2]) return; /* as in attn_tc_kernel */
     __shared__ float w[CU_ATT_MAX_SPLITS];
     __shared__ float red[COMB_THREADS / 32];
     __shared__ float4 part[COMB_THREADS / 32][32];

@@ -134,7 +134,7 @@ static size_t plan_ints(const cuda_state *cs, const eng_engine *e)
     size_t T = (size_t)e->prm.max_batch_tokens, S = (size_t)e->prm.max_seqs;
     size_t n = 3 * T + S * (sizeof(cu_item) / sizeof(int)) + S * (size_t)e->max_blocks_per_seq + S;
     if (e->prm.l3_capture) n += T;
-    if (!cs->att_simple) n += att_max_units(cs, e) * CU_ATT_UNIT_INTS + T * CU_ATT_COMB_INTS;
+    if (!cs->att_simple) n += 3 + att_max_units(cs, e) * CU_ATT_UNIT_INTS + T * CU_ATT_COMB_INTS;
     return n;
 }
 
@@ -162,6 +162,7 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->act = take_bf16(&b, T * e->F);
     cs->selb = take_bf16(&b, S * D);
     cs->logits = take_f32(&b, S * e->V);
+    cs->argmax = (int *)take(&b, S * sizeof(int));
     if (e->prm.l3_capture) {
         cs->chunk_acc = take_f32(&b, S * (NL + 1) * D);
         cs->chunk_out = take_f32(&b, (size_t)e->max_step_chunks * (NL + 1) * D);
@@ -462,6 +463,17 @@ static void prof_report(const eng_engine *e, const cuda_state *cs)
     }
 }
 
+/* The decode graphs (cuda_step). */
+static void graphs_free(cuda_state *cs)
+{
+    cudaGraphExec_t *g = &cs->graph[0][0][0][0];
+    for (size_t i = 0; i < sizeof cs->graph / sizeof *g; i++)
+        if (g[i]) {
+            (void)cudaGraphExecDestroy(g[i]);
+            g[i] = NULL;
+        }
+}
+
 /* ---- init / fini ---------------------------------------------------------- */
 
 static void cuda_fini(eng_engine *e)
@@ -472,6 +484,7 @@ static void cuda_fini(eng_engine *e)
      * and there is nothing left to do but release what can be released. */
     if (cs->stream) (void)cudaStreamSynchronize(cs->stream);
     prof_report(e, cs);
+    graphs_free(cs);
     if (cs->prof) {
         for (int i = 0; i < PROF_MAX_MARKS; i++)
             if (cs->prof->ev[i]) (void)cudaEventDestroy(cs->prof->ev[i]);
@@ -483,6 +496,7 @@ static void cuda_fini(eng_engine *e)
     (void)cudaFree(cs->w_arena);
     if (cs->plan_host) (void)cudaFreeHost(cs->plan_host);
     if (cs->logits_host) (void)cudaFreeHost(cs->logits_host);
+    if (cs->argmax_host) (void)cudaFreeHost(cs->argmax_host);
     if (cs->l3_host) (void)cudaFreeHost(cs->l3_host);
     if (cs->chunk_host) (void)cudaFreeHost(cs->chunk_host);
     if (cs->stream) (void)cudaStreamDestroy(cs->stream);
@@ -581,6 +595,12 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
                          "cuda: MKAD_CUDA_GEMV=%s: expected \"own\" or \"cublas\"", gv);
     cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_MAX_M;
     CUDA_TRY(cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking));
+    /* Graphs need the GEMV for every decode projection (no cuBLAS inside a
+     * capture) and the planner's own splits (a forced split has no bound). */
+    const char *gr = getenv("MKAD_CUDA_GRAPH");
+    cs->graphs_on = !(gr && !strcmp(gr, "0")) && cs->gemv_max_m >= CU_GEMV_MAX_M &&
+                    !cs->att_simple && cs->att_force_tiles == 0 && e->D % 8 == 0 &&
+                    e->q_dim % 8 == 0 && e->F % 8 == 0;
     const char *pf = getenv("MKAD_CUDA_PROFILE");
     if (pf && !strcmp(pf, "1")) {
         if (!(cs->prof = (cu_prof *)calloc(1, sizeof *cs->prof)))
@@ -614,6 +634,7 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
                            cudaHostAllocDefault));
     CUDA_TRY(cudaHostAlloc((void **)&cs->logits_host, S * e->V * sizeof(float),
                            cudaHostAllocDefault));
+    CUDA_TRY(cudaHostAlloc((void **)&cs->argmax_host, S * sizeof(int), cudaHostAllocDefault));
     if (cs->l3_mu)
         CUDA_TRY(cudaHostAlloc((void **)&cs->l3_host, 2 * NL * R * D * sizeof(float),
                                cudaHostAllocDefault));
@@ -809,7 +830,7 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
  * kernel read or write outside its buffers.  *n_ints: ints to upload;
  * *o_sel: offset of the selected rows. */
 static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f, int *max_n,
-                     size_t *n_ints, size_t *o_sel, char *err, size_t errlen)
+                     size_t *n_ints, size_t *o_sel, int graph, char *err, size_t errlen)
 {
     const int T = p->T, n = p->n_items, MB = e->max_blocks_per_seq;
     int *hp = cs->plan_host;
@@ -889,10 +910,26 @@ static int pack_plan(eng_engine *e, cuda_state *cs, const eng_plan *p, cu_fwd *f
         }
     }
     if (!cs->att_simple) {
+        /* For a graph: the step's counts at a fixed place, the combine entries
+         * after room for the most units a step of this shape can have — at
+         * most target / nhb splits in all plus one unit per row group
+         * (plan_attention) — and launches sized for those bounds. */
+        const int G = f->H / f->H_kv, gb = G < 16 ? G : 16, nhb = f->H_kv * ((G + gb - 1) / gb);
+        const long long bound = graph ? cs->att_target / nhb + T : 0;
+        const size_t o_count = o;
+        if (graph) o += 3;
         const cu_att_limits lim = {cs->att_target, cs->att_force_tiles,
-                                   (long long)cs->att_max_units};
+                                   (long long)cs->att_max_units, bound};
         int rc = plan_attention(&lim, items, n, hp, &o, cs->plan_dev, f, err, errlen);
         if (rc) return rc;
+        if (graph) {
+            hp[o_count] = f->att_n_dec;
+            hp[o_count + 1] = f->att_n_pf;
+            hp[o_count + 2] = f->att_n_comb;
+            f->att_count = cs->plan_dev + o_count;
+            f->att_n_dec = (int)bound;
+            f->att_n_comb = T;
+        }
     }
     *n_ints = o;
 
@@ -934,8 +971,42 @@ static int forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, const eng_pla
                        errlen)))
             return rc;
         PROF("lm head", WBYTES(cs->lm_head));
+        if (p->argmax) {
+            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax, st));
+            PROF("argmax", 0);
+        }
     }
     return ENG_OK;
+}
+
+/* Captures forward() into *g (the graph of a decode shape).  A capture or
+ * instantiation that fails leaves *g NULL and switches graphs off, with a
+ * line in the log: the step then runs directly. */
+static void capture(eng_engine *e, cuda_state *cs, const cu_fwd *f, const eng_plan *p, int max_n,
+                    size_t o_sel, cudaGraphExec_t *g)
+{
+    char err[256] = "";
+    cudaGraph_t graph = NULL;
+    cudaError_t ce = cudaStreamBeginCapture(cs->stream, cudaStreamCaptureModeThreadLocal);
+    if (ce == cudaSuccess) {
+        int rc = forward(e, cs, f, p, max_n, o_sel, err, sizeof err);
+        cudaError_t end = cudaStreamEndCapture(cs->stream, &graph);
+        if (rc && !err[0]) snprintf(err, sizeof err, "capture failed");
+        if (!rc && end != cudaSuccess) ce = end;
+        if (!rc && ce == cudaSuccess) ce = cudaGraphInstantiate(g, graph, 0);
+        if (rc && ce == cudaSuccess) ce = cudaErrorStreamCaptureInvalidated;
+    }
+    if (graph) (void)cudaGraphDestroy(graph);
+    if (ce == cudaSuccess) return;
+    *g = NULL;
+    cs->graphs_on = 0;
+    (void)cudaGetLastError();
+    if (e->prm.log) {
+        char line[400];
+        snprintf(line, sizeof line, "cuda: decode graphs switched off (%s%s%s)",
+                 cudaGetErrorString(ce), err[0] ? ": " : "", err);
+        e->prm.log(e->prm.log_ctx, line);
+    }
 }
 
 static double now_ms(void)
@@ -961,7 +1032,11 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     cu_fwd f = cs->fwd;
     int max_n = 0;
     size_t n_ints = 0, o_sel = 0;
-    int rc = pack_plan(e, cs, p, &f, &max_n, &n_ints, &o_sel, err, errlen);
+    /* A decode step of a few sequences (each one row, each with logits or
+     * argmax) replays the graph of its shape. */
+    const int graph = cs->graphs_on && !cs->prof && p->T == p->n_items &&
+                      p->T <= CU_GEMV_MAX_M && p->n_sel == p->T;
+    int rc = pack_plan(e, cs, p, &f, &max_n, &n_ints, &o_sel, graph, err, errlen);
     if (rc) return rc;
     CUDA_TRY(cudaMemcpyAsync(cs->plan_dev, cs->plan_host, n_ints * sizeof(int),
                              cudaMemcpyHostToDevice, st));
@@ -973,18 +1048,28 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
             ctx += e->seqs[p->items[i].seq].n_tokens + p->items[i].n_tokens;
         cs->prof->att_bytes = ctx * 2.0 * e->kv_dim * sizeof(bf16);
     }
-    if ((rc = forward(e, cs, &f, p, max_n, o_sel, err, errlen))) return rc;
-    if (p->n_sel > 0)
+    cudaGraphExec_t *g =
+        graph ? &cs->graph[p->T][f.any_l3][p->argmax != NULL][f.tok_chunk != NULL] : NULL;
+    if (g && !*g) capture(e, cs, &f, p, max_n, o_sel, g);
+    if (g && *g)
+        CUDA_TRY(cudaGraphLaunch(*g, st));
+    else if ((rc = forward(e, cs, &f, p, max_n, o_sel, err, errlen)))
+        return rc; /* (after a failed capture the bounded launches run directly) */
+    if (p->n_sel > 0 && p->want_logits)
         CUDA_TRY(cudaMemcpyAsync(cs->logits_host, cs->logits,
                                  (size_t)p->n_sel * e->V * sizeof(float), cudaMemcpyDeviceToHost,
                                  st));
+    if (p->n_sel > 0 && p->argmax)
+        CUDA_TRY(cudaMemcpyAsync(cs->argmax_host, cs->argmax, (size_t)p->n_sel * sizeof(int),
+                                 cudaMemcpyDeviceToHost, st));
     const size_t chunk_bytes = (size_t)p->n_chunks * (e->n_layers + 1) * e->D * sizeof(float);
     if (f.tok_chunk && p->n_chunks > 0)
         CUDA_TRY(cudaMemcpyAsync(cs->chunk_host, cs->chunk_out, chunk_bytes, cudaMemcpyDeviceToHost,
                                  st));
     CUDA_TRY(cudaStreamSynchronize(st));
-    if (p->n_sel > 0)
+    if (p->n_sel > 0 && p->want_logits)
         memcpy(p->logits, cs->logits_host, (size_t)p->n_sel * e->V * sizeof(float));
+    for (int i = 0; p->argmax && i < p->n_sel; i++) p->argmax[i] = cs->argmax_host[i];
     if (f.tok_chunk && p->n_chunks > 0) memcpy(p->chunk_out, cs->chunk_host, chunk_bytes);
     if (cs->prof && (rc = prof_collect(cs, now_ms() - t0, err, errlen))) return rc;
     return ENG_OK;
@@ -1156,4 +1241,5 @@ extern "C" const eng_backend eng_backend_cuda = {
     cuda_l3_set,
     cuda_block_get,
     cuda_block_set,
+    1, /* argmax on the device */
 };

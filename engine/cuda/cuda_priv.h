@@ -48,6 +48,8 @@ typedef __nv_bfloat16 bf16;
                              __FILE__, __LINE__, cublasGetStatusString(cublas_try_rc_));      \
     } while (0)
 
+/* Projections of at most this many rows take the GEMV kernel (gemv.cu). */
+#define CU_GEMV_MAX_M 8
 /* The router has at most this many levels; lam rows are padded to it. */
 #define CU_MAX_LEVELS 3
 /* Largest head size the attention and RoPE kernels hold in registers and
@@ -141,6 +143,9 @@ typedef struct cu_fwd {
     int att_n_dec, att_n_pf;
     const int *att_comb;  /* (att_n_comb, CU_ATT_COMB_INTS) */
     int att_n_comb;
+    const int *att_count; /* NULL, or (3) device: the step's decode units, prefill units and
+                             combine entries, when the launches above are sized for a bound
+                             instead (a replayed decode graph; extra blocks return at once) */
     int att_simple;       /* 1: the simple kernel (MKAD_CUDA_ATTN=simple, or a head size
                              the tensor-core kernels do not take) */
     float *att_part_o;    /* (CU_ATT_PART_ROWS, H, hd) partial outputs, unnormalised */
@@ -179,6 +184,7 @@ typedef struct cuda_state {
     bf16 *act;       /* (T, F) SwiGLU output */
     bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
     float *logits;   /* (max_seqs, V) */
+    int *argmax;     /* (max_seqs) argmax of the selected rows' logits */
     float *chunk_acc;/* (max_seqs, n_layers + 1, D) running L3 chunk sums per slot: x of
                         every layer, then the embeddings; NULL without l3_capture */
     float *chunk_out;/* (max_step_chunks, n_layers + 1, D) the step's chunk means, or NULL */
@@ -192,6 +198,7 @@ typedef struct cuda_state {
     int *plan_host;      /* (plan_ints): tok, pos, item, items, bt of one step */
     size_t plan_ints;
     float *logits_host;  /* (max_seqs, V) */
+    int *argmax_host;    /* (max_seqs) */
     float *l3_host;      /* (2, n_layers, R, D): mu then kappa of one slot, or NULL */
     float *chunk_host;   /* (max_step_chunks, n_layers + 1, D), or NULL */
 
@@ -212,6 +219,12 @@ typedef struct cuda_state {
     /* Projections of at most gemv_max_m rows (decode steps) take the GEMV
      * kernel (MKAD_CUDA_GEMV=cublas: never). */
     int gemv_max_m;
+    /* Decode steps of up to CU_GEMV_MAX_M sequences replay a CUDA graph
+     * captured at the first step of their shape: [rows][some L3 bank][argmax]
+     * [memory chunks captured] (MKAD_CUDA_GRAPH=0, a forced split or the
+     * simple attention: never). */
+    int graphs_on;
+    cudaGraphExec_t graph[CU_GEMV_MAX_M + 1][2][2][2];
     struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
 
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
@@ -227,6 +240,8 @@ cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream
  * (M, D) bf16 always. */
 cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
                             float eps, float *out, bf16 *outb, cudaStream_t s);
+/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule. */
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s);
 /* y (M, N) += b (when non-NULL); yb (M, N) = bf16(y). */
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s);
 /* y (M, N) += b. */
@@ -266,7 +281,6 @@ cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *
  * yb (M, N) = bf16(y) when yb is non-NULL.  eng__cu_gemv_fits says whether the
  * kernel takes the call (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte
  * aligned W and x); eng__cu_gemv returns cudaErrorInvalidValue when not. */
-#define CU_GEMV_MAX_M 8
 int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
 cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
                          const float *bias, bf16 *yb, cudaStream_t s);

@@ -134,6 +134,51 @@ cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, cons
     return cudaGetLastError();
 }
 
+/* ---- argmax of logit rows -------------------------------------------------- */
+
+/* (value, id) a beats (value, id) b: larger value, lower id on ties; NaN
+ * never wins (eng__argmax's rule; id -1 marks "nothing yet"). */
+static __device__ __forceinline__ bool am_better(float av, int ai, float bv, int bi)
+{
+    if (ai < 0 || av != av) return false;
+    if (bi < 0) return true;
+    return av > bv || (av == bv && ai < bi);
+}
+
+/* One block per row: each thread scans a strided slice, then the block
+ * reduces; a row of only NaN gives n - 1, as the host rule does. */
+static __global__ void argmax_kernel(const float *x, int n, int *out)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float *row = x + (size_t)blockIdx.x * n;
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = row[i];
+        if (am_better(v, i, bv, bi)) bv = v, bi = i;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (am_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    if (lane == 0) sv[w] = bv, si[w] = bi;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int k = 1; k < nw; k++)
+            if (am_better(sv[k], si[k], bv, bi)) bv = sv[k], bi = si[k];
+        out[blockIdx.x] = bi < 0 ? n - 1 : bi;
+    }
+}
+
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s)
+{
+    argmax_kernel<<<M, 1024, 0, s>>>(x, n, out);
+    return cudaGetLastError();
+}
+
 /* ---- biases -------------------------------------------------------------- */
 
 static __global__ void bias_bf16_kernel(float *y, const float *b, int N, size_t total, bf16 *yb)
