@@ -213,6 +213,7 @@ struct srv_engine {
     srv_store *store;     /* the session store, or NULL (no state directory) */
     eng_block_format bf;
     srv_loaded *loaded;   /* lookups the store's thread answered, guarded by mu */
+    struct forgot *forgot;/* sessions the store deleted, guarded by mu */
     srv_sess_op *ops;     /* admin questions about resident sessions, guarded by mu */
     pthread_cond_t ops_cv;/* signalled when ops were answered */
     int ops_closed;       /* guarded by mu: the thread has ended, ops are answered at once */
@@ -678,6 +679,41 @@ static void take_loaded(srv_engine *se)
             srv_loaded_free(l);
         }
         l = next;
+    }
+}
+
+/* A session the store deleted (TTL, disk budget, quota) while it may be
+ * resident: its next turn writes all its blocks again. */
+typedef struct forgot {
+    char user[SRV_USER_MAX + 1], id[SRV_SESSION_ID_MAX + 1];
+    struct forgot *next;
+} forgot;
+
+static void store_forgot(void *ctx, const char *user, const char *id)
+{
+    srv_engine *se = ctx;
+    forgot *f = calloc(1, sizeof *f);
+    if (!f) return; /* its next write references blocks that are gone: a later resume recomputes them */
+    snprintf(f->user, sizeof f->user, "%s", user);
+    snprintf(f->id, sizeof f->id, "%s", id);
+    pthread_mutex_lock(&se->mu);
+    f->next = se->forgot;
+    se->forgot = f;
+    pthread_mutex_unlock(&se->mu);
+}
+
+static void take_forgotten(srv_engine *se)
+{
+    pthread_mutex_lock(&se->mu);
+    forgot *f = se->forgot;
+    se->forgot = NULL;
+    pthread_mutex_unlock(&se->mu);
+    while (f) {
+        forgot *next = f->next;
+        session *s = session_find(se, f->user, f->id);
+        if (s) s->persisted = 0;
+        free(f);
+        f = next;
     }
 }
 
@@ -1199,6 +1235,7 @@ static int open_store(srv_engine *se, char *err, size_t errlen)
                             .block_bytes = se->bf.block_bytes,
                             .warm_bytes = (size_t)se->cfg->session_warm_mb << 20,
                             .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
+                            .forgot = store_forgot, .forgot_ctx = se,
                             .met = se->met, .post = se->post, .post_arg = se->post_arg,
                             .ttl_s = se->cfg->session_ttl_s,
                             .model = eng_get_params(se->eng)->l3_capture ? se->model : NULL,
@@ -1356,6 +1393,7 @@ static void *engine_main(void *arg)
         }
         pthread_mutex_unlock(&se->mu);
         take_loaded(se);
+        take_forgotten(se);
 
         if (se->dead) { /* new jobs after a device fault: answer them at once */
             fail_all_dead(se);
@@ -1466,7 +1504,13 @@ void srv_engine_stop(srv_engine *se)
     }
     for (int i = 0; i < se->n_wait; i++) {
         srv_loaded_free(se->wait[i]->loaded);
-        se->wait[i]->loaded = NULL;
+        srv_loaded_free(se->wait[i]->tail);
+        se->wait[i]->loaded = se->wait[i]->tail = NULL;
+    }
+    while (se->forgot) {
+        forgot *n = se->forgot->next;
+        free(se->forgot);
+        se->forgot = n;
     }
     for (int r = 0; r < se->n_run; r++) {
         eseq_release(&se->run[r]);

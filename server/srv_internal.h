@@ -426,6 +426,11 @@ typedef struct srv_store_params {
     srv_store_loaded_fn loaded;
     void *loaded_ctx;
     struct srv_metrics *met; /* counters published after every task; may be NULL */
+    /* A stored session was deleted by the store itself (TTL, disk budget,
+     * quota): a resident copy must write all its blocks again at its next
+     * turn.  Called on the store's thread; may be NULL. */
+    void (*forgot)(void *ctx, const char *user, const char *id);
+    void *forgot_ctx;
     void (*post)(const struct srv_event *ev, int n, void *arg); /* posts deferred FINAL events */
     void *post_arg;
     int ttl_s;               /* delete sessions idle this long (0: never) */

@@ -70,6 +70,17 @@ typedef struct busy_ent {
     struct busy_ent *next;
 } busy_ent;
 
+/* A new session's L3 bank, chosen by a lookup, until the session's first
+ * write stores it in its record: the chunk quota treats its chunks as bound
+ * meanwhile.  Worker thread only. */
+typedef struct bank_pin {
+    char user[MS_MAX_NAME + 1], id[SRV_SESSION_ID_MAX + 1];
+    uint64_t ids[SRV_MAX_BANK];
+    int n;
+    struct bank_pin *next;
+} bank_pin;
+#define MAX_PINS 1024 /* a session that never writes (cancelled) leaves its pin: the oldest go */
+
 /* A user's long-term chunk count as last seen (user_chunks_max). */
 typedef struct chunk_count {
     char user[MS_MAX_NAME + 1];
@@ -87,6 +98,8 @@ struct srv_store {
     srv_metrics *met;
     srv_post_fn post;
     void *post_arg;
+    void (*forgot)(void *ctx, const char *user, const char *id);
+    void *forgot_ctx;
     int ttl_s;                /* 0: sessions never expire */
     uint64_t disk_budget;     /* bytes, 0: no budget */
     double maint_interval_s;
@@ -116,6 +129,7 @@ struct srv_store {
     long user_chunks;
     busy_ent *busy;           /* guarded by mu */
     chunk_count *counts;      /* worker thread only */
+    bank_pin *pins;           /* worker thread only, newest first */
     srv_l3index *l3ix;        /* retrieval index of long-term chunks, or NULL: scan */
 };
 
@@ -305,6 +319,40 @@ static int load_bank(srv_store *st, const char *user, const uint64_t *ids, int n
     return k;
 }
 
+static void unpin_bank(srv_store *st, const char *user, const char *id)
+{
+    for (bank_pin **l = &st->pins; *l; l = &(*l)->next)
+        if (strcmp((*l)->user, user) == 0 && strcmp((*l)->id, id) == 0) {
+            bank_pin *p = *l;
+            *l = p->next;
+            free(p);
+            return;
+        }
+}
+
+static void pin_bank(srv_store *st, const char *user, const char *id, const uint64_t *ids, int n)
+{
+    unpin_bank(st, user, id);
+    bank_pin *p = calloc(1, sizeof *p);
+    if (!p) return;
+    snprintf(p->user, sizeof p->user, "%s", user);
+    snprintf(p->id, sizeof p->id, "%s", id);
+    p->n = n < SRV_MAX_BANK ? n : SRV_MAX_BANK;
+    memcpy(p->ids, ids, (size_t)p->n * sizeof *ids);
+    p->next = st->pins;
+    st->pins = p;
+    int k = 0;
+    for (bank_pin **l = &st->pins; *l; l = &(*l)->next)
+        if (++k > MAX_PINS) {
+            while (*l) {
+                bank_pin *q = *l;
+                *l = q->next;
+                free(q);
+            }
+            break;
+        }
+}
+
 /* Fills the user's retrieval index with one scan of the user's chunks. */
 typedef struct ix_fill {
     srv_store *st;
@@ -381,6 +429,7 @@ static void choose_bank(srv_store *st, task *t, srv_loaded *res)
             load_bank(st, t->user, p.ids, p.n, res, 1);
     }
 done:
+    if (res->n_bank > 0 && st->user_chunks > 0) pin_bank(st, t->user, t->id, res->bank_ids, res->n_bank);
     free(q);
     free(p.e);
 }
@@ -538,6 +587,7 @@ void srv_store_busy(srv_store *st, const char *user, const char *id, int busy)
 typedef struct chunk_age {
     uint64_t id;
     int64_t used_ms;
+    int bound; /* in the L3 bank of one of the user's stored sessions */
 } chunk_age;
 
 typedef struct age_list {
@@ -564,22 +614,44 @@ static int collect_chunk(void *ctx, uint64_t id, const void *data, size_t len)
         l->v = v;
         l->cap = cap;
     }
-    l->v[l->n++] = (chunk_age){ id, used };
+    l->v[l->n++] = (chunk_age){ id, used, 0 };
     return 0;
 }
 
+static int by_id(const void *a, const void *b)
+{
+    const chunk_age *x = a, *y = b;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* Marks the chunks a stored session's bank names (l sorted by id). */
+static int mark_bound(void *ctx, const ms_session *s)
+{
+    age_list *l = ctx;
+    for (int k = 0; k < s->n_bank; k++) {
+        chunk_age key = { .id = s->bank[k] };
+        chunk_age *c = bsearch(&key, l->v, l->n, sizeof *l->v, by_id);
+        if (c) c->bound = 1;
+    }
+    return 0;
+}
+
+/* Deletion order: chunks no stored session's bank names first, then by
+ * last use, then by id. */
 static int by_age(const void *a, const void *b)
 {
     const chunk_age *x = a, *y = b;
+    if (x->bound != y->bound) return x->bound - y->bound;
     if (x->used_ms != y->used_ms) return (x->used_ms > y->used_ms) - (x->used_ms < y->used_ms);
     return (x->id > y->id) - (x->id < y->id);
 }
 
 /* user_chunks_max: after a chunk of `user` was written.  The user's count
  * is kept in memory (counted once by a scan); over the quota, a scan lists
- * the user's chunks and deletes the least recently used (written, or bound
- * into a new session's bank) down to the quota.  Only this user's chunks
- * are ever looked at. */
+ * the user's chunks and deletes down to the quota: first those no stored
+ * session's L3 bank names, least recently used (written, or bound into a new
+ * session's bank) first; then, if still over, bound ones.  Only this user's
+ * chunks are ever looked at. */
 static void chunk_quota(srv_store *st, const char *user)
 {
     chunk_count *c = st->counts;
@@ -600,6 +672,15 @@ static void chunk_quota(srv_store *st, const char *user)
     }
     long deleted = 0, over = (long)l.n - st->user_chunks;
     if (over > 0) {
+        /* a chunk bound in a stored session's bank goes last: that session
+         * resumes only with its whole bank (else it is recomputed) */
+        qsort(l.v, l.n, sizeof *l.v, by_id);
+        ms_session_list(st->ms, user, NULL, NULL, mark_bound, &l, err, sizeof err);
+        for (bank_pin *p = st->pins; p; p = p->next) {
+            if (strcmp(p->user, user) != 0) continue;
+            ms_session s = { .bank = p->ids, .n_bank = p->n };
+            mark_bound(&l, &s);
+        }
         qsort(l.v, l.n, sizeof *l.v, by_age);
         for (size_t i = 0; i < l.n && deleted < over; i++)
             if (ms_chunk_delete(st->ms, user, l.v[i].id, err, sizeof err) == MS_OK) {
@@ -723,6 +804,7 @@ static long user_quota(srv_store *st, sess_list *l, int64_t now, const char *spa
             total -= r->bytes;
             r->gone = 1;
             n++;
+            if (st->forgot) st->forgot(st->forgot_ctx, r->user, r->id);
             srv_log("info", "session_evicted_quota", " user=%s session=%s bytes=%llu idle_s=%lld user_bytes=%llu "
                     "quota=%llu", r->user, r->id, (unsigned long long)r->bytes, (long long)((now - r->used_ms) / 1000),
                     (unsigned long long)total, (unsigned long long)st->user_bytes);
@@ -759,6 +841,7 @@ static void maintain(srv_store *st)
         if (ms_session_delete(st->ms, r->user, r->id, err, sizeof err) != MS_OK) continue;
         r->gone = 1;
         total -= r->bytes;
+        if (st->forgot) st->forgot(st->forgot_ctx, r->user, r->id);
         if (old) expired++;
         else evicted++;
         srv_log("info", old ? "session_expired" : "session_evicted_disk", " session=%s idle_s=%lld", r->id,
@@ -881,6 +964,7 @@ static void *worker(void *arg)
         pthread_mutex_unlock(&st->mu);
         if (t->kind == TASK_WRITE) {
             do_write(st, t);
+            unpin_bank(st, t->user, t->id); /* its record names its bank now */
             quota_after_write(st, t->user, t->id);
             /* the turn is acknowledged only now (durable when sync), or
              * with group commit once its group's fsync is done */
@@ -952,6 +1036,8 @@ int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t
     st->met = p->met;
     st->post = p->post;
     st->post_arg = p->post_arg;
+    st->forgot = p->forgot;
+    st->forgot_ctx = p->forgot_ctx;
     st->ttl_s = p->ttl_s;
     st->disk_budget = p->disk_budget;
     st->maint_interval_s = p->maint_interval_s > 0 ? p->maint_interval_s : 60.0;
@@ -1107,6 +1193,11 @@ void srv_store_close(srv_store *st)
         busy_ent *b = st->busy->next;
         free(st->busy);
         st->busy = b;
+    }
+    while (st->pins) {
+        bank_pin *p = st->pins->next;
+        free(st->pins);
+        st->pins = p;
     }
     while (st->counts) {
         chunk_count *c = st->counts->next;

@@ -975,9 +975,10 @@ def test_resume_paths_identical():
 def test_user_quotas():
     """user_session_mb: over quota, the user's own least recently used idle
     sessions are deleted (never another user's, never one in flight, logged
-    and counted); user_chunks_max: likewise for long-term memory chunks."""
-    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root",
-               "--user-session-mb", "1", "--user-chunks-max", "4")
+    and counted), and one still resident stores itself whole again at its
+    next turn; user_chunks_max: likewise for long-term memory chunks, those
+    bound in a stored session's L3 bank last."""
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root", "--user-session-mb", "1")
     H = {"Authorization": "Bearer kr"}
     try:
         ca, cb = d.client(key="ka"), d.client(key="kb")
@@ -1015,12 +1016,43 @@ def test_user_quotas():
         st, _, body = http("GET", d.base + "/admin/sessions?user=alice&tier=disk", headers=H)
         ids = sorted(s["id"] for s in json.loads(body)["data"])
         assert "a-1" not in ids and "a-0" in ids, ids
-        # long-term chunks (64 tokens each): everyone wrote more than 4; each user keeps 4 of their own
-        assert json.loads(http("GET", d.base + "/admin/users/alice/longterm", headers=H)[2])["chunks"] == 4
-        nb = json.loads(http("GET", d.base + "/admin/users/bob/longterm", headers=H)[2])["chunks"]
-        assert nb == 4, nb
-        assert m["mkad_longterm_chunks_deleted_quota_total"] >= 1
+        # a-1 is still resident in the engine: its next turn stores it whole
+        # again, not only its new blocks (those before were deleted with it)
+        p1 = [3] * 330 + [7]
+        r = completion(ca, seed=1, max_tokens=4, prompt=p1, extra_body=dict(IDS, session_id="a-1"))
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0, d=d)
+        assert http("DELETE", d.base + "/admin/sessions/a-1?user=alice&tier=hbm", headers=H)[0] == 200
+        p2 = p1 + r.choices[0].model_extra["token_ids"] + [9]
+        r2 = completion(ca, seed=1, max_tokens=2, prompt=p2, extra_body=dict(IDS, session_id="a-1"))
+        assert r2.usage.prompt_tokens_details.cached_tokens == (len(p2) - 1) // 32 * 32, r2.usage
+        assert not [l for l in d.lines if "session_block_unavailable" in l], d.lines[-10:]
+    finally:
+        assert d.stop() == 0
+    # long-term chunks (64 tokens each): session A makes 5, B binds them as its bank and makes 5 of
+    # its own; over 6, B's own (unbound) go first, A's stay: B resumes with its whole bank
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root", "--user-chunks-max", "6")
+    try:
+        ca, cb = d.client(key="ka"), d.client(key="kb")
+        completion(cb, seed=1, max_tokens=4, prompt=[50] * 330, extra_body=dict(IDS, session_id="BOB"))
+        completion(ca, seed=1, max_tokens=4, prompt=[60] * 330, extra_body=dict(IDS, session_id="A"))
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_longterm_chunks_written_total"] == 10,
+                    d=d)
+        pb = [61] * 330
+        rb = completion(ca, seed=2, max_tokens=4, prompt=pb, extra_body=dict(IDS, session_id="B"))
+        assert any("event=session_new session=B user=alice l3_bank=5" in l for l in d.lines), d.lines[-10:]
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_longterm_chunks_written_total"] == 15,
+                    d=d)
+        lt = lambda u: json.loads(http("GET", d.base + f"/admin/users/{u}/longterm", headers=H)[2])["chunks"]
+        assert lt("alice") == 6 and lt("bob") == 5, (lt("alice"), lt("bob"))
+        m = metrics(d)
+        assert m["mkad_longterm_chunks_deleted_quota_total"] == 4, m
         assert any("event=longterm_quota_evicted user=alice" in l for l in d.lines)
+        assert not any("event=longterm_quota_evicted user=bob" in l for l in d.lines)
+        assert http("DELETE", d.base + "/admin/sessions/B?user=alice&tier=hbm", headers=H)[0] == 200
+        pb2 = pb + rb.choices[0].model_extra["token_ids"] + [9]
+        r = completion(ca, seed=3, max_tokens=4, prompt=pb2, extra_body=dict(IDS, session_id="B"))
+        assert r.usage.prompt_tokens_details.cached_tokens == 320, r.usage
+        assert any("event=session_resumed session=B" in l and "l3_bank=5" in l for l in d.lines), d.lines[-10:]
     finally:
         assert d.stop() == 0
 
