@@ -873,6 +873,7 @@ static void commit_group(srv_store *st)
         srv_log("error", "session_sync_failed", " turns=%d error=%s", st->n_pending, srv_log_quote(err, q, sizeof q));
     }
     __atomic_add_fetch(&st->group_commits, 1, __ATOMIC_RELAXED);
+    publish(st);
     st->post(st->pending, st->n_pending, st->post_arg);
     st->n_pending = 0;
 }

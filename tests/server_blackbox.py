@@ -868,6 +868,33 @@ def test_sigkill_group_commit():
     sigkill_loop(["--session-sync=false", "--session-sync-ms", "30"], 12)
 
 
+def test_group_commit_holds_final():
+    """session_sync_ms: a session turn's response completes only with its
+    group's fsync (up to N ms later), and concurrent turns share one fsync."""
+    d = Daemon("--session-sync=false", "--session-sync-ms", "400")
+    try:
+        c = d.client()
+        t0 = time.time()
+        completion(c, seed=1, max_tokens=2, prompt=PROMPT, extra_body=IDS)
+        plain = time.time() - t0
+        t0 = time.time()
+        completion(c, seed=1, max_tokens=2, prompt=PROMPT, extra_body=dict(IDS, session_id="g-0"))
+        held = time.time() - t0
+        assert held >= 0.35 and held > plain + 0.2, (held, plain)
+        m0 = metrics(d)["mkad_session_group_commits_total"]
+        assert m0 == 1, m0
+        with cf.ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(completion, c, k, 2, PROMPT + [k], extra_body=dict(IDS, session_id=f"g-{k + 1}"))
+                    for k in range(4)]
+            for f in futs:
+                f.result()
+        m = metrics(d)
+        assert m["mkad_session_writes_total"] == 5
+        assert m["mkad_session_group_commits_total"] - m0 < 4, m  # fewer fsyncs than turns
+    finally:
+        assert d.stop() == 0
+
+
 def sigkill_loop(args, seed):
     rng = random.Random(seed)
     state = tempfile.mkdtemp(prefix="mkad-bb-kill-")
