@@ -423,6 +423,16 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     eseq *es = &se->run[r];
     srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
     int posted = 0;
+    /* The session stays marked in flight until its turn's write is queued;
+     * the job itself must not be touched once persist handed its FINAL to
+     * the store (the loop may free it then): copy what the unmarking needs. */
+    char bu[SRV_USER_MAX + 1] = "", bi[SRV_SESSION_ID_MAX + 1] = "";
+    if (es->job->store_busy) {
+        snprintf(bu, sizeof bu, "%s", es->job->req->user);
+        snprintf(bi, sizeof bi, "%s", es->job->req->session_id);
+        es->job->store_busy = 0;
+    }
+    job_done(se, es->job);
     if (es->sess && finish != SRV_FINISH_ERROR) {
         es->sess->busy = 0;
         es->sess->last_used = ++se->clock;
@@ -438,9 +448,9 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     } else {
         eng_seq_free(se->eng, es->seq);
     }
-    job_done(se, es->job);
     eseq_release(es);
     if (!posted) post_final(se, es->job, finish, status, msg, &u);
+    if (bu[0]) srv_store_busy(se->store, bu, bi, 0);
     se->run[r] = se->run[--se->n_run];
 }
 
