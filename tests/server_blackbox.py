@@ -628,7 +628,11 @@ def test_echo_prompt_logprobs():
     same(r2.choices[0].text, prompt + plain.choices[0].text)
     l2 = r2.choices[0].logprobs
     assert l2.token_logprobs[:n] == lp.token_logprobs and len(l2.tokens) == n + 3
-    assert l2.token_logprobs[n:] == plain.choices[0].logprobs.token_logprobs
+    # exact on the CPU; elsewhere the echoed prompt's K/V come from one-row
+    # steps (GEMV on CUDA) and the plain prompt's from one prefill
+    lq = plain.choices[0].logprobs.token_logprobs
+    assert l2.token_logprobs[n:] == lq if EXACT else \
+        all(abs(a - b) < 5e-2 for a, b in zip(l2.token_logprobs[n:], lq)), (l2.token_logprobs[n:], lq)
     assert l2.text_offset[n] == len(prompt.encode())
     # streaming: the prompt's chunk first
     chunks = list(c.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=3, echo=True,
@@ -1787,7 +1791,9 @@ def test_queue_full_and_sigterm():
 
 
 def test_sigterm_deadline():
-    d = Daemon("--shutdown-timeout", "1")
+    # a deadline of 0: the stream is still running when it passes on any
+    # backend (the CUDA backend writes the tiny model's 4,000 tokens in < 1 s)
+    d = Daemon("--shutdown-timeout", "0")
     stream = completion(d.client(), seed=1, max_tokens=4000, stream=True,
                         extra_body={"ignore_eos": True})
     it = iter(stream)
