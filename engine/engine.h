@@ -82,6 +82,11 @@ const eng_model_info *eng_model_get_info(const eng_model *m);
  * id out of range or n <= 0. */
 int eng_model_embed_mean(const eng_model *m, const int32_t *tokens, int n, float *out);
 
+/* splitmix64 (Steele, Lea and Flood 2014): advances *state by one step and
+ * returns the next 64-bit value of its stream.  The sampler seeds its
+ * generator with it; the server draws default seeds and response ids from it. */
+uint64_t eng_splitmix64(uint64_t *state);
+
 /* ---- engine ----------------------------------------------------------- */
 
 typedef struct eng_engine eng_engine;

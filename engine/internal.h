@@ -103,6 +103,10 @@ int eng_pool_create(int n_threads, eng_pool **out);
 void eng_pool_free(eng_pool *p);
 int eng_pool_threads(const eng_pool *p);
 void eng_pool_run(eng_pool *p, int n_tasks, eng_pool_fn fn, void *ctx);
+/* Thread `thread`'s scratch of at least `bytes` (64-byte aligned), owned by
+ * the pool and kept between runs; NULL when memory runs out.  Only that
+ * thread's tasks may use it. */
+void *eng_pool_scratch(eng_pool *p, int thread, size_t bytes);
 
 /* ---- CPU kernels (engine/cpu/ops.c) --------------------------------------
  * Every kernel computes each output element with the same sequence of float
@@ -110,8 +114,38 @@ void eng_pool_run(eng_pool *p, int n_tasks, eng_pool_fn fn, void *ctx);
  * bit-identical between a one-shot prefill, chunked prefill, decode and any
  * ragged batch (batch invariance). */
 
-/* y (M, rows) = x (M, cols) . W^T + b, spread over the pool by output rows. */
+/* y (M, rows) = x (M, cols) . W^T + b, spread over the pool by output rows
+ * and input rows, never over cols; one contract for every element whatever
+ * M, the thread or the instruction set (linear.c says which). */
 void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y);
+/* One element of that contract, written out in portable C: x (K) . w (K),
+ * w bf16 when W16 (no bias).  The reference the vector paths must match. */
+float eng_cpu_dot16_ref(const float *x, const void *w, int W16, int K);
+/* Instruction-set paths of the CPU kernels, in order of width. */
+enum { ENG_ISA_PORTABLE = 0, ENG_ISA_AVX2 = 1, ENG_ISA_AVX512 = 2 };
+/* The path in use: the widest the CPU has, capped by MKAD_CPU_ISA
+ * (portable | avx2 | avx512) when set. */
+int eng_cpu_isa(void);
+/* Caps the path at `level` (tests); ENG_EINVAL when the CPU lacks it (the
+ * widest it has below is used then). */
+int eng_cpu_isa_set(int level);
+const char *eng_cpu_isa_name(int level);
+/* Causal attention of one token (attn.c): the G query heads q (G, hd) that
+ * share one K/V head, over positions 0..n-1 of a sequence whose K/V rows
+ * live in a paged pool: position j's K row is at kv + blocks[j / B] *
+ * block_bytes + k_off + (j % B) * row_bytes (V: v_off), hd elements, bf16
+ * when bf16 else f32.  out (G, hd) = softmax(q k^T * scale) v; sc: scratch
+ * (G, n).  The same bits for a token whatever the batch or path. */
+typedef struct eng_cpu_attn {
+    const float *q;
+    float *out, *sc;
+    int G, hd, n, B, bf16;
+    const int *blocks;
+    const unsigned char *kv;
+    size_t block_bytes, k_off, v_off, row_bytes;
+    float scale;
+} eng_cpu_attn;
+void eng_cpu_attention(const eng_cpu_attn *a);
 /* y (M, D) = RMSNorm(x) * w */
 void eng_cpu_rmsnorm(const float *x, const float *w, int M, int D, float eps, float *y);
 float eng_cpu_dot(const float *a, const float *b, int n);

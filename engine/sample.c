@@ -56,14 +56,6 @@ int eng_sampler_params_validate(const eng_sampler_params *p, char *err, size_t e
     return ENG_OK;
 }
 
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 static uint64_t next_u64(uint64_t s[4])
@@ -93,7 +85,7 @@ int eng_sampler_create(int vocab_size, const eng_sampler_params *p, eng_sampler 
         if (!s->count || !s->returned) { eng_sampler_free(s); return ENG_ENOMEM; }
     }
     uint64_t x = p->seed;
-    for (int i = 0; i < 4; i++) s->rng[i] = splitmix64(&x);
+    for (int i = 0; i < 4; i++) s->rng[i] = eng_splitmix64(&x);
     *out = s;
     return ENG_OK;
 }

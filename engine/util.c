@@ -1,4 +1,5 @@
-/* util.c — status strings, error formatting and hashing shared by the engine. */
+/* util.c — status strings, error formatting, hashing and splitmix64 shared by the engine
+ * (splitmix64 also by the server). */
 #include <stdio.h>
 #include <string.h>
 
@@ -19,6 +20,14 @@ const char *eng_strerror(int status)
     case ENG_EDEVICE: return "device error (the engine is unusable)";
     default: return "unknown error";
     }
+}
+
+uint64_t eng_splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
 }
 
 int eng__errf(char *err, size_t errlen, int status, const char *fmt, ...)

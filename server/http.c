@@ -263,6 +263,21 @@ struct srv_parse_work {
 
 static void parse_work_run(uv_work_t *req);
 static void parse_work_done(uv_work_t *req, int status);
+
+/* Hands w to the thread pool (parse_work_run there, parse_work_done back on
+ * the loop) with c suspended until then.  0, or -1 when libuv refuses: w and
+ * what it owns are still the caller's. */
+static int queue_parse_work(srv_server *s, srv_conn *c, srv_parse_work *w)
+{
+    w->c = c;
+    w->s = s;
+    w->work.data = w;
+    if (uv_queue_work(s->loop, &w->work, parse_work_run, parse_work_done) != 0) return -1;
+    c->parse = w;
+    s->n_parse++;
+    conn_suspend(c);
+    return 0;
+}
 static enum MHD_Result parsed(srv_conn *c, int rc, srv_genreq *r, char *out, const srv_error *e);
 
 /* The request body as a generation request (*r) or, for /tokenize and
@@ -298,23 +313,17 @@ static enum MHD_Result handle_post(srv_conn *c)
          * that they never stall the streams this loop serves. */
         srv_parse_work *w = calloc(1, sizeof *w);
         if (!w) return fail(c, 500, "server_error", NULL, "out of memory", 0, NULL);
-        w->c = c;
-        w->s = s;
         w->body = c->body; /* moved */
         memset(&c->body, 0, sizeof c->body);
         w->route = c->route;
         snprintf(w->sid, sizeof w->sid, "%s", sid ? sid : "");
         w->has_sid = sid != NULL;
         w->md = s->md;
-        w->work.data = w;
-        if (uv_queue_work(s->loop, &w->work, parse_work_run, parse_work_done) != 0) {
+        if (queue_parse_work(s, c, w) != 0) {
             srv_buf_free(&w->body);
             free(w);
             return fail(c, 500, "server_error", NULL, "cannot queue the request", 0, NULL);
         }
-        c->parse = w;
-        s->n_parse++;
-        conn_suspend(c);
         return MHD_YES;
     }
     char *out = NULL;
@@ -429,17 +438,11 @@ static enum MHD_Result handle_admin(srv_conn *c, const char *url, const char *me
     }
     q->eng = s->eng;
     w->admin = q;
-    w->c = c;
-    w->s = s;
-    w->work.data = w;
-    if (uv_queue_work(s->loop, &w->work, parse_work_run, parse_work_done) != 0) {
+    if (queue_parse_work(s, c, w) != 0) {
         free(q);
         free(w);
         return fail(c, 500, "server_error", NULL, "cannot queue the request", 0, NULL);
     }
-    c->parse = w;
-    s->n_parse++;
-    conn_suspend(c);
     return MHD_YES;
 }
 

@@ -17,20 +17,9 @@
 
 #include "srv_internal.h"
 
-/* Seeds and ids.  engine/sample.c seeds its generator with its own copy of
- * this function: the engine's is private to it, and the server does not
- * reach into the engine for a 5-line mixer. */
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
 srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r)
 {
-    if (!r->has_seed) r->sp.seed = splitmix64(&s->rng);
+    if (!r->has_seed) r->sp.seed = eng_splitmix64(&s->rng);
     snprintf(r->user, sizeof r->user, "%s", c->who.user);
     srv_job *j = calloc(1, sizeof *j);
     if (!j) {
@@ -45,7 +34,7 @@ srv_job *srv_job_start(srv_server *s, srv_conn *c, srv_genreq *r)
     j->conn = c;
     j->created = (long)time(NULL);
     snprintf(j->cid, sizeof j->cid, "%s-%016llx%06llx", r->chat ? "chatcmpl" : "cmpl",
-             (unsigned long long)splitmix64(&s->rng), (unsigned long long)(j->id & 0xffffff));
+             (unsigned long long)eng_splitmix64(&s->rng), (unsigned long long)(j->id & 0xffffff));
     j->next = s->jobs;
     if (s->jobs) s->jobs->prev = j;
     s->jobs = j;
@@ -191,22 +180,10 @@ void srv_job_token(srv_server *s, srv_job *j, const srv_event *ev)
         srv_metrics_itl(s->met, now - j->t_last);
     }
     j->t_last = now;
-    if (j->n_ids == j->cap_ids) {
-        int cap = j->cap_ids ? j->cap_ids * 2 : 32;
-        int32_t *ids = realloc(j->ids, (size_t)cap * sizeof *ids);
-        if (!ids) goto oom;
-        j->ids = ids;
-        j->cap_ids = cap;
-    }
+    if (srv_array_grow(&j->ids, &j->cap_ids, j->n_ids, sizeof *j->ids, 32) != 0) goto oom;
     srv_logprob *lp = NULL;
     if (evlp) {
-        if (j->n_lps == j->cap_lps) {
-            int cap = j->cap_lps ? j->cap_lps * 2 : 32;
-            srv_logprob *l = realloc(j->lps, (size_t)cap * sizeof *l);
-            if (!l) goto oom;
-            j->lps = l;
-            j->cap_lps = cap;
-        }
+        if (srv_array_grow(&j->lps, &j->cap_lps, j->n_lps, sizeof *j->lps, 32) != 0) goto oom;
         lp = &j->lps[j->n_lps++];
         *lp = *evlp;
         free(evlp);

@@ -21,6 +21,12 @@
 
 #include "server.h"
 
+#ifdef HAVE_CUDA
+#define HAVE_CUDA_BACKEND 1
+#else
+#define HAVE_CUDA_BACKEND 0
+#endif
+
 /* OPT_ENUM: a string that must be one of `choices` ("a|b|c"); stored as the
  * canonical (table) spelling, so that what reads it compares exact strings. */
 enum opt_type { OPT_STR, OPT_INT, OPT_BOOL, OPT_ENUM };
@@ -236,6 +242,7 @@ static void usage(FILE *f)
                "Options come from built-in defaults, then the INI file, then flags.\n\n"
                "  --config FILE            INI file (sections and keys as below)\n"
                "  --print-config           print the effective configuration as INI and exit\n"
+               "  --version                the version and the compiled-in backends, then exit\n"
                "  --help                   this text\n");
     const char *sec = NULL;
     for (size_t i = 0; i < N_OPTIONS; i++) {
@@ -332,6 +339,11 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
+            status = 0;
+            goto out;
+        }
+        if (!strcmp(argv[i], "--version")) {
+            printf("mkad %s (backends: cpu%s)\n", PACKAGE_VERSION, HAVE_CUDA_BACKEND ? ", cuda" : "");
             status = 0;
             goto out;
         }

@@ -57,6 +57,12 @@ int srv_buf_printf(srv_buf *b, const char *fmt, ...) __attribute__((format(print
 void srv_buf_free(srv_buf *b);
 void srv_buf_reset(srv_buf *b);
 
+/* Room for one more element in a growable array: *items (a pointer to the
+ * array's pointer, e.g. &j->ids) holds *cap elements of elem bytes, n of them
+ * used; when n == *cap the array is reallocated to twice the capacity (first
+ * `first`).  0, or -1 when memory runs out (array and *cap unchanged). */
+int srv_array_grow(void *items, int *cap, int n, size_t elem, int first);
+
 /* One log line "ts=... level=L event=E <fields>" written with one write(2).
  * fields is a printf format producing " k=v k=v" pairs (or "").  Values that
  * may contain spaces go through srv_log_quote. */

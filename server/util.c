@@ -1,9 +1,11 @@
 /*
- * util.c — small helpers for the server: a growable byte buffer, one-line
+ * util.c — small helpers for the server: a growable byte buffer and arrays, one-line
  * key=value logging to stderr, the monotonic clock.
  */
 #include "config.h"
 
+#include <limits.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,6 +25,21 @@ static int buf_reserve(srv_buf *b, size_t extra)
     if (!d) return -1;
     b->data = d;
     b->cap = cap;
+    return 0;
+}
+
+int srv_array_grow(void *items, int *cap, int n, size_t elem, int first)
+{
+    if (n < *cap) return 0;
+    if (*cap > INT_MAX / 2) return -1;
+    int c = *cap ? *cap * 2 : first;
+    if ((size_t)c > SIZE_MAX / elem) return -1;
+    void *p;
+    memcpy(&p, items, sizeof p); /* items may point at any T *; no aliasing */
+    p = realloc(p, (size_t)c * elem);
+    if (!p) return -1;
+    memcpy(items, &p, sizeof p);
+    *cap = c;
     return 0;
 }
 

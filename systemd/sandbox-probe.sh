@@ -16,7 +16,7 @@
 # not part of this check: it needs the real unit.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-unit=$here/mkad.service
+unit=$here/mkad.service.in
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT INT TERM
 

@@ -4,7 +4,7 @@
  * with bf16 K/V), a ragged batch == each sequence alone, export -> import ->
  * continue == an uninterrupted run (whole state and block by block),
  * truncation to a block boundary, forks that share blocks, thread-count
- * independence, clean refusals (no K/V space, bad ids, corrupt state), and
+ * independence, the same bits from every CPU instruction-set path, clean refusals (no K/V space, bad ids, corrupt state), and
  * L3 memory chunks (eng_step_chunks): layer 0's mean x and the mean
  * embedding against a double-precision recomputation from the weights,
  * bit-identical chunks however the positions were stepped, none for
@@ -248,6 +248,28 @@ START_TEST(argmax_is_the_greedy_pick)
     eng_sampler_free(smp);
     free(o0); free(o1);
     eng_free(e);
+}
+END_TEST
+
+/* The AVX-512, AVX2+FMA and portable kernels (engine/cpu/linear.c, attn.c)
+ * give a whole forward pass the same bits: bf16 plain GQA, bf16 L = 3 with
+ * a bank, f16 L = 2 GQA. */
+START_TEST(isa_paths_give_the_same_logits)
+{
+    const eng_model *ms[] = { g_plain, g_mka3h, g_mka2 };
+    const eng_model *m = ms[_i];
+    int V = eng_model_get_info(m)->vocab_size, bank = m == g_mka3h;
+    eng_cpu_isa_set(ENG_ISA_AVX512);
+    int top = eng_cpu_isa();
+    float *ref = run_alone(m, g_prompt, 60, bank);
+    for (int isa = ENG_ISA_PORTABLE; isa < top; isa++) {
+        ck_assert_int_eq(eng_cpu_isa_set(isa), ENG_OK);
+        float *out = run_alone(m, g_prompt, 60, bank);
+        assert_same(out, ref, V, eng_cpu_isa_name(isa));
+        free(out);
+    }
+    eng_cpu_isa_set(ENG_ISA_AVX512);
+    free(ref);
 }
 END_TEST
 
@@ -1138,6 +1160,7 @@ int main(void)
     tcase_add_test(tc, l3_bank_changes_the_output);
     tcase_add_loop_test(tc, ragged_batch_equals_alone, 0, 2);
     tcase_add_loop_test(tc, thread_count_does_not_change_results, 0, 2);
+    tcase_add_loop_test(tc, isa_paths_give_the_same_logits, 0, 3);
     tcase_add_loop_test(tc, argmax_is_the_greedy_pick, 0, 2);
     tcase_add_test(tc, kv_dtype_and_pool_bytes);
     tcase_add_loop_test(tc, blocks_export_is_incremental, 0, 2);

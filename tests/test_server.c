@@ -1425,6 +1425,72 @@ START_TEST(engine_oom_ends_with_error)
 }
 END_TEST
 
+/* The loop's side of a token (job.c): whichever allocation fails while a
+ * token is taken (its id, its logprobs, its text, its SSE event), the job
+ * ends at once with a 500 (a stream with an error event and no [DONE]) and
+ * takes no later token: never a response with a token missing. */
+START_TEST(job_token_oom_ends_with_error)
+{
+    srv_config c = test_cfg();
+    srv_metrics *m = srv_metrics_create();
+    srv_server s;
+    memset(&s, 0, sizeof s);
+    s.cfg = &c;
+    s.met = m; /* s.eng NULL: cancelling wakes no engine */
+    static const char *bodies[] = {
+        "{\"model\":\"mkad-tiny\",\"prompt\":[1,2],\"max_tokens\":50}",
+        "{\"model\":\"mkad-tiny\",\"prompt\":[1,2],\"max_tokens\":50,\"logprobs\":1}",
+        "{\"model\":\"mkad-tiny\",\"prompt\":[1,2],\"max_tokens\":50,\"stream\":true}",
+        "{\"model\":\"mkad-tiny\",\"prompt\":[1,2],\"max_tokens\":50,\"stream\":true,\"logprobs\":1}",
+    };
+    for (size_t b = 0; b < sizeof bodies / sizeof *bodies; b++) {
+        int failures = 0, k;
+        for (k = 0; k < 1000; k++) {
+            srv_job *j = new_job(bodies[b]);
+            j->refs = 1;
+            int failed_at = -1;
+            for (int t = 0; t < 100; t++) { /* the arrays and the text grow past 64 and 256 */
+                srv_event ev = { .type = SRV_EV_TOKEN, .job = j, .token = 100 + t };
+                if (j->req->logprobs) {
+                    ev.lp = __real_calloc(1, sizeof *ev.lp); /* the loop frees it */
+                    if (!ev.lp) ck_abort_msg("out of memory"); /* no ck_assert while armed: it allocates */
+                    ev.lp->token = ev.token;
+                }
+                if (t == 20) fail_alloc(k, 0); /* from the 21st token on */
+                srv_job_token(&s, j, &ev);
+                if (t >= 20 && failed_at < 0 && atomic_load(&FI.failed)) failed_at = t;
+            }
+            fail_alloc_off();
+            if (failed_at < 0) { /* every allocation of 80 tokens was tried */
+                ck_assert(!j->finished);
+                ck_assert_int_eq(j->n_ids, 100);
+                srv_job_unref(j);
+                break;
+            }
+            failures++;
+            ck_assert_msg(j->finished && j->finish == SRV_FINISH_ERROR, "body %zu k %d: finished %d finish %d at %d n_ids %d", b, k, j->finished, j->finish, failed_at, j->n_ids);
+            ck_assert_int_eq(j->error.status, 500);
+            ck_assert_int_eq(atomic_load(&j->cancel), SRV_CANCEL_STOP);
+            /* nothing taken after the failing token; the ids kept are the
+             * tokens in order */
+            ck_assert_int_le(j->n_ids, failed_at + 1);
+            ck_assert_int_ge(j->n_ids, failed_at);
+            for (int i = 0; i < j->n_ids; i++) ck_assert_int_eq(j->ids[i], 100 + i);
+            if (j->req->stream) {
+                ck_assert_ptr_null(strstr(j->sse.data ? j->sse.data : "", "[DONE]"));
+                ck_assert(j->sse_broken || strstr(j->sse.data, "\"error\""));
+            } else {
+                ck_assert_ptr_null(j->body);
+            }
+            srv_job_unref(j);
+        }
+        ck_assert_int_gt(failures, 0);
+        ck_assert_int_lt(k, 1000);
+    }
+    srv_metrics_free(m);
+}
+END_TEST
+
 START_TEST(engine_load_failure)
 {
     srv_config c = test_cfg();
@@ -1478,6 +1544,7 @@ static Suite *suite(void)
     tcase_add_test(eng, engine_cancel_frees_blocks);
     tcase_add_test(eng, engine_preemption_is_exact);
     tcase_add_test(eng, engine_oom_ends_with_error);
+    tcase_add_test(eng, job_token_oom_ends_with_error);
     tcase_add_test(eng, engine_load_failure);
     suite_add_tcase(s, eng);
     return s;

@@ -22,6 +22,7 @@
 #include <jansson.h>
 
 #include "engine.h"
+#include "tok_priv.h" /* tok__pretokenize, tok__uc_mode_override: the pre-tokenizer alone */
 
 /* For hot loops: Check's ck_assert_* send a progress record through a pipe
  * on every call, even when they pass; this one only acts on failure. */
@@ -943,7 +944,8 @@ END_TEST
 
 /* ---- loading errors ------------------------------------------------------------ */
 
-static int load_json(const char *json, char *err, size_t errlen)
+/* Writes json to a file and loads it; *out gets the tokenizer (or NULL). */
+static int load_json_tok(const char *json, eng_tok **out, char *err, size_t errlen)
 {
     char dir[4096], path[4200];
     snprintf(dir, sizeof dir, "%s/tests/tmp", getenv("top_builddir") ? getenv("top_builddir") : ".");
@@ -955,8 +957,14 @@ static int load_json(const char *json, char *err, size_t errlen)
     ck_assert_ptr_nonnull(f);
     fputs(json, f);
     fclose(f);
+    *out = NULL;
+    return eng_tok_load(path, out, err, errlen);
+}
+
+static int load_json(const char *json, char *err, size_t errlen)
+{
     eng_tok *t = NULL;
-    int rc = eng_tok_load(path, &t, err, errlen);
+    int rc = load_json_tok(json, &t, err, errlen);
     eng_tok_free(t);
     return rc;
 }
@@ -998,6 +1006,164 @@ START_TEST(load_errors)
                                "\"decoder\":" BL "}", err, sizeof err), 0);
 }
 END_TEST
+
+/* ---- pre-tokenizer regexes: Oniguruma's meaning on PCRE2 ------------------------- */
+
+/* A tokenizer whose pre-tokenizer is one Split regex and a ByteLevel
+ * without its own regex. */
+static int load_split(const char *re, eng_tok **t, char *err, size_t errlen)
+{
+    char json[4096];
+    json_t *js = json_string(re);
+    char *enc = json_dumps(js, JSON_ENCODE_ANY);
+    ck_assert_ptr_nonnull(enc);
+    snprintf(json, sizeof json,
+             "{" GOOD_MODEL ",\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Split\","
+             "\"pattern\":{\"Regex\":%s},\"behavior\":\"Isolated\",\"invert\":false}," BL "]},\"decoder\":" BL "}",
+             enc);
+    free(enc);
+    json_decref(js);
+    return load_json_tok(json, t, err, errlen);
+}
+
+/* The pre-tokens of text under regex, as "|"-separated pieces. */
+static void split_str(const char *re, const char *text, char *out, size_t outlen)
+{
+    char err[512];
+    eng_tok *t;
+    REQUIRE(load_split(re, &t, err, sizeof err) == 0, "%s: %s", re, err);
+    tok_ivec sp = { 0 };
+    REQUIRE(tok__pretokenize(t, text, strlen(text), &sp, err, sizeof err) == 0, "%s", err);
+    size_t o = 0;
+    out[0] = 0;
+    for (size_t i = 0; i + 1 < sp.n; i += 2)
+        o += (size_t)snprintf(out + o, outlen - o, "%s%.*s", i ? "|" : "", (int)(sp.p[i + 1] - sp.p[i]), text + sp.p[i]);
+    free(sp.p);
+    eng_tok_free(t);
+}
+
+/* DeepSeek V3's third Split pattern. */
+#define DS_RE "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|" \
+              "[^\\r\\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+| ?[\\p{P}\\p{S}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+
+START_TEST(regex_unicode16)
+{
+    char out[512];
+    /* U+1FAAD (Unicode 15) is So for tokenizers: " \U0001FAAD" is one
+     * punctuation/symbol piece, on every way the categories reach PCRE2 */
+    for (int mode = -1; mode <= 2; mode++) {
+        if (mode == 0) continue; /* PCRE2's own tables: right only when it has Unicode 16 */
+        tok__uc_mode_override = mode;
+        split_str(DS_RE, " \xF0\x9F\xAA\xAD", out, sizeof out);
+        ck_assert_str_eq(out, " \xF0\x9F\xAA\xAD");
+        /* U+1E5D0 (Ol Onal, Unicode 16) is a letter, U+11F50 a digit */
+        split_str("\\p{L}+|\\p{Nd}+", "x\xF0\x9E\x97\x90y\xF0\x91\xBD\x90", out, sizeof out);
+        ck_assert_str_eq(out, "x\xF0\x9E\x97\x90y|\xF0\x91\xBD\x90");
+        /* U+1715 was Mn in Unicode 14 and is Mc in 16; U+0378 is unassigned */
+        split_str("\\p{Mn}+|\\p{Mc}+|\\p{Cn}+|\\P{Cn}+", "\xE1\x9C\x95\xCD\xB8" "a", out, sizeof out);
+        ck_assert_str_eq(out, "\xE1\x9C\x95|\xCD\xB8" "|a");
+        split_str("[^\\P{Mc}]+|[\\p{^Cn}]+", "\xE1\x9C\x95" "a\xCD\xB8", out, sizeof out);
+        ck_assert_str_eq(out, "\xE1\x9C\x95|a|\xCD\xB8");
+        /* scripts (Script, not Script_Extensions: U+3001 is Common), long
+         * names and ISO 15924 codes; U+31350 (CJK extension H, Unicode 15) is Han */
+        split_str("\\p{Han}+|\\p{Hira}+|\\P{Latin}", "\xE6\x97\xA5\xF0\xB1\x8D\x90\xE3\x81\x82\xE3\x80\x81" "a", out, sizeof out);
+        ck_assert_str_eq(out, "\xE6\x97\xA5\xF0\xB1\x8D\x90|\xE3\x81\x82|\xE3\x80\x81" "|a");
+        split_str("[\\p{Unknown}\\P{Old_Italic}]+", "\xCD\xB8" "a\xF0\x90\x8C\x80", out, sizeof out);
+        ck_assert_str_eq(out, "\xCD\xB8" "a|\xF0\x90\x8C\x80");
+        /* binary properties; \h is an ASCII hex digit */
+        split_str("\\h+|\\p{Alphabetic}+|\\p{Emoji}+|[\\P{White_Space}\\p{Zs}]",
+                  "fF9g\xCD\x85x\xF0\x9F\x98\x80# \xE2\x80\xA8", out, sizeof out);
+        ck_assert_str_eq(out, "fF9|g\xCD\x85x|\xF0\x9F\x98\x80#| |\xE2\x80\xA8");
+        /* long names, any case, '_' '-' ' ' ignored */
+        split_str("\\p{uppercase letter}+|\\p{Decimal-Number}+|\\p{Other_Punctuation}+", "AB12!?c", out, sizeof out);
+        ck_assert_str_eq(out, "AB|12|!?|c");
+    }
+    tok__uc_mode_override = -1;
+}
+END_TEST
+
+START_TEST(regex_syntax)
+{
+    char out[512];
+    /* Oniguruma: '.' matches a newline, ^ and $ are line anchors, {,n} is {0,n},
+     * \v is U+000B, \uHHHH a code point, \d is \p{Nd} */
+    split_str(".", "a\nb", out, sizeof out);
+    ck_assert_str_eq(out, "a|\n|b");
+    split_str("^a", "a\na", out, sizeof out);
+    ck_assert_str_eq(out, "a|\n|a");
+    split_str("a$", "a\nab", out, sizeof out);
+    ck_assert_str_eq(out, "a|\nab");
+    split_str("b{,2}", "bbbb", out, sizeof out);
+    ck_assert_str_eq(out, "bb|bb");
+    split_str("\\v", "a\x0B\x0C", out, sizeof out);
+    ck_assert_str_eq(out, "a|\x0B|\x0C");
+    split_str("\\u0041", "bAb", out, sizeof out);
+    ck_assert_str_eq(out, "b|A|b");
+    /* (?i) ends with its group; properties outside it are fine */
+    split_str("(?:(?i)k)\\p{Lu}|(?i:k)|(?-i)\\p{Lu}", "kKKk\xE2\x84\xAA", out, sizeof out);
+    ck_assert_str_eq(out, "kK|K|k\xE2\x84\xAA");
+    split_str("\\d+", "x\xD9\xA3\xF0\x9D\x9F\x8E" "1", out, sizeof out);
+    ck_assert_str_eq(out, "x|\xD9\xA3\xF0\x9D\x9F\x8E" "1");
+    /* what differs and has no translation is refused, naming it */
+    const char *bad[][2] = {
+        { "\\w+", "\\w" }, { "\\bx", "\\b" }, { "\\X", "\\X" }, { "\\p{XDigit}", "\\p{XDigit}" },
+        { "\\p{Word}", "\\p{Word}" }, { "[[:alpha:]]", "[:" }, { "[a[b]]", "nested" },
+        { "[a&&b]", "&&" }, { "(?m:a)", "(?m:" }, { "\\pL", "\\pL" }, { "[\\p{L}", "unterminated" },
+        { "\\p{L", "unterminated" }, { "\\u12", "\\u" }, { "(?i)a\\p{Lu}", "(?i)" }, { "(?i:[\\d])", "(?i)" },
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char err[512];
+        eng_tok *t;
+        ck_assert_int_eq(load_split(bad[i][0], &t, err, sizeof err), ENG_EUNSUPPORTED);
+        REQUIRE(strstr(err, bad[i][1]) != NULL, "%s: %s", bad[i][0], err);
+    }
+}
+END_TEST
+
+/* ---- sweep helper (tests/tokenizer_unicode.sh) --------------------------------------
+ * test_tokenizer --split TOKENIZER_JSON MODE: reads records "<bytes>\n" +
+ * that many bytes of UTF-8 from stdin and answers each with "<n>\n" and n
+ * little-endian uint32: the code point offset where each pre-token ends.
+ * MODE: -1 (as linked), 1 (patched PCRE2 tables), 2 (explicit ranges). */
+static int split_serve(const char *path, int mode)
+{
+    char err[512];
+    eng_tok *t;
+    tok__uc_mode_override = mode;
+    if (eng_tok_load(path, &t, err, sizeof err)) {
+        fprintf(stderr, "%s: %s\n", path, err);
+        return 2;
+    }
+    char *buf = NULL;
+    uint32_t *ends = NULL;
+    size_t cap = 0, ecap = 0, n;
+    while (scanf("%zu", &n) == 1 && getchar() == '\n') {
+        if (n + 1 > cap) {
+            cap = n + 1;
+            if (!(buf = realloc(buf, cap))) return 2;
+        }
+        if (fread(buf, 1, n, stdin) != n) return 2;
+        tok_ivec sp = { 0 };
+        if (tok__pretokenize(t, buf, n, &sp, err, sizeof err)) {
+            fprintf(stderr, "%s\n", err);
+            return 2;
+        }
+        if (sp.n / 2 > ecap && !(ends = realloc(ends, (ecap = sp.n / 2) * sizeof *ends))) return 2;
+        size_t cp = 0, at = 0;
+        for (size_t i = 0; i + 1 < sp.n; i += 2) {
+            for (; at < (size_t)sp.p[i + 1]; at++) cp += ((unsigned char)buf[at] & 0xC0) != 0x80;
+            ends[i / 2] = (uint32_t)cp;
+        }
+        printf("%zu\n", sp.n / 2);
+        fwrite(ends, sizeof *ends, sp.n / 2, stdout);
+        fflush(stdout);
+        free(sp.p);
+    }
+    free(buf);
+    free(ends);
+    eng_tok_free(t);
+    return 0;
+}
 
 /* ---- fuzz ------------------------------------------------------------------------ */
 
@@ -1114,12 +1280,15 @@ static int bench(const char *dir, const char *file, int reps, int by_line)
 
 int main(int argc, char **argv)
 {
+    if (argc >= 4 && strcmp(argv[1], "--split") == 0) return split_serve(argv[2], atoi(argv[3]));
     if (argc >= 4 && strcmp(argv[1], "--bench") == 0)
         return bench(argv[2], argv[3], argc > 4 ? atoi(argv[4]) : 3, argc > 5 && strcmp(argv[5], "lines") == 0);
     Suite *s = suite_create("tokenizer");
     TCase *tc = tcase_create("core");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, load_errors);
+    tcase_add_test(tc, regex_unicode16);
+    tcase_add_test(tc, regex_syntax);
     tcase_add_test(tc, normalize_nfc);
     tcase_add_test(tc, add_special_bos);
     tcase_add_test(tc, stream_partial_chars);

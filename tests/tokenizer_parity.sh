@@ -7,8 +7,8 @@
 # tests/ref/tok_gen.py and runs test_tokenizer against it.  Real model files
 # join when TOK_REAL_DIR names a directory made by tests/ref/tok_real.py
 # (qwen2.5/ and llama3.2/, megabytes, not committed).
-# Skips (exit 77) when python3 or its `tokenizers` package is missing, as
-# on CI, which installs numpy but not tokenizers.
+# Skips (exit 77) when python3 or its `tokenizers` package is missing
+# (tools/bootstrap.sh, which CI runs, installs tokenizers 0.23.3).
 set -eu
 top_srcdir=${top_srcdir:-.}
 top_builddir=${top_builddir:-.}

@@ -52,6 +52,14 @@ deps() {
         python3 -m pip install -q jinja2 scikit-build-core || python3 -m pip install -q --break-system-packages jinja2 scikit-build-core ||
             log "warning: could not install jinja2; tests/chat_templates.sh will install it or skip"
     fi
+    # The tokenizer's comparisons with Hugging Face (tests/tokenizer_unicode.sh,
+    # tests/tokenizer_parity.sh): the tokenizers package, pinned to the
+    # version whose Unicode (16.0.0 in its Oniguruma) engine/tok_unicode_tables.c has.
+    if [ "$(python3 -c 'import tokenizers; print(tokenizers.__version__)' 2>/dev/null)" != 0.23.3 ]; then
+        log "installing tokenizers 0.23.3 from PyPI for $(command -v python3)"
+        python3 -m pip install -q tokenizers==0.23.3 || python3 -m pip install -q --break-system-packages tokenizers==0.23.3 ||
+            log "warning: could not install tokenizers; tests/tokenizer_unicode.sh will install it or skip"
+    fi
     # Server black-box tests: the official openai client (PyPI).
     if ! python3 -c 'import openai' 2>/dev/null; then
         log "installing openai from PyPI for $(command -v python3)"

@@ -23,6 +23,8 @@
  *
  * Output is streamed in chunks: memory use is constant whatever the shape.
  */
+#include "config.h"
+
 #include <errno.h>
 #include <inttypes.h>
 #include <dirent.h>
@@ -101,6 +103,7 @@ static void usage(FILE *f)
         "  --original-attn        name attention projections self_attn.original_attn.*\n"
         "  --rms-eps E            rms_norm_eps (default 1e-6)\n"
         "  --verbose              progress per tensor on stderr\n"
+        "  --version              the version, then exit\n"
         "  --help                 this text\n"
         "Every --flag VALUE may also be written --flag=VALUE.\n");
 }
@@ -188,6 +191,10 @@ static void parse_args(opts *o, int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
             usage(stdout);
+            exit(0);
+        }
+        if (!strcmp(argv[i], "--version")) {
+            printf(PROG " %s\n", PACKAGE_VERSION);
             exit(0);
         }
         if (!strcmp(argv[i], "--preset")) {

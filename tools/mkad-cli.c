@@ -4,6 +4,8 @@
  * --dump-logits writes the logits after the last prompt token, --dump-chunks
  * the L3 memory chunks the prompt's prefill completes.
  */
+#include "config.h"
+
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
@@ -51,7 +53,8 @@ static void usage(FILE *f)
         "  --backend B              auto, cpu or cuda (default auto: cuda when built with CUDA\n"
         "                           and a GPU answers, else cpu)\n"
         "  --threads N              CPU threads (default: all)\n"
-        "  --block-size N           K/V block size (default 32)\n");
+        "  --block-size N           K/V block size (default 32)\n"
+        "  --version                the version, then exit\n");
 }
 
 /* eng_params.log: the engine's progress lines (e.g. weights going to the GPU). */
@@ -207,7 +210,7 @@ int main(int argc, char **argv)
     sp.temperature = 0.0f;
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
-           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_PROMPT, O_CHAT, O_BACKEND, O_MESSAGES,
+           O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_VERSION, O_PROMPT, O_CHAT, O_BACKEND, O_MESSAGES,
            O_TEMPLATE, O_KWARGS, O_PRINT, O_DUMP_CHUNKS, O_BATCH };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
@@ -235,6 +238,7 @@ int main(int argc, char **argv)
         { "block-size", required_argument, 0, O_BLOCK },
         { "backend", required_argument, 0, O_BACKEND },
         { "help", no_argument, 0, O_HELP },
+        { "version", no_argument, 0, O_VERSION },
         { 0, 0, 0, 0 }
     };
     int c, bad = 0;
@@ -279,6 +283,7 @@ int main(int argc, char **argv)
             }
             break;
         case O_HELP: usage(stdout); return 0;
+        case O_VERSION: printf("mkad-cli %s\n", PACKAGE_VERSION); return 0;
         default: bad = 1;
         }
     }

@@ -42,7 +42,8 @@ typedef struct cpu_be {
     float *rh;              /* (T, D/2) router hidden */
     float *lam;             /* (T, 3) route weights */
     float *sel_x;           /* (max_seqs, D) final-normed rows for the LM head */
-    float *scores;          /* (n_threads, max(max_ctx, l3_max_chunks)) attention scratch */
+    float *scores;          /* (n_threads, scores_per_thread) attention and L3 scratch */
+    size_t scores_per_thread; /* max(group * max_ctx, l3_max_chunks) */
 } cpu_be;
 
 #define CB(e) ((cpu_be *)(e)->be)
@@ -110,7 +111,7 @@ static void l3_task(void *vctx, int t, int thread)
     const float *x = CB(e)->x + (size_t)t * D;
     const float *mu = CB(e)->l3_mu + ((size_t)slot * e->n_layers + c->layer) * R * D;
     const float *kap = CB(e)->l3_kappa + ((size_t)slot * e->n_layers + c->layer) * R * D;
-    float *sc = CB(e)->scores + (size_t)thread * (e->prm.max_ctx > R ? e->prm.max_ctx : R);
+    float *sc = CB(e)->scores + (size_t)thread * CB(e)->scores_per_thread;
     float inv = 1.0f / sqrtf((float)D), mx = -INFINITY, sum = 0.0f;
     for (int r = 0; r < n; r++) {
         sc[r] = eng_cpu_dot(x, kap + (size_t)r * D, D) * inv;
@@ -239,46 +240,32 @@ static void rope_store_task(void *vctx, int t, int thread)
     kv_store(e, kv_row(e, blk, c->layer, 1, pos % e->B), CB(e)->v + (size_t)t * e->kv_dim);
 }
 
-/* Causal GQA attention of token t, head h over positions 0..pos of its
- * sequence, reading K/V (the stored, possibly rounded values) block by block
- * through the block table. */
+/* Causal GQA attention of token t over positions 0..pos of its sequence, for
+ * the query heads of K/V head kvh (task = t * H_kv + kvh), reading K/V (the
+ * stored, possibly rounded values) through the block table (attn.c). */
 static void attn_task(void *vctx, int task, int thread)
 {
     step_ctx *c = vctx;
     eng_engine *e = c->e;
-    int H = e->m->info.n_heads, group = H / e->m->info.n_kv_heads;
-    int t = task / H, h = task % H, kvh = h / group, hd = e->hd, B = e->B;
-    int bf16 = e->kv_dtype == ENG_KV_BF16;
-    size_t stride = (size_t)e->kv_dim * CB(e)->kv_elem, head = (size_t)kvh * hd * CB(e)->kv_elem;
+    int Hkv = e->m->info.n_kv_heads, group = e->m->info.n_heads / Hkv;
+    int t = task / Hkv, kvh = task % Hkv, hd = e->hd;
+    size_t es = CB(e)->kv_elem;
     const eng_seq *sq = &e->seqs[c->items[c->p->tok_item[t]].seq];
-    int pos = c->p->tok_pos[t];
-    const float *q = CB(e)->q + (size_t)t * e->q_dim + (size_t)h * hd;
-    float *out = CB(e)->att + (size_t)t * e->q_dim + (size_t)h * hd;
-    float *sc = CB(e)->scores + (size_t)thread * (e->prm.max_ctx > e->prm.l3_max_chunks
-                                                  ? e->prm.max_ctx : e->prm.l3_max_chunks);
-    float scale = 1.0f / sqrtf((float)hd), mx = -INFINITY, sum = 0.0f;
-    for (int j0 = 0; j0 <= pos; j0 += B) {
-        const unsigned char *kr = kv_row(e, sq->blocks[j0 / B], c->layer, 0, 0) + head;
-        int n = pos + 1 - j0 < B ? pos + 1 - j0 : B;
-        for (int r = 0; r < n; r++, kr += stride) {
-            float d = bf16 ? eng_cpu_dot_bf16(q, (const uint16_t *)(const void *)kr, hd)
-                           : eng_cpu_dot(q, (const float *)(const void *)kr, hd);
-            sc[j0 + r] = d * scale;
-            mx = sc[j0 + r] > mx ? sc[j0 + r] : mx;
-        }
-    }
-    for (int j = 0; j <= pos; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-    float inv = 1.0f / sum;
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int j0 = 0; j0 <= pos; j0 += B) {
-        const unsigned char *vr = kv_row(e, sq->blocks[j0 / B], c->layer, 1, 0) + head;
-        int n = pos + 1 - j0 < B ? pos + 1 - j0 : B;
-        for (int r = 0; r < n; r++, vr += stride) {
-            float pj = sc[j0 + r] * inv;
-            if (bf16) eng_cpu_axpy_bf16(out, pj, (const uint16_t *)(const void *)vr, hd);
-            else eng_cpu_axpy(out, pj, (const float *)(const void *)vr, hd);
-        }
-    }
+    eng_cpu_attn a = {
+        .q = CB(e)->q + (size_t)t * e->q_dim + (size_t)kvh * group * hd,
+        .out = CB(e)->att + (size_t)t * e->q_dim + (size_t)kvh * group * hd,
+        .sc = CB(e)->scores + (size_t)thread * CB(e)->scores_per_thread,
+        .G = group, .hd = hd, .n = c->p->tok_pos[t] + 1, .B = e->B,
+        .bf16 = e->kv_dtype == ENG_KV_BF16,
+        .blocks = sq->blocks,
+        .kv = CB(e)->kv,
+        .block_bytes = e->block_kv_bytes,
+        .k_off = ((size_t)c->layer * 2 * e->B * e->kv_dim + (size_t)kvh * hd) * es,
+        .v_off = (((size_t)c->layer * 2 + 1) * e->B * e->kv_dim + (size_t)kvh * hd) * es,
+        .row_bytes = (size_t)e->kv_dim * es,
+        .scale = 1.0f / sqrtf((float)hd),
+    };
+    eng_cpu_attention(&a);
 }
 
 static void norm_task(void *vctx, int t, int thread)
@@ -290,15 +277,34 @@ static void norm_task(void *vctx, int t, int thread)
                     e->m->rms_eps, CB(e)->x + (size_t)t * e->D);
 }
 
-static void swiglu(eng_engine *e, int T)
+/* Element-wise work over T rows, split by rows over the pool (no reduction:
+ * the split cannot change a bit). */
+#define EW_ROWS 8
+typedef struct ew_ctx {
+    eng_engine *e;
+    int T, op;      /* EW_SWIGLU: gate = silu(gate) * up; EW_ADD: h += tmp */
+} ew_ctx;
+enum { EW_SWIGLU, EW_ADD };
+
+static void ew_task(void *vctx, int task, int thread)
 {
-    size_t n = (size_t)T * e->F;
-    for (size_t i = 0; i < n; i++) CB(e)->gate[i] = silu(CB(e)->gate[i]) * CB(e)->up[i];
+    (void)thread;
+    const ew_ctx *c = vctx;
+    cpu_be *cb = CB(c->e);
+    int t0 = task * EW_ROWS, t1 = t0 + EW_ROWS < c->T ? t0 + EW_ROWS : c->T;
+    if (c->op == EW_SWIGLU) {
+        size_t F = (size_t)c->e->F;
+        for (size_t i = (size_t)t0 * F; i < (size_t)t1 * F; i++) cb->gate[i] = silu(cb->gate[i]) * cb->up[i];
+    } else {
+        size_t D = (size_t)c->e->D;
+        for (size_t i = (size_t)t0 * D; i < (size_t)t1 * D; i++) cb->h[i] += cb->tmp[i];
+    }
 }
 
-static void add_into(float *dst, const float *src, size_t n)
+static void elementwise(eng_engine *e, int T, int op)
 {
-    for (size_t i = 0; i < n; i++) dst[i] += src[i];
+    ew_ctx c = { e, T, op };
+    eng_pool_run(CB(e)->pool, (T + EW_ROWS - 1) / EW_ROWS, ew_task, &c);
 }
 
 static void layer_forward(step_ctx *c, int l)
@@ -329,17 +335,17 @@ static void layer_forward(step_ctx *c, int l)
     eng_cpu_linear(CB(e)->pool, &L->k, fused, T, CB(e)->k);
     eng_cpu_linear(CB(e)->pool, &L->v, fused, T, CB(e)->v);
     eng_pool_run(CB(e)->pool, T, rope_store_task, c);
-    eng_pool_run(CB(e)->pool, T * e->m->info.n_heads, attn_task, c);
+    eng_pool_run(CB(e)->pool, T * e->m->info.n_kv_heads, attn_task, c);
     eng_cpu_linear(CB(e)->pool, &L->o, CB(e)->att, T, CB(e)->tmp);
-    add_into(CB(e)->h, CB(e)->tmp, (size_t)T * D);
+    elementwise(e, T, EW_ADD);                                       /* h += o */
 
     c->norm_w = L->mlp_norm;
     eng_pool_run(CB(e)->pool, T, norm_task, c);
     eng_cpu_linear(CB(e)->pool, &L->gate, CB(e)->x, T, CB(e)->gate);
     eng_cpu_linear(CB(e)->pool, &L->up, CB(e)->x, T, CB(e)->up);
-    swiglu(e, T);
+    elementwise(e, T, EW_SWIGLU);
     eng_cpu_linear(CB(e)->pool, &L->down, CB(e)->gate, T, CB(e)->tmp);
-    add_into(CB(e)->h, CB(e)->tmp, (size_t)T * D);
+    elementwise(e, T, EW_ADD);
 }
 
 static int cpu_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
@@ -417,8 +423,10 @@ static int cpu_init(eng_engine *e, char *err, size_t errlen)
     cb->rh = xcalloc(T * (e->D / 2 > 0 ? e->D / 2 : 1), sizeof(float), &fail);
     cb->lam = xcalloc(T * MAX_LEVELS, sizeof(float), &fail);
     cb->sel_x = xcalloc((size_t)p->max_seqs * e->D, sizeof(float), &fail);
-    cb->scores = xcalloc((size_t)p->n_threads * (p->max_ctx > p->l3_max_chunks ? p->max_ctx : p->l3_max_chunks),
-                         sizeof(float), &fail);
+    size_t group = (size_t)e->m->info.n_heads / e->m->info.n_kv_heads;
+    cb->scores_per_thread = group * p->max_ctx > (size_t)p->l3_max_chunks ? group * p->max_ctx
+                                                                         : (size_t)p->l3_max_chunks;
+    cb->scores = xcalloc((size_t)p->n_threads * cb->scores_per_thread, sizeof(float), &fail);
     if (fail) {
         cpu_fini(e);
         return eng__errf(err, errlen, ENG_ENOMEM, "engine: cannot allocate step buffers for %d tokens",

@@ -31,6 +31,8 @@ struct eng_pool {
     eng_pool_fn fn;
     void *ctx;
     atomic_int stop;
+    void **scratch;              /* (n_threads) per-thread scratch (eng_pool_scratch) */
+    size_t *scratch_bytes;       /* (n_threads) */
 };
 
 typedef struct worker_arg { eng_pool *p; int id; } worker_arg;
@@ -80,9 +82,12 @@ int eng_pool_create(int n_threads, eng_pool **out)
     eng_pool *p = calloc(1, sizeof *p);
     if (!p) return ENG_ENOMEM;
     p->n_threads = n_threads;
+    p->scratch = calloc((size_t)n_threads, sizeof *p->scratch);
+    p->scratch_bytes = calloc((size_t)n_threads, sizeof *p->scratch_bytes);
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv_work, NULL);
     pthread_cond_init(&p->cv_done, NULL);
+    if (!p->scratch || !p->scratch_bytes) { eng_pool_free(p); return ENG_ENOMEM; }
     if (n_threads > 1) {
         p->threads = calloc((size_t)n_threads - 1, sizeof *p->threads);
         if (!p->threads) { eng_pool_free(p); return ENG_ENOMEM; }
@@ -116,6 +121,10 @@ void eng_pool_free(eng_pool *p)
     pthread_cond_destroy(&p->cv_work);
     pthread_cond_destroy(&p->cv_done);
     free(p->threads);
+    if (p->scratch)
+        for (int i = 0; i < p->n_threads; i++) free(p->scratch[i]);
+    free(p->scratch);
+    free(p->scratch_bytes);
     free(p);
 }
 
@@ -150,4 +159,18 @@ void eng_pool_run(eng_pool *p, int n_tasks, eng_pool_fn fn, void *ctx)
         while (atomic_load(&p->active) > 0) pthread_cond_wait(&p->cv_done, &p->mu);
         pthread_mutex_unlock(&p->mu);
     }
+}
+
+void *eng_pool_scratch(eng_pool *p, int thread, size_t bytes)
+{
+    if (thread < 0 || thread >= p->n_threads) return NULL;
+    if (p->scratch_bytes[thread] < bytes) {
+        free(p->scratch[thread]);
+        p->scratch_bytes[thread] = 0;
+        /* 64-byte aligned, a whole number of lines */
+        p->scratch[thread] = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!p->scratch[thread]) return NULL;
+        p->scratch_bytes[thread] = bytes;
+    }
+    return p->scratch[thread];
 }

@@ -1,0 +1,200 @@
+/*
+ * attn.c — causal attention of one token for the CPU reference backend: the
+ * G query heads that share one K/V head (GQA), over the sequence's positions
+ * 0..n-1 read through its block table, so every K/V row is widened once per
+ * group instead of once per query head.
+ *
+ * The contract, the same in every instruction-set path (linear.c explains
+ * the paths) and for every batch shape, since a token's attention reads only
+ * its own sequence:
+ *   s[g][j] = dot16(q_g, k_j) * scale         (linear.c's per-element contract)
+ *   e[g][j] = exp16(s[g][j] - max_j s[g][j])   (exp16 below: +, -, * only)
+ *   sum[g]  = 16 lane sums over j (stride 16) folded by the reduce16 tree,
+ *             then the tail in order
+ *   out[g][d] = fma(e[g][j] * (1 / sum[g]), v_j[d], out[g][d]) for j = 0, 1, ...
+ */
+#include <math.h>
+#include <string.h>
+
+#include "../internal.h"
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+typedef float f16v __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+/* exp(x) for x <= 0 on 16 lanes (Cephes expf: range reduction by ln 2 in two
+ * parts and a degree-5 polynomial; about 2 ulp), inputs below -87 give
+ * exp(-87).  Only +, -, *, compares and integer bit operations, in one fixed
+ * order (-ffp-contract=off), so every target the compiler builds it for
+ * gives the same bits.  Defined once per target by EXP16. */
+#define EXP16(NAME, ATTR)                                                               \
+    ATTR static inline f16v NAME(f16v x)                                                \
+    {                                                                                   \
+        const f16v lo = (f16v){0} - 87.0f;                                              \
+        i16v below = x < lo, xi, li;                                                    \
+        memcpy(&xi, &x, sizeof xi);                                                     \
+        memcpy(&li, &lo, sizeof li);                                                    \
+        xi = (below & li) | (~below & xi);                                              \
+        memcpy(&x, &xi, sizeof x);                                                      \
+        f16v t = x * 1.44269504088896341f + 0.5f;                                       \
+        i16v n = __builtin_convertvector(t, i16v);                                      \
+        f16v fn = __builtin_convertvector(n, f16v);                                     \
+        /* truncation toward zero -> floor */                                            \
+        i16v adj = fn > t;                                                              \
+        n = n + adj;                                                                    \
+        fn = __builtin_convertvector(n, f16v);                                          \
+        x = x - fn * 0.693359375f;                                                      \
+        x = x - fn * -2.12194440e-4f;                                                   \
+        f16v z = x * x;                                                                 \
+        f16v y = x * 1.9875691500E-4f + 1.3981999507E-3f;                               \
+        y = y * x + 8.3334519073E-3f;                                                   \
+        y = y * x + 4.1665795894E-2f;                                                   \
+        y = y * x + 1.6666665459E-1f;                                                   \
+        y = y * x + 5.0000001201E-1f;                                                   \
+        y = y * z + x + 1.0f;                                                           \
+        i16v e = (n + 127) << 23;                                                       \
+        f16v p;                                                                         \
+        memcpy(&p, &e, sizeof p);                                                       \
+        return y * p;                                                                   \
+    }
+
+/* The reduce16 tree of linear.c on a vector. */
+static inline float reduce16v(const f16v *a)
+{
+    float s8[8], s4[4], s2[2];
+    for (int l = 0; l < 8; l++) s8[l] = (*a)[l] + (*a)[l + 8];
+    for (int l = 0; l < 4; l++) s4[l] = s8[l] + s8[l + 4];
+    for (int l = 0; l < 2; l++) s2[l] = s4[l] + s4[l + 2];
+    return s2[0] + s2[1];
+}
+
+static inline const unsigned char *kv_at(const eng_cpu_attn *a, int j, size_t off)
+{
+    return a->kv + (size_t)a->blocks[j / a->B] * a->block_bytes + off + (size_t)(j % a->B) * a->row_bytes;
+}
+
+/* Softmax over each head's n scores in place, leaving e * (1 / sum): the
+ * contract's e and sum, shared by all paths (f16v code, built per target). */
+#define SOFTMAX(NAME, EXPF, ATTR)                                                       \
+    ATTR static void NAME(float *sc, int n)                                             \
+    {                                                                                   \
+        float mx = -INFINITY;                                                           \
+        for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;                       \
+        f16v acc = {0};                                                                 \
+        int j = 0;                                                                      \
+        for (; j + 16 <= n; j += 16) {                                                  \
+            f16v v;                                                                     \
+            memcpy(&v, sc + j, sizeof v);                                               \
+            v = EXPF(v - mx);                                                           \
+            memcpy(sc + j, &v, sizeof v);                                               \
+            acc += v;                                                                   \
+        }                                                                               \
+        float sum = reduce16v(&acc);                                                    \
+        if (j < n) {                                                                    \
+            f16v v = (f16v){0} - 87.0f;                                                 \
+            memcpy(&v, sc + j, (size_t)(n - j) * sizeof(float));                        \
+            v = EXPF(v - mx);                                                           \
+            for (int r = 0; j + r < n; r++) { sc[j + r] = v[r]; sum += v[r]; }          \
+        }                                                                               \
+        float inv = 1.0f / sum;                                                         \
+        for (int r = 0; r < n; r++) sc[r] *= inv;                                       \
+    }
+
+/* ---- portable path ------------------------------------------------------- */
+
+EXP16(exp16_c, )
+SOFTMAX(softmax_c, exp16_c, )
+
+static void attention_portable(const eng_cpu_attn *a)
+{
+    int G = a->G, hd = a->hd, n = a->n;
+    for (int j = 0; j < n; j++) {
+        const void *k = kv_at(a, j, a->k_off);
+        for (int g = 0; g < G; g++)
+            a->sc[(size_t)g * n + j] = eng_cpu_dot16_ref(a->q + (size_t)g * hd, k, a->bf16, hd) * a->scale;
+    }
+    for (int g = 0; g < G; g++) softmax_c(a->sc + (size_t)g * n, n);
+    memset(a->out, 0, (size_t)G * hd * sizeof(float));
+    for (int j = 0; j < n; j++) {
+        const unsigned char *v = kv_at(a, j, a->v_off);
+        for (int g = 0; g < G; g++) {
+            float p = a->sc[(size_t)g * n + j], *o = a->out + (size_t)g * hd;
+            for (int d = 0; d < hd; d++)
+                o[d] = fmaf(p, a->bf16 ? eng__bf16_to_f32(((const uint16_t *)(const void *)v)[d])
+                                       : ((const float *)(const void *)v)[d], o[d]);
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define T512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+
+EXP16(exp16_512, T512 __attribute__((always_inline)))
+SOFTMAX(softmax_512, exp16_512, T512)
+
+T512 static inline __m512 ld16(const unsigned char *p, int bf16, int d)
+{
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(const void *)((const uint16_t *)(const void *)p + d));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)(const void *)p + d);
+}
+
+T512 static inline float reduce16_512(__m512 v)
+{
+    __m256 lo = _mm512_castps512_ps256(v);
+    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    return _mm_cvtss_f32(s1);
+}
+
+#define MAX_HD16 16 /* head sizes up to 256 in registers */
+
+/* Head sizes that are a multiple of 16 (every common model); others take the
+ * portable path. */
+T512 static void attention_512(const eng_cpu_attn *a)
+{
+    int G = a->G, hd = a->hd, n = a->n, nc = hd / 16;
+    for (int j = 0; j < n; j++) {
+        const unsigned char *k = kv_at(a, j, a->k_off);
+        __m512 kv[MAX_HD16];
+        for (int c = 0; c < nc; c++) kv[c] = ld16(k, a->bf16, c * 16);
+        for (int g = 0; g < G; g++) {
+            const float *q = a->q + (size_t)g * hd;
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + c * 16), kv[c], acc);
+            a->sc[(size_t)g * n + j] = reduce16_512(acc) * a->scale;
+        }
+    }
+    for (int g = 0; g < G; g++) softmax_512(a->sc + (size_t)g * n, n);
+    memset(a->out, 0, (size_t)G * hd * sizeof(float));
+    for (int j = 0; j < n; j++) {
+        const unsigned char *v = kv_at(a, j, a->v_off);
+        __m512 vv[MAX_HD16];
+        for (int c = 0; c < nc; c++) vv[c] = ld16(v, a->bf16, c * 16);
+        for (int g = 0; g < G; g++) {
+            __m512 p = _mm512_set1_ps(a->sc[(size_t)g * n + j]);
+            float *o = a->out + (size_t)g * hd;
+            for (int c = 0; c < nc; c++)
+                _mm512_storeu_ps(o + c * 16, _mm512_fmadd_ps(p, vv[c], _mm512_loadu_ps(o + c * 16)));
+        }
+    }
+}
+#endif
+
+void eng_cpu_attention(const eng_cpu_attn *a)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (eng_cpu_isa() == ENG_ISA_AVX512 && a->hd % 16 == 0 && a->hd / 16 <= MAX_HD16) {
+        attention_512(a);
+        return;
+    }
+#endif
+    attention_portable(a);
+}

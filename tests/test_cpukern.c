@@ -1,0 +1,186 @@
+/*
+ * test_cpukern.c — the CPU backend's kernels keep the exactness contract
+ * (engine/cpu/linear.c, attn.c):
+ *  - eng_cpu_linear gives every element the bits of the contract written out
+ *    in portable C (eng_cpu_dot16_ref + bias), whatever M (1, 7, 1000: decode,
+ *    a chunk, a prefill — different tiles, the widened-panel path or not),
+ *    the thread count (1, 2, 3) and the instruction-set path, for bf16 and f32
+ *    weights and K with and without a tail;
+ *  - the contract is close to a double-precision product (so a wrong kernel
+ *    that is merely consistent fails);
+ *  - eng_cpu_attention is bit-identical across paths, does not depend on the
+ *    block table's order in memory, and matches a double-precision softmax.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine_priv.h"
+
+static uint32_t rng = 1;
+static float frand(void)
+{
+    rng = rng * 1664525u + 1013904223u;
+    return (float)(rng >> 8) / 16777216.0f - 0.5f;
+}
+
+/* The ISA paths this CPU has, widest last. */
+static int n_isas(void)
+{
+    eng_cpu_isa_set(ENG_ISA_AVX512);
+    return eng_cpu_isa() + 1;
+}
+
+static void linear_case(int W16, int K, int N, int with_bias)
+{
+    const int M = 1000;
+    float *x = malloc(sizeof(float) * M * K), *ref = malloc(sizeof(float) * M * N);
+    float *y = malloc(sizeof(float) * M * N), *wf = malloc(sizeof(float) * N * K), *b = malloc(sizeof(float) * N);
+    uint16_t *wh = malloc(sizeof(uint16_t) * N * K);
+    ck_assert(x && ref && y && wf && wh && b);
+    for (int i = 0; i < M * K; i++) x[i] = frand();
+    for (int i = 0; i < N * K; i++) { wh[i] = eng__f32_to_bf16(frand() * 0.2f); wf[i] = frand() * 0.2f; }
+    for (int i = 0; i < N; i++) b[i] = frand();
+    eng_linear l = { W16 ? NULL : wf, W16 ? wh : NULL, with_bias ? b : NULL, N, K };
+    const void *w = W16 ? (const void *)wh : (const void *)wf;
+
+    double maxerr = 0.0, maxref = 0.0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            const void *wr = W16 ? (const void *)(wh + (size_t)n * K) : (const void *)(wf + (size_t)n * K);
+            float s = eng_cpu_dot16_ref(x + (size_t)m * K, wr, W16, K);
+            ref[(size_t)m * N + n] = with_bias ? s + b[n] : s;
+            double d = with_bias ? b[n] : 0.0;
+            for (int k = 0; k < K; k++)
+                d += (double)x[(size_t)m * K + k] *
+                     (W16 ? eng__bf16_to_f32(wh[(size_t)n * K + k]) : wf[(size_t)n * K + k]);
+            double e = fabs(d - ref[(size_t)m * N + n]);
+            maxerr = e > maxerr ? e : maxerr;
+            maxref = fabs(d) > maxref ? fabs(d) : maxref;
+        }
+    (void)w;
+    ck_assert_msg(maxerr <= 1e-5 * maxref + 1e-6, "contract vs double: %g (max %g)", maxerr, maxref);
+
+    for (int isa = 0; isa < n_isas(); isa++) {
+        ck_assert_int_eq(eng_cpu_isa_set(isa), ENG_OK);
+        for (int th = 1; th <= 3; th++) {
+            eng_pool *p;
+            ck_assert_int_eq(eng_pool_create(th, &p), ENG_OK);
+            /* one shot, M = 1000 */
+            memset(y, 0xff, sizeof(float) * M * N);
+            eng_cpu_linear(p, &l, x, M, y);
+            ck_assert_msg(memcmp(y, ref, sizeof(float) * M * N) == 0, "isa %d threads %d W16 %d K %d: M=1000",
+                          isa, th, W16, K);
+            /* chunks of 7 and single rows (decode) */
+            memset(y, 0xff, sizeof(float) * M * N);
+            for (int m = 0; m < M;) {
+                int c = (m / 7) % 2 ? 1 : 7;
+                c = m + c <= M ? c : M - m;
+                eng_cpu_linear(p, &l, x + (size_t)m * K, c, y + (size_t)m * N);
+                m += c;
+            }
+            ck_assert_msg(memcmp(y, ref, sizeof(float) * M * N) == 0, "isa %d threads %d W16 %d K %d: chunks",
+                          isa, th, W16, K);
+            eng_pool_free(p);
+        }
+    }
+    eng_cpu_isa_set(ENG_ISA_AVX512);
+    free(x); free(ref); free(y); free(wf); free(wh); free(b);
+}
+
+START_TEST(linear_bf16_is_batch_thread_and_isa_invariant)
+{
+    linear_case(1, 896, 70, 1);  /* K a multiple of 16; N not of 4 or 32 */
+    linear_case(1, 100, 37, 0);  /* a K tail */
+    linear_case(1, 50, 17, 1);   /* the decode path's 32-, 16-wide steps and a tail */
+}
+END_TEST
+
+START_TEST(linear_f32_is_batch_thread_and_isa_invariant)
+{
+    linear_case(0, 64, 45, 1);
+    linear_case(0, 23, 9, 0);    /* shorter than one 16-lane step */
+}
+END_TEST
+
+/* Attention over n positions of a shuffled block table; K/V bf16 or f32. */
+static void attn_case(int bf16, int G, int hd, int n, int B)
+{
+    int nb = (n + B - 1) / B, kvd = 2 * hd; /* two K/V heads; we use the second */
+    size_t es = bf16 ? 2 : 4, block_bytes = 2 * (size_t)B * kvd * es;
+    unsigned char *kv = malloc(block_bytes * nb);
+    int *blocks = malloc(sizeof(int) * nb);
+    float *q = malloc(sizeof(float) * G * hd), *sc = malloc(sizeof(float) * G * n);
+    float *out = malloc(sizeof(float) * G * hd), *out0 = malloc(sizeof(float) * G * hd);
+    ck_assert(kv && blocks && q && sc && out && out0);
+    for (size_t i = 0; i < block_bytes * nb / es; i++) {
+        float v = frand() * 4.0f;
+        if (bf16) ((uint16_t *)(void *)kv)[i] = eng__f32_to_bf16(v);
+        else ((float *)(void *)kv)[i] = v;
+    }
+    for (int i = 0; i < nb; i++) blocks[i] = nb - 1 - i; /* positions in reverse block order */
+    for (int i = 0; i < G * hd; i++) q[i] = frand() * 2.0f;
+    eng_cpu_attn a = { q, out, sc, G, hd, n, B, bf16, blocks, kv, block_bytes,
+                       (size_t)hd * es, ((size_t)B * kvd + hd) * es, (size_t)kvd * es, 1.0f / sqrtf((float)hd) };
+    for (int isa = 0; isa < n_isas(); isa++) {
+        ck_assert_int_eq(eng_cpu_isa_set(isa), ENG_OK);
+        memset(out, 0xff, sizeof(float) * G * hd);
+        eng_cpu_attention(&a);
+        if (isa == 0) memcpy(out0, out, sizeof(float) * G * hd);
+        else ck_assert_msg(memcmp(out, out0, sizeof(float) * G * hd) == 0, "attention isa %d differs", isa);
+    }
+    eng_cpu_isa_set(ENG_ISA_AVX512);
+    /* double-precision reference */
+    double *s = malloc(sizeof(double) * n);
+    ck_assert(s);
+    for (int g = 0; g < G; g++) {
+        double mx = -INFINITY, sum = 0.0;
+        for (int j = 0; j < n; j++) {
+            const unsigned char *k = kv + (size_t)blocks[j / B] * block_bytes + a.k_off + (size_t)(j % B) * a.row_bytes;
+            double d = 0.0;
+            for (int i = 0; i < hd; i++)
+                d += (double)q[g * hd + i] * (bf16 ? eng__bf16_to_f32(((const uint16_t *)(const void *)k)[i])
+                                                    : ((const float *)(const void *)k)[i]);
+            s[j] = d / sqrt((double)hd);
+            mx = s[j] > mx ? s[j] : mx;
+        }
+        for (int j = 0; j < n; j++) { s[j] = exp(s[j] - mx); sum += s[j]; }
+        for (int i = 0; i < hd; i++) {
+            double o = 0.0;
+            for (int j = 0; j < n; j++) {
+                const unsigned char *v = kv + (size_t)blocks[j / B] * block_bytes + a.v_off + (size_t)(j % B) * a.row_bytes;
+                o += s[j] / sum * (bf16 ? eng__bf16_to_f32(((const uint16_t *)(const void *)v)[i])
+                                        : ((const float *)(const void *)v)[i]);
+            }
+            ck_assert_msg(fabs(o - out0[g * hd + i]) <= 2e-5 * 4.0, "head %d dim %d: %g vs %g", g, i, o,
+                          out0[g * hd + i]);
+        }
+    }
+    free(s); free(kv); free(blocks); free(q); free(sc); free(out); free(out0);
+}
+
+START_TEST(attention_is_isa_invariant_and_exact_enough)
+{
+    attn_case(1, 7, 64, 1, 16);
+    attn_case(1, 7, 64, 333, 16);   /* a partial last block, a softmax tail */
+    attn_case(0, 2, 128, 100, 32);
+    attn_case(1, 1, 40, 77, 16);    /* a head size the vector path does not take */
+}
+END_TEST
+
+int main(void)
+{
+    Suite *s = suite_create("cpukern");
+    TCase *tc = tcase_create("core");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, linear_bf16_is_batch_thread_and_isa_invariant);
+    tcase_add_test(tc, linear_f32_is_batch_thread_and_isa_invariant);
+    tcase_add_test(tc, attention_is_isa_invariant_and_exact_enough);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
