@@ -829,6 +829,15 @@ int ms_session_warm_blocks(ms_store *st, const ms_session *s)
     return n;
 }
 
+int ms_block_is_warm(ms_store *st, const uint8_t *hash)
+{
+    if (!st->warm) return 0;
+    pthread_mutex_lock(&st->warm->mu);
+    int in = warm_find(st->warm, hash, NULL) != NULL;
+    pthread_mutex_unlock(&st->warm->mu);
+    return in;
+}
+
 int ms_evict(ms_store *st, const char *user, const char *id, int tiers, char *err, size_t errlen)
 {
     ms_session *s = NULL;
@@ -1004,6 +1013,23 @@ int ms_chunk_delete_user(ms_store *st, const char *user, long *n_deleted, char *
     rocksdb_writebatch_destroy(wb);
     if (n_deleted) *n_deleted = rc == MS_OK ? n : 0;
     return rc;
+}
+
+int ms_chunk_delete(ms_store *st, const char *user, uint64_t chunk_id, char *err, size_t errlen)
+{
+    if (!name_ok(user)) return errf(err, errlen, MS_EINVAL, "memstore: invalid user");
+    char key[MS_MAX_NAME + 10];
+    size_t kl = chunk_key(key, user, chunk_id);
+    char *e = NULL;
+    rocksdb_delete_cf(st->db, st->w_async, st->cf[CF_LONGTERM], key, kl, &e);
+    return e ? rdb_err(&e, err, errlen, "deleting a chunk") : MS_OK;
+}
+
+int ms_sync(ms_store *st, char *err, size_t errlen)
+{
+    char *e = NULL;
+    rocksdb_flush_wal(st->db, 1, &e);
+    return e ? rdb_err(&e, err, errlen, "syncing the write-ahead log") : MS_OK;
 }
 
 /* ---- totals -------------------------------------------------------------- */

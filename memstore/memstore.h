@@ -143,6 +143,9 @@ int ms_block_get(ms_store *st, const uint8_t *hash, void *buf, size_t len, int *
 /* How many of a session's blocks the warm tier holds now. */
 int ms_session_warm_blocks(ms_store *st, const ms_session *s);
 
+/* 1 when the warm tier holds the block now (a hint: it may go at any time). */
+int ms_block_is_warm(ms_store *st, const uint8_t *hash);
+
 /* Drops a session from the given tiers (MS_TIER_* bits): warm drops its
  * blocks from the cache (they stay on disk); disk deletes the record (its
  * blocks go at the next ms_gc, unless other sessions share them).
@@ -164,6 +167,9 @@ int ms_chunk_get(ms_store *st, const char *user, uint64_t chunk_id, void **data,
 int ms_chunk_list(ms_store *st, const char *user,
                   int (*fn)(void *ctx, uint64_t chunk_id, const void *data, size_t len), void *ctx,
                   char *err, size_t errlen);
+/* Deletes one chunk (written behind: durable at the next sync).  Deleting
+ * a chunk that is not there is not an error. */
+int ms_chunk_delete(ms_store *st, const char *user, uint64_t chunk_id, char *err, size_t errlen);
 /* Deletes all of `user`'s chunks; *n_deleted may be NULL. */
 int ms_chunk_delete_user(ms_store *st, const char *user, long *n_deleted, char *err, size_t errlen);
 
@@ -182,6 +188,10 @@ typedef struct ms_stats {
 int ms_get_stats(ms_store *st, ms_stats *out, char *err, size_t errlen);
 /* Compacts every column family (an admin action; blocks for its duration). */
 int ms_compact(ms_store *st, char *err, size_t errlen);
+
+/* Makes every write so far durable: the write-ahead log is fsync'd.  With
+ * writes made with sync = 0 this is group commit: one fsync for many. */
+int ms_sync(ms_store *st, char *err, size_t errlen);
 
 const char *ms_strerror(int rc);
 

@@ -244,6 +244,7 @@ static int longterm(const srv_admin_req *q, ms_store *ms, const char *user, char
     if (!strcmp(q->method, "DELETE")) {
         long n = 0;
         int rc = ms_chunk_delete_user(ms, user, &n, err, sizeof err);
+        srv_store_longterm_deleted(srv_engine_store(q->eng), user);
         if (rc != MS_OK) return store_err(e, rc, err);
         srv_log("info", "admin_longterm_deleted", " user=%s chunks=%ld", user, n);
         return emit(json_pack("{s:s,s:I}", "user", user, "deleted_chunks", (json_int_t)n), out, e);

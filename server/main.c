@@ -122,6 +122,24 @@ static const option_def options[] = {
       "seconds after its last turn a stored session is deleted (default 30 days; 0 = never)" },
     { "state", "session_disk_mb", OPT_INT, O(session_disk_mb), "0", 0, 1 << 30,
       "cap on stored sessions in MiB: the least recently used go first (0 = no cap)" },
+    { "state", "session_sync_ms", OPT_INT, O(session_sync_ms), "0", 0, 60000,
+      "group commit: with session_sync = false, fsync the turns written in the last N ms together; "
+      "a turn's response completes once its group is on disk (0 = off)" },
+    { "state", "resume_policy", OPT_ENUM, O(resume_policy), "auto", 0, 0,
+      "a stored session's history: load it from the store, recompute it (prefill), both at once "
+      "(prefill from the start while the last blocks load, split where both end together), or auto: "
+      "the cost model picks per resume from measured read bandwidth and prefill rate",
+      "auto|load|recompute|both" },
+    { "state", "user_session_mb", OPT_INT, O(user_session_mb), "0", 0, 1 << 30,
+      "per-user quota on stored sessions in MiB: over it, the user's own least recently used idle "
+      "sessions are deleted (0 = no quota)" },
+    { "state", "longterm_index_mb", OPT_INT, O(longterm_index_mb), "256", 0, 1 << 20,
+      "memory for the retrieval index of users' long-term chunks (their keys, in RAM, exact: the same "
+      "top R as a scan); beyond it the least recently used users' indexes go and are rebuilt when needed "
+      "(0 = no index: every new session scans its user's chunks in the store)" },
+    { "state", "user_chunks_max", OPT_INT, O(user_chunks_max), "0", 0, 1 << 30,
+      "per-user quota on long-term memory chunks: over it, the user's least recently used chunks "
+      "are deleted (0 = no quota)" },
 };
 #pragma GCC diagnostic pop
 #define N_OPTIONS (sizeof options / sizeof *options)

@@ -312,7 +312,20 @@ int srv_metrics_render(srv_metrics *m, srv_buf *o)
         srv_buf_puts(o, "# HELP mkad_session_deleted_total Stored sessions deleted, by reason.\n"
                         "# TYPE mkad_session_deleted_total counter\n");
         srv_buf_printf(o, "mkad_session_deleted_total{reason=\"ttl\"} %ld\n"
-                          "mkad_session_deleted_total{reason=\"disk_budget\"} %ld\n", st->expired, st->evicted);
+                          "mkad_session_deleted_total{reason=\"disk_budget\"} %ld\n"
+                          "mkad_session_deleted_total{reason=\"user_quota\"} %ld\n",
+                       st->expired, st->evicted, st->quota_sessions);
+        counter(o, "mkad_longterm_chunks_deleted_quota_total",
+                "Long-term memory chunks deleted because their user was over user_chunks_max.",
+                (unsigned long)st->quota_chunks);
+        srv_buf_puts(o, "# HELP mkad_session_resumes_total Stored sessions resumed, by the way their history "
+                        "came back (resume_policy).\n# TYPE mkad_session_resumes_total counter\n");
+        for (int p = 0; p < SRV_PATH_COUNT; p++)
+            srv_buf_printf(o, "mkad_session_resumes_total{path=\"%s\"} %ld\n", srv_resume_path_name(p),
+                           st->resumes[p]);
+        counter(o, "mkad_session_group_commits_total",
+                "fsyncs of the session store's group commit (session_sync_ms), each for one or more turns.",
+                (unsigned long)st->group_commits);
     }
     pthread_mutex_unlock(&m->mu);
     return o->failed ? -1 : 0;

@@ -161,6 +161,9 @@ typedef struct eseq {
                              choices 1..n-1, forked from it once the prompt is in (-1 while
                              preempted); NULL afterwards */
     int n_forks;
+    int gate;             /* "both" resume: the prefill stops at this many tokens until the
+                             loaded second half (tail) is imported there; 0 = none */
+    srv_loaded *tail;     /* that second half, once the store sent it */
 } eseq;
 
 /* A finished plain request's sequence kept resident (its full blocks) so that
@@ -178,6 +181,9 @@ static void eseq_release(eseq *es)
     free(es->replay);
     free(es->plp);
     free(es->forks);
+    srv_loaded_free(es->tail);
+    es->tail = NULL;
+    es->gate = 0;
     es->smp = NULL;
     es->replay = NULL;
     es->plp = NULL;
@@ -226,6 +232,7 @@ struct srv_engine {
     srv_store *store;     /* the session store, or NULL (no state directory) */
     eng_block_format bf;
     srv_loaded *loaded;   /* lookups the store's thread answered, guarded by mu */
+    struct forgot *forgot;/* sessions the store deleted, guarded by mu */
     srv_sess_op *ops;     /* admin questions about resident sessions, guarded by mu */
     pthread_cond_t ops_cv;/* signalled when ops were answered */
     int ops_closed;       /* guarded by mu: the thread has ended, ops are answered at once */
@@ -261,10 +268,22 @@ static void flush_events(srv_engine *se)
 
 /* A FINAL event must never be lost (the loop frees the job on it): when the
  * event vector cannot grow, flush what is there and retry. */
+/* The job's session is no longer in flight (quota eviction may take it);
+ * what the store sent for the job and nobody took is freed. */
+static void job_done(srv_engine *se, srv_job *job)
+{
+    if (job->store_busy) srv_store_busy(se->store, job->req->user, job->req->session_id, 0);
+    job->store_busy = 0;
+    srv_loaded_free(job->loaded);
+    srv_loaded_free(job->tail);
+    job->loaded = job->tail = NULL;
+}
+
 static void post_end(srv_engine *se, int type, srv_job *job, int finish, int status, const char *code,
                      const char *msg, const srv_usage *u, int choice, int n_gen)
 {
     srv_event tmp = { .type = type, .job = job };
+    if (type == SRV_EV_FINAL) job_done(se, job);
     srv_event *e = ev_new(se, type, job);
     if (!e) {
         flush_events(se);
@@ -510,6 +529,16 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     eseq *es = &se->run[r];
     int posted = 0;
     forks_release(se, es);
+    /* The session stays marked in flight until its turn's write is queued;
+     * the job itself must not be touched once persist handed its FINAL to
+     * the store (the loop may free it then): copy what the unmarking needs. */
+    char bu[SRV_USER_MAX + 1] = "", bi[SRV_SESSION_ID_MAX + 1] = "";
+    if (es->job->store_busy) {
+        snprintf(bu, sizeof bu, "%s", es->job->req->user);
+        snprintf(bi, sizeof bi, "%s", es->job->req->session_id);
+        es->job->store_busy = 0;
+    }
+    job_done(se, es->job);
     if (es->sess && finish != SRV_FINISH_ERROR) {
         /* sessions have one choice: this is the job's FINAL */
         srv_usage u = { es->job->req->n_prompt, es->n_gen, es->cached };
@@ -519,7 +548,7 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
         srv_event fin = { .type = SRV_EV_FINAL, .job = es->job, .finish = finish, .status = status,
                           .usage = u, .choice = es->choice, .n_gen = es->n_gen };
         if (msg) snprintf(fin.msg, sizeof fin.msg, "%s", msg);
-        posted = persist(se, es->sess, se->cfg->session_sync ? &fin : NULL) == 0;
+        posted = persist(se, es->sess, se->cfg->session_sync || se->cfg->session_sync_ms > 0 ? &fin : NULL) == 0;
         if (posted) es->job->eng_live--;
     } else if (es->sess) {
         es->sess->busy = 0;
@@ -532,6 +561,7 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
     }
     eseq_release(es);
     if (!posted) eseq_end(se, es, finish, status, NULL, msg);
+    if (bu[0]) srv_store_busy(se->store, bu, bi, 0);
     se->run[r] = se->run[--se->n_run];
 }
 
@@ -587,6 +617,12 @@ static void preempt(srv_engine *se, int r)
     }
     es.n_past = 0; /* a prefilling sequence simply starts its prefill again */
     forks_release(se, &es); /* taken again when it is readmitted */
+    if (es.gate) { /* a "both" resume: its loaded half is of no use now, all is recomputed */
+        srv_loaded_free(es.tail);
+        es.tail = NULL;
+        es.gate = 0;
+        es.cached = 0;
+    }
     if (es.sess) {
         session *s = es.sess;
         es.sess = NULL;
@@ -662,16 +698,65 @@ static int import_loaded(srv_engine *se, srv_job *job, int seq)
         srv_log("info", "session_new", " session=%s user=%s l3_bank=%d", sid, job->req->user, ld->n_bank);
         return 0;
     }
+    if (ld->more) { /* "both": prefill [0, split) now; the rest is imported when it arrives */
+        srv_log("info", "session_resume_split", " session=%s path=both stored_blocks=%d prefill_blocks=%d "
+                "load_blocks=%d est_ms=%.2f", sid, ld->n_stored, ld->split, ld->n_stored - ld->split,
+                ld->t_est * 1000.0);
+        return 0;
+    }
     int rc = ld->n_blocks > 0 ? eng_seq_blocks_import(se->eng, seq, job->req->prompt, ld->n_blocks, ld->buf,
                                                       (size_t)ld->n_blocks * se->bf.block_bytes, err, sizeof err)
                               : ENG_OK;
     if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_import", rc, err);
     int n = rc == ENG_OK ? ld->n_blocks : 0;
     char q[300];
-    srv_log("info", "session_resumed", " session=%s tokens=%d l3_bank=%d blocks_warm=%d blocks_disk=%d load_ms=%.2f "
-            "prefill_tokens=%d%s%s", sid, n * se->info.block_size, ld->n_bank, ld->blocks_warm, ld->blocks_disk,
-            ld->load_s * 1000.0, job->req->n_prompt - n * se->info.block_size, rc == ENG_OK ? "" : " error=",
+    srv_log("info", "session_resumed", " session=%s path=%s tokens=%d stored_blocks=%d l3_bank=%d blocks_warm=%d "
+            "blocks_disk=%d load_ms=%.2f est_ms=%.2f prefill_tokens=%d%s%s", sid, srv_resume_path_name(ld->path),
+            n * se->info.block_size, ld->n_stored, ld->n_bank, ld->blocks_warm, ld->blocks_disk, ld->load_s * 1000.0,
+            ld->t_est * 1000.0, job->req->n_prompt - n * se->info.block_size, rc == ENG_OK ? "" : " error=",
             rc == ENG_OK ? "" : srv_log_quote(err, q, sizeof q));
+    return n;
+}
+
+/* "both" resumes whose prefill reached the split: the loaded second half
+ * is imported there (exactly where its first block begins; the records'
+ * EMA checkpoints make the sequence continue as if prefilled) and the
+ * prefill goes on after it.  A half that failed to load (fewer blocks, or
+ * an import error) is recomputed instead. */
+static void land_tails(srv_engine *se)
+{
+    for (int r = 0; r < se->n_run; r++) {
+        eseq *es = &se->run[r];
+        if (!es->gate || !es->tail || es->n_past != es->gate) continue;
+        srv_loaded *ld = es->tail;
+        const char *sid = es->job->req->session_id;
+        char err[256] = "", q[300];
+        int rc = ENG_OK, n = 0;
+        if (ld->n_blocks > 0 && ld->first * se->info.block_size == es->n_past) {
+            rc = eng_seq_blocks_import(se->eng, es->seq, es->src + es->n_past, ld->n_blocks, ld->buf,
+                                       (size_t)ld->n_blocks * se->bf.block_bytes, err, sizeof err);
+            if (rc == ENG_EDEVICE) device_fault(se, "eng_seq_blocks_import", rc, err);
+            if (rc == ENG_OK) n = ld->n_blocks;
+        }
+        es->n_past += n * se->info.block_size;
+        es->cached += n * se->info.block_size;
+        srv_log("info", "session_resumed", " session=%s path=both tokens=%d stored_blocks=%d prefilled_blocks=%d "
+                "blocks_warm=%d blocks_disk=%d load_ms=%.2f est_ms=%.2f prefill_tokens=%d%s%s", sid,
+                n * se->info.block_size, ld->n_stored, ld->split, ld->blocks_warm, ld->blocks_disk,
+                ld->load_s * 1000.0, ld->t_est * 1000.0, es->n_src - n * se->info.block_size,
+                rc == ENG_OK ? "" : " error=", rc == ENG_OK ? "" : srv_log_quote(err, q, sizeof q));
+        srv_loaded_free(ld);
+        es->tail = NULL;
+        es->gate = 0;
+        if (se->dead) return;
+    }
+}
+
+/* Sequences that cannot move until their loaded half arrives. */
+static int n_stalled(const srv_engine *se)
+{
+    int n = 0;
+    for (int r = 0; r < se->n_run; r++) n += se->run[r].gate && se->run[r].n_past == se->run[r].gate && !se->run[r].tail;
     return n;
 }
 
@@ -680,12 +765,32 @@ static int import_loaded(srv_engine *se, srv_job *job, int seq)
 static void take_loaded(srv_engine *se)
 {
     pthread_mutex_lock(&se->mu);
-    srv_loaded *l = se->loaded;
+    srv_loaded *l = se->loaded, *fifo = NULL;
     se->loaded = NULL;
     pthread_mutex_unlock(&se->mu);
+    while (l) { /* the list is newest first: a "both" answer's halves must go in order */
+        srv_loaded *next = l->next;
+        l->next = fifo;
+        fifo = l;
+        l = next;
+    }
+    l = fifo;
     while (l) {
         srv_loaded *next = l->next;
         l->next = NULL;
+        if (l->tail) { /* a "both" resume's loaded half: for the waiting job, or the running sequence */
+            srv_job *job = NULL;
+            for (int i = 0; i < se->n_wait && !job; i++)
+                if (se->wait[i]->id == l->job_id && se->wait[i]->loaded && se->wait[i]->loaded->more) job = se->wait[i];
+            eseq *es = NULL;
+            for (int r = 0; r < se->n_run && !job && !es; r++)
+                if (se->run[r].job->id == l->job_id && se->run[r].gate && !se->run[r].tail) es = &se->run[r];
+            if (job) job->tail = l;
+            else if (es) es->tail = l;
+            else srv_loaded_free(l); /* cancelled, preempted or failed meanwhile */
+            l = next;
+            continue;
+        }
         srv_job *job = NULL;
         for (int i = 0; i < se->n_wait && !job; i++)
             if (se->wait[i]->id == l->job_id && se->wait[i]->store_state == STORE_LOADING) job = se->wait[i];
@@ -696,6 +801,41 @@ static void take_loaded(srv_engine *se)
             srv_loaded_free(l);
         }
         l = next;
+    }
+}
+
+/* A session the store deleted (TTL, disk budget, quota) while it may be
+ * resident: its next turn writes all its blocks again. */
+typedef struct forgot {
+    char user[SRV_USER_MAX + 1], id[SRV_SESSION_ID_MAX + 1];
+    struct forgot *next;
+} forgot;
+
+static void store_forgot(void *ctx, const char *user, const char *id)
+{
+    srv_engine *se = ctx;
+    forgot *f = calloc(1, sizeof *f);
+    if (!f) return; /* its next write references blocks that are gone: a later resume recomputes them */
+    snprintf(f->user, sizeof f->user, "%s", user);
+    snprintf(f->id, sizeof f->id, "%s", id);
+    pthread_mutex_lock(&se->mu);
+    f->next = se->forgot;
+    se->forgot = f;
+    pthread_mutex_unlock(&se->mu);
+}
+
+static void take_forgotten(srv_engine *se)
+{
+    pthread_mutex_lock(&se->mu);
+    forgot *f = se->forgot;
+    se->forgot = NULL;
+    pthread_mutex_unlock(&se->mu);
+    while (f) {
+        forgot *next = f->next;
+        session *s = session_find(se, f->user, f->id);
+        if (s) s->persisted = 0;
+        free(f);
+        f = next;
     }
 }
 
@@ -968,6 +1108,11 @@ static void admit(srv_engine *se)
             es.seq = seq;
             int imported = job->loaded ? import_loaded(se, job, seq) : 0;
             es.cached = es.n_past = imported * se->info.block_size;
+            if (job->loaded && job->loaded->more) { /* "both": the prefill stops at the split */
+                es.gate = job->loaded->split * se->info.block_size;
+                es.tail = job->tail;
+                job->tail = NULL;
+            }
             if (imported == 0 && !rq->prompt_logprobs)
                 es.cached = es.n_past = share_prefix(se, job, seq);
             if (rq->session_id[0]) {
@@ -988,6 +1133,10 @@ static void admit(srv_engine *se)
         }
         srv_loaded_free(job->loaded);
         job->loaded = NULL;
+        if (rq->session_id[0] && se->store) {
+            srv_store_busy(se->store, rq->user, rq->session_id, 1);
+            job->store_busy = 1;
+        }
         if (rq->prompt_logprobs && (es.plp = calloc((size_t)rq->n_prompt, sizeof *es.plp))) {
             es.plp[0].token = rq->prompt[0];
             es.plp[0].n_top = -1; /* the first token has no distribution */
@@ -1114,14 +1263,20 @@ static int item_blocks(const srv_engine *se, int k)
 static int plan_fitting(srv_engine *se)
 {
     for (;;) {
+        /* a "both" resume prefills up to its split, then waits for its
+         * loaded half (left out of the plan meanwhile): map[] takes the
+         * planner's indices back to run[] */
+        int map[se->n_run > 0 ? se->n_run : 1], m = 0;
         for (int r = 0; r < se->n_run; r++) {
             eseq *es = &se->run[r];
-            se->pseqs[r] = (srv_plan_seq){ es->n_src - es->n_past, es->order, es->last_step,
-                                           es->plp ? 1 : 0 };
+            int end = es->gate ? es->gate : es->n_src;
+            if (es->gate && es->n_past >= es->gate) continue;
+            map[m] = r;
+            se->pseqs[m++] = (srv_plan_seq){ end - es->n_past, es->order, es->last_step, es->plp ? 1 : 0 };
         }
-        int n = srv_plan_step(se->pseqs, se->n_run, se->info.max_batch_tokens,
-                              se->cfg->prefill_chunk, se->plan);
+        int n = srv_plan_step(se->pseqs, m, se->info.max_batch_tokens, se->cfg->prefill_chunk, se->plan);
         if (n == 0) return 0;
+        for (int k = 0; k < n; k++) se->plan[k].idx = map[se->plan[k].idx];
         int need = 0;
         for (int k = 0; k < n; k++) need += item_blocks(se, k);
         int avail = free_blocks(se);
@@ -1276,6 +1431,16 @@ static void run_step(srv_engine *se)
     }
     srv_metrics_step(se->met, n, n_tok, dt);
     keep_chunks(se);
+    /* the cost model's prefill rate: steps that are one prefill chunk of
+     * at least a block (and a few decodes at most) */
+    if (se->store) {
+        int pk = -1, n_pre = 0;
+        for (int k = 0; k < n; k++)
+            if (se->items[k].tokens != &se->run[se->plan[k].idx].next_tok) { pk = k; n_pre++; }
+        if (n_pre == 1 && se->items[pk].n_tokens >= se->info.block_size && n_tok - se->items[pk].n_tokens <= 4)
+            srv_store_note_prefill(se->store, se->run[se->plan[pk].idx].n_past + se->items[pk].n_tokens,
+                                   se->items[pk].n_tokens, dt);
+    }
     /* Sample; collect finished indices, then remove from the highest down.
      * Forked choices join the run array (at the end) during the loop. */
     int done[se->info.max_seqs];
@@ -1437,14 +1602,26 @@ static int open_store(srv_engine *se, char *err, size_t errlen)
                             .block_bytes = se->bf.block_bytes,
                             .warm_bytes = (size_t)se->cfg->session_warm_mb << 20,
                             .sync = se->cfg->session_sync, .loaded = store_loaded, .loaded_ctx = se,
+                            .forgot = store_forgot, .forgot_ctx = se,
                             .met = se->met, .post = se->post, .post_arg = se->post_arg,
                             .ttl_s = se->cfg->session_ttl_s,
                             .model = eng_get_params(se->eng)->l3_capture ? se->model : NULL,
-                            .disk_budget = (uint64_t)se->cfg->session_disk_mb << 20 };
+                            .disk_budget = (uint64_t)se->cfg->session_disk_mb << 20,
+                            .sync_ms = se->cfg->session_sync_ms,
+                            .resume_policy = srv_resume_policy_parse(se->cfg->resume_policy),
+                            .user_bytes = (uint64_t)se->cfg->user_session_mb << 20,
+                            .user_chunks = se->cfg->user_chunks_max,
+                            .l3_index_bytes = (size_t)se->cfg->longterm_index_mb << 20 };
+    if (sp.resume_policy < 0) sp.resume_policy = SRV_RESUME_AUTO; /* main.c checked it */
     double t0 = srv_now();
     if (srv_store_open(&sp, &se->store, err, errlen) != 0) return -1;
-    srv_log("info", "session_store_opened", " dir=%s warm_mib=%d durability=%s open_s=%.3f", path,
-            se->cfg->session_warm_mb, se->cfg->session_sync ? "sync" : "async", srv_now() - t0);
+    char dur[32];
+    if (se->cfg->session_sync_ms > 0) snprintf(dur, sizeof dur, "group_%dms", se->cfg->session_sync_ms);
+    else snprintf(dur, sizeof dur, "%s", se->cfg->session_sync ? "sync" : "async");
+    srv_log("info", "session_store_opened", " dir=%s warm_mib=%d durability=%s resume_policy=%s user_session_mib=%d "
+            "user_chunks_max=%d open_s=%.3f", path, se->cfg->session_warm_mb, dur,
+            se->cfg->resume_policy && *se->cfg->resume_policy ? se->cfg->resume_policy : "auto",
+            se->cfg->user_session_mb, se->cfg->user_chunks_max, srv_now() - t0);
     return 0;
 }
 
@@ -1563,7 +1740,7 @@ static void *engine_main(void *arg)
         pthread_mutex_lock(&se->mu);
         /* sleep while nothing can move: no new job, no store answer, nothing
          * running, and every waiting job waits for the store */
-        while (!se->stop && se->n_inbox == 0 && !se->loaded && !se->ops && se->n_run == 0 &&
+        while (!se->stop && se->n_inbox == 0 && !se->loaded && !se->ops && se->n_run == n_stalled(se) &&
                se->n_pre == 0 && se->n_wait == n_loading(se))
             pthread_cond_wait(&se->cv, &se->mu);
         if (se->ops) answer_ops(se);
@@ -1586,6 +1763,7 @@ static void *engine_main(void *arg)
         }
         pthread_mutex_unlock(&se->mu);
         take_loaded(se);
+        take_forgotten(se);
 
         if (se->dead) { /* new jobs after a device fault: answer them at once */
             fail_all_dead(se);
@@ -1606,6 +1784,7 @@ static void *engine_main(void *arg)
             memmove(se->wait + h, se->wait + h + 1, (size_t)(se->n_wait - h - 1) * sizeof *se->wait);
             se->n_wait--;
         }
+        if (!se->dead) land_tails(se);
         if (!se->dead) run_step(se);
         if (se->dead) fail_all_dead(se);
         flush_events(se);
@@ -1695,7 +1874,13 @@ void srv_engine_stop(srv_engine *se)
     }
     for (int i = 0; i < se->n_wait; i++) {
         srv_loaded_free(se->wait[i]->loaded);
-        se->wait[i]->loaded = NULL;
+        srv_loaded_free(se->wait[i]->tail);
+        se->wait[i]->loaded = se->wait[i]->tail = NULL;
+    }
+    while (se->forgot) {
+        forgot *n = se->forgot->next;
+        free(se->forgot);
+        se->forgot = n;
     }
     for (int r = 0; r < se->n_run; r++) {
         eseq_release(&se->run[r]);

@@ -55,6 +55,11 @@ typedef struct srv_config {
     int session_sync;       /* 1: a turn is durable (fsync'd) when its write completes */
     int session_ttl_s;      /* stored sessions idle this long are deleted, 0 = never */
     int session_disk_mb;    /* stored sessions beyond this many MiB: least recently used deleted, 0 = no cap */
+    int session_sync_ms;    /* group commit every N ms (with session_sync off); 0 = off */
+    char *resume_policy;    /* "auto", "load", "recompute" or "both" (resume.c) */
+    int user_session_mb;    /* per-user quota on stored session bytes, MiB; 0 = none */
+    int user_chunks_max;    /* per-user quota on long-term chunks; 0 = none */
+    int longterm_index_mb;  /* in-memory retrieval index of long-term chunks, MiB; 0 = scan */
     int log_requests;       /* one access line per request */
 } srv_config;
 

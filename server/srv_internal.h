@@ -318,6 +318,72 @@ int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
 int srv_reuse_len(const int32_t *have, int n_have, const int32_t *prompt, int n_prompt,
                   int block_size);
 
+/* ---- resume.c: load or recompute a stored history (pure) ------------------ */
+
+enum { SRV_RESUME_AUTO, SRV_RESUME_LOAD, SRV_RESUME_RECOMPUTE, SRV_RESUME_BOTH }; /* policy */
+enum { SRV_PATH_LOAD, SRV_PATH_RECOMPUTE, SRV_PATH_BOTH, SRV_PATH_COUNT };        /* what was done */
+#define SRV_RATE_BUCKETS 12 /* prefill rate by position: [0,256), [256,512), ... doubling */
+
+/* Measured rates; 0 = not measured yet. */
+typedef struct srv_resume_rates {
+    double warm_bps, disk_bps;              /* block reads from the store, bytes/s */
+    double prefill_tps[SRV_RATE_BUCKETS];   /* prefill tokens/s at positions of each bucket */
+} srv_resume_rates;
+
+typedef struct srv_resume_in {
+    int policy;                 /* SRV_RESUME_* */
+    int n_blocks;               /* reusable stored blocks */
+    int block_tokens;
+    size_t block_bytes;
+    const unsigned char *warm;  /* (n_blocks) 1: block i is in the warm tier; NULL: all on disk */
+    const srv_resume_rates *rates;
+} srv_resume_in;
+
+typedef struct srv_resume_plan {
+    int split;        /* blocks [0, split) are prefilled, [split, n_blocks) loaded */
+    int path;         /* SRV_PATH_*: LOAD (split 0), RECOMPUTE (split n), BOTH */
+    double t_load, t_prefill, t_est; /* predicted seconds: load all, prefill all, the choice (-1/0: unknown) */
+} srv_resume_plan;
+
+/* Chooses the split that makes both halves end together (the least
+ * max(prefill, load)); load when the rates are not known yet. */
+void srv_resume_choose(const srv_resume_in *in, srv_resume_plan *out);
+/* Predicted seconds to prefill positions [from, to); -1 when no rate is known. */
+double srv_resume_prefill_s(const srv_resume_rates *r, int from, int to);
+/* The bucket of a position (0..SRV_RATE_BUCKETS-1). */
+int srv_rate_bucket(int pos);
+/* rate <- EWMA with a new sample (ignored unless finite and > 0). */
+void srv_rate_ewma(double *rate, double sample);
+const char *srv_resume_path_name(int path);
+/* "auto" (or NULL/""), "load", "recompute", "both" -> SRV_RESUME_*; -1 otherwise. */
+int srv_resume_policy_parse(const char *s);
+
+/* ---- l3index.c: the retrieval index of users' long-term chunks -------------- */
+
+typedef struct srv_l3index srv_l3index;
+/* An empty index for retrieval keys of d_model floats; users' matrices
+ * together stay under budget bytes (the least recently used user's goes). */
+srv_l3index *srv_l3index_new(int d_model, size_t budget);
+void srv_l3index_free(srv_l3index *ix);
+/* 1 when the user's chunks are indexed (after srv_l3index_begin). */
+int srv_l3index_loaded(srv_l3index *ix, const char *user);
+/* Starts the user's index empty (replacing any); fill it with _put.  -1: out of memory. */
+int srv_l3index_begin(srv_l3index *ix, const char *user);
+/* Adds or replaces a chunk of an indexed user (e: d_model floats, copied);
+ * nothing for a user not indexed.  -1: out of memory (the user's index is dropped). */
+int srv_l3index_put(srv_l3index *ix, const char *user, uint64_t id, const char *sid, size_t sid_len,
+                    const float *e);
+void srv_l3index_del(srv_l3index *ix, const char *user, uint64_t id);
+/* Forgets the user's index (rebuilt on the next retrieval).  NULL-safe. */
+void srv_l3index_drop(srv_l3index *ix, const char *user);
+/* Chunks indexed for the user, -1 when not indexed. */
+int srv_l3index_count(srv_l3index *ix, const char *user);
+/* The top r chunks by cosine similarity of their key to q, not of session
+ * exclude_sid, best first (ties: smaller id first): ids and scores (r
+ * each).  Returns how many, or -1 when the user is not indexed. */
+int srv_l3index_top(srv_l3index *ix, const char *user, const char *exclude_sid, const float *q, int r,
+                    uint64_t *ids, double *scores);
+
 /* ---- sched.c: the engine thread ------------------------------------------- */
 
 enum srv_cancel {
@@ -353,6 +419,12 @@ typedef struct srv_loaded {
     void *buf;        /* (n_blocks, block_bytes) */
     int blocks_warm, blocks_disk; /* where they came from */
     double load_s;
+    /* resume_policy: the stored prefix is n_stored blocks; [0, split) are
+     * prefilled, [split, n_stored) loaded.  The blocks in buf start at block
+     * `first`.  more: the blocks come in a second answer (tail = 1) while the
+     * engine prefills [0, split) ("both"). */
+    int path, split, n_stored, first, more, tail;
+    double t_est;     /* the cost model's predicted seconds for its choice (0: unknown) */
     float *bank_mu;   /* (n_bank, n_layers, d_model): the L3 bank to bind before importing */
     uint64_t bank_ids[SRV_MAX_BANK];
     int n_bank;
@@ -373,11 +445,22 @@ typedef struct srv_store_params {
     srv_store_loaded_fn loaded;
     void *loaded_ctx;
     struct srv_metrics *met; /* counters published after every task; may be NULL */
+    /* A stored session was deleted by the store itself (TTL, disk budget,
+     * quota): a resident copy must write all its blocks again at its next
+     * turn.  Called on the store's thread; may be NULL. */
+    void (*forgot)(void *ctx, const char *user, const char *id);
+    void *forgot_ctx;
     void (*post)(const struct srv_event *ev, int n, void *arg); /* posts deferred FINAL events */
     void *post_arg;
     int ttl_s;               /* delete sessions idle this long (0: never) */
     uint64_t disk_budget;    /* stored session bytes beyond which the least recently used go (0: none) */
     double maint_interval_s; /* how often expiry and the budget are applied (0: 60 s) */
+    int sync_ms;             /* group commit every sync_ms (sync must be 0); 0: off */
+    int resume_policy;       /* SRV_RESUME_* */
+    uint64_t user_bytes;     /* per-user quota on stored session bytes (0: none) */
+    long user_chunks;        /* per-user quota on long-term chunks (0: none) */
+    size_t l3_index_bytes;   /* budget of the in-memory retrieval index (0: none, every
+                                retrieval scans the user's chunks in RocksDB) */
     const eng_model *model;  /* L3: the prompt's retrieval key; NULL: no long-term memory */
 } srv_store_params;
 
@@ -387,6 +470,9 @@ typedef struct srv_store_stats {
     long lookups, loaded_blocks_warm, loaded_blocks_disk;
     long expired, evicted;   /* sessions deleted by the TTL / the disk budget */
     long chunks_written;     /* long-term memory chunks stored */
+    long quota_sessions, quota_chunks; /* deleted because their user was over a quota */
+    long resumes[SRV_PATH_COUNT]; /* stored sessions resumed, by path (SRV_PATH_*) */
+    long group_commits;      /* session_sync_ms fsyncs */
 } srv_store_stats;
 
 int srv_store_open(const srv_store_params *p, srv_store **out, char *err, size_t errlen);
@@ -408,6 +494,15 @@ int srv_store_chunk(srv_store *st, const char *user, const char *id, int index, 
 int srv_store_lookup(srv_store *st, uint64_t job_id, const char *user, const char *id,
                      const int32_t *prompt, int n_prompt);
 void srv_store_get_stats(srv_store *st, srv_store_stats *out);
+/* The engine thread's prefill measurement for the cost model: n tokens
+ * ending at position pos_end took dt seconds. */
+void srv_store_note_prefill(srv_store *st, int pos_end, int n, double dt);
+/* A session is in flight (busy = 1, from admission to the end of its turn):
+ * quota eviction leaves it alone. */
+void srv_store_busy(srv_store *st, const char *user, const char *id, int busy);
+/* The user's long-term memory was deleted behind the store's back (admin):
+ * forget its index.  NULL-safe. */
+void srv_store_longterm_deleted(srv_store *st, const char *user);
 /* The memstore under it, for the admin routes (thread-safe calls). */
 struct ms_store *srv_store_ms(srv_store *st);
 /* Finishes every queued task (writes are never dropped), then closes. */
@@ -438,6 +533,8 @@ typedef struct srv_job {
     /* engine thread only */
     int store_state;            /* STORE_*: the session lookup of a non-resident session */
     srv_loaded *loaded;         /* its result, until admitted */
+    srv_loaded *tail;           /* "both": the loaded second half, until admitted */
+    int store_busy;             /* marked in flight with srv_store_busy */
     int eng_live;               /* its sequences in the engine (running or preempted) */
     int eng_gen;                /* tokens generated by its choices that ended */
     int eng_err_status;         /* != 0: one choice failed, the others end with this error */

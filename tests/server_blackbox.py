@@ -12,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1059,11 +1060,48 @@ def test_sigkill_keeps_acknowledged_turns():
     every turn whose response completed (with session_sync, the response
     completes only once its turn is on disk) resumes from the store, exact,
     and nothing stored is reported corrupt."""
-    rng = random.Random(11)
+    sigkill_loop([], 11)
+
+
+def test_sigkill_group_commit():
+    """The same with group commit (session_sync_ms): a turn's response
+    completes once the fsync of its group is done."""
+    sigkill_loop(["--session-sync=false", "--session-sync-ms", "30"], 12)
+
+
+def test_group_commit_holds_final():
+    """session_sync_ms: a session turn's response completes only with its
+    group's fsync (up to N ms later), and concurrent turns share one fsync."""
+    d = Daemon("--session-sync=false", "--session-sync-ms", "400")
+    try:
+        c = d.client()
+        t0 = time.time()
+        completion(c, seed=1, max_tokens=2, prompt=PROMPT, extra_body=IDS)
+        plain = time.time() - t0
+        t0 = time.time()
+        completion(c, seed=1, max_tokens=2, prompt=PROMPT, extra_body=dict(IDS, session_id="g-0"))
+        held = time.time() - t0
+        assert held >= 0.35 and held > plain + 0.2, (held, plain)
+        m0 = metrics(d)["mkad_session_group_commits_total"]
+        assert m0 == 1, m0
+        with cf.ThreadPoolExecutor(4) as ex:
+            futs = [ex.submit(completion, c, k, 2, PROMPT + [k], extra_body=dict(IDS, session_id=f"g-{k + 1}"))
+                    for k in range(4)]
+            for f in futs:
+                f.result()
+        m = metrics(d)
+        assert m["mkad_session_writes_total"] == 5
+        assert m["mkad_session_group_commits_total"] - m0 < 4, m  # fewer fsyncs than turns
+    finally:
+        assert d.stop() == 0
+
+
+def sigkill_loop(args, seed):
+    rng = random.Random(seed)
     state = tempfile.mkdtemp(prefix="mkad-bb-kill-")
     acked = {}  # session -> (prompt, output ids) of its last completed turn
     for it in range(6):
-        d = Daemon(state=state)
+        d = Daemon(*args, state=state)
         stop = threading.Event()
 
         def client(k):
@@ -1096,7 +1134,7 @@ def test_sigkill_keeps_acknowledged_turns():
         d.proc.wait()
         assert not [l for l in d.lines if "memstore_corrupt" in l], d.lines[-20:]
     assert len(acked) == 4 and sum(len(p) for p, _ in acked.values()) > 4 * 60, "too few turns completed"
-    d = Daemon(state=state)
+    d = Daemon(*args, state=state)
     try:
         c = d.client()
         for sid, (p, o) in sorted(acked.items()):
@@ -1107,6 +1145,142 @@ def test_sigkill_keeps_acknowledged_turns():
             ref = completion(c, seed=1, max_tokens=6, prompt=prompt, extra_body=IDS)
             same(r.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"], sid)
         assert not [l for l in d.lines if "memstore_corrupt" in l or "session_write_failed" in l]
+        if "--session-sync-ms" in args:
+            assert any("durability=group_30ms" in l for l in d.lines)
+            wait_metric(lambda m: m["mkad_session_group_commits_total"] >= 1, d=d)
+    finally:
+        assert d.stop() == 0
+
+
+def test_resume_paths_identical():
+    """resume_policy: a stored session resumed by loading its blocks, by
+    recomputing them, or both at once (prefill from the start while the last
+    blocks load) gives the same tokens as recomputing without a session
+    (bit-identical on the CPU); /metrics counts each path and the log says
+    which way each resume went."""
+    eb = dict(IDS, session_id="bb-paths")
+    p1 = list(range(11, 311))  # 300 tokens
+    d = Daemon()
+    try:
+        c = d.client()
+        r1 = completion(c, seed=2, max_tokens=9, prompt=p1, extra_body=eb)
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_session_writes_total"] == 1, d=d)
+        p2 = p1 + r1.choices[0].model_extra["token_ids"] + [5, 6]
+        ref = completion(c, seed=6, max_tokens=12, prompt=p2, extra_body=IDS)
+    finally:
+        assert d.stop() == 0
+    held = len(p1) + 9 - 1
+    n = held // 32  # stored full blocks
+    want_cached = {"load": n * 32, "recompute": 0, "both": (n - n // 2) * 32}
+    for policy in ("load", "recompute", "both", "auto"):
+        state = tempfile.mkdtemp(prefix=f"mkad-bb-{policy}-")
+        shutil.copytree(d.state, state, dirs_exist_ok=True)
+        dd = Daemon("--resume-policy", policy, state=state)
+        try:
+            r = completion(dd.client(), seed=6, max_tokens=12, prompt=p2, extra_body=eb)
+            same(r.choices[0].model_extra["token_ids"], ref.choices[0].model_extra["token_ids"], policy)
+            path = "load" if policy == "auto" else policy  # nothing measured yet: auto loads
+            assert r.usage.prompt_tokens_details.cached_tokens == want_cached[path], (policy, r.usage)
+            m = metrics(dd)
+            for p in ("load", "recompute", "both"):
+                assert m[f'mkad_session_resumes_total{{path="{p}"}}'] == (p == path), (policy, p, m)
+            assert any("event=session_resumed session=bb-paths path=" + path in l for l in dd.lines), dd.lines[-8:]
+            if path == "both":
+                assert any("event=session_resume_split session=bb-paths path=both" in l and
+                           f"prefill_blocks={n // 2} load_blocks={n - n // 2}" in l for l in dd.lines), dd.lines[-8:]
+            # a second turn on the resumed session continues exactly too
+            wait_metric(lambda m: m["mkad_session_write_queue"] == 0, d=dd)
+            assert http("DELETE", dd.base + "/admin/sessions/bb-paths?user=local&tier=hbm")[0] == 200
+            p3 = p2 + r.choices[0].model_extra["token_ids"] + [8]
+            r3 = completion(dd.client(), seed=7, max_tokens=6, prompt=p3, extra_body=eb)
+            ref3 = completion(dd.client(), seed=7, max_tokens=6, prompt=p3, extra_body=IDS)
+            same(r3.choices[0].model_extra["token_ids"], ref3.choices[0].model_extra["token_ids"], policy)
+        finally:
+            assert dd.stop() == 0
+            shutil.rmtree(state, ignore_errors=True)
+
+
+def test_user_quotas():
+    """user_session_mb: over quota, the user's own least recently used idle
+    sessions are deleted (never another user's, never one in flight, logged
+    and counted), and one still resident stores itself whole again at its
+    next turn; user_chunks_max: likewise for long-term memory chunks, those
+    bound in a stored session's L3 bank last."""
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root", "--user-session-mb", "1")
+    H = {"Authorization": "Bearer kr"}
+    try:
+        ca, cb = d.client(key="ka"), d.client(key="kb")
+        # each session: 330 tokens = 10 full blocks (~370 KiB with mkad-tiny): two fit in 1 MiB, three do not
+        for k in range(2):
+            completion(cb, seed=k, max_tokens=4, prompt=[k + 40] * 330, extra_body=dict(IDS, session_id=f"b-{k}"))
+        for k in range(2):
+            completion(ca, seed=k, max_tokens=4, prompt=[k + 2] * 330, extra_body=dict(IDS, session_id=f"a-{k}"))
+            time.sleep(1.1)  # distinct last-use times (the store keeps milliseconds)
+        wait_metric(lambda m: m["mkad_session_writes_total"] == 4 and m["mkad_session_write_queue"] == 0, d=d)
+        # a-0 (alice's least recently used) is in flight while a-2's write puts alice over quota:
+        # a-1 goes instead
+        started = threading.Event()
+
+        def long_turn():
+            s = ca.completions.create(model=MODEL_NAME, prompt=[2] * 330 + [7], max_tokens=1500, seed=1,
+                                      stream=True, extra_body=dict(IDS, session_id="a-0", ignore_eos=True))
+            for _ in s:
+                started.set()
+
+        th = threading.Thread(target=long_turn)
+        th.start()
+        assert started.wait(30)
+        completion(ca, seed=2, max_tokens=4, prompt=[4] * 330, extra_body=dict(IDS, session_id="a-2"))
+        assert th.is_alive()  # a-2's turn (its write and the quota) completed while a-0's ran
+        th.join()
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_session_writes_total"] == 6, d=d)
+        ev = [l for l in d.lines if "event=session_evicted_quota" in l]
+        assert ev and "user=alice session=a-1 " in ev[0], ev
+        assert not [l for l in ev if "user=bob" in l or "session=a-0 " in l], ev
+        m = metrics(d)
+        assert m['mkad_session_deleted_total{reason="user_quota"}'] == len(ev), (m, ev)
+        st, _, body = http("GET", d.base + "/admin/sessions?user=bob&tier=disk", headers=H)
+        assert st == 200 and len(json.loads(body)["data"]) == 2, body  # bob's are untouched
+        st, _, body = http("GET", d.base + "/admin/sessions?user=alice&tier=disk", headers=H)
+        ids = sorted(s["id"] for s in json.loads(body)["data"])
+        assert "a-1" not in ids and "a-0" in ids, ids
+        # a-1 is still resident in the engine: its next turn stores it whole
+        # again, not only its new blocks (those before were deleted with it)
+        p1 = [3] * 330 + [7]
+        r = completion(ca, seed=1, max_tokens=4, prompt=p1, extra_body=dict(IDS, session_id="a-1"))
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0, d=d)
+        assert http("DELETE", d.base + "/admin/sessions/a-1?user=alice&tier=hbm", headers=H)[0] == 200
+        p2 = p1 + r.choices[0].model_extra["token_ids"] + [9]
+        r2 = completion(ca, seed=1, max_tokens=2, prompt=p2, extra_body=dict(IDS, session_id="a-1"))
+        assert r2.usage.prompt_tokens_details.cached_tokens == (len(p2) - 1) // 32 * 32, r2.usage
+        assert not [l for l in d.lines if "session_block_unavailable" in l], d.lines[-10:]
+    finally:
+        assert d.stop() == 0
+    # long-term chunks (64 tokens each): session A makes 5, B binds them as its bank and makes 5 of
+    # its own; over 6, B's own (unbound) go first, A's stay: B resumes with its whole bank
+    d = Daemon("--api-keys", "alice:ka,bob:kb,root:kr", "--admin-users", "root", "--user-chunks-max", "6")
+    try:
+        ca, cb = d.client(key="ka"), d.client(key="kb")
+        completion(cb, seed=1, max_tokens=4, prompt=[50] * 330, extra_body=dict(IDS, session_id="BOB"))
+        completion(ca, seed=1, max_tokens=4, prompt=[60] * 330, extra_body=dict(IDS, session_id="A"))
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_longterm_chunks_written_total"] == 10,
+                    d=d)
+        pb = [61] * 330
+        rb = completion(ca, seed=2, max_tokens=4, prompt=pb, extra_body=dict(IDS, session_id="B"))
+        assert any("event=session_new session=B user=alice l3_bank=5" in l for l in d.lines), d.lines[-10:]
+        wait_metric(lambda m: m["mkad_session_write_queue"] == 0 and m["mkad_longterm_chunks_written_total"] == 15,
+                    d=d)
+        lt = lambda u: json.loads(http("GET", d.base + f"/admin/users/{u}/longterm", headers=H)[2])["chunks"]
+        assert lt("alice") == 6 and lt("bob") == 5, (lt("alice"), lt("bob"))
+        m = metrics(d)
+        assert m["mkad_longterm_chunks_deleted_quota_total"] == 4, m
+        assert any("event=longterm_quota_evicted user=alice" in l for l in d.lines)
+        assert not any("event=longterm_quota_evicted user=bob" in l for l in d.lines)
+        assert http("DELETE", d.base + "/admin/sessions/B?user=alice&tier=hbm", headers=H)[0] == 200
+        pb2 = pb + rb.choices[0].model_extra["token_ids"] + [9]
+        r = completion(ca, seed=3, max_tokens=4, prompt=pb2, extra_body=dict(IDS, session_id="B"))
+        assert r.usage.prompt_tokens_details.cached_tokens == 320, r.usage
+        assert any("event=session_resumed session=B" in l and "l3_bank=5" in l for l in d.lines), d.lines[-10:]
     finally:
         assert d.stop() == 0
 

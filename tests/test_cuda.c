@@ -715,6 +715,17 @@ START_TEST(cuda_vs_cpu)
             err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
             eng_seq_free(to[k], t);
         }
+        if (nb >= 2) { /* a "both" resume: block 0 prefilled, blocks [1, nb) imported after it */
+            int t = new_seq(gpu, bank_n, bank[p]), fb[] = { fg.block_tokens };
+            feed(gpu, t, prompt[p], fg.block_tokens, fb, 1, NULL);
+            int rc = eng_seq_blocks_import(gpu, t, prompt[p] + fg.block_tokens, nb - 1, buf + fg.block_bytes,
+                                           len - fg.block_bytes, err, sizeof err);
+            ck_assert_msg(rc == ENG_OK, "blocks import after a prefill (cuda): %s", err);
+            ck_assert_int_eq(eng_seq_len(gpu, t), at_block);
+            feed(gpu, t, prompt[p] + at_block, n - at_block, rest, 2, tmp);
+            err_f = fmax(err_f, rel_err(tmp, cpu_one + (size_t)p * V, V));
+            eng_seq_free(gpu, t);
+        }
         free(buf);
         const int at[2] = { at_block, cut };
         for (int k = 0; k < 2; k++) {

@@ -567,6 +567,17 @@ START_TEST(blocks_import_then_prefill_the_rest)
     feed(e2, c, g_prompt + 64, 36, one, 1, out);
     assert_same(out, ref, V, "two single-block imports + prefill");
     eng_free(e2);
+
+    /* Prefill the first block, import the second ("both" resume: the start
+     * recomputed while the end loads), prefill the rest. */
+    e2 = mk_engine(m, 2, 1, 0);
+    c = seq_with_prompt(e2, 32, 1);
+    ck_assert_msg(eng_seq_blocks_import(e2, c, g_prompt + 32, 1, buf + rec, rec, err, sizeof err) == ENG_OK,
+                  "%s", err);
+    ck_assert_int_eq(eng_seq_len(e2, c), 64);
+    feed(e2, c, g_prompt + 64, 36, one, 1, out);
+    assert_same(out, ref, V, "prefill a block, import the next + prefill");
+    eng_free(e2);
     free(buf); free(out); free(ref);
     eng_free(e);
 }

@@ -280,6 +280,8 @@ START_TEST(warm_tier_lru_and_eviction)
     ck_assert_int_eq(ms_session_get(st, "alice", "s1", &s, err, sizeof err), MS_OK);
     unsigned char buf[BLOCK], want[BLOCK];
     int tier;
+    ck_assert_int_eq(ms_block_is_warm(st, s->hashes + 4 * MS_HASH_BYTES), 1);
+    ck_assert_int_eq(ms_block_is_warm(st, s->hashes), 0);
     ck_assert_int_eq(ms_block_get(st, s->hashes + 4 * MS_HASH_BYTES, buf, BLOCK, &tier, err, sizeof err), MS_OK);
     ck_assert_int_eq(tier, MS_TIER_WARM);
     ck_assert_int_eq(ms_block_get(st, s->hashes, buf, BLOCK, &tier, err, sizeof err), MS_OK);
@@ -400,9 +402,16 @@ START_TEST(longterm_chunks_per_user)
     ck_assert_int_eq(ms_chunk_get(st, "alice", 300, &got, &gl, err, sizeof err), MS_OK);
     ck_assert(gl == 3 && ((unsigned char *)got)[0] == (unsigned char)300);
     free(got);
+    /* one chunk, and only that user's */
+    ck_assert_int_eq(ms_chunk_delete(st, "alice", 2, err, sizeof err), MS_OK);
+    ck_assert_int_eq(ms_chunk_delete(st, "alice", 2, err, sizeof err), MS_OK); /* not there: fine */
+    ck_assert_int_eq(ms_chunk_delete(st, "alice", 9, err, sizeof err), MS_OK); /* alice2's id */
+    ck_assert_int_eq(ms_chunk_get(st, "alice", 2, &got, &gl, err, sizeof err), MS_ENOTFOUND);
+    ck_assert_int_eq(ms_chunk_delete(st, "", 2, err, sizeof err), MS_EINVAL);
+    ck_assert_int_eq(ms_sync(st, err, sizeof err), MS_OK);
     long n;
     ck_assert_int_eq(ms_chunk_delete_user(st, "alice", &n, err, sizeof err), MS_OK);
-    ck_assert_int_eq(n, 3);
+    ck_assert_int_eq(n, 2);
     ck_assert_int_eq(ms_chunk_get(st, "alice", 300, &got, &gl, err, sizeof err), MS_ENOTFOUND);
     ck_assert_int_eq(ms_chunk_get(st, "alice2", 9, &got, &gl, err, sizeof err), MS_OK); /* untouched */
     free(got);

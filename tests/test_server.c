@@ -6,6 +6,7 @@
 #include "config.h"
 
 #include <check.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <time.h>
 #include <stdlib.h>
@@ -972,6 +973,149 @@ START_TEST(plan_more_decoders_than_budget)
 }
 END_TEST
 
+/* resume.c: the cost model of load / recompute / both. */
+START_TEST(resume_cost_model)
+{
+    srv_resume_rates r = { 0 };
+    unsigned char warm[8] = { 0 };
+    srv_resume_in in = { .policy = SRV_RESUME_AUTO, .n_blocks = 8, .block_tokens = 32, .block_bytes = 1 << 20,
+                         .warm = warm, .rates = &r };
+    srv_resume_plan pl;
+    /* nothing measured yet: load (it measures the bandwidth) */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    ck_assert_int_eq(pl.split, 0);
+    /* forced policies */
+    in.policy = SRV_RESUME_RECOMPUTE;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_RECOMPUTE);
+    ck_assert_int_eq(pl.split, 8);
+    in.policy = SRV_RESUME_LOAD;
+    r.disk_bps = 1e3; /* hopelessly slow disk: load anyway when told to */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 1e6;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    in.policy = SRV_RESUME_BOTH; /* unknown rates: split in the middle */
+    r = (srv_resume_rates){ 0 };
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 4);
+    in.policy = SRV_RESUME_AUTO;
+    /* GPU-like: host memory far faster than prefill -> load all */
+    r.warm_bps = 55e9;
+    r.disk_bps = 1.1e9;
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 2e4;
+    memset(warm, 1, sizeof warm);
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    /* CPU-like with a slow disk: prefill far faster than reading -> recompute all */
+    memset(warm, 0, sizeof warm);
+    r.disk_bps = 1e6;       /* 1 MiB blocks: ~1 s each */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 1e5; /* 32 tokens: 0.3 ms */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_RECOMPUTE);
+    ck_assert_int_eq(pl.split, 8);
+    /* equal speeds: both at once, split in the middle, and the estimate is
+     * half of either alone */
+    r.disk_bps = (double)(1 << 20); /* 1 s per block */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 32; /* 1 s per block */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 4);
+    ck_assert(fabs(pl.t_est - 4.0) < 1e-9);
+    ck_assert(fabs(pl.t_load - 8.0) < 1e-9 && fabs(pl.t_prefill - 8.0) < 1e-9);
+    /* prefill 3x faster than loading: recompute 3/4, load the last quarter */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 96;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 6);
+    /* the last blocks are warm (fast): they are the ones loaded */
+    for (int b = 0; b < SRV_RATE_BUCKETS; b++) r.prefill_tps[b] = 32;
+    r.warm_bps = 1e12;
+    warm[6] = warm[7] = 1;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_BOTH);
+    ck_assert_int_eq(pl.split, 3); /* prefill 3 s vs load blocks 3..5 (3 s) + 2 warm (~0) */
+    /* loading nearly free: no split beats it */
+    memset(warm, 0, sizeof warm);
+    r.disk_bps = 1e12; /* loading nearly free */
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    /* rates by position: a slow long-context bucket makes prefill of late positions cost more */
+    srv_resume_rates q = { 0 };
+    q.prefill_tps[0] = 1000;
+    ck_assert(fabs(srv_resume_prefill_s(&q, 0, 512) - 0.512) < 1e-9); /* nearest bucket's rate */
+    q.prefill_tps[1] = 256;
+    ck_assert(fabs(srv_resume_prefill_s(&q, 0, 512) - (0.256 + 1.0)) < 1e-9);
+    ck_assert(srv_resume_prefill_s(&(srv_resume_rates){ 0 }, 0, 10) < 0);
+    ck_assert_int_eq(srv_rate_bucket(0), 0);
+    ck_assert_int_eq(srv_rate_bucket(300), 1);
+    ck_assert_int_eq(srv_rate_bucket(1 << 30), SRV_RATE_BUCKETS - 1);
+    /* no blocks: nothing to do */
+    in.n_blocks = 0;
+    srv_resume_choose(&in, &pl);
+    ck_assert_int_eq(pl.path, SRV_PATH_LOAD);
+    ck_assert_int_eq(pl.split, 0);
+    ck_assert_int_eq(srv_resume_policy_parse("both"), SRV_RESUME_BOTH);
+    ck_assert_int_eq(srv_resume_policy_parse(""), SRV_RESUME_AUTO);
+    ck_assert_int_eq(srv_resume_policy_parse("fast"), -1);
+}
+END_TEST
+
+/* l3index.c: the retrieval index's bookkeeping (exactness against the scan:
+ * tests/l3_index.sh). */
+START_TEST(l3_index_sync)
+{
+    srv_l3index *ix = srv_l3index_new(2, 1 << 20);
+    ck_assert_ptr_nonnull(ix);
+    float e[2];
+    ck_assert_int_eq(srv_l3index_put(ix, "u", 1, "s", 1, (float[]){ 1, 0 }), 0); /* not indexed: nothing */
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), -1);
+    ck_assert_int_eq(srv_l3index_begin(ix, "u"), 0);
+    for (int i = 0; i < 200; i++) { /* keys at angles i degrees: chunk i+1 */
+        e[0] = (float)cos(i * M_PI / 180);
+        e[1] = (float)sin(i * M_PI / 180);
+        ck_assert_int_eq(srv_l3index_put(ix, "u", (uint64_t)i + 1, i < 100 ? "a" : "b", 1, e), 0);
+    }
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), 200);
+    uint64_t ids[4];
+    double sc[4];
+    float q[2] = { 1, 0 };
+    ck_assert_int_eq(srv_l3index_top(ix, "u", NULL, q, 4, ids, sc), 4);
+    ck_assert(ids[0] == 1 && ids[1] == 2 && ids[2] == 3 && ids[3] == 4);
+    ck_assert(sc[0] >= sc[1] && sc[1] >= sc[2]);
+    ck_assert_int_eq(srv_l3index_top(ix, "u", "a", q, 4, ids, sc), 4); /* session a's excluded */
+    ck_assert(ids[0] == 101);
+    srv_l3index_del(ix, "u", 1);
+    srv_l3index_del(ix, "u", 3);
+    srv_l3index_del(ix, "u", 999); /* unknown: nothing */
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), 198);
+    ck_assert_int_eq(srv_l3index_top(ix, "u", NULL, q, 3, ids, sc), 3);
+    ck_assert(ids[0] == 2 && ids[1] == 4 && ids[2] == 5);
+    /* a replaced key moves; equal scores go to the smaller id */
+    ck_assert_int_eq(srv_l3index_put(ix, "u", 150, "b", 1, (float[]){ 2, 0 }), 0);
+    ck_assert_int_eq(srv_l3index_put(ix, "u", 7, "a", 1, (float[]){ 1, 0 }), 0);
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), 198);
+    ck_assert_int_eq(srv_l3index_top(ix, "u", NULL, q, 3, ids, sc), 3);
+    ck_assert(ids[0] == 7 && ids[1] == 150 && ids[2] == 2);
+    ck_assert(sc[0] == sc[1]);
+    ck_assert_int_eq(srv_l3index_top(ix, "nobody", NULL, q, 3, ids, sc), -1);
+    srv_l3index_drop(ix, "u");
+    ck_assert_int_eq(srv_l3index_count(ix, "u"), -1);
+    srv_l3index_free(ix);
+    /* over the budget, the least recently used user's index goes */
+    ix = srv_l3index_new(64, 64 * 1024);
+    float big[64] = { 1 };
+    ck_assert_int_eq(srv_l3index_begin(ix, "old"), 0);
+    ck_assert_int_eq(srv_l3index_put(ix, "old", 1, "s", 1, big), 0);
+    ck_assert_int_eq(srv_l3index_begin(ix, "new"), 0);
+    for (int i = 0; i < 400; i++) ck_assert_int_eq(srv_l3index_put(ix, "new", (uint64_t)i, "s", 1, big), 0);
+    ck_assert_int_eq(srv_l3index_count(ix, "old"), -1);
+    ck_assert_int_eq(srv_l3index_count(ix, "new"), 400); /* the user being filled stays */
+    srv_l3index_free(ix);
+}
+END_TEST
+
 START_TEST(reuse_prefix)
 {
     int32_t have[70], p[80];
@@ -1535,6 +1679,8 @@ static Suite *suite(void)
     tcase_add_test(sched, plan_fifo_prefill);
     tcase_add_test(sched, plan_more_decoders_than_budget);
     tcase_add_test(sched, reuse_prefix);
+    tcase_add_test(sched, resume_cost_model);
+    tcase_add_test(sched, l3_index_sync);
     suite_add_tcase(s, sched);
     TCase *eng = tcase_create("engine_thread");
     tcase_set_timeout(eng, 120);
