@@ -548,8 +548,9 @@ static void finish_seq(srv_engine *se, int r, int finish, int status, const char
         srv_event fin = { .type = SRV_EV_FINAL, .job = es->job, .finish = finish, .status = status,
                           .usage = u, .choice = es->choice, .n_gen = es->n_gen };
         if (msg) snprintf(fin.msg, sizeof fin.msg, "%s", msg);
+        /* once posted the job is the loop's: not touched again (eng_live
+         * of a session's one choice needs no update) */
         posted = persist(se, es->sess, se->cfg->session_sync || se->cfg->session_sync_ms > 0 ? &fin : NULL) == 0;
-        if (posted) es->job->eng_live--;
     } else if (es->sess) {
         es->sess->busy = 0;
         session_drop(se, es->sess); /* frees the sequence */
