@@ -127,9 +127,8 @@ static void attention_portable(const eng_cpu_attn *a)
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define T512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+#include "simd.h"
+#ifdef ENG_X86
 
 EXP16(exp16_512, T512 __attribute__((always_inline)))
 SOFTMAX(softmax_512, exp16_512, T512)
@@ -141,17 +140,6 @@ T512 static inline __m512 ld16(const unsigned char *p, int bf16, int d)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     return _mm512_loadu_ps((const float *)(const void *)p + d);
-}
-
-T512 static inline float reduce16_512(__m512 v)
-{
-    __m256 lo = _mm512_castps512_ps256(v);
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    __m256 s8 = _mm256_add_ps(lo, hi);
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    return _mm_cvtss_f32(s1);
 }
 
 #define MAX_HD16 16 /* head sizes up to 256 in registers */
@@ -190,7 +178,7 @@ T512 static void attention_512(const eng_cpu_attn *a)
 
 void eng_cpu_attention(const eng_cpu_attn *a)
 {
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef ENG_X86
     if (eng_cpu_isa() == ENG_ISA_AVX512 && a->hd % 16 == 0 && a->hd / 16 <= MAX_HD16) {
         attention_512(a);
         return;

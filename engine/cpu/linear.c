@@ -30,13 +30,7 @@
 
 #include "../internal.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define ENG_X86 1
-#include <immintrin.h>
-#define T512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
-#define T256 __attribute__((target("avx2,fma")))
-#define INL __attribute__((always_inline)) inline
-#endif
+#include "simd.h"
 
 /* ---- instruction-set selection ------------------------------------------ */
 
@@ -133,18 +127,6 @@ T512 static INL __m512 ld16(const void *w, int W16, size_t i)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     return _mm512_loadu_ps((const float *)w + i);
-}
-
-/* reduce16_c on a register: lanes l+8, then l+4, l+2, l+1 folded in. */
-T512 static INL float reduce16_512(__m512 v)
-{
-    __m256 lo = _mm512_castps512_ps256(v);
-    __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
-    __m256 s8 = _mm256_add_ps(lo, hi);
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-    return _mm_cvtss_f32(s1);
 }
 
 /* An MR x NR tile of outputs; MR, NR, W16 are constants after inlining. */
