@@ -148,6 +148,7 @@ typedef struct eseq {
     int n_gen;            /* tokens sampled */
     int max_gen;          /* the request's max_tokens, or for max_tokens_auto what the pool holds */
     int32_t next_tok;     /* sampled, fed in the next step */
+    int32_t argmax_tok;   /* a greedy decode step's pick, from the engine (ids_only) */
     srv_logprob *plp;     /* (n_src) echo + logprobs: the prompt's log-probabilities, collected
                              one prefill token per step (the engine returns the logits after
                              an item's last token only); NULL once posted to the loop */
@@ -1312,6 +1313,19 @@ static int plan_fitting(srv_engine *se)
 /* done_fin of choice 0 when its forks could not be made */
 #define FIN_FORK_FAILED (-1)
 
+/* A decode step of this sequence needs only the argmax of its logits (the
+ * engine computes it, on the device with CUDA, and no logits come back):
+ * greedy, nothing that reads or changes the logits. */
+static int ids_only(const eseq *es)
+{
+    const srv_genreq *rq = es->job->req;
+    return rq->sp.temperature == 0.0f && !rq->logprobs && rq->n_bias == 0 &&
+           rq->sp.repetition_penalty == 1.0f && rq->sp.presence_penalty == 0.0f &&
+           rq->sp.frequency_penalty == 0.0f && !es->plp;
+}
+
+static int take_token(srv_engine *se, eseq *es, int32_t tok);
+
 /* Samples the sequence's next token from lg (vocab_size, modified) and
  * posts it; returns SRV_FINISH_NONE while it goes on, else how it ended. */
 static int sample_next(srv_engine *se, eseq *es, float *lg)
@@ -1321,6 +1335,14 @@ static int sample_next(srv_engine *se, eseq *es, float *lg)
     if (rq->logprobs) memcpy(se->scratch, lg, (size_t)V * sizeof *lg);
     int32_t tok = eng_sampler_sample(es->smp, lg, eng_seq_tokens(se->eng, es->seq),
                                      eng_seq_len(se->eng, es->seq));
+    return take_token(se, es, tok);
+}
+
+/* Posts the sequence's next token tok (sampled, or the engine's argmax);
+ * returns as sample_next. */
+static int take_token(srv_engine *se, eseq *es, int32_t tok)
+{
+    const srv_genreq *rq = es->job->req;
     es->n_gen++;
     int is_stop = tok == se->info.mi.eos_token_id;
     for (int q = 0; q < rq->n_stop_ids; q++) is_stop |= tok == rq->stop_ids[q];
@@ -1401,13 +1423,16 @@ static void run_step(srv_engine *se)
         eseq *es = &se->run[se->plan[k].idx];
         int t = se->plan[k].n_tokens;
         int prefill = es->n_past < es->n_src;
+        const int ids = !prefill && ids_only(es);
         se->items[k] = (eng_batch_item){
             .seq = es->seq,
             .tokens = prefill ? es->src + es->n_past : &es->next_tok,
             .n_tokens = t,
             /* logits to sample from, or (plp) for the next prompt token's logprob */
-            .logits = !prefill || (es->n_past + t == es->n_src && !es->resuming) || es->plp
+            .logits = !ids && (!prefill || (es->n_past + t == es->n_src && !es->resuming) ||
+                               es->plp)
                           ? se->logits + (size_t)k * V : NULL,
+            .argmax = ids ? &es->argmax_tok : NULL,
         };
         n_tok += t;
     }
@@ -1461,6 +1486,14 @@ static void run_step(srv_engine *se)
             free(es->replay);
             es->replay = NULL;
             es->src = NULL;
+        }
+        if (se->items[k].argmax) { /* a greedy decode step: the engine's pick */
+            int fin = take_token(se, es, es->argmax_tok);
+            if (fin != SRV_FINISH_NONE) {
+                done[n_done] = r;
+                done_fin[n_done++] = fin;
+            }
+            continue;
         }
         if (!se->items[k].logits) continue;
         float *lg = se->items[k].logits;

@@ -558,6 +558,13 @@ def test_logprobs():
                                            extra_body={"prompt_token_ids": PROMPT, "ignore_eos": True})
     content = r.choices[0].logprobs.content
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+    # greedy: without logprobs the engine hands back only its argmax (the
+    # logits stay on the device with CUDA); the tokens are the sampler's
+    # greedy picks from the full logits, on every backend
+    g_lp = completion(D.client(), seed=3, max_tokens=24, temperature=0, logprobs=1, extra_body=IDS)
+    g_id = completion(D.client(), seed=3, max_tokens=24, temperature=0, extra_body=IDS)
+    assert g_id.choices[0].model_extra["token_ids"] == g_lp.choices[0].model_extra["token_ids"]
+    assert len(g_id.choices[0].model_extra["token_ids"]) == 24
 
 
 def test_logit_bias_and_penalties():
