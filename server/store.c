@@ -776,28 +776,31 @@ static int by_use(const void *a, const void *b)
     return (x->used_ms > y->used_ms) - (x->used_ms < y->used_ms);
 }
 
+static int by_user_use(const void *a, const void *b)
+{
+    int c = strcmp(((const sess_ref *)a)->user, ((const sess_ref *)b)->user);
+    return c ? c : by_use(a, b);
+}
+
 /* user_session_mb: per user, the least recently used of the user's own
  * sessions go while the user's stored bytes exceed the quota; a session in
- * flight (srv_store_busy) is never touched.  l is sorted by last use.
+ * flight (srv_store_busy) is never touched.  Sorts l by user, then last use
+ * (one pass per user: O(n log n) for the whole store's sessions).
  * Returns how many went. */
 static long user_quota(srv_store *st, sess_list *l, int64_t now, const char *spare)
 {
     if (st->user_bytes == 0) return 0;
+    if (l->n) qsort(l->v, l->n, sizeof *l->v, by_user_use);
     long n = 0;
     char err[512];
-    for (size_t u = 0; u < l->n; u++) {
-        if (l->v[u].gone) continue;
-        /* the first (least recently used) live session of a user not yet seen */
-        int seen = 0;
-        for (size_t k = 0; k < u && !seen; k++) seen = strcmp(l->v[k].user, l->v[u].user) == 0;
-        if (seen) continue;
+    for (size_t u = 0, end; u < l->n; u = end) {
         const char *user = l->v[u].user;
         uint64_t total = 0;
-        for (size_t i = u; i < l->n; i++)
-            if (!l->v[i].gone && strcmp(l->v[i].user, user) == 0) total += l->v[i].bytes;
-        for (size_t i = u; i < l->n && total > st->user_bytes; i++) {
+        for (end = u; end < l->n && strcmp(l->v[end].user, user) == 0; end++)
+            if (!l->v[end].gone) total += l->v[end].bytes;
+        for (size_t i = u; i < end && total > st->user_bytes; i++) {
             sess_ref *r = &l->v[i];
-            if (r->gone || strcmp(r->user, user) != 0 || is_busy(st, r->user, r->id) ||
+            if (r->gone || is_busy(st, r->user, r->id) ||
                 (spare && strcmp(r->id, spare) == 0))
                 continue;
             if (ms_session_delete(st->ms, r->user, r->id, err, sizeof err) != MS_OK) continue;
@@ -912,7 +915,6 @@ static void quota_after_write(srv_store *st, const char *user, const char *spare
         free(l.v);
         return;
     }
-    if (l.n) qsort(l.v, l.n, sizeof *l.v, by_use);
     long n = user_quota(st, &l, (int64_t)time(NULL) * 1000, spare);
     free(l.v);
     long gc = 0;
