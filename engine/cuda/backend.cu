@@ -20,6 +20,8 @@
 #include "attn_plan.h"
 #include "cuda_priv.h"
 
+int eng__cu_pdl;
+
 #define MIB (1024.0 * 1024.0)
 /* Pinned staging for the weight upload: two buffers, so that the host fills
  * one while the other is being copied. */
@@ -593,12 +595,28 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     if (gv && *gv && strcmp(gv, "cublas") != 0 && strcmp(gv, "own") != 0)
         return eng__errf(err, errlen, ENG_EINVAL,
                          "cuda: MKAD_CUDA_GEMV=%s: expected \"own\" or \"cublas\"", gv);
-    cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_MAX_M;
+    cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_ROWS;
+    /* MKAD_CUDA_GEMV_ROWS=N (1..CU_GEMV_MAX_M): projections of more rows than
+     * N take cuBLAS (captured into the decode graphs too). */
+    const char *gvr = getenv("MKAD_CUDA_GEMV_ROWS");
+    if (gvr && *gvr) {
+        const int n = atoi(gvr);
+        if (n < 1 || n > CU_GEMV_MAX_M)
+            return eng__errf(err, errlen, ENG_EINVAL,
+                             "cuda: MKAD_CUDA_GEMV_ROWS=%s: expected 1 to %d", gvr, CU_GEMV_MAX_M);
+        if (cs->gemv_max_m > 0) cs->gemv_max_m = n;
+    }
+    const char *gsp = getenv("MKAD_CUDA_GEMV_SPLIT");
+    if (gsp && *gsp) eng__cu_gemv_split = atoi(gsp) > 0 ? atoi(gsp) : 0;
+    /* Programmatic dependent launch where the GPU has it (cuda_priv.h,
+     * cu_launch); MKAD_CUDA_PDL=0: plain launches. */
+    const char *pdl = getenv("MKAD_CUDA_PDL");
+    eng__cu_pdl = prop.major >= 9 && !(pdl && !strcmp(pdl, "0"));
     CUDA_TRY(cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking));
-    /* Graphs need the GEMV for every decode projection (no cuBLAS inside a
-     * capture) and the planner's own splits (a forced split has no bound). */
+    /* Graphs need the planner's own splits (a forced split has no bound);
+     * cuBLAS calls (MKAD_CUDA_GEMV_ROWS) are captured with the rest. */
     const char *gr = getenv("MKAD_CUDA_GRAPH");
-    cs->graphs_on = !(gr && !strcmp(gr, "0")) && cs->gemv_max_m >= CU_GEMV_MAX_M &&
+    cs->graphs_on = !(gr && !strcmp(gr, "0")) && cs->gemv_max_m > 0 &&
                     !cs->att_simple && cs->att_force_tiles == 0 && e->D % 8 == 0 &&
                     e->q_dim % 8 == 0 && e->F % 8 == 0;
     const char *pf = getenv("MKAD_CUDA_PROFILE");
@@ -745,7 +763,8 @@ static int gemm(cuda_state *cs, const cu_linear *W, const bf16 *x, int M, float 
                 const float *bias, bf16 *yb, char *err, size_t errlen)
 {
     if (M <= cs->gemv_max_m && eng__cu_gemv_fits(W->w, W->cols, x, M)) {
-        CUDA_TRY(eng__cu_gemv(W->w, W->rows, W->cols, x, M, y, beta, bias, yb, cs->stream));
+        CUDA_TRY(eng__cu_gemv(W->w, W->rows, W->cols, x, M, y, beta, bias, yb, NULL, cs->n_sm,
+                              cs->stream));
         return ENG_OK;
     }
     const float alpha = 1.0f;
@@ -812,11 +831,18 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
     /* MLP: h += W_down (silu(W_gate n) * W_up n), n = RMSNorm(h). */
     CUDA_TRY(eng__cu_rmsnorm(cs->h, NULL, T, D, L->mlp_norm, eps, NULL, cs->xb, st));
     PROF("rmsnorm", 0);
-    float *gu = cs->wide; /* (T, 2F) */
-    if ((rc = gemm(cs, &L->gu, cs->xb, T, gu, 0.0f, NULL, NULL, err, errlen))) return rc;
-    PROF("gate up", WBYTES(L->gu));
-    CUDA_TRY(eng__cu_swiglu(gu, L->gu.b, T, e->F, cs->act, st));
-    PROF("swiglu", 0);
+    if (T <= cs->gemv_max_m && eng__cu_gemv_fits(L->gu.w, D, cs->xb, T)) {
+        /* SwiGLU in the GEMV's epilogue. */
+        CUDA_TRY(eng__cu_gemv(L->gu.w, L->gu.rows, D, cs->xb, T, NULL, 0.0f, L->gu.b, NULL,
+                              cs->act, cs->n_sm, st));
+        PROF("gate up swiglu", WBYTES(L->gu));
+    } else {
+        float *gu = cs->wide; /* (T, 2F) */
+        if ((rc = gemm(cs, &L->gu, cs->xb, T, gu, 0.0f, NULL, NULL, err, errlen))) return rc;
+        PROF("gate up", WBYTES(L->gu));
+        CUDA_TRY(eng__cu_swiglu(gu, L->gu.b, T, e->F, cs->act, st));
+        PROF("swiglu", 0);
+    }
     if ((rc = gemm(cs, &L->down, cs->act, T, cs->h, 1.0f, L->down.b, NULL, err, errlen)))
         return rc;
     PROF("down", WBYTES(L->down));

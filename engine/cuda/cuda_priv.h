@@ -48,8 +48,58 @@ typedef __nv_bfloat16 bf16;
                              __FILE__, __LINE__, cublasGetStatusString(cublas_try_rc_));      \
     } while (0)
 
-/* Projections of at most this many rows take the GEMV kernel (gemv.cu). */
+/* Programmatic dependent launch (Hopper; cu_launch): a kernel launched
+ * while the previous one in the stream still runs.  Every kernel of this
+ * backend calls cu_pdl_wait() before it touches any memory that another
+ * kernel writes or reads — the wait returns once the previous grid has
+ * completed and its writes are visible, so order is what the stream gives —
+ * and only what depends on nothing (the GEMV's first weight loads) may come
+ * before it; then cu_pdl_trigger() lets the next kernel be launched.  The
+ * next kernel's launch latency and the GEMV's weight loads thus overlap the
+ * tail of the kernel before.  Off (plain launches, where both calls are
+ * no-ops) with MKAD_CUDA_PDL=0. */
+extern int eng__cu_pdl;
+
+static __device__ __forceinline__ void cu_pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void cu_pdl_trigger(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Queues kernel k<<<grid, block, smem, s>>>(args...), as a programmatic
+ * dependent launch when eng__cu_pdl is set. */
+template <typename... P, typename... A>
+static inline cudaError_t cu_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t s, A... args)
+{
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = &at;
+    cfg.numAttrs = eng__cu_pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, k, ((P)args)...);
+}
+
+/* The GEMV kernel (gemv.cu) takes projections of at most CU_GEMV_MAX_M
+ * rows; by default those of at most CU_GEMV_ROWS (more rows: cuBLAS's
+ * tensor cores beat its FMAs — measured at 8 rows: 11.4 against 6.4 ms a
+ * step), MKAD_CUDA_GEMV_ROWS sets it.  Decode graphs exist for steps of up
+ * to CU_GEMV_MAX_M rows. */
 #define CU_GEMV_MAX_M 8
+#define CU_GEMV_ROWS 4
 /* The router has at most this many levels; lam rows are padded to it. */
 #define CU_MAX_LEVELS 3
 /* Largest head size the attention and RoPE kernels hold in registers and
@@ -278,12 +328,18 @@ cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *
 
 /* Decode projections (gemv.cu): y (M, N) = x (M, K) W^T (+ beta * y)
  * (+ bias, when non-NULL) for W (N, K) bf16, x (M, K) bf16, y f32, and
- * yb (M, N) = bf16(y) when yb is non-NULL.  eng__cu_gemv_fits says whether the
- * kernel takes the call (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte
- * aligned W and x); eng__cu_gemv returns cudaErrorInvalidValue when not. */
+ * yb (M, N) = bf16(y) when yb is non-NULL; or, when act is non-NULL (W the
+ * gate rows then the up rows, N even), act (M, N/2) = eng__cu_swiglu's
+ * result and y untouched.  n_sm: the device's multiprocessors (the split
+ * of long rows).  eng__cu_gemv_fits says whether the kernel takes the call
+ * (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte aligned W and x);
+ * eng__cu_gemv returns cudaErrorInvalidValue when not. */
 int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
+/* Rows are split across warps while the grid holds fewer warps than this
+ * per multiprocessor (default 16; MKAD_CUDA_GEMV_SPLIT, 0: never). */
+extern int eng__cu_gemv_split;
 cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
-                         const float *bias, bf16 *yb, cudaStream_t s);
+                         const float *bias, bf16 *yb, bf16 *act, int n_sm, cudaStream_t s);
 
 /* L3 memory chunks (chunks.cu): adds src (T, D) — the embeddings (place
  * n_layers) or layer `place`'s x — to each item's slot sums in acc in

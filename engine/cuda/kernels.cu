@@ -63,6 +63,8 @@ static unsigned stride_grid(size_t n, int threads)
 /* One block per row: widens the token's bf16 embedding row to f32. */
 static __global__ void embed_kernel(const int *tok, const bf16 *emb, int D, float *h)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int t = blockIdx.x;
     const bf16 *src = emb + (size_t)tok[t] * D;
     float *dst = h + (size_t)t * D;
@@ -71,7 +73,7 @@ static __global__ void embed_kernel(const int *tok, const bf16 *emb, int D, floa
 
 cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream_t s)
 {
-    embed_kernel<<<f->T, ROW_THREADS, 0, s>>>(f->tok, emb, f->D, h);
+    cu_launch(embed_kernel, f->T, ROW_THREADS, 0, s, f->tok, emb, f->D, h);
     return cudaGetLastError();
 }
 
@@ -85,6 +87,8 @@ template <int V>
 static __global__ void rmsnorm_kernel(const float *in, const int *rows, const float *w, int D,
                                       float eps, float *out, bf16 *outb)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sh[33];
     const int r = blockIdx.x, nv = D / V;
     const float *x = in + (size_t)(rows ? rows[r] : r) * D;
@@ -128,9 +132,9 @@ cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, cons
     int threads = (n + 31) / 32 * 32;
     if (threads > 1024) threads = 1024;
     if (v4)
-        rmsnorm_kernel<4><<<M, threads, 0, s>>>(in, rows, w, D, eps, out, outb);
+        cu_launch(rmsnorm_kernel<4>, M, threads, 0, s, in, rows, w, D, eps, out, outb);
     else
-        rmsnorm_kernel<1><<<M, threads, 0, s>>>(in, rows, w, D, eps, out, outb);
+        cu_launch(rmsnorm_kernel<1>, M, threads, 0, s, in, rows, w, D, eps, out, outb);
     return cudaGetLastError();
 }
 
@@ -149,6 +153,8 @@ static __device__ __forceinline__ bool am_better(float av, int ai, float bv, int
  * reduces; a row of only NaN gives n - 1, as the host rule does. */
 static __global__ void argmax_kernel(const float *x, int n, int *out)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sv[32];
     __shared__ int si[32];
     const float *row = x + (size_t)blockIdx.x * n;
@@ -175,7 +181,7 @@ static __global__ void argmax_kernel(const float *x, int n, int *out)
 
 cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s)
 {
-    argmax_kernel<<<M, 1024, 0, s>>>(x, n, out);
+    cu_launch(argmax_kernel, M, 1024, 0, s, x, n, out);
     return cudaGetLastError();
 }
 
@@ -183,6 +189,8 @@ cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t 
 
 static __global__ void bias_bf16_kernel(float *y, const float *b, int N, size_t total, bf16 *yb)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = y[i];
@@ -197,12 +205,14 @@ static __global__ void bias_bf16_kernel(float *y, const float *b, int N, size_t 
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s)
 {
     size_t total = (size_t)M * N;
-    bias_bf16_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(y, b, N, total, yb);
+    cu_launch(bias_bf16_kernel, stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s, y, b, N, total, yb);
     return cudaGetLastError();
 }
 
 static __global__ void add_bias_kernel(float *y, const float *b, int N, size_t total)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
         y[i] += b[i % N];
@@ -211,7 +221,7 @@ static __global__ void add_bias_kernel(float *y, const float *b, int N, size_t t
 cudaError_t eng__cu_add_bias(float *y, const float *b, int M, int N, cudaStream_t s)
 {
     size_t total = (size_t)M * N;
-    add_bias_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(y, b, N, total);
+    cu_launch(add_bias_kernel, stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s, y, b, N, total);
     return cudaGetLastError();
 }
 
@@ -223,6 +233,8 @@ cudaError_t eng__cu_add_bias(float *y, const float *b, int M, int N, cudaStream_
 static __global__ void router_kernel(const float *rh, int Dh, const float *b1, const bf16 *w2,
                                      const float *b2, int L, float *lam)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sh[33];
     const int t = blockIdx.x;
     const float *r = rh + (size_t)t * Dh;
@@ -255,7 +267,7 @@ static __global__ void router_kernel(const float *rh, int Dh, const float *b1, c
 cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float *b1,
                            const bf16 *w2, const float *b2, float *lam, cudaStream_t s)
 {
-    router_kernel<<<f->T, 512, 0, s>>>(rh, Dh, b1, w2, b2, f->levels, lam);
+    cu_launch(router_kernel, f->T, 512, 0, s, rh, Dh, b1, w2, b2, f->levels, lam);
     return cudaGetLastError();
 }
 
@@ -266,6 +278,8 @@ cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float
  * return at once (the fusion kernel does not read their m). */
 static __global__ void l3_read_kernel(cu_fwd f, int layer, const float *x, float *mem)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     extern __shared__ float sc[]; /* (n) scores, then probabilities */
     __shared__ float sh[33];
     const int t = blockIdx.x, D = f.D;
@@ -303,7 +317,7 @@ cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *m
                             cudaStream_t s)
 {
     size_t smem = (size_t)(f->R > 0 ? f->R : 1) * sizeof(float);
-    l3_read_kernel<<<f->T, ROW_THREADS, smem, s>>>(*f, layer, x, mem);
+    cu_launch(l3_read_kernel, f->T, ROW_THREADS, smem, s, *f, layer, x, mem);
     return cudaGetLastError();
 }
 
@@ -327,6 +341,8 @@ cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *m
 static __global__ void ema_fuse_kernel(cu_fwd f, int layer, const float *x, const float *lam,
                                        const float *mem, bf16 *fb)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float s_end[EMA_MAX_NC][32], s_pow[EMA_MAX_NC][32], s_carry[32];
     const int tx = threadIdx.x, c = threadIdx.y, NC = blockDim.y;
     const int D = f.D, d = blockIdx.y * 32 + tx;
@@ -384,7 +400,7 @@ cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float 
     if (nc < 1) nc = 1;
     if (nc > EMA_MAX_NC) nc = EMA_MAX_NC;
     dim3 grid((unsigned)f->n_items, (unsigned)((f->D + 31) / 32)), block(32, (unsigned)nc);
-    ema_fuse_kernel<<<grid, block, 0, s>>>(*f, layer, x, lam, mem, fb);
+    cu_launch(ema_fuse_kernel, grid, block, 0, s, *f, layer, x, lam, mem, fb);
     return cudaGetLastError();
 }
 
@@ -398,6 +414,8 @@ cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float 
 static __global__ void rope_store_kernel(cu_fwd f, int layer, float *q, const float *bq,
                                          const float *kv, const float *bkv)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float cs[CU_MAX_HEAD_DIM / 2], sn[CU_MAX_HEAD_DIM / 2];
     const int t = blockIdx.x, pos = f.tok_pos[t], hd = f.hd, half = hd / 2;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -441,7 +459,7 @@ static __global__ void rope_store_kernel(cu_fwd f, int layer, float *q, const fl
 cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
                                const float *kv, const float *bkv, cudaStream_t s)
 {
-    rope_store_kernel<<<f->T, 512, 0, s>>>(*f, layer, q, bq, kv, bkv);
+    cu_launch(rope_store_kernel, f->T, 512, 0, s, *f, layer, q, bq, kv, bkv);
     return cudaGetLastError();
 }
 
@@ -538,6 +556,8 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
 static __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention_simple_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
     __shared__ float sm_acc[ATT_WARPS][CU_MAX_HEAD_DIM];
     const int t = blockIdx.x, h = blockIdx.y;
@@ -733,20 +753,20 @@ static cudaError_t attn_launch_hd(const cu_fwd *f, int layer, const float *q, bf
     const int G = f->H / f->H_kv, gb = G < 16 ? G : 16, nhg = (G + gb - 1) / gb;
     if (f->att_n_dec > 0) {
         const int nhb = f->H_kv * nhg;
-        attn_tc_kernel<HD, 1><<<(unsigned)f->att_n_dec * (unsigned)nhb, FA_THREADS, smem, s>>>(
+        cu_launch(attn_tc_kernel<HD, 1>, (unsigned)f->att_n_dec * (unsigned)nhb, FA_THREADS, smem, s, 
             *f, layer, q, att, f->att_units, nhb, gb, nhg);
         cudaError_t rc = cudaGetLastError();
         if (rc != cudaSuccess) return rc;
     }
     if (f->att_n_pf > 0) {
-        attn_tc_kernel<HD, 4><<<(unsigned)f->att_n_pf * (unsigned)f->H, FA_THREADS, smem, s>>>(
+        cu_launch(attn_tc_kernel<HD, 4>, (unsigned)f->att_n_pf * (unsigned)f->H, FA_THREADS, smem, s, 
             *f, layer, q, att, f->att_units + (size_t)f->att_n_dec * CU_ATT_UNIT_INTS, f->H, 1, 1);
         cudaError_t rc = cudaGetLastError();
         if (rc != cudaSuccess) return rc;
     }
     if (f->att_n_comb > 0) {
         dim3 grid((unsigned)f->att_n_comb, (unsigned)f->H);
-        attn_combine_kernel<<<grid, COMB_THREADS, 0, s>>>(*f, att);
+        cu_launch(attn_combine_kernel, grid, COMB_THREADS, 0, s, *f, att);
     }
     return cudaGetLastError();
 }
@@ -763,7 +783,7 @@ cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *
         }
     }
     dim3 grid((unsigned)f->T, (unsigned)f->H);
-    attention_simple_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
+    cu_launch(attention_simple_kernel, grid, ATT_WARPS * 32, 0, s, *f, layer, q, att);
     return cudaGetLastError();
 }
 
@@ -772,6 +792,8 @@ cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *
 static __global__ void swiglu_kernel(const float *gu, const float *b, int F, size_t total,
                                      bf16 *act)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / F;
@@ -789,6 +811,6 @@ cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *
                            cudaStream_t s)
 {
     size_t total = (size_t)M * F;
-    swiglu_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(gu, b, F, total, act);
+    cu_launch(swiglu_kernel, stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s, gu, b, F, total, act);
     return cudaGetLastError();
 }
