@@ -165,6 +165,7 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->selb = take_bf16(&b, S * D);
     cs->logits = take_f32(&b, S * e->V);
     cs->argmax = (int *)take(&b, S * sizeof(int));
+    cs->argmax_part = (int2 *)take(&b, S * CU_ARGMAX_PARTS * sizeof(int2));
     if (e->prm.l3_capture) {
         cs->chunk_acc = take_f32(&b, S * (NL + 1) * D);
         cs->chunk_out = take_f32(&b, (size_t)e->max_step_chunks * (NL + 1) * D);
@@ -1037,7 +1038,7 @@ static int forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, const eng_pla
                                                    ? (double)p->n_sel / p->T
                                                    : 1.0));
         if (p->argmax) {
-            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax, st));
+            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax_part, cs->argmax, st));
             PROF("argmax", 0);
         }
     }

@@ -107,6 +107,8 @@ static inline cudaError_t cu_launch(void (*k)(P...), dim3 grid, dim3 block, size
 #define CU_MAX_HEAD_DIM 256
 /* Largest L3 bank: its scores live in the L3 kernel's shared memory. */
 #define CU_MAX_L3_CHUNKS 4096
+/* Slices of a logit row that the argmax scans in parallel. */
+#define CU_ARGMAX_PARTS 64
 
 /* Tensor-core attention (kernels.cu, "paged causal GQA attention"):
  * keys per K/V tile in shared memory; items with at least CU_ATT_PF_ROWS
@@ -235,6 +237,7 @@ typedef struct cuda_state {
     bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
     float *logits;   /* (max_seqs, V) */
     int *argmax;     /* (max_seqs) argmax of the selected rows' logits */
+    int2 *argmax_part; /* (max_seqs, CU_ARGMAX_PARTS) its scratch */
     float *chunk_acc;/* (max_seqs, n_layers + 1, D) running L3 chunk sums per slot: x of
                         every layer, then the embeddings; NULL without l3_capture */
     float *chunk_out;/* (max_step_chunks, n_layers + 1, D) the step's chunk means, or NULL */
@@ -293,8 +296,9 @@ cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream
  * (M, D) bf16 always. */
 cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
                             float eps, float *out, bf16 *outb, cudaStream_t s);
-/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule. */
-cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s);
+/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule; part
+ * (M, CU_ARGMAX_PARTS) scratch. */
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int2 *part, int *out, cudaStream_t s);
 /* y (M, N) += b (when non-NULL); yb (M, N) = bf16(y). */
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s);
 /* y (M, N) += b. */
