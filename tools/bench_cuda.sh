@@ -25,7 +25,10 @@
 # defaults), so that e.g. cuBLAS against the GEMV kernel, or with and without
 # CUDA graphs, are measured in the same run; BENCH_PROFILE=1 adds a run per
 # context with MKAD_CUDA_PROFILE=1 whose per-stage table of one decode step
-# (time, bytes, bandwidth) follows the main table.
+# (time, bytes, bandwidth) follows the main table.  BENCH_VARIANTS_AT and
+# BENCH_PROFILE_AT (context lists) limit the variants after the first and
+# the profile run to those contexts; BENCH_BATCH_PROFILE=0: no profile of
+# the largest batch.
 # BENCH_BATCH (default "8 32 64"; "" for none) adds batched decode at
 # context BENCH_BATCH_CTX (4096): mkad-cli --batch N, N sequences prefilled
 # with the prompt on blocks of their own, decoded together; tokens/s of all
@@ -127,7 +130,12 @@ for C in $CTX; do
     ids=$(mktemp)
     "$py" -c "import sys; print(','.join(str((i * 7919 + 13) % ($VOCAB - 1000) + 100) for i in range($C)))" >"$ids"
     runs=$VARIANTS
-    [ "${BENCH_PROFILE:-0}" = 1 ] && runs="$runs profile:MKAD_CUDA_PROFILE=1"
+    # Variants after the first only at BENCH_VARIANTS_AT, the profile only at
+    # BENCH_PROFILE_AT (default: every context).
+    case " ${BENCH_VARIANTS_AT:-$C} " in *" $C "*) ;; *) runs=${VARIANTS%% *} ;; esac
+    case " ${BENCH_PROFILE_AT:-$C} " in
+    *" $C "*) [ "${BENCH_PROFILE:-0}" = 1 ] && runs="$runs profile:MKAD_CUDA_PROFILE=1" ;;
+    esac
     for v in $runs; do
         label=${v%%:*}
         envs=$(tr ',' ' ' <<<"${v#*:}")
@@ -171,7 +179,8 @@ if [ -n "$BATCHES" ]; then
             log "mkad-cli failed at batch $N ($label)"; continue; }
         dt=$(sed -n 's/.* decode_tok_s=\([0-9.]*\).*/\1/p' <<<"$line")
         bv=${BENCH_BATCH_VARIANTS:-mkad:}
-        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "$N" = "${BATCHES##* }" ] && [ "$v" = "${bv%% *}" ]; then
+        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "${BENCH_BATCH_PROFILE:-1}" = 1 ] && [ "$N" = "${BATCHES##* }" ] &&
+            [ "$v" = "${bv%% *}" ]; then
             log "batch $N at context $BC, profiled"
             { echo "batch $N at context $BC, one decode step (MKAD_CUDA_PROFILE=1):"
               MKAD_CUDA_PROFILE=1 "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" \
