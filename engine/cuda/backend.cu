@@ -623,7 +623,7 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     if (gv && *gv && strcmp(gv, "cublas") != 0 && strcmp(gv, "own") != 0)
         return eng__errf(err, errlen, ENG_EINVAL,
                          "cuda: MKAD_CUDA_GEMV=%s: expected \"own\" or \"cublas\"", gv);
-    cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_ROWS;
+    cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_MAX_M;
     /* MKAD_CUDA_GEMV_ROWS=N (1..CU_GEMV_MAX_M): projections of more rows than
      * N take cuBLAS (captured into the decode graphs too). */
     const char *gvr = getenv("MKAD_CUDA_GEMV_ROWS");
@@ -637,6 +637,9 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
     /* MKAD_CUDA_FUSE_ROUTER=0: the router's own kernel in decode steps too. */
     const char *fr = getenv("MKAD_CUDA_FUSE_ROUTER");
     cs->fuse_router = !(fr && !strcmp(fr, "0"));
+    /* MKAD_CUDA_FUSE_ROPE=0: the RoPE kernel after the K/V GEMV too. */
+    const char *fro = getenv("MKAD_CUDA_FUSE_ROPE");
+    cs->fuse_rope = !(fro && !strcmp(fro, "0"));
     const char *gsp = getenv("MKAD_CUDA_GEMV_SPLIT");
     if (gsp && *gsp) eng__cu_gemv_split = atoi(gsp) > 0 ? atoi(gsp) : 0;
     /* Programmatic dependent launch where the GPU has it (cuda_priv.h,
@@ -854,11 +857,19 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
                                   cs->xb, st));
         PROF(fuse ? "router ema fuse" : "ema fuse", 0);
     }
-    float *kv = cs->wide; /* (T, 2*kv_dim) */
-    if ((rc = gemm(cs, &L->kv, cs->xb, T, kv, 0.0f, NULL, NULL, err, errlen))) return rc;
-    PROF("kv", WBYTES(L->kv));
-    CUDA_TRY(eng__cu_rope_store(f, l, cs->q, bq, kv, L->kv.b, st));
-    PROF("rope store", 0);
+    if (cs->fuse_rope && T <= cs->gemv_max_m && eng__cu_gemv_fits(L->kv.w, D, cs->xb, T)) {
+        /* RoPE, the K/V write and q's rotation in the GEMV's epilogue. */
+        const cu_gemv_epi epi = {NULL, f, l, cs->q, bq};
+        CUDA_TRY(eng__cu_gemv(L->kv.w, L->kv.rows, D, cs->xb, T, NULL, 0.0f, L->kv.b, NULL, &epi,
+                              cs->n_sm, st));
+        PROF("kv rope store", WBYTES(L->kv));
+    } else {
+        float *kv = cs->wide; /* (T, 2*kv_dim) */
+        if ((rc = gemm(cs, &L->kv, cs->xb, T, kv, 0.0f, NULL, NULL, err, errlen))) return rc;
+        PROF("kv", WBYTES(L->kv));
+        CUDA_TRY(eng__cu_rope_store(f, l, cs->q, bq, kv, L->kv.b, st));
+        PROF("rope store", 0);
+    }
     CUDA_TRY(eng__cu_attention(f, l, cs->q, cs->qatt, st));
     PROF("attention", cs->prof ? cs->prof->att_bytes : 0);
     /* h += W_o att (+ b_o): beta = 1 adds onto the residual in the GEMM. */
@@ -870,8 +881,9 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
     PROF("rmsnorm", 0);
     if (T <= cs->gemv_max_m && eng__cu_gemv_fits(L->gu.w, D, cs->xb, T)) {
         /* SwiGLU in the GEMV's epilogue. */
-        CUDA_TRY(eng__cu_gemv(L->gu.w, L->gu.rows, D, cs->xb, T, NULL, 0.0f, L->gu.b, NULL,
-                              cs->act, cs->n_sm, st));
+        const cu_gemv_epi epi = {cs->act, NULL, 0, NULL, NULL};
+        CUDA_TRY(eng__cu_gemv(L->gu.w, L->gu.rows, D, cs->xb, T, NULL, 0.0f, L->gu.b, NULL, &epi,
+                              cs->n_sm, st));
         PROF("gate up swiglu", WBYTES(L->gu));
     } else {
         float *gu = cs->wide; /* (T, 2F) */
@@ -1101,7 +1113,7 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     /* A decode step of a few sequences (each one row, each with logits or
      * argmax) replays the graph of its shape. */
     const int graph = cs->graphs_on && !cs->prof && p->T == p->n_items &&
-                      p->T <= CU_GEMV_MAX_M && p->n_sel == p->T;
+                      p->T <= CU_GRAPH_ROWS && p->n_sel == p->T;
     int rc = pack_plan(e, cs, p, &f, &max_n, &n_ints, &o_sel, graph, err, errlen);
     if (rc) return rc;
     CUDA_TRY(cudaMemcpyAsync(cs->plan_dev, cs->plan_host, n_ints * sizeof(int),

@@ -94,12 +94,12 @@ static inline cudaError_t cu_launch(void (*k)(P...), dim3 grid, dim3 block, size
 }
 
 /* The GEMV kernel (gemv.cu) takes projections of at most CU_GEMV_MAX_M
- * rows; by default those of at most CU_GEMV_ROWS (more rows: cuBLAS's
- * tensor cores beat its FMAs — measured at 8 rows: 11.4 against 6.4 ms a
- * step), MKAD_CUDA_GEMV_ROWS sets it.  Decode graphs exist for steps of up
- * to CU_GEMV_MAX_M rows. */
-#define CU_GEMV_MAX_M 8
-#define CU_GEMV_ROWS 4
+ * rows (more rows: cuBLAS's tensor cores beat its FMAs — measured on the
+ * H200, 7B shape: at 8 rows 11.4 against 6.4 ms a step, at 4 rows 6.42
+ * against 6.27, at 2 rows 5.50 against 6.09); MKAD_CUDA_GEMV_ROWS lowers
+ * it.  Decode steps of up to CU_GRAPH_ROWS rows replay CUDA graphs. */
+#define CU_GEMV_MAX_M 4
+#define CU_GRAPH_ROWS 8
 /* The router has at most this many levels; lam rows are padded to it. */
 #define CU_MAX_LEVELS 3
 /* Largest head size the attention and RoPE kernels hold in registers and
@@ -275,12 +275,15 @@ typedef struct cuda_state {
     /* Decode steps compute the router's softmax in the EMA kernel
      * (MKAD_CUDA_FUSE_ROUTER=0: never). */
     int fuse_router;
-    /* Decode steps of up to CU_GEMV_MAX_M sequences replay a CUDA graph
+    /* GEMV steps write K/V from the K/V GEMV's epilogue
+     * (MKAD_CUDA_FUSE_ROPE=0: the RoPE kernel). */
+    int fuse_rope;
+    /* Decode steps of up to CU_GRAPH_ROWS sequences replay a CUDA graph
      * captured at the first step of their shape: [rows][some L3 bank][argmax]
      * [memory chunks captured] (MKAD_CUDA_GRAPH=0, a forced split or the
      * simple attention: never). */
     int graphs_on;
-    cudaGraphExec_t graph[CU_GEMV_MAX_M + 1][2][2][2];
+    cudaGraphExec_t graph[CU_GRAPH_ROWS + 1][2][2][2];
     struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
 
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
@@ -345,20 +348,35 @@ cudaError_t eng__cu_attention_setup(int hd, int *per_sm);
 cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
                            cudaStream_t s);
 
+/* What a GEMV does with its sums besides writing y (eng__cu_gemv). */
+typedef struct cu_gemv_epi {
+    /* SwiGLU: W holds the gate rows then the up rows (N even); act (M, N/2)
+     * = eng__cu_swiglu's result, y untouched. */
+    bf16 *act;
+    /* K/V projection of a step of M rows (W: the k rows then the v rows of
+     * layer `layer`): what eng__cu_rope_store does — biases, k rotated,
+     * k and v into the pool, q (M, q_dim) rotated in place with bias bq —
+     * and y untouched. */
+    const cu_fwd *rope;
+    int layer;
+    float *q;
+    const float *bq;
+} cu_gemv_epi;
+
 /* Decode projections (gemv.cu): y (M, N) = x (M, K) W^T (+ beta * y)
  * (+ bias, when non-NULL) for W (N, K) bf16, x (M, K) bf16, y f32, and
- * yb (M, N) = bf16(y) when yb is non-NULL; or, when act is non-NULL (W the
- * gate rows then the up rows, N even), act (M, N/2) = eng__cu_swiglu's
- * result and y untouched.  n_sm: the device's multiprocessors (the split
- * of long rows).  eng__cu_gemv_fits says whether the kernel takes the call
- * (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte aligned W and x);
- * eng__cu_gemv returns cudaErrorInvalidValue when not. */
+ * yb (M, N) = bf16(y) when yb is non-NULL; or, with epi, its work instead.
+ * n_sm: the device's multiprocessors (the split of long rows).
+ * eng__cu_gemv_fits says whether the kernel takes the call (M <=
+ * CU_GEMV_MAX_M, K a multiple of 8, 16-byte aligned W and x); eng__cu_gemv
+ * returns cudaErrorInvalidValue when not. */
 int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
+cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
+                         const float *bias, bf16 *yb, const cu_gemv_epi *epi, int n_sm,
+                         cudaStream_t s);
 /* Rows are split across warps while the grid holds fewer warps than this
  * per multiprocessor (default 16; MKAD_CUDA_GEMV_SPLIT, 0: never). */
 extern int eng__cu_gemv_split;
-cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
-                         const float *bias, bf16 *yb, bf16 *act, int n_sm, cudaStream_t s);
 
 /* L3 memory chunks (chunks.cu): adds src (T, D) — the embeddings (place
  * n_layers) or layer `place`'s x — to each item's slot sums in acc in

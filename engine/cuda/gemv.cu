@@ -54,27 +54,53 @@ static __device__ __forceinline__ void gemv_load(const uint4 *w4, int c0, int K8
     }
 }
 
+/* What the kernel does after the sums (cu_gemv_epi). */
+enum { EPI_PLAIN, EPI_SWIGLU, EPI_ROPE };
+
+/* The epilogue's arguments on the device (by value). */
+struct gemv_epi_args {
+    bf16 *act;
+    cu_fwd f; /* EPI_ROPE */
+    int layer;
+    float *q;
+    const float *bq;
+};
+
+/* cos and sin of RoPE frequency i at position pos, as eng__cu_rope_store
+ * computes them. */
+static __device__ __forceinline__ void rope_cs(const cu_fwd &f, int pos, int i, float *c, float *sn)
+{
+    const float ang = (float)pos * f.rope_inv_freq[i];
+    *c = cosf(ang) * f.rope_scale;
+    *sn = sinf(ang) * f.rope_scale;
+}
+
 /* A block holds RPB = GEMV_WARPS / KS rows, warp w slice w % KS of row
- * w / KS.  Plain: rows blockIdx.x * RPB + r.  With act (N even, RPB even):
- * the block's first RPB/2 rows are gate rows j .. of the first half of W,
- * the others the up rows F + j .. (F = N/2), and it writes act columns j ... */
-template <int M, int KS>
+ * w / KS.  Plain: rows blockIdx.x * RPB + r.  The other epilogues pair rows
+ * (RPB even; the first RPB/2 warps' rows with the last RPB/2's):
+ * EPI_SWIGLU pairs gate row j with up row N/2 + j and writes act column j;
+ * EPI_ROPE pairs element i of a head with element i + hd/2 (the
+ * rotate-half partners, k and v heads alike). */
+template <int M, int KS, int EPI>
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
     gemv_kernel(const bf16 *__restrict__ W, const bf16 *__restrict__ x, float *__restrict__ y,
                 int N, int K, float beta, const float *__restrict__ bias, bf16 *__restrict__ yb,
-                bf16 *__restrict__ act)
+                gemv_epi_args e)
 {
     constexpr int RPB = GEMV_WARPS / KS;
+    constexpr int HP = RPB > 1 ? RPB / 2 : 1; /* pairs per block */
     __shared__ float part[GEMV_WARPS][M];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = warp / KS, slice = warp % KS;
+    const int pair = blockIdx.x * HP + r % HP, second = r >= HP;
+    const int hh = EPI == EPI_ROPE ? e.f.hd / 2 : 1;
     int n;
-    if (act) {
-        const int half = RPB > 1 ? RPB / 2 : 1, j = blockIdx.x * half + r % half;
-        n = r < half ? j : N / 2 + j;
-    } else {
+    if (EPI == EPI_SWIGLU)
+        n = second ? N / 2 + pair : pair;
+    else if (EPI == EPI_ROPE)
+        n = (pair / hh) * e.f.hd + pair % hh + (second ? hh : 0);
+    else
         n = blockIdx.x * RPB + r;
-    }
     const int K8 = K >> 3; /* 16-byte chunks per row */
     const uint4 *w4 = (const uint4 *)(W + (size_t)min(n, N - 1) * K); /* past N: row N-1 again */
     const uint4 *x4 = (const uint4 *)x;
@@ -122,42 +148,82 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32)
             acc[m] = v;
         }
     }
-    if (act) {
-        /* The rows' sums to part[r], then lane m of a gate row's first
-         * slice: act[m, j] = silu(gate) * up. */
-        if (KS > 1) __syncthreads();
-        if (slice == 0 && lane < M) {
-#pragma unroll
-            for (int m = 0; m < M; m++)
-                if (lane == m) part[r][m] = acc[m];
-        }
-        __syncthreads();
-        const int half = RPB > 1 ? RPB / 2 : 1, F = N / 2;
-        if (slice == 0 && r < half && n < F && lane < M) {
+    if (EPI == EPI_PLAIN) {
+        /* Lane m of the row's first slice writes y[m, n]. */
+        if (slice == 0 && n < N) {
 #pragma unroll
             for (int m = 0; m < M; m++)
                 if (lane == m) {
-                    float g = part[r][m], u = part[r + half][m];
-                    if (bias) {
-                        g += bias[n];
-                        u += bias[F + n];
-                    }
-                    act[(size_t)m * F + n] = __float2bfloat16_rn(gemv_silu(g) * u);
+                    const size_t i = (size_t)m * N + n;
+                    float v = beta != 0.0f ? acc[m] + beta * y[i] : acc[m];
+                    if (bias) v += bias[n];
+                    y[i] = v;
+                    if (yb) yb[i] = __float2bfloat16_rn(v);
                 }
         }
         return;
     }
-    /* Lane m of the row's first slice writes y[m, n]. */
-    if (slice == 0 && n < N) {
+    /* Paired epilogues: the rows' sums to part[r], then lane m of a first
+     * row's first slice handles pair (row r, row r + HP) of x row m. */
+    if (KS > 1) __syncthreads();
+    if (slice == 0 && lane < M) {
+#pragma unroll
+        for (int m = 0; m < M; m++)
+            if (lane == m) part[r][m] = acc[m];
+    }
+    __syncthreads();
+    const int n2 = EPI == EPI_SWIGLU ? N / 2 + pair : n + hh; /* the partner row */
+    if (slice == 0 && !second && pair < N / 2 && lane < M) {
 #pragma unroll
         for (int m = 0; m < M; m++)
             if (lane == m) {
-                const size_t i = (size_t)m * N + n;
-                float v = beta != 0.0f ? acc[m] + beta * y[i] : acc[m];
-                if (bias) v += bias[n];
-                y[i] = v;
-                if (yb) yb[i] = __float2bfloat16_rn(v);
+                float a = part[r][m], b = part[r + HP][m];
+                if (bias) {
+                    a += bias[n];
+                    b += bias[n2];
+                }
+                if (EPI == EPI_SWIGLU) {
+                    e.act[(size_t)m * (N / 2) + n] = __float2bfloat16_rn(gemv_silu(a) * b);
+                } else {
+                    const cu_fwd &f = e.f;
+                    const int pos = f.tok_pos[m], kv_dim = f.kv_dim;
+                    const int blk = f.bt[(size_t)f.tok_item[m] * f.MB + pos / f.B];
+                    bf16 *kd = f.kv_pool +
+                               ((((size_t)blk * f.n_layers + e.layer) * 2 + 0) * f.B + pos % f.B) *
+                                   kv_dim;
+                    if (n < kv_dim) {
+                        float c, sn;
+                        rope_cs(f, pos, pair % hh, &c, &sn);
+                        kd[n] = __float2bfloat16_rn(a * c - b * sn);
+                        kd[n2] = __float2bfloat16_rn(b * c + a * sn);
+                    } else {
+                        bf16 *vd = kd + (size_t)f.B * kv_dim; /* the V half of (block, layer) */
+                        vd[n - kv_dim] = __float2bfloat16_rn(a);
+                        vd[n2 - kv_dim] = __float2bfloat16_rn(b);
+                    }
+                }
             }
+    }
+    if (EPI == EPI_ROPE) {
+        /* q's rotation, spread over the grid: element i of every q head of
+         * every row with its partner i + hd/2. */
+        const cu_fwd &f = e.f;
+        const int per_row = f.H * hh;
+        for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < M * per_row;
+             idx += gridDim.x * blockDim.x) {
+            const int m = idx / per_row, pp = idx % per_row, i = pp % hh;
+            const int qi = (pp / hh) * f.hd + i;
+            float *qr = e.q + (size_t)m * f.q_dim;
+            float a = qr[qi], b = qr[qi + hh];
+            if (e.bq) {
+                a += e.bq[qi];
+                b += e.bq[qi + hh];
+            }
+            float c, sn;
+            rope_cs(f, f.tok_pos[m], i, &c, &sn);
+            qr[qi] = a * c - b * sn;
+            qr[qi + hh] = b * c + a * sn;
+        }
     }
 }
 
@@ -168,54 +234,79 @@ int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M)
 }
 
 /* The slices per row: doubled while the grid holds fewer than
- * eng__cu_gemv_split warps per multiprocessor and every lane of a slice still
- * has a chunk to load (gate|up with act: at most 2, so that a block holds a
- * gate and an up row of the same column).  Measured on the H200 (7B shape,
- * one row): the K/V projection (1,024 rows) went from 8.7 to 7.9 us with 4
- * slices, while splitting q, o and down (3,584 rows) into 2 made them 7-11 %
- * slower — the kernel's registers already hold a multiprocessor's full
- * share of those grids. */
+ * eng__cu_gemv_split warps per multiprocessor and every lane of a slice
+ * still has a chunk to load (paired epilogues: at most 2, so that a block
+ * holds both rows of a pair).  Measured on the H200 (7B shape, one row):
+ * the K/V projection (1,024 rows) went from 8.7 to 7.9 us with 4 slices,
+ * while splitting q, o and down (3,584 rows) into 2 made them 7-11 % slower
+ * — the kernel's registers already hold a multiprocessor's full share of
+ * those grids. */
 int eng__cu_gemv_split = 16;
 
-static int gemv_slices(int N, int K, int n_sm, int act)
+static int gemv_slices(int N, int K, int n_sm, int paired)
 {
     int ks = 1;
-    while (ks < (act ? 2 : GEMV_WARPS) && (long long)N * ks < (long long)eng__cu_gemv_split * n_sm &&
-           K / 8 >= 2 * ks * 32)
+    while (ks < (paired ? 2 : GEMV_WARPS) &&
+           (long long)N * ks < (long long)eng__cu_gemv_split * n_sm && K / 8 >= 2 * ks * 32)
         ks *= 2;
     return ks;
 }
 
-template <int M>
+template <int M, int EPI>
 static void gemv_launch(int ks, dim3 grid, cudaStream_t s, const bf16 *W, const bf16 *x, float *y,
-                        int N, int K, float beta, const float *bias, bf16 *yb, bf16 *act)
+                        int N, int K, float beta, const float *bias, bf16 *yb,
+                        const gemv_epi_args &e)
 {
     const dim3 block(GEMV_WARPS * 32);
-    if (ks == 4)
-        cu_launch(gemv_kernel<M, 4>, grid, block, 0, s, W, x, y, N, K, beta, bias, yb, act);
-    else if (ks == 2)
-        cu_launch(gemv_kernel<M, 2>, grid, block, 0, s, W, x, y, N, K, beta, bias, yb, act);
+    if (EPI == EPI_PLAIN && ks == 4)
+        cu_launch(gemv_kernel<M, EPI == EPI_PLAIN ? 4 : 2, EPI>, grid, block, 0, s, W, x, y, N, K,
+                  beta, bias, yb, e);
+    else if (ks >= 2)
+        cu_launch(gemv_kernel<M, 2, EPI>, grid, block, 0, s, W, x, y, N, K, beta, bias, yb, e);
     else
-        cu_launch(gemv_kernel<M, 1>, grid, block, 0, s, W, x, y, N, K, beta, bias, yb, act);
+        cu_launch(gemv_kernel<M, 1, EPI>, grid, block, 0, s, W, x, y, N, K, beta, bias, yb, e);
+}
+
+template <int EPI>
+static void gemv_rows(int M, int ks, dim3 grid, cudaStream_t s, const bf16 *W, const bf16 *x,
+                      float *y, int N, int K, float beta, const float *bias, bf16 *yb,
+                      const gemv_epi_args &e)
+{
+    switch (M) {
+    case 1: gemv_launch<1, EPI>(ks, grid, s, W, x, y, N, K, beta, bias, yb, e); break;
+    case 2: gemv_launch<2, EPI>(ks, grid, s, W, x, y, N, K, beta, bias, yb, e); break;
+    case 3: gemv_launch<3, EPI>(ks, grid, s, W, x, y, N, K, beta, bias, yb, e); break;
+    default: gemv_launch<4, EPI>(ks, grid, s, W, x, y, N, K, beta, bias, yb, e); break;
+    }
 }
 
 cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
-                         const float *bias, bf16 *yb, bf16 *act, int n_sm, cudaStream_t s)
+                         const float *bias, bf16 *yb, const cu_gemv_epi *epi, int n_sm,
+                         cudaStream_t s)
 {
-    if (!eng__cu_gemv_fits(W, K, x, M) || N <= 0 || (act && N % 2)) return cudaErrorInvalidValue;
-    const int ks = gemv_slices(N, K, n_sm, act != NULL), rpb = GEMV_WARPS / ks;
-    /* With act a block makes rpb / 2 columns of act out of N / 2. */
-    const int per_block = act ? rpb / 2 : rpb, cols = act ? N / 2 : N;
-    const dim3 grid((unsigned)((cols + per_block - 1) / per_block));
-    switch (M) {
-    case 1: gemv_launch<1>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    case 2: gemv_launch<2>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    case 3: gemv_launch<3>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    case 4: gemv_launch<4>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    case 5: gemv_launch<5>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    case 6: gemv_launch<6>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    case 7: gemv_launch<7>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
-    default: gemv_launch<8>(ks, grid, s, W, x, y, N, K, beta, bias, yb, act); break;
+    const int epi_kind = !epi ? EPI_PLAIN : epi->act ? EPI_SWIGLU : EPI_ROPE;
+    if (!eng__cu_gemv_fits(W, K, x, M) || N <= 0 || (epi_kind != EPI_PLAIN && N % 2) ||
+        (epi_kind == EPI_ROPE && (!epi->rope || epi->rope->hd % 2 || N != 2 * epi->rope->kv_dim ||
+                                  M != epi->rope->T)))
+        return cudaErrorInvalidValue;
+    gemv_epi_args e = {};
+    if (epi) {
+        e.act = epi->act;
+        if (epi->rope) e.f = *epi->rope;
+        e.layer = epi->layer;
+        e.q = epi->q;
+        e.bq = epi->bq;
     }
+    const int ks = gemv_slices(N, K, n_sm, epi_kind != EPI_PLAIN), rpb = GEMV_WARPS / ks;
+    /* Paired epilogues: a block handles rpb / 2 pairs of the N / 2. */
+    const int per_block = epi_kind != EPI_PLAIN ? rpb / 2 : rpb;
+    const int units = epi_kind != EPI_PLAIN ? N / 2 : N;
+    const dim3 grid((unsigned)((units + per_block - 1) / per_block));
+    if (epi_kind == EPI_SWIGLU)
+        gemv_rows<EPI_SWIGLU>(M, ks, grid, s, W, x, y, N, K, beta, bias, yb, e);
+    else if (epi_kind == EPI_ROPE)
+        gemv_rows<EPI_ROPE>(M, ks, grid, s, W, x, y, N, K, beta, bias, yb, e);
+    else
+        gemv_rows<EPI_PLAIN>(M, ks, grid, s, W, x, y, N, K, beta, bias, yb, e);
     return cudaGetLastError();
 }
