@@ -125,6 +125,20 @@ log "$GPU: read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, 
 VARIANTS=${BENCH_VARIANTS:-mkad:}
 table=$(mktemp)
 prof=$(mktemp)
+btable=$(mktemp)
+# The tables so far, into OUT_DIR/bench_cuda.txt after every row (a run
+# stopped by a device deadline keeps the rows measured until then), and to
+# stdout at the end.
+report() {
+    [ -n "$out" ] || return 0
+    {
+        echo "mkad CUDA backend, $PRESET shape (FastMKA L=3, bf16), batch 1, $(date -u +%Y-%m-%d), $GPU"
+        echo "read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s (torch, this run)"
+        cat "$table"
+        [ -s "$btable" ] && { echo "batched decode:"; cat "$btable"; }
+        [ -s "$prof" ] && cat "$prof"
+    } >"$out/bench_cuda.txt"
+}
 printf '%-8s %-14s %12s %10s %14s %10s %8s %12s\n' context variant prefill_tok/s ttft_s decode_ms/tok floor_ms ratio prefill/gemm >"$table"
 for C in $CTX; do
     ids=$(mktemp)
@@ -147,7 +161,7 @@ for C in $CTX; do
         printf '%s\n' "$out_all" >&2
         line=$(grep '^event=done' <<<"$out_all")
         if [ "$label" = profile ]; then
-            { echo "context $C, one decode step (MKAD_CUDA_PROFILE=1):"
+            { echo "context $C, per step (MKAD_CUDA_PROFILE=1):"
               grep -o 'cuda profile: .*' <<<"$out_all" | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
         fi
         get() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$line"; }
@@ -158,10 +172,10 @@ for C in $CTX; do
             pflops = pf * (wf + af * C / 2)      # model FLOPs/s during prefill
             printf "%-8d %-14s %12.0f %10.3f %14.2f %10.2f %8.2f %11.1f%%\n", C, V, pf, ps, dms, floor, dms / floor, 100 * pflops / gemm
         }' >>"$table"
+        report
     done
     rm -f "$ids"
 done
-btable=$(mktemp)
 BATCHES=${BENCH_BATCH-8 32 64}
 BC=${BENCH_BATCH_CTX:-4096}
 if [ -n "$BATCHES" ]; then
@@ -192,15 +206,18 @@ if [ -n "$BATCHES" ]; then
             floor_tok = N / ((wb + N * kv * (C + G / 2)) / bw)
             printf "%-6d %-8d %-10s %14.2f %12.0f %14.0f %7.1f%%\n", N, C, V, step, dt, floor_tok, 100 * dt / floor_tok
         }' >>"$btable"
+        report
       done
     done
     rm -f "$ids"
 fi
-{
-    echo "mkad CUDA backend, $PRESET shape (FastMKA L=3, bf16), batch 1, $(date -u +%Y-%m-%d), $GPU"
-    echo "read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s (torch, this run)"
-    cat "$table"
-    [ -s "$btable" ] && { echo "batched decode:"; cat "$btable"; }
-    [ -s "$prof" ] && cat "$prof"
-} | tee ${out:+"$out/bench_cuda.txt"}
+if [ -n "$out" ]; then
+    report
+    cat "$out/bench_cuda.txt"
+else
+    out=$(mktemp -d)
+    report
+    cat "$out/bench_cuda.txt"
+    rm -rf "$out"
+fi
 rm -f "$table" "$prof" "$btable"
