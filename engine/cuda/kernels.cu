@@ -386,20 +386,31 @@ static __global__ void ema_fuse_kernel(cu_fwd f, int layer, const float *x, cons
     const bool ok = d < D;
     const cu_item it = f.items[blockIdx.x];
     if (rt.rh) {
-        /* A decode step (one row an item, one warp a block): the router of
-         * the row here, by this warp, instead of a kernel of its own. */
+        /* A decode step (one row an item): the router of the row here, by
+         * the block's EMA_MAX_NC warps (the EMA below needs only the first),
+         * instead of a kernel of its own. */
+        __shared__ float s_acc[EMA_MAX_NC][CU_MAX_LEVELS];
         const float *r = rt.rh + (size_t)it.start * rt.Dh;
         float acc[CU_MAX_LEVELS] = {0.0f, 0.0f, 0.0f};
-        for (int i = tx; i < rt.Dh; i += 32) {
+        for (int i = c * 32 + tx; i < rt.Dh; i += NC * 32) {
             const float a = silu(r[i] + rt.b1[i]);
 #pragma unroll
             for (int l = 0; l < CU_MAX_LEVELS; l++)
                 if (l < f.levels) acc[l] += a * __bfloat162float(rt.w2[(size_t)l * rt.Dh + i]);
         }
 #pragma unroll
-        for (int l = 0; l < CU_MAX_LEVELS; l++) acc[l] = warp_sum(acc[l]);
-        if (tx == 0) router_softmax(acc, rt.b2, f.levels, s_lam);
-        __syncwarp();
+        for (int l = 0; l < CU_MAX_LEVELS; l++) {
+            acc[l] = warp_sum(acc[l]);
+            if (tx == 0) s_acc[c][l] = acc[l];
+        }
+        __syncthreads();
+        if (c == 0 && tx == 0) {
+            for (int w = 1; w < NC; w++)
+#pragma unroll
+                for (int l = 0; l < CU_MAX_LEVELS; l++) acc[l] += s_acc[w][l];
+            router_softmax(acc, rt.b2, f.levels, s_lam);
+        }
+        __syncthreads();
     }
     const int *btr = f.bt + (size_t)blockIdx.x * f.MB;
     const bool use_mem = mem != NULL && it.l3_n > 0;
@@ -451,8 +462,9 @@ cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float 
     const cu_router none = {NULL, 0, NULL, NULL, NULL};
     if (rt && max_n != 1) return cudaErrorInvalidValue;
     /* As many chunk lanes as the longest item can use: decode steps (one
-     * token per item) get one warp per block, long prefills eight. */
-    int nc = (max_n + EMA_CHUNK - 1) / EMA_CHUNK;
+     * token per item) get one warp per block, long prefills eight; with the
+     * router, eight for it (the empty chunks' warps idle in the EMA). */
+    int nc = rt ? EMA_MAX_NC : (max_n + EMA_CHUNK - 1) / EMA_CHUNK;
     if (nc < 1) nc = 1;
     if (nc > EMA_MAX_NC) nc = EMA_MAX_NC;
     dim3 grid((unsigned)f->n_items, (unsigned)((f->D + 31) / 32)), block(32, (unsigned)nc);
