@@ -286,7 +286,7 @@ def hf_bench(shape_name, device, contexts, prefill, steps, deadline):
             except Exception as e:  # noqa: BLE001  (a failed row is reported, the rest still runs)
                 emit(measure="prefill", n=n, error="%s: %s" % (type(e).__name__, str(e)[:200]))
         # Decode: one compiled greedy step, timed over `steps` steps, 3 times.
-        compile_s = 0.0
+        compile_s, seen = 0.0, {}
         for ctx in contexts:
             left = deadline - time.time()
             if compile_s and left < 1.5 * compile_s + 10:
@@ -325,8 +325,13 @@ def hf_bench(shape_name, device, contexts, prefill, steps, deadline):
                         pos += 1
                     sync()
                     runs.append((time.perf_counter() - t) * 1e3 / steps)
+                # Where inductor gave up on CUDA graphs for this context's step it
+                # counts it here (the step then runs without them).
+                now = {k: v for k, v in torch._dynamo.utils.counters.get("inductor", {}).items() if "cudagraph" in k}
+                skips = {k: v - seen.get(k, 0) for k, v in now.items()} if cuda else {}
+                seen.update(now)
                 emit(measure="decode", ctx=ctx, ms=statistics.median(runs), runs=[round(x, 3) for x in runs],
-                     compile_s=round(compile_s, 1), kv=how, cache_len=ctx + 4 * steps + 8)
+                     compile_s=round(compile_s, 1), kv=how, cache_len=ctx + 4 * steps + 8, cudagraph_counters=skips)
                 del cache
                 if cuda:
                     torch.cuda.empty_cache()
@@ -478,6 +483,7 @@ def run(a):
         T.row(("batched", b), "batched decode tokens/s, %d × %s prompts" % (b, kfmt(a.batch_prompt)))
     LL, HF = "llama.cpp", "transformers"
     raw = {"env": env_info, "llama": [], "batched": [], "hf": []}
+    notes = []  # lines under the table
     T.fill([("batched", b) for b in batches], HF, None)
     if 0 in depths:
         T.put(("decode", 0), HF, None)
@@ -551,6 +557,11 @@ def run(a):
         key = ("prefill", r["n"]) if r["measure"] == "prefill" else ("decode", r["ctx"])
         val = r.get("error") or (r["tok_s"] if "tok_s" in r else r["ms"])
         T.put(key, HF, val)
+        if "ms" in r:
+            skips = r.get("cudagraph_counters", {}).get("cudagraph_skips", 0)
+            notes.append("transformers decode at context %s: K/V %s, compile + capture %.0f s, runs %s ms/token%s" %
+                         (kfmt(r["ctx"]), r["kv"], r["compile_s"], r["runs"],
+                          "; CUDA graphs SKIPPED by inductor (%d)" % skips if skips else ""))
         log("transformers: %s" % line)
 
     if a.skip_hf:
@@ -652,6 +663,15 @@ def run(a):
             T.fill(keys, LL, ("FAIL: " + f) if f else "no result")
 
     # 5. The table.
+    for n in prefill:
+        alts = ["-ub %s: %.0f" % (r.get("n_ubatch"), r["avg_ts"]) for r in raw["llama"]
+                if r.get("n_prompt") == n and r.get("n_gen") == 0 and r.get("n_depth") == 0]
+        if alts:
+            notes.append("llama.cpp prefill of %s, tokens/s: %s (the table has the better)" % (kfmt(n), ", ".join(alts)))
+    tg = ["%s: %.2f ± %.2f" % (kfmt(r["n_depth"]), r["avg_ts"], r["stddev_ts"]) for r in raw["llama"]
+          if r.get("n_gen", 0) > 0 and r.get("n_prompt") == 0]
+    if tg:
+        notes.append("llama.cpp decode tokens/s by depth (mean ± sd over the repetitions): " + ", ".join(tg))
     hfv = env_info.get("hf", {})
     head = [
         "Peers on the %s, %s; %s." % ("Qwen2.5-7B shape" if shape != "tiny" else "tiny shape",
@@ -660,18 +680,18 @@ def run(a):
         "untied lm_head" % (S["layers"], S["hidden"], S["heads"], S["kv_heads"], S["ffn"], S["vocab"],
                             S["rope_theta"], S["eps"]),
         "GPU: %s; nvcc: %s; host: %s" % (env_info["gpu"], env_info["nvcc"] or "-", env_info["host"]),
-        "llama.cpp: %s (backends %s); built in %s s (cmake, %s); -fa 1 -ngl %s, K/V f16; "
+        "llama.cpp: %s (backends %s); build %s (cmake, %s); -fa 1 -ngl %s, K/V f16; "
         "llama-bench -r 3 (-r 2 above %s), batched-bench -npp %d -ntg 128" %
         (env_info.get("llama_src", "?").split(",")[0], env_info.get("llama_backend", "?"),
-         env_info.get("llama_build_s", "(cached)"), "CPU only" if a.cpu else "CUDA arch 90, FA kernels for f16 K/V",
+         "%s s" % env_info["llama_build_s"] if "llama_build_s" in env_info else "from an earlier run", "CPU only" if a.cpu else "CUDA arch 90, FA kernels for f16 K/V",
          "0" if a.cpu else "99", kfmt(a.deep), a.batch_prompt),
         "transformers %s, torch %s (CUDA %s) on %s: bf16, sdpa, StaticCache(context + %d), torch.compile("
         "mode='reduce-overhead', fullgraph=True) of a greedy step, median of 3 x %d steps; prefill eager, "
         "logits_to_keep=1, median of 3" % (hfv.get("transformers", "?"), hfv.get("torch", "?"), hfv.get("cuda"),
                                            hfv.get("device", "?"), 4 * a.hf_steps + 8, a.hf_steps),
     ]
-    text = "\n".join(head) + "\n\n" + T.render([LL, HF]) + "\n\nruntime %.0f s (GGUF %s s)\n" % (
-        time.time() - t0, env_info.get("gguf_s", "cached"))
+    text = "\n".join(head) + "\n\n" + T.render([LL, HF]) + "\n\n" + "".join(n + "\n" for n in notes) + "runtime %.0f s (GGUF written in %s)\n" % (
+        time.time() - t0, "%s s" % env_info["gguf_s"] if "gguf_s" in env_info else "an earlier run")
     print("\n" + text, flush=True)
     with open(os.path.join(out, "peers.txt"), "w") as f:
         f.write(text)

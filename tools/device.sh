@@ -267,7 +267,7 @@ fetch() {
         fetch_wheels
     fi
     python3 tools/bench_peer_cuda.py pack "$CARRY/peer"
-    log ".carry: $(du -sh "$CARRY" | cut -f1) — device run: command 'bash tools/device.sh gpu', carry ['.carry']"
+    log ".carry: $(du -sh "$CARRY" | cut -f1) — device run: command 'bash tools/device.sh gpu$([ "$what" = peers ] && echo ' peers')', carry ['.carry']"
 }
 
 # ---- the GPU machine ---------------------------------------------------------------
