@@ -463,7 +463,7 @@ def run(a):
         "host": "%s, %d cores" % (os.uname().nodename, os.cpu_count() or 0),
         "gpu": sh("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader") if not a.cpu
         else "none (--cpu)",
-        "nvcc": sh("nvcc --version | tail -n 2 | head -n 1") if not a.cpu else "",
+        "nvcc": sh("PATH=$PATH:/usr/local/cuda/bin nvcc --version | tail -n 2 | head -n 1") if not a.cpu else "",
         "cmake": sh("cmake --version | head -n 1"),
         "disk": sh("df -h %s /dev/shm 2>/dev/null | tail -n +2" % work).replace("\n", "; "),
     }
@@ -501,7 +501,10 @@ def run(a):
             lsrc = os.path.join(work, "llama.cpp")
             if not os.path.exists(os.path.join(lsrc, "CMakeLists.txt")):
                 with tarfile.open(src) as tf:
-                    tf.extractall(work)
+                    if hasattr(tarfile, "data_filter"):
+                        tf.extractall(work, filter="data")
+                    else:
+                        tf.extractall(work)
         env_info["llama_src"] = open(os.path.join(lsrc, "PEER-SOURCE")).read().strip() \
             if os.path.exists(os.path.join(lsrc, "PEER-SOURCE")) else lsrc
         bdir = os.path.join(work, "build-cpu" if a.cpu else "build-cuda")
@@ -523,7 +526,11 @@ def run(a):
             script = ("cmake -S %s -B %s %s %s && cmake --build %s -j%d --target llama-bench llama-batched-bench" %
                       (lsrc, bdir, " ".join(gen), " ".join(flags), bdir, jobs))
             log("llama.cpp: building (%s)" % script)
-            build_proc = Proc("build", ["bash", "-c", script], os.path.join(logs, "build.log"), nice=10)
+            benv = dict(os.environ)
+            if not a.cpu and not shutil.which("nvcc") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+                benv["PATH"] = "/usr/local/cuda/bin:" + benv.get("PATH", "")
+                benv["CUDACXX"] = "/usr/local/cuda/bin/nvcc"
+            build_proc = Proc("build", ["bash", "-c", script], os.path.join(logs, "build.log"), env=benv, nice=10)
     except Exception as e:  # noqa: BLE001
         build_err = "source: %s" % e
         log("llama.cpp: " + build_err)
