@@ -141,7 +141,7 @@ def write_gguf(llama_src, shape_name, path, seed=5):
     log("gguf: vocab %d tokens (%d from %s), %.1f s" % (len(tokens), r.fields["tokenizer.ggml.tokens"].data.__len__(),
                                                          VOCAB_GGUF, time.time() - t0))
 
-    w = gguf.GGUFWriter(path, "qwen2")
+    w = gguf.GGUFWriter(path + ".tmp", "qwen2")  # renamed once complete: a killed run leaves no usable half
     w.add_name("qwen2.5-7b-shape-random" if shape_name != "tiny" else "qwen2-tiny-random")
     w.add_context_length(262144)
     w.add_embedding_length(H)
@@ -212,6 +212,7 @@ def write_gguf(llama_src, shape_name, path, seed=5):
         w.write_tensor_data(a.reshape(shp))
         total += a.nbytes
     w.close()
+    os.rename(path + ".tmp", path)
     log("gguf: %s, %d tensors, %.2f GB of weights, %.1f s" % (path, len(tensors), total / 1e9, time.time() - t0))
     return 0
 
@@ -346,6 +347,8 @@ class Proc:
     """A child in its own process group, its output to a log file, stdout lines
     handed to on_line as they come, killed at a deadline."""
 
+    started = []
+
     def __init__(self, name, cmd, logpath, on_line=None, env=None, cwd=None, nice=0):
         self.name, self.cmd, self.logpath, self.on_line = name, cmd, logpath, on_line
         self.rc, self.timed_out, self.t0, self.t1 = None, False, time.time(), None
@@ -356,6 +359,7 @@ class Proc:
         self.p = subprocess.Popen(pre + cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env, cwd=cwd,
                                   start_new_session=True, bufsize=1)
         self.t_end = None  # when the child exited (wait() may be called later)
+        Proc.started.append(self)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         threading.Thread(target=self._reap, daemon=True).start()
@@ -548,126 +552,146 @@ def run(a):
             gguf_proc = Proc("gguf", [sys.executable, os.path.abspath(__file__), "gguf", "--src", lsrc, "--shape", shape,
                                       "--path", gguf_path], os.path.join(logs, "gguf.log"))
 
-    # 3. transformers (foreground: the GPU is its alone until it ends).
-    hf_keys = [("prefill", prefill[0])] if prefill else []
-    hf_keys += [("decode", c) for c in hf_ctx]
-    hf_deadline = min(t0 + a.hf_budget, deadline - 30)
+    # Stages 3 and 4 each run under a guard: whatever breaks in one (this
+    # tool included), its cells say so and the table is still printed.
+    def stage_hf():
+        # 3. transformers (foreground: the GPU is its alone until it ends).
+        hf_keys = [("prefill", prefill[0])] if prefill else []
+        hf_keys += [("decode", c) for c in hf_ctx]
+        hf_deadline = min(t0 + a.hf_budget, deadline - 30)
 
-    def hf_line(line):
-        if not line.startswith("{"):
-            return
-        r = json.loads(line)
-        raw["hf"].append(r)
-        if "info" in r:
-            env_info.setdefault("hf", {}).update(r["info"])
-            return
-        key = ("prefill", r["n"]) if r["measure"] == "prefill" else ("decode", r["ctx"])
-        val = r.get("error") or (r["tok_s"] if "tok_s" in r else r["ms"])
-        T.put(key, HF, val)
-        if "ms" in r:
-            skips = r.get("cudagraph_counters", {}).get("cudagraph_skips", 0)
-            notes.append("transformers decode at context %s: K/V %s, compile + capture %.0f s, runs %s ms/token%s" %
-                         (kfmt(r["ctx"]), r["kv"], r["compile_s"], r["runs"],
-                          "; CUDA graphs SKIPPED by inductor (%d)" % skips if skips else ""))
-        log("transformers: %s" % line)
-
-    if a.skip_hf:
-        T.fill(hf_keys, HF, "not run (--skip-hf)")
-    else:
-        hf = Proc("hf", [sys.executable, os.path.abspath(__file__), "hf", "--shape", shape,
-                         "--device", "cpu" if a.cpu else "cuda", "--contexts", ",".join(map(str, hf_ctx)),
-                         "--prefill", str(prefill[0]) if prefill else "", "--steps", str(a.hf_steps),
-                         "--deadline", str(hf_deadline - 15)],
-                  os.path.join(logs, "transformers.log"), on_line=hf_line)
-        hf.wait(hf_deadline)
-        T.fill(hf_keys, HF, "FAIL: " + (hf.failure() or "no result") if hf.failure() else "no result")
-        log("transformers: done in %.0f s%s" % (hf.t1 - hf.t0, "" if not hf.failure() else " (%s)" % hf.failure()))
-
-    # 4. Wait for the build and the GGUF, then llama.cpp, most wanted first.
-    ll_keys = [("decode", d) for d in depths] + [("prefill", n) for n in prefill] + [("batched", b) for b in batches]
-    if build_proc:
-        build_proc.wait(deadline - a.llama_min)
-        f = build_proc.failure()
-        env_info["llama_build_s"] = round(build_proc.t1 - build_proc.t0)
-        log("llama.cpp: build %s in %.0f s" % ("FAILED (%s)" % f if f else "done", build_proc.t1 - build_proc.t0))
-        if f:
-            build_err = "build: " + f
-    if gguf_proc:
-        gguf_proc.wait(deadline - a.llama_min)
-        if gguf_proc.failure() and build_err is None:
-            build_err = "GGUF: " + gguf_proc.failure()
-        env_info["gguf_s"] = round(gguf_proc.t1 - gguf_proc.t0)
-    if build_err:
-        T.fill(ll_keys, LL, "FAIL: " + build_err)
-    else:
-        ngl = "0" if a.cpu else "99"
-        common = ["-m", gguf_path, "-ngl", ngl, "-fa", "1", "-o", "jsonl", "--progress"]
-        if a.threads:
-            common += ["-t", str(a.threads)]
-
-        def bench_line(line):
+        def hf_line(line):
             if not line.startswith("{"):
                 return
             r = json.loads(line)
-            raw["llama"].append(r)
-            env_info["llama_backend"] = "%s, %s" % (r.get("backends"), r.get("gpu_info"))
-            if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
-                T.put(("decode", r["n_depth"]), LL, 1000.0 / r["avg_ts"])
-            elif r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and r.get("n_depth", 0) == 0:
-                key = ("prefill", r["n_prompt"])
-                best = T.cells.get((key, LL))
-                if not isinstance(best, float) or r["avg_ts"] > best:
-                    T.put(key, LL, float(r["avg_ts"]))
-                    env_info.setdefault("prefill_ubatch", {})[str(r["n_prompt"])] = r.get("n_ubatch")
-            log("llama-bench: %s" % {k: r.get(k) for k in ("n_prompt", "n_gen", "n_depth", "n_ubatch", "avg_ts",
-                                                          "stddev_ts")})
-
-        def batched_line(line):
-            if not line.startswith("{"):
+            raw["hf"].append(r)
+            if "info" in r:
+                env_info.setdefault("hf", {}).update(r["info"])
                 return
-            r = json.loads(line)
-            raw["batched"].append(r)
-            T.put(("batched", r["pl"]), LL, float(r["speed_tg"]))
-            log("llama-batched-bench: %s" % line)
+            key = ("prefill", r["n"]) if r["measure"] == "prefill" else ("decode", r["ctx"])
+            val = r.get("error") or (r["tok_s"] if "tok_s" in r else r["ms"])
+            T.put(key, HF, val)
+            if "ms" in r:
+                skips = r.get("cudagraph_counters", {}).get("cudagraph_skips", 0)
+                notes.append("transformers decode at context %s: K/V %s, compile + capture %.0f s, runs %s ms/token%s" %
+                             (kfmt(r["ctx"]), r["kv"], r["compile_s"], r["runs"],
+                              "; CUDA graphs SKIPPED by inductor (%d)" % skips if skips else ""))
+            log("transformers: %s" % line)
 
-        big = [d for d in depths if d > a.deep]
-        small = [d for d in depths if d <= a.deep]
-        bp = [n for n in prefill if n > a.deep]
-        sp = [n for n in prefill if n <= a.deep]
-        ctx_b = max(batches or [1]) * (((a.batch_prompt + 128 + 255) // 256) * 256)
-        jobs = []  # (name, cmd, keys, on_line, minimum seconds to start it)
-        if small:
-            jobs.append(("decode", [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", "3", "-d",
-                                                                     ",".join(map(str, small))],
-                         [("decode", d) for d in small], bench_line, 20))
-        if sp:
-            jobs.append(("prefill", [bins["llama-bench"]] + common + ["-p", ",".join(map(str, sp)), "-n", "0",
-                                                                      "-r", "3", "-ub", "512,2048"],
-                         [("prefill", n) for n in sp], bench_line, 15))
-        if batches:
-            jobs.append(("batched", [bins["llama-batched-bench"], "-m", gguf_path, "-ngl", ngl, "-fa", "on",
-                                     "-c", str(ctx_b), "-b", "2048", "-ub", "512", "-npp", str(a.batch_prompt),
-                                     "-ntg", "128", "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
-                         + (["-t", str(a.threads)] if a.threads else []),
-                         [("batched", b) for b in batches], batched_line, 30))
-        if big:
-            jobs.append(("decode-deep", [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", "2", "-d",
-                                                                          ",".join(map(str, big))],
-                         [("decode", d) for d in big], bench_line, 45))
-        if bp:
-            jobs.append(("prefill-long", [bins["llama-bench"]] + common + ["-p", ",".join(map(str, bp)), "-n", "0",
-                                                                           "-r", "2", "-ub", "512,2048"],
-                         [("prefill", n) for n in bp], bench_line, 20))
-        for name, cmd, keys, on_line, need in jobs:
-            left = deadline - 10 - time.time()
-            if left < need:
-                T.fill(keys, LL, "not run: %.0f s left" % left)
-                continue
-            p = Proc(name, cmd, os.path.join(logs, "llama-%s.log" % name), on_line=on_line)
-            p.wait(deadline - 10)
-            f = p.failure()
-            log("llama.cpp %s: %s in %.0f s" % (name, f or "done", p.t1 - p.t0))
-            T.fill(keys, LL, ("FAIL: " + f) if f else "no result")
+        if a.skip_hf:
+            T.fill(hf_keys, HF, "not run (--skip-hf)")
+        else:
+            hf = Proc("hf", [sys.executable, os.path.abspath(__file__), "hf", "--shape", shape,
+                             "--device", "cpu" if a.cpu else "cuda", "--contexts", ",".join(map(str, hf_ctx)),
+                             "--prefill", str(prefill[0]) if prefill else "", "--steps", str(a.hf_steps),
+                             "--deadline", str(hf_deadline - 15)],
+                      os.path.join(logs, "transformers.log"), on_line=hf_line)
+            hf.wait(hf_deadline)
+            T.fill(hf_keys, HF, "FAIL: " + (hf.failure() or "no result") if hf.failure() else "no result")
+            log("transformers: done in %.0f s%s" % (hf.t1 - hf.t0, "" if not hf.failure() else " (%s)" % hf.failure()))
+
+    def stage_llama():
+        nonlocal build_err
+        # 4. Wait for the build and the GGUF, then llama.cpp, most wanted first.
+        ll_keys = [("decode", d) for d in depths] + [("prefill", n) for n in prefill] + [("batched", b) for b in batches]
+        if build_proc:
+            build_proc.wait(deadline - a.llama_min)
+            f = build_proc.failure()
+            env_info["llama_build_s"] = round(build_proc.t1 - build_proc.t0)
+            log("llama.cpp: build %s in %.0f s" % ("FAILED (%s)" % f if f else "done", build_proc.t1 - build_proc.t0))
+            if f:
+                build_err = "build: " + f
+        if gguf_proc:
+            gguf_proc.wait(deadline - a.llama_min)
+            if gguf_proc.failure() and build_err is None:
+                build_err = "GGUF: " + gguf_proc.failure()
+            env_info["gguf_s"] = round(gguf_proc.t1 - gguf_proc.t0)
+        if build_err:
+            T.fill(ll_keys, LL, "FAIL: " + build_err)
+        else:
+            ngl = "0" if a.cpu else "99"
+            common = ["-m", gguf_path, "-ngl", ngl, "-fa", "1", "-o", "jsonl", "--progress"]
+            if a.threads:
+                common += ["-t", str(a.threads)]
+
+            def bench_line(line):
+                if not line.startswith("{"):
+                    return
+                r = json.loads(line)
+                raw["llama"].append(r)
+                env_info["llama_backend"] = "%s, %s" % (r.get("backends"), r.get("gpu_info"))
+                if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
+                    T.put(("decode", r["n_depth"]), LL, 1000.0 / r["avg_ts"])
+                elif r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0 and r.get("n_depth", 0) == 0:
+                    key = ("prefill", r["n_prompt"])
+                    best = T.cells.get((key, LL))
+                    if not isinstance(best, float) or r["avg_ts"] > best:
+                        T.put(key, LL, float(r["avg_ts"]))
+                        env_info.setdefault("prefill_ubatch", {})[str(r["n_prompt"])] = r.get("n_ubatch")
+                log("llama-bench: %s" % {k: r.get(k) for k in ("n_prompt", "n_gen", "n_depth", "n_ubatch", "avg_ts",
+                                                              "stddev_ts")})
+
+            def batched_line(line):
+                if not line.startswith("{"):
+                    return
+                r = json.loads(line)
+                raw["batched"].append(r)
+                T.put(("batched", r["pl"]), LL, float(r["speed_tg"]))
+                log("llama-batched-bench: %s" % line)
+
+            big = [d for d in depths if d > a.deep]
+            small = [d for d in depths if d <= a.deep]
+            bp = [n for n in prefill if n > a.deep]
+            sp = [n for n in prefill if n <= a.deep]
+            ctx_b = max(batches or [1]) * (((a.batch_prompt + 128 + 255) // 256) * 256)
+            jobs = []  # (name, cmd, keys, on_line, minimum seconds to start it)
+            if small:
+                jobs.append(("decode", [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", "3", "-d",
+                                                                         ",".join(map(str, small))],
+                             [("decode", d) for d in small], bench_line, 20))
+            if sp:
+                jobs.append(("prefill", [bins["llama-bench"]] + common + ["-p", ",".join(map(str, sp)), "-n", "0",
+                                                                          "-r", "3", "-ub", "512,2048"],
+                             [("prefill", n) for n in sp], bench_line, 15))
+            if batches:
+                jobs.append(("batched", [bins["llama-batched-bench"], "-m", gguf_path, "-ngl", ngl, "-fa", "on",
+                                         "-c", str(ctx_b), "-b", "2048", "-ub", "512", "-npp", str(a.batch_prompt),
+                                         "-ntg", "128", "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+                             + (["-t", str(a.threads)] if a.threads else []),
+                             [("batched", b) for b in batches], batched_line, 30))
+            if big:
+                jobs.append(("decode-deep", [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", "2", "-d",
+                                                                              ",".join(map(str, big))],
+                             [("decode", d) for d in big], bench_line, 45))
+            if bp:
+                jobs.append(("prefill-long", [bins["llama-bench"]] + common + ["-p", ",".join(map(str, bp)), "-n", "0",
+                                                                               "-r", "2", "-ub", "512,2048"],
+                             [("prefill", n) for n in bp], bench_line, 20))
+            for name, cmd, keys, on_line, need in jobs:
+                left = deadline - 10 - time.time()
+                if left < need:
+                    T.fill(keys, LL, "not run: %.0f s left" % left)
+                    continue
+                p = Proc(name, cmd, os.path.join(logs, "llama-%s.log" % name), on_line=on_line)
+                p.wait(deadline - 10)
+                f = p.failure()
+                log("llama.cpp %s: %s in %.0f s" % (name, f or "done", p.t1 - p.t0))
+                T.fill(keys, LL, ("FAIL: " + f) if f else "no result")
+
+    for name, stage, who in (("transformers", stage_hf, HF), ("llama.cpp", stage_llama, LL)):
+        try:
+            stage()
+        except Exception as e:  # noqa: BLE001
+            log("%s stage: %s: %s" % (name, type(e).__name__, e))
+            T.fill([k for k, _ in T.rows], who, "FAIL: tool error %s: %s" % (type(e).__name__, str(e)[:80]))
+        finally:  # nothing of a stage may still use the GPU when the next one starts
+            for p in Proc.started:
+                if p.name not in ("build", "gguf") and p.p.poll() is None:
+                    p.wait(0)
+
+    for p in Proc.started:  # a build or GGUF that the stages did not wait for
+        if p.p.poll() is None:
+            p.wait(0)
 
     # 5. The table.
     for n in prefill:
