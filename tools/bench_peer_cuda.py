@@ -544,13 +544,14 @@ def run(a):
     if build_err is None:
         need = 16e9 if shape != "tiny" else 1e8
         shm = "/dev/shm"
-        place = shm if (not a.no_shm and not a.cpu and os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.3 * need) else work
+        roomy = os.path.isdir(shm) and shutil.disk_usage(shm).free > 1.3 * need
+        place = shm if (roomy and not a.no_shm and not a.cpu) else work
         gguf_path = os.path.join(place, "peer-%s-bf16.gguf" % shape)
         if os.path.exists(gguf_path):
             log("gguf: %s exists" % gguf_path)
         else:
-            gguf_proc = Proc("gguf", [sys.executable, os.path.abspath(__file__), "gguf", "--src", lsrc, "--shape", shape,
-                                      "--path", gguf_path], os.path.join(logs, "gguf.log"))
+            gguf_proc = Proc("gguf", [sys.executable, os.path.abspath(__file__), "gguf", "--src", lsrc,
+                                      "--shape", shape, "--path", gguf_path], os.path.join(logs, "gguf.log"))
 
     # Stages 3 and 4 each run under a guard: whatever breaks in one (this
     # tool included), its cells say so and the table is still printed.
@@ -593,7 +594,8 @@ def run(a):
     def stage_llama():
         nonlocal build_err
         # 4. Wait for the build and the GGUF, then llama.cpp, most wanted first.
-        ll_keys = [("decode", d) for d in depths] + [("prefill", n) for n in prefill] + [("batched", b) for b in batches]
+        ll_keys = ([("decode", d) for d in depths] + [("prefill", n) for n in prefill] +
+                   [("batched", b) for b in batches])
         if build_proc:
             build_proc.wait(deadline - a.llama_min)
             f = build_proc.failure()
@@ -639,34 +641,35 @@ def run(a):
                 T.put(("batched", r["pl"]), LL, float(r["speed_tg"]))
                 log("llama-batched-bench: %s" % line)
 
-            big = [d for d in depths if d > a.deep]
-            small = [d for d in depths if d <= a.deep]
-            bp = [n for n in prefill if n > a.deep]
-            sp = [n for n in prefill if n <= a.deep]
             ctx_b = max(batches or [1]) * (((a.batch_prompt + 128 + 255) // 256) * 256)
-            jobs = []  # (name, cmd, keys, on_line, minimum seconds to start it)
+            csv = lambda v: ",".join(map(str, v))  # noqa: E731
+
+            def decode_job(name, ds, reps, need):  # tg64 at each depth
+                return (name, [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", reps, "-d", csv(ds)],
+                        [("decode", d) for d in ds], bench_line, need)
+
+            def prefill_job(name, ns, reps, need):  # one prompt of each length, two micro-batch sizes
+                return (name, [bins["llama-bench"]] + common + ["-p", csv(ns), "-n", "0", "-r", reps,
+                                                                 "-ub", "512,2048"],
+                        [("prefill", n) for n in ns], bench_line, need)
+
+            jobs = []  # (name, cmd, keys, on_line, minimum seconds to start it), most wanted first
+            small, big = [d for d in depths if d <= a.deep], [d for d in depths if d > a.deep]
+            short, long_ = [n for n in prefill if n <= a.deep], [n for n in prefill if n > a.deep]
             if small:
-                jobs.append(("decode", [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", "3", "-d",
-                                                                         ",".join(map(str, small))],
-                             [("decode", d) for d in small], bench_line, 20))
-            if sp:
-                jobs.append(("prefill", [bins["llama-bench"]] + common + ["-p", ",".join(map(str, sp)), "-n", "0",
-                                                                          "-r", "3", "-ub", "512,2048"],
-                             [("prefill", n) for n in sp], bench_line, 15))
+                jobs.append(decode_job("decode", small, "3", 20))
+            if short:
+                jobs.append(prefill_job("prefill", short, "3", 15))
             if batches:
                 jobs.append(("batched", [bins["llama-batched-bench"], "-m", gguf_path, "-ngl", ngl, "-fa", "on",
                                          "-c", str(ctx_b), "-b", "2048", "-ub", "512", "-npp", str(a.batch_prompt),
-                                         "-ntg", "128", "-npl", ",".join(map(str, batches)), "--output-format", "jsonl"]
+                                         "-ntg", "128", "-npl", csv(batches), "--output-format", "jsonl"]
                              + (["-t", str(a.threads)] if a.threads else []),
                              [("batched", b) for b in batches], batched_line, 30))
             if big:
-                jobs.append(("decode-deep", [bins["llama-bench"]] + common + ["-p", "0", "-n", "64", "-r", "2", "-d",
-                                                                              ",".join(map(str, big))],
-                             [("decode", d) for d in big], bench_line, 45))
-            if bp:
-                jobs.append(("prefill-long", [bins["llama-bench"]] + common + ["-p", ",".join(map(str, bp)), "-n", "0",
-                                                                               "-r", "2", "-ub", "512,2048"],
-                             [("prefill", n) for n in bp], bench_line, 20))
+                jobs.append(decode_job("decode-deep", big, "2", 45))
+            if long_:
+                jobs.append(prefill_job("prefill-long", long_, "2", 20))
             for name, cmd, keys, on_line, need in jobs:
                 left = deadline - 10 - time.time()
                 if left < need:
@@ -698,7 +701,8 @@ def run(a):
         alts = ["-ub %s: %.0f" % (r.get("n_ubatch"), r["avg_ts"]) for r in raw["llama"]
                 if r.get("n_prompt") == n and r.get("n_gen") == 0 and r.get("n_depth") == 0]
         if alts:
-            notes.append("llama.cpp prefill of %s, tokens/s: %s (the table has the better)" % (kfmt(n), ", ".join(alts)))
+            notes.append("llama.cpp prefill of %s, tokens/s: %s (the table has the better)" %
+                         (kfmt(n), ", ".join(alts)))
     tg = ["%s: %.2f ± %.2f" % (kfmt(r["n_depth"]), r["avg_ts"], r["stddev_ts"]) for r in raw["llama"]
           if r.get("n_gen", 0) > 0 and r.get("n_prompt") == 0]
     if tg:
@@ -714,14 +718,16 @@ def run(a):
         "llama.cpp: %s (backends %s); build %s (cmake, %s); -fa 1 -ngl %s, K/V f16; "
         "llama-bench -r 3 (-r 2 above %s), batched-bench -npp %d -ntg 128" %
         (env_info.get("llama_src", "?").split(",")[0], env_info.get("llama_backend", "?"),
-         "%s s" % env_info["llama_build_s"] if "llama_build_s" in env_info else "from an earlier run", "CPU only" if a.cpu else "CUDA arch 90, FA kernels for f16 K/V",
+         "%s s" % env_info["llama_build_s"] if "llama_build_s" in env_info else "from an earlier run",
+         "CPU only" if a.cpu else "CUDA arch 90, FA kernels for f16 K/V",
          "0" if a.cpu else "99", kfmt(a.deep), a.batch_prompt),
         "transformers %s, torch %s (CUDA %s) on %s: bf16, sdpa, StaticCache(context + %d), torch.compile("
         "mode='reduce-overhead', fullgraph=True) of a greedy step, median of 3 x %d steps; prefill eager, "
         "logits_to_keep=1, median of 3" % (hfv.get("transformers", "?"), hfv.get("torch", "?"), hfv.get("cuda"),
                                            hfv.get("device", "?"), 4 * a.hf_steps + 8, a.hf_steps),
     ]
-    text = "\n".join(head) + "\n\n" + T.render([LL, HF]) + "\n\n" + "".join(n + "\n" for n in notes) + "runtime %.0f s (GGUF written in %s)\n" % (
+    text = "\n".join(head) + "\n\n" + T.render([LL, HF]) + "\n\n" + "".join(n + "\n" for n in notes)
+    text += "runtime %.0f s (GGUF written in %s)\n" % (
         time.time() - t0, "%s s" % env_info["gguf_s"] if "gguf_s" in env_info else "an earlier run")
     print("\n" + text, flush=True)
     with open(os.path.join(out, "peers.txt"), "w") as f:
