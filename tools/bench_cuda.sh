@@ -29,7 +29,8 @@
 # BENCH_BATCH (default "8 32 64"; "" for none) adds batched decode at
 # context BENCH_BATCH_CTX (4096): mkad-cli --batch N, N sequences prefilled
 # with the prompt on blocks of their own, decoded together; tokens/s of all
-# of them against the floor (weights once + N contexts of K/V per step).
+# of them against the floor (weights once + N contexts of K/V per step),
+# once per BENCH_BATCH_VARIANTS entry (same form as BENCH_VARIANTS).
 # Env: BENCH_CTX (default "4096 32768"), BENCH_GEN (64), BENCH_CHUNK (4096),
 # BENCH_DIR (where the ~15 GB model is written, default /tmp/mkad-bench),
 # BENCH_PRESET (qwen2.5-7b), PYTHON (python3 with torch, for the floor).
@@ -156,27 +157,33 @@ btable=$(mktemp)
 BATCHES=${BENCH_BATCH-8 32 64}
 BC=${BENCH_BATCH_CTX:-4096}
 if [ -n "$BATCHES" ]; then
-    printf '%-6s %-8s %14s %12s %14s %8s\n' batch context decode_ms/step tokens/s floor_tok/s of_floor >"$btable"
+    printf '%-6s %-8s %-10s %14s %12s %14s %8s\n' batch context variant decode_ms/step tokens/s floor_tok/s of_floor >"$btable"
     ids=$(mktemp)
     "$py" -c "import sys; print(','.join(str((i * 7919 + 13) % ($VOCAB - 1000) + 100) for i in range($BC)))" >"$ids"
     for N in $BATCHES; do
-        log "batch $N at context $BC: $N prefills, then $G decode steps of all of them"
-        line=$("$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" --max-tokens $((G + 1)) \
+      for v in ${BENCH_BATCH_VARIANTS:-mkad:}; do
+        label=${v%%:*}
+        envs=$(tr ',' ' ' <<<"${v#*:}")
+        log "batch $N at context $BC, $label ($envs): $N prefills, then $G decode steps of all of them"
+        # shellcheck disable=SC2086
+        line=$(env $envs "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" --max-tokens $((G + 1)) \
             --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null | tee /dev/stderr | grep '^event=done') || {
-            log "mkad-cli failed at batch $N"; continue; }
+            log "mkad-cli failed at batch $N ($label)"; continue; }
         dt=$(sed -n 's/.* decode_tok_s=\([0-9.]*\).*/\1/p' <<<"$line")
-        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "$N" = "${BATCHES##* }" ]; then
+        bv=${BENCH_BATCH_VARIANTS:-mkad:}
+        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "$N" = "${BATCHES##* }" ] && [ "$v" = "${bv%% *}" ]; then
             log "batch $N at context $BC, profiled"
             { echo "batch $N at context $BC, one decode step (MKAD_CUDA_PROFILE=1):"
               MKAD_CUDA_PROFILE=1 "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" \
                   --max-tokens 17 --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null |
                   grep -o 'cuda profile: .*' | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
         fi
-        awk -v N="$N" -v C="$BC" -v G="$G" -v dt="$dt" -v bw="$BW" -v wb="$WBYTES" -v kv="$KVTOK" 'BEGIN {
+        awk -v N="$N" -v C="$BC" -v V="$label" -v G="$G" -v dt="$dt" -v bw="$BW" -v wb="$WBYTES" -v kv="$KVTOK" 'BEGIN {
             step = 1000 * N / dt
             floor_tok = N / ((wb + N * kv * (C + G / 2)) / bw)
-            printf "%-6d %-8d %14.2f %12.0f %14.0f %7.1f%%\n", N, C, step, dt, floor_tok, 100 * dt / floor_tok
+            printf "%-6d %-8d %-10s %14.2f %12.0f %14.0f %7.1f%%\n", N, C, V, step, dt, floor_tok, 100 * dt / floor_tok
         }' >>"$btable"
+      done
     done
     rm -f "$ids"
 fi
