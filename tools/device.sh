@@ -16,11 +16,16 @@
 #         .carry/autotools.sum       sha256 of the configure.ac/Makefile.am they came from
 #         .carry/whl/                the openai client and its dependencies as
 #                                    CPython 3.12 manylinux wheels (black-box suite)
+#         .carry/peer/llama.cpp-src.tar.gz
+#                                    llama.cpp as vendored by the llama-cpp-python
+#                                    sdist that tests/ref/chat_templates.py pins,
+#                                    trimmed to ~10 MB (tools/bench_peer_cuda.py pack)
 #       Run it again after configure.ac or Makefile.am change (`gpu` otherwise
 #       falls back to autoreconf on the device, which works while it has
 #       autotools), or when the apt/pip sets should be refreshed.
+#       `fetch peers` fills .carry/peer/ alone (all that `gpu peers` needs).
 #
-#   tools/device.sh gpu [all|cuda|bench]
+#   tools/device.sh gpu [all|cuda|bench|peers]
 #       There, from the repository root, with .carry carried:
 #       unpack the debs into /tmp/mkad-deps (never into /), the autotools files
 #       over the tree, the wheels into /tmp/mkad-site (on PYTHONPATH for the
@@ -36,7 +41,11 @@
 #       tools/bench_cuda.sh (make bench-cuda: the Qwen2.5-7B shape, its table
 #       in $OUT/bench_cuda.txt; BENCH_CHECK_FIRST=1 runs tests/test_cuda
 #       before it, =all the whole GPU group; BENCH_CHECK_VARIANTS="VAR=x ..."
-#       runs tests/test_cuda once more under each setting).  Ends with ONE table (test, result,
+#       runs tests/test_cuda once more under each setting).  `peers` builds
+#       nothing of mkad and needs only .carry/peer/: tools/bench_peer_cuda.py
+#       run, issue 11's peers (llama.cpp CUDA built there, and transformers)
+#       on the Qwen2.5-7B shape, its table in $OUT/peers.txt inside 9 minutes
+#       (PEERS_ARGS: extra arguments).  The other modes end with ONE table (test, result,
 #       seconds, key number) and exits 0 only when nothing failed.  Files in
 #       $OUT (the device tool's folder; ./device-out elsewhere): summary.txt
 #       (the table), device.log (everything printed), build.log, logs.tar.gz
@@ -45,6 +54,7 @@
 # A device run with the `run` tool, after `tools/device.sh fetch` here:
 #     command: bash tools/device.sh gpu
 #     carry:   [".carry"]
+# (the peers: command 'bash tools/device.sh gpu peers', carry ['.carry'].)
 # It takes about 4-6 minutes (build 1-2); each test is stopped at
 # TEST_TIMEOUT and all of them by DEVICE_DEADLINE so that the table always
 # comes back inside the call's 10 minutes.
@@ -244,16 +254,21 @@ fetch_wheels() {
 }
 
 fetch() {
+    local what=${1:-all}
+    case $what in all | peers) ;; *) die "fetch: expected all or peers, got '$what'" ;; esac
     command -v git >/dev/null && git rev-parse --git-dir >/dev/null 2>&1 || die "run fetch in mkad's git checkout"
     local excl
     excl=$(git rev-parse --git-path info/exclude)
     mkdir -p "$(dirname "$excl")"
     grep -qxF '/.carry/' "$excl" 2>/dev/null || { echo '/.carry/' >>"$excl"; log "added /.carry/ to $excl"; }
     mkdir -p "$CARRY"
-    fetch_debs "$CARRY/debs"
-    fetch_autotools
-    fetch_wheels
-    log ".carry: $(du -sh "$CARRY" | cut -f1) — device run: command 'bash tools/device.sh gpu', carry ['.carry']"
+    if [ "$what" = all ]; then
+        fetch_debs "$CARRY/debs"
+        fetch_autotools
+        fetch_wheels
+    fi
+    python3 tools/bench_peer_cuda.py pack "$CARRY/peer"
+    log ".carry: $(du -sh "$CARRY" | cut -f1) — device run: command 'bash tools/device.sh gpu$([ "$what" = peers ] && echo ' peers')', carry ['.carry']"
 }
 
 # ---- the GPU machine ---------------------------------------------------------------
@@ -428,11 +443,18 @@ gpu() {
 }
 
 case ${1:-} in
-fetch) fetch ;;
+fetch) fetch "${2:-all}" ;;
 gpu)
     outdir=${OUT:-/tmp/mkad-device-out}
     mkdir -p "$outdir"
     outdir=$(cd "$outdir" && pwd)
+    if [ "${2:-}" = peers ]; then
+        set +e
+        # shellcheck disable=SC2086
+        PYTHONUNBUFFERED=1 python3 tools/bench_peer_cuda.py run --src "$CARRY/peer/llama.cpp-src.tar.gz" \
+            --out "$outdir" ${PEERS_ARGS:-} 2>&1 | tee "$outdir/device.log"
+        exit "${PIPESTATUS[0]}"
+    fi
     # No errexit from here on: gpu() handles every failure itself and always
     # prints its table.
     set +e
