@@ -1025,13 +1025,19 @@ static double plan_secs(const srv_step_cost *c, const srv_plan_seq *s, const srv
     return srv_cost_decode(c, dec) + srv_cost_tok(c) * pre;
 }
 
+/* 8 decoding streams (s[0..7]), then a 512-token prompt (s[8]) */
+static void streams_and_prompt(srv_plan_seq s[9])
+{
+    for (int i = 0; i < 8; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0, 0 };
+    s[8] = (srv_plan_seq){ 512, 8, 0, 0 };
+}
+
 START_TEST(plan_time_budget)
 {
     /* 8 streams decode when a 512-token prompt arrives */
     srv_step_cost c = fake_cost();
     srv_plan_seq s[9];
-    for (int i = 0; i < 8; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0, 0 };
-    s[8] = (srv_plan_seq){ 512, 8, 0, 0 };
+    streams_and_prompt(s);
     srv_plan_item it[9];
     /* tokens only: one 256-token chunk, a step of 5 s (34 decode steps) */
     int n = srv_plan_step(s, 9, 512, 256, 0, &c, it);
@@ -1076,8 +1082,7 @@ START_TEST(plan_time_budget_progress)
      * the prompt moves in every step, no step is predicted over 0.30 s. */
     srv_step_cost c = fake_cost();
     srv_plan_seq s[9];
-    for (int i = 0; i < 8; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0, 0 };
-    s[8] = (srv_plan_seq){ 512, 8, 0, 0 };
+    streams_and_prompt(s);
     srv_plan_item it[9];
     int steps = 0;
     while (s[8].prefill_left > 0) {
