@@ -40,7 +40,7 @@ import argparse
 import asyncio
 import json
 import os
-import re
+import random
 import socket
 import statistics
 import subprocess
@@ -101,8 +101,10 @@ class Server:
 
 
 def prompt_ids(n, salt):
-    """n token ids, distinct per salt (no prefix shared between requests)."""
-    return [((i + 1) * 37 + salt * 1009 + 11) % 4000 + 5 for i in range(n)]
+    """n pseudo-random token ids, a different prompt per salt (no two
+    requests share a prefix block)."""
+    rnd = random.Random(salt)
+    return [rnd.randrange(5, 4000) for _ in range(n)]
 
 
 async def stream(port, model, prompt, gen, stop_at=None, times=None):
@@ -241,9 +243,11 @@ def main():
     ap.add_argument("--work", default=None, help="bench-peer's cache (llama.cpp, the model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--levels", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the table holds medians "
+                    "(gap counts: sums)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
-    ap.add_argument("--step-target-ms", type=int, default=100, help="mkad's time budget in the 'on' runs")
+    ap.add_argument("--step-target-ms", type=int, default=50, help="mkad's time budget in the 'on' runs")
     ap.add_argument("--arr-streams", type=int, default=8)
     ap.add_argument("--arr-warm", type=float, default=3.0,
                     help="seconds the running streams decode before the first new prompt")
@@ -289,28 +293,38 @@ def main():
         # warm-up: one short request each (page the weights in)
         for s in servers:
             asyncio.run(load(s.port, model[s.name], 1, 16, 4, 900))
-        rows = {}
+        rows, arr = {}, {}
         salt = 0
-        for n in levels:
+        for rnd in range(a.rounds):
+            for n in levels:
+                for s in servers:
+                    salt += 1000
+                    log("round %d, %d streams: %s" % (rnd + 1, n, s.name))
+                    r = asyncio.run(load(s.port, model[s.name], n, a.prompt, a.gen, salt))
+                    log("  " + " ".join("%s=%.3f" % kv for kv in r.items()))
+                    rows.setdefault((n, s.name), []).append(r)
             for s in servers:
                 salt += 1000
-                log("%d streams: %s" % (n, s.name))
-                r = asyncio.run(load(s.port, model[s.name], n, a.prompt, a.gen, salt))
+                log("round %d, arrivals: %s" % (rnd + 1, s.name))
+                r = asyncio.run(arrivals(s.port, model[s.name], a, salt))
                 log("  " + " ".join("%s=%.3f" % kv for kv in r.items()))
-                rows[(n, s.name)] = r
-        arr = {}
-        for s in servers:
-            salt += 1000
-            log("arrivals: %s" % s.name)
-            r = asyncio.run(arrivals(s.port, model[s.name], a, salt))
-            log("  " + " ".join("%s=%.3f" % kv for kv in r.items()))
-            arr[s.name] = r
+                arr.setdefault(s.name, []).append(r)
     finally:
         for s in servers:
             s.stop()
     names = [s.name for s in servers]
-    print("\nServing under load: %s, %d threads, %s" % (", ".join(names), a.threads,
-                                                        time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
+
+    def med(runs):
+        """the median of each measure over the rounds (counts: their sum)"""
+        out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for k in ("gaps", "bad"):
+            out[k] = sum(r[k] for r in runs)
+        return out
+
+    rows = {k: med(v) for k, v in rows.items()}
+    arr = {k: med(v) for k, v in arr.items()}
+    print("\nServing under load: %s, %d threads, %s; %d round(s), medians" % (
+        ", ".join(names), a.threads, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), a.rounds))
     print("model: Qwen2.5-0.5B shape (mkad-genmodel --levels 0, bf16; llama.cpp: its bf16 GGUF); each stream: "
           "%d-token prompt, %d tokens out, greedy; mkad budget on = --step-target-ms %d" %
           (a.prompt, a.gen, a.step_target_ms))
