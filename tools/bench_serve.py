@@ -2,9 +2,9 @@
 """mkad's daemon against llama.cpp's llama-server under the same concurrent
 streaming load, one interleaved run (make bench-serve).
 
-    python3 tools/bench_serve.py [--build .] [--work DIR] [--threads 2]
+    python3 tools/bench_serve.py [--build .] [--work DIR] [--threads 2] [--rounds 3]
                                  [--levels 1,8,32] [--prompt 128] [--gen 64]
-                                 [--step-target-ms 250]
+                                 [--step-target-ms 50]
 
 The servers and the model are bench-peer's (tools/bench_peer.py, cached
 under --work, default BUILD/tests/tmp/peer): llama.cpp from the
@@ -33,8 +33,15 @@ and gaps over 1 s from the first arrival until every new prompt had its
 first token, p99 over one decode step (the issue's goal: <= 3), and the new
 prompts' TTFT.
 
-Runtime: printed at the end (about 10 minutes on a 2-core VM with the
-defaults).  Exit 77 when PyPI cannot be reached (bench-peer's setup).
+--rounds rounds (interleaved: each measurement runs on the three servers in
+turn); the tables hold medians over rounds (gap counts: sums).  Before each
+measurement the script waits up to --quiet-wait seconds for an idle machine
+(other processes stall llama.cpp's spinning threads for seconds on 2 cores)
+and counts the measurements that started on a busy one.
+
+Runtime: printed at the end (about 11 minutes on a 2-core VM with the
+defaults, waits for quiet aside).  Exit 77 when PyPI cannot be reached
+(bench-peer's setup).
 """
 import argparse
 import asyncio
@@ -100,6 +107,31 @@ class Server:
             self.p.wait()
 
 
+def cpu_idle(secs=1.0):
+    """The machine's idle share of CPU time over secs (/proc/stat)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+    i0, t0 = snap()
+    time.sleep(secs)
+    i1, t1 = snap()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit):
+    """Waits (at most limit seconds) until the machine is idle: other
+    processes on a 2-core VM (builds, other benchmarks) stall llama.cpp's
+    spinning threads for seconds and make any figure meaningless.  Returns
+    whether it was quiet."""
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        if cpu_idle() >= 0.85:
+            return True
+    log("  the machine is busy (other processes): measuring anyway")
+    return False
+
+
 def prompt_ids(n, salt):
     """n pseudo-random token ids, a different prompt per salt (no two
     requests share a prefix block)."""
@@ -124,49 +156,56 @@ async def stream(port, model, prompt, gen, stop_at=None, times=None):
     w.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % len(body) + body)
     await w.drain()
-    buf, usage, err, done = b"", None, None, False
-    while not done:
-        if stop_at is not None:
-            rd = asyncio.ensure_future(r.read(65536))
-            st = asyncio.ensure_future(stop_at.wait())
-            fin, _ = await asyncio.wait({rd, st}, return_when=asyncio.FIRST_COMPLETED)
-            if rd not in fin:
-                rd.cancel()
-                break
-            st.cancel()
-            chunk = rd.result()
-        else:
-            chunk = await r.read(65536)
-        now = time.perf_counter()
-        if not chunk:
-            break
-        buf += chunk
-        # SSE events are "data: {...}" lines; chunked transfer framing lines
-        # between them are skipped
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
+    st = {"usage": None, "err": None}
+
+    def events(data, now):
+        """SSE events: "data: {...}" lines"""
+        st["buf"] = st.get("buf", b"") + data
+        while b"\n" in st["buf"]:
+            line, st["buf"] = st["buf"].split(b"\n", 1)
             line = line.strip()
-            if not line.startswith(b"data: "):
-                if line.startswith(b"HTTP/1.1 ") and not line.startswith(b"HTTP/1.1 200"):
-                    err = line.decode()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            data = line[6:]
-            if data == b"[DONE]":
-                done = True
-                break
             try:
-                ev = json.loads(data)
+                ev = json.loads(line[6:])
             except ValueError:
+                st["err"] = "bad event: %r" % line[:80]
                 continue
             if ev.get("error"):
-                err = str(ev["error"])
+                st["err"] = str(ev["error"])
             if ev.get("usage"):
-                usage = ev["usage"].get("completion_tokens")
+                st["usage"] = ev["usage"].get("completion_tokens")
             ch = ev.get("choices") or []
             if ch and ch[0].get("finish_reason") is None:
                 times.append(now)
+
+    async def consume():
+        head = await r.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            st["err"] = head.split(b"\r\n", 1)[0].decode()
+        if b"transfer-encoding: chunked" in head.lower():
+            while True:
+                size = int((await r.readline()).split(b";")[0], 16)
+                if size == 0:
+                    return
+                data = await r.readexactly(size)
+                await r.readline()
+                events(data, time.perf_counter())
+        while True:
+            data = await r.read(65536)
+            if not data:
+                return
+            events(data, time.perf_counter())
+
+    task = asyncio.ensure_future(consume())
+    waits = {task} | ({asyncio.ensure_future(stop_at.wait())} if stop_at is not None else set())
+    fin, rest = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for f in rest:
+        f.cancel()
+    if task in fin and task.exception() is not None:
+        st["err"] = repr(task.exception())
     w.close()
-    return t_send, times, usage, err
+    return t_send, times, st["usage"], st["err"]
 
 
 def pct(v, q):
@@ -243,7 +282,9 @@ def main():
     ap.add_argument("--work", default=None, help="bench-peer's cache (llama.cpp, the model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--levels", default="1,8,32")
-    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; the table holds medians "
+    ap.add_argument("--quiet-wait", type=float, default=30,
+                    help="seconds to wait for an idle machine before each measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table holds medians "
                     "(gap counts: sums)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=64)
@@ -294,18 +335,20 @@ def main():
         for s in servers:
             asyncio.run(load(s.port, model[s.name], 1, 16, 4, 900))
         rows, arr = {}, {}
-        salt = 0
+        salt = busy = 0
         for rnd in range(a.rounds):
             for n in levels:
                 for s in servers:
                     salt += 1000
                     log("round %d, %d streams: %s" % (rnd + 1, n, s.name))
+                    busy += not wait_quiet(a.quiet_wait)
                     r = asyncio.run(load(s.port, model[s.name], n, a.prompt, a.gen, salt))
                     log("  " + " ".join("%s=%.3f" % kv for kv in r.items()))
                     rows.setdefault((n, s.name), []).append(r)
             for s in servers:
                 salt += 1000
                 log("round %d, arrivals: %s" % (rnd + 1, s.name))
+                busy += not wait_quiet(a.quiet_wait)
                 r = asyncio.run(arrivals(s.port, model[s.name], a, salt))
                 log("  " + " ".join("%s=%.3f" % kv for kv in r.items()))
                 arr.setdefault(s.name, []).append(r)
@@ -346,7 +389,8 @@ def main():
         print("| %s | %.3f | %.3f / %.3f | %.1f | %d | %.1f%s |" % (
             nm, r["step"], r["itl50"], r["itl99"], r["ratio"], r["gaps"], r["new_ttft"],
             " (%d streams not decoding at the arrivals)" % r["bad"] if r["bad"] else ""))
-    print("runtime: %.0f s (of which setup/cached builds %.0f s)" % (time.time() - t0, t_setup))
+    print("runtime: %.0f s (of which setup/cached builds %.0f s); measurements started on a busy machine "
+          "(other processes): %d of %d" % (time.time() - t0, t_setup, busy, a.rounds * (len(levels) + 1) * len(names)))
     return 0
 
 
