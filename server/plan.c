@@ -43,7 +43,8 @@ double srv_cost_decode(const srv_step_cost *c, int n_dec)
     double tok = srv_cost_tok(c);
     if (c->n_dec_obs == 0) return tok * n_dec; /* no decode-only step yet: the marginal cost alone */
     double t = c->dec_s + tok * (n_dec - c->dec_n);
-    /* fewer decoders than observed: never below the proportional share
+    if (n_dec >= c->dec_n) return t;
+    /* fewer decoders than observed: never below their proportional share
      * (the step's fixed part, reading the weights, stays) */
     double prop = c->dec_s * n_dec / c->dec_n;
     return t > prop ? t : prop;

@@ -998,6 +998,14 @@ START_TEST(plan_cost_model)
     ck_assert_double_eq_tol(srv_cost_decode(&c, 10), 0.19, 1e-9);
     ck_assert_double_eq_tol(srv_cost_decode(&c, 4), 0.075, 1e-9);
     ck_assert(srv_cost_decode(&c, 0) == 0);
+    /* decode steps seen with one decoder only: eight cost the fixed part
+     * once and seven tokens more, not eight times a one-decoder step */
+    srv_step_cost one = { 0 };
+    srv_cost_note(&one, 0, 128, 128 * 5e-3 + 0.03);
+    srv_cost_note(&one, 1, 0, 0.035);
+    srv_cost_note(&one, 1, 8, 0.035 + 8 * 5e-3);
+    ck_assert_double_eq_tol(srv_cost_decode(&one, 8), 0.035 + 7 * srv_cost_tok(&one), 1e-9);
+    ck_assert(srv_cost_decode(&one, 8) < 0.1);
     /* it follows a change (a slower prompt position) within a few steps */
     for (int i = 0; i < 20; i++) srv_cost_note(&c, 8, 32, 0.15 + 0.04 * 32);
     ck_assert_double_eq_tol(srv_cost_tok(&c), 0.04, 0.001);

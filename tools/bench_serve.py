@@ -46,6 +46,7 @@ defaults, waits for quiet aside).  Exit 77 when PyPI cannot be reached
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -161,6 +162,8 @@ async def stream(port, model, prompt, gen, stop_at=None, times=None):
     def events(data, now):
         """SSE events: "data: {...}" lines"""
         st["buf"] = st.get("buf", b"") + data
+        if not times:
+            st["head"] = (st.get("head", b"") + data)[:600]
         while b"\n" in st["buf"]:
             line, st["buf"] = st["buf"].split(b"\n", 1)
             line = line.strip()
@@ -205,6 +208,8 @@ async def stream(port, model, prompt, gen, stop_at=None, times=None):
     if task in fin and task.exception() is not None:
         st["err"] = repr(task.exception())
     w.close()
+    if not times and st["err"] is None:
+        st["err"] = "no token event in: %r" % st.get("head", b"")
     return t_send, times, st["usage"], st["err"]
 
 
@@ -359,7 +364,10 @@ def main():
 
     def med(runs):
         """the median of each measure over the rounds (counts: their sum)"""
-        out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        out = {}
+        for k in runs[0]:
+            v = [r[k] for r in runs if not math.isnan(r[k])]  # nan: nothing to measure in that round
+            out[k] = statistics.median(v) if v else float("nan")
         for k in ("gaps", "bad"):
             out[k] = sum(r[k] for r in runs)
         return out
