@@ -76,8 +76,8 @@ int srv_plan_prefill_time(double target_s, const srv_step_cost *cost, int n_dec)
     double tok = srv_cost_tok(cost);
     if (tok <= 0) return -1;
     double dec = srv_cost_decode(cost, n_dec);
-    /* decoders alone slower than the target: the step may take up to
-     * SRV_PLAN_DECODE_FACTOR times their time (prompts keep moving) */
+    /* the target, or SRV_PLAN_DECODE_FACTOR times the decoders' time when
+     * that is longer (slow decoders must not stop the prompts) */
     double allow = dec * SRV_PLAN_DECODE_FACTOR > target_s ? dec * SRV_PLAN_DECODE_FACTOR : target_s;
     double t = (allow - dec) / tok;
     if (t < 1) return 1; /* no starvation: the oldest prompt always moves */

@@ -313,8 +313,8 @@ typedef struct srv_step_cost {
     int n_dec_obs, n_pre_obs;
 } srv_step_cost;
 
-/* With decoders slower than the step target, a step may still take this
- * many times their time, so that prompts keep moving. */
+/* A step may take this many times its decoders' time when that is longer
+ * than the step target, so that slow decoders do not stop the prompts. */
 #define SRV_PLAN_DECODE_FACTOR 2.0
 
 /* Adds one step that ran n_dec decode tokens and n_pre prompt tokens in dt
