@@ -303,7 +303,8 @@ def main():
     ap.add_argument("--arr-prompt", type=int, default=512)
     ap.add_argument("--arr-gap", type=float, default=1.0)
     ap.add_argument("--arr-new-gen", type=int, default=8)
-    ap.add_argument("--skip-llama", action="store_true", help="mkad only (no llama.cpp setup)")
+    ap.add_argument("--skip-llama", action="store_true",
+                    help="mkad only, no llama.cpp setup (the model directory must be in --work already)")
     a = ap.parse_args()
     a.build = os.path.abspath(a.build)
     a.work = os.path.abspath(a.work or os.path.join(a.build, "tests", "tmp", "peer"))
