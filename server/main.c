@@ -67,6 +67,10 @@ static const option_def options[] = {
       "token budget of one engine step (decodes + prefill chunks)" },
     { "engine", "prefill_chunk", OPT_INT, O(prefill_chunk), "256", 1, 1 << 16,
       "max prompt tokens one sequence prefills per step" },
+    { "engine", "step_target_ms", OPT_INT, O(step_target_ms), "50", 0, 60000,
+      "step latency target while streams decode: each step's prompt tokens are cut to what fits "
+      "after the decodes, from step costs measured on the fly (a step may still take twice its "
+      "decodes' time, so prompts keep moving); 0 = off (token budget only)" },
     { "engine", "block_size", OPT_INT, O(block_size), "32", 1, 4096, "K/V block size in tokens" },
     { "engine", "kv_mem_mb", OPT_INT, O(kv_mem_mb), "0", 0, 1 << 22,
       "cap on the K/V pool size in MiB, 0 = auto (cpu: 1024; cuda: 90% of the GPU memory "

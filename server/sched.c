@@ -1,21 +1,21 @@
 /*
  * sched.c — continuous batching.
  *
- * Two parts.  srv_plan_step and srv_reuse_len are pure functions (unit-tested
- * in tests/test_server.c): given the running sequences and the per-step token
- * budget they decide who runs how many tokens in the next step.  The rest is
- * the engine thread, the only thread that touches the eng_engine:
+ * The engine thread, the only thread that touches the eng_engine.  Its step
+ * planner and the planner's cost model are pure functions in plan.c.
  *
  *   loop:  take new jobs from the inbox (loop thread -> here, under mu/cv)
  *          drop cancelled jobs (client gone, stop string, timeout, shutdown)
  *          admit preempted sequences, then waiting jobs FIFO, while a
  *          sequence slot and the K/V blocks for the prompt are free (idle
  *          sessions are evicted LRU to make room); resolve the job's session
- *          plan a step: every decoder one token, prefills chunked into what
- *          is left of the budget; if the step's new blocks do not fit, evict
- *          idle sessions, hold prefills back, then preempt the youngest
- *          sequence (it resumes later by recomputation, output unchanged);
- *          eng_step; sample per sequence
+ *          plan a step (plan.c): every decoder one token, prefills chunked
+ *          into what is left of the token budget and, with step_target_ms,
+ *          of the time budget the measured step costs leave; if the
+ *          step's new blocks do not fit, evict idle sessions, hold
+ *          prefills back, then preempt the youngest sequence (it resumes
+ *          later by recomputation, output unchanged);
+ *          eng_step (its time goes to the cost model); sample per sequence
  *          post START/TOKEN/FINAL events to the loop (post callback)
  *
  * Device faults: an engine call that returns ENG_EDEVICE (a sticky CUDA
@@ -49,80 +49,6 @@
 
 /* srv_job.store_state */
 enum { STORE_NONE = 0, STORE_LOADING, STORE_READY };
-
-/* ---- the planner (pure) ------------------------------------------------------ */
-
-int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
-                  srv_plan_item *out)
-{
-    int n = 0;
-    if (budget <= 0 || n_seqs <= 0) return 0;
-    if (chunk <= 0) chunk = budget;
-    /* Decoders first: one token each.  With more decoders than budget, the
-     * ones that waited longest (oldest last_step, then oldest order) go. */
-    int n_dec = 0;
-    for (int i = 0; i < n_seqs; i++) n_dec += seqs[i].prefill_left == 0;
-    if (n_dec <= budget) {
-        for (int i = 0; i < n_seqs; i++)
-            if (seqs[i].prefill_left == 0) out[n++] = (srv_plan_item){ i, 1 };
-    } else {
-        /* Selection by (last_step, order) without allocating: repeated scans
-         * are fine for the sizes involved (max_seqs). */
-        int last_step = -1;
-        uint64_t last_order = 0;
-        for (int k = 0; k < budget; k++) {
-            int best = -1;
-            for (int i = 0; i < n_seqs; i++) {
-                if (seqs[i].prefill_left != 0) continue;
-                /* strictly after the previous pick in (last_step, order) */
-                if (k > 0 && (seqs[i].last_step < last_step ||
-                              (seqs[i].last_step == last_step && seqs[i].order <= last_order)))
-                    continue;
-                if (best < 0 || seqs[i].last_step < seqs[best].last_step ||
-                    (seqs[i].last_step == seqs[best].last_step && seqs[i].order < seqs[best].order))
-                    best = i;
-            }
-            if (best < 0) break;
-            out[n++] = (srv_plan_item){ best, 1 };
-            last_step = seqs[best].last_step;
-            last_order = seqs[best].order;
-        }
-        return n;
-    }
-    int left = budget - n;
-    /* Prefills in arrival order, each at most `chunk` tokens. */
-    uint64_t prev = 0;
-    int have_prev = 0;
-    while (left > 0) {
-        int best = -1;
-        for (int i = 0; i < n_seqs; i++) {
-            if (seqs[i].prefill_left == 0) continue;
-            if (have_prev && seqs[i].order <= prev) continue;
-            if (best < 0 || seqs[i].order < seqs[best].order) best = i;
-        }
-        if (best < 0) break;
-        int t = seqs[best].prefill_left;
-        if (t > chunk) t = chunk;
-        if (seqs[best].chunk > 0 && t > seqs[best].chunk) t = seqs[best].chunk;
-        if (t > left) t = left;
-        out[n++] = (srv_plan_item){ best, t };
-        left -= t;
-        prev = seqs[best].order;
-        have_prev = 1;
-    }
-    return n;
-}
-
-int srv_reuse_len(const int32_t *have, int n_have, const int32_t *prompt, int n_prompt,
-                  int block_size)
-{
-    int k = 0;
-    while (k < n_have && k < n_prompt && have[k] == prompt[k]) k++;
-    if (k > n_prompt - 1) k = n_prompt - 1; /* the last prompt token must run for logits */
-    if (k < 0) k = 0;
-    if (k == n_have) return k;
-    return block_size > 0 ? k / block_size * block_size : 0;
-}
 
 /* ---- the engine thread -------------------------------------------------------- */
 
@@ -228,6 +154,7 @@ struct srv_engine {
     srv_event *evs;
     int n_evs, cap_evs;
     int step_no;
+    srv_step_cost cost;   /* what steps cost, measured (plan.c) */
     uint64_t order, clock;
     int dead;             /* an engine call returned ENG_EDEVICE: never call it again */
     srv_store *store;     /* the session store, or NULL (no state directory) */
@@ -1276,7 +1203,8 @@ static int plan_fitting(srv_engine *se)
             map[m] = r;
             se->pseqs[m++] = (srv_plan_seq){ end - es->n_past, es->order, es->last_step, es->plp ? 1 : 0 };
         }
-        int n = srv_plan_step(se->pseqs, m, se->info.max_batch_tokens, se->cfg->prefill_chunk, se->plan);
+        int n = srv_plan_step(se->pseqs, m, se->info.max_batch_tokens, se->cfg->prefill_chunk,
+                              se->cfg->step_target_ms / 1000.0, &se->cost, se->plan);
         if (n == 0) return 0;
         for (int k = 0; k < n; k++) se->plan[k].idx = map[se->plan[k].idx];
         int need = 0;
@@ -1456,6 +1384,9 @@ static void run_step(srv_engine *se)
         return;
     }
     srv_metrics_step(se->met, n, n_tok, dt);
+    int n_dec = 0;
+    for (int k = 0; k < n; k++) n_dec += se->items[k].tokens == &se->run[se->plan[k].idx].next_tok;
+    srv_cost_note(&se->cost, n_dec, n_tok - n_dec, dt);
     keep_chunks(se);
     /* the cost model's prefill rate: steps that are one prefill chunk of
      * at least a block (and a few decodes at most) */

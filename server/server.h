@@ -25,6 +25,8 @@ typedef struct srv_config {
     int max_ctx;            /* tokens per sequence, 0 = model max_position (capped 8192) */
     int max_batch_tokens;   /* per-step token budget */
     int prefill_chunk;      /* max prompt tokens one sequence prefills in one step */
+    int step_target_ms;     /* step latency target while sequences decode: prompt tokens per
+                               step are cut to what fits (measured costs); 0 = tokens only */
     int block_size;         /* K/V block size in tokens */
     int kv_mem_mb;          /* K/V pool size cap in MiB, 0 = the engine's default for the
                                backend (cpu: 1024; cuda: 90% of the free GPU memory) */

@@ -4,7 +4,8 @@
  *   util.c     growable byte buffer, key=value logging, clocks
  *   api.c      OpenAI request parsing/validation and JSON/SSE building
  *              (pure functions: no I/O, no threads; unit-tested)
- *   sched.c    the step planner (pure; unit-tested) and the engine thread
+ *   plan.c     the step planner and its cost model (pure; unit-tested)
+ *   sched.c    the engine thread
  *   metrics.c  counters/histograms and the Prometheus text exposition
  *   text.c     the tokenizer adapter (srv_codec over eng_tok)
  *   auth.c     API keys: the table and the bearer-token check
@@ -288,7 +289,7 @@ int srv_sse_usage(srv_buf *out, const srv_genreq *r, const char *id, long create
 int srv_sse_error(srv_buf *out, const srv_error *e);
 int srv_sse_done(srv_buf *out);
 
-/* ---- sched.c: the planner (pure) ------------------------------------------ */
+/* ---- plan.c: the step planner and its cost model (pure) -------------------- */
 
 /* A running sequence as the planner sees it. */
 typedef struct srv_plan_seq {
@@ -303,13 +304,41 @@ typedef struct srv_plan_item {
     int n_tokens;
 } srv_plan_item;
 
+/* What an engine step costs, learnt from the steps that ran (zero = nothing
+ * measured yet).  Fields are the model's state; read it through
+ * srv_cost_tok and srv_cost_decode. */
+typedef struct srv_step_cost {
+    double dec_s, dec_n;   /* EWMA of decode-only steps: seconds, decoders */
+    double pre_s, pre_n;   /* EWMA of mixed steps: prefill seconds, prefill tokens */
+    int n_dec_obs, n_pre_obs;
+} srv_step_cost;
+
+/* A step may take this many times its decoders' time when that is longer
+ * than the step target, so that slow decoders do not stop the prompts. */
+#define SRV_PLAN_DECODE_FACTOR 2.0
+
+/* Adds one step that ran n_dec decode tokens and n_pre prompt tokens in dt
+ * seconds. */
+void srv_cost_note(srv_step_cost *c, int n_dec, int n_pre, double dt);
+/* Seconds per prompt token; 0 until a step with prompt tokens ran. */
+double srv_cost_tok(const srv_step_cost *c);
+/* Predicted seconds of a step of n_dec decode tokens alone (0 for none). */
+double srv_cost_decode(const srv_step_cost *c, int n_dec);
+/* The time budget's prompt tokens for a step with n_dec decoders: as many
+ * as fit max(target_s, SRV_PLAN_DECODE_FACTOR x the decoders' time) after
+ * the decoders, at least 1; -1 = no time limit (target_s <= 0, no cost model,
+ * no decoder to protect, or no prompt token measured yet). */
+int srv_plan_prefill_time(double target_s, const srv_step_cost *cost, int n_dec);
+
 /* Plans one step: every decoding sequence gets one token (the oldest turns
  * first if there are more decoders than budget), then prefilling sequences
  * in arrival order get chunks of at most `chunk` tokens (or their own
- * smaller cap) from what is left of `budget`.  Returns the number of items written to out (capacity
- * n_seqs).  Pure: no engine, no threads. */
-int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk,
-                  srv_plan_item *out);
+ * smaller cap) from what is left of `budget` and of the time budget
+ * (srv_plan_prefill_time; target_s 0 or cost NULL: tokens only).  Returns
+ * the number of items written to out (capacity n_seqs).  Pure: no engine,
+ * no threads. */
+int srv_plan_step(const srv_plan_seq *seqs, int n_seqs, int budget, int chunk, double target_s,
+                  const srv_step_cost *cost, srv_plan_item *out);
 
 /* Session prefix reuse: how many of a resident sequence's `have` tokens to
  * keep for a new prompt.  The result is the longest common prefix, capped so

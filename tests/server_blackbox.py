@@ -1365,6 +1365,55 @@ def test_long_prompt_does_not_starve_decoders():
     th.join(10)
 
 
+def long_prompt_while_streaming(d):
+    """A stream decodes while a 1200-token prompt is prefilled: (the engine
+    steps that carried prompt chunks meanwhile, the prompt's 8 greedy token
+    ids)."""
+    c = d.client()
+    sobj = completion(c, seed=1, max_tokens=3000, stream=True, extra_body={"ignore_eos": True})
+    stream = iter(sobj)
+    next(stream)
+    stop = threading.Event()
+
+    def reader():
+        for _ in stream:
+            if stop.is_set():
+                break
+        sobj.close()
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    time.sleep(0.2)  # a few decode steps: the cost model knows them
+    long_prompt = [(i * 7) % 4000 + 3 for i in range(1200)]
+    m0 = metrics(d)
+    r = completion(c, seed=2, max_tokens=8, temperature=0, prompt=long_prompt, extra_body=IDS)
+    m1 = metrics(d)
+    stop.set()
+    th.join(10)
+    # steps of more than 2 tokens: a prompt chunk beside the stream's decode
+    # (the two decode together afterwards: 2 tokens)
+    n = lambda m: m["mkad_batch_tokens_count"] - m['mkad_batch_tokens_bucket{le="2"}']  # noqa: E731
+    return n(m1) - n(m0), r.choices[0].model_extra["token_ids"]
+
+
+def test_step_time_budget():
+    """step_target_ms: a long prompt arriving while a stream decodes is cut
+    into many more chunks than prefill_chunk alone makes, and its tokens
+    are the same as without the budget (chunking is exact on the CPU)."""
+    got = {}
+    for target in ("1", "0"):
+        d = Daemon("--backend", "cpu", "--threads", "1", "--prefill-chunk", "256", "--step-target-ms", target,
+                   "--log-requests=false")
+        try:
+            got[target] = long_prompt_while_streaming(d)
+        finally:
+            assert d.stop() == 0
+    (on, ids_on), (off, ids_off) = got["1"], got["0"]
+    assert ids_on == ids_off, (ids_on, ids_off)
+    assert off == 5, off  # 4 x 256 + 176: the token budget alone
+    assert on >= 15, on   # a 1 ms target: tens of tokens a step on the tiny model
+
+
 def test_request_timeout():
     # the CPU backend on one thread: slow enough everywhere for 4000 tokens
     # to outlast one second (a GPU decodes the tiny model faster than that)

@@ -904,7 +904,7 @@ START_TEST(plan_decoders_and_chunks)
         { 0, 1, 0, 0 }, { 1000, 2, 0, 0 }, { 0, 3, 0, 0 }, { 10, 4, 0, 0 }, { 0, 5, 0, 0 },
     };
     srv_plan_item it[5];
-    int n = srv_plan_step(s, 5, 64, 32, it);
+    int n = srv_plan_step(s, 5, 64, 32, 0, NULL, it);
     int tok = 0, dec = 0;
     int got[5] = { 0 };
     for (int i = 0; i < n; i++) {
@@ -920,7 +920,7 @@ START_TEST(plan_decoders_and_chunks)
     ck_assert_int_eq(got[3], 10);          /* the later prompt still fits */
     ck_assert_int_le(tok, 64);
     /* budget exhausted by the oldest prefill: the younger waits, decoders still run */
-    n = srv_plan_step(s, 5, 20, 32, it);
+    n = srv_plan_step(s, 5, 20, 32, 0, NULL, it);
     memset(got, 0, sizeof got);
     for (int i = 0; i < n; i++) got[it[i].idx] = it[i].n_tokens;
     ck_assert_int_eq(got[0] + got[2] + got[4], 3);
@@ -928,7 +928,7 @@ START_TEST(plan_decoders_and_chunks)
     ck_assert_int_eq(got[3], 0);
     /* a sequence's own chunk cap (echo with logprobs prefills one token a step) */
     s[1].chunk = 1;
-    n = srv_plan_step(s, 5, 64, 32, it);
+    n = srv_plan_step(s, 5, 64, 32, 0, NULL, it);
     memset(got, 0, sizeof got);
     for (int i = 0; i < n; i++) got[it[i].idx] = it[i].n_tokens;
     ck_assert_int_eq(got[1], 1);
@@ -941,7 +941,7 @@ START_TEST(plan_fifo_prefill)
     /* Arrival order, not array order, decides who prefills first. */
     srv_plan_seq s[3] = { { 100, 9, 0, 0 }, { 100, 3, 0, 0 }, { 100, 5, 0, 0 } };
     srv_plan_item it[3];
-    int n = srv_plan_step(s, 3, 150, 100, it);
+    int n = srv_plan_step(s, 3, 150, 100, 0, NULL, it);
     ck_assert_int_eq(n, 2);
     ck_assert_int_eq(it[0].idx, 1);
     ck_assert_int_eq(it[0].n_tokens, 100);
@@ -959,7 +959,7 @@ START_TEST(plan_more_decoders_than_budget)
     srv_plan_item it[6];
     int ran[6] = { 0 };
     for (int step = 1; step <= 2; step++) {
-        int n = srv_plan_step(s, 6, 4, 8, it);
+        int n = srv_plan_step(s, 6, 4, 8, 0, NULL, it);
         ck_assert_int_eq(n, 4);
         for (int i = 0; i < n; i++) {
             ck_assert_int_eq(it[i].n_tokens, 1);
@@ -968,8 +968,155 @@ START_TEST(plan_more_decoders_than_budget)
         }
     }
     for (int i = 0; i < 6; i++) ck_assert_int_ge(ran[i], 1);
-    ck_assert_int_eq(srv_plan_step(s, 0, 4, 8, it), 0);
-    ck_assert_int_eq(srv_plan_step(s, 6, 0, 8, it), 0);
+    ck_assert_int_eq(srv_plan_step(s, 0, 4, 8, 0, NULL, it), 0);
+    ck_assert_int_eq(srv_plan_step(s, 6, 0, 8, 0, NULL, it), 0);
+}
+END_TEST
+
+/* plan.c's cost model from fake step times (a fake clock): 8 decoders take
+ * 0.15 s a step, every prompt token 0.02 s more. */
+static srv_step_cost fake_cost(void)
+{
+    srv_step_cost c = { 0 };
+    for (int i = 0; i < 5; i++) srv_cost_note(&c, 8, 0, 0.15);
+    for (int i = 0; i < 5; i++) srv_cost_note(&c, 8, 16 + 48 * (i & 1), 0.15 + 0.02 * (16 + 48 * (i & 1)));
+    return c;
+}
+
+START_TEST(plan_cost_model)
+{
+    srv_step_cost c = { 0 };
+    /* nothing measured: no time limit */
+    ck_assert_int_eq(srv_plan_prefill_time(0.25, &c, 8), -1);
+    srv_cost_note(&c, 8, 0, 0.15);
+    ck_assert_int_eq(srv_plan_prefill_time(0.25, &c, 8), -1); /* prompt cost still unknown */
+    c = fake_cost();
+    ck_assert_double_eq_tol(srv_cost_decode(&c, 8), 0.15, 1e-9);
+    ck_assert_double_eq_tol(srv_cost_tok(&c), 0.02, 1e-9);
+    /* more decoders cost one token's marginal time each; fewer never less
+     * than their share */
+    ck_assert_double_eq_tol(srv_cost_decode(&c, 10), 0.19, 1e-9);
+    ck_assert_double_eq_tol(srv_cost_decode(&c, 4), 0.075, 1e-9);
+    ck_assert(srv_cost_decode(&c, 0) == 0);
+    /* decode steps seen with one decoder only: eight cost the fixed part
+     * once and seven tokens more, not eight times a one-decoder step */
+    srv_step_cost one = { 0 };
+    srv_cost_note(&one, 0, 128, 128 * 5e-3 + 0.03);
+    srv_cost_note(&one, 1, 0, 0.035);
+    srv_cost_note(&one, 1, 8, 0.035 + 8 * 5e-3);
+    ck_assert_double_eq_tol(srv_cost_decode(&one, 8), 0.035 + 7 * srv_cost_tok(&one), 1e-9);
+    ck_assert(srv_cost_decode(&one, 8) < 0.1);
+    /* it follows a change (a slower prompt position) within a few steps */
+    for (int i = 0; i < 20; i++) srv_cost_note(&c, 8, 32, 0.15 + 0.04 * 32);
+    ck_assert_double_eq_tol(srv_cost_tok(&c), 0.04, 0.001);
+    /* a prompt token is never taken for free, whatever the noise */
+    srv_step_cost z = { 0 };
+    srv_cost_note(&z, 8, 0, 0.30);
+    srv_cost_note(&z, 8, 8, 0.20); /* faster than the decodes alone */
+    ck_assert(srv_cost_tok(&z) > 0);
+    /* nonsense is ignored */
+    srv_cost_note(&z, 0, 0, 1.0);
+    srv_cost_note(&z, 8, 0, -1.0);
+    ck_assert_int_eq(z.n_dec_obs, 1);
+    ck_assert_int_eq(z.n_pre_obs, 1);
+}
+END_TEST
+
+/* predicted seconds of a planned step under the fake cost model */
+static double plan_secs(const srv_step_cost *c, const srv_plan_seq *s, const srv_plan_item *it, int n)
+{
+    int dec = 0, pre = 0;
+    for (int i = 0; i < n; i++) {
+        if (s[it[i].idx].prefill_left == 0) dec++;
+        else pre += it[i].n_tokens;
+    }
+    return srv_cost_decode(c, dec) + srv_cost_tok(c) * pre;
+}
+
+/* 8 decoding streams (s[0..7]), then a 512-token prompt (s[8]) */
+static void streams_and_prompt(srv_plan_seq s[9])
+{
+    for (int i = 0; i < 8; i++) s[i] = (srv_plan_seq){ 0, (uint64_t)i, 0, 0 };
+    s[8] = (srv_plan_seq){ 512, 8, 0, 0 };
+}
+
+START_TEST(plan_time_budget)
+{
+    /* 8 streams decode when a 512-token prompt arrives */
+    srv_step_cost c = fake_cost();
+    srv_plan_seq s[9];
+    streams_and_prompt(s);
+    srv_plan_item it[9];
+    /* tokens only: one 256-token chunk, a step of 5 s (34 decode steps) */
+    int n = srv_plan_step(s, 9, 512, 256, 0, &c, it);
+    ck_assert_int_eq(n, 9);
+    ck_assert(plan_secs(&c, s, it, n) > 5.0);
+    /* a 0.25 s target: decoders (0.15 s) first, then what fits the rest of
+     * twice their time (0.30 s): 7 prompt tokens */
+    n = srv_plan_step(s, 9, 512, 256, 0.25, &c, it);
+    ck_assert_int_eq(n, 9);
+    for (int i = 0; i < 8; i++) {
+        ck_assert_int_eq(it[i].idx, i);
+        ck_assert_int_eq(it[i].n_tokens, 1);
+    }
+    ck_assert_int_eq(it[8].idx, 8);
+    ck_assert_int_eq(it[8].n_tokens, 7);
+    ck_assert(plan_secs(&c, s, it, n) <= 0.30 + 1e-9);
+    /* a 1 s target: (1 - 0.15) / 0.02 = 42 tokens, the step stays under it */
+    n = srv_plan_step(s, 9, 512, 256, 1.0, &c, it);
+    ck_assert_int_eq(it[8].n_tokens, 42);
+    ck_assert(plan_secs(&c, s, it, n) <= 1.0);
+    /* the token budget and the chunk still cap */
+    n = srv_plan_step(s, 9, 20, 256, 1.0, &c, it);
+    ck_assert_int_eq(it[8].n_tokens, 12);
+    n = srv_plan_step(s, 9, 512, 30, 1.0, &c, it);
+    ck_assert_int_eq(it[8].n_tokens, 30);
+    /* no decoder to protect: the prompt takes its whole chunk */
+    n = srv_plan_step(&s[8], 1, 512, 256, 0.25, &c, it);
+    ck_assert_int_eq(n, 1);
+    ck_assert_int_eq(it[0].n_tokens, 256);
+    /* two prompts: the older one takes the time budget first */
+    s[7] = (srv_plan_seq){ 100, 9, 0, 0 };
+    n = srv_plan_step(s, 9, 512, 256, 1.0, &c, it);
+    ck_assert_int_eq(n, 8);
+    ck_assert_int_eq(it[7].idx, 8);
+    ck_assert_int_eq(it[7].n_tokens, (int)((1.0 - srv_cost_decode(&c, 7)) / 0.02));
+}
+END_TEST
+
+START_TEST(plan_time_budget_progress)
+{
+    /* Steps go on until the prompt is in: every decoder runs in every step,
+     * the prompt moves in every step, no step is predicted over 0.30 s. */
+    srv_step_cost c = fake_cost();
+    srv_plan_seq s[9];
+    streams_and_prompt(s);
+    srv_plan_item it[9];
+    int steps = 0;
+    while (s[8].prefill_left > 0) {
+        int n = srv_plan_step(s, 9, 512, 256, 0.25, &c, it), dec = 0, moved = 0;
+        ck_assert(plan_secs(&c, s, it, n) <= 0.30 + 1e-9);
+        for (int i = 0; i < n; i++) {
+            if (it[i].idx < 8) dec++;
+            else moved = it[i].n_tokens;
+        }
+        ck_assert_int_eq(dec, 8);
+        ck_assert_int_ge(moved, 1);
+        s[8].prefill_left -= moved;
+        ck_assert_int_lt(++steps, 100);
+    }
+    ck_assert_int_eq(steps, (512 + 6) / 7);
+    /* prompt tokens far dearer than the target allows: still one a step;
+     * decoders slower than the target: the step may take twice theirs */
+    srv_step_cost dear = { 0 };
+    srv_cost_note(&dear, 8, 0, 0.1);
+    srv_cost_note(&dear, 8, 1, 10.1);
+    ck_assert_int_eq(srv_plan_prefill_time(0.25, &dear, 8), 1);
+    ck_assert_int_eq(srv_plan_prefill_time(0.01, &c, 8), 7);
+    s[8].prefill_left = 512;
+    int n = srv_plan_step(s, 9, 512, 256, 0.25, &dear, it);
+    ck_assert_int_eq(n, 9);
+    ck_assert_int_eq(it[8].n_tokens, 1);
 }
 END_TEST
 
@@ -1678,6 +1825,9 @@ static Suite *suite(void)
     tcase_add_test(sched, plan_decoders_and_chunks);
     tcase_add_test(sched, plan_fifo_prefill);
     tcase_add_test(sched, plan_more_decoders_than_budget);
+    tcase_add_test(sched, plan_cost_model);
+    tcase_add_test(sched, plan_time_budget);
+    tcase_add_test(sched, plan_time_budget_progress);
     tcase_add_test(sched, reuse_prefix);
     tcase_add_test(sched, resume_cost_model);
     tcase_add_test(sched, l3_index_sync);
