@@ -9,7 +9,13 @@
  *  - the contract is close to a double-precision product (so a wrong kernel
  *    that is merely consistent fails);
  *  - eng_cpu_attention is bit-identical across paths, does not depend on the
- *    block table's order in memory, and matches a double-precision softmax.
+ *    block table's order in memory, and matches a double-precision softmax;
+ *  - cpu_math fast (where the CPU has AVX512-BF16): the bf16 dot-product
+ *    kernels are batch- and thread-invariant too, really round the
+ *    activations (they differ from the exact path), and stay within the
+ *    bound of that rounding of a double-precision product; an engine in that
+ *    mode still gives chunked prefill the bits of a one-shot prefill, and its
+ *    logits stay close to the exact engine's.
  */
 #include <check.h>
 #include <math.h>
@@ -17,6 +23,7 @@
 #include <string.h>
 
 #include "engine_priv.h"
+#include "testutil.h"
 
 static uint32_t rng = 1;
 static float frand(void)
@@ -69,7 +76,7 @@ static void linear_case(int W16, int K, int N, int with_bias)
             ck_assert_int_eq(eng_pool_create(th, &p), ENG_OK);
             /* one shot, M = 1000 */
             memset(y, 0xff, sizeof(float) * M * N);
-            eng_cpu_linear(p, &l, x, M, y);
+            eng_cpu_linear(p, &l, x, M, y, ENG_CPU_MATH_EXACT);
             ck_assert_msg(memcmp(y, ref, sizeof(float) * M * N) == 0, "isa %d threads %d W16 %d K %d: M=1000",
                           isa, th, W16, K);
             /* chunks of 7 and single rows (decode) */
@@ -77,7 +84,7 @@ static void linear_case(int W16, int K, int N, int with_bias)
             for (int m = 0; m < M;) {
                 int c = (m / 7) % 2 ? 1 : 7;
                 c = m + c <= M ? c : M - m;
-                eng_cpu_linear(p, &l, x + (size_t)m * K, c, y + (size_t)m * N);
+                eng_cpu_linear(p, &l, x + (size_t)m * K, c, y + (size_t)m * N, ENG_CPU_MATH_EXACT);
                 m += c;
             }
             ck_assert_msg(memcmp(y, ref, sizeof(float) * M * N) == 0, "isa %d threads %d W16 %d K %d: chunks",
@@ -169,6 +176,131 @@ START_TEST(attention_is_isa_invariant_and_exact_enough)
 }
 END_TEST
 
+/* cpu_math fast on bf16 weights: invariant over M, chunks and threads; close
+ * to the double-precision product of the unrounded x by the bound of bf16
+ * rounding of x (2^-9 relative per element); not the exact contract. */
+static void linear_fast_case(int K, int N, int with_bias)
+{
+    const int M = 300;
+    float *x = malloc(sizeof(float) * M * K), *ref = malloc(sizeof(float) * M * N);
+    float *y = malloc(sizeof(float) * M * N), *ex = malloc(sizeof(float) * M * N), *b = malloc(sizeof(float) * N);
+    uint16_t *wh = malloc(sizeof(uint16_t) * N * K);
+    ck_assert(x && ref && y && ex && wh && b);
+    for (int i = 0; i < M * K; i++) x[i] = frand();
+    for (int i = 0; i < N * K; i++) wh[i] = eng__f32_to_bf16(frand() * 0.2f);
+    for (int i = 0; i < N; i++) b[i] = frand();
+    eng_linear l = { NULL, wh, with_bias ? b : NULL, N, K };
+    eng_pool *p1;
+    ck_assert_int_eq(eng_pool_create(1, &p1), ENG_OK);
+    eng_cpu_linear(p1, &l, x, M, ref, ENG_CPU_MATH_FAST);
+    eng_cpu_linear(p1, &l, x, M, ex, ENG_CPU_MATH_EXACT);
+    eng_pool_free(p1);
+    int differ = 0;
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double d = with_bias ? b[n] : 0.0, mag = 0.0;
+            for (int k = 0; k < K; k++) {
+                double t = (double)x[(size_t)m * K + k] * eng__bf16_to_f32(wh[(size_t)n * K + k]);
+                d += t;
+                mag += fabs(t);
+            }
+            float v = ref[(size_t)m * N + n];
+            ck_assert_msg(fabs(v - d) <= mag * 0x1p-8 + 1e-5, "fast vs double at (%d, %d): %g vs %g (mag %g)", m, n,
+                          (double)v, d, mag);
+            differ += v != ex[(size_t)m * N + n];
+        }
+    ck_assert_msg(differ > M * N / 10, "fast equals exact in %d of %d elements: not the bf16 path", M * N - differ,
+                  M * N);
+    for (int th = 1; th <= 3; th++) {
+        eng_pool *p;
+        ck_assert_int_eq(eng_pool_create(th, &p), ENG_OK);
+        memset(y, 0xff, sizeof(float) * M * N);
+        eng_cpu_linear(p, &l, x, M, y, ENG_CPU_MATH_FAST);
+        ck_assert_msg(memcmp(y, ref, sizeof(float) * M * N) == 0, "fast, threads %d K %d: one shot", th, K);
+        memset(y, 0xff, sizeof(float) * M * N);
+        for (int m = 0; m < M;) {
+            int c = (m / 7) % 2 ? 1 : 7 + m % 5;
+            c = m + c <= M ? c : M - m;
+            eng_cpu_linear(p, &l, x + (size_t)m * K, c, y + (size_t)m * N, ENG_CPU_MATH_FAST);
+            m += c;
+        }
+        ck_assert_msg(memcmp(y, ref, sizeof(float) * M * N) == 0, "fast, threads %d K %d: chunks", th, K);
+        eng_pool_free(p);
+    }
+    free(x); free(ref); free(y); free(ex); free(b); free(wh);
+}
+
+START_TEST(linear_fast_is_batch_and_thread_invariant_and_close)
+{
+    if (!eng_cpu_math_available(ENG_CPU_MATH_FAST)) {
+        fprintf(stderr, "cpukern: no AVX512-BF16 here, cpu_math fast not tested\n");
+        return;
+    }
+    linear_fast_case(896, 70, 1);
+    linear_fast_case(100, 37, 0); /* a K tail of 4 past three 32-wide steps */
+    linear_fast_case(45, 17, 1);  /* one odd masked step after one full step */
+}
+END_TEST
+
+/* An engine in cpu_math fast: the logits after a 40-token prompt fed in one
+ * shot and in chunks of 7 and 1 are bit-identical; against the exact engine
+ * they differ, but not by much. */
+static float *fast_logits(const eng_model *m, int math, int chunk, const int32_t *toks, int n)
+{
+    eng_params prm = eng_default_params();
+    prm.backend = ENG_BACKEND_CPU;
+    prm.cpu_math = math;
+    prm.n_threads = 2;
+    prm.max_seqs = 1;
+    prm.max_ctx = 64;
+    prm.max_batch_tokens = 64;
+    eng_engine *e;
+    char err[256];
+    ck_assert_msg(eng_create(m, &prm, &e, err, sizeof err) == ENG_OK, "%s", err);
+    ck_assert_int_eq(eng_get_params(e)->cpu_math, math);
+    int V = eng_model_get_info(m)->vocab_size, seq;
+    float *out = malloc(sizeof(float) * V);
+    ck_assert_int_eq(eng_seq_create(e, &seq), ENG_OK);
+    for (int off = 0, c = 0; off < n; c++) {
+        int len = chunk ? (c % 2 ? 1 : chunk) : n;
+        len = len < n - off ? len : n - off;
+        eng_batch_item it = { seq, toks + off, len, off + len == n ? out : NULL };
+        ck_assert_msg(eng_step(e, &it, 1, err, sizeof err) == ENG_OK, "%s", err);
+        off += len;
+    }
+    eng_free(e);
+    return out;
+}
+
+START_TEST(engine_fast_math_is_chunk_invariant_and_close)
+{
+    if (!eng_cpu_math_available(ENG_CPU_MATH_FAST)) return;
+    char dir[4096], err[512];
+    ck_assert_int_eq(tu_genmodel("cpukern_fast", "--preset tiny --arch qwen2 --levels 3 --dtype bf16 --seed 21", dir,
+                                 sizeof dir), 0);
+    eng_model *m;
+    ck_assert_msg(eng_model_load(dir, &m, err, sizeof err) == ENG_OK, "%s", err);
+    int V = eng_model_get_info(m)->vocab_size;
+    int32_t toks[40];
+    for (int i = 0; i < 40; i++) toks[i] = (i * 37 + 11) % V;
+    float *one = fast_logits(m, ENG_CPU_MATH_FAST, 0, toks, 40), *chunked = fast_logits(m, ENG_CPU_MATH_FAST, 7, toks, 40);
+    float *exact = fast_logits(m, ENG_CPU_MATH_EXACT, 0, toks, 40);
+    ck_assert_msg(memcmp(one, chunked, sizeof(float) * V) == 0, "fast: chunked prefill differs from one shot");
+    double maxd = 0.0, maxa = 0.0;
+    int differ = 0;
+    for (int i = 0; i < V; i++) {
+        double d = fabs((double)one[i] - exact[i]);
+        maxd = d > maxd ? d : maxd;
+        maxa = fabs(exact[i]) > maxa ? fabs(exact[i]) : maxa;
+        differ += one[i] != exact[i];
+    }
+    ck_assert_msg(differ > 0, "fast logits equal the exact ones: the mode did not take effect");
+    ck_assert_msg(maxd <= 0.05 * maxa, "fast vs exact logits: max difference %g of max %g", maxd, maxa);
+    free(one); free(chunked); free(exact);
+    eng_model_free(m);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cpukern");
@@ -177,6 +309,8 @@ int main(void)
     tcase_add_test(tc, linear_bf16_is_batch_thread_and_isa_invariant);
     tcase_add_test(tc, linear_f32_is_batch_thread_and_isa_invariant);
     tcase_add_test(tc, attention_is_isa_invariant_and_exact_enough);
+    tcase_add_test(tc, linear_fast_is_batch_and_thread_invariant_and_close);
+    tcase_add_test(tc, engine_fast_math_is_chunk_invariant_and_close);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
