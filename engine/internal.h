@@ -145,7 +145,9 @@ int eng_cpu_math_available(int math);
  * live in a paged pool: position j's K row is at kv + blocks[j / B] *
  * block_bytes + k_off + (j % B) * row_bytes (V: v_off), hd elements, bf16
  * when bf16 else f32.  out (G, hd) = softmax(q k^T * scale) v; sc: scratch
- * (G, n).  The same bits for a token whatever the batch or path. */
+ * of ENG_CPU_ATTN_SCRATCH(G, n, hd) floats.  The same bits for a token
+ * whatever the batch or path. */
+#define ENG_CPU_ATTN_SCRATCH(G, n, hd) ((size_t)(G) * (n) + 16 * (size_t)(hd))
 typedef struct eng_cpu_attn {
     const float *q;
     float *out, *sc;

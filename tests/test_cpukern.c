@@ -118,7 +118,7 @@ static void attn_case(int bf16, int G, int hd, int n, int B)
     size_t es = bf16 ? 2 : 4, block_bytes = 2 * (size_t)B * kvd * es;
     unsigned char *kv = malloc(block_bytes * nb);
     int *blocks = malloc(sizeof(int) * nb);
-    float *q = malloc(sizeof(float) * G * hd), *sc = malloc(sizeof(float) * G * n);
+    float *q = malloc(sizeof(float) * G * hd), *sc = malloc(sizeof(float) * ENG_CPU_ATTN_SCRATCH(G, n, hd));
     float *out = malloc(sizeof(float) * G * hd), *out0 = malloc(sizeof(float) * G * hd);
     ck_assert(kv && blocks && q && sc && out && out0);
     for (size_t i = 0; i < block_bytes * nb / es; i++) {

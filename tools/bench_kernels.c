@@ -160,7 +160,7 @@ int main(int argc, char **argv)
     int *blocks = malloc((size_t)nb * sizeof *blocks);
     for (int i = 0; i < nb; i++) blocks[i] = nb - 1 - i;
     float *q = rand_f32((size_t)G * hd * Hkv), *out = malloc((size_t)G * hd * Hkv * sizeof *out);
-    float *sc = malloc((size_t)G * depth * sizeof *sc);
+    float *sc = malloc(ENG_CPU_ATTN_SCRATCH(G, depth, hd) * sizeof *sc);
     for (int r = 0; r < reps; r++) {
         double t0 = now();
         for (int h = 0; h < Hkv; h++) {

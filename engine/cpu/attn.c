@@ -142,14 +142,83 @@ T512 static inline __m512 ld16(const unsigned char *p, int bf16, int d)
     return _mm512_loadu_ps((const float *)(const void *)p + d);
 }
 
-#define MAX_HD16 16 /* head sizes up to 256 in registers */
+#define MAX_HD16 16 /* head sizes up to 256 */
+#define PV_G 8       /* query heads whose output chunk stays in registers at once */
+
+/* The reduce16 tree of 16 vectors at once: lane o of the result is the tree
+ * sum of a[4 * (o % 4) + o / 4] (the same additions as reduce16_512, in
+ * shuffled lanes: halves, then quarters, pairs, neighbours). */
+T512 static INL __m512 reduce16x16(const __m512 *a)
+{
+    __m512 c[8], d[4], e[2];
+    for (int p = 0; p < 8; p++)
+        c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xee));
+    for (int p = 0; p < 4; p++)
+        d[p] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0xdd));
+    for (int p = 0; p < 2; p++)
+        e[p] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * p], d[2 * p + 1], 0x44),
+                             _mm512_shuffle_ps(d[2 * p], d[2 * p + 1], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xdd));
+}
+
+/* Scores of G heads against 16 positions j0..j0+15: the K rows widened
+ * once into kf (16, hd) f32, each head's 16 dot products reduced together. */
+T512 static void scores16_512(const eng_cpu_attn *a, int j0, float *kf)
+{
+    int hd = a->hd, nc = hd / 16;
+    for (int i = 0; i < 16; i++) {
+        /* slot i holds position j0 + 4 * (i % 4) + i / 4 (reduce16x16's order) */
+        const unsigned char *k = kv_at(a, j0 + 4 * (i % 4) + i / 4, a->k_off);
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(kf + (size_t)i * hd + c * 16, ld16(k, a->bf16, c * 16));
+    }
+    __m512 scale = _mm512_set1_ps(a->scale);
+    for (int g = 0; g < a->G; g++) {
+        const float *q = a->q + (size_t)g * hd;
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            __m512 qv = _mm512_loadu_ps(q + c * 16);
+            for (int i = 0; i < 16; i++)
+                acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + (size_t)i * hd + c * 16), acc[i]);
+        }
+        _mm512_storeu_ps(a->sc + (size_t)g * a->n + j0, _mm512_mul_ps(reduce16x16(acc), scale));
+    }
+}
+
+/* out[g][d] = fma(p[g][j], v_j[d], out[g][d]) in j order for NG heads from
+ * g0 and the 16-wide chunk c of d, the NG accumulators in registers. */
+T512 static INL void pv_512(int NG, const eng_cpu_attn *a, int g0, int c)
+{
+    __m512 acc[PV_G];
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) acc[g] = _mm512_setzero_ps();
+    const float *p = a->sc + (size_t)g0 * a->n;
+    for (int j0 = 0; j0 < a->n; j0 += a->B) {
+        const unsigned char *v = kv_at(a, j0, a->v_off);
+        int rows = a->n - j0 < a->B ? a->n - j0 : a->B;
+        for (int r = 0; r < rows; r++, v += a->row_bytes) {
+            __m512 vv = ld16(v, a->bf16, c * 16);
+#pragma GCC unroll 8
+            for (int g = 0; g < NG; g++)
+                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)g * a->n + j0 + r]), vv, acc[g]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) _mm512_storeu_ps(a->out + (size_t)(g0 + g) * a->hd + c * 16, acc[g]);
+}
 
 /* Head sizes that are a multiple of 16 (every common model); others take the
- * portable path. */
+ * portable path.  a->sc must have room for 16 * hd floats past G * n (the
+ * widened K rows). */
 T512 static void attention_512(const eng_cpu_attn *a)
 {
     int G = a->G, hd = a->hd, n = a->n, nc = hd / 16;
-    for (int j = 0; j < n; j++) {
+    float *kf = a->sc + (size_t)G * n;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) scores16_512(a, j, kf);
+    for (; j < n; j++) {
         const unsigned char *k = kv_at(a, j, a->k_off);
         __m512 kv[MAX_HD16];
         for (int c = 0; c < nc; c++) kv[c] = ld16(k, a->bf16, c * 16);
@@ -161,17 +230,18 @@ T512 static void attention_512(const eng_cpu_attn *a)
         }
     }
     for (int g = 0; g < G; g++) softmax_512(a->sc + (size_t)g * n, n);
-    memset(a->out, 0, (size_t)G * hd * sizeof(float));
-    for (int j = 0; j < n; j++) {
-        const unsigned char *v = kv_at(a, j, a->v_off);
-        __m512 vv[MAX_HD16];
-        for (int c = 0; c < nc; c++) vv[c] = ld16(v, a->bf16, c * 16);
-        for (int g = 0; g < G; g++) {
-            __m512 p = _mm512_set1_ps(a->sc[(size_t)g * n + j]);
-            float *o = a->out + (size_t)g * hd;
-            for (int c = 0; c < nc; c++)
-                _mm512_storeu_ps(o + c * 16, _mm512_fmadd_ps(p, vv[c], _mm512_loadu_ps(o + c * 16)));
-        }
+    for (int g0 = 0; g0 < G; g0 += PV_G) {
+        int ng = G - g0 < PV_G ? G - g0 : PV_G;
+        for (int c = 0; c < nc; c++) switch (ng) {
+            case 8: pv_512(8, a, g0, c); break;
+            case 7: pv_512(7, a, g0, c); break;
+            case 6: pv_512(6, a, g0, c); break;
+            case 5: pv_512(5, a, g0, c); break;
+            case 4: pv_512(4, a, g0, c); break;
+            case 3: pv_512(3, a, g0, c); break;
+            case 2: pv_512(2, a, g0, c); break;
+            default: pv_512(1, a, g0, c); break;
+            }
     }
 }
 #endif

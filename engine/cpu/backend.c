@@ -43,7 +43,7 @@ typedef struct cpu_be {
     float *lam;             /* (T, 3) route weights */
     float *sel_x;           /* (max_seqs, D) final-normed rows for the LM head */
     float *scores;          /* (n_threads, scores_per_thread) attention and L3 scratch */
-    size_t scores_per_thread; /* max(group * max_ctx, l3_max_chunks) */
+    size_t scores_per_thread; /* max(ENG_CPU_ATTN_SCRATCH(group, max_ctx, hd), l3_max_chunks) */
 } cpu_be;
 
 #define CB(e) ((cpu_be *)(e)->be)
@@ -429,9 +429,8 @@ static int cpu_init(eng_engine *e, char *err, size_t errlen)
     cb->rh = xcalloc(T * (e->D / 2 > 0 ? e->D / 2 : 1), sizeof(float), &fail);
     cb->lam = xcalloc(T * MAX_LEVELS, sizeof(float), &fail);
     cb->sel_x = xcalloc((size_t)p->max_seqs * e->D, sizeof(float), &fail);
-    size_t group = (size_t)e->m->info.n_heads / e->m->info.n_kv_heads;
-    cb->scores_per_thread = group * p->max_ctx > (size_t)p->l3_max_chunks ? group * p->max_ctx
-                                                                         : (size_t)p->l3_max_chunks;
+    size_t att = ENG_CPU_ATTN_SCRATCH(e->m->info.n_heads / e->m->info.n_kv_heads, p->max_ctx, e->hd);
+    cb->scores_per_thread = att > (size_t)p->l3_max_chunks ? att : (size_t)p->l3_max_chunks;
     cb->scores = xcalloc((size_t)p->n_threads * cb->scores_per_thread, sizeof(float), &fail);
     if (fail) {
         cpu_fini(e);
