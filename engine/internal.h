@@ -156,6 +156,7 @@ typedef struct eng_cpu_attn {
     const unsigned char *kv;
     size_t block_bytes, k_off, v_off, row_bytes;
     float scale;
+    int math; /* ENG_CPU_MATH_*: fast takes bf16 dot products (attn.c) where it can */
 } eng_cpu_attn;
 void eng_cpu_attention(const eng_cpu_attn *a);
 /* y (M, D) = RMSNorm(x) * w */

@@ -129,7 +129,8 @@ static void attn_case(int bf16, int G, int hd, int n, int B)
     for (int i = 0; i < nb; i++) blocks[i] = nb - 1 - i; /* positions in reverse block order */
     for (int i = 0; i < G * hd; i++) q[i] = frand() * 2.0f;
     eng_cpu_attn a = { q, out, sc, G, hd, n, B, bf16, blocks, kv, block_bytes,
-                       (size_t)hd * es, ((size_t)B * kvd + hd) * es, (size_t)kvd * es, 1.0f / sqrtf((float)hd) };
+                       (size_t)hd * es, ((size_t)B * kvd + hd) * es, (size_t)kvd * es, 1.0f / sqrtf((float)hd),
+                       ENG_CPU_MATH_EXACT };
     for (int isa = 0; isa < n_isas(); isa++) {
         ck_assert_int_eq(eng_cpu_isa_set(isa), ENG_OK);
         memset(out, 0xff, sizeof(float) * G * hd);
@@ -139,8 +140,8 @@ static void attn_case(int bf16, int G, int hd, int n, int B)
     }
     eng_cpu_isa_set(ENG_ISA_AVX512);
     /* double-precision reference */
-    double *s = malloc(sizeof(double) * n);
-    ck_assert(s);
+    double *s = malloc(sizeof(double) * n), *ref = malloc(sizeof(double) * G * hd);
+    ck_assert(s && ref);
     for (int g = 0; g < G; g++) {
         double mx = -INFINITY, sum = 0.0;
         for (int j = 0; j < n; j++) {
@@ -162,9 +163,34 @@ static void attn_case(int bf16, int G, int hd, int n, int B)
             }
             ck_assert_msg(fabs(o - out0[g * hd + i]) <= 2e-5 * 4.0, "head %d dim %d: %g vs %g", g, i, o,
                           out0[g * hd + i]);
+            ref[g * hd + i] = o;
         }
     }
-    free(s); free(kv); free(blocks); free(q); free(sc); free(out); free(out0);
+    /* cpu_math fast (bf16 K/V, hd % 32 == 0, even B): q and p rounded to
+     * bf16; the same bits twice, not the exact bits, within 0.05 of the
+     * double result (|v| <= 2, scores up to about 4: the rounding of q moves a
+     * score by up to about 2^-8 of its terms' magnitude) */
+    if (bf16 && hd % 32 == 0 && B % 2 == 0 && eng_cpu_math_available(ENG_CPU_MATH_FAST)) {
+        float *fo = malloc(sizeof(float) * G * hd);
+        ck_assert(fo);
+        a.math = ENG_CPU_MATH_FAST;
+        a.out = fo;
+        eng_cpu_attention(&a);
+        memcpy(out, fo, sizeof(float) * G * hd);
+        memset(fo, 0xff, sizeof(float) * G * hd);
+        eng_cpu_attention(&a);
+        ck_assert_msg(memcmp(out, fo, sizeof(float) * G * hd) == 0, "fast attention is not deterministic");
+        int same = 0;
+        for (int i = 0; i < G * hd; i++) {
+            ck_assert_msg(fabs(ref[i] - fo[i]) <= 0.05, "fast attention, element %d: %g vs %g", i, (double)fo[i],
+                          ref[i]);
+            same += fo[i] == out0[i];
+        }
+        free(fo);
+        ck_assert_msg(n == 1 || same < G * hd / 2, "fast attention equals the exact result in %d of %d", same,
+                      G * hd);
+    }
+    free(s); free(ref); free(kv); free(blocks); free(q); free(sc); free(out); free(out0);
 }
 
 START_TEST(attention_is_isa_invariant_and_exact_enough)
@@ -173,6 +199,8 @@ START_TEST(attention_is_isa_invariant_and_exact_enough)
     attn_case(1, 7, 64, 333, 16);   /* a partial last block, a softmax tail */
     attn_case(0, 2, 128, 100, 32);
     attn_case(1, 1, 40, 77, 16);    /* a head size the vector path does not take */
+    attn_case(1, 7, 64, 95, 32);    /* fast: an odd n (a padded pair) */
+    attn_case(1, 3, 128, 70, 6);    /* fast: blocks of 6, four 32-element steps */
 }
 END_TEST
 

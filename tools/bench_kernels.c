@@ -166,7 +166,7 @@ int main(int argc, char **argv)
         for (int h = 0; h < Hkv; h++) {
             eng_cpu_attn a = { q + (size_t)h * G * hd, out + (size_t)h * G * hd, sc, G, hd, depth, B, 1,
                                blocks, kv, block_bytes, (size_t)h * hd * 2, B * kv_dim * 2 + (size_t)h * hd * 2,
-                               kv_dim * 2, 0.125f };
+                               kv_dim * 2, 0.125f, math };
             eng_cpu_attention(&a);
         }
         t[r] = now() - t0;

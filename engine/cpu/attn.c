@@ -244,11 +244,136 @@ T512 static void attention_512(const eng_cpu_attn *a)
             }
     }
 }
+
+/* ---- cpu_math fast: bf16 dot products (AVX512-BF16) ----------------------
+ *
+ * Not the reference (linear.c's fast mode, for attention): q and the softmax
+ * weights are rounded to bf16 and multiplied with the bf16 K/V rows by
+ * vdpbf16ps, two products per f32 lane, no widening.  Its own fixed
+ * contract per token, the same whatever the batch:
+ *   qb = bf16(q_g);  s[g][j] = reduce16(sum over 32-element steps of
+ *                    vdpbf16ps(qb, k_j)) * scale
+ *   p[g][j] = the exact contract's softmax of s;  pb = bf16(p)
+ *   out[g][d] = vdpbf16ps over position pairs (j, j+1) in order, lane d:
+ *               + pb[g][j+1] v_{j+1}[d] + pb[g][j] v_j[d]  (past n: zero)
+ * For bf16 K/V, head sizes a multiple of 32 (up to 256) and an even block
+ * size (the pairs never straddle a block); otherwise the exact kernel. */
+
+#define MAX_HD32 8
+
+/* Scores of G heads against 16 positions j0..j0+15, slot order of
+ * reduce16x16; qb: (G, hd) bf16. */
+TBF16 static void scores16_bh(const eng_cpu_attn *a, int j0, const uint16_t *qb)
+{
+    int hd = a->hd, nc = hd / 32;
+    const unsigned char *k[16];
+    for (int i = 0; i < 16; i++) k[i] = kv_at(a, j0 + 4 * (i % 4) + i / 4, a->k_off);
+    __m512 scale = _mm512_set1_ps(a->scale);
+    for (int g = 0; g < a->G; g++) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qb + (size_t)g * hd + c * 32));
+            for (int i = 0; i < 16; i++)
+                acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512((const void *)(k[i] + c * 64)));
+        }
+        _mm512_storeu_ps(a->sc + (size_t)g * a->n + j0, _mm512_mul_ps(reduce16x16(acc), scale));
+    }
+}
+
+/* out chunk c of NG heads from g0: pairs of V rows interleaved (v_j[d],
+ * v_{j+1}[d]) against the pair (pb[j], pb[j+1]) broadcast. */
+TBF16 static INL void pv_bh(int NG, const eng_cpu_attn *a, int g0, int c)
+{
+    __m512 acc[PV_G];
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) acc[g] = _mm512_setzero_ps();
+    /* element 2d from the first row's d, 2d + 1 from the second's */
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    int n = a->n;
+    for (int j0 = 0; j0 < n; j0 += a->B) {
+        const unsigned char *v = kv_at(a, j0, a->v_off) + c * 32;
+        int rows = n - j0 < a->B ? n - j0 : a->B;
+        for (int r = 0; r < rows; r += 2, v += 2 * a->row_bytes) {
+            __m256i r0 = _mm256_loadu_si256((const __m256i *)(const void *)v);
+            __m256i r1 = r + 1 < rows ? _mm256_loadu_si256((const __m256i *)(const void *)(v + a->row_bytes))
+                                      : _mm256_setzero_si256();
+            __m512bh vv = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx,
+                                                               _mm512_castsi256_si512(r1));
+#pragma GCC unroll 8
+            for (int g = 0; g < NG; g++) {
+                uint32_t pp;
+                memcpy(&pp, (const uint16_t *)(const void *)(a->sc + (size_t)(g0 + g) * n) + j0 + r, sizeof pp);
+                acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_set1_epi32((int)pp), vv);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) _mm512_storeu_ps(a->out + (size_t)(g0 + g) * a->hd + c * 16, acc[g]);
+}
+
+/* n floats to bf16 in place (bf16 element i over the bytes of float i / 2,
+ * already read), then a zero at n: the pairs' padding. */
+TBF16 static void p_to_bf16(float *r, int n)
+{
+    uint16_t *o = (uint16_t *)(void *)r;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(o + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r + i)));
+    }
+    o[n] = 0;
+}
+
+TBF16 static void attention_bh(const eng_cpu_attn *a)
+{
+    int G = a->G, hd = a->hd, n = a->n, nc = hd / 32;
+    uint16_t *qb = (uint16_t *)(void *)(a->sc + (size_t)G * n);
+    for (int i = 0; i < G * hd; i += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(qb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a->q + i)));
+    int j = 0;
+    for (; j + 16 <= n; j += 16) scores16_bh(a, j, qb);
+    for (; j < n; j++) {
+        const unsigned char *k = kv_at(a, j, a->k_off);
+        for (int g = 0; g < G; g++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(qb + (size_t)g * hd + c * 32)),
+                                       (__m512bh)_mm512_loadu_si512((const void *)(k + c * 64)));
+            a->sc[(size_t)g * n + j] = reduce16_512(acc) * a->scale;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        softmax_512(a->sc + (size_t)g * n, n);
+        p_to_bf16(a->sc + (size_t)g * n, n);
+    }
+    for (int g0 = 0; g0 < G; g0 += PV_G) {
+        int ng = G - g0 < PV_G ? G - g0 : PV_G;
+        for (int c = 0; c < hd / 16; c++) switch (ng) {
+            case 8: pv_bh(8, a, g0, c); break;
+            case 7: pv_bh(7, a, g0, c); break;
+            case 6: pv_bh(6, a, g0, c); break;
+            case 5: pv_bh(5, a, g0, c); break;
+            case 4: pv_bh(4, a, g0, c); break;
+            case 3: pv_bh(3, a, g0, c); break;
+            case 2: pv_bh(2, a, g0, c); break;
+            default: pv_bh(1, a, g0, c); break;
+            }
+    }
+}
 #endif
 
 void eng_cpu_attention(const eng_cpu_attn *a)
 {
 #ifdef ENG_X86
+    if (a->math == ENG_CPU_MATH_FAST && a->bf16 && a->hd % 32 == 0 && a->hd / 32 <= MAX_HD32 && a->B % 2 == 0 &&
+        eng_cpu_math_available(ENG_CPU_MATH_FAST)) {
+        attention_bh(a);
+        return;
+    }
     if (eng_cpu_isa() == ENG_ISA_AVX512 && a->hd % 16 == 0 && a->hd / 16 <= MAX_HD16) {
         attention_512(a);
         return;

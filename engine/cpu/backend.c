@@ -270,6 +270,7 @@ static void attn_task(void *vctx, int task, int thread)
         .v_off = (((size_t)c->layer * 2 + 1) * e->B * e->kv_dim + (size_t)kvh * hd) * es,
         .row_bytes = (size_t)e->kv_dim * es,
         .scale = 1.0f / sqrtf((float)hd),
+        .math = e->prm.cpu_math,
     };
     eng_cpu_attention(&a);
 }
