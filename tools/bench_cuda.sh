@@ -25,11 +25,15 @@
 # defaults), so that e.g. cuBLAS against the GEMV kernel, or with and without
 # CUDA graphs, are measured in the same run; BENCH_PROFILE=1 adds a run per
 # context with MKAD_CUDA_PROFILE=1 whose per-stage table of one decode step
-# (time, bytes, bandwidth) follows the main table.
+# (time, bytes, bandwidth) follows the main table.  BENCH_VARIANTS_AT and
+# BENCH_PROFILE_AT (context lists) limit the variants after the first and
+# the profile run to those contexts; BENCH_BATCH_PROFILE=0: no profile of
+# the largest batch.
 # BENCH_BATCH (default "8 32 64"; "" for none) adds batched decode at
 # context BENCH_BATCH_CTX (4096): mkad-cli --batch N, N sequences prefilled
 # with the prompt on blocks of their own, decoded together; tokens/s of all
-# of them against the floor (weights once + N contexts of K/V per step).
+# of them against the floor (weights once + N contexts of K/V per step),
+# once per BENCH_BATCH_VARIANTS entry (same form as BENCH_VARIANTS).
 # Env: BENCH_CTX (default "4096 32768"), BENCH_GEN (64), BENCH_CHUNK (4096),
 # BENCH_DIR (where the ~15 GB model is written, default /tmp/mkad-bench),
 # BENCH_PRESET (qwen2.5-7b), PYTHON (python3 with torch, for the floor).
@@ -121,12 +125,31 @@ log "$GPU: read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, 
 VARIANTS=${BENCH_VARIANTS:-mkad:}
 table=$(mktemp)
 prof=$(mktemp)
+btable=$(mktemp)
+# The tables so far, into OUT_DIR/bench_cuda.txt after every row (a run
+# stopped by a device deadline keeps the rows measured until then), and to
+# stdout at the end.
+report() {
+    [ -n "$out" ] || return 0
+    {
+        echo "mkad CUDA backend, $PRESET shape (FastMKA L=3, bf16), batch 1, $(date -u +%Y-%m-%d), $GPU"
+        echo "read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s (torch, this run)"
+        cat "$table"
+        [ -s "$btable" ] && { echo "batched decode:"; cat "$btable"; }
+        [ -s "$prof" ] && cat "$prof"
+    } >"$out/bench_cuda.txt"
+}
 printf '%-8s %-14s %12s %10s %14s %10s %8s %12s\n' context variant prefill_tok/s ttft_s decode_ms/tok floor_ms ratio prefill/gemm >"$table"
 for C in $CTX; do
     ids=$(mktemp)
     "$py" -c "import sys; print(','.join(str((i * 7919 + 13) % ($VOCAB - 1000) + 100) for i in range($C)))" >"$ids"
     runs=$VARIANTS
-    [ "${BENCH_PROFILE:-0}" = 1 ] && runs="$runs profile:MKAD_CUDA_PROFILE=1"
+    # Variants after the first only at BENCH_VARIANTS_AT, the profile only at
+    # BENCH_PROFILE_AT (default: every context).
+    case " ${BENCH_VARIANTS_AT:-$C} " in *" $C "*) ;; *) runs=${VARIANTS%% *} ;; esac
+    case " ${BENCH_PROFILE_AT:-$C} " in
+    *" $C "*) [ "${BENCH_PROFILE:-0}" = 1 ] && runs="$runs profile:MKAD_CUDA_PROFILE=1" ;;
+    esac
     for v in $runs; do
         label=${v%%:*}
         envs=$(tr ',' ' ' <<<"${v#*:}")
@@ -138,7 +161,7 @@ for C in $CTX; do
         printf '%s\n' "$out_all" >&2
         line=$(grep '^event=done' <<<"$out_all")
         if [ "$label" = profile ]; then
-            { echo "context $C, one decode step (MKAD_CUDA_PROFILE=1):"
+            { echo "context $C, per step (MKAD_CUDA_PROFILE=1):"
               grep -o 'cuda profile: .*' <<<"$out_all" | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
         fi
         get() { sed -n "s/.* $1=\([0-9.]*\).*/\1/p" <<<"$line"; }
@@ -149,42 +172,52 @@ for C in $CTX; do
             pflops = pf * (wf + af * C / 2)      # model FLOPs/s during prefill
             printf "%-8d %-14s %12.0f %10.3f %14.2f %10.2f %8.2f %11.1f%%\n", C, V, pf, ps, dms, floor, dms / floor, 100 * pflops / gemm
         }' >>"$table"
+        report
     done
     rm -f "$ids"
 done
-btable=$(mktemp)
 BATCHES=${BENCH_BATCH-8 32 64}
 BC=${BENCH_BATCH_CTX:-4096}
 if [ -n "$BATCHES" ]; then
-    printf '%-6s %-8s %14s %12s %14s %8s\n' batch context decode_ms/step tokens/s floor_tok/s of_floor >"$btable"
+    printf '%-6s %-8s %-10s %14s %12s %14s %8s\n' batch context variant decode_ms/step tokens/s floor_tok/s of_floor >"$btable"
     ids=$(mktemp)
     "$py" -c "import sys; print(','.join(str((i * 7919 + 13) % ($VOCAB - 1000) + 100) for i in range($BC)))" >"$ids"
     for N in $BATCHES; do
-        log "batch $N at context $BC: $N prefills, then $G decode steps of all of them"
-        line=$("$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" --max-tokens $((G + 1)) \
+      for v in ${BENCH_BATCH_VARIANTS:-mkad:}; do
+        label=${v%%:*}
+        envs=$(tr ',' ' ' <<<"${v#*:}")
+        log "batch $N at context $BC, $label ($envs): $N prefills, then $G decode steps of all of them"
+        # shellcheck disable=SC2086
+        line=$(env $envs "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" --max-tokens $((G + 1)) \
             --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null | tee /dev/stderr | grep '^event=done') || {
-            log "mkad-cli failed at batch $N"; continue; }
+            log "mkad-cli failed at batch $N ($label)"; continue; }
         dt=$(sed -n 's/.* decode_tok_s=\([0-9.]*\).*/\1/p' <<<"$line")
-        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "$N" = "${BATCHES##* }" ]; then
+        bv=${BENCH_BATCH_VARIANTS:-mkad:}
+        if [ "${BENCH_PROFILE:-0}" = 1 ] && [ "${BENCH_BATCH_PROFILE:-1}" = 1 ] && [ "$N" = "${BATCHES##* }" ] &&
+            [ "$v" = "${bv%% *}" ]; then
             log "batch $N at context $BC, profiled"
             { echo "batch $N at context $BC, one decode step (MKAD_CUDA_PROFILE=1):"
               MKAD_CUDA_PROFILE=1 "$b/mkad-cli" --backend cuda --model "$model" --prompt-ids "@$ids" \
                   --max-tokens 17 --ignore-eos --chunk "$CHUNK" --batch "$N" 2>&1 >/dev/null |
                   grep -o 'cuda profile: .*' | sed 's/^cuda profile: /  /; s/"$//'; } >>"$prof"
         fi
-        awk -v N="$N" -v C="$BC" -v G="$G" -v dt="$dt" -v bw="$BW" -v wb="$WBYTES" -v kv="$KVTOK" 'BEGIN {
+        awk -v N="$N" -v C="$BC" -v V="$label" -v G="$G" -v dt="$dt" -v bw="$BW" -v wb="$WBYTES" -v kv="$KVTOK" 'BEGIN {
             step = 1000 * N / dt
             floor_tok = N / ((wb + N * kv * (C + G / 2)) / bw)
-            printf "%-6d %-8d %14.2f %12.0f %14.0f %7.1f%%\n", N, C, step, dt, floor_tok, 100 * dt / floor_tok
+            printf "%-6d %-8d %-10s %14.2f %12.0f %14.0f %7.1f%%\n", N, C, V, step, dt, floor_tok, 100 * dt / floor_tok
         }' >>"$btable"
+        report
+      done
     done
     rm -f "$ids"
 fi
-{
-    echo "mkad CUDA backend, $PRESET shape (FastMKA L=3, bf16), batch 1, $(date -u +%Y-%m-%d), $GPU"
-    echo "read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s (torch, this run)"
-    cat "$table"
-    [ -s "$btable" ] && { echo "batched decode:"; cat "$btable"; }
-    [ -s "$prof" ] && cat "$prof"
-} | tee ${out:+"$out/bench_cuda.txt"}
+if [ -n "$out" ]; then
+    report
+    cat "$out/bench_cuda.txt"
+else
+    out=$(mktemp -d)
+    report
+    cat "$out/bench_cuda.txt"
+    rm -rf "$out"
+fi
 rm -f "$table" "$prof" "$btable"

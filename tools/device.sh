@@ -35,7 +35,8 @@
 #       `cuda` runs the GPU group only; `bench` runs no tests but
 #       tools/bench_cuda.sh (make bench-cuda: the Qwen2.5-7B shape, its table
 #       in $OUT/bench_cuda.txt; BENCH_CHECK_FIRST=1 runs tests/test_cuda
-#       before it).  Ends with ONE table (test, result,
+#       before it, =all the whole GPU group; BENCH_CHECK_VARIANTS="VAR=x ..."
+#       runs tests/test_cuda once more under each setting).  Ends with ONE table (test, result,
 #       seconds, key number) and exits 0 only when nothing failed.  Files in
 #       $OUT (the device tool's folder; ./device-out elsewhere): summary.txt
 #       (the table), device.log (everything printed), build.log, logs.tar.gz
@@ -281,10 +282,11 @@ DEADLINE=0
 RESULTS=""
 LOGDIR=""
 
-# run_test NAME: runs one test the way automake's harness does, with its log.
+# run_test NAME [VAR=VALUE]: runs one test the way automake's harness does,
+# with its log (under that variable, when given).
 run_test() {
-    local t=$1 name log rc t0 left tmo res env=()
-    name=$(basename "$t")
+    local t=$1 var=${2:-} name log rc t0 left tmo res env=()
+    name=$(basename "$t")${var:+.$var}
     log=$LOGDIR/$name.log
     left=$((DEADLINE - $(date +%s)))
     tmo=${TEST_TIMEOUT:-330}
@@ -300,6 +302,7 @@ run_test() {
         # The CPU group's black-box suite runs the CPU backend (where it
         # checks exact outputs); cuda_blackbox.sh runs it on CUDA.
         case $name in server_blackbox.sh) env+=(MKAD_EXTRA_ARGS="--backend cpu") ;; esac
+        [ -z "$var" ] || env+=("$var")
         local cmd=("./$t")
         [ -x "$t" ] || case $t in *.sh) cmd=(bash "$t") ;; esac
         rc=0
@@ -311,7 +314,7 @@ run_test() {
     124 | 137) res=TIMEOUT ;;
     *) res="FAIL($rc)" ;;
     esac
-    printf '%s\t%s\t%s\t%s\n' "$t" "$res" "$(($(date +%s) - t0))" "$(key_of "$name" "$log")" >>"$RESULTS"
+    printf '%s\t%s\t%s\t%s\n' "$t${var:+ $var}" "$res" "$(($(date +%s) - t0))" "$(key_of "$name" "$log")" >>"$RESULTS"
     log "$res $t ($(($(date +%s) - t0))s)"
 }
 
@@ -365,10 +368,15 @@ gpu() {
     elif [ "$mode" = bench ]; then
         # BENCH_CHECK_FIRST=1: the CUDA-vs-CPU parity test before the bench,
         # so that a speed change is measured only once it is shown exact.
-        if [ "${BENCH_CHECK_FIRST:-0}" = 1 ]; then
-            export top_srcdir=$PWD top_builddir=$PWD
-            run_test tests/test_cuda
-        fi
+        # BENCH_CHECK_FIRST=all: the whole GPU group (make check-cuda's
+        # tests); BENCH_CHECK_VARIANTS="VAR=x ...": tests/test_cuda again
+        # under each of those settings.
+        export top_srcdir=$PWD top_builddir=$PWD
+        case ${BENCH_CHECK_FIRST:-0} in
+        1) run_test tests/test_cuda ;;
+        all) for t in $(make -s list-cuda-tests); do run_test "$t"; done ;;
+        esac
+        for v in ${BENCH_CHECK_VARIANTS:-}; do run_test tests/test_cuda "$v"; done
         local left=$((DEADLINE - $(date +%s))) brc=0
         t0=$(date +%s)
         timeout "$left" tools/bench_cuda.sh . "$outdir" 2>"$LOGDIR/bench_cuda.log" || brc=$?

@@ -63,6 +63,8 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
     attn_tc_kernel(cu_fwd f, int layer, const float *__restrict__ q, bf16 *__restrict__ att,
                    const int *__restrict__ units, int nhb, int gb, int nhg)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     constexpr int WN = 4 / WM;           /* warps across the keys of a tile */
     constexpr int NK = CU_ATT_KT / WN;   /* keys per warp per tile: 16 or 64 */
     constexpr int NT = NK / 8;           /* n8 tiles of S per warp */
@@ -309,6 +311,8 @@ static __global__ void __launch_bounds__(FA_THREADS, WM == 1 ? 3 : 2)
 #define COMB_THREADS 128
 static __global__ void __launch_bounds__(COMB_THREADS) attn_combine_kernel(cu_fwd f, bf16 *att)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     if (f.att_count && (int)blockIdx.x >= f.att_count[2]) return; /* as in attn_tc_kernel */
     __shared__ float w[CU_ATT_MAX_SPLITS];
     __shared__ float red[COMB_THREADS / 32];

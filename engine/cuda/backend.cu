@@ -20,6 +20,8 @@
 #include "attn_plan.h"
 #include "cuda_priv.h"
 
+int eng__cu_pdl;
+
 #define MIB (1024.0 * 1024.0)
 /* Pinned staging for the weight upload: two buffers, so that the host fills
  * one while the other is being copied. */
@@ -163,6 +165,7 @@ static size_t layout_work(cuda_state *cs, const eng_engine *e, uintptr_t base)
     cs->selb = take_bf16(&b, S * D);
     cs->logits = take_f32(&b, S * e->V);
     cs->argmax = (int *)take(&b, S * sizeof(int));
+    cs->argmax_part = (int2 *)take(&b, S * CU_ARGMAX_PARTS * sizeof(int2));
     if (e->prm.l3_capture) {
         cs->chunk_acc = take_f32(&b, S * (NL + 1) * D);
         cs->chunk_out = take_f32(&b, (size_t)e->max_step_chunks * (NL + 1) * D);
@@ -378,20 +381,24 @@ static int upload_weights(cuda_state *cs, eng_engine *e, size_t content, char *e
  * time against the sum of its stages (the rest is launch gaps and the host). */
 #define PROF_MAX_MARKS 4096
 #define PROF_MAX_STAGES 48
-#define PROF_MAX_ROWS 256 /* decode steps of up to this many sequences */
+/* Profiled steps: decode steps (one row an item) and prefill steps (the
+ * rest), each kind in a table of its own. */
+enum { PROF_DECODE = 1, PROF_PREFILL = 2 };
 struct cu_prof {
-    int active; /* this step is being profiled */
+    int active; /* 0, or the kind of this step: it is being profiled */
     int n;      /* marks of this step */
     cudaEvent_t ev[PROF_MAX_MARKS];
     int stage[PROF_MAX_MARKS]; /* stage of the interval that ends at mark i */
     double mbytes[PROF_MAX_MARKS];
     int n_stages;
     const char *name[PROF_MAX_STAGES];
-    double ms[PROF_MAX_STAGES], bytes[PROF_MAX_STAGES];
-    long long calls[PROF_MAX_STAGES];
-    long long steps;
-    double wall_ms;   /* host wall time of the profiled steps */
-    double att_bytes; /* K/V bytes one layer's attention reads in this step */
+    /* [kind - 1][stage] */
+    double ms[2][PROF_MAX_STAGES], bytes[2][PROF_MAX_STAGES];
+    long long calls[2][PROF_MAX_STAGES];
+    long long steps[2], rows[2];
+    double wall_ms[2]; /* host wall time of the profiled steps */
+    double att_bytes;  /* K/V bytes one layer's attention reads in this step */
+    int step_rows;     /* rows of this step */
 };
 
 static int prof_mark(cuda_state *cs, const char *name, double bytes, char *err, size_t errlen)
@@ -420,46 +427,69 @@ static int prof_collect(cuda_state *cs, double wall_ms, char *err, size_t errlen
 {
     cu_prof *p = cs->prof;
     if (!p || !p->active) return ENG_OK;
+    const int k = p->active - 1;
     for (int i = 1; i < p->n; i++) {
         float ms = 0.0f;
         CUDA_TRY(cudaEventElapsedTime(&ms, p->ev[i - 1], p->ev[i]));
-        p->ms[p->stage[i]] += ms;
-        p->bytes[p->stage[i]] += p->mbytes[i];
-        p->calls[p->stage[i]]++;
+        p->ms[k][p->stage[i]] += ms;
+        p->bytes[k][p->stage[i]] += p->mbytes[i];
+        p->calls[k][p->stage[i]]++;
     }
-    p->steps++;
-    p->wall_ms += wall_ms;
+    p->steps[k]++;
+    p->rows[k] += p->step_rows;
+    p->wall_ms[k] += wall_ms;
     p->active = 0;
     return ENG_OK;
 }
 
+/* Decode: time, the bytes a stage must read and its bandwidth per step;
+ * prefill: time per step and the projections' TFLOP/s (2 FLOPs per weight
+ * per row: bf16 weight bytes times rows). */
 static void prof_report(const eng_engine *e, const cuda_state *cs)
 {
     const cu_prof *p = cs->prof;
-    if (!p || p->steps == 0) return;
+    if (!p) return;
     char line[256];
-    double total = 0;
-    for (int k = 0; k < p->n_stages; k++) total += p->ms[k];
-    const double n = (double)p->steps;
-    for (int k = -1; k <= p->n_stages; k++) {
-        if (k < 0)
-            snprintf(line, sizeof line, "cuda profile: %lld decode steps; %-12s %7s %10s %10s %9s",
-                     p->steps, "stage", "calls", "us/step", "MB/step", "GB/s");
-        else if (k == p->n_stages)
-            snprintf(line, sizeof line,
-                     "cuda profile: stages %.1f us/step on the device, step wall time %.1f us "
-                     "(the rest: launch gaps, host work, copies)",
-                     1000 * total / n, 1000 * p->wall_ms / n);
-        else if (p->calls[k] == 0)
-            continue;
-        else
-            snprintf(line, sizeof line, "cuda profile: %-12s %7.1f %10.1f %10.2f %9.0f", p->name[k],
-                     p->calls[k] / n, 1000 * p->ms[k] / n, p->bytes[k] / n / 1e6,
-                     p->ms[k] > 0 ? p->bytes[k] / (p->ms[k] / 1000) / 1e9 : 0.0);
-        if (e->prm.log)
-            e->prm.log(e->prm.log_ctx, line);
-        else
-            fprintf(stderr, "%s\n", line);
+    for (int kind = 0; kind < 2; kind++) {
+        if (p->steps[kind] == 0) continue;
+        const int pf = kind == 1;
+        double total = 0;
+        for (int k = 0; k < p->n_stages; k++) total += p->ms[kind][k];
+        const double n = (double)p->steps[kind];
+        for (int k = -1; k <= p->n_stages; k++) {
+            if (k < 0 && pf)
+                snprintf(line, sizeof line,
+                         "cuda profile: %lld prefill steps, %.0f rows/step; %-12s %7s %10s %9s",
+                         p->steps[kind], p->rows[kind] / n, "stage", "calls", "us/step",
+                         "TFLOP/s");
+            else if (k < 0)
+                snprintf(line, sizeof line,
+                         "cuda profile: %lld decode steps; %-12s %7s %10s %10s %9s",
+                         p->steps[kind], "stage", "calls", "us/step", "MB/step", "GB/s");
+            else if (k == p->n_stages)
+                snprintf(line, sizeof line,
+                         "cuda profile: stages %.1f us/step on the device, step wall time %.1f "
+                         "us (the rest: launch gaps, host work, copies)",
+                         1000 * total / n, 1000 * p->wall_ms[kind] / n);
+            else if (p->calls[kind][k] == 0)
+                continue;
+            else if (pf)
+                snprintf(line, sizeof line, "cuda profile: %-12s %7.1f %10.1f %9.1f", p->name[k],
+                         p->calls[kind][k] / n, 1000 * p->ms[kind][k] / n,
+                         p->ms[kind][k] > 0 ? p->bytes[kind][k] * (p->rows[kind] / n) /
+                                                  (p->ms[kind][k] / 1000) / 1e12
+                                            : 0.0);
+            else
+                snprintf(line, sizeof line, "cuda profile: %-12s %7.1f %10.1f %10.2f %9.0f",
+                         p->name[k], p->calls[kind][k] / n, 1000 * p->ms[kind][k] / n,
+                         p->bytes[kind][k] / n / 1e6,
+                         p->ms[kind][k] > 0 ? p->bytes[kind][k] / (p->ms[kind][k] / 1000) / 1e9
+                                            : 0.0);
+            if (e->prm.log)
+                e->prm.log(e->prm.log_ctx, line);
+            else
+                fprintf(stderr, "%s\n", line);
+        }
     }
 }
 
@@ -594,11 +624,33 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
         return eng__errf(err, errlen, ENG_EINVAL,
                          "cuda: MKAD_CUDA_GEMV=%s: expected \"own\" or \"cublas\"", gv);
     cs->gemv_max_m = gv && !strcmp(gv, "cublas") ? 0 : CU_GEMV_MAX_M;
+    /* MKAD_CUDA_GEMV_ROWS=N (1..CU_GEMV_MAX_M): projections of more rows than
+     * N take cuBLAS (captured into the decode graphs too). */
+    const char *gvr = getenv("MKAD_CUDA_GEMV_ROWS");
+    if (gvr && *gvr) {
+        const int n = atoi(gvr);
+        if (n < 1 || n > CU_GEMV_MAX_M)
+            return eng__errf(err, errlen, ENG_EINVAL,
+                             "cuda: MKAD_CUDA_GEMV_ROWS=%s: expected 1 to %d", gvr, CU_GEMV_MAX_M);
+        if (cs->gemv_max_m > 0) cs->gemv_max_m = n;
+    }
+    /* MKAD_CUDA_FUSE_ROUTER=0: the router's own kernel in decode steps too. */
+    const char *fr = getenv("MKAD_CUDA_FUSE_ROUTER");
+    cs->fuse_router = !(fr && !strcmp(fr, "0"));
+    /* MKAD_CUDA_FUSE_ROPE=0: the RoPE kernel after the K/V GEMV too. */
+    const char *fro = getenv("MKAD_CUDA_FUSE_ROPE");
+    cs->fuse_rope = !(fro && !strcmp(fro, "0"));
+    const char *gsp = getenv("MKAD_CUDA_GEMV_SPLIT");
+    if (gsp && *gsp) eng__cu_gemv_split = atoi(gsp) > 0 ? atoi(gsp) : 0;
+    /* Programmatic dependent launch where the GPU has it (cuda_priv.h,
+     * cu_launch); MKAD_CUDA_PDL=0: plain launches. */
+    const char *pdl = getenv("MKAD_CUDA_PDL");
+    eng__cu_pdl = prop.major >= 9 && !(pdl && !strcmp(pdl, "0"));
     CUDA_TRY(cudaStreamCreateWithFlags(&cs->stream, cudaStreamNonBlocking));
-    /* Graphs need the GEMV for every decode projection (no cuBLAS inside a
-     * capture) and the planner's own splits (a forced split has no bound). */
+    /* Graphs need the planner's own splits (a forced split has no bound);
+     * cuBLAS calls (MKAD_CUDA_GEMV_ROWS) are captured with the rest. */
     const char *gr = getenv("MKAD_CUDA_GRAPH");
-    cs->graphs_on = !(gr && !strcmp(gr, "0")) && cs->gemv_max_m >= CU_GEMV_MAX_M &&
+    cs->graphs_on = !(gr && !strcmp(gr, "0")) && cs->gemv_max_m > 0 &&
                     !cs->att_simple && cs->att_force_tiles == 0 && e->D % 8 == 0 &&
                     e->q_dim % 8 == 0 && e->F % 8 == 0;
     const char *pf = getenv("MKAD_CUDA_PROFILE");
@@ -745,7 +797,8 @@ static int gemm(cuda_state *cs, const cu_linear *W, const bf16 *x, int M, float 
                 const float *bias, bf16 *yb, char *err, size_t errlen)
 {
     if (M <= cs->gemv_max_m && eng__cu_gemv_fits(W->w, W->cols, x, M)) {
-        CUDA_TRY(eng__cu_gemv(W->w, W->rows, W->cols, x, M, y, beta, bias, yb, cs->stream));
+        CUDA_TRY(eng__cu_gemv(W->w, W->rows, W->cols, x, M, y, beta, bias, yb, NULL, cs->n_sm,
+                              cs->stream));
         return ENG_OK;
     }
     const float alpha = 1.0f;
@@ -788,21 +841,35 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
         float *rh = cs->wide; /* (T, D/2) */
         if ((rc = gemm(cs, &L->r1, cs->qatt, T, rh, 0.0f, NULL, NULL, err, errlen))) return rc;
         PROF("router r1", WBYTES(L->r1));
-        CUDA_TRY(eng__cu_router(f, rh, L->r1.rows, L->r1.b, L->r2.w, L->r2.b, cs->lam, st));
-        PROF("router", 0);
+        /* In a decode step the EMA kernel runs the router's second layer. */
+        const cu_router rt = {rh, L->r1.rows, L->r1.b, L->r2.w, L->r2.b};
+        const int fuse = max_n == 1 && cs->fuse_router;
+        if (!fuse) {
+            CUDA_TRY(eng__cu_router(f, rh, rt.Dh, rt.b1, rt.w2, rt.b2, cs->lam, st));
+            PROF("router", 0);
+        }
         if (cs->mem && f->any_l3) {
             CUDA_TRY(eng__cu_l3_read(f, l, cs->x, cs->mem, st));
             PROF("l3 read", 0);
         }
         /* The fused f replaces x as the K/V GEMM input in xb. */
-        CUDA_TRY(eng__cu_ema_fuse(f, l, max_n, cs->x, cs->lam, cs->mem, cs->xb, st));
-        PROF("ema fuse", 0);
+        CUDA_TRY(eng__cu_ema_fuse(f, l, max_n, cs->x, cs->lam, fuse ? &rt : NULL, cs->mem,
+                                  cs->xb, st));
+        PROF(fuse ? "router ema fuse" : "ema fuse", 0);
     }
-    float *kv = cs->wide; /* (T, 2*kv_dim) */
-    if ((rc = gemm(cs, &L->kv, cs->xb, T, kv, 0.0f, NULL, NULL, err, errlen))) return rc;
-    PROF("kv", WBYTES(L->kv));
-    CUDA_TRY(eng__cu_rope_store(f, l, cs->q, bq, kv, L->kv.b, st));
-    PROF("rope store", 0);
+    if (cs->fuse_rope && T <= cs->gemv_max_m && eng__cu_gemv_fits(L->kv.w, D, cs->xb, T)) {
+        /* RoPE, the K/V write and q's rotation in the GEMV's epilogue. */
+        const cu_gemv_epi epi = {NULL, f, l, cs->q, bq};
+        CUDA_TRY(eng__cu_gemv(L->kv.w, L->kv.rows, D, cs->xb, T, NULL, 0.0f, L->kv.b, NULL, &epi,
+                              cs->n_sm, st));
+        PROF("kv rope store", WBYTES(L->kv));
+    } else {
+        float *kv = cs->wide; /* (T, 2*kv_dim) */
+        if ((rc = gemm(cs, &L->kv, cs->xb, T, kv, 0.0f, NULL, NULL, err, errlen))) return rc;
+        PROF("kv", WBYTES(L->kv));
+        CUDA_TRY(eng__cu_rope_store(f, l, cs->q, bq, kv, L->kv.b, st));
+        PROF("rope store", 0);
+    }
     CUDA_TRY(eng__cu_attention(f, l, cs->q, cs->qatt, st));
     PROF("attention", cs->prof ? cs->prof->att_bytes : 0);
     /* h += W_o att (+ b_o): beta = 1 adds onto the residual in the GEMM. */
@@ -812,11 +879,19 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
     /* MLP: h += W_down (silu(W_gate n) * W_up n), n = RMSNorm(h). */
     CUDA_TRY(eng__cu_rmsnorm(cs->h, NULL, T, D, L->mlp_norm, eps, NULL, cs->xb, st));
     PROF("rmsnorm", 0);
-    float *gu = cs->wide; /* (T, 2F) */
-    if ((rc = gemm(cs, &L->gu, cs->xb, T, gu, 0.0f, NULL, NULL, err, errlen))) return rc;
-    PROF("gate up", WBYTES(L->gu));
-    CUDA_TRY(eng__cu_swiglu(gu, L->gu.b, T, e->F, cs->act, st));
-    PROF("swiglu", 0);
+    if (T <= cs->gemv_max_m && eng__cu_gemv_fits(L->gu.w, D, cs->xb, T)) {
+        /* SwiGLU in the GEMV's epilogue. */
+        const cu_gemv_epi epi = {cs->act, NULL, 0, NULL, NULL};
+        CUDA_TRY(eng__cu_gemv(L->gu.w, L->gu.rows, D, cs->xb, T, NULL, 0.0f, L->gu.b, NULL, &epi,
+                              cs->n_sm, st));
+        PROF("gate up swiglu", WBYTES(L->gu));
+    } else {
+        float *gu = cs->wide; /* (T, 2F) */
+        if ((rc = gemm(cs, &L->gu, cs->xb, T, gu, 0.0f, NULL, NULL, err, errlen))) return rc;
+        PROF("gate up", WBYTES(L->gu));
+        CUDA_TRY(eng__cu_swiglu(gu, L->gu.b, T, e->F, cs->act, st));
+        PROF("swiglu", 0);
+    }
     if ((rc = gemm(cs, &L->down, cs->act, T, cs->h, 1.0f, L->down.b, NULL, err, errlen)))
         return rc;
     PROF("down", WBYTES(L->down));
@@ -970,9 +1045,12 @@ static int forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, const eng_pla
         if ((rc = gemm(cs, &cs->lm_head, cs->selb, p->n_sel, cs->logits, 0.0f, NULL, NULL, err,
                        errlen)))
             return rc;
-        PROF("lm head", WBYTES(cs->lm_head));
+        /* (in a prefill step's FLOPs, only the selected rows count) */
+        PROF("lm head", WBYTES(cs->lm_head) * (cs->prof && cs->prof->active == PROF_PREFILL
+                                                   ? (double)p->n_sel / p->T
+                                                   : 1.0));
         if (p->argmax) {
-            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax, st));
+            CUDA_TRY(eng__cu_argmax(cs->logits, p->n_sel, e->V, cs->argmax_part, cs->argmax, st));
             PROF("argmax", 0);
         }
     }
@@ -1035,18 +1113,27 @@ static int cuda_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     /* A decode step of a few sequences (each one row, each with logits or
      * argmax) replays the graph of its shape. */
     const int graph = cs->graphs_on && !cs->prof && p->T == p->n_items &&
-                      p->T <= CU_GEMV_MAX_M && p->n_sel == p->T;
+                      p->T <= CU_GRAPH_ROWS && p->n_sel == p->T;
     int rc = pack_plan(e, cs, p, &f, &max_n, &n_ints, &o_sel, graph, err, errlen);
     if (rc) return rc;
     CUDA_TRY(cudaMemcpyAsync(cs->plan_dev, cs->plan_host, n_ints * sizeof(int),
                              cudaMemcpyHostToDevice, st));
-    if (cs->prof && p->T == p->n_items && p->T <= PROF_MAX_ROWS) {
-        cs->prof->active = 1;
+    if (cs->prof) {
+        cs->prof->active = p->T == p->n_items ? PROF_DECODE : PROF_PREFILL;
         cs->prof->n = 0;
-        double ctx = 0;
-        for (int i = 0; i < p->n_items; i++)
-            ctx += e->seqs[p->items[i].seq].n_tokens + p->items[i].n_tokens;
-        cs->prof->att_bytes = ctx * 2.0 * e->kv_dim * sizeof(bf16);
+        cs->prof->step_rows = p->T;
+        /* Decode: the K/V bytes attention reads; prefill: its FLOPs (4 per
+         * query dimension and key) over the rows, so that bytes x rows
+         * counts them as prof_report does for a projection. */
+        double ctx = 0, keys = 0;
+        for (int i = 0; i < p->n_items; i++) {
+            const double n0 = e->seqs[p->items[i].seq].n_tokens, n = p->items[i].n_tokens;
+            ctx += n0 + n;
+            keys += n * n0 + n * (n + 1) / 2;
+        }
+        cs->prof->att_bytes = cs->prof->active == PROF_DECODE
+                                  ? ctx * 2.0 * e->kv_dim * sizeof(bf16)
+                                  : 4.0 * e->q_dim * keys / p->T;
     }
     cudaGraphExec_t *g =
         graph ? &cs->graph[p->T][f.any_l3][p->argmax != NULL][f.tok_chunk != NULL] : NULL;

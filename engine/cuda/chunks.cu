@@ -26,6 +26,8 @@
 static __global__ void chunk_sums_kernel(cu_fwd f, int place, int C, const float *__restrict__ src,
                                          float *__restrict__ acc, float *__restrict__ out)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int d = blockIdx.y * 32 + threadIdx.x;
     const bool ok = d < f.D;
     const cu_item it = f.items[blockIdx.x];
@@ -65,6 +67,6 @@ cudaError_t eng__cu_chunk_sums(const cu_fwd *f, int place, int C, int max_n, con
     int segs = n1 / C + (n1 % C != 0) + 1;
     if (segs > CHUNK_MAX_SEGS) segs = CHUNK_MAX_SEGS;
     dim3 grid((unsigned)f->n_items, (unsigned)((f->D + 31) / 32)), block(32, (unsigned)segs);
-    chunk_sums_kernel<<<grid, block, 0, s>>>(*f, place, C, src, acc, out);
+    cu_launch(chunk_sums_kernel, grid, block, 0, s, *f, place, C, src, acc, out);
     return cudaGetLastError();
 }

@@ -48,8 +48,58 @@ typedef __nv_bfloat16 bf16;
                              __FILE__, __LINE__, cublasGetStatusString(cublas_try_rc_));      \
     } while (0)
 
-/* Projections of at most this many rows take the GEMV kernel (gemv.cu). */
-#define CU_GEMV_MAX_M 8
+/* Programmatic dependent launch (Hopper; cu_launch): a kernel launched
+ * while the previous one in the stream still runs.  Every kernel of this
+ * backend calls cu_pdl_wait() before it touches any memory that another
+ * kernel writes or reads — the wait returns once the previous grid has
+ * completed and its writes are visible, so order is what the stream gives —
+ * and only what depends on nothing (the GEMV's first weight loads) may come
+ * before it; then cu_pdl_trigger() lets the next kernel be launched.  The
+ * next kernel's launch latency and the GEMV's weight loads thus overlap the
+ * tail of the kernel before.  Off (plain launches, where both calls are
+ * no-ops) with MKAD_CUDA_PDL=0. */
+extern int eng__cu_pdl;
+
+static __device__ __forceinline__ void cu_pdl_wait(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void cu_pdl_trigger(void)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+/* Queues kernel k<<<grid, block, smem, s>>>(args...), as a programmatic
+ * dependent launch when eng__cu_pdl is set. */
+template <typename... P, typename... A>
+static inline cudaError_t cu_launch(void (*k)(P...), dim3 grid, dim3 block, size_t smem,
+                                    cudaStream_t s, A... args)
+{
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = &at;
+    cfg.numAttrs = eng__cu_pdl ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, k, ((P)args)...);
+}
+
+/* The GEMV kernel (gemv.cu) takes projections of at most CU_GEMV_MAX_M
+ * rows (more rows: cuBLAS's tensor cores beat its FMAs — measured on the
+ * H200, 7B shape: at 8 rows 11.4 against 6.4 ms a step, at 4 rows 6.42
+ * against 6.27, at 2 rows 5.50 against 6.09); MKAD_CUDA_GEMV_ROWS lowers
+ * it.  Decode steps of up to CU_GRAPH_ROWS rows replay CUDA graphs. */
+#define CU_GEMV_MAX_M 4
+#define CU_GRAPH_ROWS 8
 /* The router has at most this many levels; lam rows are padded to it. */
 #define CU_MAX_LEVELS 3
 /* Largest head size the attention and RoPE kernels hold in registers and
@@ -57,6 +107,8 @@ typedef __nv_bfloat16 bf16;
 #define CU_MAX_HEAD_DIM 256
 /* Largest L3 bank: its scores live in the L3 kernel's shared memory. */
 #define CU_MAX_L3_CHUNKS 4096
+/* Slices of a logit row that the argmax scans in parallel. */
+#define CU_ARGMAX_PARTS 64
 
 /* Tensor-core attention (kernels.cu, "paged causal GQA attention"):
  * keys per K/V tile in shared memory; items with at least CU_ATT_PF_ROWS
@@ -185,6 +237,7 @@ typedef struct cuda_state {
     bf16 *selb;      /* (max_seqs, D) final norm of the selected rows */
     float *logits;   /* (max_seqs, V) */
     int *argmax;     /* (max_seqs) argmax of the selected rows' logits */
+    int2 *argmax_part; /* (max_seqs, CU_ARGMAX_PARTS) its scratch */
     float *chunk_acc;/* (max_seqs, n_layers + 1, D) running L3 chunk sums per slot: x of
                         every layer, then the embeddings; NULL without l3_capture */
     float *chunk_out;/* (max_step_chunks, n_layers + 1, D) the step's chunk means, or NULL */
@@ -219,12 +272,18 @@ typedef struct cuda_state {
     /* Projections of at most gemv_max_m rows (decode steps) take the GEMV
      * kernel (MKAD_CUDA_GEMV=cublas: never). */
     int gemv_max_m;
-    /* Decode steps of up to CU_GEMV_MAX_M sequences replay a CUDA graph
+    /* Decode steps compute the router's softmax in the EMA kernel
+     * (MKAD_CUDA_FUSE_ROUTER=0: never). */
+    int fuse_router;
+    /* GEMV steps write K/V from the K/V GEMV's epilogue
+     * (MKAD_CUDA_FUSE_ROPE=0: the RoPE kernel). */
+    int fuse_rope;
+    /* Decode steps of up to CU_GRAPH_ROWS sequences replay a CUDA graph
      * captured at the first step of their shape: [rows][some L3 bank][argmax]
      * [memory chunks captured] (MKAD_CUDA_GRAPH=0, a forced split or the
      * simple attention: never). */
     int graphs_on;
-    cudaGraphExec_t graph[CU_GEMV_MAX_M + 1][2][2][2];
+    cudaGraphExec_t graph[CU_GRAPH_ROWS + 1][2][2][2];
     struct cu_prof *prof; /* MKAD_CUDA_PROFILE=1: per-stage times of decode steps, or NULL */
 
     cu_fwd fwd; /* dimensions and state pointers; the plan is filled per step */
@@ -240,8 +299,9 @@ cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream
  * (M, D) bf16 always. */
 cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, const float *w,
                             float eps, float *out, bf16 *outb, cudaStream_t s);
-/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule. */
-cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s);
+/* out[r] = the argmax of row r of x (M, n): eng__argmax's rule; part
+ * (M, CU_ARGMAX_PARTS) scratch. */
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int2 *part, int *out, cudaStream_t s);
 /* y (M, N) += b (when non-NULL); yb (M, N) = bf16(y). */
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s);
 /* y (M, N) += b. */
@@ -253,10 +313,22 @@ cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float
  * sequences without one are left untouched and never read). */
 cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *mem,
                             cudaStream_t s);
+/* The router's second layer, for eng__cu_ema_fuse to compute lam itself:
+ * eng__cu_router's arguments. */
+typedef struct cu_router {
+    const float *rh; /* (T, Dh) */
+    int Dh;
+    const float *b1;
+    const bf16 *w2;
+    const float *b2;
+} cu_router;
 /* The EMA recurrence and route fusion: fb (T, D) bf16, the running state
- * and the checkpoints at block ends.  max_n: the largest item's rows. */
+ * and the checkpoints at block ends.  max_n: the largest item's rows.  lam
+ * from eng__cu_router, or, in a decode step (max_n == 1) with rt non-NULL,
+ * computed here from rt (lam unused). */
 cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float *x,
-                             const float *lam, const float *mem, bf16 *fb, cudaStream_t s);
+                             const float *lam, const cu_router *rt, const float *mem, bf16 *fb,
+                             cudaStream_t s);
 /* Adds q/k/v biases (bq, bkv may be NULL), rotates q in place and k, and
  * writes k, v (bf16) into the pool; kv (T, 2*kv_dim). */
 cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
@@ -276,14 +348,35 @@ cudaError_t eng__cu_attention_setup(int hd, int *per_sm);
 cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *act,
                            cudaStream_t s);
 
+/* What a GEMV does with its sums besides writing y (eng__cu_gemv). */
+typedef struct cu_gemv_epi {
+    /* SwiGLU: W holds the gate rows then the up rows (N even); act (M, N/2)
+     * = eng__cu_swiglu's result, y untouched. */
+    bf16 *act;
+    /* K/V projection of a step of M rows (W: the k rows then the v rows of
+     * layer `layer`): what eng__cu_rope_store does — biases, k rotated,
+     * k and v into the pool, q (M, q_dim) rotated in place with bias bq —
+     * and y untouched. */
+    const cu_fwd *rope;
+    int layer;
+    float *q;
+    const float *bq;
+} cu_gemv_epi;
+
 /* Decode projections (gemv.cu): y (M, N) = x (M, K) W^T (+ beta * y)
  * (+ bias, when non-NULL) for W (N, K) bf16, x (M, K) bf16, y f32, and
- * yb (M, N) = bf16(y) when yb is non-NULL.  eng__cu_gemv_fits says whether the
- * kernel takes the call (M <= CU_GEMV_MAX_M, K a multiple of 8, 16-byte
- * aligned W and x); eng__cu_gemv returns cudaErrorInvalidValue when not. */
+ * yb (M, N) = bf16(y) when yb is non-NULL; or, with epi, its work instead.
+ * n_sm: the device's multiprocessors (the split of long rows).
+ * eng__cu_gemv_fits says whether the kernel takes the call (M <=
+ * CU_GEMV_MAX_M, K a multiple of 8, 16-byte aligned W and x); eng__cu_gemv
+ * returns cudaErrorInvalidValue when not. */
 int eng__cu_gemv_fits(const bf16 *W, int K, const bf16 *x, int M);
 cudaError_t eng__cu_gemv(const bf16 *W, int N, int K, const bf16 *x, int M, float *y, float beta,
-                         const float *bias, bf16 *yb, cudaStream_t s);
+                         const float *bias, bf16 *yb, const cu_gemv_epi *epi, int n_sm,
+                         cudaStream_t s);
+/* Rows are split across warps while the grid holds fewer warps than this
+ * per multiprocessor (default 16; MKAD_CUDA_GEMV_SPLIT, 0: never). */
+extern int eng__cu_gemv_split;
 
 /* L3 memory chunks (chunks.cu): adds src (T, D) — the embeddings (place
  * n_layers) or layer `place`'s x — to each item's slot sums in acc in

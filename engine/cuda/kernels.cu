@@ -63,6 +63,8 @@ static unsigned stride_grid(size_t n, int threads)
 /* One block per row: widens the token's bf16 embedding row to f32. */
 static __global__ void embed_kernel(const int *tok, const bf16 *emb, int D, float *h)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     const int t = blockIdx.x;
     const bf16 *src = emb + (size_t)tok[t] * D;
     float *dst = h + (size_t)t * D;
@@ -71,7 +73,7 @@ static __global__ void embed_kernel(const int *tok, const bf16 *emb, int D, floa
 
 cudaError_t eng__cu_embed(const cu_fwd *f, const bf16 *emb, float *h, cudaStream_t s)
 {
-    embed_kernel<<<f->T, ROW_THREADS, 0, s>>>(f->tok, emb, f->D, h);
+    cu_launch(embed_kernel, f->T, ROW_THREADS, 0, s, f->tok, emb, f->D, h);
     return cudaGetLastError();
 }
 
@@ -85,6 +87,8 @@ template <int V>
 static __global__ void rmsnorm_kernel(const float *in, const int *rows, const float *w, int D,
                                       float eps, float *out, bf16 *outb)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sh[33];
     const int r = blockIdx.x, nv = D / V;
     const float *x = in + (size_t)(rows ? rows[r] : r) * D;
@@ -128,9 +132,9 @@ cudaError_t eng__cu_rmsnorm(const float *in, const int *rows, int M, int D, cons
     int threads = (n + 31) / 32 * 32;
     if (threads > 1024) threads = 1024;
     if (v4)
-        rmsnorm_kernel<4><<<M, threads, 0, s>>>(in, rows, w, D, eps, out, outb);
+        cu_launch(rmsnorm_kernel<4>, M, threads, 0, s, in, rows, w, D, eps, out, outb);
     else
-        rmsnorm_kernel<1><<<M, threads, 0, s>>>(in, rows, w, D, eps, out, outb);
+        cu_launch(rmsnorm_kernel<1>, M, threads, 0, s, in, rows, w, D, eps, out, outb);
     return cudaGetLastError();
 }
 
@@ -145,37 +149,70 @@ static __device__ __forceinline__ bool am_better(float av, int ai, float bv, int
     return av > bv || (av == bv && ai < bi);
 }
 
-/* One block per row: each thread scans a strided slice, then the block
- * reduces; a row of only NaN gives n - 1, as the host rule does. */
-static __global__ void argmax_kernel(const float *x, int n, int *out)
+/* The best (value, id) of the block's threads into (*bv, *bi) of thread 0. */
+static __device__ void am_block_reduce(float *bv, int *bi)
 {
     __shared__ float sv[32];
     __shared__ int si[32];
-    const float *row = x + (size_t)blockIdx.x * n;
-    float bv = 0.0f;
-    int bi = -1;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = row[i];
-        if (am_better(v, i, bv, bi)) bv = v, bi = i;
-    }
+    float v = *bv;
+    int i = *bi;
     for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (am_better(ov, oi, bv, bi)) bv = ov, bi = oi;
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        if (am_better(ov, oi, v, i)) v = ov, i = oi;
     }
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    if (lane == 0) sv[w] = bv, si[w] = bi;
+    if (lane == 0) sv[w] = v, si[w] = i;
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int k = 1; k < nw; k++)
-            if (am_better(sv[k], si[k], bv, bi)) bv = sv[k], bi = si[k];
-        out[blockIdx.x] = bi < 0 ? n - 1 : bi;
+            if (am_better(sv[k], si[k], v, i)) v = sv[k], i = si[k];
+        *bv = v;
+        *bi = i;
     }
 }
 
-cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t s)
+/* Pass 1, block (p, row): the best of slice p of the row's CU_ARGMAX_PARTS
+ * slices, into part (rows, CU_ARGMAX_PARTS) of {value bits, id}; pass 2,
+ * one warp a row: the best of those — a row of only NaN gives n - 1, as the
+ * host rule does.  The rule is a total order on (value, id), so the split
+ * does not change the answer.  (One block a row took 47 us at 152K ids.) */
+static __global__ void argmax_part_kernel(const float *x, int n, int2 *part)
 {
-    argmax_kernel<<<M, 1024, 0, s>>>(x, n, out);
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    const float *row = x + (size_t)blockIdx.y * n;
+    const int per = (n + CU_ARGMAX_PARTS - 1) / CU_ARGMAX_PARTS;
+    const int i0 = blockIdx.x * per, i1 = min(i0 + per, n);
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+        const float v = row[i];
+        if (am_better(v, i, bv, bi)) bv = v, bi = i;
+    }
+    am_block_reduce(&bv, &bi);
+    if (threadIdx.x == 0)
+        part[(size_t)blockIdx.y * CU_ARGMAX_PARTS + blockIdx.x] = make_int2(__float_as_int(bv), bi);
+}
+
+static __global__ void argmax_final_kernel(const int2 *part, int n, int *out)
+{
+    cu_pdl_wait();
+    cu_pdl_trigger();
+    float bv = 0.0f;
+    int bi = -1;
+    for (int k = threadIdx.x; k < CU_ARGMAX_PARTS; k += 32) {
+        const int2 p = part[(size_t)blockIdx.x * CU_ARGMAX_PARTS + k];
+        if (am_better(__int_as_float(p.x), p.y, bv, bi)) bv = __int_as_float(p.x), bi = p.y;
+    }
+    am_block_reduce(&bv, &bi);
+    if (threadIdx.x == 0) out[blockIdx.x] = bi < 0 ? n - 1 : bi;
+}
+
+cudaError_t eng__cu_argmax(const float *x, int M, int n, int2 *part, int *out, cudaStream_t s)
+{
+    cu_launch(argmax_part_kernel, dim3(CU_ARGMAX_PARTS, (unsigned)M), 256, 0, s, x, n, part);
+    cu_launch(argmax_final_kernel, M, 32, 0, s, part, n, out);
     return cudaGetLastError();
 }
 
@@ -183,6 +220,8 @@ cudaError_t eng__cu_argmax(const float *x, int M, int n, int *out, cudaStream_t 
 
 static __global__ void bias_bf16_kernel(float *y, const float *b, int N, size_t total, bf16 *yb)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = y[i];
@@ -197,12 +236,14 @@ static __global__ void bias_bf16_kernel(float *y, const float *b, int N, size_t 
 cudaError_t eng__cu_bias_bf16(float *y, const float *b, int M, int N, bf16 *yb, cudaStream_t s)
 {
     size_t total = (size_t)M * N;
-    bias_bf16_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(y, b, N, total, yb);
+    cu_launch(bias_bf16_kernel, stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s, y, b, N, total, yb);
     return cudaGetLastError();
 }
 
 static __global__ void add_bias_kernel(float *y, const float *b, int N, size_t total)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x)
         y[i] += b[i % N];
@@ -211,11 +252,30 @@ static __global__ void add_bias_kernel(float *y, const float *b, int N, size_t t
 cudaError_t eng__cu_add_bias(float *y, const float *b, int M, int N, cudaStream_t s)
 {
     size_t total = (size_t)M * N;
-    add_bias_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(y, b, N, total);
+    cu_launch(add_bias_kernel, stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s, y, b, N, total);
     return cudaGetLastError();
 }
 
 /* ---- router -------------------------------------------------------------- */
+
+/* lam (CU_MAX_LEVELS) = softmax(acc + b2) over the L levels, zeros after. */
+static __device__ __forceinline__ void router_softmax(const float *acc, const float *b2, int L,
+                                                      float *lam)
+{
+    float z[CU_MAX_LEVELS], mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+    for (int l = 0; l < CU_MAX_LEVELS; l++) {
+        z[l] = l < L ? acc[l] + b2[l] : 0.0f;
+        if (l < L) mx = fmaxf(mx, z[l]);
+    }
+#pragma unroll
+    for (int l = 0; l < CU_MAX_LEVELS; l++) {
+        z[l] = l < L ? expf(z[l] - mx) : 0.0f;
+        sum += z[l];
+    }
+#pragma unroll
+    for (int l = 0; l < CU_MAX_LEVELS; l++) lam[l] = z[l] / sum;
+}
 
 /* One block per row: a = silu(rh + b1) (D/2), z_l = W2[l] . a + b2[l] for the
  * L <= 3 levels, lam = softmax(z) in f32 (padded with zeros to 3).  W2 has
@@ -223,6 +283,8 @@ cudaError_t eng__cu_add_bias(float *y, const float *b, int M, int N, cudaStream_
 static __global__ void router_kernel(const float *rh, int Dh, const float *b1, const bf16 *w2,
                                      const float *b2, int L, float *lam)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sh[33];
     const int t = blockIdx.x;
     const float *r = rh + (size_t)t * Dh;
@@ -235,27 +297,13 @@ static __global__ void router_kernel(const float *rh, int Dh, const float *b1, c
     }
 #pragma unroll
     for (int l = 0; l < CU_MAX_LEVELS; l++) acc[l] = block_sum(acc[l], sh);
-    if (threadIdx.x == 0) {
-        float z[CU_MAX_LEVELS], mx = -INFINITY, sum = 0.0f;
-#pragma unroll
-        for (int l = 0; l < CU_MAX_LEVELS; l++) {
-            z[l] = l < L ? acc[l] + b2[l] : 0.0f;
-            if (l < L) mx = fmaxf(mx, z[l]);
-        }
-#pragma unroll
-        for (int l = 0; l < CU_MAX_LEVELS; l++) {
-            z[l] = l < L ? expf(z[l] - mx) : 0.0f;
-            sum += z[l];
-        }
-#pragma unroll
-        for (int l = 0; l < CU_MAX_LEVELS; l++) lam[(size_t)t * CU_MAX_LEVELS + l] = z[l] / sum;
-    }
+    if (threadIdx.x == 0) router_softmax(acc, b2, L, lam + (size_t)t * CU_MAX_LEVELS);
 }
 
 cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float *b1,
                            const bf16 *w2, const float *b2, float *lam, cudaStream_t s)
 {
-    router_kernel<<<f->T, 512, 0, s>>>(rh, Dh, b1, w2, b2, f->levels, lam);
+    cu_launch(router_kernel, f->T, 512, 0, s, rh, Dh, b1, w2, b2, f->levels, lam);
     return cudaGetLastError();
 }
 
@@ -266,6 +314,8 @@ cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float
  * return at once (the fusion kernel does not read their m). */
 static __global__ void l3_read_kernel(cu_fwd f, int layer, const float *x, float *mem)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     extern __shared__ float sc[]; /* (n) scores, then probabilities */
     __shared__ float sh[33];
     const int t = blockIdx.x, D = f.D;
@@ -303,7 +353,7 @@ cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *m
                             cudaStream_t s)
 {
     size_t smem = (size_t)(f->R > 0 ? f->R : 1) * sizeof(float);
-    l3_read_kernel<<<f->T, ROW_THREADS, smem, s>>>(*f, layer, x, mem);
+    cu_launch(l3_read_kernel, f->T, ROW_THREADS, smem, s, *f, layer, x, mem);
     return cudaGetLastError();
 }
 
@@ -325,13 +375,32 @@ cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *m
  * only chunk seeds carry the scan's reassociation.  The last token's s is the
  * state stored back, so a checkpoint at the item's end equals the state. */
 static __global__ void ema_fuse_kernel(cu_fwd f, int layer, const float *x, const float *lam,
-                                       const float *mem, bf16 *fb)
+                                       cu_router rt, const float *mem, bf16 *fb)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float s_end[EMA_MAX_NC][32], s_pow[EMA_MAX_NC][32], s_carry[32];
+    __shared__ float s_lam[CU_MAX_LEVELS];
     const int tx = threadIdx.x, c = threadIdx.y, NC = blockDim.y;
     const int D = f.D, d = blockIdx.y * 32 + tx;
     const bool ok = d < D;
     const cu_item it = f.items[blockIdx.x];
+    if (rt.rh) {
+        /* A decode step (one row an item, one warp a block): the router of
+         * the row here, by this warp, instead of a kernel of its own. */
+        const float *r = rt.rh + (size_t)it.start * rt.Dh;
+        float acc[CU_MAX_LEVELS] = {0.0f, 0.0f, 0.0f};
+        for (int i = tx; i < rt.Dh; i += 32) {
+            const float a = silu(r[i] + rt.b1[i]);
+#pragma unroll
+            for (int l = 0; l < CU_MAX_LEVELS; l++)
+                if (l < f.levels) acc[l] += a * __bfloat162float(rt.w2[(size_t)l * rt.Dh + i]);
+        }
+#pragma unroll
+        for (int l = 0; l < CU_MAX_LEVELS; l++) acc[l] = warp_sum(acc[l]);
+        if (tx == 0) router_softmax(acc, rt.b2, f.levels, s_lam);
+        __syncwarp();
+    }
     const int *btr = f.bt + (size_t)blockIdx.x * f.MB;
     const bool use_mem = mem != NULL && it.l3_n > 0;
     const float beta = f.beta, omb = f.omb;
@@ -360,7 +429,7 @@ static __global__ void ema_fuse_kernel(cu_fwd f, int layer, const float *x, cons
                 const size_t t = (size_t)(it.start + j);
                 const int pos = it.pos0 + j;
                 const float xv = x[t * D + d];
-                const float *lm = lam + t * CU_MAX_LEVELS;
+                const float *lm = rt.rh ? s_lam : lam + t * CU_MAX_LEVELS;
                 s = beta * s + omb * xv;
                 float fv = lm[0] * xv + lm[1] * s;
                 if (use_mem) fv += lm[2] * mem[t * D + d];
@@ -376,15 +445,18 @@ static __global__ void ema_fuse_kernel(cu_fwd f, int layer, const float *x, cons
 }
 
 cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float *x,
-                             const float *lam, const float *mem, bf16 *fb, cudaStream_t s)
+                             const float *lam, const cu_router *rt, const float *mem, bf16 *fb,
+                             cudaStream_t s)
 {
+    const cu_router none = {NULL, 0, NULL, NULL, NULL};
+    if (rt && max_n != 1) return cudaErrorInvalidValue;
     /* As many chunk lanes as the longest item can use: decode steps (one
      * token per item) get one warp per block, long prefills eight. */
     int nc = (max_n + EMA_CHUNK - 1) / EMA_CHUNK;
     if (nc < 1) nc = 1;
     if (nc > EMA_MAX_NC) nc = EMA_MAX_NC;
     dim3 grid((unsigned)f->n_items, (unsigned)((f->D + 31) / 32)), block(32, (unsigned)nc);
-    ema_fuse_kernel<<<grid, block, 0, s>>>(*f, layer, x, lam, mem, fb);
+    cu_launch(ema_fuse_kernel, grid, block, 0, s, *f, layer, x, lam, rt ? *rt : none, mem, fb);
     return cudaGetLastError();
 }
 
@@ -398,6 +470,8 @@ cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float 
 static __global__ void rope_store_kernel(cu_fwd f, int layer, float *q, const float *bq,
                                          const float *kv, const float *bkv)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float cs[CU_MAX_HEAD_DIM / 2], sn[CU_MAX_HEAD_DIM / 2];
     const int t = blockIdx.x, pos = f.tok_pos[t], hd = f.hd, half = hd / 2;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
@@ -441,7 +515,7 @@ static __global__ void rope_store_kernel(cu_fwd f, int layer, float *q, const fl
 cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
                                const float *kv, const float *bkv, cudaStream_t s)
 {
-    rope_store_kernel<<<f->T, 512, 0, s>>>(*f, layer, q, bq, kv, bkv);
+    cu_launch(rope_store_kernel, f->T, 512, 0, s, *f, layer, q, bq, kv, bkv);
     return cudaGetLastError();
 }
 
@@ -538,6 +612,8 @@ cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float
 static __global__ void __launch_bounds__(ATT_WARPS * 32)
     attention_simple_kernel(cu_fwd f, int layer, const float *q, bf16 *att)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
     __shared__ float sm_acc[ATT_WARPS][CU_MAX_HEAD_DIM];
     const int t = blockIdx.x, h = blockIdx.y;
@@ -733,20 +809,20 @@ static cudaError_t attn_launch_hd(const cu_fwd *f, int layer, const float *q, bf
     const int G = f->H / f->H_kv, gb = G < 16 ? G : 16, nhg = (G + gb - 1) / gb;
     if (f->att_n_dec > 0) {
         const int nhb = f->H_kv * nhg;
-        attn_tc_kernel<HD, 1><<<(unsigned)f->att_n_dec * (unsigned)nhb, FA_THREADS, smem, s>>>(
+        cu_launch(attn_tc_kernel<HD, 1>, (unsigned)f->att_n_dec * (unsigned)nhb, FA_THREADS, smem, s, 
             *f, layer, q, att, f->att_units, nhb, gb, nhg);
         cudaError_t rc = cudaGetLastError();
         if (rc != cudaSuccess) return rc;
     }
     if (f->att_n_pf > 0) {
-        attn_tc_kernel<HD, 4><<<(unsigned)f->att_n_pf * (unsigned)f->H, FA_THREADS, smem, s>>>(
+        cu_launch(attn_tc_kernel<HD, 4>, (unsigned)f->att_n_pf * (unsigned)f->H, FA_THREADS, smem, s, 
             *f, layer, q, att, f->att_units + (size_t)f->att_n_dec * CU_ATT_UNIT_INTS, f->H, 1, 1);
         cudaError_t rc = cudaGetLastError();
         if (rc != cudaSuccess) return rc;
     }
     if (f->att_n_comb > 0) {
         dim3 grid((unsigned)f->att_n_comb, (unsigned)f->H);
-        attn_combine_kernel<<<grid, COMB_THREADS, 0, s>>>(*f, att);
+        cu_launch(attn_combine_kernel, grid, COMB_THREADS, 0, s, *f, att);
     }
     return cudaGetLastError();
 }
@@ -763,7 +839,7 @@ cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *
         }
     }
     dim3 grid((unsigned)f->T, (unsigned)f->H);
-    attention_simple_kernel<<<grid, ATT_WARPS * 32, 0, s>>>(*f, layer, q, att);
+    cu_launch(attention_simple_kernel, grid, ATT_WARPS * 32, 0, s, *f, layer, q, att);
     return cudaGetLastError();
 }
 
@@ -772,6 +848,8 @@ cudaError_t eng__cu_attention(const cu_fwd *f, int layer, const float *q, bf16 *
 static __global__ void swiglu_kernel(const float *gu, const float *b, int F, size_t total,
                                      bf16 *act)
 {
+    cu_pdl_wait();
+    cu_pdl_trigger();
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         const size_t t = i / F;
@@ -789,6 +867,6 @@ cudaError_t eng__cu_swiglu(const float *gu, const float *b, int M, int F, bf16 *
                            cudaStream_t s)
 {
     size_t total = (size_t)M * F;
-    swiglu_kernel<<<stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s>>>(gu, b, F, total, act);
+    cu_launch(swiglu_kernel, stride_grid(total, ROW_THREADS), ROW_THREADS, 0, s, gu, b, F, total, act);
     return cudaGetLastError();
 }
