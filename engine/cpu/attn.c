@@ -145,6 +145,23 @@ T512 static inline __m512 ld16(const unsigned char *p, int bf16, int d)
 #define MAX_HD16 16 /* head sizes up to 256 */
 #define PV_G 8       /* query heads whose output chunk stays in registers at once */
 
+/* F(NG, a, g0, c) for every 16-wide chunk c of the head size and every group
+ * of up to PV_G heads from g0, NG a constant (the accumulators' count). */
+#define PV_ALL(F, a)                                                                    \
+    for (int g0 = 0; g0 < (a)->G; g0 += PV_G) {                                         \
+        int ng = (a)->G - g0 < PV_G ? (a)->G - g0 : PV_G;                               \
+        for (int c = 0; c < (a)->hd / 16; c++) switch (ng) {                            \
+            case 8: F(8, a, g0, c); break;                                              \
+            case 7: F(7, a, g0, c); break;                                              \
+            case 6: F(6, a, g0, c); break;                                              \
+            case 5: F(5, a, g0, c); break;                                              \
+            case 4: F(4, a, g0, c); break;                                              \
+            case 3: F(3, a, g0, c); break;                                              \
+            case 2: F(2, a, g0, c); break;                                              \
+            default: F(1, a, g0, c); break;                                             \
+            }                                                                           \
+    }
+
 /* The reduce16 tree of 16 vectors at once: lane o of the result is the tree
  * sum of a[4 * (o % 4) + o / 4] (the same additions as reduce16_512, in
  * shuffled lanes: halves, then quarters, pairs, neighbours). */
@@ -230,19 +247,7 @@ T512 static void attention_512(const eng_cpu_attn *a)
         }
     }
     for (int g = 0; g < G; g++) softmax_512(a->sc + (size_t)g * n, n);
-    for (int g0 = 0; g0 < G; g0 += PV_G) {
-        int ng = G - g0 < PV_G ? G - g0 : PV_G;
-        for (int c = 0; c < nc; c++) switch (ng) {
-            case 8: pv_512(8, a, g0, c); break;
-            case 7: pv_512(7, a, g0, c); break;
-            case 6: pv_512(6, a, g0, c); break;
-            case 5: pv_512(5, a, g0, c); break;
-            case 4: pv_512(4, a, g0, c); break;
-            case 3: pv_512(3, a, g0, c); break;
-            case 2: pv_512(2, a, g0, c); break;
-            default: pv_512(1, a, g0, c); break;
-            }
-    }
+    PV_ALL(pv_512, a);
 }
 
 /* ---- cpu_math fast: bf16 dot products (AVX512-BF16) ----------------------
@@ -350,19 +355,7 @@ TBF16 static void attention_bh(const eng_cpu_attn *a)
         softmax_512(a->sc + (size_t)g * n, n);
         p_to_bf16(a->sc + (size_t)g * n, n);
     }
-    for (int g0 = 0; g0 < G; g0 += PV_G) {
-        int ng = G - g0 < PV_G ? G - g0 : PV_G;
-        for (int c = 0; c < hd / 16; c++) switch (ng) {
-            case 8: pv_bh(8, a, g0, c); break;
-            case 7: pv_bh(7, a, g0, c); break;
-            case 6: pv_bh(6, a, g0, c); break;
-            case 5: pv_bh(5, a, g0, c); break;
-            case 4: pv_bh(4, a, g0, c); break;
-            case 3: pv_bh(3, a, g0, c); break;
-            case 2: pv_bh(2, a, g0, c); break;
-            default: pv_bh(1, a, g0, c); break;
-            }
-    }
+    PV_ALL(pv_bh, a);
 }
 #endif
 

@@ -138,15 +138,17 @@ T512 static INL __m512 ld16(const void *w, int W16, size_t i)
     return _mm512_loadu_ps((const float *)w + i);
 }
 
+/* acc[i][j] = 0 over an MR x NR tile of accumulators, unrolled. */
+#define ZERO_TILE(acc, MR, NR)                                                          \
+    _Pragma("GCC unroll 4") for (int i_ = 0; i_ < (MR); i_++)                           \
+        _Pragma("GCC unroll 8") for (int j_ = 0; j_ < (NR); j_++) (acc)[i_][j_] = _mm512_setzero_ps()
+
 /* An MR x NR tile of outputs; MR, NR, W16 are constants after inlining. */
 T512 static INL void tile512(int MR, int NR, int W16, const float *x, int K, const void *w,
                              const float *b, float *y, int ldy)
 {
     __m512 acc[4][8];
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    ZERO_TILE(acc, MR, NR);
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 xv[4];
@@ -392,10 +394,7 @@ TBF16 static INL void tilebh(int MR, int NR, const uint16_t *xb, int K, const ui
                              float *y, int ldy)
 {
     __m512 acc[4][8];
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    ZERO_TILE(acc, MR, NR);
     int k = 0;
     for (; k + 32 <= K; k += 32) stepbh(MR, NR, xb, K, w, k, 0, acc);
     if (k < K) stepbh(MR, NR, xb, K, w, k, (__mmask32)((1ull << (K - k)) - 1), acc);
