@@ -61,7 +61,7 @@ static const option_def options[] = {
     { "engine", "threads", OPT_INT, O(threads), "0", 0, 256, "CPU threads of the engine, 0 = all online CPUs" },
     { "engine", "cpu_math", OPT_ENUM, O(cpu_math), "exact", 0, 0,
       "CPU backend arithmetic: exact (the reference) or fast (bf16 weights on a CPU with AVX512-BF16: "
-      "activations rounded to bf16, about twice the prefill speed; not bit-identical to exact)", "exact|fast" },
+      "activations rounded to bf16, about 1.8x the exact prefill; not bit-identical to exact)", "exact|fast" },
     { "engine", "max_seqs", OPT_INT, O(max_seqs), "64", 1, 4096,
       "sequence slots: running requests plus resident sessions" },
     { "engine", "max_ctx", OPT_INT, O(max_ctx), "0", 0, 1 << 20,
