@@ -134,7 +134,9 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
                          "max_seqs <= 65536, max_ctx <= 2^24, max_batch_tokens <= 2^20)");
     if (p.cpu_math != ENG_CPU_MATH_EXACT && p.cpu_math != ENG_CPU_MATH_FAST)
         return eng__errf(err, errlen, ENG_EINVAL, "engine: unknown cpu_math %d", p.cpu_math);
-    if (p.backend != ENG_BACKEND_CPU || !eng_cpu_math_available(p.cpu_math)) p.cpu_math = ENG_CPU_MATH_EXACT;
+    /* fast needs bf16 weights (f32 ones take the exact kernels anyway) */
+    if (p.backend != ENG_BACKEND_CPU || !eng_cpu_math_available(p.cpu_math) || strcmp(mi->dtype, "bf16") != 0)
+        p.cpu_math = ENG_CPU_MATH_EXACT;
 
     eng_engine *e = calloc(1, sizeof *e);
     if (!e) return ENG_ENOMEM;

@@ -120,7 +120,8 @@ typedef struct eng_params {
     int backend;          /* ENG_BACKEND_* (default AUTO) */
     int n_threads;        /* CPU worker threads, 0 = number of online CPUs */
     int cpu_math;         /* ENG_CPU_MATH_* (default EXACT); eng_get_params: the one in
-                             force (EXACT where FAST cannot run; CUDA ignores it) */
+                             force (EXACT where FAST cannot run: not the CPU backend, no
+                             AVX512-BF16, or not a bf16 model) */
     int block_size;       /* tokens per K/V block (default 32) */
     int n_blocks;         /* K/V blocks in the pool, 0 = enough for max_seqs full contexts,
                              capped by kv_mem_mb */

@@ -15,7 +15,8 @@
  *    activations (they differ from the exact path), and stay within the
  *    bound of that rounding of a double-precision product; an engine in that
  *    mode still gives chunked prefill the bits of a one-shot prefill, and its
- *    logits stay close to the exact engine's.
+ *    logits stay close to the exact engine's; eng_create rejects an unknown
+ *    cpu_math and reports exact where fast cannot run (an f32 model).
  */
 #include <check.h>
 #include <math.h>
@@ -329,6 +330,45 @@ START_TEST(engine_fast_math_is_chunk_invariant_and_close)
 }
 END_TEST
 
+/* The mode in force: an unknown cpu_math is an error; fast resolves to exact
+ * for an f32 model and where the CPU lacks AVX512-BF16. */
+static int math_in_force(const char *name, const char *args, int math, int *rc)
+{
+    char dir[4096], err[512];
+    ck_assert_int_eq(tu_genmodel(name, args, dir, sizeof dir), 0);
+    eng_model *m;
+    ck_assert_msg(eng_model_load(dir, &m, err, sizeof err) == ENG_OK, "%s", err);
+    eng_params prm = eng_default_params();
+    prm.backend = ENG_BACKEND_CPU;
+    prm.cpu_math = math;
+    prm.max_seqs = 1;
+    prm.max_ctx = 16;
+    eng_engine *e = NULL;
+    *rc = eng_create(m, &prm, &e, err, sizeof err);
+    int got = e ? eng_get_params(e)->cpu_math : -1;
+    eng_free(e);
+    eng_model_free(m);
+    return got;
+}
+
+START_TEST(engine_cpu_math_in_force)
+{
+    int rc, v;
+    ck_assert_int_eq(eng_cpu_math_parse("fast", &v), ENG_OK);
+    ck_assert_int_eq(v, ENG_CPU_MATH_FAST);
+    ck_assert_int_eq(eng_cpu_math_parse("exact", &v), ENG_OK);
+    ck_assert_int_eq(v, ENG_CPU_MATH_EXACT);
+    ck_assert_int_eq(eng_cpu_math_parse("Fast", &v), ENG_EINVAL);
+    const char *bf = "--preset tiny --dtype bf16 --seed 22", *f32 = "--preset tiny --dtype f32 --seed 22";
+    ck_assert_int_eq(math_in_force("cpukern_m1", bf, 7, &rc), -1);
+    ck_assert_int_eq(rc, ENG_EINVAL);
+    ck_assert_int_eq(math_in_force("cpukern_m2", f32, ENG_CPU_MATH_FAST, &rc), ENG_CPU_MATH_EXACT);
+    ck_assert_int_eq(math_in_force("cpukern_m1", bf, ENG_CPU_MATH_FAST, &rc),
+                     eng_cpu_math_available(ENG_CPU_MATH_FAST) ? ENG_CPU_MATH_FAST : ENG_CPU_MATH_EXACT);
+    ck_assert_int_eq(math_in_force("cpukern_m1", bf, ENG_CPU_MATH_EXACT, &rc), ENG_CPU_MATH_EXACT);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("cpukern");
@@ -339,6 +379,7 @@ int main(void)
     tcase_add_test(tc, attention_is_isa_invariant_and_exact_enough);
     tcase_add_test(tc, linear_fast_is_batch_and_thread_invariant_and_close);
     tcase_add_test(tc, engine_fast_math_is_chunk_invariant_and_close);
+    tcase_add_test(tc, engine_cpu_math_in_force);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -438,8 +438,8 @@ int main(int argc, char **argv)
         eng_get_stats(eng, &st);
         int math = eng_get_params(eng)->cpu_math;
         if (math != ep.cpu_math)
-            fprintf(stderr, "mkad-cli: --cpu-math fast: not available here (CPU backend on a CPU with "
-                    "AVX512-BF16 only); running exact\n");
+            fprintf(stderr, "mkad-cli: --cpu-math fast: not available here (the CPU backend, a bf16 model and "
+                    "a CPU with AVX512-BF16 only); running exact\n");
         fprintf(stderr, "event=engine_created backend=%s kv_blocks=%d kv_pool_mib=%.1f kv_dtype=%s cpu_math=%s\n",
                 eng_backend_name(eng), st.blocks_total, (double)st.kv_bytes / (1024.0 * 1024.0),
                 st.kv_dtype ? st.kv_dtype : "?", math == ENG_CPU_MATH_FAST ? "fast" : "exact");
