@@ -135,8 +135,8 @@ report() {
         echo "mkad CUDA backend, $PRESET shape (FastMKA L=3, bf16), batch 1, $(date -u +%Y-%m-%d), $GPU"
         echo "read bandwidth $(awk -v x="$BW" 'BEGIN{printf "%.0f", x/1e9}') GB/s, bf16 GEMM $(awk -v x="$GEMM" 'BEGIN{printf "%.0f", x/1e12}') TFLOP/s (torch, this run)"
         cat "$table"
-        [ -s "$btable" ] && { echo "batched decode:"; cat "$btable"; }
-        [ -s "$prof" ] && cat "$prof"
+        if [ -s "$btable" ]; then echo "batched decode:"; cat "$btable"; fi
+        if [ -s "$prof" ]; then cat "$prof"; fi
     } >"$out/bench_cuda.txt"
 }
 printf '%-8s %-14s %12s %10s %14s %10s %8s %12s\n' context variant prefill_tok/s ttft_s decode_ms/tok floor_ms ratio prefill/gemm >"$table"

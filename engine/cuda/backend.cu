@@ -634,9 +634,6 @@ static int init_state(eng_engine *e, cuda_state *cs, char *err, size_t errlen)
                              "cuda: MKAD_CUDA_GEMV_ROWS=%s: expected 1 to %d", gvr, CU_GEMV_MAX_M);
         if (cs->gemv_max_m > 0) cs->gemv_max_m = n;
     }
-    /* MKAD_CUDA_FUSE_ROUTER=0: the router's own kernel in decode steps too. */
-    const char *fr = getenv("MKAD_CUDA_FUSE_ROUTER");
-    cs->fuse_router = !(fr && !strcmp(fr, "0"));
     /* MKAD_CUDA_FUSE_ROPE=0: the RoPE kernel after the K/V GEMV too. */
     const char *fro = getenv("MKAD_CUDA_FUSE_ROPE");
     cs->fuse_rope = !(fro && !strcmp(fro, "0"));
@@ -841,21 +838,15 @@ static int layer_forward(eng_engine *e, cuda_state *cs, const cu_fwd *f, int l, 
         float *rh = cs->wide; /* (T, D/2) */
         if ((rc = gemm(cs, &L->r1, cs->qatt, T, rh, 0.0f, NULL, NULL, err, errlen))) return rc;
         PROF("router r1", WBYTES(L->r1));
-        /* In a decode step the EMA kernel runs the router's second layer. */
-        const cu_router rt = {rh, L->r1.rows, L->r1.b, L->r2.w, L->r2.b};
-        const int fuse = max_n == 1 && cs->fuse_router;
-        if (!fuse) {
-            CUDA_TRY(eng__cu_router(f, rh, rt.Dh, rt.b1, rt.w2, rt.b2, cs->lam, st));
-            PROF("router", 0);
-        }
+        CUDA_TRY(eng__cu_router(f, rh, L->r1.rows, L->r1.b, L->r2.w, L->r2.b, cs->lam, st));
+        PROF("router", 0);
         if (cs->mem && f->any_l3) {
             CUDA_TRY(eng__cu_l3_read(f, l, cs->x, cs->mem, st));
             PROF("l3 read", 0);
         }
         /* The fused f replaces x as the K/V GEMM input in xb. */
-        CUDA_TRY(eng__cu_ema_fuse(f, l, max_n, cs->x, cs->lam, fuse ? &rt : NULL, cs->mem,
-                                  cs->xb, st));
-        PROF(fuse ? "router ema fuse" : "ema fuse", 0);
+        CUDA_TRY(eng__cu_ema_fuse(f, l, max_n, cs->x, cs->lam, cs->mem, cs->xb, st));
+        PROF("ema fuse", 0);
     }
     if (cs->fuse_rope && T <= cs->gemv_max_m && eng__cu_gemv_fits(L->kv.w, D, cs->xb, T)) {
         /* RoPE, the K/V write and q's rotation in the GEMV's epilogue. */

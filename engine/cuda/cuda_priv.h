@@ -272,9 +272,6 @@ typedef struct cuda_state {
     /* Projections of at most gemv_max_m rows (decode steps) take the GEMV
      * kernel (MKAD_CUDA_GEMV=cublas: never). */
     int gemv_max_m;
-    /* Decode steps compute the router's softmax in the EMA kernel
-     * (MKAD_CUDA_FUSE_ROUTER=0: never). */
-    int fuse_router;
     /* GEMV steps write K/V from the K/V GEMV's epilogue
      * (MKAD_CUDA_FUSE_ROPE=0: the RoPE kernel). */
     int fuse_rope;
@@ -313,22 +310,10 @@ cudaError_t eng__cu_router(const cu_fwd *f, const float *rh, int Dh, const float
  * sequences without one are left untouched and never read). */
 cudaError_t eng__cu_l3_read(const cu_fwd *f, int layer, const float *x, float *mem,
                             cudaStream_t s);
-/* The router's second layer, for eng__cu_ema_fuse to compute lam itself:
- * eng__cu_router's arguments. */
-typedef struct cu_router {
-    const float *rh; /* (T, Dh) */
-    int Dh;
-    const float *b1;
-    const bf16 *w2;
-    const float *b2;
-} cu_router;
 /* The EMA recurrence and route fusion: fb (T, D) bf16, the running state
- * and the checkpoints at block ends.  max_n: the largest item's rows.  lam
- * from eng__cu_router, or, in a decode step (max_n == 1) with rt non-NULL,
- * computed here from rt (lam unused). */
+ * and the checkpoints at block ends.  max_n: the largest item's rows. */
 cudaError_t eng__cu_ema_fuse(const cu_fwd *f, int layer, int max_n, const float *x,
-                             const float *lam, const cu_router *rt, const float *mem, bf16 *fb,
-                             cudaStream_t s);
+                             const float *lam, const float *mem, bf16 *fb, cudaStream_t s);
 /* Adds q/k/v biases (bq, bkv may be NULL), rotates q in place and k, and
  * writes k, v (bf16) into the pool; kv (T, 2*kv_dim). */
 cudaError_t eng__cu_rope_store(const cu_fwd *f, int layer, float *q, const float *bq,
