@@ -44,6 +44,15 @@ int eng_backend_parse(const char *name, int *backend)
     return ENG_OK;
 }
 
+int eng_cpu_math_parse(const char *name, int *math)
+{
+    if (!name) return ENG_EINVAL;
+    if (!strcmp(name, "exact")) *math = ENG_CPU_MATH_EXACT;
+    else if (!strcmp(name, "fast")) *math = ENG_CPU_MATH_FAST;
+    else return ENG_EINVAL;
+    return ENG_OK;
+}
+
 int eng_backend_available(int backend)
 {
     switch (backend) {
@@ -123,6 +132,11 @@ int eng_create(const eng_model *m, const eng_params *params, eng_engine **out, c
         return eng__errf(err, errlen, ENG_EINVAL,
                          "engine: parameters out of range (n_threads <= 256, block_size <= 4096, "
                          "max_seqs <= 65536, max_ctx <= 2^24, max_batch_tokens <= 2^20)");
+    if (p.cpu_math != ENG_CPU_MATH_EXACT && p.cpu_math != ENG_CPU_MATH_FAST)
+        return eng__errf(err, errlen, ENG_EINVAL, "engine: unknown cpu_math %d", p.cpu_math);
+    /* fast needs bf16 weights (f32 ones take the exact kernels anyway) */
+    if (p.backend != ENG_BACKEND_CPU || !eng_cpu_math_available(p.cpu_math) || strcmp(mi->dtype, "bf16") != 0)
+        p.cpu_math = ENG_CPU_MATH_EXACT;
 
     eng_engine *e = calloc(1, sizeof *e);
     if (!e) return ENG_ENOMEM;

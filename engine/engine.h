@@ -105,9 +105,23 @@ int eng_backend_parse(const char *name, int *backend);
  * device answers.  AUTO: always 1. */
 int eng_backend_available(int backend);
 
+/* Arithmetic of the CPU backend's projections. */
+enum {
+    ENG_CPU_MATH_EXACT = 0, /* the reference (default): f32 FMA, bf16 weights widened exactly */
+    ENG_CPU_MATH_FAST = 1   /* bf16 weights: activations rounded to bf16, AVX512-BF16 dot
+                               products; deterministic and batch-invariant, not the
+                               reference (docs/performance.md: the cost).  Where the CPU
+                               lacks AVX512-BF16 the exact kernels run */
+};
+/* "exact" or "fast" -> ENG_CPU_MATH_*; ENG_EINVAL for anything else. */
+int eng_cpu_math_parse(const char *name, int *math);
+
 typedef struct eng_params {
     int backend;          /* ENG_BACKEND_* (default AUTO) */
     int n_threads;        /* CPU worker threads, 0 = number of online CPUs */
+    int cpu_math;         /* ENG_CPU_MATH_* (default EXACT); eng_get_params: the one in
+                             force (EXACT where FAST cannot run: not the CPU backend, no
+                             AVX512-BF16, or not a bf16 model) */
     int block_size;       /* tokens per K/V block (default 32) */
     int n_blocks;         /* K/V blocks in the pool, 0 = enough for max_seqs full contexts,
                              capped by kv_mem_mb */

@@ -107,6 +107,10 @@ void eng_pool_run(eng_pool *p, int n_tasks, eng_pool_fn fn, void *ctx);
  * the pool and kept between runs; NULL when memory runs out.  Only that
  * thread's tasks may use it. */
 void *eng_pool_scratch(eng_pool *p, int thread, size_t bytes);
+/* The caller's scratch of at least `bytes` (64-byte aligned), kept between
+ * runs: filled before eng_pool_run, read by every task of it.  NULL when
+ * memory runs out. */
+void *eng_pool_shared(eng_pool *p, size_t bytes);
 
 /* ---- CPU kernels (engine/cpu/ops.c) --------------------------------------
  * Every kernel computes each output element with the same sequence of float
@@ -116,8 +120,11 @@ void *eng_pool_scratch(eng_pool *p, int thread, size_t bytes);
 
 /* y (M, rows) = x (M, cols) . W^T + b, spread over the pool by output rows
  * and input rows, never over cols; one contract for every element whatever
- * M, the thread or the instruction set (linear.c says which). */
-void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y);
+ * M, the thread or the instruction set (linear.c says which).  math:
+ * ENG_CPU_MATH_EXACT, or ENG_CPU_MATH_FAST (bf16 weights on a CPU with
+ * AVX512-BF16: activations rounded to bf16, linear.c's second contract;
+ * otherwise the exact one). */
+void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y, int math);
 /* One element of that contract, written out in portable C: x (K) . w (K),
  * w bf16 when W16 (no bias).  The reference the vector paths must match. */
 float eng_cpu_dot16_ref(const float *x, const void *w, int W16, int K);
@@ -130,12 +137,17 @@ int eng_cpu_isa(void);
  * widest it has below is used then). */
 int eng_cpu_isa_set(int level);
 const char *eng_cpu_isa_name(int level);
+/* 1 when eng_cpu_linear can run `math` (ENG_CPU_MATH_*) here: EXACT always,
+ * FAST on the AVX-512 path of a CPU with AVX512-BF16. */
+int eng_cpu_math_available(int math);
 /* Causal attention of one token (attn.c): the G query heads q (G, hd) that
  * share one K/V head, over positions 0..n-1 of a sequence whose K/V rows
  * live in a paged pool: position j's K row is at kv + blocks[j / B] *
  * block_bytes + k_off + (j % B) * row_bytes (V: v_off), hd elements, bf16
  * when bf16 else f32.  out (G, hd) = softmax(q k^T * scale) v; sc: scratch
- * (G, n).  The same bits for a token whatever the batch or path. */
+ * of ENG_CPU_ATTN_SCRATCH(G, n, hd) floats.  The same bits for a token
+ * whatever the batch or path. */
+#define ENG_CPU_ATTN_SCRATCH(G, n, hd) ((size_t)(G) * (n) + 16 * (size_t)(hd))
 typedef struct eng_cpu_attn {
     const float *q;
     float *out, *sc;
@@ -144,6 +156,7 @@ typedef struct eng_cpu_attn {
     const unsigned char *kv;
     size_t block_bytes, k_off, v_off, row_bytes;
     float scale;
+    int math; /* ENG_CPU_MATH_*: fast takes bf16 dot products (attn.c) where it can */
 } eng_cpu_attn;
 void eng_cpu_attention(const eng_cpu_attn *a);
 /* y (M, D) = RMSNorm(x) * w */

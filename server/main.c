@@ -59,6 +59,9 @@ static const option_def options[] = {
       "where the forward pass runs: cuda (the first GPU), cpu, or auto (cuda when mkad was built "
       "with CUDA and a GPU answers, else cpu)", "auto|cpu|cuda" },
     { "engine", "threads", OPT_INT, O(threads), "0", 0, 256, "CPU threads of the engine, 0 = all online CPUs" },
+    { "engine", "cpu_math", OPT_ENUM, O(cpu_math), "exact", 0, 0,
+      "CPU backend arithmetic: exact (the reference) or fast (bf16 weights on a CPU with AVX512-BF16: "
+      "activations rounded to bf16, about 1.8x the exact prefill; not bit-identical to exact)", "exact|fast" },
     { "engine", "max_seqs", OPT_INT, O(max_seqs), "64", 1, 4096,
       "sequence slots: running requests plus resident sessions" },
     { "engine", "max_ctx", OPT_INT, O(max_ctx), "0", 0, 1 << 20,

@@ -1607,6 +1607,7 @@ static int load(srv_engine *se)
     p.log = engine_progress;
     p.log_ctx = se;
     p.n_threads = se->cfg->threads;
+    if (se->cfg->cpu_math) eng_cpu_math_parse(se->cfg->cpu_math, &p.cpu_math); /* main.c checked the spelling */
     p.block_size = se->cfg->block_size;
     p.max_seqs = se->cfg->max_seqs;
     p.max_ctx = se->cfg->max_ctx;
@@ -1659,11 +1660,12 @@ static int load(srv_engine *se)
     srv_metrics_engine(se->met, info.backend, info.kv_dtype, info.kv_bytes);
     srv_log("info", "model_loaded", " dir=%s backend=%s arch=%s layers=%d hidden=%d vocab=%d "
             "mka_levels=%d dtype=%s fingerprint=%s max_ctx=%d max_seqs=%d kv_blocks=%d block_size=%d "
-            "kv_pool_mib=%.1f kv_dtype=%s threads=%d tokenizer=%s load_s=%.3f", se->cfg->model,
+            "kv_pool_mib=%.1f kv_dtype=%s threads=%d cpu_math=%s tokenizer=%s load_s=%.3f", se->cfg->model,
             info.backend, info.mi.arch, info.mi.n_layers, info.mi.d_model, info.mi.vocab_size,
             info.mi.mka_levels, info.mi.dtype, info.mi.fingerprint, info.max_ctx, info.max_seqs,
             info.n_blocks, info.block_size, (double)info.kv_bytes / (1024.0 * 1024.0), info.kv_dtype,
-            ep->n_threads, se->codec ? "yes" : "no", srv_now() - t0);
+            ep->n_threads, ep->cpu_math == ENG_CPU_MATH_FAST ? "fast" : "exact", se->codec ? "yes" : "no",
+            srv_now() - t0);
     if (se->codec) srv_log("info", "tokenizer_loaded", " dir=%s %s", se->cfg->model, tinfo);
     ev_new(se, SRV_EV_READY, NULL);
     flush_events(se);

@@ -21,6 +21,7 @@ typedef struct srv_config {
     char *backend;          /* "auto", "cpu" or "cuda" (main.c checks the spelling);
                                NULL = "auto" */
     int threads;            /* engine CPU threads, 0 = all online CPUs */
+    char *cpu_math;         /* "exact" (NULL) or "fast": eng_params.cpu_math (main.c checks) */
     int max_seqs;           /* engine sequence slots (running requests + resident sessions) */
     int max_ctx;            /* tokens per sequence, 0 = model max_position (capped 8192) */
     int max_batch_tokens;   /* per-step token budget */

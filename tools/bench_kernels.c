@@ -5,7 +5,7 @@
  * one token at a given depth (ms per layer).  Shapes default to
  * Qwen2.5-0.5B's.  Medians of --reps runs.
  *
- *   bench-kernels [--threads N] [--isa portable|avx2|avx512] [--reps R]
+ *   bench-kernels [--threads N] [--isa portable|avx2|avx512] [--math exact|fast] [--reps R]
  *                 [--M 512] [--K 896] [--N 4864] [--gemv-rows 151936] [--depth 2048]
  */
 #include <stdio.h>
@@ -93,11 +93,14 @@ int main(int argc, char **argv)
 {
     int threads = 1, reps = 5, M = 512, K = 896, N = 4864, GR = 151936, depth = 2048;
     const char *isa = NULL;
+    int math = ENG_CPU_MATH_EXACT;
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *a = argv[i], *v = argv[i + 1];
         if (!strcmp(a, "--threads")) threads = atoi(v);
         else if (!strcmp(a, "--isa")) isa = v;
-        else if (!strcmp(a, "--reps")) reps = atoi(v);
+        else if (!strcmp(a, "--math")) {
+            if (eng_cpu_math_parse(v, &math) != ENG_OK) { fprintf(stderr, "bench-kernels: bad --math\n"); return 2; }
+        } else if (!strcmp(a, "--reps")) reps = atoi(v);
         else if (!strcmp(a, "--M")) M = atoi(v);
         else if (!strcmp(a, "--K")) K = atoi(v);
         else if (!strcmp(a, "--N")) N = atoi(v);
@@ -117,6 +120,10 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (!eng_cpu_math_available(math)) {
+        fprintf(stderr, "bench-kernels: --math fast needs AVX512-BF16 on the AVX-512 path\n");
+        return 2;
+    }
     eng_pool *pool;
     if (eng_pool_create(threads, &pool) != ENG_OK) return 1;
     double t[100];
@@ -125,10 +132,10 @@ int main(int argc, char **argv)
     uint16_t *w = rand_bf16((size_t)N * K);
     float *x = rand_f32((size_t)M * K), *y = malloc((size_t)M * N * sizeof *y);
     eng_linear l = { NULL, w, NULL, N, K };
-    eng_cpu_linear(pool, &l, x, M, y);
+    eng_cpu_linear(pool, &l, x, M, y, math);
     for (int r = 0; r < reps; r++) {
         double t0 = now();
-        eng_cpu_linear(pool, &l, x, M, y);
+        eng_cpu_linear(pool, &l, x, M, y, math);
         t[r] = now() - t0;
     }
     double gemm = median(t, reps), gemm_best = t[0];
@@ -137,10 +144,10 @@ int main(int argc, char **argv)
     uint16_t *g = rand_bf16((size_t)GR * K);
     float *gy = malloc((size_t)GR * sizeof *gy);
     eng_linear gl = { NULL, g, NULL, GR, K };
-    eng_cpu_linear(pool, &gl, x, 1, gy);
+    eng_cpu_linear(pool, &gl, x, 1, gy, math);
     for (int r = 0; r < reps; r++) {
         double t0 = now();
-        eng_cpu_linear(pool, &gl, x, 1, gy);
+        eng_cpu_linear(pool, &gl, x, 1, gy, math);
         t[r] = now() - t0;
     }
     double gemv = median(t, reps);
@@ -153,13 +160,13 @@ int main(int argc, char **argv)
     int *blocks = malloc((size_t)nb * sizeof *blocks);
     for (int i = 0; i < nb; i++) blocks[i] = nb - 1 - i;
     float *q = rand_f32((size_t)G * hd * Hkv), *out = malloc((size_t)G * hd * Hkv * sizeof *out);
-    float *sc = malloc((size_t)G * depth * sizeof *sc);
+    float *sc = malloc(ENG_CPU_ATTN_SCRATCH(G, depth, hd) * sizeof *sc);
     for (int r = 0; r < reps; r++) {
         double t0 = now();
         for (int h = 0; h < Hkv; h++) {
             eng_cpu_attn a = { q + (size_t)h * G * hd, out + (size_t)h * G * hd, sc, G, hd, depth, B, 1,
                                blocks, kv, block_bytes, (size_t)h * hd * 2, B * kv_dim * 2 + (size_t)h * hd * 2,
-                               kv_dim * 2, 0.125f };
+                               kv_dim * 2, 0.125f, math };
             eng_cpu_attention(&a);
         }
         t[r] = now() - t0;
@@ -178,6 +185,7 @@ int main(int argc, char **argv)
     double bw = median(t, reps);
 
     printf("read_GBps=%.1f ", (double)GR * K * 2 / bw * 1e-9);
+    printf("math=%s ", math == ENG_CPU_MATH_FAST ? "fast" : "exact");
     printf("isa=%s threads=%d gemm_M%d_K%d_N%d_gflops=%.1f (best %.1f) gemv_rows%d_GBps=%.1f attn_depth%d_ms=%.3f\n",
            eng_cpu_isa_name(eng_cpu_isa()), threads, M, K, N, 2.0 * M * K * N / gemm * 1e-9, 2.0 * M * K * N / gemm_best * 1e-9, GR,
            (double)GR * K * 2 / gemv * 1e-9, depth, att * 1e3);

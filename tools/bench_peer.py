@@ -3,7 +3,7 @@
 interleaved run (make bench-peer).
 
     python3 tools/bench_peer.py [--build .] [--work DIR] [--threads 2] [--rounds 3]
-                                [--depths 0,2048,8192] [--gen 128]
+                                [--depths 0,2048,8192] [--gen 128] [--cpu-math exact,fast]
 
 What it does, caching every step under --work (default BUILD/tests/tmp/peer):
  1. llama.cpp: the copy vendored by the llama-cpp-python sdist on PyPI, at the
@@ -18,7 +18,10 @@ What it does, caching every step under --work (default BUILD/tests/tmp/peer):
  3. Greedy check: 16 greedy tokens after three prompts from llama-server and
     from mkad-cli must agree.
  4. --rounds rounds, each running in turn: the read bandwidth of the weights'
-    size with --threads threads (bench-kernels), llama-bench and mkad-cli for
+    size with --threads threads (bench-kernels), llama-bench (flash attention
+    on, -fa 1: its faster attention on the CPU, and what llama-server uses by
+    default) and mkad-cli in each --cpu-math mode (exact: the reference; fast:
+    bf16 dot products, only where the CPU has AVX512-BF16) for
     prefill of 512 and 2,048 tokens, and --gen decoded tokens after a prompt
     of each of --depths tokens (depths above --deep only in the first
     --deep-rounds rounds: an 8,192-token prefill takes minutes per engine).
@@ -125,15 +128,17 @@ def ids(n, salt=0):
     return [((i + salt) * 37 + 11) % 4000 for i in range(n)]
 
 
-def mkad_cli(a, mdir, prompt, gen):
+def mkad_cli(a, mdir, prompt, gen, math="exact"):
     path = os.path.join(a.work, "prompt.txt")
     with open(path, "w") as f:
         f.write(",".join(map(str, prompt)))
     cmd = [os.path.join(a.build, "mkad-cli"), "--model", mdir, "--prompt-ids", "@" + path, "--max-tokens", str(gen),
-           "--ignore-eos", "--threads", str(a.threads)]
+           "--ignore-eos", "--threads", str(a.threads), "--cpu-math", math]
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
         sys.exit("bench-peer: mkad-cli failed:\n" + r.stderr[-2000:])
+    if math == "fast" and "cpu_math=fast" not in r.stderr:
+        sys.exit("bench-peer: mkad-cli --cpu-math fast is not available on this CPU; use --cpu-math exact")
     done = [ln for ln in r.stderr.splitlines() if ln.startswith("event=done")][-1]
     kv = dict(f.split("=", 1) for f in done.split()[1:])
     return r.stdout.split(), float(kv["prefill_tok_s"]), float(kv["decode_tok_s"])
@@ -141,7 +146,7 @@ def mkad_cli(a, mdir, prompt, gen):
 
 def llama_bench(a, bench, gguf, p, n, d):
     out = run([bench, "-m", gguf, "-t", str(a.threads), "-p", str(p), "-n", str(n), "-d", str(d), "-r", "1",
-               "-o", "jsonl"])
+               "-fa", "1", "-o", "jsonl"])
     rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
     return rows[-1]["avg_ts"]
 
@@ -200,6 +205,7 @@ def main():
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--deep", type=int, default=4096, help="depths above this are measured in --deep-rounds rounds")
     ap.add_argument("--deep-rounds", type=int, default=1)
+    ap.add_argument("--cpu-math", default="exact,fast", help="mkad's modes to run, comma-separated (exact, fast)")
     a = ap.parse_args()
     a.build = os.path.abspath(a.build)
     a.work = os.path.abspath(a.work or os.path.join(a.build, "tests", "tmp", "peer"))
@@ -212,6 +218,10 @@ def main():
     agree = greedy_check(a, server, gguf, mdir)
     wbytes = os.path.getsize(os.path.join(mdir, "model.safetensors"))
     depths = [int(d) for d in a.depths.split(",") if d != ""]
+    maths = [m for m in a.cpu_math.split(",") if m]
+    if not maths or any(m not in ("exact", "fast") for m in maths):
+        sys.exit("bench-peer: --cpu-math: a list of exact, fast")
+    col = {"exact": "mkad", "fast": "mkad fast"}
     res = {}
 
     def add(key, who, v):
@@ -224,29 +234,38 @@ def main():
         for p in (512, 2048):
             add("prefill %d" % p, "llama", llama_bench(a, bench, gguf, p, 0, 0))
             if p not in depths:
-                add("prefill %d" % p, "mkad", mkad_cli(a, mdir, ids(p), 0)[1])
+                for m in maths:
+                    add("prefill %d" % p, col[m], mkad_cli(a, mdir, ids(p), 0, m)[1])
         for d in depths:
             if d > a.deep and r >= a.deep_rounds:
                 continue
             key = "decode %d @ depth %d" % (a.gen, d)
             add(key, "llama", llama_bench(a, bench, gguf, 0, a.gen, d))
-            _, pf, dc = mkad_cli(a, mdir, ids(max(d, 1)), a.gen)
-            if d in (512, 2048):  # the same prompt: its prefill is the prefill measurement
-                add("prefill %d" % d, "mkad", pf)
-            add(key, "mkad", dc)
+            for m in maths:
+                _, pf, dc = mkad_cli(a, mdir, ids(max(d, 1)), a.gen, m)
+                if d in (512, 2048):  # the same prompt: its prefill is the prefill measurement
+                    add("prefill %d" % d, col[m], pf)
+                add(key, col[m], dc)
     bw = statistics.median(res.pop("read bandwidth GB/s")["bw"])
     floor = bw * 1e9 / wbytes
     print("\nmkad vs llama.cpp, tokens/s (median of %d interleaved rounds), %d threads, %s" %
           (a.rounds, a.threads, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
     print("model: Qwen2.5-0.5B shape (mkad-genmodel --levels 0, bf16), %.0f MB of weights; greedy tokens %s" %
           (wbytes / 1e6, "agree" if agree else "DIFFER"))
-    print("| measure | runs | llama.cpp | mkad | mkad / llama.cpp | mkad / bandwidth floor |")
-    print("|---|---|---|---|---|---|")
+    head = "| measure | runs | llama.cpp |"
+    for m in maths:
+        head += " %s | %s / llama.cpp | %s / bandwidth floor |" % (col[m], col[m], col[m])
+    print(head)
+    print("|---|---|---|" + "---|---|---|" * len(maths))
     for k in sorted(res, key=lambda k: (k.split()[0] != "prefill", int(k.split()[-1]))):
         v = res[k]
-        lm, mk = statistics.median(v["llama"]), statistics.median(v["mkad"])
-        fl = "%.0f %%" % (100 * mk / floor) if k.startswith("decode") else ""
-        print("| %s | %d | %.1f | %.1f | %.2f | %s |" % (k, len(v["mkad"]), lm, mk, mk / lm, fl))
+        lm = statistics.median(v["llama"])
+        line = "| %s | %d | %.1f |" % (k, len(v["llama"]), lm)
+        for m in maths:
+            mk = statistics.median(v[col[m]])
+            fl = "%.0f %%" % (100 * mk / floor) if k.startswith("decode") else ""
+            line += " %.1f | %.2f | %s |" % (mk, mk / lm, fl)
+        print(line)
     print("read bandwidth (%d threads, median): %.1f GB/s -> decode floor %.1f tokens/s" % (a.threads, bw, floor))
     print("runtime: %.0f s (of which setup/cached builds %.0f s)" % (time.time() - t0, t_setup))
     return 0 if agree else 1

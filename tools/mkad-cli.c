@@ -53,6 +53,8 @@ static void usage(FILE *f)
         "  --backend B              auto, cpu or cuda (default auto: cuda when built with CUDA\n"
         "                           and a GPU answers, else cpu)\n"
         "  --threads N              CPU threads (default: all)\n"
+        "  --cpu-math M             exact (default: the reference) or fast (bf16 weights on a CPU\n"
+        "                           with AVX512-BF16: activations rounded to bf16)\n"
         "  --block-size N           K/V block size (default 32)\n"
         "  --version                the version, then exit\n");
 }
@@ -211,7 +213,7 @@ int main(int argc, char **argv)
 
     enum { O_MODEL = 256, O_IDS, O_MAX, O_TEMP, O_TOPK, O_TOPP, O_MINP, O_REP, O_SEED, O_EOS,
            O_DUMP, O_BANK, O_CHUNK, O_THREADS, O_BLOCK, O_HELP, O_VERSION, O_PROMPT, O_CHAT, O_BACKEND, O_MESSAGES,
-           O_TEMPLATE, O_KWARGS, O_PRINT, O_DUMP_CHUNKS, O_BATCH };
+           O_TEMPLATE, O_KWARGS, O_PRINT, O_DUMP_CHUNKS, O_BATCH, O_CPU_MATH };
     static const struct option opts[] = {
         { "model", required_argument, 0, O_MODEL },
         { "prompt-ids", required_argument, 0, O_IDS },
@@ -237,6 +239,7 @@ int main(int argc, char **argv)
         { "threads", required_argument, 0, O_THREADS },
         { "block-size", required_argument, 0, O_BLOCK },
         { "backend", required_argument, 0, O_BACKEND },
+        { "cpu-math", required_argument, 0, O_CPU_MATH },
         { "help", no_argument, 0, O_HELP },
         { "version", no_argument, 0, O_VERSION },
         { 0, 0, 0, 0 }
@@ -279,6 +282,12 @@ int main(int argc, char **argv)
         case O_BACKEND:
             if (eng_backend_parse(optarg, &ep.backend) != ENG_OK) {
                 fprintf(stderr, "mkad-cli: --backend: '%s' is not one of auto, cpu, cuda\n", optarg);
+                bad = 1;
+            }
+            break;
+        case O_CPU_MATH:
+            if (eng_cpu_math_parse(optarg, &ep.cpu_math) != ENG_OK) {
+                fprintf(stderr, "mkad-cli: --cpu-math: '%s' is not one of exact, fast\n", optarg);
                 bad = 1;
             }
             break;
@@ -427,9 +436,13 @@ int main(int argc, char **argv)
     {
         eng_stats st;
         eng_get_stats(eng, &st);
-        fprintf(stderr, "event=engine_created backend=%s kv_blocks=%d kv_pool_mib=%.1f kv_dtype=%s\n",
+        int math = eng_get_params(eng)->cpu_math;
+        if (math != ep.cpu_math)
+            fprintf(stderr, "mkad-cli: --cpu-math fast: not available here (the CPU backend, a bf16 model and "
+                    "a CPU with AVX512-BF16 only); running exact\n");
+        fprintf(stderr, "event=engine_created backend=%s kv_blocks=%d kv_pool_mib=%.1f kv_dtype=%s cpu_math=%s\n",
                 eng_backend_name(eng), st.blocks_total, (double)st.kv_bytes / (1024.0 * 1024.0),
-                st.kv_dtype ? st.kv_dtype : "?");
+                st.kv_dtype ? st.kv_dtype : "?", math == ENG_CPU_MATH_FAST ? "fast" : "exact");
     }
     for (int b = 0; b < batch; b++)
         if ((rc = eng_seq_create(eng, &seqs[b])) != ENG_OK) {

@@ -142,14 +142,100 @@ T512 static inline __m512 ld16(const unsigned char *p, int bf16, int d)
     return _mm512_loadu_ps((const float *)(const void *)p + d);
 }
 
-#define MAX_HD16 16 /* head sizes up to 256 in registers */
+#define MAX_HD16 16 /* head sizes up to 256 */
+#define PV_G 8       /* query heads whose output chunk stays in registers at once */
+
+/* F(NG, a, g0, c) for every 16-wide chunk c of the head size and every group
+ * of up to PV_G heads from g0, NG a constant (the accumulators' count). */
+#define PV_ALL(F, a)                                                                    \
+    for (int g0 = 0; g0 < (a)->G; g0 += PV_G) {                                         \
+        int ng = (a)->G - g0 < PV_G ? (a)->G - g0 : PV_G;                               \
+        for (int c = 0; c < (a)->hd / 16; c++) switch (ng) {                            \
+            case 8: F(8, a, g0, c); break;                                              \
+            case 7: F(7, a, g0, c); break;                                              \
+            case 6: F(6, a, g0, c); break;                                              \
+            case 5: F(5, a, g0, c); break;                                              \
+            case 4: F(4, a, g0, c); break;                                              \
+            case 3: F(3, a, g0, c); break;                                              \
+            case 2: F(2, a, g0, c); break;                                              \
+            default: F(1, a, g0, c); break;                                             \
+            }                                                                           \
+    }
+
+/* The reduce16 tree of 16 vectors at once: lane o of the result is the tree
+ * sum of a[4 * (o % 4) + o / 4] (the same additions as reduce16_512, in
+ * shuffled lanes: halves, then quarters, pairs, neighbours). */
+T512 static INL __m512 reduce16x16(const __m512 *a)
+{
+    __m512 c[8], d[4], e[2];
+    for (int p = 0; p < 8; p++)
+        c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xee));
+    for (int p = 0; p < 4; p++)
+        d[p] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * p], c[2 * p + 1], 0xdd));
+    for (int p = 0; p < 2; p++)
+        e[p] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * p], d[2 * p + 1], 0x44),
+                             _mm512_shuffle_ps(d[2 * p], d[2 * p + 1], 0xee));
+    return _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], 0x88), _mm512_shuffle_ps(e[0], e[1], 0xdd));
+}
+
+/* Scores of G heads against 16 positions j0..j0+15: the K rows widened
+ * once into kf (16, hd) f32, each head's 16 dot products reduced together. */
+T512 static void scores16_512(const eng_cpu_attn *a, int j0, float *kf)
+{
+    int hd = a->hd, nc = hd / 16;
+    for (int i = 0; i < 16; i++) {
+        /* slot i holds position j0 + 4 * (i % 4) + i / 4 (reduce16x16's order) */
+        const unsigned char *k = kv_at(a, j0 + 4 * (i % 4) + i / 4, a->k_off);
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(kf + (size_t)i * hd + c * 16, ld16(k, a->bf16, c * 16));
+    }
+    __m512 scale = _mm512_set1_ps(a->scale);
+    for (int g = 0; g < a->G; g++) {
+        const float *q = a->q + (size_t)g * hd;
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            __m512 qv = _mm512_loadu_ps(q + c * 16);
+            for (int i = 0; i < 16; i++)
+                acc[i] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kf + (size_t)i * hd + c * 16), acc[i]);
+        }
+        _mm512_storeu_ps(a->sc + (size_t)g * a->n + j0, _mm512_mul_ps(reduce16x16(acc), scale));
+    }
+}
+
+/* out[g][d] = fma(p[g][j], v_j[d], out[g][d]) in j order for NG heads from
+ * g0 and the 16-wide chunk c of d, the NG accumulators in registers. */
+T512 static INL void pv_512(int NG, const eng_cpu_attn *a, int g0, int c)
+{
+    __m512 acc[PV_G];
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) acc[g] = _mm512_setzero_ps();
+    const float *p = a->sc + (size_t)g0 * a->n;
+    for (int j0 = 0; j0 < a->n; j0 += a->B) {
+        const unsigned char *v = kv_at(a, j0, a->v_off);
+        int rows = a->n - j0 < a->B ? a->n - j0 : a->B;
+        for (int r = 0; r < rows; r++, v += a->row_bytes) {
+            __m512 vv = ld16(v, a->bf16, c * 16);
+#pragma GCC unroll 8
+            for (int g = 0; g < NG; g++)
+                acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[(size_t)g * a->n + j0 + r]), vv, acc[g]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) _mm512_storeu_ps(a->out + (size_t)(g0 + g) * a->hd + c * 16, acc[g]);
+}
 
 /* Head sizes that are a multiple of 16 (every common model); others take the
- * portable path. */
+ * portable path.  a->sc must have room for 16 * hd floats past G * n (the
+ * widened K rows). */
 T512 static void attention_512(const eng_cpu_attn *a)
 {
     int G = a->G, hd = a->hd, n = a->n, nc = hd / 16;
-    for (int j = 0; j < n; j++) {
+    float *kf = a->sc + (size_t)G * n;
+    int j = 0;
+    for (; j + 16 <= n; j += 16) scores16_512(a, j, kf);
+    for (; j < n; j++) {
         const unsigned char *k = kv_at(a, j, a->k_off);
         __m512 kv[MAX_HD16];
         for (int c = 0; c < nc; c++) kv[c] = ld16(k, a->bf16, c * 16);
@@ -161,24 +247,126 @@ T512 static void attention_512(const eng_cpu_attn *a)
         }
     }
     for (int g = 0; g < G; g++) softmax_512(a->sc + (size_t)g * n, n);
-    memset(a->out, 0, (size_t)G * hd * sizeof(float));
-    for (int j = 0; j < n; j++) {
-        const unsigned char *v = kv_at(a, j, a->v_off);
-        __m512 vv[MAX_HD16];
-        for (int c = 0; c < nc; c++) vv[c] = ld16(v, a->bf16, c * 16);
-        for (int g = 0; g < G; g++) {
-            __m512 p = _mm512_set1_ps(a->sc[(size_t)g * n + j]);
-            float *o = a->out + (size_t)g * hd;
-            for (int c = 0; c < nc; c++)
-                _mm512_storeu_ps(o + c * 16, _mm512_fmadd_ps(p, vv[c], _mm512_loadu_ps(o + c * 16)));
+    PV_ALL(pv_512, a);
+}
+
+/* ---- cpu_math fast: bf16 dot products (AVX512-BF16) ----------------------
+ *
+ * Not the reference (linear.c's fast mode, for attention): q and the softmax
+ * weights are rounded to bf16 and multiplied with the bf16 K/V rows by
+ * vdpbf16ps, two products per f32 lane, no widening.  Its own fixed
+ * contract per token, the same whatever the batch:
+ *   qb = bf16(q_g);  s[g][j] = reduce16(sum over 32-element steps of
+ *                    vdpbf16ps(qb, k_j)) * scale
+ *   p[g][j] = the exact contract's softmax of s;  pb = bf16(p)
+ *   out[g][d] = vdpbf16ps over position pairs (j, j+1) in order, lane d:
+ *               + pb[g][j+1] v_{j+1}[d] + pb[g][j] v_j[d]  (past n: zero)
+ * For bf16 K/V, head sizes a multiple of 32 (up to 256) and an even block
+ * size (the pairs never straddle a block); otherwise the exact kernel. */
+
+#define MAX_HD32 8
+
+/* Scores of G heads against 16 positions j0..j0+15, slot order of
+ * reduce16x16; qb: (G, hd) bf16. */
+TBF16 static void scores16_bh(const eng_cpu_attn *a, int j0, const uint16_t *qb)
+{
+    int hd = a->hd, nc = hd / 32;
+    const unsigned char *k[16];
+    for (int i = 0; i < 16; i++) k[i] = kv_at(a, j0 + 4 * (i % 4) + i / 4, a->k_off);
+    __m512 scale = _mm512_set1_ps(a->scale);
+    for (int g = 0; g < a->G; g++) {
+        __m512 acc[16];
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int c = 0; c < nc; c++) {
+            __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qb + (size_t)g * hd + c * 32));
+            for (int i = 0; i < 16; i++)
+                acc[i] = _mm512_dpbf16_ps(acc[i], qv, (__m512bh)_mm512_loadu_si512((const void *)(k[i] + c * 64)));
+        }
+        _mm512_storeu_ps(a->sc + (size_t)g * a->n + j0, _mm512_mul_ps(reduce16x16(acc), scale));
+    }
+}
+
+/* out chunk c of NG heads from g0: pairs of V rows interleaved (v_j[d],
+ * v_{j+1}[d]) against the pair (pb[j], pb[j+1]) broadcast. */
+TBF16 static INL void pv_bh(int NG, const eng_cpu_attn *a, int g0, int c)
+{
+    __m512 acc[PV_G];
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) acc[g] = _mm512_setzero_ps();
+    /* element 2d from the first row's d, 2d + 1 from the second's */
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    int n = a->n;
+    for (int j0 = 0; j0 < n; j0 += a->B) {
+        const unsigned char *v = kv_at(a, j0, a->v_off) + c * 32;
+        int rows = n - j0 < a->B ? n - j0 : a->B;
+        for (int r = 0; r < rows; r += 2, v += 2 * a->row_bytes) {
+            __m256i r0 = _mm256_loadu_si256((const __m256i *)(const void *)v);
+            __m256i r1 = r + 1 < rows ? _mm256_loadu_si256((const __m256i *)(const void *)(v + a->row_bytes))
+                                      : _mm256_setzero_si256();
+            __m512bh vv = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), idx,
+                                                               _mm512_castsi256_si512(r1));
+#pragma GCC unroll 8
+            for (int g = 0; g < NG; g++) {
+                uint32_t pp;
+                memcpy(&pp, (const uint16_t *)(const void *)(a->sc + (size_t)(g0 + g) * n) + j0 + r, sizeof pp);
+                acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_set1_epi32((int)pp), vv);
+            }
         }
     }
+#pragma GCC unroll 8
+    for (int g = 0; g < NG; g++) _mm512_storeu_ps(a->out + (size_t)(g0 + g) * a->hd + c * 16, acc[g]);
+}
+
+/* n floats to bf16 in place (bf16 element i over the bytes of float i / 2,
+ * already read), then a zero at n: the pairs' padding. */
+TBF16 static void p_to_bf16(float *r, int n)
+{
+    uint16_t *o = (uint16_t *)(void *)r;
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        _mm256_mask_storeu_epi16(o + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, r + i)));
+    }
+    o[n] = 0;
+}
+
+TBF16 static void attention_bh(const eng_cpu_attn *a)
+{
+    int G = a->G, hd = a->hd, n = a->n, nc = hd / 32;
+    uint16_t *qb = (uint16_t *)(void *)(a->sc + (size_t)G * n);
+    for (int i = 0; i < G * hd; i += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(qb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a->q + i)));
+    int j = 0;
+    for (; j + 16 <= n; j += 16) scores16_bh(a, j, qb);
+    for (; j < n; j++) {
+        const unsigned char *k = kv_at(a, j, a->k_off);
+        for (int g = 0; g < G; g++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < nc; c++)
+                acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(qb + (size_t)g * hd + c * 32)),
+                                       (__m512bh)_mm512_loadu_si512((const void *)(k + c * 64)));
+            a->sc[(size_t)g * n + j] = reduce16_512(acc) * a->scale;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        softmax_512(a->sc + (size_t)g * n, n);
+        p_to_bf16(a->sc + (size_t)g * n, n);
+    }
+    PV_ALL(pv_bh, a);
 }
 #endif
 
 void eng_cpu_attention(const eng_cpu_attn *a)
 {
 #ifdef ENG_X86
+    if (a->math == ENG_CPU_MATH_FAST && a->bf16 && a->hd % 32 == 0 && a->hd / 32 <= MAX_HD32 && a->B % 2 == 0 &&
+        eng_cpu_math_available(ENG_CPU_MATH_FAST)) {
+        attention_bh(a);
+        return;
+    }
     if (eng_cpu_isa() == ENG_ISA_AVX512 && a->hd % 16 == 0 && a->hd / 16 <= MAX_HD16) {
         attention_512(a);
         return;

@@ -43,7 +43,7 @@ typedef struct cpu_be {
     float *lam;             /* (T, 3) route weights */
     float *sel_x;           /* (max_seqs, D) final-normed rows for the LM head */
     float *scores;          /* (n_threads, scores_per_thread) attention and L3 scratch */
-    size_t scores_per_thread; /* max(group * max_ctx, l3_max_chunks) */
+    size_t scores_per_thread; /* max(ENG_CPU_ATTN_SCRATCH(group, max_ctx, hd), l3_max_chunks) */
 } cpu_be;
 
 #define CB(e) ((cpu_be *)(e)->be)
@@ -81,6 +81,12 @@ typedef struct step_ctx {
     const float *chunk_src; /* (T, D) rows chunk_task adds: x, or the embeddings */
     int chunk_l;            /* their place among the chunk sums: layer, or n_layers */
 } step_ctx;
+
+/* y (M, rows) = x l^T + b in the engine's cpu_math (linear.c). */
+static void proj(eng_engine *e, const eng_linear *l, const float *x, int M, float *y)
+{
+    eng_cpu_linear(CB(e)->pool, l, x, M, y, e->prm.cpu_math);
+}
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
@@ -264,6 +270,7 @@ static void attn_task(void *vctx, int task, int thread)
         .v_off = (((size_t)c->layer * 2 + 1) * e->B * e->kv_dim + (size_t)kvh * hd) * es,
         .row_bytes = (size_t)e->kv_dim * es,
         .scale = 1.0f / sqrtf((float)hd),
+        .math = e->prm.cpu_math,
     };
     eng_cpu_attention(&a);
 }
@@ -317,12 +324,12 @@ static void layer_forward(step_ctx *c, int l)
     c->norm_w = L->attn_norm;
     eng_pool_run(CB(e)->pool, T, norm_task, c);                    /* x = RMSNorm(h) */
     chunk_sums(c, CB(e)->x, l);
-    eng_cpu_linear(CB(e)->pool, &L->q, CB(e)->x, T, CB(e)->q);             /* q (T, H*d) */
+    proj(e, &L->q, CB(e)->x, T, CB(e)->q);             /* q (T, H*d) */
     const float *fused = CB(e)->x;
     if (e->levels > 0) {
-        eng_cpu_linear(CB(e)->pool, &L->router1, CB(e)->q, T, CB(e)->rh);  /* (T, D/2) */
+        proj(e, &L->router1, CB(e)->q, T, CB(e)->rh);  /* (T, D/2) */
         for (size_t i = 0; i < (size_t)T * L->router1.rows; i++) CB(e)->rh[i] = silu(CB(e)->rh[i]);
-        eng_cpu_linear(CB(e)->pool, &L->router2, CB(e)->rh, T, CB(e)->tmp); /* (T, L) */
+        proj(e, &L->router2, CB(e)->rh, T, CB(e)->tmp); /* (T, L) */
         for (int t = 0; t < T; t++)
             memcpy(CB(e)->lam + (size_t)t * MAX_LEVELS, CB(e)->tmp + (size_t)t * e->levels,
                    (size_t)e->levels * sizeof(float));
@@ -332,19 +339,19 @@ static void layer_forward(step_ctx *c, int l)
         eng_pool_run(CB(e)->pool, c->n_items * n_dc, ema_task, c);
         fused = CB(e)->f;
     }
-    eng_cpu_linear(CB(e)->pool, &L->k, fused, T, CB(e)->k);
-    eng_cpu_linear(CB(e)->pool, &L->v, fused, T, CB(e)->v);
+    proj(e, &L->k, fused, T, CB(e)->k);
+    proj(e, &L->v, fused, T, CB(e)->v);
     eng_pool_run(CB(e)->pool, T, rope_store_task, c);
     eng_pool_run(CB(e)->pool, T * e->m->info.n_kv_heads, attn_task, c);
-    eng_cpu_linear(CB(e)->pool, &L->o, CB(e)->att, T, CB(e)->tmp);
+    proj(e, &L->o, CB(e)->att, T, CB(e)->tmp);
     elementwise(e, T, EW_ADD);                                       /* h += o */
 
     c->norm_w = L->mlp_norm;
     eng_pool_run(CB(e)->pool, T, norm_task, c);
-    eng_cpu_linear(CB(e)->pool, &L->gate, CB(e)->x, T, CB(e)->gate);
-    eng_cpu_linear(CB(e)->pool, &L->up, CB(e)->x, T, CB(e)->up);
+    proj(e, &L->gate, CB(e)->x, T, CB(e)->gate);
+    proj(e, &L->up, CB(e)->x, T, CB(e)->up);
     elementwise(e, T, EW_SWIGLU);
-    eng_cpu_linear(CB(e)->pool, &L->down, CB(e)->gate, T, CB(e)->tmp);
+    proj(e, &L->down, CB(e)->gate, T, CB(e)->tmp);
     elementwise(e, T, EW_ADD);
 }
 
@@ -361,7 +368,7 @@ static int cpu_step(eng_engine *e, const eng_plan *p, char *err, size_t errlen)
     for (int i = 0; i < p->n_sel; i++)
         eng_cpu_rmsnorm(cb->h + (size_t)p->sel_row[i] * D, e->m->final_norm, 1, D, e->m->rms_eps,
                         cb->sel_x + (size_t)i * D);
-    if (p->n_sel > 0) eng_cpu_linear(cb->pool, &e->m->lm_head, cb->sel_x, p->n_sel, p->logits);
+    if (p->n_sel > 0) proj(e, &e->m->lm_head, cb->sel_x, p->n_sel, p->logits);
     return ENG_OK;
 }
 
@@ -423,9 +430,8 @@ static int cpu_init(eng_engine *e, char *err, size_t errlen)
     cb->rh = xcalloc(T * (e->D / 2 > 0 ? e->D / 2 : 1), sizeof(float), &fail);
     cb->lam = xcalloc(T * MAX_LEVELS, sizeof(float), &fail);
     cb->sel_x = xcalloc((size_t)p->max_seqs * e->D, sizeof(float), &fail);
-    size_t group = (size_t)e->m->info.n_heads / e->m->info.n_kv_heads;
-    cb->scores_per_thread = group * p->max_ctx > (size_t)p->l3_max_chunks ? group * p->max_ctx
-                                                                         : (size_t)p->l3_max_chunks;
+    size_t att = ENG_CPU_ATTN_SCRATCH(e->m->info.n_heads / e->m->info.n_kv_heads, p->max_ctx, e->hd);
+    cb->scores_per_thread = att > (size_t)p->l3_max_chunks ? att : (size_t)p->l3_max_chunks;
     cb->scores = xcalloc((size_t)p->n_threads * cb->scores_per_thread, sizeof(float), &fail);
     if (fail) {
         cpu_fini(e);

@@ -36,6 +36,7 @@
 
 static _Atomic int isa_level = -1;
 static int isa_hw = -1; /* in use; the widest the CPU (and MKAD_CPU_ISA) allow */
+static int has_bf16dot; /* AVX512-BF16 (vdpbf16ps), for cpu_math fast */
 static pthread_once_t isa_once = PTHREAD_ONCE_INIT;
 
 static void isa_detect(void)
@@ -46,6 +47,8 @@ static void isa_detect(void)
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) lv = ENG_ISA_AVX2;
     if (lv == ENG_ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
         lv = ENG_ISA_AVX512;
+    has_bf16dot = lv == ENG_ISA_AVX512 && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512bf16");
 #endif
     const char *cap = getenv("MKAD_CPU_ISA");
     if (cap) {
@@ -69,6 +72,12 @@ int eng_cpu_isa_set(int level)
     if (level < ENG_ISA_PORTABLE || level > ENG_ISA_AVX512) return ENG_EINVAL;
     isa_level = level < isa_hw ? level : isa_hw;
     return isa_level == level ? ENG_OK : ENG_EINVAL;
+}
+
+int eng_cpu_math_available(int math)
+{
+    eng_cpu_isa();
+    return math == ENG_CPU_MATH_EXACT || (math == ENG_CPU_MATH_FAST && has_bf16dot && isa_level == ENG_ISA_AVX512);
 }
 
 const char *eng_cpu_isa_name(int level)
@@ -129,15 +138,17 @@ T512 static INL __m512 ld16(const void *w, int W16, size_t i)
     return _mm512_loadu_ps((const float *)w + i);
 }
 
+/* acc[i][j] = 0 over an MR x NR tile of accumulators, unrolled. */
+#define ZERO_TILE(acc, MR, NR)                                                          \
+    _Pragma("GCC unroll 4") for (int i_ = 0; i_ < (MR); i_++)                           \
+        _Pragma("GCC unroll 8") for (int j_ = 0; j_ < (NR); j_++) (acc)[i_][j_] = _mm512_setzero_ps()
+
 /* An MR x NR tile of outputs; MR, NR, W16 are constants after inlining. */
 T512 static INL void tile512(int MR, int NR, int W16, const float *x, int K, const void *w,
                              const float *b, float *y, int ldy)
 {
     __m512 acc[4][8];
-#pragma GCC unroll 4
-    for (int i = 0; i < MR; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    ZERO_TILE(acc, MR, NR);
     int k = 0;
     for (; k + 16 <= K; k += 16) {
         __m512 xv[4];
@@ -323,6 +334,100 @@ T256 static void block256_f32(const float *x, const void *w, const float *b, int
 }
 #undef TILE
 #undef WROW
+
+/* ---- cpu_math fast: bf16 dot products (AVX512-BF16) ---------------------
+ *
+ * Not the reference: activations are rounded to bf16 (nearest even) and
+ * multiplied with the bf16 weights by vdpbf16ps, which adds two products
+ * into each f32 lane per instruction (twice the multiply-adds of an f32
+ * FMA, no widening of the weights).  Its own fixed contract per element:
+ *
+ *   xb = bf16(x) (vcvtneps2bf16)
+ *   a[l] = 0; for k = 0, 32, 64, ...: a[l] = vdpbf16ps(a[l], xb[k+2l, k+2l+1], w[k+2l, k+2l+1])
+ *            (the last step with the elements past K zero)
+ *   y = reduce16 tree (the exact contract's) + b[n]
+ *
+ * The same instructions for an element whatever M, the tile or the thread,
+ * so this mode is still deterministic and batch-invariant; it differs from
+ * the exact path by the rounding of the activations (docs/performance.md
+ * has the measured difference).  Only for bf16 weights on a CPU with
+ * AVX512-BF16; f32 weights take the exact kernels. */
+
+/* xb (M, K) = bf16(x), rounded to nearest even by the hardware. */
+TBF16 static void to_bf16(const float *x, size_t n, uint16_t *xb)
+{
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i *)(void *)(xb + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i));
+        _mm256_mask_storeu_epi16(xb + i, m, h);
+    }
+}
+
+/* 32 bf16 of row r from k; with a mask (the last step) the lanes past K are zero. */
+TBF16 static INL __m512bh ldbh(const uint16_t *r, int k, __mmask32 tail)
+{
+    if (!tail) return (__m512bh)_mm512_loadu_si512((const void *)(r + k));
+    return (__m512bh)_mm512_maskz_loadu_epi16(tail, r + k);
+}
+
+/* One k step of 32 for an MR x NR tile. */
+TBF16 static INL void stepbh(int MR, int NR, const uint16_t *xb, int K, const uint16_t *w, int k, __mmask32 tail,
+                             __m512 acc[4][8])
+{
+    __m512bh xv[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; i++) xv[i] = ldbh(xb + (size_t)i * K, k, tail);
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; j++) {
+        if (NR == 8) _mm_prefetch((const char *)(w + (size_t)(j + 8) * K + k), _MM_HINT_T0);
+        __m512bh wv = ldbh(w + (size_t)j * K, k, tail);
+#pragma GCC unroll 4
+        for (int i = 0; i < MR; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv[i], wv);
+    }
+}
+
+/* An MR x NR tile: x rows (bf16) against weight rows (bf16). */
+TBF16 static INL void tilebh(int MR, int NR, const uint16_t *xb, int K, const uint16_t *w, const float *b,
+                             float *y, int ldy)
+{
+    __m512 acc[4][8];
+    ZERO_TILE(acc, MR, NR);
+    int k = 0;
+    for (; k + 32 <= K; k += 32) stepbh(MR, NR, xb, K, w, k, 0, acc);
+    if (k < K) stepbh(MR, NR, xb, K, w, k, (__mmask32)((1ull << (K - k)) - 1), acc);
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < NR; j++) {
+            float s = reduce16_512(acc[i][j]);
+            y[(size_t)i * ldy + j] = b ? s + b[j] : s;
+        }
+}
+
+#define BTILE(MR, NR, m, n) \
+    tilebh(MR, NR, xb + (size_t)(m) * K, K, w + (size_t)((n) - n0) * K, b ? b + (n) : NULL, y + (size_t)(m) * N + (n), N)
+
+/* w points at weight row n0 */
+TBF16 static void blockbh(const uint16_t *xb, const uint16_t *w, const float *b, int K, int N, float *y,
+                          int m0, int m1, int n0, int n1)
+{
+    int n = n0;
+    if (m1 - m0 < 4) /* decode: eight weight rows streamed at once, the next eight prefetched */
+        for (; n + 8 <= n1; n += 8)
+            for (int m = m0; m < m1; m++) BTILE(1, 8, m, n);
+    for (; n + 4 <= n1; n += 4) {
+        int m = m0;
+        for (; m + 4 <= m1; m += 4) BTILE(4, 4, m, n);
+        for (; m < m1; m++) BTILE(1, 4, m, n);
+    }
+    for (; n < n1; n++) {
+        int m = m0;
+        for (; m + 4 <= m1; m += 4) BTILE(4, 1, m, n);
+        for (; m < m1; m++) BTILE(1, 1, m, n);
+    }
+}
+#undef BTILE
 #endif /* ENG_X86 */
 
 /* ---- the parallel driver ------------------------------------------------ */
@@ -334,6 +439,7 @@ typedef struct lin_ctx {
     eng_pool *pool;
     const eng_linear *l;
     const float *x;
+    const uint16_t *xb; /* cpu_math fast: x rounded to bf16, else NULL */
     float *y;
     int M, n_nb, isa;
     int m_group; /* input rows per task: a multiple of LIN_MB */
@@ -361,6 +467,12 @@ static void linear_task(void *vctx, int task, int thread)
     int W16 = l->w16 != NULL;
     const void *w = W16 ? (const void *)(l->w16 + (size_t)n0 * K) : (const void *)(l->w + (size_t)n0 * K);
 #ifdef ENG_X86
+    if (c->xb) {
+        for (int m0 = g0; m0 < g1; m0 += LIN_MB)
+            blockbh(c->xb, l->w16 + (size_t)n0 * K, l->b, K, l->rows, c->y, m0, m0 + LIN_MB < g1 ? m0 + LIN_MB : g1,
+                    n0, n1);
+        return;
+    }
     if (c->isa == ENG_ISA_AVX512) {
         /* Many rows: widen the task's weight panel once (exact), so that the
          * tiles stream f32 without a conversion per use.  Same bits. */
@@ -386,10 +498,21 @@ static void linear_task(void *vctx, int task, int thread)
     block_portable(W16, c->x, w, l->b, K, l->rows, c->y, g0, g1, n0, n1);
 }
 
-void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y)
+void eng_cpu_linear(eng_pool *p, const eng_linear *l, const float *x, int M, float *y, int math)
 {
     if (M <= 0) return;
-    lin_ctx c = { p, l, x, y, M, (l->rows + LIN_NB - 1) / LIN_NB, eng_cpu_isa(), LIN_MB };
+    lin_ctx c = { p, l, x, NULL, y, M, (l->rows + LIN_NB - 1) / LIN_NB, eng_cpu_isa(), LIN_MB };
+#ifdef ENG_X86
+    if (math == ENG_CPU_MATH_FAST && l->w16 && eng_cpu_math_available(ENG_CPU_MATH_FAST)) {
+        uint16_t *xb = eng_pool_shared(p, (size_t)M * l->cols * sizeof(uint16_t));
+        if (xb) { /* else (out of memory) the exact path */
+            to_bf16(x, (size_t)M * l->cols, xb);
+            c.xb = xb;
+        }
+    }
+#else
+    (void)math;
+#endif
     /* Rows per task: as many LIN_MB blocks as keep at least 4 tasks per
      * thread (fewer panel widenings); the split never touches an element's
      * order of operations. */

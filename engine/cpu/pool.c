@@ -33,6 +33,8 @@ struct eng_pool {
     atomic_int stop;
     void **scratch;              /* (n_threads) per-thread scratch (eng_pool_scratch) */
     size_t *scratch_bytes;       /* (n_threads) */
+    void *shared;                /* eng_pool_shared */
+    size_t shared_bytes;
 };
 
 typedef struct worker_arg { eng_pool *p; int id; } worker_arg;
@@ -125,6 +127,7 @@ void eng_pool_free(eng_pool *p)
         for (int i = 0; i < p->n_threads; i++) free(p->scratch[i]);
     free(p->scratch);
     free(p->scratch_bytes);
+    free(p->shared);
     free(p);
 }
 
@@ -161,16 +164,23 @@ void eng_pool_run(eng_pool *p, int n_tasks, eng_pool_fn fn, void *ctx)
     }
 }
 
+/* *buf grown to at least bytes (64-byte aligned, a whole number of lines). */
+static void *grow(void **buf, size_t *have, size_t bytes)
+{
+    if (*have < bytes) {
+        free(*buf);
+        *have = 0;
+        *buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        if (!*buf) return NULL;
+        *have = bytes;
+    }
+    return *buf;
+}
+
 void *eng_pool_scratch(eng_pool *p, int thread, size_t bytes)
 {
     if (thread < 0 || thread >= p->n_threads) return NULL;
-    if (p->scratch_bytes[thread] < bytes) {
-        free(p->scratch[thread]);
-        p->scratch_bytes[thread] = 0;
-        /* 64-byte aligned, a whole number of lines */
-        p->scratch[thread] = aligned_alloc(64, (bytes + 63) / 64 * 64);
-        if (!p->scratch[thread]) return NULL;
-        p->scratch_bytes[thread] = bytes;
-    }
-    return p->scratch[thread];
+    return grow(&p->scratch[thread], &p->scratch_bytes[thread], bytes);
 }
+
+void *eng_pool_shared(eng_pool *p, size_t bytes) { return grow(&p->shared, &p->shared_bytes, bytes); }

@@ -12,6 +12,8 @@
 #include <immintrin.h>
 #define T512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 #define T256 __attribute__((target("avx2,fma")))
+/* the non-reference bf16 dot-product kernels (cpu_math fast, linear.c) */
+#define TBF16 __attribute__((target("avx512f,avx512vl,avx512bw,avx512bf16,avx2,fma")))
 #define INL __attribute__((always_inline)) inline
 
 /* The sum of v's 16 lanes as reduce16_c (linear.c) adds them: lanes l+8,
